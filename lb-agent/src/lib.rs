@@ -1,1 +1,9 @@
-
+pub mod agent;
+pub mod arena;
+pub mod datapath;
+pub mod k8s;
+pub mod maglev;
+pub mod netinfo;
+pub mod programmer;
+pub mod status;
+pub mod translate;

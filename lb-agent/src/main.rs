@@ -1,1 +1,112 @@
-fn main(){}
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+use lb_agent::{agent, status};
+
+#[derive(Parser)]
+#[command(
+    name = "lb-agent",
+    version,
+    about = "xlb: XDP/Maglev load balancer for Kubernetes Services"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load and attach the datapath, then follow the source.
+    Run(agent::RunArgs),
+    /// Show what is programmed, read from the pinned maps.
+    Status {
+        /// Node whose pins to read [default: the only node pinned under /sys/fs/bpf/xlb].
+        #[arg(long)]
+        node_name: Option<String>,
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// Output format.
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+}
+
+fn main() -> Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match Cli::parse().cmd {
+        Cmd::Run(args) => run(args),
+        Cmd::Status {
+            node_name,
+            pin_dir,
+            run_dir,
+            output,
+        } => {
+            let node = match (&node_name, &pin_dir) {
+                (Some(n), _) => n.clone(),
+                (None, Some(p)) => p
+                    .file_name()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                (None, None) => only_node()?,
+            };
+            let pin_dir = pin_dir.unwrap_or_else(|| agent::default_pin_dir(&node));
+            let run_dir = run_dir.unwrap_or_else(|| agent::default_run_dir(&node));
+            let st = status::read(&pin_dir, &run_dir)?;
+            if output == "json" {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print!("{}", status::render(&st));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn only_node() -> Result<String> {
+    let dirs: Vec<String> = std::fs::read_dir(lb_agent::datapath::PIN_ROOT)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    match dirs.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!(
+            "nothing pinned under {}: is the agent running?",
+            lb_agent::datapath::PIN_ROOT
+        ),
+        many => bail!(
+            "several nodes pinned ({}); pass --node-name",
+            many.join(", ")
+        ),
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn run(args: agent::RunArgs) -> Result<()> {
+    let mut agent = agent::Agent::start(args)?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // The file source is polled: it works the same for editors that replace the file, for
+    // ConfigMap symlink swaps and for bind mounts, where inotify watches go stale.
+    let mut every = tokio::time::interval(Duration::from_millis(300));
+    loop {
+        tokio::select! {
+            _ = every.tick() => {
+                if let Err(e) = agent.tick(Instant::now()) {
+                    log::error!("{e:#}");
+                }
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    log::info!("stopping: programs detach, pinned maps stay for the next start");
+    Ok(())
+}

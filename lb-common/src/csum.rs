@@ -59,10 +59,10 @@ pub fn checksum(data: &[u8], initial: u32) -> u16 {
     if let [last] = chunks.remainder() {
         sum += u16::from_ne_bytes([*last, 0]) as u64;
     }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    // A fixed number of folds (no data-dependent loop: the eBPF verifier must see it end).
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    !fold(sum as u32)
 }
 
 /// One's-complement sum of the IPv4 pseudo-header, for `checksum(.., initial)`.

@@ -13,6 +13,7 @@ pub const MAP_REVNAT: &str = "XLB_REVNAT";
 pub const MAP_CONFIG: &str = "XLB_CONFIG";
 pub const MAP_COUNTERS: &str = "XLB_COUNTERS";
 pub const MAP_SVC_STATS: &str = "XLB_SVC_STATS";
+pub const MAP_SVC_META: &str = "XLB_SVC_META";
 
 /// Program names in the eBPF object.
 pub const PROG_XDP: &str = "xlb_xdp";
@@ -150,6 +151,30 @@ pub struct SvcStats {
     pub rejects: u64,
 }
 
+/// `XLB_SVC_META[svc_id]`: the service port's name, written by the agent and read only by
+/// `lb-agent status`, so that what is programmed can be shown from the pins alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SvcMeta {
+    /// `namespace/name:port-name`, NUL-padded UTF-8.
+    pub name: [u8; 124],
+    /// Service type code: see `SVC_TYPE_*`.
+    pub svc_type: u32,
+}
+
+impl Default for SvcMeta {
+    fn default() -> Self {
+        Self {
+            name: [0; 124],
+            svc_type: 0,
+        }
+    }
+}
+
+pub const SVC_TYPE_CLUSTER_IP: u32 = 0;
+pub const SVC_TYPE_NODE_PORT: u32 = 1;
+pub const SVC_TYPE_LOAD_BALANCER: u32 = 2;
+
 /// Global counters: index into the per-CPU array `XLB_COUNTERS`.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -240,6 +265,7 @@ mod pod {
     unsafe impl aya::Pod for RevNat {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for SvcStats {}
+    unsafe impl aya::Pod for SvcMeta {}
 }
 
 #[cfg(test)]
@@ -258,6 +284,7 @@ mod tests {
         assert_eq!(size_of::<RevNat>(), 12);
         assert_eq!(size_of::<Config>(), 8);
         assert_eq!(size_of::<SvcStats>(), 32);
+        assert_eq!(size_of::<SvcMeta>(), 128);
     }
 
     #[test]
@@ -272,10 +299,22 @@ mod tests {
         };
         let h = flow_hash(&base);
         for k in [
-            FlowKey { src_addr_be: 9, ..base },
-            FlowKey { dst_addr_be: 9, ..base },
-            FlowKey { src_port_be: 9, ..base },
-            FlowKey { dst_port_be: 9, ..base },
+            FlowKey {
+                src_addr_be: 9,
+                ..base
+            },
+            FlowKey {
+                dst_addr_be: 9,
+                ..base
+            },
+            FlowKey {
+                src_port_be: 9,
+                ..base
+            },
+            FlowKey {
+                dst_port_be: 9,
+                ..base
+            },
             FlowKey { proto: 17, ..base },
         ] {
             assert_ne!(flow_hash(&k), h, "{k:?}");

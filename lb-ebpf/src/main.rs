@@ -1,2 +1,44 @@
+//! xlb datapath: XDP on node uplinks (north-south) and tc on pod interfaces (replies of
+//! locally delivered flows). The files follow the packet: parse -> lb (conntrack, Maglev) ->
+//! nat (rewrite) -> fib (forward), with reject for services without endpoints.
 #![no_std]
 #![no_main]
+
+mod fib;
+mod lb;
+mod maps;
+mod nat;
+mod parse;
+mod reject;
+mod tc;
+mod xdp;
+
+use aya_ebpf::{
+    bindings::xdp_action::XDP_PASS,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+#[xdp]
+pub fn xlb_xdp(ctx: XdpContext) -> u32 {
+    xdp::run(&ctx)
+}
+
+#[classifier]
+pub fn xlb_tc_pod(ctx: TcContext) -> i32 {
+    tc::run(&ctx)
+}
+
+/// Does nothing but let frames in. Two uses: the floor in benchmarks, and the peer end of a
+/// veth in the test network, because native XDP_TX/redirect frames are only received by a
+/// veth whose peer has an XDP program.
+#[xdp]
+pub fn xlb_xdp_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

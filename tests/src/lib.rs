@@ -1,1 +1,42 @@
+//! Test harness for xlb: builds a network shaped like the seed article's kind
+//! cluster (`service-demo`: a control plane and two workers on docker's
+//! `kind` bridge, kindnet pod routing, nginx-like pods, an outside client)
+//! out of network namespaces, so the datapath and agent can be exercised
+//! end to end on one machine without kind or docker.
+//!
+//! All traffic stays inside namespaces named `xlb-<pid>x<n>-<role>` that the
+//! harness creates and removes itself; namespaces of dead harnesses are swept
+//! on the next [`Network::up`].
+//!
+//! Privileged tests start with:
+//!
+//! ```no_run
+//! if !lb_tests::require_privileged() {
+//!     return;
+//! }
+//! let _lock = lb_tests::net_lock();
+//! let net = lb_tests::Network::up(&lb_tests::TopologySpec::seed()).unwrap();
+//! ```
 
+mod client;
+mod guards;
+mod ipnet;
+mod netns;
+mod network;
+mod privileged;
+mod server;
+mod topology;
+
+pub use client::{HttpResponse, http_get, http_request, tcp_reachable, udp_request};
+pub use guards::{Netns, PIN_ROOT, PinDir, sweep_stale_pins};
+pub use ipnet::Ipv4Net;
+pub use netns::{
+    NETNS_PREFIX, delete_netns, exec_in, exec_ok, in_netns, kill_netns_processes, list_netns,
+    sweep_stale_namespaces, try_in_netns,
+};
+pub use network::{BRIDGE_NAME, CLIENT_KIND_IFACE, Network, Node, Pod, UPLINK};
+pub use privileged::{
+    REQUIRE_PRIVILEGED_ENV, net_lock, privileged_unavailable_reason, require_privileged,
+};
+pub use server::{POD_HTTP_PORT, POD_SERVER_PY, POD_UDP_PORT};
+pub use topology::{NodeSpec, TopologySpec};

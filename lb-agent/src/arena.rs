@@ -1,0 +1,79 @@
+//! Slot allocator for the Maglev arena (`XLB_MAGLEV`): one big array holds every service's
+//! tables, because the kernel-side aya crate has no map-of-maps. First fit over a sorted
+//! free list, with neighbours merged on free so churn does not fragment it for good.
+use std::collections::BTreeMap;
+
+#[derive(Debug)]
+pub struct Arena {
+    /// offset -> length of each free run.
+    free: BTreeMap<u32, u32>,
+}
+
+impl Arena {
+    pub fn new(size: u32) -> Self {
+        let mut free = BTreeMap::new();
+        if size > 0 {
+            free.insert(0, size);
+        }
+        Self { free }
+    }
+
+    pub fn alloc(&mut self, len: u32) -> Option<u32> {
+        let (&off, &run) = self.free.iter().find(|&(_, &run)| run >= len)?;
+        self.free.remove(&off);
+        if run > len {
+            self.free.insert(off + len, run - len);
+        }
+        Some(off)
+    }
+
+    pub fn free(&mut self, off: u32, len: u32) {
+        let (mut off, mut len) = (off, len);
+        if let Some((&prev, &plen)) = self.free.range(..off).next_back()
+            && prev + plen == off
+        {
+            self.free.remove(&prev);
+            off = prev;
+            len += plen;
+        }
+        if let Some(&nlen) = self.free.get(&(off + len)) {
+            self.free.remove(&(off + len));
+            len += nlen;
+        }
+        self.free.insert(off, len);
+    }
+
+    pub fn free_slots(&self) -> u64 {
+        self.free.values().map(|&l| l as u64).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alloc_free_merges_back_to_one_run() {
+        let mut a = Arena::new(100);
+        let x = a.alloc(30).unwrap();
+        let y = a.alloc(30).unwrap();
+        let z = a.alloc(40).unwrap();
+        assert_eq!((x, y, z), (0, 30, 60));
+        assert_eq!(a.alloc(1), None);
+        a.free(y, 30);
+        a.free(x, 30);
+        a.free(z, 40);
+        assert_eq!(a.free_slots(), 100);
+        assert_eq!(a.alloc(100), Some(0));
+    }
+
+    #[test]
+    fn first_fit_reuses_holes() {
+        let mut a = Arena::new(100);
+        let x = a.alloc(10).unwrap();
+        let _y = a.alloc(10).unwrap();
+        a.free(x, 10);
+        assert_eq!(a.alloc(5), Some(0));
+        assert_eq!(a.alloc(6), Some(20));
+    }
+}

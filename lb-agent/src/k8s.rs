@@ -1,0 +1,730 @@
+//! Reading Services and EndpointSlices from YAML text.
+//!
+//! Accepts what people actually have at hand: a multi-document manifest set (`---`
+//! separated, other kinds mixed in) or the output of
+//! `kubectl get svc,endpointslices -A -o yaml` (`kind: List`, possibly nested, and typed lists
+//! such as `ServiceList` whose items may omit `apiVersion`/`kind`).
+//!
+//! Parsing a file is all-or-nothing: the first problem is returned and the caller keeps its
+//! previous state, so a half-edited file never leaves a half-programmed datapath.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr};
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde_yaml::{Mapping, Value};
+
+/// Label tying an EndpointSlice to its Service (same namespace).
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Services carrying this label belong to another proxy implementation (as for kube-proxy).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+
+pub const SERVICE_API_VERSION: &str = "v1";
+pub const ENDPOINT_SLICE_API_VERSION: &str = "discovery.k8s.io/v1";
+
+/// Services and EndpointSlices in file order. Namespaces are filled in (`default` when the
+/// manifest has none), and EndpointSlices of address types other than IPv4 are dropped.
+#[derive(Debug, Clone, Default)]
+pub struct Objects {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("document {doc}: invalid YAML: {msg}")]
+    Yaml { doc: usize, msg: String },
+    /// The document is not shaped like a Kubernetes object or list.
+    #[error("document {doc}: {msg}")]
+    Document { doc: usize, msg: String },
+    /// `object` is e.g. "Service dev/nginx"; `field` a path such as "spec.ports[0].port".
+    #[error("{object}: {field}: {msg}")]
+    Invalid {
+        object: String,
+        field: String,
+        msg: String,
+    },
+}
+
+/// Parses every YAML document of `text` and validates the Services and EndpointSlices in it.
+pub fn parse_objects(text: &str) -> Result<Objects, ParseError> {
+    let mut p = Parser::default();
+    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let doc = i + 1;
+        let value: Value = serde::Deserialize::deserialize(de).map_err(|e| ParseError::Yaml {
+            doc,
+            msg: e.to_string(),
+        })?;
+        p.walk(value, doc, None)?;
+    }
+    Ok(p.out)
+}
+
+#[derive(Default)]
+struct Parser {
+    out: Objects,
+    seen_services: HashSet<(String, String)>,
+    seen_slices: HashSet<(String, String)>,
+}
+
+/// `apiVersion` and `kind` a typed list (`ServiceList`) implies for items that omit them.
+type Implied = Option<(String, String)>;
+
+impl Parser {
+    fn walk(&mut self, value: Value, doc: usize, implied: Implied) -> Result<(), ParseError> {
+        let mut map = match value {
+            Value::Null => return Ok(()),
+            Value::Mapping(m) => m,
+            // `!Tag` wrappers carry no meaning for Kubernetes objects.
+            Value::Tagged(t) => return self.walk(t.value, doc, implied),
+            other => {
+                return Err(ParseError::Document {
+                    doc,
+                    msg: format!(
+                        "expected a Kubernetes object (a mapping), found {}",
+                        value_kind(&other)
+                    ),
+                });
+            }
+        };
+        let (implied_api, implied_kind) = implied.unzip();
+        let api_version = str_field(&map, "apiVersion").or(implied_api);
+        let Some(kind) = str_field(&map, "kind").or(implied_kind) else {
+            return Err(ParseError::Document {
+                doc,
+                msg: "object has no kind".into(),
+            });
+        };
+
+        if let Some(items) = list_items(&mut map, &kind) {
+            let item_implied = kind
+                .strip_suffix("List")
+                .filter(|k| !k.is_empty())
+                .zip(api_version.clone())
+                .map(|(k, a)| (a, k.to_string()));
+            return match items {
+                Value::Null => Ok(()),
+                Value::Sequence(items) => {
+                    for item in items {
+                        self.walk(item, doc, item_implied.clone())?;
+                    }
+                    Ok(())
+                }
+                other => Err(ParseError::Document {
+                    doc,
+                    msg: format!(
+                        "{kind}.items: expected a list, found {}",
+                        value_kind(&other)
+                    ),
+                }),
+            };
+        }
+
+        match kind.as_str() {
+            "Service" => self.service(map, api_version.as_deref()),
+            "EndpointSlice" => self.slice(map, api_version.as_deref()),
+            _ => Ok(()),
+        }
+    }
+
+    fn service(&mut self, map: Mapping, api_version: Option<&str>) -> Result<(), ParseError> {
+        let (namespace, name) = meta_names(&map);
+        let object = format!(
+            "Service {namespace}/{}",
+            name.as_deref().unwrap_or("<unnamed>")
+        );
+        let err = |field: &str, msg: String| ParseError::Invalid {
+            object: object.clone(),
+            field: field.into(),
+            msg,
+        };
+        check_api_version(api_version, SERVICE_API_VERSION).map_err(|m| err("apiVersion", m))?;
+        let Some(name) = name else {
+            return Err(err("metadata.name", "required".into()));
+        };
+        let mut svc: Service = deserialize(&map).map_err(|m| {
+            let (f, m) = blame_service(&map).unwrap_or(("(object)".into(), m));
+            err(&f, m)
+        })?;
+        svc.metadata.namespace = Some(namespace.clone());
+        validate_service(&svc).map_err(|(f, m)| err(&f, m))?;
+        if !self.seen_services.insert((namespace, name)) {
+            return Err(err(
+                "metadata.name",
+                "defined more than once in this file".into(),
+            ));
+        }
+        self.out.services.push(svc);
+        Ok(())
+    }
+
+    fn slice(&mut self, map: Mapping, api_version: Option<&str>) -> Result<(), ParseError> {
+        let (namespace, name) = meta_names(&map);
+        let object = format!(
+            "EndpointSlice {namespace}/{}",
+            name.as_deref().unwrap_or("<unnamed>")
+        );
+        let err = |field: &str, msg: String| ParseError::Invalid {
+            object: object.clone(),
+            field: field.into(),
+            msg,
+        };
+        check_api_version(api_version, ENDPOINT_SLICE_API_VERSION)
+            .map_err(|m| err("apiVersion", m))?;
+        let mut slice: EndpointSlice = deserialize(&map).map_err(|m| {
+            let (f, m) = blame_slice(&map).unwrap_or(("(object)".into(), m));
+            err(&f, m)
+        })?;
+        slice.metadata.namespace = Some(namespace.clone());
+        match slice.address_type.as_str() {
+            "IPv4" => {}
+            // Not errors: dual-stack clusters have them, and we only serve IPv4.
+            "IPv6" | "FQDN" => return Ok(()),
+            other => {
+                return Err(err(
+                    "addressType",
+                    format!("{other:?} is not one of IPv4, IPv6, FQDN"),
+                ));
+            }
+        }
+        validate_slice(&slice).map_err(|(f, m)| err(&f, m))?;
+        // Slices created from a manifest may have only generateName; those cannot collide.
+        if let Some(name) = name
+            && !self.seen_slices.insert((namespace, name))
+        {
+            return Err(err(
+                "metadata.name",
+                "defined more than once in this file".into(),
+            ));
+        }
+        self.out.slices.push(slice);
+        Ok(())
+    }
+}
+
+/// The `items` of a list object: `kind: List` or any `...List` kind that has `items`.
+fn list_items(map: &mut Mapping, kind: &str) -> Option<Value> {
+    let is_list = kind == "List" || (kind.ends_with("List") && map.contains_key("items"));
+    if is_list {
+        Some(map.remove("items").unwrap_or(Value::Null))
+    } else {
+        None
+    }
+}
+
+fn str_field(map: &Mapping, key: &str) -> Option<String> {
+    map.get(key).and_then(Value::as_str).map(str::to_string)
+}
+
+/// Namespace (defaulted) and name, read before deserialising so errors can name the object.
+fn meta_names(map: &Mapping) -> (String, Option<String>) {
+    let meta = map.get("metadata").and_then(Value::as_mapping);
+    let get = |k: &str| {
+        meta.and_then(|m| m.get(k))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    (
+        get("namespace").unwrap_or_else(|| "default".into()),
+        get("name"),
+    )
+}
+
+fn check_api_version(got: Option<&str>, want: &str) -> Result<(), String> {
+    match got {
+        Some(v) if v == want => Ok(()),
+        Some(v) => Err(format!("{v:?} is not supported (expected {want:?})")),
+        None => Err(format!("required (expected {want:?})")),
+    }
+}
+
+fn deserialize<T: serde::de::DeserializeOwned>(map: &Mapping) -> Result<T, String> {
+    serde_yaml::from_value(Value::Mapping(map.clone())).map_err(|e| e.to_string())
+}
+
+/// serde's errors carry no path, so after a failed deserialisation the parts people write by
+/// hand are retried one by one to name the field that broke it.
+fn blame<T: serde::de::DeserializeOwned>(
+    parent: &Mapping,
+    key: &str,
+    path: &str,
+) -> Option<FieldError> {
+    let v = parent.get(key)?;
+    serde_yaml::from_value::<T>(v.clone())
+        .err()
+        .map(|e| (path.to_string(), e.to_string()))
+}
+
+/// Like [`blame`] for each element of the list `parent[key]`.
+fn blame_each<T: serde::de::DeserializeOwned>(
+    parent: &Mapping,
+    key: &str,
+    path: &str,
+) -> Option<FieldError> {
+    let items = parent.get(key)?.as_sequence()?;
+    items.iter().enumerate().find_map(|(i, v)| {
+        serde_yaml::from_value::<T>(v.clone())
+            .err()
+            .map(|e| (format!("{path}[{i}]"), e.to_string()))
+    })
+}
+
+fn blame_service(map: &Mapping) -> Option<FieldError> {
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec, ServiceStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    let spec = map.get("spec").and_then(Value::as_mapping);
+    blame::<ObjectMeta>(map, "metadata", "metadata")
+        .or_else(|| spec.and_then(|s| blame_each::<ServicePort>(s, "ports", "spec.ports")))
+        .or_else(|| blame::<ServiceSpec>(map, "spec", "spec"))
+        .or_else(|| blame::<ServiceStatus>(map, "status", "status"))
+}
+
+fn blame_slice(map: &Mapping) -> Option<FieldError> {
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    blame::<ObjectMeta>(map, "metadata", "metadata")
+        .or_else(|| blame_each::<EndpointPort>(map, "ports", "ports"))
+        .or_else(|| blame_each::<Endpoint>(map, "endpoints", "endpoints"))
+}
+
+fn value_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "nothing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a list",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
+    }
+}
+
+type FieldError = (String, String);
+
+fn check_port(field: String, port: i32) -> Result<(), FieldError> {
+    if (1..=65535).contains(&port) {
+        Ok(())
+    } else {
+        Err((field, format!("{port} must be 1-65535")))
+    }
+}
+
+fn check_protocol(field: String, proto: Option<&str>) -> Result<(), FieldError> {
+    match proto {
+        None | Some("TCP" | "UDP" | "SCTP") => Ok(()),
+        Some(p) => Err((field, format!("{p:?} is not one of TCP, UDP, SCTP"))),
+    }
+}
+
+fn check_ip(field: String, s: &str) -> Result<(), FieldError> {
+    s.parse::<IpAddr>()
+        .map(|_| ())
+        .map_err(|_| (field, format!("{s:?} is not an IP address")))
+}
+
+/// Checks the fields `translate` relies on; everything else is passed through untouched.
+fn validate_service(svc: &Service) -> Result<(), FieldError> {
+    let Some(spec) = &svc.spec else {
+        return Ok(());
+    };
+    let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if !matches!(
+        ty,
+        "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName"
+    ) {
+        return Err((
+            "spec.type".into(),
+            format!("{ty:?} is not one of ClusterIP, NodePort, LoadBalancer, ExternalName"),
+        ));
+    }
+    if ty == "ExternalName" && spec.external_name.as_deref().unwrap_or("").is_empty() {
+        return Err((
+            "spec.externalName".into(),
+            "required for type ExternalName".into(),
+        ));
+    }
+    match spec.cluster_ip.as_deref() {
+        None | Some("" | "None") => {}
+        Some(ip) => check_ip("spec.clusterIP".into(), ip)?,
+    }
+    for (i, ip) in spec.cluster_ips.iter().flatten().enumerate() {
+        if ip != "None" {
+            check_ip(format!("spec.clusterIPs[{i}]"), ip)?;
+        }
+    }
+    for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+        check_ip(format!("spec.externalIPs[{i}]"), ip)?;
+    }
+
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    let mut names = HashSet::new();
+    let mut numbers = HashSet::new();
+    for (i, p) in ports.iter().enumerate() {
+        let f = |name: &str| format!("spec.ports[{i}].{name}");
+        check_port(f("port"), p.port)?;
+        check_protocol(f("protocol"), p.protocol.as_deref())?;
+        if let Some(np) = p.node_port {
+            check_port(f("nodePort"), np)?;
+        }
+        // Port names identify the port in EndpointSlices, so they must be unambiguous.
+        let name = p.name.as_deref().unwrap_or("");
+        if name.is_empty() && ports.len() > 1 {
+            return Err((
+                f("name"),
+                "required when the service has several ports".into(),
+            ));
+        }
+        if !names.insert(name) {
+            return Err((f("name"), format!("{name:?} is used by another port")));
+        }
+        let proto = p.protocol.as_deref().unwrap_or("TCP");
+        if !numbers.insert((p.port, proto)) {
+            return Err((
+                f("port"),
+                format!("{}/{proto} is used by another port", p.port),
+            ));
+        }
+    }
+
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    for (i, ing) in ingress.into_iter().flatten().enumerate() {
+        if let Some(ip) = &ing.ip {
+            check_ip(format!("status.loadBalancer.ingress[{i}].ip"), ip)?;
+        }
+    }
+    Ok(())
+}
+
+fn validate_slice(slice: &EndpointSlice) -> Result<(), FieldError> {
+    let has_owner = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .is_some_and(|s| !s.is_empty());
+    if !has_owner {
+        return Err((
+            format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+            "required (names the Service this slice belongs to)".into(),
+        ));
+    }
+    let mut names = HashSet::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let f = |name: &str| format!("ports[{i}].{name}");
+        if let Some(port) = p.port {
+            check_port(f("port"), port)?;
+        }
+        check_protocol(f("protocol"), p.protocol.as_deref())?;
+        let name = p.name.as_deref().unwrap_or("");
+        let proto = p.protocol.as_deref().unwrap_or("TCP");
+        if !names.insert((name, proto)) {
+            return Err((
+                f("name"),
+                format!("{name:?}/{proto} is used by another port"),
+            ));
+        }
+    }
+    for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
+        if ep.addresses.is_empty() {
+            return Err((
+                format!("endpoints[{i}].addresses"),
+                "at least one address is required".into(),
+            ));
+        }
+        for (j, a) in ep.addresses.iter().enumerate() {
+            if a.parse::<Ipv4Addr>().is_err() {
+                return Err((
+                    format!("endpoints[{i}].addresses[{j}]"),
+                    format!("{a:?} is not an IPv4 address"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SVC: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: nginx-service, namespace: dev}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80, targetPort: 8080, nodePort: 30080}
+";
+
+    const SLICE: &str = "
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: nginx-abc
+  namespace: dev
+  labels: {kubernetes.io/service-name: nginx-service}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- addresses: [10.0.0.1]
+  conditions: {ready: true}
+  nodeName: node-a
+";
+
+    fn err(text: &str) -> String {
+        parse_objects(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn multi_document_with_other_kinds_and_empty_documents() {
+        let text = format!(
+            "---\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: x}}\n---\n{SVC}---\n# only a comment\n---\n{SLICE}"
+        );
+        let objs = parse_objects(&text).unwrap();
+        assert_eq!(objs.services.len(), 1);
+        assert_eq!(objs.slices.len(), 1);
+        assert_eq!(
+            objs.services[0].metadata.name.as_deref(),
+            Some("nginx-service")
+        );
+        assert_eq!(
+            objs.slices[0].endpoints.as_ref().unwrap()[0].addresses[0],
+            "10.0.0.1"
+        );
+    }
+
+    #[test]
+    fn empty_text_is_empty_objects() {
+        let objs = parse_objects("").unwrap();
+        assert!(objs.services.is_empty() && objs.slices.is_empty());
+    }
+
+    #[test]
+    fn kubectl_list_output() {
+        let text = include_str!("../tests/fixtures/kubectl-list.yaml");
+        let objs = parse_objects(text).unwrap();
+        let names: Vec<_> = objs
+            .services
+            .iter()
+            .map(|s| s.metadata.name.clone().unwrap())
+            .collect();
+        assert_eq!(names, ["kubernetes", "nginx-service"]);
+        // The IPv6 slice is dropped, the IPv4 one kept.
+        assert_eq!(objs.slices.len(), 1);
+    }
+
+    #[test]
+    fn nested_and_typed_lists() {
+        let text = "
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: List
+  items:
+  - apiVersion: v1
+    kind: ServiceList
+    items:
+    - metadata: {name: a}
+      spec: {ports: [{port: 80}]}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSliceList
+  items:
+  - metadata: {name: a-1, labels: {kubernetes.io/service-name: a}}
+    addressType: IPv4
+    endpoints: []
+";
+        let objs = parse_objects(text).unwrap();
+        assert_eq!(objs.services.len(), 1);
+        assert_eq!(
+            objs.services[0].metadata.namespace.as_deref(),
+            Some("default")
+        );
+        assert_eq!(objs.slices.len(), 1);
+    }
+
+    #[test]
+    fn errors_name_object_and_field() {
+        let bad_port = SVC.replace("port: 80,", "port: 70000,");
+        assert_eq!(
+            err(&bad_port),
+            "Service dev/nginx-service: spec.ports[0].port: 70000 must be 1-65535"
+        );
+        let bad_addr = SLICE.replace("[10.0.0.1]", "[10.0.0.x]");
+        assert_eq!(
+            err(&bad_addr),
+            "EndpointSlice dev/nginx-abc: endpoints[0].addresses[0]: \"10.0.0.x\" is not an IPv4 address"
+        );
+        let bad_yaml = format!("{SVC}---\nkind: [\n");
+        assert!(
+            err(&bad_yaml).starts_with("document 2: invalid YAML: "),
+            "{}",
+            err(&bad_yaml)
+        );
+    }
+
+    #[test]
+    fn service_validation() {
+        let cases = [
+            (
+                "type: NodePort",
+                "type: Weird",
+                "spec.type: \"Weird\" is not one of",
+            ),
+            (
+                "clusterIP: 10.96.0.10",
+                "clusterIP: 10.96.0",
+                "spec.clusterIP: \"10.96.0\" is not an IP",
+            ),
+            (
+                "nodePort: 30080",
+                "nodePort: 0",
+                "spec.ports[0].nodePort: 0 must be 1-65535",
+            ),
+            (
+                "targetPort: 8080,",
+                "protocol: ICMP,",
+                "spec.ports[0].protocol: \"ICMP\" is not one of",
+            ),
+            (
+                "apiVersion: v1",
+                "apiVersion: v2",
+                "apiVersion: \"v2\" is not supported",
+            ),
+            (
+                "{name: nginx-service, namespace: dev}",
+                "{namespace: dev}",
+                "Service dev/<unnamed>: metadata.name: required",
+            ),
+            (
+                "port: 80,",
+                "port: \"80\",",
+                "Service dev/nginx-service: spec.ports[0]: invalid type: string \"80\"",
+            ),
+            (
+                "type: NodePort",
+                "type: 3",
+                "Service dev/nginx-service: spec: invalid type",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let text = SVC.replace(from, to);
+            assert_ne!(text, SVC, "{from}");
+            let got = err(&text);
+            assert!(got.contains(want), "{to}: {got}");
+        }
+    }
+
+    #[test]
+    fn service_ports_must_be_distinguishable() {
+        let two_unnamed = SVC.replace(
+            "  - {name: http, port: 80, targetPort: 8080, nodePort: 30080}",
+            "  - {port: 80}\n  - {port: 443}",
+        );
+        assert!(err(&two_unnamed).contains("spec.ports[0].name: required"));
+        let same_name = SVC.replace(
+            "  - {name: http, port: 80, targetPort: 8080, nodePort: 30080}",
+            "  - {name: a, port: 80}\n  - {name: a, port: 443}",
+        );
+        assert!(err(&same_name).contains("spec.ports[1].name"));
+        let same_port = SVC.replace(
+            "  - {name: http, port: 80, targetPort: 8080, nodePort: 30080}",
+            "  - {name: a, port: 80}\n  - {name: b, port: 80}",
+        );
+        assert!(err(&same_port).contains("spec.ports[1].port: 80/TCP"));
+        let tcp_and_udp = SVC.replace(
+            "  - {name: http, port: 80, targetPort: 8080, nodePort: 30080}",
+            "  - {name: a, port: 53}\n  - {name: b, port: 53, protocol: UDP}",
+        );
+        parse_objects(&tcp_and_udp).unwrap();
+    }
+
+    #[test]
+    fn accepted_service_variants() {
+        for (from, to) in [
+            ("clusterIP: 10.96.0.10", "clusterIP: None"),
+            ("clusterIP: 10.96.0.10", "clusterIP: \"\""),
+            ("clusterIP: 10.96.0.10", "clusterIP: fd00::10"),
+            ("targetPort: 8080,", "protocol: SCTP,"),
+            ("type: NodePort", "type: LoadBalancer"),
+            (", nodePort: 30080", ""),
+            (
+                "{name: nginx-service, namespace: dev}",
+                "{name: nginx-service}",
+            ),
+        ] {
+            let text = SVC.replace(from, to);
+            assert_ne!(text, SVC, "{from}");
+            parse_objects(&text).unwrap_or_else(|e| panic!("{to}: {e}"));
+        }
+    }
+
+    #[test]
+    fn duplicate_service_is_an_error() {
+        let text = format!("{SVC}---{SVC}");
+        assert_eq!(
+            err(&text),
+            "Service dev/nginx-service: metadata.name: defined more than once in this file"
+        );
+        // Same name in another namespace is a different service.
+        let other = SVC.replace("namespace: dev", "namespace: prod");
+        parse_objects(&format!("{SVC}---{other}")).unwrap();
+    }
+
+    #[test]
+    fn slice_validation() {
+        let no_label = SLICE.replace(
+            "labels: {kubernetes.io/service-name: nginx-service}",
+            "labels: {}",
+        );
+        assert!(err(&no_label).contains("metadata.labels[kubernetes.io/service-name]: required"));
+        let wrong_api = SLICE.replace("discovery.k8s.io/v1", "discovery.k8s.io/v1beta1");
+        assert!(err(&wrong_api).starts_with("EndpointSlice dev/nginx-abc: apiVersion: "));
+        let bad_type = SLICE.replace("addressType: IPv4", "addressType: IPv5");
+        assert!(err(&bad_type).contains("addressType: \"IPv5\""));
+        let bad_port = SLICE.replace("port: 8080", "port: 0");
+        assert!(err(&bad_port).contains("ports[0].port: 0 must be 1-65535"));
+        let no_addr = SLICE.replace("[10.0.0.1]", "[]");
+        assert!(err(&no_addr).contains("endpoints[0].addresses: at least one"));
+        let dup = format!("{SLICE}---{SLICE}");
+        assert!(err(&dup).contains("defined more than once"));
+    }
+
+    #[test]
+    fn non_ipv4_slices_are_dropped() {
+        for ty in ["IPv6", "FQDN"] {
+            let text = SLICE
+                .replace("addressType: IPv4", &format!("addressType: {ty}"))
+                .replace("[10.0.0.1]", "[\"fd00::1\"]");
+            assert!(parse_objects(&text).unwrap().slices.is_empty());
+        }
+    }
+
+    #[test]
+    fn document_shape_errors() {
+        assert_eq!(
+            err("apiVersion: v1\nkind: Service\n---\n- 1\n"),
+            "Service default/<unnamed>: metadata.name: required"
+        );
+        assert_eq!(
+            err("kind: Pod\n---\n- 1\n"),
+            "document 2: expected a Kubernetes object (a mapping), found a list"
+        );
+        assert_eq!(
+            err("metadata: {name: x}\n"),
+            "document 1: object has no kind"
+        );
+        assert_eq!(
+            err("apiVersion: v1\nkind: List\nitems: 3\n"),
+            "document 1: List.items: expected a list, found a number"
+        );
+    }
+}

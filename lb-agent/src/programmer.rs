@@ -1,0 +1,449 @@
+//! Writes the desired state (from `translate`) into the BPF maps, touching only what changed.
+//!
+//! Order of writes, so that a packet never follows a reference to something not yet written:
+//! backends first, then each service's Maglev table into its inactive buffer followed by the
+//! service value that flips to it, then frontends; removals go the other way round.
+//! Backends that leave every service are not deleted at once: they stay in `XLB_BACKENDS`
+//! for a drain period so established flows (whose conntrack entry names the backend) keep
+//! working, while the Maglev tables already send new flows elsewhere. Once deleted, a flow
+//! still pointing at one is re-balanced by the datapath.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
+use lb_common::*;
+
+use crate::{
+    arena::Arena,
+    maglev,
+    translate::{Desired, FrontendKind, SvcPort, SvcPortId},
+};
+
+/// Handles on the pinned maps the agent writes.
+pub struct Maps {
+    pub frontends: HashMap<MapData, FrontendKey, Frontend>,
+    pub services: HashMap<MapData, u32, Service>,
+    pub backends: HashMap<MapData, u32, Backend>,
+    pub maglev: Array<MapData, u32>,
+    pub config: Array<MapData, Config>,
+    pub svc_stats: PerCpuArray<MapData, SvcStats>,
+    pub svc_meta: Array<MapData, SvcMeta>,
+}
+
+impl Maps {
+    pub fn take(ebpf: &mut aya::Ebpf) -> Result<Self> {
+        fn t<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+            ebpf: &mut aya::Ebpf,
+            name: &str,
+        ) -> Result<T> {
+            let map = ebpf
+                .take_map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))?;
+            Ok(T::try_from(map)?)
+        }
+        Ok(Self {
+            frontends: t(ebpf, MAP_FRONTENDS)?,
+            services: t(ebpf, MAP_SERVICES)?,
+            backends: t(ebpf, MAP_BACKENDS)?,
+            maglev: t(ebpf, MAP_MAGLEV)?,
+            config: t(ebpf, MAP_CONFIG)?,
+            svc_stats: t(ebpf, MAP_SVC_STATS)?,
+            svc_meta: t(ebpf, MAP_SVC_META)?,
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Smallest Maglev table size (prime, see `maglev::choose_m`).
+    pub min_m: u32,
+    /// How long a backend removed from every service stays resolvable for established flows.
+    pub drain: Duration,
+    pub max_services: u32,
+    pub max_frontends: u32,
+    pub max_backends: u32,
+    pub arena: u32,
+}
+
+struct Table {
+    off: u32,
+    m: u32,
+    /// Backend ids as currently written in the arena (0 = never written).
+    slots: Vec<u32>,
+}
+
+struct SvcState {
+    svc_id: u32,
+    tables: [Option<Table>; 2],
+    active: usize,
+    value: Service,
+}
+
+struct BackendState {
+    id: u32,
+    value: Backend,
+    drain_until: Option<Instant>,
+}
+
+/// What one `apply` changed, for logs and tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub services_written: usize,
+    pub services_removed: usize,
+    pub slots_written: usize,
+    pub frontends_written: usize,
+    pub frontends_removed: usize,
+    pub backends_written: usize,
+    pub backends_removed: usize,
+}
+
+pub struct Programmer {
+    settings: Settings,
+    arena: Arena,
+    services: BTreeMap<SvcPortId, SvcState>,
+    free_svc_ids: BTreeSet<u32>,
+    next_svc_id: u32,
+    backends: BTreeMap<(Ipv4Addr, u16), BackendState>,
+    next_backend_id: u32,
+    frontends: BTreeMap<FrontendKey, Frontend>,
+}
+
+fn fe_key(addr: Ipv4Addr, port: u16, proto: u8) -> FrontendKey {
+    FrontendKey {
+        addr_be: u32::from_ne_bytes(addr.octets()),
+        port_be: port.to_be(),
+        proto,
+        _pad: 0,
+    }
+}
+
+impl Programmer {
+    pub fn new(settings: Settings) -> Self {
+        Self {
+            arena: Arena::new(settings.arena),
+            settings,
+            services: BTreeMap::new(),
+            free_svc_ids: BTreeSet::new(),
+            next_svc_id: 0,
+            backends: BTreeMap::new(),
+            // Backend id 0 is reserved: it marks an unwritten Maglev slot.
+            next_backend_id: 1,
+            frontends: BTreeMap::new(),
+        }
+    }
+
+    /// Empties the maps of whatever a previous run left (the programmer starts from nothing;
+    /// conntrack is kept so that flows survive).
+    pub fn reset_maps(maps: &mut Maps) -> Result<()> {
+        let keys: Vec<_> = maps.frontends.keys().filter_map(|k| k.ok()).collect();
+        for k in keys {
+            let _ = maps.frontends.remove(&k);
+        }
+        let keys: Vec<_> = maps.services.keys().filter_map(|k| k.ok()).collect();
+        for k in keys {
+            let _ = maps.services.remove(&k);
+        }
+        let keys: Vec<_> = maps.backends.keys().filter_map(|k| k.ok()).collect();
+        for k in keys {
+            let _ = maps.backends.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// Rejects a desired state that cannot fit before anything is written.
+    fn check_capacity(&self, desired: &Desired) -> Result<()> {
+        let s = &self.settings;
+        let ports = desired.ports.len() as u64;
+        if ports > s.max_services as u64 {
+            bail!(
+                "{ports} service ports exceed the limit of {}",
+                s.max_services
+            );
+        }
+        let fes: u64 = desired.ports.iter().map(|p| p.frontends.len() as u64).sum();
+        if fes > s.max_frontends as u64 {
+            bail!("{fes} frontends exceed the limit of {}", s.max_frontends);
+        }
+        let bes: BTreeSet<_> = desired
+            .ports
+            .iter()
+            .flat_map(|p| p.backends.iter().map(|b| (b.addr, b.port)))
+            .collect();
+        if bes.len() as u64 > s.max_backends as u64 {
+            bail!(
+                "{} backends exceed the limit of {}",
+                bes.len(),
+                s.max_backends
+            );
+        }
+        let slots: u64 = desired
+            .ports
+            .iter()
+            .filter(|p| !p.backends.is_empty())
+            .map(|p| 2 * maglev::choose_m(p.backends.len(), s.min_m) as u64)
+            .sum();
+        if slots > s.arena as u64 {
+            bail!(
+                "Maglev tables need {slots} slots, the arena has {} (raise --maglev-arena)",
+                s.arena
+            );
+        }
+        Ok(())
+    }
+
+    pub fn apply(
+        &mut self,
+        desired: &Desired,
+        maps: &mut Maps,
+        now: Instant,
+    ) -> Result<ApplyStats> {
+        self.check_capacity(desired)?;
+        let mut st = ApplyStats::default();
+
+        // 1. Backends every desired service needs.
+        let mut wanted: BTreeMap<(Ipv4Addr, u16), Backend> = BTreeMap::new();
+        for p in &desired.ports {
+            for b in &p.backends {
+                wanted.insert(
+                    (b.addr, b.port),
+                    Backend {
+                        addr_be: u32::from_ne_bytes(b.addr.octets()),
+                        port_be: b.port.to_be(),
+                        flags: if b.local { BE_LOCAL } else { 0 },
+                        _pad: 0,
+                    },
+                );
+            }
+        }
+        for (key, value) in &wanted {
+            let state = match self.backends.get_mut(key) {
+                Some(s) => s,
+                None => {
+                    let id = self.next_backend_id;
+                    self.next_backend_id = self.next_backend_id.checked_add(1).unwrap_or(1);
+                    self.backends.entry(*key).or_insert(BackendState {
+                        id,
+                        value: Backend::default(),
+                        drain_until: None,
+                    })
+                }
+            };
+            state.drain_until = None;
+            if state.value != *value {
+                maps.backends.insert(state.id, *value, 0)?;
+                state.value = *value;
+                st.backends_written += 1;
+            }
+        }
+
+        // 2. Services and their Maglev tables.
+        let mut live: BTreeSet<SvcPortId> = BTreeSet::new();
+        let mut fe_wanted: BTreeMap<FrontendKey, Frontend> = BTreeMap::new();
+        for p in &desired.ports {
+            live.insert(p.id.clone());
+            let svc_id = self.write_service(p, desired, maps, &mut st)?;
+            for f in &p.frontends {
+                let flags = match f.kind {
+                    FrontendKind::ClusterIp => FE_CLUSTER_IP,
+                    FrontendKind::NodePort => FE_NODEPORT,
+                    FrontendKind::External => FE_EXTERNAL,
+                };
+                fe_wanted.insert(
+                    fe_key(f.addr, f.port, p.id.proto.number()),
+                    Frontend { svc_id, flags },
+                );
+            }
+        }
+
+        // 3. Frontends.
+        for (k, v) in &fe_wanted {
+            if self.frontends.get(k) != Some(v) {
+                maps.frontends.insert(*k, *v, 0)?;
+                st.frontends_written += 1;
+            }
+        }
+        let stale: Vec<_> = self
+            .frontends
+            .keys()
+            .filter(|k| !fe_wanted.contains_key(k))
+            .copied()
+            .collect();
+        for k in stale {
+            let _ = maps.frontends.remove(&k);
+            st.frontends_removed += 1;
+        }
+        self.frontends = fe_wanted;
+
+        // 4. Services that are gone.
+        let gone: Vec<_> = self
+            .services
+            .keys()
+            .filter(|k| !live.contains(*k))
+            .cloned()
+            .collect();
+        for id in gone {
+            if let Some(s) = self.services.remove(&id) {
+                let _ = maps.services.remove(&s.svc_id);
+                for t in s.tables.into_iter().flatten() {
+                    self.arena.free(t.off, t.m);
+                }
+                self.free_svc_ids.insert(s.svc_id);
+                st.services_removed += 1;
+            }
+        }
+
+        // 5. Backends no service uses: drain, then delete.
+        let drain = self.settings.drain;
+        let mut expired = Vec::new();
+        for (key, b) in self.backends.iter_mut() {
+            if wanted.contains_key(key) {
+                continue;
+            }
+            match b.drain_until {
+                None => b.drain_until = Some(now + drain),
+                Some(t) if t <= now => expired.push(*key),
+                Some(_) => {}
+            }
+        }
+        for key in expired {
+            if let Some(b) = self.backends.remove(&key) {
+                let _ = maps.backends.remove(&b.id);
+                st.backends_removed += 1;
+            }
+        }
+        Ok(st)
+    }
+
+    /// The earliest moment a draining backend is due for deletion, so the caller can apply
+    /// again then.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.backends.values().filter_map(|b| b.drain_until).min()
+    }
+
+    fn alloc_svc_id(&mut self) -> u32 {
+        if let Some(id) = self.free_svc_ids.pop_first() {
+            return id;
+        }
+        let id = self.next_svc_id;
+        self.next_svc_id += 1;
+        id
+    }
+
+    fn write_service(
+        &mut self,
+        p: &SvcPort,
+        desired: &Desired,
+        maps: &mut Maps,
+        st: &mut ApplyStats,
+    ) -> Result<u32> {
+        if !self.services.contains_key(&p.id) {
+            let svc_id = self.alloc_svc_id();
+            let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+            maps.svc_stats.set(
+                svc_id,
+                PerCpuValues::try_from(vec![SvcStats::default(); cpus])?,
+                0,
+            )?;
+            maps.svc_meta.set(svc_id, meta(p, desired), 0)?;
+            self.services.insert(
+                p.id.clone(),
+                SvcState {
+                    svc_id,
+                    tables: [None, None],
+                    active: 0,
+                    value: Service::default(),
+                },
+            );
+        }
+        let backends = &self.backends;
+        let ids: Vec<u32> = p
+            .backends
+            .iter()
+            .map(|b| backends[&(b.addr, b.port)].id)
+            .collect();
+        let names: Vec<String> = p
+            .backends
+            .iter()
+            .map(|b| format!("{}:{}", b.addr, b.port))
+            .collect();
+        let svc = self.services.get_mut(&p.id).expect("inserted above");
+        let svc_id = svc.svc_id;
+
+        if ids.is_empty() {
+            let value = Service::default();
+            if svc.value != value || maps.services.get(&svc_id, 0).is_err() {
+                maps.services.insert(svc_id, value, 0)?;
+                svc.value = value;
+                st.services_written += 1;
+            }
+            return Ok(svc_id);
+        }
+
+        let m = maglev::choose_m(ids.len(), self.settings.min_m);
+        let table: Vec<u32> = maglev::build_table(&names, m)
+            .into_iter()
+            .map(|i| ids[i as usize])
+            .collect();
+        if let Some(active) = &svc.tables[svc.active]
+            && active.m == m
+            && active.slots == table
+            && svc.value.backend_count == ids.len() as u32
+        {
+            return Ok(svc_id); // nothing changed
+        }
+        let inactive = 1 - svc.active;
+        if svc.tables[inactive].as_ref().is_none_or(|t| t.m != m) {
+            if let Some(old) = svc.tables[inactive].take() {
+                self.arena.free(old.off, old.m);
+            }
+            let off = self
+                .arena
+                .alloc(m)
+                .with_context(|| format!("no room for a Maglev table of {m} slots for {}", p.id))?;
+            svc.tables[inactive] = Some(Table {
+                off,
+                m,
+                slots: vec![0; m as usize],
+            });
+        }
+        let t = svc.tables[inactive].as_mut().expect("allocated above");
+        for (slot, id) in maglev::changed_slots(&t.slots, &table) {
+            maps.maglev.set(t.off + slot, id, 0)?;
+            st.slots_written += 1;
+        }
+        t.slots = table;
+        let value = Service {
+            table_off: t.off,
+            table_m: m,
+            backend_count: ids.len() as u32,
+            flags: 0,
+        };
+        // The flip: one hash-map update makes the fully written table visible.
+        maps.services.insert(svc_id, value, 0)?;
+        svc.value = value;
+        svc.active = inactive;
+        st.services_written += 1;
+        Ok(svc_id)
+    }
+}
+
+fn meta(p: &SvcPort, desired: &Desired) -> SvcMeta {
+    let mut m = SvcMeta::default();
+    let name = p.id.to_string();
+    let n = name.len().min(m.name.len());
+    m.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    let row = desired
+        .rows
+        .iter()
+        .find(|r| r.namespace == p.id.namespace && r.name == p.id.name);
+    m.svc_type = match row.map(|r| r.svc_type.as_str()) {
+        Some("NodePort") => SVC_TYPE_NODE_PORT,
+        Some("LoadBalancer") => SVC_TYPE_LOAD_BALANCER,
+        _ => SVC_TYPE_CLUSTER_IP,
+    };
+    m
+}

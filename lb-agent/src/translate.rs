@@ -1,0 +1,1003 @@
+//! Services and EndpointSlices to what the datapath needs: per service port, the addresses
+//! it answers on and the ready backends behind it.
+//!
+//! Follows kube-proxy's reading of the API: ExternalName and headless services are not
+//! proxied, services labelled with `service.kubernetes.io/service-proxy-name` belong to
+//! another proxy, endpoints are matched to service ports by port name and protocol, and an
+//! endpoint without a `ready` condition counts as ready.
+//!
+//! Output is sorted throughout so it does not depend on the order of the input objects.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::k8s::{Objects, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
+
+/// The node the agent runs on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    /// Compared with `endpoints[].nodeName` to tell local backends from remote ones.
+    pub node_name: String,
+    /// Addresses NodePorts are served on.
+    pub node_addrs: Vec<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// IP protocol number.
+    pub fn number(&self) -> u8 {
+        match self {
+            Proto::Tcp => lb_common::PROTO_TCP,
+            Proto::Udp => lb_common::PROTO_UDP,
+        }
+    }
+
+    /// Kubernetes spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
+        }
+    }
+
+    /// `protocol` as it appears in a Service or EndpointSlice port (unset means TCP); the
+    /// error is the unsupported name.
+    fn from_k8s(p: Option<&str>) -> Result<Proto, &str> {
+        match p.unwrap_or("TCP") {
+            "TCP" => Ok(Proto::Tcp),
+            "UDP" => Ok(Proto::Udp),
+            other => Err(other),
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One port of one service: the unit that gets a svc_id and a Maglev table.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SvcPortId {
+    pub namespace: String,
+    pub name: String,
+    /// Empty for the unnamed port of a single-port service.
+    pub port_name: String,
+    pub proto: Proto,
+}
+
+impl fmt::Display for SvcPortId {
+    /// `ns/name:port_name/TCP`, or `ns/name/TCP` for an unnamed port.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port_name.is_empty() {
+            write!(f, ":{}", self.port_name)?;
+        }
+        write!(f, "/{}", self.proto)
+    }
+}
+
+/// Ordered by address and port first (field order), which is the order Maglev names and
+/// backend lists are kept in.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendSpec {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    /// The endpoint runs on this node.
+    pub local: bool,
+    pub node_name: Option<String>,
+}
+
+impl BackendSpec {
+    /// Stable identity for Maglev: "addr:port".
+    pub fn name(&self) -> String {
+        format!("{}:{}", self.addr, self.port)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    /// LoadBalancer ingress IP or `spec.externalIPs` entry.
+    External,
+}
+
+impl FrontendKind {
+    /// The `FE_*` flag the datapath keys its behaviour on.
+    pub fn flag(&self) -> u32 {
+        match self {
+            FrontendKind::ClusterIp => lb_common::FE_CLUSTER_IP,
+            FrontendKind::NodePort => lb_common::FE_NODEPORT,
+            FrontendKind::External => lb_common::FE_EXTERNAL,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendSpec {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub kind: FrontendKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SvcPort {
+    pub id: SvcPortId,
+    /// Sorted, unique by (addr, port); may be empty after a collision with another service.
+    pub frontends: Vec<FrontendSpec>,
+    /// Ready backends, sorted, unique by (addr, port). Empty means "reject".
+    pub backends: Vec<BackendSpec>,
+}
+
+/// One line of `kubectl get svc` (columns as kubectl prints them, without truncation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRow {
+    pub namespace: String,
+    pub name: String,
+    pub svc_type: String,
+    pub cluster_ip: String,
+    pub external_ip: String,
+    pub ports: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Sorted by id.
+    pub ports: Vec<SvcPort>,
+    /// Every service, sorted by (namespace, name), including those not programmed.
+    pub rows: Vec<ServiceRow>,
+    /// Human-readable notes about what was skipped and why, each naming its service.
+    pub warnings: Vec<String>,
+}
+
+/// Computes the desired datapath state. Services are expected to be unique by
+/// (namespace, name), as [`crate::k8s::parse_objects`] guarantees.
+pub fn translate(objs: &Objects, node: &NodeContext) -> Desired {
+    let slices = index_slices(&objs.slices);
+    let mut services: Vec<&Service> = objs.services.iter().collect();
+    services.sort_by(|a, b| (namespace(a), name(a)).cmp(&(namespace(b), name(b))));
+    let mut node_addrs = node.node_addrs.clone();
+    node_addrs.sort();
+    node_addrs.dedup();
+    let node = NodeContext {
+        node_name: node.node_name.clone(),
+        node_addrs,
+    };
+
+    let mut out = Desired::default();
+    for svc in services {
+        out.rows.push(row(svc));
+        let owned = slices
+            .get(&(namespace(svc), name(svc)))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        program_service(svc, owned, &node, &mut out);
+    }
+    out.ports.sort_by(|a, b| a.id.cmp(&b.id));
+    drop_colliding_frontends(&mut out);
+    out
+}
+
+fn namespace(svc: &Service) -> &str {
+    svc.metadata
+        .namespace
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default")
+}
+
+fn name(svc: &Service) -> &str {
+    svc.metadata.name.as_deref().unwrap_or("")
+}
+
+fn svc_type(spec: &ServiceSpec) -> &str {
+    spec.type_.as_deref().unwrap_or("ClusterIP")
+}
+
+/// Slices by (namespace, owning service name).
+fn index_slices(slices: &[EndpointSlice]) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
+    let mut by_svc: BTreeMap<_, Vec<_>> = BTreeMap::new();
+    for s in slices {
+        let owner = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL));
+        if let Some(owner) = owner {
+            let ns = s
+                .metadata
+                .namespace
+                .as_deref()
+                .filter(|n| !n.is_empty())
+                .unwrap_or("default");
+            by_svc.entry((ns, owner.as_str())).or_default().push(s);
+        }
+    }
+    by_svc
+}
+
+fn valid_port(p: i32) -> Option<u16> {
+    u16::try_from(p).ok().filter(|&p| p != 0)
+}
+
+fn program_service(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    node: &NodeContext,
+    out: &mut Desired,
+) {
+    let (ns, name) = (namespace(svc), name(svc));
+    let mut warn = |msg: String| out.warnings.push(format!("{ns}/{name}: {msg}"));
+
+    if let Some(proxy) = svc
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))
+    {
+        warn(format!(
+            "labelled {SERVICE_PROXY_NAME_LABEL}={proxy}; left to that proxy"
+        ));
+        return;
+    }
+    let default_spec = ServiceSpec::default();
+    let spec = svc.spec.as_ref().unwrap_or(&default_spec);
+    let ty = svc_type(spec);
+    if ty == "ExternalName" {
+        return;
+    }
+
+    // Dual-stack services list both families in clusterIPs; the primary one may be IPv6.
+    let primary = spec
+        .cluster_ip
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            spec.cluster_ips
+                .as_ref()
+                .and_then(|v| v.first())
+                .map(String::as_str)
+        })
+        .unwrap_or("");
+    if primary == "None" {
+        return;
+    }
+    let cluster_ip = std::iter::once(primary)
+        .chain(spec.cluster_ips.iter().flatten().map(String::as_str))
+        .find_map(|s| s.parse::<Ipv4Addr>().ok());
+    if !primary.is_empty() && cluster_ip.is_none() {
+        warn(format!(
+            "ClusterIP {primary} is not IPv4; service skipped (only IPv4 is supported)"
+        ));
+        return;
+    }
+
+    let mut external = Vec::new();
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .filter(|_| ty == "LoadBalancer");
+    let ingress_ips = ingress
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.as_deref());
+    for ip in spec
+        .external_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .chain(ingress_ips)
+    {
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => external.push(a),
+            Ok(IpAddr::V6(_)) => warn(format!("external address {ip} is IPv6; not served")),
+            Err(_) => warn(format!("external address {ip:?} is not an IP; ignored")),
+        }
+    }
+
+    let wants_node_ports = matches!(ty, "NodePort" | "LoadBalancer");
+    // An explicit opt-out is not worth a warning on every sync.
+    let node_ports_disabled =
+        ty == "LoadBalancer" && spec.allocate_load_balancer_node_ports == Some(false);
+
+    for sp in spec.ports.iter().flatten() {
+        let port_name = sp.name.clone().unwrap_or_default();
+        let shown = if port_name.is_empty() {
+            sp.port.to_string()
+        } else {
+            format!("{port_name} ({})", sp.port)
+        };
+        let proto = match Proto::from_k8s(sp.protocol.as_deref()) {
+            Ok(p) => p,
+            Err(p) => {
+                warn(format!("port {shown}/{p} skipped: {p} is not supported"));
+                continue;
+            }
+        };
+        let Some(port) = valid_port(sp.port) else {
+            warn(format!("port {shown} skipped: invalid port number"));
+            continue;
+        };
+
+        let mut frontends = Vec::new();
+        if let Some(addr) = cluster_ip {
+            frontends.push(FrontendSpec {
+                addr,
+                port,
+                kind: FrontendKind::ClusterIp,
+            });
+        }
+        if wants_node_ports {
+            match sp.node_port.and_then(valid_port) {
+                Some(np) => frontends.extend(node.node_addrs.iter().map(|&addr| FrontendSpec {
+                    addr,
+                    port: np,
+                    kind: FrontendKind::NodePort,
+                })),
+                None if node_ports_disabled => {}
+                None => warn(format!(
+                    "port {shown}/{proto} has no nodePort; not served as a NodePort"
+                )),
+            }
+        }
+        frontends.extend(external.iter().map(|&addr| FrontendSpec {
+            addr,
+            port,
+            kind: FrontendKind::External,
+        }));
+        if frontends.is_empty() {
+            warn(format!(
+                "port {shown}/{proto} has no ClusterIP, NodePort or external address; nothing to serve"
+            ));
+            continue;
+        }
+        // Same address twice (e.g. an externalIP equal to a node address): keep the most
+        // specific kind, which sorts first.
+        frontends.sort();
+        frontends.dedup_by(|b, a| (a.addr, a.port) == (b.addr, b.port));
+
+        out.ports.push(SvcPort {
+            id: SvcPortId {
+                namespace: ns.to_string(),
+                name: name.to_string(),
+                port_name: port_name.clone(),
+                proto,
+            },
+            frontends,
+            backends: backends(slices, &port_name, proto, node),
+        });
+    }
+}
+
+fn backends(
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    proto: Proto,
+    node: &NodeContext,
+) -> Vec<BackendSpec> {
+    let mut out = Vec::new();
+    for slice in slices {
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        // The slice's port carries the resolved targetPort for its endpoints, which is how a
+        // named targetPort can map to different numbers in different pods.
+        let target = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or("") == port_name
+                && Proto::from_k8s(p.protocol.as_deref()) == Ok(proto)
+        });
+        // A slice port without a number means "all ports", which a port-translating proxy
+        // cannot use.
+        let Some(port) = target.and_then(|p| p.port).and_then(valid_port) else {
+            continue;
+        };
+        for ep in slice.endpoints.iter().flatten() {
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            // Addresses of one endpoint are fungible; kube-proxy uses the first too.
+            let addr = ep.addresses.first().and_then(|a| a.parse().ok());
+            let (true, Some(addr)) = (ready, addr) else {
+                continue;
+            };
+            let node_name = ep.node_name.clone();
+            let local = !node.node_name.is_empty() && node_name.as_deref() == Some(&node.node_name);
+            out.push(BackendSpec {
+                addr,
+                port,
+                local,
+                node_name,
+            });
+        }
+    }
+    out.sort();
+    out.dedup_by(|b, a| (a.addr, a.port) == (b.addr, b.port));
+    out
+}
+
+/// Two service ports cannot share an address:port:protocol (the datapath keys frontends on
+/// it); the first in id order keeps it, so the outcome does not depend on input order.
+fn drop_colliding_frontends(out: &mut Desired) {
+    let mut owner: HashMap<(Ipv4Addr, u16, Proto), SvcPortId> = HashMap::new();
+    for p in &mut out.ports {
+        p.frontends
+            .retain(|f| match owner.get(&(f.addr, f.port, p.id.proto)) {
+                Some(first) => {
+                    out.warnings.push(format!(
+                        "{}: frontend {}:{}/{} already used by {first}; dropped",
+                        p.id, f.addr, f.port, p.id.proto
+                    ));
+                    false
+                }
+                None => {
+                    owner.insert((f.addr, f.port, p.id.proto), p.id.clone());
+                    true
+                }
+            });
+    }
+}
+
+fn row(svc: &Service) -> ServiceRow {
+    let default_spec = ServiceSpec::default();
+    let spec = svc.spec.as_ref().unwrap_or(&default_spec);
+    let ty = svc_type(spec);
+    let cluster_ip = match spec.cluster_ip.as_deref() {
+        _ if ty == "ExternalName" => "<none>".to_string(),
+        None | Some("") => "<none>".to_string(),
+        Some(ip) => ip.to_string(),
+    };
+
+    let external_ips = spec.external_ips.clone().unwrap_or_default();
+    let ingress: Vec<String> = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.clone().or_else(|| i.hostname.clone()))
+        .collect();
+    let external_ip = match ty {
+        "ExternalName" => spec.external_name.clone().unwrap_or_default(),
+        "LoadBalancer" if ingress.is_empty() && external_ips.is_empty() => "<pending>".into(),
+        "LoadBalancer" => [ingress, external_ips].concat().join(","),
+        _ if external_ips.is_empty() => "<none>".into(),
+        _ => external_ips.join(","),
+    };
+
+    let ports: Vec<String> = spec
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| {
+            let proto = p.protocol.as_deref().unwrap_or("TCP");
+            match p.node_port {
+                Some(np) if np > 0 => format!("{}:{np}/{proto}", p.port),
+                _ => format!("{}/{proto}", p.port),
+            }
+        })
+        .collect();
+
+    ServiceRow {
+        namespace: namespace(svc).to_string(),
+        name: name(svc).to_string(),
+        svc_type: ty.to_string(),
+        cluster_ip,
+        external_ip,
+        ports: if ports.is_empty() {
+            "<none>".into()
+        } else {
+            ports.join(",")
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::parse_objects;
+
+    fn node() -> NodeContext {
+        NodeContext {
+            node_name: "node-a".into(),
+            node_addrs: vec![ip("192.168.1.11"), ip("192.168.1.10")],
+        }
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn run(yaml: &str) -> Desired {
+        translate(&parse_objects(yaml).unwrap(), &node())
+    }
+
+    fn fe(addr: &str, port: u16, kind: FrontendKind) -> FrontendSpec {
+        FrontendSpec {
+            addr: ip(addr),
+            port,
+            kind,
+        }
+    }
+
+    fn be(addr: &str, port: u16, node_name: &str) -> BackendSpec {
+        BackendSpec {
+            addr: ip(addr),
+            port,
+            local: node_name == "node-a",
+            node_name: Some(node_name.to_string()),
+        }
+    }
+
+    fn port<'a>(d: &'a Desired, id: &str) -> &'a SvcPort {
+        d.ports
+            .iter()
+            .find(|p| p.id.to_string() == id)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{id} not in {:?}",
+                    d.ports.iter().map(|p| p.id.to_string()).collect::<Vec<_>>()
+                )
+            })
+    }
+
+    fn service(name: &str, spec: &str) -> String {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: dev}}\nspec:\n{spec}\n"
+        )
+    }
+
+    /// A slice for `svc`; `ports` and `endpoints` are YAML flow sequences.
+    fn slice(name: &str, svc: &str, ports: &str, endpoints: &str) -> String {
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: dev\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv4\nports: {ports}\nendpoints: {endpoints}\n"
+        )
+    }
+
+    const WEB_SLICE: &str = "[{name: http, port: 8080}]";
+    const TWO_PODS: &str = "[{addresses: [10.244.1.5], nodeName: node-a}, {addresses: [10.244.2.9], nodeName: node-b}]";
+
+    fn web(spec: &str) -> String {
+        service("web", spec) + &slice("web-1", "web", WEB_SLICE, TWO_PODS)
+    }
+
+    #[test]
+    fn cluster_ip_service() {
+        let d = run(&web(
+            "  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80, targetPort: http}]",
+        ));
+        assert_eq!(d.ports.len(), 1);
+        let p = &d.ports[0];
+        assert_eq!(p.id.to_string(), "dev/web:http/TCP");
+        assert_eq!(p.frontends, [fe("10.96.0.10", 80, FrontendKind::ClusterIp)]);
+        assert_eq!(
+            p.backends,
+            [
+                be("10.244.1.5", 8080, "node-a"),
+                be("10.244.2.9", 8080, "node-b")
+            ]
+        );
+        assert!(p.backends[0].local && !p.backends[1].local);
+        assert_eq!(
+            d.rows,
+            [ServiceRow {
+                namespace: "dev".into(),
+                name: "web".into(),
+                svc_type: "ClusterIP".into(),
+                cluster_ip: "10.96.0.10".into(),
+                external_ip: "<none>".into(),
+                ports: "80/TCP".into(),
+            }]
+        );
+        assert!(d.warnings.is_empty(), "{:?}", d.warnings);
+    }
+
+    #[test]
+    fn node_port_service() {
+        let d = run(&web(
+            "  type: NodePort\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80, nodePort: 30080}]",
+        ));
+        let p = port(&d, "dev/web:http/TCP");
+        assert_eq!(
+            p.frontends,
+            [
+                fe("10.96.0.10", 80, FrontendKind::ClusterIp),
+                fe("192.168.1.10", 30080, FrontendKind::NodePort),
+                fe("192.168.1.11", 30080, FrontendKind::NodePort),
+            ]
+        );
+        assert_eq!(p.backends.len(), 2);
+        assert_eq!(d.rows[0].svc_type, "NodePort");
+        assert_eq!(d.rows[0].ports, "80:30080/TCP");
+    }
+
+    #[test]
+    fn load_balancer_service() {
+        // The status block belongs to the Service document, so it goes inside `spec`'s text.
+        let text = web(
+            "  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80, nodePort: 31234}]\nstatus: {loadBalancer: {ingress: [{ip: 192.168.49.200}, {hostname: lb.example.com}]}}",
+        );
+        let d = run(&text);
+        let p = port(&d, "dev/web:http/TCP");
+        assert_eq!(
+            p.frontends,
+            [
+                fe("10.96.0.10", 80, FrontendKind::ClusterIp),
+                fe("192.168.1.10", 31234, FrontendKind::NodePort),
+                fe("192.168.1.11", 31234, FrontendKind::NodePort),
+                fe("192.168.49.200", 80, FrontendKind::External),
+            ]
+        );
+        assert_eq!(d.rows[0].external_ip, "192.168.49.200,lb.example.com");
+        assert_eq!(d.rows[0].ports, "80:31234/TCP");
+
+        let pending = run(&web(
+            "  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80, nodePort: 31234}]",
+        ));
+        assert_eq!(pending.rows[0].external_ip, "<pending>");
+        assert_eq!(port(&pending, "dev/web:http/TCP").frontends.len(), 3);
+    }
+
+    #[test]
+    fn load_balancer_without_node_ports() {
+        let text =
+            web("  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]");
+        let d = run(&text);
+        assert_eq!(port(&d, "dev/web:http/TCP").frontends.len(), 1);
+        assert_eq!(
+            d.warnings,
+            ["dev/web: port http (80)/TCP has no nodePort; not served as a NodePort"]
+        );
+        let opted_out = text.replace(
+            "type: LoadBalancer",
+            "type: LoadBalancer\n  allocateLoadBalancerNodePorts: false",
+        );
+        assert!(run(&opted_out).warnings.is_empty());
+    }
+
+    #[test]
+    fn external_name_is_listed_not_programmed() {
+        let d = run(&service(
+            "db",
+            "  type: ExternalName\n  externalName: db.example.com\n  externalIPs: [1.2.3.4]",
+        ));
+        assert!(d.ports.is_empty());
+        assert!(d.warnings.is_empty());
+        assert_eq!(
+            d.rows,
+            [ServiceRow {
+                namespace: "dev".into(),
+                name: "db".into(),
+                svc_type: "ExternalName".into(),
+                cluster_ip: "<none>".into(),
+                external_ip: "db.example.com".into(),
+                ports: "<none>".into(),
+            }]
+        );
+    }
+
+    #[test]
+    fn headless_is_listed_not_programmed() {
+        let d = run(&web("  clusterIP: None\n  ports: [{name: http, port: 80}]"));
+        assert!(d.ports.is_empty());
+        assert_eq!(d.rows[0].cluster_ip, "None");
+        assert_eq!(d.rows[0].ports, "80/TCP");
+    }
+
+    #[test]
+    fn named_target_ports_resolve_per_slice() {
+        // Two pod templates name the "http" container port differently; each slice carries
+        // its own number.
+        let text = service(
+            "web",
+            "  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80, targetPort: http}, {name: metrics, port: 9090, targetPort: metrics}]",
+        ) + &slice(
+            "web-1",
+            "web",
+            "[{name: http, port: 8080}, {name: metrics, port: 9100}]",
+            "[{addresses: [10.244.1.5], nodeName: node-a}, {addresses: [10.244.1.6], nodeName: node-a}]",
+        ) + &slice(
+            "web-2",
+            "web",
+            "[{name: metrics, port: 9100}, {name: http, port: 8081}]",
+            "[{addresses: [10.244.2.9], nodeName: node-b}]",
+        );
+        let d = run(&text);
+        assert_eq!(d.ports.len(), 2);
+        assert_eq!(
+            port(&d, "dev/web:http/TCP").backends,
+            [
+                be("10.244.1.5", 8080, "node-a"),
+                be("10.244.1.6", 8080, "node-a"),
+                be("10.244.2.9", 8081, "node-b"),
+            ]
+        );
+        let metrics = port(&d, "dev/web:metrics/TCP");
+        assert_eq!(
+            metrics.frontends,
+            [fe("10.96.0.10", 9090, FrontendKind::ClusterIp)]
+        );
+        assert_eq!(
+            metrics.backends.iter().map(|b| b.port).collect::<Vec<_>>(),
+            [9100, 9100, 9100]
+        );
+        assert_eq!(d.rows[0].ports, "80/TCP,9090/TCP");
+    }
+
+    #[test]
+    fn tcp_and_udp_are_matched_by_protocol() {
+        let text = service(
+            "dns",
+            "  clusterIP: 10.96.0.53\n  ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53, protocol: TCP}]",
+        ) + &slice(
+            "dns-1",
+            "dns",
+            "[{name: dns, port: 5353, protocol: UDP}, {name: dns-tcp, port: 5354, protocol: TCP}, {name: dns, port: 9999, protocol: TCP}]",
+            "[{addresses: [10.244.1.7], nodeName: node-b}]",
+        );
+        let d = run(&text);
+        let udp = port(&d, "dev/dns:dns/UDP");
+        assert_eq!(udp.id.proto.number(), 17);
+        assert_eq!(udp.backends, [be("10.244.1.7", 5353, "node-b")]);
+        let tcp = port(&d, "dev/dns:dns-tcp/TCP");
+        assert_eq!(tcp.id.proto.number(), 6);
+        assert_eq!(tcp.backends, [be("10.244.1.7", 5354, "node-b")]);
+        assert_eq!(d.rows[0].ports, "53/UDP,53/TCP");
+    }
+
+    #[test]
+    fn only_ready_endpoints() {
+        let text = service(
+            "web",
+            "  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]",
+        ) + &slice(
+            "web-1",
+            "web",
+            WEB_SLICE,
+            "[{addresses: [10.244.0.1], conditions: {ready: true}}, {addresses: [10.244.0.2], conditions: {ready: false, serving: true, terminating: true}}, {addresses: [10.244.0.3], conditions: {}}, {addresses: [10.244.0.4]}]",
+        );
+        let d = run(&text);
+        let addrs: Vec<_> = port(&d, "dev/web:http/TCP")
+            .backends
+            .iter()
+            .map(|b| b.addr)
+            .collect();
+        assert_eq!(
+            addrs,
+            [ip("10.244.0.1"), ip("10.244.0.3"), ip("10.244.0.4")]
+        );
+        assert!(
+            port(&d, "dev/web:http/TCP")
+                .backends
+                .iter()
+                .all(|b| !b.local && b.node_name.is_none())
+        );
+    }
+
+    #[test]
+    fn slices_are_merged_and_deduplicated() {
+        let text = [
+            service("web", "  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]"),
+            slice(
+                "web-1",
+                "web",
+                WEB_SLICE,
+                "[{addresses: [10.244.0.2], nodeName: node-b}, {addresses: [10.244.0.1], nodeName: node-a}]",
+            ),
+            // During a pod move the same endpoint can sit in two slices for a moment.
+            slice(
+                "web-2",
+                "web",
+                WEB_SLICE,
+                "[{addresses: [10.244.0.3], nodeName: node-c}, {addresses: [10.244.0.2], nodeName: node-b}]",
+            ),
+            // Same owner name in another namespace, and a slice of another service.
+            slice("web-3", "web", WEB_SLICE, "[{addresses: [10.244.0.9]}]")
+                .replace("namespace: dev", "namespace: prod"),
+            slice("api-1", "api", WEB_SLICE, "[{addresses: [10.244.0.8]}]"),
+        ]
+        .concat();
+        let d = run(&text);
+        assert_eq!(
+            port(&d, "dev/web:http/TCP").backends,
+            [
+                be("10.244.0.1", 8080, "node-a"),
+                be("10.244.0.2", 8080, "node-b"),
+                be("10.244.0.3", 8080, "node-c"),
+            ]
+        );
+    }
+
+    #[test]
+    fn no_slices_means_no_backends() {
+        let d = run(&service(
+            "web",
+            "  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]",
+        ));
+        assert!(port(&d, "dev/web:http/TCP").backends.is_empty());
+    }
+
+    #[test]
+    fn external_ips_on_any_type() {
+        let d = run(&web(
+            "  clusterIP: 10.96.0.10\n  externalIPs: [203.0.113.7, 203.0.113.5, \"2001:db8::1\"]\n  ports: [{name: http, port: 80}]",
+        ));
+        assert_eq!(
+            port(&d, "dev/web:http/TCP").frontends,
+            [
+                fe("10.96.0.10", 80, FrontendKind::ClusterIp),
+                fe("203.0.113.5", 80, FrontendKind::External),
+                fe("203.0.113.7", 80, FrontendKind::External),
+            ]
+        );
+        assert_eq!(d.rows[0].external_ip, "203.0.113.7,203.0.113.5,2001:db8::1");
+        assert_eq!(
+            d.warnings,
+            ["dev/web: external address 2001:db8::1 is IPv6; not served"]
+        );
+    }
+
+    #[test]
+    fn service_proxy_name_label_is_skipped() {
+        let text = web("  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]").replace(
+            "namespace: dev}",
+            "namespace: dev, labels: {service.kubernetes.io/service-proxy-name: other}}",
+        );
+        let d = run(&text);
+        assert!(d.ports.is_empty());
+        assert_eq!(d.rows.len(), 1);
+        assert!(
+            d.warnings[0]
+                .starts_with("dev/web: labelled service.kubernetes.io/service-proxy-name=other")
+        );
+    }
+
+    #[test]
+    fn sctp_and_ipv6_are_skipped_with_warnings() {
+        let text = service(
+            "mixed",
+            "  clusterIP: 10.96.0.20\n  ports: [{name: a, port: 80}, {name: b, port: 9000, protocol: SCTP}]",
+        ) + &service("v6", "  clusterIP: \"fd00::20\"\n  ports: [{port: 80}]")
+            + &service(
+                "dual",
+                "  clusterIP: \"fd00::21\"\n  clusterIPs: [\"fd00::21\", 10.96.0.21]\n  ports: [{port: 80}]",
+            );
+        let d = run(&text);
+        let ids: Vec<_> = d.ports.iter().map(|p| p.id.to_string()).collect();
+        assert_eq!(ids, ["dev/dual/TCP", "dev/mixed:a/TCP"]);
+        assert_eq!(
+            port(&d, "dev/dual/TCP").frontends,
+            [fe("10.96.0.21", 80, FrontendKind::ClusterIp)]
+        );
+        assert_eq!(
+            d.warnings,
+            [
+                "dev/mixed: port b (9000)/SCTP skipped: SCTP is not supported",
+                "dev/v6: ClusterIP fd00::20 is not IPv4; service skipped (only IPv4 is supported)",
+            ]
+        );
+        assert_eq!(d.rows.len(), 3);
+    }
+
+    #[test]
+    fn unallocated_cluster_ip_still_serves_node_ports() {
+        // Manifests written by hand have no clusterIP: the API server would assign one.
+        let d = run(&web(
+            "  type: NodePort\n  ports: [{name: http, port: 80, nodePort: 30080}]",
+        ));
+        assert_eq!(port(&d, "dev/web:http/TCP").frontends.len(), 2);
+        assert_eq!(d.rows[0].cluster_ip, "<none>");
+        let d = run(&web("  ports: [{name: http, port: 80}]"));
+        assert!(d.ports.is_empty());
+        assert_eq!(
+            d.warnings,
+            [
+                "dev/web: port http (80)/TCP has no ClusterIP, NodePort or external address; nothing to serve"
+            ]
+        );
+    }
+
+    #[test]
+    fn colliding_frontends_go_to_the_first_service() {
+        let text = service(
+            "b",
+            "  type: NodePort\n  clusterIP: 10.96.0.2\n  ports: [{port: 80, nodePort: 30080}]",
+        ) + &service(
+            "a",
+            "  type: NodePort\n  clusterIP: 10.96.0.1\n  ports: [{port: 80, nodePort: 30080}]",
+        );
+        let d = run(&text);
+        assert_eq!(port(&d, "dev/a/TCP").frontends.len(), 3);
+        assert_eq!(
+            port(&d, "dev/b/TCP").frontends,
+            [fe("10.96.0.2", 80, FrontendKind::ClusterIp)]
+        );
+        assert_eq!(d.warnings.len(), 2);
+        assert!(
+            d.warnings[0].contains("already used by dev/a/TCP"),
+            "{:?}",
+            d.warnings
+        );
+    }
+
+    #[test]
+    fn output_is_independent_of_input_order() {
+        let text = web(
+            "  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  externalIPs: [203.0.113.7]\n  ports: [{name: http, port: 80, nodePort: 30080}, {name: https, port: 443, nodePort: 30443}]",
+        ) + &slice(
+            "web-2",
+            "web",
+            "[{name: https, port: 8443}, {name: http, port: 8080}]",
+            "[{addresses: [10.244.3.3], nodeName: node-a}, {addresses: [10.244.0.2]}]",
+        ) + &service(
+            "dns",
+            "  clusterIP: 10.96.0.53\n  ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53}]",
+        ) + &slice(
+            "dns-1",
+            "dns",
+            "[{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53}]",
+            "[{addresses: [10.244.5.5]}, {addresses: [10.244.1.1]}]",
+        ) + &service(
+            "a",
+            "  type: NodePort\n  clusterIP: 10.96.0.1\n  ports: [{port: 80, nodePort: 30080}]",
+        );
+        let objs = parse_objects(&text).unwrap();
+        let reference = translate(&objs, &node());
+        assert_eq!(reference.ports.len(), 5);
+        for rot in 0..objs.services.len().max(objs.slices.len()) {
+            let mut o = objs.clone();
+            o.services.rotate_left(rot % objs.services.len());
+            o.slices.rotate_left(rot % objs.slices.len());
+            o.slices.reverse();
+            for s in o.slices.iter_mut() {
+                if let Some(eps) = s.endpoints.as_mut() {
+                    eps.reverse();
+                }
+            }
+            let mut n = node();
+            n.node_addrs.reverse();
+            assert_eq!(translate(&o, &n), reference, "rotation {rot}");
+        }
+    }
+
+    #[test]
+    fn display_and_flags() {
+        let id = SvcPortId {
+            namespace: "dev".into(),
+            name: "nginx".into(),
+            port_name: "http".into(),
+            proto: Proto::Udp,
+        };
+        assert_eq!(id.to_string(), "dev/nginx:http/UDP");
+        assert_eq!(FrontendKind::NodePort.flag(), lb_common::FE_NODEPORT);
+        assert_eq!(be("10.0.0.1", 80, "x").name(), "10.0.0.1:80");
+    }
+
+    #[test]
+    fn kubectl_fixture_translates() {
+        let objs = parse_objects(include_str!("../tests/fixtures/kubectl-list.yaml")).unwrap();
+        let d = translate(&objs, &node());
+        let ids: Vec<_> = d.ports.iter().map(|p| p.id.to_string()).collect();
+        assert_eq!(
+            ids,
+            ["default/kubernetes:https/TCP", "dev/nginx-service:http/TCP"]
+        );
+        let nginx = port(&d, "dev/nginx-service:http/TCP");
+        // The terminating endpoint on node-b is not ready.
+        assert_eq!(nginx.backends, [be("10.244.1.5", 8080, "node-a")]);
+        assert_eq!(nginx.frontends.len(), 4);
+        // The apiserver service has no slice in the fixture: frontends but no backends.
+        assert!(port(&d, "default/kubernetes:https/TCP").backends.is_empty());
+    }
+}

@@ -1,0 +1,154 @@
+//! Backend choice: connection tracking first, the service's Maglev table on a miss.
+use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
+use lb_common::*;
+
+use crate::maps::{BACKENDS, CONFIG, CT, MAGLEV, REVNAT, count};
+
+/// Where a flow goes, resolved for this packet.
+pub struct Target {
+    pub backend: Backend,
+    /// SNAT source port (network order); 0 when the flow is not source-NATed.
+    pub snat_port: u16,
+    pub snat_addr: u32,
+    pub new_flow: bool,
+}
+
+pub enum Choice {
+    Go(Target),
+    /// The service has no serving backend: reject, as kube-proxy does.
+    Reject,
+    /// No SNAT port or inconsistent maps: drop rather than mis-deliver.
+    Drop,
+}
+
+#[inline(always)]
+fn flow_key(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src_addr_be: src,
+        dst_addr_be: dst,
+        src_port_be: sport,
+        dst_port_be: dport,
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+/// Picks the backend for the client flow `ct_key` (client -> frontend) of service `svc`.
+#[inline(always)]
+pub fn choose(ct_key: &FlowKey, svc_id: u32, svc: &Service) -> Choice {
+    // SAFETY (map reads below): values are plain data; a concurrent agent update replaces hash
+    // values wholesale, and a stale read only means the previous consistent state.
+    if let Some(ct) = unsafe { CT.get(ct_key) } {
+        if let Some(be) = unsafe { BACKENDS.get(ct.backend_id) } {
+            count(Counter::CtHit);
+            let snat_addr = if ct.flags & CT_SNAT != 0 {
+                CONFIG.get(0).map(|c| c.snat_addr_be).unwrap_or(0)
+            } else {
+                0
+            };
+            return Choice::Go(Target {
+                backend: *be,
+                snat_port: ct.snat_port_be,
+                snat_addr,
+                new_flow: false,
+            });
+        }
+        // The backend is gone for good (not just out of the Maglev table): re-balance.
+        count(Counter::CtRebalance);
+    } else {
+        count(Counter::CtMiss);
+    }
+    if svc.backend_count == 0 || svc.table_m == 0 {
+        return Choice::Reject;
+    }
+    let hash = flow_hash(ct_key);
+    let slot = svc.table_off.wrapping_add(hash % svc.table_m);
+    let Some(&backend_id) = MAGLEV.get(slot) else {
+        return Choice::Drop;
+    };
+    let Some(be) = (unsafe { BACKENDS.get(backend_id) }) else {
+        return Choice::Drop;
+    };
+    let be = *be;
+    let frontend_rev = RevNat {
+        src_addr_be: ct_key.dst_addr_be,
+        dst_addr_be: ct_key.src_addr_be,
+        src_port_be: ct_key.dst_port_be,
+        dst_port_be: ct_key.src_port_be,
+    };
+    let mut target = Target {
+        backend: be,
+        snat_port: 0,
+        snat_addr: 0,
+        new_flow: true,
+    };
+    let mut flags = 0u16;
+    if be.flags & BE_LOCAL != 0 {
+        // The pod answers the client directly; its tc hook finds this entry by the reply tuple.
+        let rk = flow_key(
+            be.addr_be,
+            ct_key.src_addr_be,
+            be.port_be,
+            ct_key.src_port_be,
+            ct_key.proto,
+        );
+        if REVNAT.insert(&rk, &frontend_rev, BPF_ANY as u64).is_err() {
+            return Choice::Drop;
+        }
+    } else {
+        let Some(cfg) = CONFIG.get(0) else {
+            return Choice::Drop;
+        };
+        let Some(port) = alloc_snat_port(cfg, &be, ct_key.proto, hash, &frontend_rev) else {
+            count(Counter::SnatExhausted);
+            return Choice::Drop;
+        };
+        target.snat_port = port;
+        target.snat_addr = cfg.snat_addr_be;
+        flags |= CT_SNAT;
+    }
+    let entry = CtEntry {
+        backend_id,
+        svc_id,
+        snat_port_be: target.snat_port,
+        flags,
+    };
+    if CT.insert(ct_key, &entry, BPF_ANY as u64).is_err() {
+        return Choice::Drop;
+    }
+    Choice::Go(target)
+}
+
+/// Claims a free SNAT port towards `be` by inserting the reply tuple with NOEXIST: the map
+/// itself arbitrates between CPUs racing for the same port.
+#[inline(always)]
+fn alloc_snat_port(cfg: &Config, be: &Backend, proto: u8, hash: u32, rev: &RevNat) -> Option<u16> {
+    let min = cfg.snat_port_min as u32;
+    let max = cfg.snat_port_max as u32;
+    if max < min {
+        return None;
+    }
+    let range = max - min + 1;
+    let mut i = 0u32;
+    while i < SNAT_PROBES {
+        let port = (min + (hash.wrapping_add(i.wrapping_mul(0x9e37_79b9)) % range)) as u16;
+        let rk = flow_key(
+            be.addr_be,
+            cfg.snat_addr_be,
+            be.port_be,
+            port.to_be(),
+            proto,
+        );
+        if REVNAT.insert(&rk, rev, BPF_NOEXIST as u64).is_ok() {
+            return Some(port.to_be());
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Reply lookup: the 5-tuple as it arrives from a backend.
+#[inline(always)]
+pub fn reply_key(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> FlowKey {
+    flow_key(src, dst, sport, dport, proto)
+}

@@ -1,0 +1,54 @@
+//! Map definitions. Types and names come from lb-common; every map is pinned by name so the
+//! agent can reopen them (status, restarts) from its pin directory.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::*;
+
+#[map(name = "XLB_FRONTENDS")]
+pub static FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::pinned(DEFAULT_MAX_FRONTENDS, 0);
+
+/// Hash, not array: a hash update swaps the whole value atomically, which is what makes the
+/// Maglev table flip safe (see `lb_common::Service`).
+#[map(name = "XLB_SERVICES")]
+pub static SERVICES: HashMap<u32, Service> = HashMap::pinned(DEFAULT_MAX_SERVICES, 0);
+
+#[map(name = "XLB_BACKENDS")]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(DEFAULT_MAX_BACKENDS, 0);
+
+#[map(name = "XLB_MAGLEV")]
+pub static MAGLEV: Array<u32> = Array::pinned(DEFAULT_MAGLEV_ARENA, 0);
+
+#[map(name = "XLB_CT")]
+pub static CT: LruHashMap<FlowKey, CtEntry> = LruHashMap::pinned(DEFAULT_CT_ENTRIES, 0);
+
+#[map(name = "XLB_REVNAT")]
+pub static REVNAT: LruHashMap<FlowKey, RevNat> = LruHashMap::pinned(DEFAULT_CT_ENTRIES, 0);
+
+#[map(name = "XLB_CONFIG")]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+#[map(name = "XLB_COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
+
+#[map(name = "XLB_SVC_STATS")]
+pub static SVC_STATS: PerCpuArray<SvcStats> = PerCpuArray::pinned(DEFAULT_MAX_SERVICES, 0);
+
+#[inline(always)]
+pub fn count(c: Counter) {
+    if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn svc_stats(svc_id: u32) -> Option<&'static mut SvcStats> {
+    // SAFETY: per-CPU slot, see `count`.
+    SVC_STATS.get_ptr_mut(svc_id).map(|p| unsafe { &mut *p })
+}
+
+/// Names for `lb-agent status`; never read by the programs.
+#[map(name = "XLB_SVC_META")]
+pub static SVC_META: Array<SvcMeta> = Array::pinned(DEFAULT_MAX_SERVICES, 0);

@@ -1,0 +1,85 @@
+//! Bounds-checked header access. Every header read goes through `ptr_at`, which the verifier
+//! can follow: the check against `data_end` sits right next to the pointer it guards.
+use core::mem::size_of;
+
+use lb_common::{Counter, PROTO_TCP, PROTO_UDP};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+
+pub const ETH_LEN: usize = size_of::<EthHdr>();
+pub const IP_OFF: usize = ETH_LEN;
+pub const IP_LEN: usize = size_of::<Ipv4Hdr>();
+/// Packets with IP options are passed on, so L4 always starts here.
+pub const L4_OFF: usize = IP_OFF + IP_LEN;
+pub const ETH_P_IP: u16 = 0x0800;
+
+#[inline(always)]
+pub fn ptr_at<T>(data: usize, data_end: usize, off: usize) -> Option<*mut T> {
+    if data + off + size_of::<T>() > data_end {
+        return None;
+    }
+    Some((data + off) as *mut T)
+}
+
+/// The addresses and ports of an IPv4 TCP/UDP packet, all in network order.
+#[derive(Clone, Copy)]
+pub struct Tuple {
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+}
+
+/// Why a packet is not ours, as the counter that records it.
+pub type NotOurs = Counter;
+
+/// Parses Ethernet/IPv4/TCP|UDP from the start of `data`. Anything else is `Err(reason)`.
+#[inline(always)]
+pub fn parse(data: usize, data_end: usize) -> Result<Tuple, NotOurs> {
+    let eth: *const EthHdr = ptr_at(data, data_end, 0).ok_or(Counter::Truncated)?;
+    // SAFETY: bounds checked by ptr_at.
+    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        return Err(Counter::PassNotIpv4);
+    }
+    let ip: *const Ipv4Hdr = ptr_at(data, data_end, IP_OFF).ok_or(Counter::Truncated)?;
+    let ip = unsafe { &*ip };
+    if ip.vihl >> 4 != 4 {
+        return Err(Counter::PassNotIpv4);
+    }
+    let ihl = ip.vihl & 0x0f;
+    if ihl < 5 {
+        return Err(Counter::Truncated);
+    }
+    if ihl != 5 {
+        return Err(Counter::PassIpOptions);
+    }
+    // More-fragments flag or a non-zero offset: ports are only in the first fragment, and we
+    // do not reassemble, so the kernel gets every fragment.
+    if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
+        return Err(Counter::PassFragment);
+    }
+    let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
+    if tot_len < IP_LEN || data + IP_OFF + tot_len > data_end {
+        return Err(Counter::Truncated);
+    }
+    let (sport, dport) = match ip.proto {
+        PROTO_TCP => {
+            let tcp: *const TcpHdr = ptr_at(data, data_end, L4_OFF).ok_or(Counter::Truncated)?;
+            let tcp = unsafe { &*tcp };
+            (u16::from_ne_bytes(tcp.source), u16::from_ne_bytes(tcp.dest))
+        }
+        PROTO_UDP => {
+            let udp: *const UdpHdr = ptr_at(data, data_end, L4_OFF).ok_or(Counter::Truncated)?;
+            let udp = unsafe { &*udp };
+            (u16::from_ne_bytes(udp.src), u16::from_ne_bytes(udp.dst))
+        }
+        _ => return Err(Counter::PassNotTcpUdp),
+    };
+    Ok(Tuple {
+        src: u32::from_ne_bytes(ip.src_addr),
+        dst: u32::from_ne_bytes(ip.dst_addr),
+        sport,
+        dport,
+        proto: ip.proto,
+    })
+}

@@ -1,0 +1,161 @@
+//! The north-south path on a node's uplink: NodePort and external/LoadBalancer IPs are
+//! DNATed to a Maglev-chosen backend; replies of SNATed flows are translated back.
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    programs::XdpContext,
+};
+use lb_common::*;
+
+use crate::{
+    fib,
+    lb::{self, Choice},
+    maps::{FRONTENDS, REVNAT, SERVICES, count, svc_stats},
+    nat::{Side, rewrite},
+    parse::{self, Tuple},
+    reject,
+};
+
+#[inline(always)]
+pub fn run(ctx: &XdpContext) -> u32 {
+    count(Counter::Packets);
+    let t = match parse::parse(ctx.data(), ctx.data_end()) {
+        Ok(t) => t,
+        Err(reason) => {
+            count(reason);
+            return XDP_PASS;
+        }
+    };
+    let fk = FrontendKey {
+        addr_be: t.dst,
+        port_be: t.dport,
+        proto: t.proto,
+        _pad: 0,
+    };
+    // SAFETY: plain-data map values, see lb::choose.
+    if let Some(fe) = unsafe { FRONTENDS.get(&fk) } {
+        // ClusterIPs belong to the tc programs: pass them on untouched.
+        if fe.flags & (FE_NODEPORT | FE_EXTERNAL) != 0 {
+            return to_backend(ctx, &t, fe.svc_id);
+        }
+    }
+    let rk = lb::reply_key(t.src, t.dst, t.sport, t.dport, t.proto);
+    if let Some(rev) = unsafe { REVNAT.get(&rk) } {
+        let rev = *rev;
+        return reply(ctx, &t, &rev);
+    }
+    count(Counter::PassNoMatch);
+    XDP_PASS
+}
+
+#[inline(always)]
+fn to_backend(ctx: &XdpContext, t: &Tuple, svc_id: u32) -> u32 {
+    let Some(svc) = (unsafe { SERVICES.get(svc_id) }) else {
+        count(Counter::PassNoMatch);
+        return XDP_PASS;
+    };
+    let svc = *svc;
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let stats = svc_stats(svc_id);
+    let ct_key = lb::reply_key(t.src, t.dst, t.sport, t.dport, t.proto);
+    let target = match lb::choose(&ct_key, svc_id, &svc) {
+        Choice::Go(target) => target,
+        Choice::Reject => {
+            if let Some(s) = stats {
+                s.packets += 1;
+                s.bytes += len;
+                s.rejects += 1;
+            }
+            return if t.proto == PROTO_TCP {
+                count(Counter::RejectRst);
+                reject::tcp_rst(ctx)
+            } else {
+                count(Counter::RejectIcmp);
+                reject::icmp_port_unreachable(ctx)
+            };
+        }
+        Choice::Drop => return XDP_DROP,
+    };
+    if let Some(s) = stats {
+        s.packets += 1;
+        s.bytes += len;
+        if target.new_flow {
+            s.new_flows += 1;
+        }
+    }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let be = target.backend;
+    if rewrite(data, end, t.proto, Side::Dst, be.addr_be, be.port_be).is_none() {
+        return XDP_DROP;
+    }
+    if target.snat_port == 0 {
+        // Local pod: the node's own forwarding delivers it through the pod's veth, and the
+        // tc hook there translates the reply.
+        count(Counter::FwdLocal);
+        return XDP_PASS;
+    }
+    if rewrite(
+        data,
+        end,
+        t.proto,
+        Side::Src,
+        target.snat_addr,
+        target.snat_port,
+    )
+    .is_none()
+    {
+        return XDP_DROP;
+    }
+    count(Counter::FwdRemote);
+    let out = Tuple {
+        src: target.snat_addr,
+        dst: be.addr_be,
+        sport: target.snat_port,
+        dport: be.port_be,
+        proto: t.proto,
+    };
+    fib::forward(ctx, &out, ip_tot_len(ctx))
+}
+
+/// A backend on another node answers our SNAT address: give the client back the frontend.
+#[inline(always)]
+fn reply(ctx: &XdpContext, t: &Tuple, rev: &RevNat) -> u32 {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if rewrite(
+        data,
+        end,
+        t.proto,
+        Side::Src,
+        rev.src_addr_be,
+        rev.src_port_be,
+    )
+    .is_none()
+        || rewrite(
+            data,
+            end,
+            t.proto,
+            Side::Dst,
+            rev.dst_addr_be,
+            rev.dst_port_be,
+        )
+        .is_none()
+    {
+        return XDP_DROP;
+    }
+    count(Counter::Reply);
+    let out = Tuple {
+        src: rev.src_addr_be,
+        dst: rev.dst_addr_be,
+        sport: rev.src_port_be,
+        dport: rev.dst_port_be,
+        proto: t.proto,
+    };
+    fib::forward(ctx, &out, ip_tot_len(ctx))
+}
+
+#[inline(always)]
+fn ip_tot_len(ctx: &XdpContext) -> u16 {
+    match parse::ptr_at::<network_types::ip::Ipv4Hdr>(ctx.data(), ctx.data_end(), parse::IP_OFF) {
+        Some(ip) => u16::from_be_bytes(unsafe { (*ip).tot_len }),
+        None => 0,
+    }
+}
