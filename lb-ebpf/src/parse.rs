@@ -34,8 +34,10 @@ pub struct Tuple {
 pub type NotOurs = Counter;
 
 /// Parses Ethernet/IPv4/TCP|UDP from the start of `data`. Anything else is `Err(reason)`.
+/// `whole_frame`: the IPv4 total length must fit in `data..data_end` (XDP sees the whole
+/// frame; a tc skb may keep its payload in pages beyond the linear part).
 #[inline(always)]
-pub fn parse(data: usize, data_end: usize) -> Result<Tuple, NotOurs> {
+pub fn parse(data: usize, data_end: usize, whole_frame: bool) -> Result<Tuple, NotOurs> {
     let eth: *const EthHdr = ptr_at(data, data_end, 0).ok_or(Counter::Truncated)?;
     // SAFETY: bounds checked by ptr_at.
     if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
@@ -59,7 +61,7 @@ pub fn parse(data: usize, data_end: usize) -> Result<Tuple, NotOurs> {
         return Err(Counter::PassFragment);
     }
     let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
-    if tot_len < IP_LEN || data + IP_OFF + tot_len > data_end {
+    if tot_len < IP_LEN || (whole_frame && data + IP_OFF + tot_len > data_end) {
         return Err(Counter::Truncated);
     }
     let (sport, dport) = match ip.proto {

@@ -3,11 +3,16 @@
 //! Why a tc hook: a pod chosen by the XDP path gets the client's packet with the client's
 //! source address (no SNAT for local backends), so it answers the client directly and the
 //! reply never passes the uplink's XDP ingress. Here, on its way out of the pod, the reply's
-//! source is turned back into the frontend the client used. skbs here may carry
+//! source is turned back into the frontend the client used, and the packet is sent on
+//! towards the client from here. skbs here may carry
 //! CHECKSUM_PARTIAL, so the kernel's checksum helpers (which know the skb's checksum state)
 //! do the updates instead of the software arithmetic of the XDP path.
 use aya_ebpf::{
-    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{
+        BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
+        TC_ACT_SHOT, bpf_fib_lookup as FibParams,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use lb_common::*;
@@ -29,7 +34,7 @@ const L4_SPORT: usize = L4_OFF;
 pub fn run(ctx: &TcContext) -> i32 {
     // Headers may sit in paged data; pull the part we read into the linear area.
     let _ = ctx.pull_data(L4_OFF as u32 + 8);
-    let t = match parse::parse(ctx.data(), ctx.data_end()) {
+    let t = match parse::parse(ctx.data(), ctx.data_end(), false) {
         Ok(t) => t,
         Err(_) => {
             count(Counter::TcPass);
@@ -47,7 +52,68 @@ pub fn run(ctx: &TcContext) -> i32 {
         return TC_ACT_SHOT as i32;
     }
     count(Counter::TcReply);
-    TC_ACT_OK as i32
+    let out = parse::Tuple {
+        src: rev.src_addr_be,
+        sport: rev.src_port_be,
+        ..t
+    };
+    forward(ctx, &out)
+}
+
+/// Sends the translated reply straight out of the interface towards the client. Handing it
+/// back to the kernel would not do: its source is now a node address (the NodePort's), and
+/// the kernel drops packets arriving with a local source as martians.
+#[inline(always)]
+fn forward(ctx: &TcContext, t: &parse::Tuple) -> i32 {
+    // SAFETY: zeroed bpf_fib_lookup is valid input; the fields used are set below.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = 2; // AF_INET
+    p.l4_protocol = t.proto;
+    p.sport = t.sport;
+    p.dport = t.dport;
+    p.__bindgen_anon_1.tot_len = (ctx.len() as u16).saturating_sub(14);
+    // SAFETY: reading the skb's ifindex, a plain field of the context.
+    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    p.__bindgen_anon_3.ipv4_src = t.src;
+    p.__bindgen_anon_4.ipv4_dst = t.dst;
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut p,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    // A router's duty: one hop less (the kernel would have done it on its forwarding path).
+    let Ok(ttl) = ctx.load::<u8>(IP_OFF + 8) else {
+        return TC_ACT_SHOT as i32;
+    };
+    if ttl <= 1 {
+        return TC_ACT_SHOT as i32;
+    }
+    let old = u16::from_ne_bytes([ttl, t.proto]) as u64;
+    let new = u16::from_ne_bytes([ttl - 1, t.proto]) as u64;
+    if ctx.l3_csum_replace(IP_CHECK, old, new, 2).is_err()
+        || ctx.store(IP_OFF + 8, &(ttl - 1), 0).is_err()
+    {
+        return TC_ACT_SHOT as i32;
+    }
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            if ctx.store(0, &p.dmac, 0).is_err() || ctx.store(6, &p.smac, 0).is_err() {
+                return TC_ACT_SHOT as i32;
+            }
+            unsafe { bpf_redirect(p.ifindex, 0) as i32 }
+        }
+        // No neighbour entry yet: let the kernel resolve it and send.
+        BPF_FIB_LKUP_RET_NO_NEIGH => unsafe {
+            bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) as i32
+        },
+        _ => {
+            count(Counter::FibFail);
+            TC_ACT_SHOT as i32
+        }
+    }
 }
 
 #[inline(always)]

@@ -18,7 +18,7 @@ use crate::{
 #[inline(always)]
 pub fn run(ctx: &XdpContext) -> u32 {
     count(Counter::Packets);
-    let t = match parse::parse(ctx.data(), ctx.data_end()) {
+    let t = match parse::parse(ctx.data(), ctx.data_end(), true) {
         Ok(t) => t,
         Err(reason) => {
             count(reason);

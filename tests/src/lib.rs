@@ -19,6 +19,7 @@
 //! ```
 
 mod client;
+mod cluster;
 mod guards;
 mod ipnet;
 mod netns;
@@ -28,6 +29,10 @@ mod server;
 mod topology;
 
 pub use client::{HttpResponse, http_get, http_request, tcp_reachable, udp_request};
+pub use cluster::{
+    AgentProc, Cluster, DNS_NODE_PORT, DNS_PORT, ECHO_NODE_PORT, ECHO_PORT, ManifestOpts,
+    NGINX_CLUSTER_IP, NGINX_NODE_PORT, agent_bin, seed_manifests,
+};
 pub use guards::{Netns, PIN_ROOT, PinDir, sweep_stale_pins};
 pub use ipnet::Ipv4Net;
 pub use netns::{
@@ -38,5 +43,5 @@ pub use network::{BRIDGE_NAME, CLIENT_KIND_IFACE, Network, Node, Pod, UPLINK};
 pub use privileged::{
     REQUIRE_PRIVILEGED_ENV, net_lock, privileged_unavailable_reason, require_privileged,
 };
-pub use server::{POD_HTTP_PORT, POD_SERVER_PY, POD_UDP_PORT};
+pub use server::{POD_ECHO_PORT, POD_HTTP_PORT, POD_SERVER_PY, POD_UDP_PORT};
 pub use topology::{NodeSpec, TopologySpec};

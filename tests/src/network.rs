@@ -24,7 +24,7 @@ use crate::netns::{
     NETNS_PREFIX, create_netns, delete_netns, exec_ok, ip_in, server_log_path,
     sweep_stale_namespaces, try_in_netns,
 };
-use crate::server::{POD_HTTP_PORT, POD_SERVER_PY, POD_UDP_PORT};
+use crate::server::{POD_ECHO_PORT, POD_HTTP_PORT, POD_SERVER_PY, POD_UDP_PORT};
 use crate::topology::{TopologySpec, check_name};
 
 /// The Linux bridge in the kind namespace (docker's network is named `kind`).
@@ -397,7 +397,11 @@ impl Network {
                 POD_SERVER_PY,
                 &pod.name,
             ])
-            .args([POD_HTTP_PORT.to_string(), POD_UDP_PORT.to_string()])
+            .args([
+                POD_HTTP_PORT.to_string(),
+                POD_UDP_PORT.to_string(),
+                POD_ECHO_PORT.to_string(),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)

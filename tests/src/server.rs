@@ -8,12 +8,17 @@ pub const POD_HTTP_PORT: u16 = 80;
 /// UDP port pod servers answer datagrams on.
 pub const POD_UDP_PORT: u16 = 5353;
 
-/// Run as `python3 -c POD_SERVER_PY <pod name> <http port> <udp port>`.
+/// TCP port of a line echo that keeps the connection open (for tests of established flows).
+pub const POD_ECHO_PORT: u16 = 7000;
+
+/// Run as `python3 -c POD_SERVER_PY <pod name> <http port> <udp port> <echo port>`.
 ///
 /// - HTTP `GET` (any path): 200, body `<pod name>\n`, with Content-Length,
 ///   then close. Headers `X-Pod-Name` and `X-Client` (the peer address as
 ///   the pod sees it) let tests check source-address preservation.
 /// - UDP: every datagram is answered with `<pod name>\n` to its sender.
+/// - Echo (TCP): every line is answered with `<pod name> <line>`, on one long-lived
+///   connection.
 ///
 /// The UDP socket is bound before the HTTP listener, so once HTTP answers
 /// both are ready.
@@ -21,13 +26,23 @@ pub const POD_SERVER_PY: &str = r#"
 import socket, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-name, http_port, udp_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+name, http_port, udp_port, echo_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 body = (name + "\n").encode()
 
 def udp_echo(sock):
     while True:
         _, peer = sock.recvfrom(65535)
         sock.sendto(body, peer)
+
+def echo_conn(conn):
+    with conn, conn.makefile("rb") as lines:
+        for line in lines:
+            conn.sendall(name.encode() + b" " + line)
+
+def echo_accept(sock):
+    while True:
+        conn, _ = sock.accept()
+        threading.Thread(target=echo_conn, args=(conn,), daemon=True).start()
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
@@ -55,5 +70,10 @@ class Server(ThreadingHTTPServer):
 udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 udp.bind(("0.0.0.0", udp_port))
 threading.Thread(target=udp_echo, args=(udp,), daemon=True).start()
+echo = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+echo.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+echo.bind(("0.0.0.0", echo_port))
+echo.listen(128)
+threading.Thread(target=echo_accept, args=(echo,), daemon=True).start()
 Server(("0.0.0.0", http_port), Handler).serve_forever()
 "#;

@@ -25,6 +25,7 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
 
 const NODE: [u8; 4] = [172, 30, 0, 2];
 
@@ -550,11 +551,16 @@ fn table() -> Vec<Step> {
         case("UDP without checksum keeps none", udp0, udp0_out, XDP_PASS),
         // --- The reply of a local pod, translated by the tc hook on its interface.
         Step::Case {
-            desc: "tc: local pod reply gets the NodePort back as source",
+            desc: "tc: local pod reply gets the NodePort back as source, sent to the client",
             prog: Prog::TcPod,
             input: reply_from_local.bytes(),
-            output: Some(reply_from_local.set_src(NODE, 30080).bytes()),
-            action: TC_ACT_OK,
+            output: Some(
+                reply_from_local
+                    .set_src(NODE, 30080)
+                    .routed(MAC_NODE, MAC_CLIENT)
+                    .bytes(),
+            ),
+            action: TC_ACT_REDIRECT,
         },
         Step::Case {
             desc: "tc: pod traffic that is not a reply is untouched",

@@ -38,6 +38,9 @@ enum Cmd {
         /// Leave the network and the agents running.
         #[arg(long)]
         keep: bool,
+        /// Remove what a `--keep` run left running.
+        #[arg(long)]
+        down: bool,
     },
     /// Set up, build (release), run the benchmarks and write the results under bench/.
     Bench {
@@ -74,12 +77,15 @@ fn main() -> Result<()> {
             cmd.arg("--test-threads=1");
             run_visible(cmd, "cargo test")
         }
-        Cmd::Demo { keep } => {
+        Cmd::Demo { keep, down } => {
             setup::run()?;
             build(false)?;
             let mut cmd = Command::new(root().join("target/debug/xlb-demo"));
             if keep {
                 cmd.arg("--keep");
+            }
+            if down {
+                cmd.arg("--down");
             }
             run_visible(cmd, "demo")
         }

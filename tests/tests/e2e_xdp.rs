@@ -1,0 +1,185 @@
+//! End to end through the XDP path with real TCP and UDP: a client on the "kind" network
+//! reaches the seed's nginx-service through every node's NodePort and through the
+//! LoadBalancer IP, and the agents follow changes of the manifest file.
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddrV4, TcpStream},
+    time::Duration,
+};
+
+use lb_tests::*;
+
+const T: Duration = Duration::from_secs(3);
+
+fn programmed(endpoints: usize) -> impl Fn(&lb_agent::status::Status) -> bool {
+    move |s| {
+        s.services
+            .iter()
+            .any(|x| x.name.starts_with("dev/nginx-service") && x.endpoints.len() == endpoints)
+    }
+}
+
+/// `n` HTTP requests from the client netns; returns how many each pod answered.
+fn spread(c: &Cluster, addr: SocketAddrV4, n: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for i in 0..n {
+        let body = http_get(c.net.client_netns(), addr, T)
+            .unwrap_or_else(|e| panic!("request {i} to {addr}: {e:#}"));
+        *seen.entry(body.trim().to_string()).or_default() += 1;
+    }
+    seen
+}
+
+fn assert_even(what: &str, seen: &BTreeMap<String, usize>, pods: &[String], n: usize) {
+    for p in pods {
+        let got = seen.get(p).copied().unwrap_or(0);
+        // Expected n/3 each; a pod under 60 % of its share means the hash or the table is off.
+        assert!(
+            got * pods.len() * 10 >= n * 6,
+            "{what}: {p} answered {got} of {n}: {seen:?}"
+        );
+    }
+    assert_eq!(
+        seen.keys().filter(|k| !pods.contains(k)).count(),
+        0,
+        "{what}: unknown answers {seen:?}"
+    );
+}
+
+#[test]
+fn nodeport_and_lb_ip_spread_over_all_pods_and_follow_the_file() {
+    if !require_privileged() {
+        return;
+    }
+    let _lock = net_lock();
+    let spec = TopologySpec::seed();
+    let opts = ManifestOpts {
+        echo: true,
+        udp: true,
+        ..Default::default()
+    };
+    let mut c = Cluster::up(&spec, |net| seed_manifests(net, &opts)).expect("cluster up");
+    let pods: Vec<String> = c.net.pods().iter().map(|p| p.name.clone()).collect();
+    c.wait_for(
+        "nginx-service programmed",
+        Duration::from_secs(20),
+        programmed(pods.len()),
+    )
+    .unwrap();
+
+    // NodePort on every node (including the control plane, which runs no pod: all remote).
+    for node in c.net.nodes().to_vec() {
+        let addr = SocketAddrV4::new(node.addr, NGINX_NODE_PORT);
+        let seen = spread(&c, addr, 150);
+        assert_even(&format!("NodePort on {}", node.name), &seen, &pods, 150);
+    }
+    // The EXTERNAL-IP.
+    let lb = SocketAddrV4::new(c.net.lb_ips()[0].0, 80);
+    let seen = spread(&c, lb, 300);
+    assert_even("LoadBalancer IP", &seen, &pods, 300);
+
+    // NodePort from another node (the seed's "from a node" check, across the kind network).
+    let worker = c.net.node("service-demo-worker").clone();
+    let worker2 = c.net.node("service-demo-worker2").clone();
+    for _ in 0..20 {
+        let body = http_get(
+            &worker2.netns,
+            SocketAddrV4::new(worker.addr, NGINX_NODE_PORT),
+            T,
+        )
+        .unwrap();
+        assert!(pods.contains(&body.trim().to_string()), "{body}");
+    }
+
+    // UDP through each node's NodePort: the reply comes back from the address asked.
+    let mut udp_seen = BTreeMap::<String, usize>::new();
+    for node in c.net.nodes() {
+        for i in 0..30 {
+            let r = udp_request(
+                c.net.client_netns(),
+                SocketAddrV4::new(node.addr, DNS_NODE_PORT),
+                b"q",
+                T,
+            )
+            .unwrap_or_else(|e| panic!("UDP {i} via {}: {e:#}", node.name));
+            *udp_seen
+                .entry(String::from_utf8_lossy(&r).trim().to_string())
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(
+        udp_seen.len(),
+        pods.len(),
+        "UDP reached every pod: {udp_seen:?}"
+    );
+
+    // A long-lived connection to the echo service, then its pod leaves the EndpointSlice.
+    let echo_addr = SocketAddrV4::new(worker.addr, ECHO_NODE_PORT);
+    let conn = in_netns(c.net.client_netns(), || {
+        TcpStream::connect_timeout(&echo_addr.into(), T)
+    })
+    .unwrap();
+    conn.set_read_timeout(Some(T)).unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    (&conn).write_all(b"one\n").unwrap();
+    reader.read_line(&mut line).unwrap();
+    let pinned_pod = line.split_whitespace().next().unwrap().to_string();
+    assert!(pods.contains(&pinned_pod), "{line}");
+    let rest: Vec<String> = pods.iter().filter(|p| **p != pinned_pod).cloned().collect();
+    let without = ManifestOpts {
+        echo: true,
+        udp: true,
+        endpoints: Some(rest.clone()),
+        ..Default::default()
+    };
+    c.write_manifest(&seed_manifests(&c.net, &without)).unwrap();
+    c.wait_for(
+        "endpoint removed",
+        Duration::from_secs(20),
+        programmed(rest.len()),
+    )
+    .unwrap();
+    let seen = spread(&c, lb, 120);
+    assert!(
+        !seen.contains_key(&pinned_pod),
+        "removed pod {pinned_pod} got new connections: {seen:?}"
+    );
+    assert_eq!(seen.len(), rest.len(), "{seen:?}");
+    // ... while the established connection still works, on the same pod.
+    line.clear();
+    (&conn).write_all(b"two\n").unwrap();
+    reader
+        .read_line(&mut line)
+        .expect("established connection keeps working");
+    assert_eq!(line.trim(), format!("{pinned_pod} two"));
+
+    // The service deleted from the file stops answering.
+    let gone = ManifestOpts {
+        nginx: false,
+        echo: true,
+        udp: true,
+        ..Default::default()
+    };
+    c.write_manifest(&seed_manifests(&c.net, &gone)).unwrap();
+    c.wait_for("nginx-service removed", Duration::from_secs(20), |s| {
+        !s.services
+            .iter()
+            .any(|x| x.name.starts_with("dev/nginx-service"))
+    })
+    .unwrap();
+    assert!(
+        http_get(c.net.client_netns(), lb, Duration::from_secs(1)).is_err(),
+        "deleted service still answers"
+    );
+    assert!(
+        http_get(
+            c.net.client_netns(),
+            SocketAddrV4::new(worker.addr, NGINX_NODE_PORT),
+            Duration::from_secs(1)
+        )
+        .is_err(),
+        "deleted NodePort still answers"
+    );
+}
