@@ -371,7 +371,7 @@ impl Cluster {
         for a in self.agents.drain(..) {
             std::mem::forget(a);
         }
-        let _ = std::fs::remove_file(&self.manifest.with_extension("tmp"));
+        let _ = std::fs::remove_file(self.manifest.with_extension("tmp"));
         // The namespaces and the manifest must outlive us: skip their destructors.
         std::mem::forget(self);
         Ok(())
