@@ -102,7 +102,7 @@ fn main() -> Result<()> {
             "curl -s http://{}:{NGINX_NODE_PORT}   # from {}",
             worker.addr, worker2.name
         ),
-        &worker2.netns.clone(),
+        &worker2.netns,
         SocketAddrV4::new(worker.addr, NGINX_NODE_PORT),
     );
     println!(
@@ -115,14 +115,14 @@ fn main() -> Result<()> {
                 "docker run --rm --network kind curl -s http://{}:{NGINX_NODE_PORT}",
                 n.addr
             ),
-            &c.net.client_netns().to_string(),
+            c.net.client_netns(),
             SocketAddrV4::new(n.addr, NGINX_NODE_PORT),
         );
     }
     check(
         "3. EXTERNAL-IP from outside the cluster",
         format!("docker run --rm --network kind curlimages/curl curl -s http://{lb_ip}"),
-        &c.net.client_netns().to_string(),
+        c.net.client_netns(),
         SocketAddrV4::new(lb_ip, 80),
     );
 
