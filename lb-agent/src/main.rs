@@ -96,11 +96,20 @@ async fn run(args: agent::RunArgs) -> Result<()> {
     // The file source is polled: it works the same for editors that replace the file, for
     // ConfigMap symlink swaps and for bind mounts, where inotify watches go stale.
     let mut every = tokio::time::interval(Duration::from_millis(300));
+    let mut last_err = String::new();
     loop {
         tokio::select! {
             _ = every.tick() => {
-                if let Err(e) = agent.tick(Instant::now()) {
-                    log::error!("{e:#}");
+                // A persistent problem (file missing) is logged once, not every tick.
+                match agent.tick(Instant::now()) {
+                    Ok(()) => last_err.clear(),
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        if msg != last_err {
+                            log::error!("{msg}");
+                            last_err = msg;
+                        }
+                    }
                 }
             }
             _ = tokio::signal::ctrl_c() => break,

@@ -183,3 +183,61 @@ fn nodeport_and_lb_ip_spread_over_all_pods_and_follow_the_file() {
         "deleted NodePort still answers"
     );
 }
+
+#[test]
+fn invalid_manifest_is_reported_and_the_last_good_state_keeps_serving() {
+    if !require_privileged() {
+        return;
+    }
+    let _lock = net_lock();
+    let spec = TopologySpec::seed();
+    let mut c = Cluster::up(&spec, |net| seed_manifests(net, &ManifestOpts::default()))
+        .expect("cluster up");
+    let pods = c.net.pods().len();
+    c.wait_for(
+        "nginx-service programmed",
+        Duration::from_secs(20),
+        programmed(pods),
+    )
+    .unwrap();
+    let lb = SocketAddrV4::new(c.net.lb_ips()[0].0, 80);
+
+    // A port out of range in an otherwise valid file: the whole file is refused.
+    let good = seed_manifests(&c.net, &ManifestOpts::default());
+    let bad = good.replace("port: 80,", "port: 80000,");
+    assert_ne!(
+        good, bad,
+        "the manifest shape changed; this test must break it another way"
+    );
+    c.write_manifest(&bad).unwrap();
+    c.wait_for("the error to be reported", Duration::from_secs(20), |s| {
+        s.agent
+            .as_ref()
+            .and_then(|a| a.last_error.as_deref())
+            .is_some_and(|e| e.contains("Service dev/nginx-service") && e.contains("spec.ports[0]"))
+    })
+    .unwrap();
+    for _ in 0..10 {
+        http_get(c.net.client_netns(), lb, T).expect("last good state still serves");
+    }
+
+    // Broken YAML likewise; then a good file clears the error.
+    c.write_manifest("items: [unclosed\n").unwrap();
+    c.wait_for(
+        "the YAML error to be reported",
+        Duration::from_secs(20),
+        |s| {
+            s.agent
+                .as_ref()
+                .and_then(|a| a.last_error.as_deref())
+                .is_some_and(|e| e.contains("YAML"))
+        },
+    )
+    .unwrap();
+    http_get(c.net.client_netns(), lb, T).expect("still serving");
+    c.write_manifest(&good).unwrap();
+    c.wait_for("the error to clear", Duration::from_secs(20), |s| {
+        s.agent.as_ref().is_some_and(|a| a.last_error.is_none())
+    })
+    .unwrap();
+}
