@@ -55,6 +55,11 @@ pub struct RunArgs {
     /// Directory for the agent's run-time facts read by `status` (bpffs holds only pins).
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
+    /// cgroup v2 directory whose processes get socket-level load balancing (connect,
+    /// sendmsg, recvmsg, getpeername hooks), or `none` [default: the cgroup2 mount point,
+    /// when the agent shares pid 1's network namespace].
+    #[arg(long, value_name = "PATH|none")]
+    pub cgroup: Option<String>,
 }
 
 pub fn default_pin_dir(node: &str) -> PathBuf {
@@ -73,6 +78,12 @@ pub struct AgentInfo {
     pub xdp_mode: String,
     pub node_addrs: Vec<Ipv4Addr>,
     pub pod_ifaces: Vec<String>,
+    /// The cgroup the socket programs are attached to (None: socket LB off).
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    /// The uplink's tc program is attached (ClusterIP traffic XDP hands on).
+    #[serde(default)]
+    pub tc_uplink: bool,
     pub last_error: Option<String>,
     pub warnings: Vec<String>,
 }
@@ -88,6 +99,43 @@ fn parse_source(s: &str) -> Result<Source> {
     }
 }
 
+/// Where the socket programs go: `--cgroup`, or by default the cgroup2 mount point.
+///
+/// The default applies only when the agent shares pid 1's network namespace. A cgroup's
+/// socket hooks act on every process below it whatever its network namespace, so an agent
+/// started inside another one (a test network, `ip netns exec`) is not the host's load
+/// balancer, and hooking the cgroup root would send the whole machine's connections to its
+/// services; there only an explicit `--cgroup` attaches. (In a DaemonSet pod with
+/// hostNetwork and on a kind node, pid 1 is in the agent's namespace.)
+fn resolve_cgroup(arg: Option<&str>) -> Option<PathBuf> {
+    match arg {
+        Some("none") => return None,
+        Some(path) => return Some(PathBuf::from(path)),
+        None => {}
+    }
+    let same_netns = |a: &str, b: &str| -> Option<bool> {
+        use std::os::unix::fs::MetadataExt as _;
+        let (a, b) = (std::fs::metadata(a).ok()?, std::fs::metadata(b).ok()?);
+        Some(a.dev() == b.dev() && a.ino() == b.ino())
+    };
+    // Unreadable (no access to pid 1, as in some sandboxes) counts as "not the host": the
+    // cost of a wrong guess is socket LB off and a log line, the other way the machine's
+    // connections.
+    if same_netns("/proc/self/ns/net", "/proc/1/ns/net") != Some(true) {
+        log::info!(
+            "socket load balancing off: the agent is not (or cannot tell that it is) in pid \
+             1's network namespace; pass --cgroup <PATH> to enable it"
+        );
+        return None;
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let found = crate::datapath::cgroup2_mount(&mounts);
+    if found.is_none() {
+        log::warn!("socket load balancing off: no cgroup2 file system is mounted");
+    }
+    found
+}
+
 pub struct Agent {
     args: RunArgs,
     source: Source,
@@ -97,14 +145,16 @@ pub struct Agent {
     programmer: Programmer,
     info: AgentInfo,
     run_dir: PathBuf,
-    /// Pod-facing interfaces with the reply hook attached, by name -> ifindex.
-    tc_ifaces: BTreeMap<String, u32>,
+    /// Pod interfaces whose attach failed, so that a failure is logged once, not on every
+    /// re-scan (ifindex -> name).
+    tc_failed: BTreeMap<u32, String>,
     last_seen: Option<(SystemTime, u64)>,
-    local_backends: Vec<Ipv4Addr>,
 }
 
 impl Agent {
-    pub fn start(args: RunArgs) -> Result<Self> {
+    /// Loads and attaches everything; `links` is the namespace's link list (netinfo), for
+    /// the uplink's kind and the pod-facing interfaces.
+    pub fn start(args: RunArgs, links: &[netinfo::LinkFacts]) -> Result<Self> {
         let source = parse_source(&args.source)?;
         if args.snat_port_min > args.snat_port_max {
             bail!("--snat-port-min must not exceed --snat-port-max");
@@ -146,7 +196,8 @@ impl Agent {
             max_backends: limits.max_backends,
             arena: limits.maglev_arena,
         });
-        let mode = dp.attach_xdp(&args.iface, args.xdp_mode)?;
+        let uplink_is_veth = links.iter().any(|l| l.name == args.iface && l.is_veth());
+        let mode = dp.attach_xdp(&args.iface, args.xdp_mode, uplink_is_veth)?;
         log::info!(
             "XDP attached to {} in {} mode; node addresses {:?}; maps pinned in {}",
             args.iface,
@@ -157,6 +208,17 @@ impl Agent {
             node_addrs,
             pin_dir.display()
         );
+        dp.attach_tc_uplink(&args.iface)?;
+        log::info!("{PROG_TC_UPLINK} attached to the ingress of {}", args.iface);
+        let cgroup = resolve_cgroup(args.cgroup.as_deref());
+        if let Some(path) = &cgroup {
+            dp.attach_cgroup(path)?;
+            log::info!(
+                "socket programs ({}) attached to cgroup {}",
+                crate::datapath::SOCK_PROGRAMS.join(", "),
+                path.display()
+            );
+        }
         std::fs::create_dir_all(&run_dir)
             .with_context(|| format!("creating {}", run_dir.display()))?;
         let info = AgentInfo {
@@ -165,10 +227,12 @@ impl Agent {
             xdp_mode: format!("{mode:?}").to_lowercase(),
             node_addrs: node_addrs.clone(),
             pod_ifaces: vec![],
+            cgroup: cgroup.map(|p| p.display().to_string()),
+            tc_uplink: true,
             last_error: None,
             warnings: vec![],
         };
-        Ok(Self {
+        let mut agent = Self {
             node: NodeContext {
                 node_name: args.node_name.clone(),
                 node_addrs,
@@ -180,14 +244,16 @@ impl Agent {
             programmer,
             info,
             run_dir,
-            tc_ifaces: BTreeMap::new(),
+            tc_failed: BTreeMap::new(),
             last_seen: None,
-            local_backends: vec![],
-        })
+        };
+        agent.sync_pod_ifaces(links);
+        agent.save_info();
+        Ok(agent)
     }
 
-    /// One pass: re-read the source if it changed, program the maps, attach new pod
-    /// interfaces, expire drained backends.
+    /// One pass: re-read the source if it changed, program the maps, expire drained
+    /// backends. (Pod interfaces follow link notifications: `sync_pod_ifaces`.)
     pub fn tick(&mut self, now: Instant) -> Result<()> {
         let Source::File(path) = &self.source;
         let path = path.clone();
@@ -196,7 +262,7 @@ impl Agent {
         let stamp = (meta.modified()?, meta.len());
         let due = self.programmer.next_deadline().is_some_and(|d| d <= now);
         if self.last_seen == Some(stamp) && !due {
-            return self.attach_pod_ifaces();
+            return Ok(());
         }
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
@@ -209,7 +275,6 @@ impl Agent {
                 self.info.last_error = Some(format!("{e:#}"));
             }
         }
-        self.attach_pod_ifaces()?;
         self.save_info();
         Ok(())
     }
@@ -225,47 +290,50 @@ impl Agent {
         self.info.warnings = desired.warnings.clone();
         let st = self.programmer.apply(&desired, &mut self.maps, now)?;
         log::info!("programmed {} service ports: {st:?}", desired.ports.len());
-        self.local_backends = desired
-            .ports
-            .iter()
-            .flat_map(|p| p.backends.iter().filter(|b| b.local).map(|b| b.addr))
-            .collect();
         Ok(())
     }
 
-    /// The reply hook goes on every interface that routes to a local backend; interfaces
-    /// that vanished (pod deleted) are forgotten, and a re-created one is attached again.
-    fn attach_pod_ifaces(&mut self) -> Result<()> {
-        self.tc_ifaces
-            .retain(|name, idx| nix::net::if_::if_nametoindex(name.as_str()).ok() == Some(*idx));
-        let mut wanted = std::collections::BTreeSet::new();
-        for addr in &self.local_backends {
-            if let Some(iface) = netinfo::route_iface(*addr)?
-                && iface != self.args.iface
-                && iface != "lo"
-            {
-                wanted.insert(iface);
+    /// Makes the pod program's attachments equal to the pod-facing interfaces among
+    /// `links` (a full listing of the namespace): new ones are attached, vanished ones
+    /// forgotten (the kernel dropped their filters with them), and a name re-created with a
+    /// new ifindex is a new attachment.
+    pub fn sync_pod_ifaces(&mut self, links: &[netinfo::LinkFacts]) {
+        let wanted = netinfo::pod_facing(links, &self.args.iface);
+        for (idx, name) in self.dp.tc_pods() {
+            if !wanted.contains_key(&idx) {
+                self.dp.detach_tc_pod(idx);
+                log::info!("pod interface {name} (ifindex {idx}) is gone");
             }
         }
-        for iface in wanted {
-            if self.tc_ifaces.contains_key(&iface) {
+        self.tc_failed.retain(|idx, _| wanted.contains_key(idx));
+        let attached = self.dp.tc_pods();
+        for (idx, name) in wanted {
+            if attached.get(&idx) == Some(&name) {
                 continue;
             }
-            match self.dp.attach_tc_pod(&iface) {
+            match self.dp.attach_tc_pod(&name, idx) {
                 Ok(()) => {
-                    let idx = nix::net::if_::if_nametoindex(iface.as_str()).unwrap_or(0);
-                    log::info!("reply hook attached to pod interface {iface}");
-                    self.tc_ifaces.insert(iface, idx);
+                    if let Some(old) = attached.get(&idx) {
+                        log::info!("pod interface {old} is now {name}");
+                    } else {
+                        log::info!("{PROG_TC_POD} attached to pod interface {name}");
+                    }
+                    self.tc_failed.remove(&idx);
                 }
-                Err(e) => log::warn!("{e:#}"),
+                // Often a race with the pod's teardown; the next listing settles it.
+                Err(e) => {
+                    if self.tc_failed.insert(idx, name).is_none() {
+                        log::warn!("{e:#}");
+                    }
+                }
             }
         }
-        let names: Vec<String> = self.tc_ifaces.keys().cloned().collect();
+        let mut names: Vec<String> = self.dp.tc_pods().into_values().collect();
+        names.sort();
         if names != self.info.pod_ifaces {
             self.info.pod_ifaces = names;
             self.save_info();
         }
-        Ok(())
     }
 
     fn save_info(&self) {

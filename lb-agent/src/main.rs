@@ -5,7 +5,7 @@ use std::{
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
-use lb_agent::{agent, status};
+use lb_agent::{agent, netinfo, status};
 
 #[derive(Parser)]
 #[command(
@@ -91,14 +91,31 @@ fn only_node() -> Result<String> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn run(args: agent::RunArgs) -> Result<()> {
-    let mut agent = agent::Agent::start(args)?;
+    // Subscribed before the first listing, so that no pod interface appears unseen.
+    let mut links = netinfo::LinkMonitor::new()?;
+    let first = netinfo::list_links(&links.handle).await?;
+    let mut agent = agent::Agent::start(args, &first)?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     // The file source is polled: it works the same for editors that replace the file, for
     // ConfigMap symlink swaps and for bind mounts, where inotify watches go stale.
     let mut every = tokio::time::interval(Duration::from_millis(300));
+    // Link notifications can be lost (the socket's buffer overflows under a burst), so a
+    // full listing also runs now and then.
+    let mut rescan = tokio::time::interval(Duration::from_secs(10));
+    rescan.tick().await;
+    let mut notifications = true;
     let mut last_err = String::new();
     loop {
         tokio::select! {
+            changed = links.changed(), if notifications => {
+                if !changed {
+                    log::warn!("link notifications stopped; pod interfaces are re-listed every 10 s");
+                    notifications = false;
+                    continue;
+                }
+                sync_links(&mut agent, &links).await;
+            }
+            _ = rescan.tick() => sync_links(&mut agent, &links).await,
             _ = every.tick() => {
                 // A persistent problem (file missing) is logged once, not every tick.
                 match agent.tick(Instant::now()) {
@@ -117,5 +134,15 @@ async fn run(args: agent::RunArgs) -> Result<()> {
         }
     }
     log::info!("stopping: programs detach, pinned maps stay for the next start");
+    // Detaches everything here, in Datapath's order (see `Datapath::detach_all`), while the
+    // runtime is still up; the pinned maps stay.
+    drop(agent);
     Ok(())
+}
+
+async fn sync_links(agent: &mut agent::Agent, links: &netinfo::LinkMonitor) {
+    match netinfo::list_links(&links.handle).await {
+        Ok(all) => agent.sync_pod_ifaces(&all),
+        Err(e) => log::warn!("{e:#}"),
+    }
 }

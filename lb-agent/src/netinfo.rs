@@ -1,8 +1,16 @@
-//! What the agent learns about the node from the kernel: the uplink's addresses, interface
-//! drivers, and which interface leads to a local pod.
-use std::net::Ipv4Addr;
+//! What the agent learns about the node from the kernel: the uplink's addresses, and the
+//! node's links (rtnetlink), among them the pod-facing interfaces.
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use anyhow::{Context as _, Result, bail};
+use futures_channel::mpsc::UnboundedReceiver;
+use futures_util::{StreamExt as _, TryStreamExt as _};
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    link::{LinkAttribute, LinkInfo, LinkMessage},
+};
+use rtnetlink::{Handle, MulticastGroup};
 
 /// IPv4 addresses on `iface` (the node's NodePort addresses and SNAT source).
 pub fn iface_addrs(iface: &str) -> Result<Vec<Ipv4Addr>> {
@@ -21,110 +29,163 @@ pub fn iface_addrs(iface: &str) -> Result<Vec<Ipv4Addr>> {
     Ok(out)
 }
 
-/// The driver name of an interface, from the ethtool ioctl (e.g. "veth", "virtio_net").
-pub fn driver(iface: &str) -> Option<String> {
-    #[repr(C)]
-    struct DrvInfo {
-        cmd: u32,
-        driver: [u8; 32],
-        rest: [u8; 164],
-    }
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; 16],
-        data: *mut DrvInfo,
-        _pad: [u8; 16],
-    }
-    const ETHTOOL_GDRVINFO: u32 = 0x3;
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
-    if iface.len() >= 16 {
-        return None;
-    }
-    let mut info = DrvInfo {
-        cmd: ETHTOOL_GDRVINFO,
-        driver: [0; 32],
-        rest: [0; 164],
-    };
-    let mut req = IfReq {
-        name: [0; 16],
-        data: &mut info,
-        _pad: [0; 16],
-    };
-    req.name[..iface.len()].copy_from_slice(iface.as_bytes());
-    // SAFETY: a datagram socket used only for this ioctl, closed below; `req` outlives it.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
-        if fd < 0 {
-            return None;
-        }
-        let rc = libc::ioctl(fd, SIOCETHTOOL as _, &mut req);
-        libc::close(fd);
-        if rc != 0 {
-            return None;
-        }
-    }
-    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
-    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+/// One network interface, as rtnetlink describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkFacts {
+    pub name: String,
+    pub index: u32,
+    /// IFLA_INFO_KIND ("veth", "bridge", ...); None for physical devices and loopback.
+    pub kind: Option<String>,
 }
 
-pub fn is_veth(iface: &str) -> bool {
-    driver(iface).as_deref() == Some("veth")
+impl LinkFacts {
+    pub fn is_veth(&self) -> bool {
+        self.kind.as_deref() == Some("veth")
+    }
 }
 
-/// The interface the main routing table sends `dst` out of (longest prefix match over
-/// /proc/net/route). Used to find the interface of a local pod: kindnet, ptp and bridge CNIs
-/// all leave a route to the pod's address there.
-pub fn route_iface(dst: Ipv4Addr) -> Result<Option<String>> {
-    let table = std::fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
-    Ok(lpm(&table, dst))
-}
-
-fn lpm(table: &str, dst: Ipv4Addr) -> Option<String> {
-    // Columns hold the address bytes in network order, printed as a native-endian u32.
-    let addr = |hex: &str| {
-        u32::from_str_radix(hex, 16)
-            .ok()
-            .map(|v| u32::from(Ipv4Addr::from(v.to_ne_bytes())))
-    };
-    let d = u32::from(dst);
-    let mut best: Option<(u32, String)> = None;
-    for line in table.lines().skip(1) {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 8 {
-            continue;
-        }
-        let (Some(net), Some(mask)) = (addr(f[1]), addr(f[7])) else {
-            continue;
-        };
-        let len = mask.count_ones();
-        if d & mask == net && best.as_ref().is_none_or(|(l, _)| len > *l) {
-            best = Some((len, f[0].to_string()));
+fn link_facts(msg: &LinkMessage) -> Option<LinkFacts> {
+    let mut name = None;
+    let mut kind = None;
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => name = Some(n.clone()),
+            LinkAttribute::LinkInfo(infos) => {
+                kind = infos.iter().find_map(|i| match i {
+                    LinkInfo::Kind(k) => Some(k.to_string()),
+                    _ => None,
+                });
+            }
+            _ => {}
         }
     }
-    best.map(|(_, i)| i)
+    Some(LinkFacts {
+        name: name?,
+        index: msg.header.index,
+        kind,
+    })
+}
+
+/// The interfaces that lead to pods: every veth except the uplink (a kind node's uplink is a
+/// veth too). kindnet, ptp and calico give each pod a routed veth; a bridge CNI's pod veths
+/// are ports of its bridge, and tc ingress on a port still sees what the pod sends. All of
+/// them count, not only those of backends: a pod is also a client of ClusterIPs.
+/// Returns ifindex -> name.
+pub fn pod_facing(links: &[LinkFacts], uplink: &str) -> BTreeMap<u32, String> {
+    links
+        .iter()
+        .filter(|l| l.is_veth() && l.name != uplink)
+        .map(|l| (l.index, l.name.clone()))
+        .collect()
+}
+
+/// Every link of the agent's network namespace.
+pub async fn list_links(handle: &Handle) -> Result<Vec<LinkFacts>> {
+    let msgs: Vec<LinkMessage> = handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .context("listing links (rtnetlink)")?;
+    Ok(msgs.iter().filter_map(link_facts).collect())
+}
+
+type Notifications =
+    UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, netlink_sys::SocketAddr)>;
+
+/// A netlink socket subscribed to link notifications (RTNLGRP_LINK), with a handle for
+/// requests on the same socket. Subscribing before the first listing means no link can
+/// appear unseen between the two. Needs a tokio runtime: the socket's task is spawned.
+pub struct LinkMonitor {
+    pub handle: Handle,
+    events: Notifications,
+}
+
+impl LinkMonitor {
+    pub fn new() -> Result<Self> {
+        let (conn, handle, events) = rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
+            .context("opening a netlink socket for link notifications")?;
+        tokio::spawn(conn);
+        Ok(Self { handle, events })
+    }
+
+    /// Waits for the next link notification, then takes every one already queued with it:
+    /// a pod's set-up is a burst of them (create, move into the namespace, rename, up), and
+    /// one re-listing covers them all. Returns false when the socket is closed.
+    pub async fn changed(&mut self) -> bool {
+        let mut any = false;
+        loop {
+            let next = if any {
+                match futures_util::FutureExt::now_or_never(self.events.next()) {
+                    Some(m) => m,
+                    None => return true,
+                }
+            } else {
+                self.events.next().await
+            };
+            match next {
+                Some((msg, _)) => {
+                    // The group carries only link messages, but errors and the like may be
+                    // queued too; anything else is no reason to re-list.
+                    if let NetlinkPayload::InnerMessage(
+                        RouteNetlinkMessage::NewLink(_) | RouteNetlinkMessage::DelLink(_),
+                    ) = msg.payload
+                    {
+                        any = true;
+                    }
+                }
+                None => return any,
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use netlink_packet_route::link::InfoKind;
+
+    fn link(name: &str, index: u32, kind: Option<&str>) -> LinkFacts {
+        LinkFacts {
+            name: name.into(),
+            index,
+            kind: kind.map(Into::into),
+        }
+    }
 
     #[test]
-    fn longest_prefix_wins() {
-        let table = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n\
-eth0\t00000000\t010012AC\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
-eth0\t000012AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n\
-vethab\t0201F40A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n";
+    fn pod_facing_is_every_veth_but_the_uplink() {
+        let links = [
+            link("lo", 1, None),
+            link("eth0", 2, Some("veth")),
+            link("cni0", 3, Some("bridge")),
+            link("veth1a2b", 4, Some("veth")),
+            link("cali0f3", 5, Some("veth")),
+            link("vxlan.calico", 6, Some("vxlan")),
+            link("ens3", 7, None),
+        ];
         assert_eq!(
-            lpm(table, "10.244.1.2".parse().unwrap()).as_deref(),
-            Some("vethab")
+            pod_facing(&links, "eth0"),
+            BTreeMap::from([(4, "veth1a2b".to_string()), (5, "cali0f3".to_string())])
         );
-        assert_eq!(
-            lpm(table, "172.18.0.9".parse().unwrap()).as_deref(),
-            Some("eth0")
-        );
-        assert_eq!(
-            lpm(table, "8.8.8.8".parse().unwrap()).as_deref(),
-            Some("eth0")
-        );
+        // On a node whose uplink is physical, every veth is a pod's.
+        assert_eq!(pod_facing(&links, "ens3").len(), 3);
+        assert!(pod_facing(&links[..1], "eth0").is_empty());
+    }
+
+    #[test]
+    fn facts_from_a_link_message() {
+        let mut msg = LinkMessage::default();
+        msg.header.index = 9;
+        msg.attributes = vec![
+            LinkAttribute::IfName("veth9".into()),
+            LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Veth)]),
+        ];
+        assert_eq!(link_facts(&msg), Some(link("veth9", 9, Some("veth"))));
+        msg.attributes = vec![LinkAttribute::IfName("lo".into())];
+        assert_eq!(link_facts(&msg), Some(link("lo", 9, None)));
+        msg.attributes.clear();
+        assert_eq!(link_facts(&msg), None);
     }
 }

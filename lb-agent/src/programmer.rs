@@ -20,7 +20,7 @@ use lb_common::*;
 use crate::{
     arena::Arena,
     maglev,
-    translate::{Desired, FrontendKind, SvcPort, SvcPortId},
+    translate::{Desired, FrontendKind, Scope, SvcPort, SvcPortId},
 };
 
 /// Handles on the pinned maps the agent writes.
@@ -32,6 +32,7 @@ pub struct Maps {
     pub config: Array<MapData, Config>,
     pub svc_stats: PerCpuArray<MapData, SvcStats>,
     pub svc_meta: Array<MapData, SvcMeta>,
+    pub cluster_ips: HashMap<MapData, u32, u32>,
 }
 
 impl Maps {
@@ -53,6 +54,7 @@ impl Maps {
             config: t(ebpf, MAP_CONFIG)?,
             svc_stats: t(ebpf, MAP_SVC_STATS)?,
             svc_meta: t(ebpf, MAP_SVC_META)?,
+            cluster_ips: t(ebpf, MAP_CLUSTER_IPS)?,
         })
     }
 }
@@ -110,6 +112,7 @@ pub struct Programmer {
     backends: BTreeMap<(Ipv4Addr, u16), BackendState>,
     next_backend_id: u32,
     frontends: BTreeMap<FrontendKey, Frontend>,
+    cluster_ips: BTreeSet<u32>,
 }
 
 fn fe_key(addr: Ipv4Addr, port: u16, proto: u8) -> FrontendKey {
@@ -133,6 +136,7 @@ impl Programmer {
             // Backend id 0 is reserved: it marks an unwritten Maglev slot.
             next_backend_id: 1,
             frontends: BTreeMap::new(),
+            cluster_ips: BTreeSet::new(),
         }
     }
 
@@ -150,6 +154,10 @@ impl Programmer {
         let keys: Vec<_> = maps.backends.keys().filter_map(|k| k.ok()).collect();
         for k in keys {
             let _ = maps.backends.remove(&k);
+        }
+        let keys: Vec<_> = maps.cluster_ips.keys().filter_map(|k| k.ok()).collect();
+        for k in keys {
+            let _ = maps.cluster_ips.remove(&k);
         }
         Ok(())
     }
@@ -243,15 +251,15 @@ impl Programmer {
         // 2. Services and their Maglev tables.
         let mut live: BTreeSet<SvcPortId> = BTreeSet::new();
         let mut fe_wanted: BTreeMap<FrontendKey, Frontend> = BTreeMap::new();
+        let mut cluster_ips: BTreeSet<u32> = BTreeSet::new();
         for p in &desired.ports {
             live.insert(p.id.clone());
             let svc_id = self.write_service(p, desired, maps, &mut st)?;
             for f in &p.frontends {
-                let flags = match f.kind {
-                    FrontendKind::ClusterIp => FE_CLUSTER_IP,
-                    FrontendKind::NodePort => FE_NODEPORT,
-                    FrontendKind::External => FE_EXTERNAL,
-                };
+                let flags = f.kind.flag();
+                if f.kind == FrontendKind::ClusterIp {
+                    cluster_ips.insert(u32::from_ne_bytes(f.addr.octets()));
+                }
                 fe_wanted.insert(
                     fe_key(f.addr, f.port, p.id.proto.number()),
                     Frontend { svc_id, flags },
@@ -277,6 +285,15 @@ impl Programmer {
             st.frontends_removed += 1;
         }
         self.frontends = fe_wanted;
+        // ClusterIP addresses: added after their frontends (a new address must not reject
+        // its own service's ports), removed after them.
+        for a in cluster_ips.difference(&self.cluster_ips) {
+            maps.cluster_ips.insert(*a, 0, 0)?;
+        }
+        for a in self.cluster_ips.difference(&cluster_ips) {
+            let _ = maps.cluster_ips.remove(a);
+        }
+        self.cluster_ips = cluster_ips;
 
         // 4. Services that are gone.
         let gone: Vec<_> = self
@@ -373,8 +390,16 @@ impl Programmer {
         let svc = self.services.get_mut(&p.id).expect("inserted above");
         let svc_id = svc.svc_id;
 
+        let flags = if p.id.scope == Scope::Local {
+            SVC_DROP_IF_EMPTY
+        } else {
+            0
+        };
         if ids.is_empty() {
-            let value = Service::default();
+            let value = Service {
+                flags,
+                ..Service::default()
+            };
             if svc.value != value || maps.services.get(&svc_id, 0).is_err() {
                 maps.services.insert(svc_id, value, 0)?;
                 svc.value = value;
@@ -392,6 +417,7 @@ impl Programmer {
             && active.m == m
             && active.slots == table
             && svc.value.backend_count == ids.len() as u32
+            && svc.value.flags == flags
         {
             return Ok(svc_id); // nothing changed
         }
@@ -420,7 +446,7 @@ impl Programmer {
             table_off: t.off,
             table_m: m,
             backend_count: ids.len() as u32,
-            flags: 0,
+            flags,
         };
         // The flip: one hash-map update makes the fully written table visible.
         maps.services.insert(svc_id, value, 0)?;

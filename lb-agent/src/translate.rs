@@ -66,7 +66,20 @@ impl fmt::Display for Proto {
     }
 }
 
-/// One port of one service: the unit that gets a svc_id and a Maglev table.
+/// Which endpoints a group of frontends may use (kube-proxy's traffic policies).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    /// Every ready endpoint in the cluster.
+    #[default]
+    Cluster,
+    /// Only endpoints on this node; none there means drop, not reject
+    /// (`internalTrafficPolicy: Local` for the ClusterIP, `externalTrafficPolicy: Local`
+    /// for NodePorts and external IPs).
+    Local,
+}
+
+/// One port of one service (and scope): the unit that gets a svc_id and a Maglev table.
+/// A service port whose internal and external traffic policies differ is two units.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SvcPortId {
     pub namespace: String,
@@ -74,16 +87,22 @@ pub struct SvcPortId {
     /// Empty for the unnamed port of a single-port service.
     pub port_name: String,
     pub proto: Proto,
+    pub scope: Scope,
 }
 
 impl fmt::Display for SvcPortId {
-    /// `ns/name:port_name/TCP`, or `ns/name/TCP` for an unnamed port.
+    /// `ns/name:port_name/TCP`, or `ns/name/TCP` for an unnamed port; ` (local)` appended
+    /// for the node-local scope.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)?;
         if !self.port_name.is_empty() {
             write!(f, ":{}", self.port_name)?;
         }
-        write!(f, "/{}", self.proto)
+        write!(f, "/{}", self.proto)?;
+        if self.scope == Scope::Local {
+            f.write_str(" (local)")?;
+        }
+        Ok(())
     }
 }
 
@@ -111,6 +130,8 @@ pub enum FrontendKind {
     NodePort,
     /// LoadBalancer ingress IP or `spec.externalIPs` entry.
     External,
+    /// A NodePort on 127.0.0.1, for the node's own processes (`curl localhost:<NodePort>`).
+    Localhost,
 }
 
 impl FrontendKind {
@@ -120,6 +141,7 @@ impl FrontendKind {
             FrontendKind::ClusterIp => lb_common::FE_CLUSTER_IP,
             FrontendKind::NodePort => lb_common::FE_NODEPORT,
             FrontendKind::External => lb_common::FE_EXTERNAL,
+            FrontendKind::Localhost => lb_common::FE_LOCALHOST,
         }
     }
 }
@@ -342,11 +364,18 @@ fn program_service(
         }
         if wants_node_ports {
             match sp.node_port.and_then(valid_port) {
-                Some(np) => frontends.extend(node.node_addrs.iter().map(|&addr| FrontendSpec {
-                    addr,
-                    port: np,
-                    kind: FrontendKind::NodePort,
-                })),
+                Some(np) => {
+                    frontends.extend(node.node_addrs.iter().map(|&addr| FrontendSpec {
+                        addr,
+                        port: np,
+                        kind: FrontendKind::NodePort,
+                    }));
+                    frontends.push(FrontendSpec {
+                        addr: Ipv4Addr::LOCALHOST,
+                        port: np,
+                        kind: FrontendKind::Localhost,
+                    });
+                }
                 None if node_ports_disabled => {}
                 None => warn(format!(
                     "port {shown}/{proto} has no nodePort; not served as a NodePort"
@@ -369,17 +398,50 @@ fn program_service(
         frontends.sort();
         frontends.dedup_by(|b, a| (a.addr, a.port) == (b.addr, b.port));
 
-        out.ports.push(SvcPort {
-            id: SvcPortId {
-                namespace: ns.to_string(),
-                name: name.to_string(),
-                port_name: port_name.clone(),
-                proto,
-            },
-            frontends,
-            backends: backends(slices, &port_name, proto, node),
-        });
+        let all = backends(slices, &port_name, proto, node);
+        let local: Vec<BackendSpec> = all.iter().filter(|b| b.local).cloned().collect();
+        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+        let external_local = wants_node_ports_or_external(ty, &external)
+            && spec.external_traffic_policy.as_deref() == Some("Local");
+        let scope = |local: bool| if local { Scope::Local } else { Scope::Cluster };
+        let (internal, external_fes): (Vec<_>, Vec<_>) = frontends
+            .into_iter()
+            .partition(|f| f.kind == FrontendKind::ClusterIp);
+        let groups = if internal_local == external_local {
+            vec![(scope(internal_local), [internal, external_fes].concat())]
+        } else {
+            vec![
+                (scope(internal_local), internal),
+                (scope(external_local), external_fes),
+            ]
+        };
+        for (scope, mut frontends) in groups {
+            if frontends.is_empty() {
+                continue;
+            }
+            frontends.sort();
+            out.ports.push(SvcPort {
+                id: SvcPortId {
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
+                    port_name: port_name.clone(),
+                    proto,
+                    scope,
+                },
+                frontends,
+                backends: if scope == Scope::Local {
+                    local.clone()
+                } else {
+                    all.clone()
+                },
+            });
+        }
     }
+}
+
+/// `externalTrafficPolicy` applies to services with node ports or external addresses.
+fn wants_node_ports_or_external(ty: &str, external: &[Ipv4Addr]) -> bool {
+    matches!(ty, "NodePort" | "LoadBalancer") || !external.is_empty()
 }
 
 fn backends(
@@ -613,6 +675,7 @@ mod tests {
             p.frontends,
             [
                 fe("10.96.0.10", 80, FrontendKind::ClusterIp),
+                fe("127.0.0.1", 30080, FrontendKind::Localhost),
                 fe("192.168.1.10", 30080, FrontendKind::NodePort),
                 fe("192.168.1.11", 30080, FrontendKind::NodePort),
             ]
@@ -634,6 +697,7 @@ mod tests {
             p.frontends,
             [
                 fe("10.96.0.10", 80, FrontendKind::ClusterIp),
+                fe("127.0.0.1", 31234, FrontendKind::Localhost),
                 fe("192.168.1.10", 31234, FrontendKind::NodePort),
                 fe("192.168.1.11", 31234, FrontendKind::NodePort),
                 fe("192.168.49.200", 80, FrontendKind::External),
@@ -646,7 +710,7 @@ mod tests {
             "  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80, nodePort: 31234}]",
         ));
         assert_eq!(pending.rows[0].external_ip, "<pending>");
-        assert_eq!(port(&pending, "dev/web:http/TCP").frontends.len(), 3);
+        assert_eq!(port(&pending, "dev/web:http/TCP").frontends.len(), 4);
     }
 
     #[test]
@@ -896,7 +960,8 @@ mod tests {
         let d = run(&web(
             "  type: NodePort\n  ports: [{name: http, port: 80, nodePort: 30080}]",
         ));
-        assert_eq!(port(&d, "dev/web:http/TCP").frontends.len(), 2);
+        // Two node addresses and localhost.
+        assert_eq!(port(&d, "dev/web:http/TCP").frontends.len(), 3);
         assert_eq!(d.rows[0].cluster_ip, "<none>");
         let d = run(&web("  ports: [{name: http, port: 80}]"));
         assert!(d.ports.is_empty());
@@ -918,12 +983,13 @@ mod tests {
             "  type: NodePort\n  clusterIP: 10.96.0.1\n  ports: [{port: 80, nodePort: 30080}]",
         );
         let d = run(&text);
-        assert_eq!(port(&d, "dev/a/TCP").frontends.len(), 3);
+        assert_eq!(port(&d, "dev/a/TCP").frontends.len(), 4);
         assert_eq!(
             port(&d, "dev/b/TCP").frontends,
             [fe("10.96.0.2", 80, FrontendKind::ClusterIp)]
         );
-        assert_eq!(d.warnings.len(), 2);
+        // Two node addresses and localhost collide.
+        assert_eq!(d.warnings.len(), 3);
         assert!(
             d.warnings[0].contains("already used by dev/a/TCP"),
             "{:?}",
@@ -978,6 +1044,7 @@ mod tests {
             name: "nginx".into(),
             port_name: "http".into(),
             proto: Proto::Udp,
+            scope: Scope::Cluster,
         };
         assert_eq!(id.to_string(), "dev/nginx:http/UDP");
         assert_eq!(FrontendKind::NodePort.flag(), lb_common::FE_NODEPORT);
@@ -996,8 +1063,56 @@ mod tests {
         let nginx = port(&d, "dev/nginx-service:http/TCP");
         // The terminating endpoint on node-b is not ready.
         assert_eq!(nginx.backends, [be("10.244.1.5", 8080, "node-a")]);
-        assert_eq!(nginx.frontends.len(), 4);
+        assert_eq!(nginx.frontends.len(), 5);
         // The apiserver service has no slice in the fixture: frontends but no backends.
         assert!(port(&d, "default/kubernetes:https/TCP").backends.is_empty());
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_splits_the_cluster_ip_off() {
+        let d = run(&web(
+            "  type: NodePort\n  clusterIP: 10.96.0.10\n  internalTrafficPolicy: Local\n  ports: [{name: http, port: 80, nodePort: 30080}]",
+        ));
+        let local = port(&d, "dev/web:http/TCP (local)");
+        assert_eq!(
+            local.frontends,
+            [fe("10.96.0.10", 80, FrontendKind::ClusterIp)]
+        );
+        assert_eq!(local.backends, [be("10.244.1.5", 8080, "node-a")]);
+        let cluster = port(&d, "dev/web:http/TCP");
+        assert_eq!(cluster.frontends.len(), 3, "{:?}", cluster.frontends);
+        assert!(
+            cluster
+                .frontends
+                .iter()
+                .all(|f| f.kind != FrontendKind::ClusterIp)
+        );
+        assert_eq!(cluster.backends.len(), 2);
+    }
+
+    #[test]
+    fn external_traffic_policy_local_keeps_only_local_endpoints_for_node_ports() {
+        let d = run(&web(
+            "  type: NodePort\n  clusterIP: 10.96.0.10\n  externalTrafficPolicy: Local\n  ports: [{name: http, port: 80, nodePort: 30080}]",
+        ));
+        let local = port(&d, "dev/web:http/TCP (local)");
+        assert!(
+            local
+                .frontends
+                .iter()
+                .all(|f| f.kind != FrontendKind::ClusterIp)
+        );
+        assert_eq!(local.backends, [be("10.244.1.5", 8080, "node-a")]);
+        assert_eq!(port(&d, "dev/web:http/TCP").backends.len(), 2);
+    }
+
+    #[test]
+    fn both_policies_local_is_one_local_unit() {
+        let d = run(&web(
+            "  type: NodePort\n  clusterIP: 10.96.0.10\n  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\n  ports: [{name: http, port: 80, nodePort: 30080}]",
+        ));
+        assert_eq!(d.ports.len(), 1);
+        assert_eq!(d.ports[0].id.scope, Scope::Local);
+        assert_eq!(d.ports[0].frontends.len(), 4);
     }
 }

@@ -14,11 +14,18 @@ pub const MAP_CONFIG: &str = "XLB_CONFIG";
 pub const MAP_COUNTERS: &str = "XLB_COUNTERS";
 pub const MAP_SVC_STATS: &str = "XLB_SVC_STATS";
 pub const MAP_SVC_META: &str = "XLB_SVC_META";
+pub const MAP_CLUSTER_IPS: &str = "XLB_CLUSTER_IPS";
+pub const MAP_SOCK_REVNAT: &str = "XLB_SOCK_REVNAT";
 
 /// Program names in the eBPF object.
 pub const PROG_XDP: &str = "xlb_xdp";
 pub const PROG_TC_POD: &str = "xlb_tc_pod";
+pub const PROG_TC_UPLINK: &str = "xlb_tc_uplink";
 pub const PROG_XDP_PASS: &str = "xlb_xdp_pass";
+pub const PROG_SOCK_CONNECT4: &str = "xlb_connect4";
+pub const PROG_SOCK_SENDMSG4: &str = "xlb_sendmsg4";
+pub const PROG_SOCK_RECVMSG4: &str = "xlb_recvmsg4";
+pub const PROG_SOCK_GETPEERNAME4: &str = "xlb_getpeername4";
 
 /// Compile-time map sizes; the agent may raise the first three at load time.
 pub const DEFAULT_MAX_SERVICES: u32 = 16_384;
@@ -53,6 +60,8 @@ pub const FE_NODEPORT: u32 = 1 << 0;
 pub const FE_EXTERNAL: u32 = 1 << 1;
 /// The frontend is a ClusterIP (tc path; XDP passes it on).
 pub const FE_CLUSTER_IP: u32 = 1 << 2;
+/// A NodePort on 127.0.0.1, reachable only from the node's own sockets (socket hooks).
+pub const FE_LOCALHOST: u32 = 1 << 3;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -77,6 +86,10 @@ pub struct Service {
     pub backend_count: u32,
     pub flags: u32,
 }
+
+/// The service drops new flows when it has no backend instead of rejecting them (the
+/// "Local" traffic policies: no local endpoint means drop, as kube-proxy does).
+pub const SVC_DROP_IF_EMPTY: u32 = 1 << 0;
 
 /// Backend on this node: packets are delivered through the node's own forwarding, and the
 /// pod's replies are translated back by the tc program on the pod's interface.
@@ -128,6 +141,30 @@ pub struct RevNat {
     pub dst_addr_be: u32,
     pub src_port_be: u16,
     pub dst_port_be: u16,
+    pub flags: u32,
+}
+
+/// The client is a pod on this node (ClusterIP flow): a reply translated at the uplink is
+/// handed to the kernel, which routes it to the pod's interface.
+pub const REV_TO_LOCAL_POD: u32 = 1 << 0;
+
+/// Socket-level translation (host-originated traffic), keyed by socket and backend, so that
+/// `recvmsg`/`getpeername` can show the service address the application asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub backend_addr_be: u32,
+    pub backend_port_be: u16,
+    pub _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRev {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
 }
 
 /// `XLB_CONFIG[0]`: per-node settings written by the agent before it attaches.
@@ -198,9 +235,16 @@ pub enum Counter {
     FibFail,
     TcReply,
     TcPass,
+    TcClusterIp,
+    RejectUnknownPort,
+    DropNoLocal,
+    SockLb,
+    SockReject,
+    Hairpin,
+    PassToTc,
 }
 
-pub const COUNTER_NAMES: [&str; 19] = [
+pub const COUNTER_NAMES: [&str; 26] = [
     "packets",
     "pass_not_ipv4",
     "pass_fragment",
@@ -220,6 +264,13 @@ pub const COUNTER_NAMES: [&str; 19] = [
     "fib_fail",
     "tc_reply",
     "tc_pass",
+    "tc_cluster_ip",
+    "reject_unknown_port",
+    "drop_no_local",
+    "sock_lb",
+    "sock_reject",
+    "hairpin",
+    "pass_to_tc",
 ];
 pub const COUNTER_COUNT: u32 = COUNTER_NAMES.len() as u32;
 
@@ -266,6 +317,8 @@ mod pod {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for SvcStats {}
     unsafe impl aya::Pod for SvcMeta {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRev {}
 }
 
 #[cfg(test)]
@@ -281,7 +334,9 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<CtEntry>(), 12);
-        assert_eq!(size_of::<RevNat>(), 12);
+        assert_eq!(size_of::<RevNat>(), 16);
+        assert_eq!(size_of::<SockRevKey>(), 16);
+        assert_eq!(size_of::<SockRev>(), 8);
         assert_eq!(size_of::<Config>(), 8);
         assert_eq!(size_of::<SvcStats>(), 32);
         assert_eq!(size_of::<SvcMeta>(), 128);

@@ -17,8 +17,29 @@ pub enum Choice {
     Go(Target),
     /// The service has no serving backend: reject, as kube-proxy does.
     Reject,
-    /// No SNAT port or inconsistent maps: drop rather than mis-deliver.
+    /// No SNAT port, no local backend under a Local policy, or inconsistent maps: drop
+    /// rather than mis-deliver.
     Drop,
+}
+
+/// How a new flow is translated, by where it entered and what it was addressed to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Path {
+    /// Backends on other nodes are reached through SNAT to this node, so the reply comes
+    /// back here (NodePort and external IPs, as kube-proxy masquerades them). ClusterIP
+    /// traffic keeps the pod's address: the backend sees the real client.
+    pub snat_remote: bool,
+    /// The client is a pod on this node (the flow was seen by the tc hook). Its replies must
+    /// be delivered into the pod's interface, which only tc can do from the uplink; and a
+    /// pod reaching itself (hairpin) is source-NATed, or its reply would never leave it.
+    pub from_pod: bool,
+}
+
+impl Path {
+    pub const NORTH_SOUTH: Path = Path {
+        snat_remote: true,
+        from_pod: false,
+    };
 }
 
 #[inline(always)]
@@ -35,7 +56,7 @@ fn flow_key(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> FlowKey {
 
 /// Picks the backend for the client flow `ct_key` (client -> frontend) of service `svc`.
 #[inline(always)]
-pub fn choose(ct_key: &FlowKey, svc_id: u32, svc: &Service) -> Choice {
+pub fn choose(ct_key: &FlowKey, svc_id: u32, svc: &Service, path: Path) -> Choice {
     // SAFETY (map reads below): values are plain data; a concurrent agent update replaces hash
     // values wholesale, and a stale read only means the previous consistent state.
     if let Some(ct) = unsafe { CT.get(ct_key) } {
@@ -59,6 +80,10 @@ pub fn choose(ct_key: &FlowKey, svc_id: u32, svc: &Service) -> Choice {
         count(Counter::CtMiss);
     }
     if svc.backend_count == 0 || svc.table_m == 0 {
+        if svc.flags & SVC_DROP_IF_EMPTY != 0 {
+            count(Counter::DropNoLocal);
+            return Choice::Drop;
+        }
         return Choice::Reject;
     }
     let hash = flow_hash(ct_key);
@@ -75,6 +100,7 @@ pub fn choose(ct_key: &FlowKey, svc_id: u32, svc: &Service) -> Choice {
         dst_addr_be: ct_key.src_addr_be,
         src_port_be: ct_key.dst_port_be,
         dst_port_be: ct_key.src_port_be,
+        flags: if path.from_pod { REV_TO_LOCAL_POD } else { 0 },
     };
     let mut target = Target {
         backend: be,
@@ -83,8 +109,14 @@ pub fn choose(ct_key: &FlowKey, svc_id: u32, svc: &Service) -> Choice {
         new_flow: true,
     };
     let mut flags = 0u16;
-    if be.flags & BE_LOCAL != 0 {
-        // The pod answers the client directly; its tc hook finds this entry by the reply tuple.
+    let hairpin = path.from_pod && be.addr_be == ct_key.src_addr_be;
+    if hairpin {
+        count(Counter::Hairpin);
+    }
+    let snat = hairpin || (path.snat_remote && be.flags & BE_LOCAL == 0);
+    if !snat {
+        // The backend answers the client directly; the reply is found by its own tuple (tc
+        // hook of a local backend, or the uplink for a ClusterIP backend elsewhere).
         let rk = flow_key(
             be.addr_be,
             ct_key.src_addr_be,

@@ -10,13 +10,14 @@ mod maps;
 mod nat;
 mod parse;
 mod reject;
+mod sock;
 mod tc;
 mod xdp;
 
 use aya_ebpf::{
     bindings::xdp_action::XDP_PASS,
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 #[xdp]
@@ -27,6 +28,31 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn xlb_tc_pod(ctx: TcContext) -> i32 {
     tc::run(&ctx)
+}
+
+#[classifier]
+pub fn xlb_tc_uplink(ctx: TcContext) -> i32 {
+    tc::run_uplink(&ctx)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn xlb_connect4(ctx: SockAddrContext) -> i32 {
+    sock::to_backend(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn xlb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::to_backend(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn xlb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::from_backend(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn xlb_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::from_backend(&ctx)
 }
 
 /// Does nothing but let frames in. Two uses: the floor in benchmarks, and the peer end of a

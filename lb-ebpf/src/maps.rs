@@ -52,3 +52,12 @@ pub fn svc_stats(svc_id: u32) -> Option<&'static mut SvcStats> {
 /// Names for `lb-agent status`; never read by the programs.
 #[map(name = "XLB_SVC_META")]
 pub static SVC_META: Array<SvcMeta> = Array::pinned(DEFAULT_MAX_SERVICES, 0);
+
+/// ClusterIP addresses (value unused): a packet to one of them on a port no service uses is
+/// rejected rather than routed towards a default route.
+#[map(name = "XLB_CLUSTER_IPS")]
+pub static CLUSTER_IPS: HashMap<u32, u32> = HashMap::pinned(DEFAULT_MAX_SERVICES, 0);
+
+/// Socket-level translations of the node's own sockets (see sock.rs).
+#[map(name = "XLB_SOCK_REVNAT")]
+pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRev> = LruHashMap::pinned(DEFAULT_CT_ENTRIES, 0);

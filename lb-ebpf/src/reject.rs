@@ -1,7 +1,8 @@
-//! Rejecting connections to a service without serving backends, as kube-proxy does: the
-//! client gets "connection refused" at once instead of retrying into a black hole.
-//! TCP gets a RST, UDP an ICMP port unreachable; both are built in place and sent back out
-//! of the interface the packet came in on (XDP_TX) to the MAC it came from.
+//! Rejecting connections to a service without serving backends (or to an unused ClusterIP
+//! port), as kube-proxy does: the client gets "connection refused" at once instead of
+//! retrying into a black hole. TCP gets a RST, UDP an ICMP port unreachable; both are built
+//! in place over the offending packet and sent back the way it came. The builders work on
+//! plain byte arrays so the XDP and tc programs share them; only resizing differs.
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_TX},
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
@@ -16,11 +17,12 @@ const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 /// Ethernet + IPv4 + TCP without options.
-const RST_LEN: usize = 54;
+pub const RST_LEN: usize = 54;
 /// Ethernet + IPv4 + UDP: what an ICMP error quotes (IP header + 8 bytes).
-const QUOTE_END: usize = 42;
-/// IPv4 + ICMP header prepended in front of the quote.
-const ICMP_GROW: usize = 28;
+pub const QUOTE_END: usize = 42;
+/// IPv4 + ICMP header inserted between the Ethernet header and the quote.
+pub const ICMP_GROW: usize = 28;
+pub const ICMP_LEN: usize = QUOTE_END + ICMP_GROW;
 
 #[inline(always)]
 fn swap<const N: usize>(b: &mut [u8], a: usize, c: usize) {
@@ -36,8 +38,7 @@ fn ipv4_header(b: &mut [u8], tot_len: u16, proto: u8, src: [u8; 4], dst: [u8; 4]
     b[14] = 0x45;
     b[15] = 0;
     b[16..18].copy_from_slice(&tot_len.to_be_bytes());
-    b[18..20].copy_from_slice(&[0, 0]);
-    b[20..22].copy_from_slice(&[0, 0]);
+    b[18..22].copy_from_slice(&[0, 0, 0, 0]);
     b[22] = 64;
     b[23] = proto;
     b[24..26].copy_from_slice(&[0, 0]);
@@ -47,18 +48,14 @@ fn ipv4_header(b: &mut [u8], tot_len: u16, proto: u8, src: [u8; 4], dst: [u8; 4]
     b[24..26].copy_from_slice(&c.to_ne_bytes());
 }
 
-/// Turns a TCP segment into the RST the closed port would have sent (RFC 9293 3.10.7.1).
+/// Rewrites the first 54 bytes of a TCP segment into the RST the closed port would have
+/// sent (RFC 9293 3.10.7.1). `tot_len` is the segment's IPv4 total length. Returns false for
+/// an incoming RST, which is never answered.
 #[inline(always)]
-pub fn tcp_rst(ctx: &XdpContext) -> u32 {
-    let len = ctx.data_end() - ctx.data();
-    let Some(p) = ptr_at::<[u8; RST_LEN]>(ctx.data(), ctx.data_end(), 0) else {
-        return XDP_DROP;
-    };
-    // SAFETY: 54 bytes checked by ptr_at; XDP owns the frame.
-    let b = unsafe { &mut *p };
+pub fn build_rst(b: &mut [u8; RST_LEN]) -> bool {
     let flags = b[47];
     if flags & TCP_RST != 0 {
-        return XDP_DROP; // never answer a RST
+        return false;
     }
     let doff = ((b[46] >> 4) as u32) * 4;
     let tot = u16::from_be_bytes([b[16], b[17]]) as u32;
@@ -96,7 +93,53 @@ pub fn tcp_rst(ctx: &XdpContext) -> u32 {
     );
     let c = csum::checksum(&b[34..54], pseudo);
     b[50..52].copy_from_slice(&c.to_ne_bytes());
+    true
+}
 
+/// What the ICMP builder needs from the original frame, read before it is resized.
+#[derive(Clone, Copy)]
+pub struct Origin {
+    pub client_mac: [u8; 6],
+    pub our_mac: [u8; 6],
+    pub client: [u8; 4],
+    pub frontend: [u8; 4],
+}
+
+#[inline(always)]
+pub fn origin(b: &[u8; QUOTE_END]) -> Origin {
+    Origin {
+        client_mac: [b[6], b[7], b[8], b[9], b[10], b[11]],
+        our_mac: [b[0], b[1], b[2], b[3], b[4], b[5]],
+        client: [b[26], b[27], b[28], b[29]],
+        frontend: [b[30], b[31], b[32], b[33]],
+    }
+}
+
+/// Fills in Ethernet, IPv4 and ICMP headers in front of the quote already at `b[42..70]`.
+#[inline(always)]
+pub fn build_icmp_unreachable(b: &mut [u8; ICMP_LEN], o: &Origin) {
+    b[0..6].copy_from_slice(&o.client_mac);
+    b[6..12].copy_from_slice(&o.our_mac);
+    b[12..14].copy_from_slice(&[0x08, 0x00]);
+    ipv4_header(b, (20 + 8 + 28) as u16, PROTO_ICMP, o.frontend, o.client);
+    b[34] = 3; // destination unreachable
+    b[35] = 3; // port unreachable
+    b[36..42].copy_from_slice(&[0; 6]);
+    let c = csum::checksum(&b[34..70], 0);
+    b[36..38].copy_from_slice(&c.to_ne_bytes());
+}
+
+/// XDP: answer a TCP segment with a RST out of the interface it came in on.
+#[inline(always)]
+pub fn tcp_rst(ctx: &XdpContext) -> u32 {
+    let len = ctx.data_end() - ctx.data();
+    let Some(p) = ptr_at::<[u8; RST_LEN]>(ctx.data(), ctx.data_end(), 0) else {
+        return XDP_DROP;
+    };
+    // SAFETY: 54 bytes checked by ptr_at; XDP owns the frame.
+    if !build_rst(unsafe { &mut *p }) {
+        return XDP_DROP;
+    }
     // SAFETY: shrinking within the frame; pointers are not used afterwards.
     if unsafe { bpf_xdp_adjust_tail(ctx.ctx, RST_LEN as i32 - len as i32) } != 0 {
         return XDP_DROP;
@@ -104,21 +147,15 @@ pub fn tcp_rst(ctx: &XdpContext) -> u32 {
     XDP_TX
 }
 
-/// Turns a UDP datagram into an ICMP port unreachable quoting its IP header and 8 bytes.
+/// XDP: answer a UDP datagram with an ICMP port unreachable quoting its IP header and 8
+/// bytes: cut the frame to the quote, then grow room for the new headers in front of it.
 #[inline(always)]
 pub fn icmp_port_unreachable(ctx: &XdpContext) -> u32 {
     let len = ctx.data_end() - ctx.data();
     let Some(p) = ptr_at::<[u8; QUOTE_END]>(ctx.data(), ctx.data_end(), 0) else {
         return XDP_DROP;
     };
-    let b = unsafe { &*p };
-    let client_mac = [b[6], b[7], b[8], b[9], b[10], b[11]];
-    let our_mac = [b[0], b[1], b[2], b[3], b[4], b[5]];
-    let client = [b[26], b[27], b[28], b[29]];
-    let frontend = [b[30], b[31], b[32], b[33]];
-
-    // Cut to the quote, then make room for the new IPv4 + ICMP headers in front of it: the
-    // quoted IP header then sits exactly where an ICMP error's payload starts.
+    let o = origin(unsafe { &*p });
     unsafe {
         if bpf_xdp_adjust_tail(ctx.ctx, QUOTE_END as i32 - len as i32) != 0 {
             return XDP_DROP;
@@ -127,18 +164,9 @@ pub fn icmp_port_unreachable(ctx: &XdpContext) -> u32 {
             return XDP_DROP;
         }
     }
-    let Some(p) = ptr_at::<[u8; QUOTE_END + ICMP_GROW]>(ctx.data(), ctx.data_end(), 0) else {
+    let Some(p) = ptr_at::<[u8; ICMP_LEN]>(ctx.data(), ctx.data_end(), 0) else {
         return XDP_DROP;
     };
-    let b = unsafe { &mut *p };
-    b[0..6].copy_from_slice(&client_mac);
-    b[6..12].copy_from_slice(&our_mac);
-    b[12..14].copy_from_slice(&[0x08, 0x00]);
-    ipv4_header(b, (20 + 8 + 28) as u16, PROTO_ICMP, frontend, client);
-    b[34] = 3; // destination unreachable
-    b[35] = 3; // port unreachable
-    b[36..42].copy_from_slice(&[0; 6]);
-    let c = csum::checksum(&b[34..70], 0);
-    b[36..38].copy_from_slice(&c.to_ne_bytes());
+    build_icmp_unreachable(unsafe { &mut *p }, &o);
     XDP_TX
 }

@@ -1,34 +1,45 @@
-//! tc ingress on the host side of a local pod's veth (traffic leaving the pod).
+//! tc ingress on the host side of every local pod's interface (traffic leaving a pod).
 //!
-//! Why a tc hook: a pod chosen by the XDP path gets the client's packet with the client's
-//! source address (no SNAT for local backends), so it answers the client directly and the
-//! reply never passes the uplink's XDP ingress. Here, on its way out of the pod, the reply's
-//! source is turned back into the frontend the client used, and the packet is sent on
-//! towards the client from here. skbs here may carry
-//! CHECKSUM_PARTIAL, so the kernel's checksum helpers (which know the skb's checksum state)
-//! do the updates instead of the software arithmetic of the XDP path.
+//! Two jobs, both on packets as they leave a pod:
+//! - **ClusterIP**: a pod's packet to a ClusterIP is DNATed to a backend chosen by the same
+//!   conntrack and Maglev tables as the XDP path. The pod's address is kept (the backend sees
+//!   the real client), except when the pod reaches itself (hairpin), see `lb::Path`.
+//! - **Replies**: a pod that is a backend answers with its own address; the reply gets the
+//!   frontend the client used (ClusterIP, NodePort or external IP) back as source.
+//!
+//! Why tc and not XDP: these packets never cross the uplink's XDP hook (they start in a pod
+//! on this node), and a pod's veth peer is the pod's own interface, out of our hands. skbs
+//! here may carry CHECKSUM_PARTIAL, so the kernel's checksum helpers (which know the skb's
+//! checksum state) do the updates instead of the software arithmetic of the XDP path.
 use aya_ebpf::{
     bindings::{
-        BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
-        TC_ACT_SHOT, bpf_fib_lookup as FibParams,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode,
+        bpf_fib_lookup as FibParams,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{
+        bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_adjust_room, bpf_skb_change_tail,
+    },
     programs::TcContext,
 };
 use lb_common::*;
 
 use crate::{
-    lb,
-    maps::{REVNAT, count},
-    parse::{self, IP_OFF, L4_OFF},
+    lb::{self, Choice, Path},
+    maps::{CLUSTER_IPS, FRONTENDS, REVNAT, SERVICES, count, svc_stats},
+    parse::{self, IP_OFF, L4_OFF, Tuple, ptr_at},
+    reject,
 };
 
 /// Offsets inside the IPv4 header and the L4 headers.
 const IP_CHECK: usize = IP_OFF + 10;
+const IP_TTL: usize = IP_OFF + 8;
 const IP_SRC: usize = IP_OFF + 12;
+const IP_DST: usize = IP_OFF + 16;
 const TCP_CHECK: usize = L4_OFF + 16;
 const UDP_CHECK: usize = L4_OFF + 6;
 const L4_SPORT: usize = L4_OFF;
+const L4_DPORT: usize = L4_OFF + 2;
 
 #[inline(always)]
 pub fn run(ctx: &TcContext) -> i32 {
@@ -41,30 +52,167 @@ pub fn run(ctx: &TcContext) -> i32 {
             return TC_ACT_OK as i32;
         }
     };
-    let rk = lb::reply_key(t.src, t.dst, t.sport, t.dport, t.proto);
+    let fk = FrontendKey {
+        addr_be: t.dst,
+        port_be: t.dport,
+        proto: t.proto,
+        _pad: 0,
+    };
+    // SAFETY: plain-data map values, see lb::choose.
+    if let Some(fe) = unsafe { FRONTENDS.get(&fk) } {
+        // Pods reach NodePorts and external IPs too (kube-proxy serves those to pods as
+        // well, masqueraded); ClusterIPs keep the pod's address.
+        if fe.flags & (FE_CLUSTER_IP | FE_NODEPORT | FE_EXTERNAL) != 0 {
+            let path = Path {
+                snat_remote: fe.flags & FE_CLUSTER_IP == 0,
+                from_pod: true,
+            };
+            return to_backend(ctx, &t, fe.svc_id, path);
+        }
+    }
     // SAFETY: plain-data map value.
+    if unsafe { CLUSTER_IPS.get(&t.dst) }.is_some() {
+        // A ClusterIP on a port no service uses: refused, as kube-proxy does.
+        count(Counter::RejectUnknownPort);
+        return reject(ctx, &t);
+    }
+    let rk = lb::reply_key(t.src, t.dst, t.sport, t.dport, t.proto);
     let Some(rev) = (unsafe { REVNAT.get(&rk) }) else {
         count(Counter::TcPass);
         return TC_ACT_OK as i32;
     };
     let rev = *rev;
-    if snat_source(ctx, &t, rev.src_addr_be, rev.src_port_be).is_err() {
+    reply(ctx, &t, &rev)
+}
+
+/// tc ingress on the uplink: replies to flows started by a pod on this node (ClusterIP with
+/// a backend elsewhere, or a NodePort through SNAT). XDP passes them on untouched
+/// (`REV_TO_LOCAL_POD`) because only tc can put a packet into a pod's veth whatever the XDP
+/// mode, and the kernel would drop it as a martian once its source is a node address.
+#[inline(always)]
+pub fn run_uplink(ctx: &TcContext) -> i32 {
+    let _ = ctx.pull_data(L4_OFF as u32 + 8);
+    let Ok(t) = parse::parse(ctx.data(), ctx.data_end(), false) else {
+        return TC_ACT_OK as i32;
+    };
+    let rk = lb::reply_key(t.src, t.dst, t.sport, t.dport, t.proto);
+    // SAFETY: plain-data map value.
+    match unsafe { REVNAT.get(&rk) } {
+        Some(rev) if rev.flags & REV_TO_LOCAL_POD != 0 => {
+            let rev = *rev;
+            reply(ctx, &t, &rev)
+        }
+        _ => TC_ACT_OK as i32,
+    }
+}
+
+#[inline(always)]
+fn reply(ctx: &TcContext, t: &Tuple, rev: &RevNat) -> i32 {
+    if rewrite(ctx, t, rev.src_addr_be, rev.src_port_be, true).is_err()
+        || rewrite(ctx, t, rev.dst_addr_be, rev.dst_port_be, false).is_err()
+    {
         return TC_ACT_SHOT as i32;
     }
     count(Counter::TcReply);
-    let out = parse::Tuple {
+    let out = Tuple {
         src: rev.src_addr_be,
+        dst: rev.dst_addr_be,
         sport: rev.src_port_be,
-        ..t
+        dport: rev.dst_port_be,
+        proto: t.proto,
     };
     forward(ctx, &out)
 }
 
-/// Sends the translated reply straight out of the interface towards the client. Handing it
-/// back to the kernel would not do: its source is now a node address (the NodePort's), and
-/// the kernel drops packets arriving with a local source as martians.
 #[inline(always)]
-fn forward(ctx: &TcContext, t: &parse::Tuple) -> i32 {
+fn to_backend(ctx: &TcContext, t: &Tuple, svc_id: u32, path: Path) -> i32 {
+    let Some(svc) = (unsafe { SERVICES.get(svc_id) }) else {
+        return TC_ACT_OK as i32;
+    };
+    let svc = *svc;
+    let stats = svc_stats(svc_id);
+    let ct_key = lb::reply_key(t.src, t.dst, t.sport, t.dport, t.proto);
+    let target = match lb::choose(&ct_key, svc_id, &svc, path) {
+        Choice::Go(target) => target,
+        Choice::Reject => {
+            if let Some(s) = stats {
+                s.packets += 1;
+                s.rejects += 1;
+            }
+            return reject(ctx, t);
+        }
+        Choice::Drop => return TC_ACT_SHOT as i32,
+    };
+    if let Some(s) = stats {
+        s.packets += 1;
+        s.bytes += ctx.len() as u64;
+        if target.new_flow {
+            s.new_flows += 1;
+        }
+    }
+    count(Counter::TcClusterIp);
+    let be = target.backend;
+    if rewrite(ctx, t, be.addr_be, be.port_be, false).is_err() {
+        return TC_ACT_SHOT as i32;
+    }
+    let mut out = Tuple {
+        dst: be.addr_be,
+        dport: be.port_be,
+        ..*t
+    };
+    if target.snat_port != 0 {
+        // Hairpin, or a NodePort/external IP whose backend is on another node.
+        if rewrite(ctx, t, target.snat_addr, target.snat_port, true).is_err() {
+            return TC_ACT_SHOT as i32;
+        }
+        out.src = target.snat_addr;
+        out.sport = target.snat_port;
+    }
+    forward(ctx, &out)
+}
+
+/// Rewrites source (`src`) or destination address and port with the kernel's checksum
+/// helpers. No-op when nothing changes (the common case for the destination of replies).
+#[inline(always)]
+fn rewrite(ctx: &TcContext, t: &Tuple, addr: u32, port: u16, src: bool) -> Result<(), i64> {
+    let (old_addr, old_port, addr_off, port_off) = if src {
+        (t.src, t.sport, IP_SRC, L4_SPORT)
+    } else {
+        (t.dst, t.dport, IP_DST, L4_DPORT)
+    };
+    if old_addr == addr && old_port == port {
+        return Ok(());
+    }
+    let l4_check = if t.proto == PROTO_TCP {
+        TCP_CHECK
+    } else {
+        UDP_CHECK
+    };
+    // UDP with checksum 0 has none to fix (BPF_F_MARK_MANGLED_0 keeps 0 meaning "none").
+    let mangled0 = if t.proto == PROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
+    ctx.l4_csum_replace(
+        l4_check,
+        old_addr as u64,
+        addr as u64,
+        BPF_F_PSEUDO_HDR as u64 | 4 | mangled0,
+    )?;
+    ctx.l4_csum_replace(l4_check, old_port as u64, port as u64, 2 | mangled0)?;
+    ctx.l3_csum_replace(IP_CHECK, old_addr as u64, addr as u64, 4)?;
+    ctx.store(addr_off, &addr, 0)?;
+    ctx.store(port_off, &port, 0)?;
+    Ok(())
+}
+
+/// Sends a translated packet on from here: FIB lookup, MACs, TTL, redirect. Handing it back
+/// to the kernel would not always do: a reply's source may now be a node address (the
+/// NodePort's, or the hairpin SNAT address) and the kernel drops packets arriving with a
+/// local source as martians.
+#[inline(always)]
+fn forward(ctx: &TcContext, t: &Tuple) -> i32 {
     // SAFETY: zeroed bpf_fib_lookup is valid input; the fields used are set below.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = 2; // AF_INET
@@ -85,7 +233,7 @@ fn forward(ctx: &TcContext, t: &parse::Tuple) -> i32 {
         )
     };
     // A router's duty: one hop less (the kernel would have done it on its forwarding path).
-    let Ok(ttl) = ctx.load::<u8>(IP_OFF + 8) else {
+    let Ok(ttl) = ctx.load::<u8>(IP_TTL) else {
         return TC_ACT_SHOT as i32;
     };
     if ttl <= 1 {
@@ -94,7 +242,7 @@ fn forward(ctx: &TcContext, t: &parse::Tuple) -> i32 {
     let old = u16::from_ne_bytes([ttl, t.proto]) as u64;
     let new = u16::from_ne_bytes([ttl - 1, t.proto]) as u64;
     if ctx.l3_csum_replace(IP_CHECK, old, new, 2).is_err()
-        || ctx.store(IP_OFF + 8, &(ttl - 1), 0).is_err()
+        || ctx.store(IP_TTL, &(ttl - 1), 0).is_err()
     {
         return TC_ACT_SHOT as i32;
     }
@@ -116,24 +264,54 @@ fn forward(ctx: &TcContext, t: &parse::Tuple) -> i32 {
     }
 }
 
+/// Refuses the pod's packet: RST or ICMP port unreachable built over it and sent back into
+/// the pod through the interface it came from.
 #[inline(always)]
-fn snat_source(ctx: &TcContext, t: &parse::Tuple, addr: u32, port: u16) -> Result<(), i64> {
-    let l4_check = if t.proto == PROTO_TCP {
-        TCP_CHECK
+fn reject(ctx: &TcContext, t: &Tuple) -> i32 {
+    // SAFETY: reading the skb's ifindex, a plain field of the context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if t.proto == PROTO_TCP {
+        count(Counter::RejectRst);
+        if unsafe { bpf_skb_change_tail(ctx.skb.skb, reject::RST_LEN as u32, 0) } != 0
+            || ctx.pull_data(reject::RST_LEN as u32).is_err()
+        {
+            return TC_ACT_SHOT as i32;
+        }
+        let Some(p) = ptr_at::<[u8; reject::RST_LEN]>(ctx.data(), ctx.data_end(), 0) else {
+            return TC_ACT_SHOT as i32;
+        };
+        // SAFETY: bounds checked by ptr_at; the skb's data is writable after pull_data.
+        if !reject::build_rst(unsafe { &mut *p }) {
+            return TC_ACT_SHOT as i32;
+        }
     } else {
-        UDP_CHECK
-    };
-    let pseudo = BPF_F_PSEUDO_HDR as u64 | 4;
-    // UDP with checksum 0 has none to fix (BPF_F_MARK_MANGLED_0 keeps 0 meaning "none").
-    let mangled0 = if t.proto == PROTO_UDP {
-        aya_ebpf::bindings::BPF_F_MARK_MANGLED_0 as u64
-    } else {
-        0
-    };
-    ctx.l4_csum_replace(l4_check, t.src as u64, addr as u64, pseudo | mangled0)?;
-    ctx.l4_csum_replace(l4_check, t.sport as u64, port as u64, 2 | mangled0)?;
-    ctx.l3_csum_replace(IP_CHECK, t.src as u64, addr as u64, 4)?;
-    ctx.store(IP_SRC, &addr, 0)?;
-    ctx.store(L4_SPORT, &port, 0)?;
-    Ok(())
+        count(Counter::RejectIcmp);
+        if ctx.pull_data(reject::QUOTE_END as u32).is_err() {
+            return TC_ACT_SHOT as i32;
+        }
+        let Some(p) = ptr_at::<[u8; reject::QUOTE_END]>(ctx.data(), ctx.data_end(), 0) else {
+            return TC_ACT_SHOT as i32;
+        };
+        let o = reject::origin(unsafe { &*p });
+        unsafe {
+            if bpf_skb_change_tail(ctx.skb.skb, reject::QUOTE_END as u32, 0) != 0
+                || bpf_skb_adjust_room(
+                    ctx.skb.skb,
+                    reject::ICMP_GROW as i32,
+                    bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+                    0,
+                ) != 0
+            {
+                return TC_ACT_SHOT as i32;
+            }
+        }
+        if ctx.pull_data(reject::ICMP_LEN as u32).is_err() {
+            return TC_ACT_SHOT as i32;
+        }
+        let Some(p) = ptr_at::<[u8; reject::ICMP_LEN]>(ctx.data(), ctx.data_end(), 0) else {
+            return TC_ACT_SHOT as i32;
+        };
+        reject::build_icmp_unreachable(unsafe { &mut *p }, &o);
+    }
+    unsafe { bpf_redirect(ifindex, 0) as i32 }
 }

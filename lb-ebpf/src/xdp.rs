@@ -40,6 +40,11 @@ pub fn run(ctx: &XdpContext) -> u32 {
     }
     let rk = lb::reply_key(t.src, t.dst, t.sport, t.dport, t.proto);
     if let Some(rev) = unsafe { REVNAT.get(&rk) } {
+        if rev.flags & REV_TO_LOCAL_POD != 0 {
+            // For a pod on this node: the uplink's tc hook translates and delivers it.
+            count(Counter::PassToTc);
+            return XDP_PASS;
+        }
         let rev = *rev;
         return reply(ctx, &t, &rev);
     }
@@ -57,7 +62,7 @@ fn to_backend(ctx: &XdpContext, t: &Tuple, svc_id: u32) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let stats = svc_stats(svc_id);
     let ct_key = lb::reply_key(t.src, t.dst, t.sport, t.dport, t.proto);
-    let target = match lb::choose(&ct_key, svc_id, &svc) {
+    let target = match lb::choose(&ct_key, svc_id, &svc, lb::Path::NORTH_SOUTH) {
         Choice::Go(target) => target,
         Choice::Reject => {
             if let Some(s) = stats {

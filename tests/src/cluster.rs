@@ -271,6 +271,9 @@ impl Cluster {
                 .arg(&pin_dir)
                 .arg("--run-dir")
                 .arg(&run_dir)
+                // Socket-level load balancing for the node's own processes.
+                .arg("--cgroup")
+                .arg(&node.cgroup)
                 // The harness owns both ends of each veth and runs the pass program on the
                 // far end, so native mode can deliver XDP_TX frames here.
                 .args(["--xdp-mode", "native"])

@@ -6,7 +6,10 @@
 //!
 //! All traffic stays inside namespaces named `xlb-<pid>x<n>-<role>` that the
 //! harness creates and removes itself; namespaces of dead harnesses are swept
-//! on the next [`Network::up`].
+//! on the next [`Network::up`]. Each node also gets a cgroup v2 of the same name
+//! (`<cgroup2 mount>/xlb-<pid>x<n>-node-<name>`, [`Node::cgroup`]) for its own
+//! processes ([`node_command`], [`node_http_get`], [`node_udp_request`]); the agent
+//! attaches its socket-level programs there. Those are swept the same way.
 //!
 //! Privileged tests start with:
 //!
@@ -18,6 +21,7 @@
 //! let net = lb_tests::Network::up(&lb_tests::TopologySpec::seed()).unwrap();
 //! ```
 
+mod cgroup;
 mod client;
 mod cluster;
 mod guards;
@@ -28,7 +32,11 @@ mod privileged;
 mod server;
 mod topology;
 
-pub use client::{HttpResponse, http_get, http_request, tcp_reachable, udp_request};
+pub use cgroup::{cgroup_pids, cgroup2_mount, delete_cgroup, list_cgroups};
+pub use client::{
+    HttpResponse, NodeHttpResponse, UdpReply, http_get, http_request, node_command, node_http_get,
+    node_http_request, node_udp_request, pod_http_get, pod_udp_request, tcp_reachable, udp_request,
+};
 pub use cluster::{
     AgentProc, Cluster, DNS_NODE_PORT, DNS_PORT, ECHO_NODE_PORT, ECHO_PORT, ManifestOpts,
     NGINX_CLUSTER_IP, NGINX_NODE_PORT, agent_bin, seed_manifests,
@@ -37,7 +45,7 @@ pub use guards::{Netns, PIN_ROOT, PinDir, sweep_stale_pins};
 pub use ipnet::Ipv4Net;
 pub use netns::{
     NETNS_PREFIX, delete_netns, exec_in, exec_ok, in_netns, kill_netns_processes, list_netns,
-    sweep_stale_namespaces, try_in_netns,
+    sweep_stale_cgroups, sweep_stale_namespaces, try_in_netns,
 };
 pub use network::{BRIDGE_NAME, CLIENT_KIND_IFACE, Network, Node, Pod, UPLINK};
 pub use privileged::{

@@ -201,22 +201,56 @@ static SWEPT_ONCE: AtomicBool = AtomicBool::new(false);
 
 /// Deletes `xlb-*` namespaces whose creating process is gone (a harness
 /// that was SIGKILLed or aborted never ran its Drop), killing any pod
-/// servers still running in them. Returns the names it removed.
+/// servers still running in them. Returns the names it removed. Also sweeps
+/// stale harness cgroups, as [`sweep_stale_cgroups`] does.
 ///
 /// The first sweep in a process also removes namespaces carrying this
 /// process's own pid: the pid was recycled from a dead harness, since this
 /// process has not created any namespace yet.
 pub fn sweep_stale_namespaces() -> Result<Vec<String>> {
+    Ok(sweep_stale()?.0)
+}
+
+/// Removes harness cgroups (`<cgroup2 mount>/xlb-<pid>x…`) whose creating process is gone,
+/// SIGKILLing the processes still inside first, and returns their paths. Also sweeps stale
+/// namespaces, as [`sweep_stale_namespaces`] does (both share the "first sweep of this
+/// process" rule for recycled pids).
+pub fn sweep_stale_cgroups() -> Result<Vec<PathBuf>> {
+    Ok(sweep_stale()?.1)
+}
+
+fn sweep_stale() -> Result<(Vec<String>, Vec<PathBuf>)> {
     let _guard = SWEEP_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let first = !SWEPT_ONCE.swap(true, Ordering::SeqCst);
     let me = std::process::id();
+    let is_stale = |pid: u32| if pid == me { first } else { !pid_alive(pid) };
+    // Cgroups first: their processes may hold namespaces open.
+    let mut swept_cgroups = Vec::new();
+    for cgroup in crate::cgroup::list_cgroups()? {
+        let Some(pid) = cgroup
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(netns_owner_pid)
+        else {
+            continue;
+        };
+        if !is_stale(pid) {
+            continue;
+        }
+        match crate::cgroup::delete_cgroup(&cgroup) {
+            Ok(()) => swept_cgroups.push(cgroup),
+            Err(_) if !cgroup.exists() => {}
+            Err(e) => {
+                return Err(e.context(format!("sweeping stale cgroup {}", cgroup.display())));
+            }
+        }
+    }
     let mut swept = Vec::new();
     for netns in list_netns()? {
         let Some(pid) = netns_owner_pid(&netns) else {
             continue;
         };
-        let stale = if pid == me { first } else { !pid_alive(pid) };
-        if !stale {
+        if !is_stale(pid) {
             continue;
         }
         // A pod server's log (see `Network`) dies with its namespace.
@@ -231,7 +265,10 @@ pub fn sweep_stale_namespaces() -> Result<Vec<String>> {
     if !swept.is_empty() {
         log::info!("swept stale namespaces: {}", swept.join(", "));
     }
-    Ok(swept)
+    if !swept_cgroups.is_empty() {
+        log::info!("swept stale cgroups: {swept_cgroups:?}");
+    }
+    Ok((swept, swept_cgroups))
 }
 
 #[cfg(test)]

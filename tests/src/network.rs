@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
+use crate::cgroup::{create_cgroup, delete_cgroup};
 use crate::client::{http_get, tcp_reachable};
 use crate::ipnet::Ipv4Net;
 use crate::netns::{
@@ -59,6 +60,10 @@ pub struct Node {
     pub pod_cidr: Ipv4Net,
     /// Peer of `uplink`, enslaved to the bridge in the kind namespace.
     pub kind_side_iface: String,
+    /// The node's cgroup v2, `<cgroup2 mount>/xlb-<tag>-node-<name>` (same name as
+    /// `netns`): the node's own processes ([`crate::node_command`]) run in it, and the
+    /// agent attaches its socket-level programs to it (`--cgroup`).
+    pub cgroup: PathBuf,
 }
 
 impl Node {
@@ -132,6 +137,9 @@ pub struct Network {
     servers: HashMap<String, Server>,
     /// In creation order; torn down in reverse.
     namespaces: Vec<String>,
+    /// Node cgroups, in creation order; removed (processes killed first) before the
+    /// namespaces.
+    cgroups: Vec<PathBuf>,
     /// Per node: index in the pod CIDR of the next pod address. Never
     /// reused, like kind's host-local IPAM, so a new pod does not inherit a
     /// removed pod's address (and stale conntrack/backend state).
@@ -166,6 +174,7 @@ impl Network {
             pods: Vec::new(),
             servers: HashMap::new(),
             namespaces: Vec::new(),
+            cgroups: Vec::new(),
             next_pod_index: HashMap::new(),
         };
         // On error `net` drops here and removes whatever was built.
@@ -206,6 +215,8 @@ impl Network {
         for (node_spec, kind_iface) in spec.nodes.iter().zip(kind_ifaces) {
             let netns = self.new_netns(&format!("node-{}", node_spec.name), true)?;
             self.attach_to_kind(&netns, &kind_iface, node_spec.addr)?;
+            let cgroup = create_cgroup(&netns)?;
+            self.cgroups.push(cgroup.clone());
             self.nodes.push(Node {
                 name: node_spec.name.clone(),
                 netns,
@@ -213,6 +224,7 @@ impl Network {
                 uplink: UPLINK.to_owned(),
                 pod_cidr: node_spec.pod_cidr,
                 kind_side_iface: kind_iface,
+                cgroup,
             });
         }
 
@@ -542,6 +554,11 @@ impl Network {
         &self.spec
     }
 
+    /// The node cgroups of this network, in creation order.
+    pub fn cgroups(&self) -> &[PathBuf] {
+        &self.cgroups
+    }
+
     /// All namespaces of this network, in creation order.
     pub fn namespaces(&self) -> &[String] {
         &self.namespaces
@@ -599,6 +616,16 @@ impl Drop for Network {
     fn drop(&mut self) {
         for (_, server) in self.servers.drain() {
             server.stop();
+        }
+        // Node processes first: they may hold the namespaces.
+        for cgroup in self.cgroups.drain(..).rev() {
+            if let Err(e) = delete_cgroup(&cgroup) {
+                eprintln!(
+                    "xlb network {}: teardown of cgroup {}: {e:#}",
+                    self.tag,
+                    cgroup.display()
+                );
+            }
         }
         // Reverse creation order: pods, nodes, client, then the bridge.
         for netns in self.namespaces.drain(..).rev() {
@@ -925,6 +952,157 @@ mod tests {
         );
         let routes = exec_ok(net.client_netns(), &["ip", "-4", "route", "show"]).unwrap();
         assert!(routes.contains("10.200.0.2 via 192.168.77.11"), "{routes}");
+    }
+
+    /// Retries `f` until it succeeds or `T` has passed.
+    fn eventually<R>(mut f: impl FnMut() -> Result<R>) -> R {
+        let deadline = Instant::now() + T;
+        loop {
+            match f() {
+                Ok(r) => return r,
+                Err(e) if Instant::now() >= deadline => panic!("{e:#}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    #[test]
+    fn node_cgroups_and_node_clients() {
+        use std::os::unix::fs::MetadataExt;
+
+        use crate::cgroup::{cgroup_pids, cgroup2_mount, list_cgroups};
+        use crate::client::{node_command, node_http_get, node_http_request, node_udp_request};
+
+        if !require_privileged() {
+            return;
+        }
+        let _lock = net_lock();
+        let net = Network::up(&TopologySpec::seed()).unwrap();
+        let mount = cgroup2_mount().unwrap();
+        let listed = list_cgroups().unwrap();
+        for node in net.nodes() {
+            assert_eq!(node.cgroup, mount.join(&node.netns));
+            assert!(node.cgroup.join("cgroup.procs").is_file());
+            assert!(listed.contains(&node.cgroup), "{listed:?}");
+        }
+        assert_eq!(net.cgroups().len(), net.nodes().len());
+
+        // A node process reaches pods directly (no agent involved): on its own node over
+        // the pod veth, on another node over the kindnet route.
+        let worker = net.node("service-demo-worker").clone();
+        let cp = net.node("service-demo-control-plane").clone();
+        for pod in net.pods() {
+            for node in [net.node(&pod.node), &cp] {
+                let ip = pod.addr.to_string();
+                assert_eq!(
+                    node_http_get(node, &ip, POD_HTTP_PORT, T).unwrap(),
+                    pod.expected_reply()
+                );
+                let r = node_http_request(node, &ip, POD_HTTP_PORT, "/x", T).unwrap();
+                assert_eq!(r.response.header("X-Pod-Name"), Some(pod.name.as_str()));
+                assert_eq!(r.peer, pod.http_addr());
+                // Source: the pod gateway towards its own pods, the uplink otherwise.
+                let src = if node.name == pod.node {
+                    node.pod_gateway()
+                } else {
+                    node.addr
+                };
+                assert_eq!(*r.local.ip(), src);
+                let reply = node_udp_request(node, &ip, POD_UDP_PORT, b"\x00ping\n", T).unwrap();
+                assert_eq!(reply.payload, pod.expected_reply().as_bytes());
+                assert_eq!(reply.from, pod.udp_addr());
+                assert_ne!(reply.local.port(), 0);
+            }
+        }
+        // Errors are reported, with the client's message.
+        let err = node_http_get(&worker, "127.0.0.1", 1, T).unwrap_err();
+        assert!(format!("{err:#}").contains("ConnectionRefused"), "{err:#}");
+        let err = node_udp_request(&worker, "127.0.0.1", 1, b"x", Duration::from_millis(300))
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("timed out"), "{err:#}");
+
+        // `localhost` on the node itself, as `docker exec <node> curl http://localhost:..`,
+        // against a server that is itself a node process.
+        let mut server = node_command(
+            &worker,
+            "python3",
+            ["-c", POD_SERVER_PY, "node-local", "8080", "5354", "7001"],
+        )
+        .unwrap()
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+        assert_eq!(
+            eventually(|| node_http_get(&worker, "localhost", 8080, T)),
+            "node-local\n"
+        );
+        let reply = node_udp_request(&worker, "localhost", 5354, b"hi", T).unwrap();
+        assert_eq!(reply.from, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5354));
+        assert!(cgroup_pids(&worker.cgroup).unwrap().contains(&server.id()));
+        assert!(cgroup_pids(&cp.cgroup).unwrap().is_empty());
+        // ... and only in the worker's namespace.
+        assert!(node_http_get(&cp, "localhost", 8080, T).is_err());
+
+        // The child really is in the node's cgroup and network namespace.
+        let out = node_command(
+            &worker,
+            "sh",
+            ["-c", "cat /proc/self/cgroup; readlink /proc/self/ns/net"],
+        )
+        .unwrap()
+        .output()
+        .unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let rel = worker.cgroup.strip_prefix(&mount).unwrap();
+        assert!(
+            text.lines().any(|l| l == format!("0::/{}", rel.display())),
+            "{text}"
+        );
+        let ino = std::fs::metadata(Path::new("/run/netns").join(&worker.netns))
+            .unwrap()
+            .ino();
+        assert!(text.contains(&format!("net:[{ino}]")), "{text}");
+
+        // Teardown kills node processes and removes the cgroups with the namespaces.
+        let tag = net.tag().to_owned();
+        let cgroups = net.cgroups().to_vec();
+        drop(net);
+        assert!(!server.wait().unwrap().success());
+        for cgroup in &cgroups {
+            assert!(!cgroup.exists(), "{}", cgroup.display());
+        }
+        assert_eq!(tagged_namespaces(&tag), Vec::<String>::new());
+    }
+
+    #[test]
+    fn sweeps_cgroups_of_dead_harnesses() {
+        use std::os::unix::process::CommandExt;
+
+        use crate::cgroup::{CgroupJoin, cgroup_pids, create_cgroup};
+        use crate::netns::sweep_stale_cgroups;
+
+        if !require_privileged() {
+            return;
+        }
+        let _lock = net_lock();
+        let mut gone = Command::new("true").spawn().unwrap();
+        let dead_pid = gone.id();
+        gone.wait().unwrap();
+        let stale = create_cgroup(&format!("{NETNS_PREFIX}{dead_pid}x0-node-stale")).unwrap();
+        let join = CgroupJoin::open(&stale).unwrap();
+        let mut cmd = Command::new("sleep");
+        cmd.arg("60");
+        // SAFETY: join_self only writes to an already open descriptor.
+        unsafe {
+            cmd.pre_exec(move || join.join_self());
+        }
+        let mut orphan = cmd.spawn().unwrap();
+        assert_eq!(cgroup_pids(&stale).unwrap(), vec![orphan.id()]);
+        let swept = sweep_stale_cgroups().unwrap();
+        assert!(swept.contains(&stale), "{swept:?}");
+        assert!(!stale.exists());
+        assert!(!orphan.wait().unwrap().success());
     }
 
     #[test]

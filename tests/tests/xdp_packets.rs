@@ -43,6 +43,14 @@ const CT_B: [u8; 4] = [10, 250, 1, 21];
 const MAC_NODE: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const MAC_NODE_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x03];
 const MAC_CLIENT: [u8; 6] = [0x02, 0, 0, 0, 0, 0x64];
+const MAC_POD_IF: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+const MAC_POD_LOCAL: [u8; 6] = [0x02, 0, 0, 0, 0, 0x55];
+const MAC_POD_CLIENT: [u8; 6] = [0x02, 0, 0, 0, 0, 0x59];
+const POD_CLIENT: [u8; 4] = [10, 250, 1, 9];
+const CLUSTER_IP_REMOTE: [u8; 4] = [10, 96, 0, 11];
+const CLUSTER_IP_EMPTY: [u8; 4] = [10, 96, 0, 14];
+const CLUSTER_IP_ITP_LOCAL: [u8; 4] = [10, 96, 0, 21];
+const TC_ACT_SHOT: u32 = 2;
 const SNAT_PORT: u16 = 61000;
 
 fn world(ct_backend: [u8; 4]) -> String {
@@ -150,6 +158,21 @@ metadata: {{name: ct-1, namespace: t, labels: {{kubernetes.io/service-name: ct}}
 addressType: IPv4
 ports: [{{name: http, port: 8080, protocol: TCP}}]
 endpoints: [{{addresses: ["{ctb}"], nodeName: node-a}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: itp-local, namespace: t}}
+spec:
+  clusterIP: 10.96.0.21
+  internalTrafficPolicy: Local
+  ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: itp-local-1, namespace: t, labels: {{kubernetes.io/service-name: itp-local}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints: [{{addresses: ["{pr}"], nodeName: node-b}}]
 "#,
         lb = ip(LB_IP),
         ext = ip(EXT_IP),
@@ -390,6 +413,7 @@ fn assert_checksums(desc: &str, frame: &[u8]) {
 enum Prog {
     Xdp,
     TcPod,
+    TcUplink,
 }
 
 enum Step {
@@ -684,6 +708,121 @@ fn table() -> Vec<Step> {
             ack(40030, NODE, 30100).set_dst(CT_B, 8080).bytes(),
             XDP_PASS,
         ),
+        // --- ClusterIP from a pod (tc on the pod's interface): source kept, DNAT, sent on.
+        tc(
+            "tc: pod -> ClusterIP, local backend: DNAT, pod source kept",
+            from_pod(45000, CLUSTER_IP, 80).bytes(),
+            Some(
+                from_pod(45000, CLUSTER_IP, 80)
+                    .set_dst(POD_LOCAL, 8080)
+                    .routed(MAC_POD_IF, MAC_POD_LOCAL)
+                    .bytes(),
+            ),
+            TC_ACT_REDIRECT,
+        ),
+        tc(
+            "tc: local backend's reply gets the ClusterIP back",
+            pod_reply(POD_LOCAL, 8080, POD_CLIENT, 45000).bytes(),
+            Some(
+                pod_reply(POD_LOCAL, 8080, POD_CLIENT, 45000)
+                    .set_src(CLUSTER_IP, 80)
+                    .routed(MAC_POD_IF, MAC_POD_CLIENT)
+                    .bytes(),
+            ),
+            TC_ACT_REDIRECT,
+        ),
+        tc(
+            "tc: pod -> ClusterIP, remote backend: no SNAT, to node B",
+            from_pod(45001, CLUSTER_IP_REMOTE, 80).bytes(),
+            Some(
+                from_pod(45001, CLUSTER_IP_REMOTE, 80)
+                    .set_dst(POD_REMOTE, 8080)
+                    .routed(MAC_NODE, MAC_NODE_B)
+                    .bytes(),
+            ),
+            TC_ACT_REDIRECT,
+        ),
+        Step::Case {
+            desc: "XDP: reply for a local pod's ClusterIP flow is left to tc",
+            prog: Prog::Xdp,
+            input: remote_reply_to_pod(45001).bytes(),
+            output: None,
+            action: XDP_PASS,
+        },
+        Step::Case {
+            desc: "tc uplink: reply for a local pod's ClusterIP flow, translated and delivered",
+            prog: Prog::TcUplink,
+            input: remote_reply_to_pod(45001).bytes(),
+            output: Some(
+                remote_reply_to_pod(45001)
+                    .set_src(CLUSTER_IP_REMOTE, 80)
+                    .routed(MAC_POD_IF, MAC_POD_CLIENT)
+                    .bytes(),
+            ),
+            action: TC_ACT_REDIRECT,
+        },
+        Step::Case {
+            desc: "tc uplink: anything else is untouched",
+            prog: Prog::TcUplink,
+            input: remote_reply.bytes(),
+            output: None,
+            action: TC_ACT_OK,
+        },
+        tc(
+            "tc: hairpin, the pod reaches itself: SNAT to the node",
+            from_pod(45100, CLUSTER_IP, 80)
+                .with(|p| p.src = POD_LOCAL)
+                .bytes(),
+            Some(
+                from_pod(45100, CLUSTER_IP, 80)
+                    .with(|p| p.src = POD_LOCAL)
+                    .set_dst(POD_LOCAL, 8080)
+                    .set_src(NODE, SNAT_PORT)
+                    .routed(MAC_POD_IF, MAC_POD_LOCAL)
+                    .bytes(),
+            ),
+            TC_ACT_REDIRECT,
+        ),
+        tc(
+            "tc: hairpin reply goes back to the pod from the ClusterIP",
+            pod_reply(POD_LOCAL, 8080, NODE, SNAT_PORT).bytes(),
+            Some(
+                pod_reply(POD_LOCAL, 8080, NODE, SNAT_PORT)
+                    .set_src(CLUSTER_IP, 80)
+                    .set_dst(POD_LOCAL, 45100)
+                    .routed(MAC_POD_IF, MAC_POD_LOCAL)
+                    .bytes(),
+            ),
+            TC_ACT_REDIRECT,
+        ),
+        tc(
+            "tc: unused ClusterIP port -> RST back into the pod",
+            from_pod(45002, CLUSTER_IP, 81).bytes(),
+            Some(rst_for(&from_pod(45002, CLUSTER_IP, 81))),
+            TC_ACT_REDIRECT,
+        ),
+        tc(
+            "tc: ClusterIP without endpoints, UDP -> ICMP port unreachable",
+            udp_from_pod(45003, CLUSTER_IP_EMPTY, 53).bytes(),
+            Some(icmp_unreachable_for(&udp_from_pod(
+                45003,
+                CLUSTER_IP_EMPTY,
+                53,
+            ))),
+            TC_ACT_REDIRECT,
+        ),
+        tc(
+            "tc: internalTrafficPolicy Local without a local endpoint -> drop",
+            from_pod(45004, CLUSTER_IP_ITP_LOCAL, 80).bytes(),
+            None,
+            TC_ACT_SHOT,
+        ),
+        tc(
+            "tc: pod traffic to elsewhere is untouched",
+            from_pod(45005, [192, 0, 2, 1], 443).bytes(),
+            None,
+            TC_ACT_OK,
+        ),
         // --- Not ours: untouched.
         untouched(
             "ClusterIP traffic is left to tc",
@@ -725,6 +864,69 @@ fn table() -> Vec<Step> {
     ]
 }
 
+fn tc(desc: &'static str, input: Vec<u8>, output: Option<Vec<u8>>, action: u32) -> Step {
+    Step::Case {
+        desc,
+        prog: Prog::TcPod,
+        input,
+        output,
+        action,
+    }
+}
+
+/// A TCP SYN from the local client pod, as it leaves the pod.
+fn from_pod(sport: u16, dst: [u8; 4], dport: u16) -> Pkt {
+    Pkt {
+        smac: MAC_POD_CLIENT,
+        dmac: MAC_POD_IF,
+        src: POD_CLIENT,
+        ..syn(sport, dst, dport)
+    }
+}
+
+fn udp_from_pod(sport: u16, dst: [u8; 4], dport: u16) -> Pkt {
+    Pkt {
+        l4: L4::Udp { sport, dport },
+        ..from_pod(sport, dst, dport)
+    }
+}
+
+/// A backend pod's SYN-ACK as it leaves the pod.
+fn pod_reply(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Pkt {
+    Pkt {
+        smac: MAC_POD_LOCAL,
+        dmac: MAC_POD_IF,
+        src,
+        dst,
+        ttl: 64,
+        l4: L4::Tcp {
+            sport,
+            dport,
+            seq: 9000,
+            ack: Some(1001),
+            syn: true,
+        },
+    }
+}
+
+/// The remote ClusterIP backend's reply to the local client pod, arriving on the uplink.
+fn remote_reply_to_pod(dport: u16) -> Pkt {
+    Pkt {
+        smac: MAC_NODE_B,
+        dmac: MAC_NODE,
+        src: POD_REMOTE,
+        dst: POD_CLIENT,
+        ttl: 63,
+        l4: L4::Tcp {
+            sport: 8080,
+            dport,
+            seq: 5000,
+            ack: Some(1001),
+            syn: true,
+        },
+    }
+}
+
 fn to_udp_local(p: Pkt) -> Pkt {
     p.set_dst(POD_LOCAL_DNS, 5353)
 }
@@ -755,6 +957,15 @@ fn setup_netns(ns: &Netns) {
     ip("neigh replace 172.30.0.100 lladdr 02:00:00:00:00:64 dev up0 nud permanent");
     ip("neigh replace 172.30.0.3 lladdr 02:00:00:00:00:03 dev up0 nud permanent");
     ip("route add 10.250.2.0/24 via 172.30.0.3 dev up0");
+    // Local pods sit behind one pod-facing interface here; its routes and neighbours are
+    // static so the expected MACs are known.
+    ip("link add pod0 type veth peer name pod0p");
+    ip("link set pod0 address 02:00:00:00:00:0a");
+    ip("link set pod0 up");
+    ip("link set pod0p up");
+    ip("route add 10.250.1.0/24 dev pod0");
+    ip("neigh replace 10.250.1.5 lladdr 02:00:00:00:00:55 dev pod0 nud permanent");
+    ip("neigh replace 10.250.1.9 lladdr 02:00:00:00:00:59 dev pod0 nud permanent");
     ns.exec("sysctl -qw net.ipv4.ip_forward=1");
 }
 
@@ -846,13 +1057,14 @@ fn packet_table() {
                                 .unwrap_or_else(|e| panic!("{desc}: test_run: {e}"));
                             (r.return_value, r.data_size_out as usize)
                         }
-                        Prog::TcPod => {
-                            let p: &mut SchedClassifier = dp
-                                .ebpf
-                                .program_mut(PROG_TC_POD)
-                                .unwrap()
-                                .try_into()
-                                .unwrap();
+                        Prog::TcPod | Prog::TcUplink => {
+                            let name = if matches!(prog, Prog::TcPod) {
+                                PROG_TC_POD
+                            } else {
+                                PROG_TC_UPLINK
+                            };
+                            let p: &mut SchedClassifier =
+                                dp.ebpf.program_mut(name).unwrap().try_into().unwrap();
                             let opts = TestRunOptions {
                                 data_in: Some(&input),
                                 data_out: Some(&mut out),

@@ -1,0 +1,120 @@
+//! Socket-level load balancing for the node's own processes (cgroup sock_addr hooks).
+//!
+//! Why sockets and not packets: a process on the node reaching a ClusterIP, its own
+//! `<node IP>:<NodePort>` or `localhost:<NodePort>` sends packets that never enter through
+//! the uplink or a pod interface, and localhost traffic never leaves `lo`. Translating the
+//! destination once at connect()/sendmsg() time covers all three with no per-packet work and
+//! no reverse NAT on the wire: the socket simply talks to the backend. recvmsg/getpeername
+//! put the service address back where the application looks.
+use aya_ebpf::bindings::BPF_ANY;
+use aya_ebpf::{
+    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    programs::SockAddrContext,
+};
+use lb_common::*;
+
+use crate::maps::{
+    BACKENDS, CLUSTER_IPS, FRONTENDS, MAGLEV, SERVICES, SOCK_REVNAT, count, svc_stats,
+};
+
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+#[inline(always)]
+fn refuse(c: Counter) -> i32 {
+    count(c);
+    // The application sees "connection refused", as with kube-proxy's REJECT.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    DENY
+}
+
+/// connect4 and sendmsg4: service address -> backend address.
+#[inline(always)]
+pub fn to_backend(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context fields are readable (and user_ip4/user_port writable) here.
+    let (addr, port, proto) =
+        unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return ALLOW;
+    }
+    let fk = FrontendKey {
+        addr_be: addr,
+        port_be: port,
+        proto,
+        _pad: 0,
+    };
+    let Some(fe) = (unsafe { FRONTENDS.get(&fk) }) else {
+        if unsafe { CLUSTER_IPS.get(&addr) }.is_some() {
+            return refuse(Counter::RejectUnknownPort);
+        }
+        return ALLOW;
+    };
+    let svc_id = fe.svc_id;
+    let Some(svc) = (unsafe { SERVICES.get(svc_id) }) else {
+        return ALLOW;
+    };
+    let stats = svc_stats(svc_id);
+    if svc.backend_count == 0 || svc.table_m == 0 {
+        if let Some(s) = stats {
+            s.rejects += 1;
+        }
+        if svc.flags & SVC_DROP_IF_EMPTY != 0 {
+            count(Counter::DropNoLocal);
+            return DENY;
+        }
+        return refuse(Counter::SockReject);
+    }
+    // One socket, one backend: every datagram of an unconnected UDP socket goes to the same
+    // backend, so request/response protocols keep their peer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
+    let h = ((cookie ^ (cookie >> 32)) as u32).wrapping_mul(0x9e37_79b1);
+    let Some(&backend_id) = MAGLEV.get(svc.table_off.wrapping_add(h % svc.table_m)) else {
+        return ALLOW;
+    };
+    let Some(be) = (unsafe { BACKENDS.get(backend_id) }) else {
+        return ALLOW;
+    };
+    let key = SockRevKey {
+        cookie,
+        backend_addr_be: be.addr_be,
+        backend_port_be: be.port_be,
+        _pad: 0,
+    };
+    let rev = SockRev {
+        addr_be: addr,
+        port_be: port,
+        _pad: 0,
+    };
+    let _ = SOCK_REVNAT.insert(&key, &rev, BPF_ANY as u64);
+    unsafe {
+        (*sa).user_ip4 = be.addr_be;
+        (*sa).user_port = be.port_be as u32;
+    }
+    if let Some(s) = stats {
+        s.new_flows += 1;
+    }
+    count(Counter::SockLb);
+    ALLOW
+}
+
+/// recvmsg4 and getpeername4: backend address -> the service address the socket asked for.
+#[inline(always)]
+pub fn from_backend(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
+    let key = SockRevKey {
+        cookie,
+        backend_addr_be: unsafe { (*sa).user_ip4 },
+        backend_port_be: unsafe { (*sa).user_port as u16 },
+        _pad: 0,
+    };
+    if let Some(rev) = unsafe { SOCK_REVNAT.get(&key) } {
+        unsafe {
+            (*sa).user_ip4 = rev.addr_be;
+            (*sa).user_port = rev.port_be as u32;
+        }
+    }
+    ALLOW
+}
