@@ -76,41 +76,80 @@ fn main() -> Result<()> {
         ]);
     }
     println!("{t}");
-    println!("  (ExternalName my-external-service is DNS only: nothing is programmed for it)");
+    println!(
+        "  (my-external-service is an ExternalName: a DNS alias for example.com, answered by the"
+    );
+    println!(
+        "   cluster DNS; kube-proxy and xlb program nothing for it, so it has no CLUSTER-IP.)"
+    );
 
     let worker = c.net.node("service-demo-worker").clone();
     let worker2 = c.net.node("service-demo-worker2").clone();
     let lb_ip = c.net.lb_ips()[0].0;
-    let mut failed = 0;
-    let mut check = |title: &str, cmd: String, netns: &str, addr: SocketAddrV4| {
+    let mut failed = 0usize;
+    let check = |failed: &mut usize, title: &str, cmd: String, netns: &str, addr: SocketAddrV4| {
         println!("\n▶ {title}\n$ {cmd}");
         for _ in 0..3 {
             match http_get(netns, addr, T) {
                 Ok(body) => println!("{}", body.trim()),
                 Err(e) => {
                     println!("FAILED: {e:#}");
-                    failed += 1;
+                    *failed += 1;
                 }
             }
         }
     };
-    println!("\n1. ClusterIP from a pod (kubectl run curl-test … curl http://{NGINX_CLUSTER_IP}):");
-    println!("   comes with the tc/ClusterIP issue — not served by this build yet.");
+    // 1. ClusterIP from a pod: a curl-test pod created now, as `kubectl run` would.
+    let curl = c.net.add_pod(&worker.name, "curl-test")?;
+    println!("\n▶ 1. ClusterIP from a pod");
+    println!(
+        "$ kubectl run curl-test -n dev --rm -it --restart=Never --image=curlimages/curl -- curl -s http://{NGINX_CLUSTER_IP}"
+    );
+    let cip = SocketAddrV4::new(NGINX_CLUSTER_IP.parse()?, 80);
+    // The new pod's interface is picked up by the agent within a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pod_http_get(&curl, cip, Duration::from_secs(1)).is_err()
+        && std::time::Instant::now() < deadline
+    {}
+    for _ in 0..3 {
+        match pod_http_get(&curl, cip, T) {
+            Ok(r) => println!("{}", r.body.trim()),
+            Err(e) => {
+                println!("FAILED: {e:#}");
+                failed += 1;
+            }
+        }
+    }
+
+    // 2. NodePort from a node, exactly the seed's command.
+    println!("\n▶ 2. NodePort from a node");
+    println!(
+        "$ docker exec {} curl -s http://localhost:{NGINX_NODE_PORT}",
+        worker.name
+    );
+    for _ in 0..3 {
+        match node_http_get(&worker, "localhost", NGINX_NODE_PORT, T) {
+            Ok(body) => println!("{}", body.trim()),
+            Err(e) => {
+                println!("FAILED: {e:#}");
+                failed += 1;
+            }
+        }
+    }
     check(
-        "2. NodePort from a node (docker exec service-demo-worker2 curl http://<worker>:<NodePort>)",
+        &mut failed,
+        "2b. NodePort of the worker from another node",
         format!(
-            "curl -s http://{}:{NGINX_NODE_PORT}   # from {}",
-            worker.addr, worker2.name
+            "docker exec {} curl -s http://{}:{NGINX_NODE_PORT}",
+            worker2.name, worker.addr
         ),
         &worker2.netns,
         SocketAddrV4::new(worker.addr, NGINX_NODE_PORT),
     );
-    println!(
-        "   (`curl http://localhost:{NGINX_NODE_PORT}` on the node itself comes with the host-traffic issue.)"
-    );
     for n in c.net.nodes().to_vec() {
         check(
-            &format!("2b. NodePort of {} from the client", n.name),
+            &mut failed,
+            &format!("2c. NodePort of {} from the client", n.name),
             format!(
                 "docker run --rm --network kind curl -s http://{}:{NGINX_NODE_PORT}",
                 n.addr
@@ -120,6 +159,7 @@ fn main() -> Result<()> {
         );
     }
     check(
+        &mut failed,
         "3. EXTERNAL-IP from outside the cluster",
         format!("docker run --rm --network kind curlimages/curl curl -s http://{lb_ip}"),
         c.net.client_netns(),
