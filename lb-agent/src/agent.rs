@@ -4,6 +4,7 @@ use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -19,7 +20,8 @@ use crate::{
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct RunArgs {
-    /// Where Services and EndpointSlices come from: `file:<PATH>` (YAML, re-read on change).
+    /// Where Services and EndpointSlices come from: `file:<PATH>` (YAML, re-read on change)
+    /// or `kube` (watched through the API server; in-cluster config or KUBECONFIG).
     #[arg(long)]
     pub source: String,
     /// This node's name, as in EndpointSlice `nodeName` (decides local vs remote endpoints).
@@ -88,15 +90,26 @@ pub struct AgentInfo {
     pub warnings: Vec<String>,
 }
 
-enum Source {
+/// `--source`, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceSpec {
     File(PathBuf),
+    Kube,
 }
 
-fn parse_source(s: &str) -> Result<Source> {
+pub fn parse_source(s: &str) -> Result<SourceSpec> {
     match s.split_once(':') {
-        Some(("file", path)) if !path.is_empty() => Ok(Source::File(PathBuf::from(path))),
-        _ => bail!("--source {s:?}: expected file:<PATH>"),
+        _ if s == "kube" => Ok(SourceSpec::Kube),
+        Some(("file", path)) if !path.is_empty() => Ok(SourceSpec::File(PathBuf::from(path))),
+        _ => bail!("--source {s:?}: expected file:<PATH> or kube"),
     }
+}
+
+enum Source {
+    File(PathBuf),
+    /// Snapshots are pushed in ([`Agent::apply_objects`]); the last one is kept for
+    /// re-programming when drained backends expire.
+    Kube(Option<Arc<k8s::Objects>>),
 }
 
 /// Where the socket programs go: `--cgroup`, or by default the cgroup2 mount point.
@@ -149,13 +162,22 @@ pub struct Agent {
     /// re-scan (ifindex -> name).
     tc_failed: BTreeMap<u32, String>,
     last_seen: Option<(SystemTime, u64)>,
+    /// Events of the last translation (each is logged/posted when it first appears).
+    events: Vec<translate::ServiceEvent>,
+    /// New events not yet taken by the source (kube: posted as Kubernetes Events).
+    new_events: Vec<translate::ServiceEvent>,
+    /// kube-proxy's per-service `healthCheckNodePort` servers.
+    health: crate::health::HealthServer,
 }
 
 impl Agent {
     /// Loads and attaches everything; `links` is the namespace's link list (netinfo), for
     /// the uplink's kind and the pod-facing interfaces.
     pub fn start(args: RunArgs, links: &[netinfo::LinkFacts]) -> Result<Self> {
-        let source = parse_source(&args.source)?;
+        let source = match parse_source(&args.source)? {
+            SourceSpec::File(path) => Source::File(path),
+            SourceSpec::Kube => Source::Kube(None),
+        };
         if args.snat_port_min > args.snat_port_max {
             bail!("--snat-port-min must not exceed --snat-port-max");
         }
@@ -187,8 +209,7 @@ impl Agent {
             },
             0,
         )?;
-        Programmer::reset_maps(&mut maps)?;
-        let programmer = Programmer::new(Settings {
+        let mut programmer = Programmer::new(Settings {
             min_m: args.maglev_min_m,
             drain: Duration::from_secs(args.drain_seconds),
             max_services: limits.max_services,
@@ -196,6 +217,11 @@ impl Agent {
             max_backends: limits.max_backends,
             arena: limits.maglev_arena,
         });
+        // Whatever a previous run left keeps serving until the first apply replaces it.
+        let adopted = programmer.adopt(&mut maps)?;
+        if adopted != Default::default() {
+            log::info!("adopted the previous run's state from the pins: {adopted:?}");
+        }
         let uplink_is_veth = links.iter().any(|l| l.name == args.iface && l.is_veth());
         let mode = dp.attach_xdp(&args.iface, args.xdp_mode, uplink_is_veth)?;
         log::info!(
@@ -246,6 +272,9 @@ impl Agent {
             run_dir,
             tc_failed: BTreeMap::new(),
             last_seen: None,
+            events: vec![],
+            new_events: vec![],
+            health: crate::health::HealthServer::new(Ipv4Addr::UNSPECIFIED),
         };
         agent.sync_pod_ifaces(links);
         agent.save_info();
@@ -255,19 +284,28 @@ impl Agent {
     /// One pass: re-read the source if it changed, program the maps, expire drained
     /// backends. (Pod interfaces follow link notifications: `sync_pod_ifaces`.)
     pub fn tick(&mut self, now: Instant) -> Result<()> {
-        let Source::File(path) = &self.source;
-        let path = path.clone();
+        let due = self.programmer.next_deadline().is_some_and(|d| d <= now);
+        let path = match &self.source {
+            Source::File(path) => path.clone(),
+            Source::Kube(Some(objs)) if due => {
+                let objs = objs.clone();
+                self.program_and_record(&objs, now);
+                return Ok(());
+            }
+            Source::Kube(_) => return Ok(()),
+        };
         let meta =
             std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
         let stamp = (meta.modified()?, meta.len());
-        let due = self.programmer.next_deadline().is_some_and(|d| d <= now);
         if self.last_seen == Some(stamp) && !due {
             return Ok(());
         }
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
         self.last_seen = Some(stamp);
-        let result = self.program(&text, now);
+        let result = k8s::parse_objects(&text)
+            .map_err(anyhow::Error::from)
+            .and_then(|objs| self.program(&objs, now));
         match &result {
             Ok(()) => self.info.last_error = None,
             Err(e) => {
@@ -279,17 +317,56 @@ impl Agent {
         Ok(())
     }
 
-    fn program(&mut self, text: &str, now: Instant) -> Result<()> {
-        let objs = k8s::parse_objects(text)?;
-        let desired = translate::translate(&objs, &self.node);
+    /// Programs a snapshot of the kube source (complete: both initial lists are done).
+    /// An error is logged and kept in the status; the datapath keeps its last good state.
+    pub fn apply_objects(&mut self, objs: Arc<k8s::Objects>, now: Instant) {
+        if let Source::Kube(last) = &mut self.source {
+            *last = Some(objs.clone());
+        }
+        self.program_and_record(&objs, now);
+    }
+
+    fn program_and_record(&mut self, objs: &k8s::Objects, now: Instant) {
+        match self.program(objs, now) {
+            Ok(()) => self.info.last_error = None,
+            Err(e) => {
+                log::error!("{e:#}; keeping the last good state");
+                self.info.last_error = Some(format!("{e:#}"));
+            }
+        }
+        self.save_info();
+    }
+
+    /// Events that appeared since the last call (each once, while it lasts; one that goes
+    /// away and comes back is new again).
+    pub fn take_new_events(&mut self) -> Vec<translate::ServiceEvent> {
+        std::mem::take(&mut self.new_events)
+    }
+
+    fn program(&mut self, objs: &k8s::Objects, now: Instant) -> Result<()> {
+        let desired = translate::translate(objs, &self.node);
         for w in &desired.warnings {
             if !self.info.warnings.contains(w) {
                 log::warn!("{w}");
             }
         }
+        for ev in &desired.events {
+            if self.events.contains(ev) {
+                continue;
+            }
+            // Most are warnings too, already logged above.
+            if !desired.warnings.iter().any(|w| w.contains(&ev.message)) {
+                log::warn!("Service {}/{}: {}", ev.namespace, ev.name, ev.message);
+            }
+            if matches!(self.source, Source::Kube(_)) && !self.new_events.contains(ev) {
+                self.new_events.push(ev.clone());
+            }
+        }
+        self.events = desired.events.clone();
         self.info.warnings = desired.warnings.clone();
         let st = self.programmer.apply(&desired, &mut self.maps, now)?;
         log::info!("programmed {} service ports: {st:?}", desired.ports.len());
+        self.health.update(&desired.health_checks);
         Ok(())
     }
 

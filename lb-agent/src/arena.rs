@@ -27,6 +27,25 @@ impl Arena {
         Some(off)
     }
 
+    /// Marks `off..off+len` as used (a table found in the pins at start). False if any
+    /// part of it is not free.
+    pub fn reserve(&mut self, off: u32, len: u32) -> bool {
+        let Some((&start, &run)) = self.free.range(..=off).next_back() else {
+            return false;
+        };
+        if start + run < off + len {
+            return false;
+        }
+        self.free.remove(&start);
+        if off > start {
+            self.free.insert(start, off - start);
+        }
+        if start + run > off + len {
+            self.free.insert(off + len, start + run - off - len);
+        }
+        true
+    }
+
     pub fn free(&mut self, off: u32, len: u32) {
         let (mut off, mut len) = (off, len);
         if let Some((&prev, &plen)) = self.free.range(..off).next_back()
@@ -65,6 +84,17 @@ mod tests {
         a.free(z, 40);
         assert_eq!(a.free_slots(), 100);
         assert_eq!(a.alloc(100), Some(0));
+    }
+
+    #[test]
+    fn reserve_splits_the_free_run() {
+        let mut a = Arena::new(100);
+        assert!(a.reserve(40, 10));
+        assert!(!a.reserve(45, 10), "overlap");
+        assert_eq!(a.alloc(40), Some(0));
+        assert_eq!(a.alloc(50), Some(50));
+        a.free(40, 10);
+        assert_eq!(a.alloc(10), Some(40));
     }
 
     #[test]

@@ -108,6 +108,8 @@ impl Datapath {
             .map_max_entries(MAP_REVNAT, limits.ct_entries)
             .map_max_entries(MAP_CLUSTER_IPS, limits.max_services)
             .map_max_entries(MAP_SOCK_REVNAT, limits.ct_entries)
+            .map_max_entries(MAP_AFFINITY, limits.ct_entries)
+            .map_max_entries(MAP_SRC_RANGES, limits.max_frontends)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         let mut dp = Self {

@@ -1,7 +1,9 @@
 pub mod agent;
 pub mod arena;
 pub mod datapath;
+pub mod health;
 pub mod k8s;
+pub mod kube_source;
 pub mod maglev;
 pub mod netinfo;
 pub mod programmer;

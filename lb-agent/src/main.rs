@@ -5,7 +5,7 @@ use std::{
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
-use lb_agent::{agent, netinfo, status};
+use lb_agent::{agent, kube_source::KubeSource, netinfo, status};
 
 #[derive(Parser)]
 #[command(
@@ -91,12 +91,22 @@ fn only_node() -> Result<String> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn run(args: agent::RunArgs) -> Result<()> {
+    // The API client's configuration is checked before anything is attached; nothing is
+    // programmed until both initial lists are complete (see kube_source).
+    let mut kube = match agent::parse_source(&args.source)? {
+        agent::SourceSpec::Kube => Some(KubeSource::start(
+            KubeSource::client().await?,
+            &args.node_name,
+        )),
+        agent::SourceSpec::File(_) => None,
+    };
     // Subscribed before the first listing, so that no pod interface appears unseen.
     let mut links = netinfo::LinkMonitor::new()?;
     let first = netinfo::list_links(&links.handle).await?;
     let mut agent = agent::Agent::start(args, &first)?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    // The file source is polled: it works the same for editors that replace the file, for
+    // The file source is polled (with the kube source the tick only expires drained
+    // backends): it works the same for editors that replace the file, for
     // ConfigMap symlink swaps and for bind mounts, where inotify watches go stale.
     let mut every = tokio::time::interval(Duration::from_millis(300));
     // Link notifications can be lost (the socket's buffer overflows under a burst), so a
@@ -116,6 +126,17 @@ async fn run(args: agent::RunArgs) -> Result<()> {
                 sync_links(&mut agent, &links).await;
             }
             _ = rescan.tick() => sync_links(&mut agent, &links).await,
+            objs = next_snapshot(&mut kube) => {
+                let Some(objs) = objs else {
+                    bail!("the Kubernetes watchers stopped");
+                };
+                agent.apply_objects(objs, Instant::now());
+                if let Some(k) = &kube {
+                    for ev in agent.take_new_events() {
+                        k.post_event(&ev);
+                    }
+                }
+            }
             _ = every.tick() => {
                 // A persistent problem (file missing) is logged once, not every tick.
                 match agent.tick(Instant::now()) {
@@ -138,6 +159,16 @@ async fn run(args: agent::RunArgs) -> Result<()> {
     // runtime is still up; the pinned maps stay.
     drop(agent);
     Ok(())
+}
+
+/// The kube source's next snapshot; never ready with the file source.
+async fn next_snapshot(
+    kube: &mut Option<KubeSource>,
+) -> Option<std::sync::Arc<lb_agent::k8s::Objects>> {
+    match kube {
+        Some(k) => k.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sync_links(agent: &mut agent::Agent, links: &netinfo::LinkMonitor) {

@@ -14,13 +14,16 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{
+    Array, HashMap, MapData, PerCpuArray, PerCpuValues,
+    lpm_trie::{Key, LpmTrie},
+};
 use lb_common::*;
 
 use crate::{
     arena::Arena,
     maglev,
-    translate::{Desired, FrontendKind, Scope, SvcPort, SvcPortId},
+    translate::{BackendSpec, Desired, FrontendKind, Scope, SvcPort, SvcPortId},
 };
 
 /// Handles on the pinned maps the agent writes.
@@ -33,6 +36,7 @@ pub struct Maps {
     pub svc_stats: PerCpuArray<MapData, SvcStats>,
     pub svc_meta: Array<MapData, SvcMeta>,
     pub cluster_ips: HashMap<MapData, u32, u32>,
+    pub src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
 }
 
 impl Maps {
@@ -55,6 +59,7 @@ impl Maps {
             svc_stats: t(ebpf, MAP_SVC_STATS)?,
             svc_meta: t(ebpf, MAP_SVC_META)?,
             cluster_ips: t(ebpf, MAP_CLUSTER_IPS)?,
+            src_ranges: t(ebpf, MAP_SRC_RANGES)?,
         })
     }
 }
@@ -113,6 +118,30 @@ pub struct Programmer {
     next_backend_id: u32,
     frontends: BTreeMap<FrontendKey, Frontend>,
     cluster_ips: BTreeSet<u32>,
+    /// (svc_id, address, prefix length) of every loadBalancerSourceRange written.
+    ranges: BTreeSet<(u32, u32, u8)>,
+    /// Services found in the pins at start, by name, not yet claimed by an apply.
+    adopted: BTreeMap<String, (u32, Service)>,
+    /// Their active tables (reserved in the arena).
+    adopted_tables: BTreeMap<u32, Table>,
+}
+
+/// What `adopt` found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Adopted {
+    pub services: usize,
+    pub backends: usize,
+    pub frontends: usize,
+}
+
+fn range_key(svc_id: u32, addr_be: u32, len: u8) -> Key<SrcRangeKey> {
+    Key::new(
+        32 + len as u32,
+        SrcRangeKey {
+            svc_id_be: svc_id.to_be(),
+            addr_be,
+        },
+    )
 }
 
 fn fe_key(addr: Ipv4Addr, port: u16, proto: u8) -> FrontendKey {
@@ -137,29 +166,90 @@ impl Programmer {
             next_backend_id: 1,
             frontends: BTreeMap::new(),
             cluster_ips: BTreeSet::new(),
+            ranges: BTreeSet::new(),
+            adopted: BTreeMap::new(),
+            adopted_tables: BTreeMap::new(),
         }
     }
 
-    /// Empties the maps of whatever a previous run left (the programmer starts from nothing;
-    /// conntrack is kept so that flows survive).
-    pub fn reset_maps(maps: &mut Maps) -> Result<()> {
-        let keys: Vec<_> = maps.frontends.keys().filter_map(|k| k.ok()).collect();
-        for k in keys {
-            let _ = maps.frontends.remove(&k);
+    /// Takes over what a previous run of the agent left in the pinned maps, so a restart
+    /// loses nothing: backend ids are kept (conntrack entries name them), service ids and
+    /// their active Maglev tables are kept until the first apply replaces them, and the
+    /// first apply then removes whatever the new desired state no longer has. Until that
+    /// apply the datapath keeps serving the old state untouched.
+    pub fn adopt(&mut self, maps: &mut Maps) -> Result<Adopted> {
+        let mut out = Adopted::default();
+        for item in maps.backends.iter() {
+            let (id, b) = item?;
+            let key = (
+                Ipv4Addr::from(b.addr_be.to_ne_bytes()),
+                u16::from_be(b.port_be),
+            );
+            self.backends.insert(
+                key,
+                BackendState {
+                    id,
+                    value: b,
+                    drain_until: None,
+                },
+            );
+            self.next_backend_id = self.next_backend_id.max(id.wrapping_add(1).max(1));
+            out.backends += 1;
         }
-        let keys: Vec<_> = maps.services.keys().filter_map(|k| k.ok()).collect();
-        for k in keys {
-            let _ = maps.services.remove(&k);
+        for item in maps.services.iter() {
+            let (svc_id, svc) = item?;
+            let meta = maps.svc_meta.get(&svc_id, 0).unwrap_or_default();
+            let end = meta
+                .name
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(meta.name.len());
+            let name = String::from_utf8_lossy(&meta.name[..end]).into_owned();
+            if svc.table_m > 0 {
+                if !self.arena.reserve(svc.table_off, svc.table_m) {
+                    bail!(
+                        "pinned Maglev table of {name} overlaps another; remove the pins to start afresh"
+                    );
+                }
+                let mut slots = Vec::with_capacity(svc.table_m as usize);
+                for i in 0..svc.table_m {
+                    slots.push(maps.maglev.get(&(svc.table_off + i), 0)?);
+                }
+                self.adopted_tables.insert(
+                    svc_id,
+                    Table {
+                        off: svc.table_off,
+                        m: svc.table_m,
+                        slots,
+                    },
+                );
+            }
+            self.next_svc_id = self.next_svc_id.max(svc_id + 1);
+            self.adopted.insert(name, (svc_id, svc));
+            out.services += 1;
         }
-        let keys: Vec<_> = maps.backends.keys().filter_map(|k| k.ok()).collect();
-        for k in keys {
-            let _ = maps.backends.remove(&k);
+        let used: BTreeSet<u32> = self.adopted.values().map(|(id, _)| *id).collect();
+        self.free_svc_ids = (0..self.next_svc_id)
+            .filter(|id| !used.contains(id))
+            .collect();
+        for item in maps.frontends.iter() {
+            let (k, v) = item?;
+            self.frontends.insert(k, v);
+            out.frontends += 1;
         }
-        let keys: Vec<_> = maps.cluster_ips.keys().filter_map(|k| k.ok()).collect();
-        for k in keys {
-            let _ = maps.cluster_ips.remove(&k);
+        for k in maps.cluster_ips.keys() {
+            self.cluster_ips.insert(k?);
         }
-        Ok(())
+        for k in maps.src_ranges.keys() {
+            let k = k?;
+            let d = k.data();
+            self.ranges.insert((
+                u32::from_be(d.svc_id_be),
+                d.addr_be,
+                (k.prefix_len() - 32) as u8,
+            ));
+        }
+        Ok(out)
     }
 
     /// Rejects a desired state that cannot fit before anything is written.
@@ -214,17 +304,22 @@ impl Programmer {
 
         // 1. Backends every desired service needs.
         let mut wanted: BTreeMap<(Ipv4Addr, u16), Backend> = BTreeMap::new();
+        let backend = |b: &BackendSpec, draining: bool| Backend {
+            addr_be: u32::from_ne_bytes(b.addr.octets()),
+            port_be: b.port.to_be(),
+            flags: if b.local { BE_LOCAL } else { 0 } | if draining { BE_DRAINING } else { 0 },
+            _pad: 0,
+        };
+        // Endpoints still listed but not serving new flows stay resolvable (draining); one
+        // that serves new flows for any service is not draining.
+        for p in &desired.ports {
+            for b in &p.draining {
+                wanted.entry((b.addr, b.port)).or_insert(backend(b, true));
+            }
+        }
         for p in &desired.ports {
             for b in &p.backends {
-                wanted.insert(
-                    (b.addr, b.port),
-                    Backend {
-                        addr_be: u32::from_ne_bytes(b.addr.octets()),
-                        port_be: b.port.to_be(),
-                        flags: if b.local { BE_LOCAL } else { 0 },
-                        _pad: 0,
-                    },
-                );
+                wanted.insert((b.addr, b.port), backend(b, false));
             }
         }
         for (key, value) in &wanted {
@@ -252,11 +347,18 @@ impl Programmer {
         let mut live: BTreeSet<SvcPortId> = BTreeSet::new();
         let mut fe_wanted: BTreeMap<FrontendKey, Frontend> = BTreeMap::new();
         let mut cluster_ips: BTreeSet<u32> = BTreeSet::new();
+        let mut ranges: BTreeSet<(u32, u32, u8)> = BTreeSet::new();
         for p in &desired.ports {
             live.insert(p.id.clone());
             let svc_id = self.write_service(p, desired, maps, &mut st)?;
+            for &(addr, len) in &p.source_ranges {
+                ranges.insert((svc_id, u32::from_ne_bytes(addr.octets()), len));
+            }
             for f in &p.frontends {
-                let flags = f.kind.flag();
+                let mut flags = f.kind.flag();
+                if f.kind == FrontendKind::LoadBalancer && !p.source_ranges.is_empty() {
+                    flags |= FE_SOURCE_RANGES;
+                }
                 if f.kind == FrontendKind::ClusterIp {
                     cluster_ips.insert(u32::from_ne_bytes(f.addr.octets()));
                 }
@@ -265,6 +367,13 @@ impl Programmer {
                     Frontend { svc_id, flags },
                 );
             }
+        }
+
+        // Source ranges before the frontends that enforce them, so a new LB IP never opens
+        // to everyone for a moment.
+        for &(svc_id, addr, len) in ranges.difference(&self.ranges) {
+            maps.src_ranges
+                .insert(&range_key(svc_id, addr, len), 1, 0)?;
         }
 
         // 3. Frontends.
@@ -294,6 +403,10 @@ impl Programmer {
             let _ = maps.cluster_ips.remove(a);
         }
         self.cluster_ips = cluster_ips;
+        for &(svc_id, addr, len) in self.ranges.difference(&ranges) {
+            let _ = maps.src_ranges.remove(&range_key(svc_id, addr, len));
+        }
+        self.ranges = ranges;
 
         // 4. Services that are gone.
         let gone: Vec<_> = self
@@ -313,6 +426,16 @@ impl Programmer {
             }
         }
 
+        // Services from before a restart that the new state does not have.
+        for (_, (svc_id, _)) in std::mem::take(&mut self.adopted) {
+            let _ = maps.services.remove(&svc_id);
+            if let Some(t) = self.adopted_tables.remove(&svc_id) {
+                self.arena.free(t.off, t.m);
+            }
+            self.free_svc_ids.insert(svc_id);
+            st.services_removed += 1;
+        }
+
         // 5. Backends no service uses: drain, then delete.
         let drain = self.settings.drain;
         let mut expired = Vec::new();
@@ -321,7 +444,16 @@ impl Programmer {
                 continue;
             }
             match b.drain_until {
-                None => b.drain_until = Some(now + drain),
+                None => {
+                    b.drain_until = Some(now + drain);
+                    // Session affinity must stop choosing it at once.
+                    let mut v = b.value;
+                    v.flags |= BE_DRAINING;
+                    if v != b.value {
+                        maps.backends.insert(b.id, v, 0)?;
+                        b.value = v;
+                    }
+                }
                 Some(t) if t <= now => expired.push(*key),
                 Some(_) => {}
             }
@@ -357,6 +489,22 @@ impl Programmer {
         maps: &mut Maps,
         st: &mut ApplyStats,
     ) -> Result<u32> {
+        if !self.services.contains_key(&p.id)
+            && let Some((svc_id, value)) = self.adopted.remove(&p.id.to_string())
+        {
+            // Same service as before the restart: same id (frontends already point at it),
+            // its live table becomes the active buffer, the new one goes to the other.
+            let table = self.adopted_tables.remove(&svc_id);
+            self.services.insert(
+                p.id.clone(),
+                SvcState {
+                    svc_id,
+                    tables: [table, None],
+                    active: 0,
+                    value,
+                },
+            );
+        }
         if !self.services.contains_key(&p.id) {
             let svc_id = self.alloc_svc_id();
             let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
@@ -395,6 +543,7 @@ impl Programmer {
         } else {
             0
         };
+        let affinity_timeout = p.affinity_timeout.unwrap_or(0);
         if ids.is_empty() {
             let value = Service {
                 flags,
@@ -418,6 +567,7 @@ impl Programmer {
             && active.slots == table
             && svc.value.backend_count == ids.len() as u32
             && svc.value.flags == flags
+            && svc.value.affinity_timeout == affinity_timeout
         {
             return Ok(svc_id); // nothing changed
         }
@@ -447,6 +597,7 @@ impl Programmer {
             table_m: m,
             backend_count: ids.len() as u32,
             flags,
+            affinity_timeout,
         };
         // The flip: one hash-map update makes the fully written table visible.
         maps.services.insert(svc_id, value, 0)?;

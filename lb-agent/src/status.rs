@@ -24,6 +24,12 @@ pub struct SvcStatus {
     pub protocol: String,
     pub endpoints: Vec<String>,
     pub maglev_m: u32,
+    /// sessionAffinity ClientIP timeout (s), 0 = none.
+    pub affinity_timeout: u32,
+    /// Only local endpoints (a Local traffic policy).
+    pub local_only: bool,
+    /// loadBalancerSourceRanges are enforced on its LB addresses.
+    pub source_ranges: bool,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
@@ -87,6 +93,9 @@ pub fn read(pin_dir: &Path, run_dir: &Path) -> Result<Status> {
             protocol: String::new(),
             endpoints: vec![],
             maglev_m: svc.table_m,
+            affinity_timeout: svc.affinity_timeout,
+            local_only: svc.flags & SVC_DROP_IF_EMPTY != 0,
+            source_ranges: false,
             packets: 0,
             bytes: 0,
             new_flows: 0,
@@ -94,6 +103,7 @@ pub fn read(pin_dir: &Path, run_dir: &Path) -> Result<Status> {
         };
         for (k, f) in fes.get(&svc_id).map(Vec::as_slice).unwrap_or(&[]) {
             st.protocol = if k.proto == PROTO_UDP { "UDP" } else { "TCP" }.to_string();
+            st.source_ranges |= f.flags & FE_SOURCE_RANGES != 0;
             let port = u16::from_be(k.port_be);
             if f.flags & FE_CLUSTER_IP != 0 {
                 st.cluster_ip = Some(ip(k.addr_be).to_string());
@@ -203,8 +213,14 @@ pub fn render(st: &Status) -> String {
     let mut out = String::new();
     if let Some(a) = &st.agent {
         out.push_str(&format!(
-            "node {}  uplink {} (XDP {})  addresses {:?}  pod interfaces {:?}\n",
-            a.node_name, a.iface, a.xdp_mode, a.node_addrs, a.pod_ifaces
+            "node {}  uplink {} (XDP {}{})  addresses {:?}\npod interfaces {:?}  socket LB {}\n",
+            a.node_name,
+            a.iface,
+            a.xdp_mode,
+            if a.tc_uplink { ", tc" } else { "" },
+            a.node_addrs,
+            a.pod_ifaces,
+            a.cgroup.as_deref().unwrap_or("off"),
         ));
         if let Some(e) = &a.last_error {
             out.push_str(&format!("last error (previous state kept): {e}\n"));

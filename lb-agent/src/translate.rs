@@ -128,8 +128,10 @@ impl BackendSpec {
 pub enum FrontendKind {
     ClusterIp,
     NodePort,
-    /// LoadBalancer ingress IP or `spec.externalIPs` entry.
+    /// `spec.externalIPs` entry.
     External,
+    /// `status.loadBalancer.ingress[].ip`.
+    LoadBalancer,
     /// A NodePort on 127.0.0.1, for the node's own processes (`curl localhost:<NodePort>`).
     Localhost,
 }
@@ -140,7 +142,7 @@ impl FrontendKind {
         match self {
             FrontendKind::ClusterIp => lb_common::FE_CLUSTER_IP,
             FrontendKind::NodePort => lb_common::FE_NODEPORT,
-            FrontendKind::External => lb_common::FE_EXTERNAL,
+            FrontendKind::External | FrontendKind::LoadBalancer => lb_common::FE_EXTERNAL,
             FrontendKind::Localhost => lb_common::FE_LOCALHOST,
         }
     }
@@ -158,8 +160,36 @@ pub struct SvcPort {
     pub id: SvcPortId,
     /// Sorted, unique by (addr, port); may be empty after a collision with another service.
     pub frontends: Vec<FrontendSpec>,
-    /// Ready backends, sorted, unique by (addr, port). Empty means "reject".
+    /// Backends for new flows, sorted, unique by (addr, port). Empty means "reject" (or
+    /// "drop" for the Local scope).
     pub backends: Vec<BackendSpec>,
+    /// Endpoints still listed but not used for new flows (terminating, not ready): their
+    /// established flows keep working.
+    pub draining: Vec<BackendSpec>,
+    /// `sessionAffinity: ClientIP` timeout in seconds.
+    pub affinity_timeout: Option<u32>,
+    /// `loadBalancerSourceRanges`, applied to the LoadBalancer ingress frontends.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+}
+
+/// A `healthCheckNodePort` to serve (LoadBalancer with `externalTrafficPolicy: Local`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    pub node_port: u16,
+    /// Distinct local endpoints used for new flows on this node.
+    pub local_endpoints: usize,
+}
+
+/// Something a user must be told on the Service itself (a Kubernetes Event with the kube
+/// source), besides the log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceEvent {
+    pub namespace: String,
+    pub name: String,
+    pub reason: String,
+    pub message: String,
 }
 
 /// One line of `kubectl get svc` (columns as kubectl prints them, without truncation).
@@ -181,6 +211,10 @@ pub struct Desired {
     pub rows: Vec<ServiceRow>,
     /// Human-readable notes about what was skipped and why, each naming its service.
     pub warnings: Vec<String>,
+    /// Health-check node ports to serve, sorted by port.
+    pub health_checks: Vec<HealthCheck>,
+    /// Unsupported features, to be reported on the Service.
+    pub events: Vec<ServiceEvent>,
 }
 
 /// Computes the desired datapath state. Services are expected to be unique by
@@ -207,6 +241,7 @@ pub fn translate(objs: &Objects, node: &NodeContext) -> Desired {
         program_service(svc, owned, &node, &mut out);
     }
     out.ports.sort_by(|a, b| a.id.cmp(&b.id));
+    out.health_checks.sort_by_key(|h| h.node_port);
     drop_colliding_frontends(&mut out);
     out
 }
@@ -299,13 +334,28 @@ fn program_service(
         .chain(spec.cluster_ips.iter().flatten().map(String::as_str))
         .find_map(|s| s.parse::<Ipv4Addr>().ok());
     if !primary.is_empty() && cluster_ip.is_none() {
-        warn(format!(
-            "ClusterIP {primary} is not IPv4; service skipped (only IPv4 is supported)"
-        ));
+        let msg =
+            format!("ClusterIP {primary} is not IPv4; service skipped (xlb serves IPv4 only)");
+        warn(msg.clone());
+        out.events.push(ServiceEvent {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+            reason: "Unsupported".into(),
+            message: msg,
+        });
         return;
     }
 
-    let mut external = Vec::new();
+    let mut events = Vec::new();
+    let mut unsupported = |message: String| {
+        events.push(ServiceEvent {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+            reason: "Unsupported".into(),
+            message,
+        })
+    };
+    let mut external: Vec<(Ipv4Addr, FrontendKind)> = Vec::new();
     let ingress = svc
         .status
         .as_ref()
@@ -315,18 +365,44 @@ fn program_service(
     let ingress_ips = ingress
         .into_iter()
         .flatten()
-        .filter_map(|i| i.ip.as_deref());
-    for ip in spec
+        .filter_map(|i| i.ip.as_deref())
+        .map(|ip| (ip, FrontendKind::LoadBalancer));
+    for (ip, kind) in spec
         .external_ips
         .iter()
         .flatten()
-        .map(String::as_str)
+        .map(|ip| (ip.as_str(), FrontendKind::External))
         .chain(ingress_ips)
     {
         match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(a)) => external.push(a),
-            Ok(IpAddr::V6(_)) => warn(format!("external address {ip} is IPv6; not served")),
+            Ok(IpAddr::V4(a)) => external.push((a, kind)),
+            Ok(IpAddr::V6(_)) => {
+                let msg =
+                    format!("external address {ip} is IPv6; not served (xlb serves IPv4 only)");
+                warn(msg.clone());
+                unsupported(msg);
+            }
             Err(_) => warn(format!("external address {ip:?} is not an IP; ignored")),
+        }
+    }
+    let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u32::try_from(t).ok())
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+    });
+    let mut source_ranges = Vec::new();
+    for r in spec.load_balancer_source_ranges.iter().flatten() {
+        match parse_cidr(r) {
+            Some(c) => source_ranges.push(c),
+            None if r.contains(':') => {
+                warn(format!("loadBalancerSourceRange {r} is IPv6; ignored"))
+            }
+            None => warn(format!(
+                "loadBalancerSourceRange {r:?} is not a CIDR; ignored"
+            )),
         }
     }
 
@@ -335,6 +411,7 @@ fn program_service(
     let node_ports_disabled =
         ty == "LoadBalancer" && spec.allocate_load_balancer_node_ports == Some(false);
 
+    let mut local_endpoints = std::collections::BTreeSet::new();
     for sp in spec.ports.iter().flatten() {
         let port_name = sp.name.clone().unwrap_or_default();
         let shown = if port_name.is_empty() {
@@ -345,7 +422,9 @@ fn program_service(
         let proto = match Proto::from_k8s(sp.protocol.as_deref()) {
             Ok(p) => p,
             Err(p) => {
-                warn(format!("port {shown}/{p} skipped: {p} is not supported"));
+                let msg = format!("port {shown}/{p} skipped: {p} is not supported");
+                warn(msg.clone());
+                unsupported(msg);
                 continue;
             }
         };
@@ -382,11 +461,11 @@ fn program_service(
                 )),
             }
         }
-        frontends.extend(external.iter().map(|&addr| FrontendSpec {
-            addr,
-            port,
-            kind: FrontendKind::External,
-        }));
+        frontends.extend(
+            external
+                .iter()
+                .map(|&(addr, kind)| FrontendSpec { addr, port, kind }),
+        );
         if frontends.is_empty() {
             warn(format!(
                 "port {shown}/{proto} has no ClusterIP, NodePort or external address; nothing to serve"
@@ -398,8 +477,11 @@ fn program_service(
         frontends.sort();
         frontends.dedup_by(|b, a| (a.addr, a.port) == (b.addr, b.port));
 
-        let all = backends(slices, &port_name, proto, node);
-        let local: Vec<BackendSpec> = all.iter().filter(|b| b.local).cloned().collect();
+        let cands = candidates(slices, &port_name, proto, node);
+        // Decided separately for each scope, as kube-proxy does: a node whose local
+        // endpoints are all terminating falls back to them even if others are ready.
+        let all = select(&cands.iter().collect::<Vec<_>>());
+        let local = select(&cands.iter().filter(|c| c.spec.local).collect::<Vec<_>>());
         let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
         let external_local = wants_node_ports_or_external(ty, &external)
             && spec.external_traffic_policy.as_deref() == Some("Local");
@@ -430,27 +512,72 @@ fn program_service(
                 },
                 frontends,
                 backends: if scope == Scope::Local {
-                    local.clone()
+                    local.0.clone()
                 } else {
-                    all.clone()
+                    all.0.clone()
                 },
+                // Every endpoint still listed stays resolvable for established flows.
+                draining: if scope == Scope::Local {
+                    local.1.clone()
+                } else {
+                    all.1.clone()
+                },
+                affinity_timeout,
+                source_ranges: source_ranges.clone(),
             });
         }
+        if external_local {
+            local_endpoints.extend(local.0.iter().map(|b| b.addr));
+        }
     }
+    // kube-proxy's health check server answers for LoadBalancer services with
+    // externalTrafficPolicy Local, so cloud load balancers skip nodes without endpoints.
+    if ty == "LoadBalancer"
+        && spec.external_traffic_policy.as_deref() == Some("Local")
+        && let Some(port) = spec.health_check_node_port.and_then(valid_port)
+    {
+        out.health_checks.push(HealthCheck {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+            node_port: port,
+            local_endpoints: local_endpoints.len(),
+        });
+    }
+    out.events.extend(events);
+}
+
+/// sessionAffinityConfig.clientIP.timeoutSeconds default (3 hours), as in the API.
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+
+/// "a.b.c.d/n" (IPv4 only).
+fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (a, n) = s.trim().split_once('/')?;
+    let addr: Ipv4Addr = a.parse().ok()?;
+    let len: u8 = n.parse().ok().filter(|&n| n <= 32)?;
+    Some((addr, len))
 }
 
 /// `externalTrafficPolicy` applies to services with node ports or external addresses.
-fn wants_node_ports_or_external(ty: &str, external: &[Ipv4Addr]) -> bool {
+fn wants_node_ports_or_external(ty: &str, external: &[(Ipv4Addr, FrontendKind)]) -> bool {
     matches!(ty, "NodePort" | "LoadBalancer") || !external.is_empty()
 }
 
-fn backends(
+/// An endpoint of a service port with the conditions kube-proxy looks at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Candidate {
+    spec: BackendSpec,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+}
+
+fn candidates(
     slices: &[&EndpointSlice],
     port_name: &str,
     proto: Proto,
     node: &NodeContext,
-) -> Vec<BackendSpec> {
-    let mut out = Vec::new();
+) -> Vec<Candidate> {
+    let mut out: Vec<Candidate> = Vec::new();
     for slice in slices {
         if slice.address_type != "IPv4" {
             continue;
@@ -467,25 +594,58 @@ fn backends(
             continue;
         };
         for ep in slice.endpoints.iter().flatten() {
-            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
             // Addresses of one endpoint are fungible; kube-proxy uses the first too.
-            let addr = ep.addresses.first().and_then(|a| a.parse().ok());
-            let (true, Some(addr)) = (ready, addr) else {
+            let Some(addr) = ep.addresses.first().and_then(|a| a.parse().ok()) else {
                 continue;
             };
+            // API defaults: ready unset means ready; serving unset means "as ready";
+            // terminating unset means not terminating.
+            let c = ep.conditions.as_ref();
+            let ready = c.and_then(|c| c.ready).unwrap_or(true);
+            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
             let node_name = ep.node_name.clone();
             let local = !node.node_name.is_empty() && node_name.as_deref() == Some(&node.node_name);
-            out.push(BackendSpec {
-                addr,
-                port,
-                local,
-                node_name,
+            out.push(Candidate {
+                spec: BackendSpec {
+                    addr,
+                    port,
+                    local,
+                    node_name,
+                },
+                ready,
+                serving,
+                terminating,
             });
         }
     }
-    out.sort();
-    out.dedup_by(|b, a| (a.addr, a.port) == (b.addr, b.port));
+    out.sort_by(|a, b| a.spec.cmp(&b.spec));
+    out.dedup_by(|b, a| (a.spec.addr, a.spec.port) == (b.spec.addr, b.spec.port));
     out
+}
+
+/// kube-proxy's endpoint choice (pkg/proxy/topology.go): the ready endpoints; if there is
+/// none, the serving-and-terminating ones, so a rolling update never drops a service on the
+/// floor; never an endpoint that is neither. Returns (selected, the rest), both sorted; the
+/// rest stays resolvable for flows already established to it.
+fn select(cands: &[&Candidate]) -> (Vec<BackendSpec>, Vec<BackendSpec>) {
+    let ready: Vec<&Candidate> = cands.iter().copied().filter(|c| c.ready).collect();
+    let chosen: Vec<&Candidate> = if ready.is_empty() {
+        cands
+            .iter()
+            .copied()
+            .filter(|c| c.serving && c.terminating)
+            .collect()
+    } else {
+        ready
+    };
+    let selected: Vec<BackendSpec> = chosen.iter().map(|c| c.spec.clone()).collect();
+    let rest = cands
+        .iter()
+        .filter(|c| !selected.contains(&c.spec))
+        .map(|c| c.spec.clone())
+        .collect();
+    (selected, rest)
 }
 
 /// Two service ports cannot share an address:port:protocol (the datapath keys frontends on
@@ -700,7 +860,7 @@ mod tests {
                 fe("127.0.0.1", 31234, FrontendKind::Localhost),
                 fe("192.168.1.10", 31234, FrontendKind::NodePort),
                 fe("192.168.1.11", 31234, FrontendKind::NodePort),
-                fe("192.168.49.200", 80, FrontendKind::External),
+                fe("192.168.49.200", 80, FrontendKind::LoadBalancer),
             ]
         );
         assert_eq!(d.rows[0].external_ip, "192.168.49.200,lb.example.com");
@@ -908,7 +1068,7 @@ mod tests {
         assert_eq!(d.rows[0].external_ip, "203.0.113.7,203.0.113.5,2001:db8::1");
         assert_eq!(
             d.warnings,
-            ["dev/web: external address 2001:db8::1 is IPv6; not served"]
+            ["dev/web: external address 2001:db8::1 is IPv6; not served (xlb serves IPv4 only)"]
         );
     }
 
@@ -948,7 +1108,7 @@ mod tests {
             d.warnings,
             [
                 "dev/mixed: port b (9000)/SCTP skipped: SCTP is not supported",
-                "dev/v6: ClusterIP fd00::20 is not IPv4; service skipped (only IPv4 is supported)",
+                "dev/v6: ClusterIP fd00::20 is not IPv4; service skipped (xlb serves IPv4 only)",
             ]
         );
         assert_eq!(d.rows.len(), 3);

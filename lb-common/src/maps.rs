@@ -16,6 +16,8 @@ pub const MAP_SVC_STATS: &str = "XLB_SVC_STATS";
 pub const MAP_SVC_META: &str = "XLB_SVC_META";
 pub const MAP_CLUSTER_IPS: &str = "XLB_CLUSTER_IPS";
 pub const MAP_SOCK_REVNAT: &str = "XLB_SOCK_REVNAT";
+pub const MAP_AFFINITY: &str = "XLB_AFFINITY";
+pub const MAP_SRC_RANGES: &str = "XLB_SRC_RANGES";
 
 /// Program names in the eBPF object.
 pub const PROG_XDP: &str = "xlb_xdp";
@@ -62,6 +64,8 @@ pub const FE_EXTERNAL: u32 = 1 << 1;
 pub const FE_CLUSTER_IP: u32 = 1 << 2;
 /// A NodePort on 127.0.0.1, reachable only from the node's own sockets (socket hooks).
 pub const FE_LOCALHOST: u32 = 1 << 3;
+/// Only sources in the service's `loadBalancerSourceRanges` (`XLB_SRC_RANGES`) may use it.
+pub const FE_SOURCE_RANGES: u32 = 1 << 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -85,6 +89,8 @@ pub struct Service {
     /// Backends in the table; 0 means "reject new connections".
     pub backend_count: u32,
     pub flags: u32,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 = no affinity.
+    pub affinity_timeout: u32,
 }
 
 /// The service drops new flows when it has no backend instead of rejecting them (the
@@ -94,6 +100,9 @@ pub const SVC_DROP_IF_EMPTY: u32 = 1 << 0;
 /// Backend on this node: packets are delivered through the node's own forwarding, and the
 /// pod's replies are translated back by the tc program on the pod's interface.
 pub const BE_LOCAL: u8 = 1 << 0;
+/// Still resolvable for established flows but out of every Maglev table (terminating, not
+/// ready, or removed and within its drain period): session affinity must not pick it.
+pub const BE_DRAINING: u8 = 1 << 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -147,6 +156,32 @@ pub struct RevNat {
 /// The client is a pod on this node (ClusterIP flow): a reply translated at the uplink is
 /// handed to the kernel, which routes it to the pod's interface.
 pub const REV_TO_LOCAL_POD: u32 = 1 << 0;
+
+/// Session affinity: which backend a client IP was last sent to for a service port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityKey {
+    pub svc_id: u32,
+    pub client_addr_be: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Affinity {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// bpf_ktime_get_ns() of the last new connection that used it.
+    pub last_ns: u64,
+}
+
+/// `XLB_SRC_RANGES` LPM key data: service port id (big-endian, so it forms the leading 32
+/// bits of every prefix) followed by the source address (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SrcRangeKey {
+    pub svc_id_be: u32,
+    pub addr_be: u32,
+}
 
 /// Socket-level translation (host-originated traffic), keyed by socket and backend, so that
 /// `recvmsg`/`getpeername` can show the service address the application asked for.
@@ -242,9 +277,11 @@ pub enum Counter {
     SockReject,
     Hairpin,
     PassToTc,
+    DropSourceRange,
+    AffinityHit,
 }
 
-pub const COUNTER_NAMES: [&str; 26] = [
+pub const COUNTER_NAMES: [&str; 28] = [
     "packets",
     "pass_not_ipv4",
     "pass_fragment",
@@ -271,6 +308,8 @@ pub const COUNTER_NAMES: [&str; 26] = [
     "sock_reject",
     "hairpin",
     "pass_to_tc",
+    "drop_source_range",
+    "affinity_hit",
 ];
 pub const COUNTER_COUNT: u32 = COUNTER_NAMES.len() as u32;
 
@@ -319,6 +358,9 @@ mod pod {
     unsafe impl aya::Pod for SvcMeta {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRev {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for Affinity {}
+    unsafe impl aya::Pod for SrcRangeKey {}
 }
 
 #[cfg(test)]
@@ -330,7 +372,10 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<FrontendKey>(), 8);
         assert_eq!(size_of::<Frontend>(), 8);
-        assert_eq!(size_of::<Service>(), 16);
+        assert_eq!(size_of::<Service>(), 20);
+        assert_eq!(size_of::<AffinityKey>(), 8);
+        assert_eq!(size_of::<Affinity>(), 16);
+        assert_eq!(size_of::<SrcRangeKey>(), 8);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<CtEntry>(), 12);

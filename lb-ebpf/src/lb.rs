@@ -2,7 +2,9 @@
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::*;
 
-use crate::maps::{BACKENDS, CONFIG, CT, MAGLEV, REVNAT, count};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+
+use crate::maps::{AFFINITY, BACKENDS, CONFIG, CT, MAGLEV, REVNAT, count};
 
 /// Where a flow goes, resolved for this packet.
 pub struct Target {
@@ -87,14 +89,9 @@ pub fn choose(ct_key: &FlowKey, svc_id: u32, svc: &Service, path: Path) -> Choic
         return Choice::Reject;
     }
     let hash = flow_hash(ct_key);
-    let slot = svc.table_off.wrapping_add(hash % svc.table_m);
-    let Some(&backend_id) = MAGLEV.get(slot) else {
+    let Some((backend_id, be)) = pick(svc_id, svc, ct_key.src_addr_be, hash) else {
         return Choice::Drop;
     };
-    let Some(be) = (unsafe { BACKENDS.get(backend_id) }) else {
-        return Choice::Drop;
-    };
-    let be = *be;
     let frontend_rev = RevNat {
         src_addr_be: ct_key.dst_addr_be,
         dst_addr_be: ct_key.src_addr_be,
@@ -149,6 +146,46 @@ pub fn choose(ct_key: &FlowKey, svc_id: u32, svc: &Service, path: Path) -> Choic
         return Choice::Drop;
     }
     Choice::Go(target)
+}
+
+/// The backend for a new connection: the client's affinity entry while it is fresh (and
+/// refreshed by this connection), else the Maglev slot for `hash`.
+#[inline(always)]
+pub fn pick(svc_id: u32, svc: &Service, client_be: u32, hash: u32) -> Option<(u32, Backend)> {
+    let key = AffinityKey {
+        svc_id,
+        client_addr_be: client_be,
+    };
+    let now = if svc.affinity_timeout != 0 {
+        let now = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: plain-data map value, updated in place only for its timestamp.
+        if let Some(a) = AFFINITY.get_ptr_mut(&key)
+            && now.wrapping_sub(unsafe { (*a).last_ns })
+                < svc.affinity_timeout as u64 * 1_000_000_000
+            && let Some(be) = unsafe { BACKENDS.get(&(*a).backend_id) }
+            && be.flags & BE_DRAINING == 0
+        {
+            unsafe { (*a).last_ns = now };
+            count(Counter::AffinityHit);
+            return Some((unsafe { (*a).backend_id }, *be));
+        }
+        now
+    } else {
+        0
+    };
+    // checked_rem: a division by zero would be a panic path, which the verifier rejects.
+    let slot = svc.table_off.wrapping_add(hash.checked_rem(svc.table_m)?);
+    let backend_id = *MAGLEV.get(slot)?;
+    let be = *unsafe { BACKENDS.get(backend_id) }?;
+    if svc.affinity_timeout != 0 {
+        let a = Affinity {
+            backend_id,
+            _pad: 0,
+            last_ns: now,
+        };
+        let _ = AFFINITY.insert(&key, &a, BPF_ANY as u64);
+    }
+    Some((backend_id, be))
 }
 
 /// Claims a free SNAT port towards `be` by inserting the reply tuple with NOEXIST: the map

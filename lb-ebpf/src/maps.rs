@@ -2,7 +2,7 @@
 //! agent can reopen them (status, restarts) from its pin directory.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::*;
 
@@ -61,3 +61,10 @@ pub static CLUSTER_IPS: HashMap<u32, u32> = HashMap::pinned(DEFAULT_MAX_SERVICES
 /// Socket-level translations of the node's own sockets (see sock.rs).
 #[map(name = "XLB_SOCK_REVNAT")]
 pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRev> = LruHashMap::pinned(DEFAULT_CT_ENTRIES, 0);
+
+#[map(name = "XLB_AFFINITY")]
+pub static AFFINITY: LruHashMap<AffinityKey, Affinity> = LruHashMap::pinned(DEFAULT_CT_ENTRIES, 0);
+
+/// loadBalancerSourceRanges per service port. (aya adds the BPF_F_NO_PREALLOC LPM tries need.)
+#[map(name = "XLB_SRC_RANGES")]
+pub static SRC_RANGES: LpmTrie<SrcRangeKey, u8> = LpmTrie::pinned(DEFAULT_MAX_FRONTENDS, 0);

@@ -13,9 +13,7 @@ use aya_ebpf::{
 };
 use lb_common::*;
 
-use crate::maps::{
-    BACKENDS, CLUSTER_IPS, FRONTENDS, MAGLEV, SERVICES, SOCK_REVNAT, count, svc_stats,
-};
+use crate::maps::{CLUSTER_IPS, CONFIG, FRONTENDS, SERVICES, SOCK_REVNAT, count, svc_stats};
 
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
@@ -52,7 +50,7 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     };
     let svc_id = fe.svc_id;
-    let Some(svc) = (unsafe { SERVICES.get(svc_id) }) else {
+    let Some(&svc) = (unsafe { SERVICES.get(svc_id) }) else {
         return ALLOW;
     };
     let stats = svc_stats(svc_id);
@@ -70,10 +68,10 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
     // backend, so request/response protocols keep their peer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
     let h = ((cookie ^ (cookie >> 32)) as u32).wrapping_mul(0x9e37_79b1);
-    let Some(&backend_id) = MAGLEV.get(svc.table_off.wrapping_add(h % svc.table_m)) else {
-        return ALLOW;
-    };
-    let Some(be) = (unsafe { BACKENDS.get(backend_id) }) else {
+    // The node itself is the client for session affinity (msg_src_ip4 exists only in
+    // sendmsg hooks, and the source is not chosen yet at connect time).
+    let client = CONFIG.get(0).map(|c| c.snat_addr_be).unwrap_or(0);
+    let Some((_, be)) = crate::lb::pick(svc_id, &svc, client, h) else {
         return ALLOW;
     };
     let key = SockRevKey {

@@ -2,6 +2,7 @@
 //! DNATed to a Maglev-chosen backend; replies of SNATed flows are translated back.
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    maps::lpm_trie::Key,
     programs::XdpContext,
 };
 use lb_common::*;
@@ -9,7 +10,7 @@ use lb_common::*;
 use crate::{
     fib,
     lb::{self, Choice},
-    maps::{FRONTENDS, REVNAT, SERVICES, count, svc_stats},
+    maps::{FRONTENDS, REVNAT, SERVICES, SRC_RANGES, count, svc_stats},
     nat::{Side, rewrite},
     parse::{self, Tuple},
     reject,
@@ -35,6 +36,10 @@ pub fn run(ctx: &XdpContext) -> u32 {
     if let Some(fe) = unsafe { FRONTENDS.get(&fk) } {
         // ClusterIPs belong to the tc programs: pass them on untouched.
         if fe.flags & (FE_NODEPORT | FE_EXTERNAL) != 0 {
+            if fe.flags & FE_SOURCE_RANGES != 0 && !source_allowed(fe.svc_id, t.src) {
+                count(Counter::DropSourceRange);
+                return XDP_DROP;
+            }
             return to_backend(ctx, &t, fe.svc_id);
         }
     }
@@ -50,6 +55,20 @@ pub fn run(ctx: &XdpContext) -> u32 {
     }
     count(Counter::PassNoMatch);
     XDP_PASS
+}
+
+/// loadBalancerSourceRanges: the longest prefix under this service port that covers the
+/// client, if any.
+#[inline(always)]
+fn source_allowed(svc_id: u32, src_be: u32) -> bool {
+    let key = Key::new(
+        64,
+        SrcRangeKey {
+            svc_id_be: svc_id.to_be(),
+            addr_be: src_be,
+        },
+    );
+    SRC_RANGES.get(&key).is_some()
 }
 
 #[inline(always)]

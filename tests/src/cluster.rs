@@ -1,5 +1,7 @@
 //! A simulated kind cluster: the built-in network plus one real `lb-agent` process per node,
-//! fed from a manifest file (as a user without an API server would run it), and the pass
+//! fed from a manifest file (as a user without an API server would run it) or, in kube
+//! mode ([`Cluster::up_kube`]), through the Kubernetes API from the [`ApiServer`] stand-in
+//! listening on the control plane node's address (port 6443, as kind's), and the pass
 //! programs the veth peers need for native XDP. Shared by the end-to-end tests, the demo
 //! and the benchmarks.
 use std::{
@@ -19,7 +21,7 @@ use lb_agent::{
 use lb_common::PROG_XDP_PASS;
 
 use crate::{
-    Network, PinDir, TopologySpec,
+    ApiServer, Network, PinDir, TopologySpec,
     guards::PIN_ROOT,
     netns::try_in_netns,
     server::{POD_ECHO_PORT, POD_HTTP_PORT, POD_UDP_PORT},
@@ -217,10 +219,26 @@ impl Drop for AgentProc {
     }
 }
 
+/// Where the agents of a [`Cluster`] read Services and EndpointSlices from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceMode {
+    /// `--source file:<manifest>`.
+    File,
+    /// `--source kube`, KUBECONFIG pointing at the [`ApiServer`] stand-in.
+    Kube,
+}
+
+/// Port of the API server stand-in in kube mode (kind's).
+pub const API_SERVER_PORT: u16 = 6443;
+
 pub struct Cluster {
     // Field order is drop order: agents stop before the network goes away.
     pub agents: Vec<AgentProc>,
     _pass: Option<(Datapath, PinDir, Vec<aya::programs::xdp::XdpLinkId>)>,
+    /// The API server stand-in (kube mode only), listening in the control plane's netns.
+    pub api: Option<ApiServer>,
+    /// The agents' kubeconfig (kube mode only).
+    pub kubeconfig: Option<PathBuf>,
     pub manifest: PathBuf,
     pub net: Network,
 }
@@ -229,6 +247,22 @@ impl Cluster {
     /// Brings the network up, attaches the pass programs to the bridge side of every node's
     /// uplink (native XDP_TX frames need them), writes `manifest` and starts the agents.
     pub fn up(spec: &TopologySpec, manifest: impl FnOnce(&Network) -> String) -> Result<Self> {
+        Self::up_with(spec, manifest, SourceMode::File)
+    }
+
+    /// Like [`up`](Self::up), but the agents run with `--source kube` against the
+    /// [`ApiServer`] stand-in, which starts on `<control plane address>:6443` inside the
+    /// control plane node's namespace with the objects of `manifest`.
+    /// [`write_manifest`](Self::write_manifest) then changes the objects through it.
+    pub fn up_kube(spec: &TopologySpec, manifest: impl FnOnce(&Network) -> String) -> Result<Self> {
+        Self::up_with(spec, manifest, SourceMode::Kube)
+    }
+
+    pub fn up_with(
+        spec: &TopologySpec,
+        manifest: impl FnOnce(&Network) -> String,
+        mode: SourceMode,
+    ) -> Result<Self> {
         crate::guards::sweep_stale_pins();
         let net = Network::up(spec)?;
         let pins = PinDir::new("pass")?;
@@ -253,9 +287,22 @@ impl Cluster {
         let mut cluster = Cluster {
             agents: vec![],
             _pass: Some((dp, pins, links)),
+            api: None,
+            kubeconfig: None,
             manifest: manifest_path,
             net,
         };
+        if mode == SourceMode::Kube {
+            let cp = cluster.control_plane().clone();
+            let api = ApiServer::start_in_netns(
+                &cp.netns,
+                std::net::SocketAddr::from((cp.addr, API_SERVER_PORT)),
+            )?;
+            let path = std::env::temp_dir().join(format!("xlb-{}-kubeconfig", cluster.net.tag()));
+            std::fs::write(&path, api.kubeconfig())?;
+            cluster.api = Some(api);
+            cluster.kubeconfig = Some(path);
+        }
         cluster.write_manifest(&manifest(&cluster.net))?;
         let bin = agent_bin()?;
         for node in cluster.net.nodes().to_vec() {
@@ -263,10 +310,22 @@ impl Cluster {
             let pin_dir = Path::new(PIN_ROOT).join(&id);
             let run_dir = Path::new("/run/xlb").join(&id);
             let log = std::env::temp_dir().join(format!("xlb-{id}-agent.log"));
-            let child = netns_command(&node.netns, &bin)?
-                .args(["run", "--node-name", &node.name, "--iface", &node.uplink])
-                .arg("--source")
-                .arg(format!("file:{}", cluster.manifest.display()))
+            let mut cmd = netns_command(&node.netns, &bin)?;
+            cmd.args(["run", "--node-name", &node.name, "--iface", &node.uplink]);
+            match &cluster.kubeconfig {
+                Some(kc) => {
+                    cmd.args(["--source", "kube"])
+                        .env("KUBECONFIG", kc)
+                        // Never the in-cluster config of wherever the tests run.
+                        .env_remove("KUBERNETES_SERVICE_HOST")
+                        .env_remove("KUBERNETES_SERVICE_PORT");
+                }
+                None => {
+                    cmd.arg("--source")
+                        .arg(format!("file:{}", cluster.manifest.display()));
+                }
+            }
+            let child = cmd
                 .arg("--pin-dir")
                 .arg(&pin_dir)
                 .arg("--run-dir")
@@ -294,12 +353,36 @@ impl Cluster {
     }
 
     /// Replaces the manifest file atomically (write + rename), as `kubectl`-driven tooling
-    /// or a ConfigMap update would, so an agent never reads half a file.
+    /// or a ConfigMap update would, so an agent never reads half a file. In kube mode the
+    /// API server's Services and EndpointSlices are made equal to it instead (only changed
+    /// objects are written).
     pub fn write_manifest(&self, yaml: &str) -> Result<()> {
+        if let Some(api) = &self.api {
+            let objs = lb_agent::k8s::parse_objects(yaml)?;
+            return api.sync_objects(&objs);
+        }
         let tmp = self.manifest.with_extension("tmp");
         std::fs::write(&tmp, yaml)?;
         std::fs::rename(&tmp, &self.manifest)?;
         Ok(())
+    }
+
+    /// The API server stand-in (kube mode).
+    pub fn api(&self) -> &ApiServer {
+        self.api.as_ref().expect("the cluster runs in kube mode")
+    }
+
+    pub fn api_mut(&mut self) -> &mut ApiServer {
+        self.api.as_mut().expect("the cluster runs in kube mode")
+    }
+
+    /// The node that hosts the API server: the one named `*control-plane`, else the first.
+    pub fn control_plane(&self) -> &crate::Node {
+        let nodes = self.net.nodes();
+        nodes
+            .iter()
+            .find(|n| n.name.ends_with("control-plane"))
+            .unwrap_or(&nodes[0])
     }
 
     pub fn agent(&self, node: &str) -> &AgentProc {
@@ -384,5 +467,8 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.manifest);
+        if let Some(kc) = &self.kubeconfig {
+            let _ = std::fs::remove_file(kc);
+        }
     }
 }

@@ -21,6 +21,7 @@
 //! let net = lb_tests::Network::up(&lb_tests::TopologySpec::seed()).unwrap();
 //! ```
 
+mod apiserver;
 mod cgroup;
 mod client;
 mod cluster;
@@ -32,14 +33,15 @@ mod privileged;
 mod server;
 mod topology;
 
+pub use apiserver::ApiServer;
 pub use cgroup::{cgroup_pids, cgroup2_mount, delete_cgroup, list_cgroups};
 pub use client::{
     HttpResponse, NodeHttpResponse, UdpReply, http_get, http_request, node_command, node_http_get,
     node_http_request, node_udp_request, pod_http_get, pod_udp_request, tcp_reachable, udp_request,
 };
 pub use cluster::{
-    AgentProc, Cluster, DNS_NODE_PORT, DNS_PORT, ECHO_NODE_PORT, ECHO_PORT, ManifestOpts,
-    NGINX_CLUSTER_IP, NGINX_NODE_PORT, agent_bin, seed_manifests,
+    API_SERVER_PORT, AgentProc, Cluster, DNS_NODE_PORT, DNS_PORT, ECHO_NODE_PORT, ECHO_PORT,
+    ManifestOpts, NGINX_CLUSTER_IP, NGINX_NODE_PORT, SourceMode, agent_bin, seed_manifests,
 };
 pub use guards::{Netns, PIN_ROOT, PinDir, sweep_stale_pins};
 pub use ipnet::Ipv4Net;

@@ -28,8 +28,17 @@
 //! SNAT ports never run out. Per-packet cost does not depend on the Maglev table size M (one
 //! array lookup at `hash % M`), so large worlds use a small M to fit the arena.
 use std::{
-    net::Ipv4Addr,
-    path::Path,
+    collections::BTreeMap,
+    fs::File,
+    io::{ErrorKind, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Barrier,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -38,7 +47,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray},
     programs::{TestRun, TestRunOptions},
 };
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use lb_agent::{
     datapath::{Datapath, Limits},
@@ -49,8 +58,12 @@ use lb_agent::{
     },
 };
 use lb_common::*;
-use lb_tests::{Netns, PinDir, exec_ok, in_netns, privileged_unavailable_reason};
-use serde::Serialize;
+use lb_tests::{
+    Cluster, ManifestOpts, NGINX_CLUSTER_IP, NGINX_NODE_PORT, Netns, Network, PinDir, Pod,
+    TopologySpec, agent_bin, exec_in, exec_ok, in_netns, privileged_unavailable_reason,
+    seed_manifests, try_in_netns,
+};
+use serde::{Deserialize, Serialize};
 
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -86,9 +99,14 @@ const SNAT_MAX: u16 = 65_535;
 #[derive(Parser, Clone)]
 #[command(
     name = "xlb-bench",
-    about = "Per-packet cost of the xlb XDP datapath (BPF_PROG_TEST_RUN), Maglev builds, apply time"
+    about = "Per-packet cost of the xlb XDP datapath (BPF_PROG_TEST_RUN), Maglev builds, apply time, \
+             east-west pod -> ClusterIP against kube-proxy-shaped iptables"
 )]
 struct Args {
+    /// Run only these parts (comma separated); the other parts of bench/results.json are kept
+    /// from the previous run. Default: all.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Part>,
     /// Repeats of every measurement; the median is reported.
     #[arg(long, default_value_t = 5)]
     repeats: usize,
@@ -107,11 +125,40 @@ struct Args {
     /// Where RESULTS.md and results.json are written.
     #[arg(long, default_value = "bench")]
     out_dir: String,
+    /// East-west: seconds of load per repeat, per setup and protocol.
+    #[arg(long, default_value_t = 3.0)]
+    ew_seconds: f64,
+    /// East-west: client threads in the client pod (at most 2: the machine has 2 cores).
+    #[arg(long, default_value_t = 2)]
+    ew_threads: usize,
+    /// East-west: numbers of extra (dummy) ClusterIP services programmed next to the bench
+    /// services, on both sides, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![0, 1_000, 5_000])]
+    ew_services: Vec<u32>,
+    /// East-west: skip the UDP request/response measurement.
+    #[arg(long)]
+    ew_no_udp: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+enum Part {
+    /// XDP per-packet cost and agent apply times.
+    Xdp,
+    /// Maglev table builds.
+    Maglev,
+    /// Pod -> ClusterIP connections: xlb's tc programs vs kube-proxy-shaped iptables.
+    EastWest,
+}
+
+impl Args {
+    fn runs(&self, part: Part) -> bool {
+        self.only.is_empty() || self.only.contains(&part)
+    }
 }
 
 // ---------------------------------------------------------------- results
 
-#[derive(Serialize, Clone)]
+#[derive(Serialize, Deserialize, Clone)]
 struct PacketRow {
     scenario: String,
     services: u32,
@@ -123,7 +170,7 @@ struct PacketRow {
     net_ns: f64,
 }
 
-#[derive(Serialize, Clone)]
+#[derive(Serialize, Deserialize, Clone)]
 struct ApplyRow {
     services: u32,
     backends_per_service: u32,
@@ -132,27 +179,32 @@ struct ApplyRow {
     apply_ms: f64,
 }
 
-#[derive(Serialize, Clone)]
+#[derive(Serialize, Deserialize, Clone)]
 struct MaglevRow {
     m: u32,
     backends: u32,
     build_ms: f64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize, Default)]
+#[serde(default)]
 struct Results {
     command: String,
     date: String,
     kernel: String,
     cpu: String,
     cpus: usize,
+    /// Which run produced each part ("<command> @ <date>"): with `--only`, parts not run are
+    /// carried over from the previous results.json.
+    parts: BTreeMap<String, String>,
     repeats: usize,
     flows: u32,
     loop_repeat: u32,
-    method: Vec<&'static str>,
+    method: Vec<String>,
     packets: Vec<PacketRow>,
     apply: Vec<ApplyRow>,
     maglev: Vec<MaglevRow>,
+    east_west: Option<EastWest>,
 }
 
 const METHOD: &[&str] = &[
@@ -183,49 +235,79 @@ fn main() -> Result<()> {
     ensure!(args.repeats > 0, "--repeats must be at least 1");
     ensure!(args.flows > 0, "--flows must be at least 1");
     ensure!(args.backends > 0, "--backends must be at least 1");
+    ensure!(
+        (1..=2).contains(&args.ew_threads),
+        "--ew-threads must be 1 or 2"
+    );
+    ensure!(args.ew_seconds > 0.0, "--ew-seconds must be positive");
     let started = Instant::now();
-
-    let ns = Netns::new("bench")?;
-    setup_netns(&ns)?;
-
-    let mut packets = Vec::new();
-    let mut apply = Vec::new();
-    for &n in &args.services {
-        ensure!(n > 0, "--services entries must be at least 1");
-        eprintln!("▶ {n} services: loading and programming…");
-        let mut world = World::new(n, &args)?;
-        apply.push(world.apply_row.clone());
-        eprintln!(
-            "  applied in {:.1} ms; measuring packets…",
-            world.apply_row.apply_ms
-        );
-        packets.extend(in_netns(ns.name(), || measure_world(&mut world, &args))?);
-    }
-    eprintln!("▶ Maglev table builds…");
-    let maglev = vec![
-        bench_maglev(65_537, 1_000, args.repeats),
-        bench_maglev(16_381, 100, args.repeats),
-    ];
-
-    let results = Results {
-        command: command_line(),
-        date: sh("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]),
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_owned(),
-        cpu: cpu_model(),
-        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        repeats: args.repeats,
-        flows: args.flows,
-        loop_repeat: args.loop_repeat,
-        method: METHOD.to_vec(),
-        packets,
-        apply,
-        maglev,
+    // Before any thread exists: the agents of the east-west cluster get a larger Maglev
+    // arena (through XLB_AGENT_BIN, see `agent_wrapper`).
+    let wrapper = if args.runs(Part::EastWest) {
+        Some(agent_wrapper(&args)?)
+    } else {
+        None
     };
+
+    let command = command_line();
+    let date = sh("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]);
+    let stamp = format!("{command} @ {date}");
+    let out_dir = Path::new(&args.out_dir);
+    let mut results = if args.only.is_empty() {
+        Results::default()
+    } else {
+        previous_results(out_dir)
+    };
+    results.command = command;
+    results.date = date;
+    results.kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    results.cpu = cpu_model();
+    results.cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    results.method = METHOD.iter().map(|m| (*m).to_owned()).collect();
+
+    if args.runs(Part::Xdp) {
+        let ns = Netns::new("bench")?;
+        setup_netns(&ns)?;
+        let mut packets = Vec::new();
+        let mut apply = Vec::new();
+        for &n in &args.services {
+            ensure!(n > 0, "--services entries must be at least 1");
+            eprintln!("▶ {n} services: loading and programming…");
+            let mut world = World::new(n, &args)?;
+            apply.push(world.apply_row.clone());
+            eprintln!(
+                "  applied in {:.1} ms; measuring packets…",
+                world.apply_row.apply_ms
+            );
+            packets.extend(in_netns(ns.name(), || measure_world(&mut world, &args))?);
+        }
+        results.packets = packets;
+        results.apply = apply;
+        results.repeats = args.repeats;
+        results.flows = args.flows;
+        results.loop_repeat = args.loop_repeat;
+        results.parts.insert("xdp".into(), stamp.clone());
+    }
+    if args.runs(Part::Maglev) {
+        eprintln!("▶ Maglev table builds…");
+        results.maglev = vec![
+            bench_maglev(65_537, 1_000, args.repeats),
+            bench_maglev(16_381, 100, args.repeats),
+        ];
+        results.parts.insert("maglev".into(), stamp.clone());
+    }
+    if let Some(wrapper) = &wrapper {
+        let ew = east_west(&args);
+        let _ = std::fs::remove_file(wrapper);
+        results.east_west = Some(ew?);
+        results.parts.insert("east-west".into(), stamp.clone());
+    }
+
     print!("{}", render_text(&results));
-    write_results(&results, Path::new(&args.out_dir))?;
+    write_results(&results, out_dir)?;
     eprintln!(
         "✔ done in {:.1} s; results in {}/RESULTS.md and {}/results.json",
         started.elapsed().as_secs_f64(),
@@ -233,6 +315,14 @@ fn main() -> Result<()> {
         args.out_dir
     );
     Ok(())
+}
+
+/// The previous results.json, if it can be read (parts not run now are kept from it).
+fn previous_results(dir: &Path) -> Results {
+    std::fs::read_to_string(dir.join("results.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
 }
 
 fn setup_netns(ns: &Netns) -> Result<()> {
@@ -431,6 +521,9 @@ fn desired(services: u32, backends: u32, local: bool) -> Desired {
             kind: FrontendKind::NodePort,
         }],
         backends: bes,
+        draining: vec![],
+        affinity_timeout: None,
+        source_ranges: vec![],
     };
     let mut ports: Vec<SvcPort> = (0..services)
         .map(|i| {
@@ -666,6 +759,1050 @@ fn bench_maglev(m: u32, backends: u32, repeats: usize) -> MaglevRow {
     }
 }
 
+// ---------------------------------------------------------------- east-west
+
+/// The bench's own services: a TCP request/response service and a UDP one, ClusterIP only,
+/// backed by the Rust responders in every nginx pod.
+const EW_TCP_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 200, 1);
+const EW_TCP_PORT: u16 = 8081;
+const EW_UDP_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 200, 2);
+const EW_UDP_PORT: u16 = 8082;
+/// Dummy service i: ClusterIP `EW_DUMMY_BASE + i`, port 80, the same three pods (port 80).
+const EW_DUMMY_BASE: u32 = u32::from_be_bytes([10, 100, 0, 1]);
+const EW_NAMESPACE: &str = "bench";
+/// The client pod, added on a worker that also runs backends (2 local, 1 remote).
+const EW_CLIENT_POD: &str = "bench-client";
+const EW_CLIENT_NODE: &str = "service-demo-worker";
+/// kind's pod network (kube-proxy's --cluster-cidr).
+const EW_CLUSTER_CIDR: &str = "10.244.0.0/16";
+const EW_REQUEST: &[u8] = b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n";
+const EW_IO_TIMEOUT: Duration = Duration::from_secs(1);
+/// Responder threads per pod for TCP (accept + read + write + close each).
+const EW_TCP_SERVER_THREADS: usize = 2;
+const EW_SETUP_OURS: &str = "xlb (tc on pod veths)";
+const EW_SETUP_IPT: &str = "kube-proxy-shaped iptables";
+
+#[derive(Serialize, Deserialize, Clone)]
+struct EastWest {
+    command: String,
+    date: String,
+    seconds_per_repeat: f64,
+    client_threads: usize,
+    repeats: usize,
+    client: String,
+    /// Backends of the bench services: (pod, node, local to the client?).
+    backends: Vec<(String, String, bool)>,
+    iptables: String,
+    rows: Vec<EwRow>,
+    ratios: Vec<EwRatio>,
+    method: Vec<String>,
+    /// Set when a setup failed functionally (connections failing through the ClusterIP).
+    diagnostics: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct EwRow {
+    extra_services: u32,
+    /// Rules in the nat table of the iptables setup (0 for ours).
+    nat_rules: usize,
+    proto: String,
+    setup: String,
+    /// Median over the repeats.
+    per_second: f64,
+    p50_us: f64,
+    p99_us: f64,
+    /// Successful exchanges and failures, summed over the repeats.
+    ok: u64,
+    errors: u64,
+    first_error: Option<String>,
+    /// Answers per pod, summed over the repeats.
+    answered_by: BTreeMap<String, u64>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct EwRatio {
+    extra_services: u32,
+    proto: String,
+    /// ours / iptables.
+    rate: f64,
+    p50: f64,
+    p99: f64,
+}
+
+const EW_METHOD: &[&str] = &[
+    "Both setups are the same built-in kind-shaped network (seed topology: 3 nodes, nginx pods \
+     4kq7x + 9xjtm on service-demo-worker, r2d8c on service-demo-worker2) plus a client pod \
+     bench-client on service-demo-worker, built twice side by side: one with lb-agent on every \
+     node (ClusterIP DNAT by tc on the pod veths), one without agents where every node's netns \
+     gets kube-proxy-shaped iptables rules. Repeats alternate between the two (ABBA order).",
+    "Servers: a Rust responder in each nginx pod's netns (2 threads accepting on :8081, reading \
+     the request, writing a ~60-byte HTTP/1.0 response naming the pod, closing; UDP :8082 \
+     answers each datagram with the pod name). The python pod servers are not used.",
+    "Client: threads in bench-client's netns; TCP: connect + write request + read until the \
+     server closes + close, per connection; UDP: a fresh socket per request (new flow, like a \
+     DNS lookup), send, wait for the reply from the ClusterIP (connected socket). Latency is \
+     per exchange; conns/s = successful exchanges / wall time of the repeat. Client, servers \
+     and softirq share the machine's CPUs, so rate is whole-system throughput.",
+    "iptables shape (per node, iptables-restore of nat + filter): PREROUTING/OUTPUT -> \
+     KUBE-SERVICES -> one `-d clusterIP -p proto --dport` rule per service port -> KUBE-SVC-* \
+     (`! -s 10.244.0.0/16 -j KUBE-MARK-MASQ`, then `-m statistic --mode random --probability \
+     1/n` per endpoint) -> KUBE-SEP-* (`-s pod -j KUBE-MARK-MASQ` for hairpin, `-j DNAT \
+     --to-destination pod:port`); POSTROUTING -> KUBE-POSTROUTING (MASQUERADE marked packets); \
+     the filter table's KUBE-FORWARD / KUBE-SERVICES / KUBE-PROXY-FIREWALL jumps. The bench \
+     service sits in the middle of KUBE-SERVICES (half the dummy services are walked before \
+     it). Node conntrack tables are flushed (ctnetlink) before every iptables repeat.",
+    "Extra services: N dummy ClusterIP services with the same three endpoints, in the agents' \
+     manifest for ours and as KUBE-SVC/KUBE-SEP chains for iptables. The agents run with \
+     --maglev-arena sized for the largest N (default arena holds ~2,000 services at M=1021).",
+    "answered_by counts which pod answered, to show both local and remote backends are used.",
+];
+
+/// A shell script that runs the real agent with a Maglev arena large enough for the largest
+/// east-west world (2 tables of M = 1021 per service), handed to `Cluster::up` through
+/// `XLB_AGENT_BIN`. Must run before any other thread exists (it sets an environment
+/// variable).
+fn agent_wrapper(args: &Args) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let real = agent_bin()?;
+    let max = u64::from(args.ew_services.iter().copied().max().unwrap_or(0)) + 16;
+    let slots = (2 * u64::from(maglev::DEFAULT_MIN_M) * max)
+        .next_power_of_two()
+        .max(u64::from(DEFAULT_MAGLEV_ARENA));
+    let path = std::env::temp_dir().join(format!("xlb-bench-{}-agent.sh", std::process::id()));
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\nexec '{}' \"$@\" --maglev-arena {slots}\n",
+            real.display()
+        ),
+    )?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    // SAFETY: called from main before any other thread is started.
+    unsafe { std::env::set_var("XLB_AGENT_BIN", &path) };
+    Ok(path)
+}
+
+/// One service as both setups program it.
+struct SvcDef {
+    name: String,
+    cluster_ip: Ipv4Addr,
+    port: u16,
+    proto: &'static str,
+    target_port: u16,
+    /// (pod name, pod address, node)
+    endpoints: Vec<(String, Ipv4Addr, String)>,
+    node_port: Option<u16>,
+    lb_ip: Option<Ipv4Addr>,
+}
+
+fn ew_services(backends: &[Pod], extra: u32) -> (Vec<SvcDef>, usize) {
+    let eps = |_: ()| -> Vec<(String, Ipv4Addr, String)> {
+        backends
+            .iter()
+            .map(|p| (p.name.clone(), p.addr, p.node.clone()))
+            .collect()
+    };
+    let svc = |name: String, ip: Ipv4Addr, port: u16, proto, target_port| SvcDef {
+        name,
+        cluster_ip: ip,
+        port,
+        proto,
+        target_port,
+        endpoints: eps(()),
+        node_port: None,
+        lb_ip: None,
+    };
+    let mut v: Vec<SvcDef> = (0..extra)
+        .map(|i| {
+            svc(
+                format!("dummy-{i:05}"),
+                addr(EW_DUMMY_BASE + i),
+                80,
+                "TCP",
+                80,
+            )
+        })
+        .collect();
+    // The bench services in the middle of KUBE-SERVICES: an average service's walk.
+    let mid = v.len() / 2;
+    v.insert(
+        mid,
+        svc(
+            "bench-udp".into(),
+            EW_UDP_IP,
+            EW_UDP_PORT,
+            "UDP",
+            EW_UDP_PORT,
+        ),
+    );
+    v.insert(
+        mid,
+        svc(
+            "bench-tcp".into(),
+            EW_TCP_IP,
+            EW_TCP_PORT,
+            "TCP",
+            EW_TCP_PORT,
+        ),
+    );
+    (v, mid)
+}
+
+/// The agents' manifest: the seed's services (nginx-service, ExternalName) with the three
+/// nginx pods as endpoints, plus the bench and dummy services.
+fn ew_manifest(net: &Network, backends: &[Pod], extra: u32) -> String {
+    use std::fmt::Write as _;
+    let opts = ManifestOpts {
+        endpoints: Some(backends.iter().map(|p| p.name.clone()).collect()),
+        ..Default::default()
+    };
+    let mut y = seed_manifests(net, &opts);
+    for s in ew_services(backends, extra).0 {
+        let _ = write!(
+            y,
+            "- apiVersion: v1\n  kind: Service\n  metadata: {{name: {n}, namespace: {EW_NAMESPACE}}}\n  spec:\n    type: ClusterIP\n    clusterIP: {ip}\n    ports:\n    - {{name: p, port: {port}, protocol: {proto}, targetPort: {tp}}}\n- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata:\n    name: {n}-x1\n    namespace: {EW_NAMESPACE}\n    labels: {{kubernetes.io/service-name: {n}}}\n  addressType: IPv4\n  ports:\n  - {{name: p, port: {tp}, protocol: {proto}}}\n  endpoints:\n",
+            n = s.name,
+            ip = s.cluster_ip,
+            port = s.port,
+            proto = s.proto,
+            tp = s.target_port,
+        );
+        for (pod, ip, node) in &s.endpoints {
+            let _ = write!(
+                y,
+                "  - addresses: [\"{ip}\"]\n    nodeName: {node}\n    conditions: {{ready: true, serving: true, terminating: false}}\n    targetRef: {{kind: Pod, namespace: dev, name: {pod}}}\n"
+            );
+        }
+    }
+    y
+}
+
+/// kube-proxy-style chain suffix: 16 characters of base32 over a hash of `key`.
+fn chain_suffix(key: &str) -> String {
+    let fnv = |salt: u8| {
+        key.bytes()
+            .chain([salt])
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            })
+    };
+    let bits = (u128::from(fnv(1)) << 64) | u128::from(fnv(2));
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    (0..16)
+        .map(|i| ALPHABET[((bits >> (i * 5)) & 31) as usize] as char)
+        .collect()
+}
+
+/// iptables-restore input shaped like kube-proxy's iptables mode for `svcs` (plus the
+/// seed's nginx-service). Returns the text and the number of nat rules.
+fn kube_proxy_rules(svcs: &[SvcDef], backends: &[Pod], lb_ip: Option<Ipv4Addr>) -> (String, usize) {
+    use std::fmt::Write as _;
+    let nginx = SvcDef {
+        name: "nginx-service".into(),
+        cluster_ip: NGINX_CLUSTER_IP.parse().expect("constant"),
+        port: 80,
+        proto: "TCP",
+        target_port: lb_tests::POD_HTTP_PORT,
+        endpoints: backends
+            .iter()
+            .map(|p| (p.name.clone(), p.addr, p.node.clone()))
+            .collect(),
+        node_port: Some(NGINX_NODE_PORT),
+        lb_ip,
+    };
+    let mut chains = String::new();
+    let mut rules = String::new();
+    let mut nodeports = String::new();
+    let mut n_rules = 0usize;
+    let mut rule = |out: &mut String, r: String| {
+        n_rules += 1;
+        out.push_str(&r);
+        out.push('\n');
+    };
+    for (ns, s) in [("dev", &nginx)]
+        .into_iter()
+        .chain(svcs.iter().map(|s| (EW_NAMESPACE, s)))
+    {
+        let p = s.proto.to_ascii_lowercase();
+        let port_name = format!("{ns}/{}:p", s.name);
+        let svc_chain = format!("KUBE-SVC-{}", chain_suffix(&format!("{port_name}/{p}")));
+        let _ = writeln!(chains, ":{svc_chain} - [0:0]");
+        rule(
+            &mut rules,
+            format!(
+                "-A KUBE-SERVICES -d {}/32 -p {p} -m comment --comment \"{port_name} cluster IP\" -m {p} --dport {} -j {svc_chain}",
+                s.cluster_ip, s.port
+            ),
+        );
+        if s.node_port.is_some() || s.lb_ip.is_some() {
+            let ext = format!("KUBE-EXT-{}", chain_suffix(&format!("{port_name}/{p}")));
+            let _ = writeln!(chains, ":{ext} - [0:0]");
+            rule(
+                &mut rules,
+                format!(
+                    "-A {ext} -m comment --comment \"masquerade traffic for {port_name} external destinations\" -j KUBE-MARK-MASQ"
+                ),
+            );
+            rule(&mut rules, format!("-A {ext} -j {svc_chain}"));
+            if let Some(ip) = s.lb_ip {
+                rule(
+                    &mut rules,
+                    format!(
+                        "-A KUBE-SERVICES -d {ip}/32 -p {p} -m comment --comment \"{port_name} loadbalancer IP\" -m {p} --dport {} -j {ext}",
+                        s.port
+                    ),
+                );
+            }
+            if let Some(np) = s.node_port {
+                rule(
+                    &mut nodeports,
+                    format!(
+                        "-A KUBE-NODEPORTS -p {p} -m comment --comment \"{port_name}\" -m {p} --dport {np} -j {ext}"
+                    ),
+                );
+            }
+        }
+        rule(
+            &mut rules,
+            format!(
+                "-A {svc_chain} ! -s {EW_CLUSTER_CIDR} -d {}/32 -p {p} -m comment --comment \"{port_name} cluster IP\" -m {p} --dport {} -j KUBE-MARK-MASQ",
+                s.cluster_ip, s.port
+            ),
+        );
+        let n = s.endpoints.len();
+        for (k, (_, ip, _)) in s.endpoints.iter().enumerate() {
+            let dest = format!("{ip}:{}", s.target_port);
+            let sep = format!(
+                "KUBE-SEP-{}",
+                chain_suffix(&format!("{port_name}/{p}/{dest}"))
+            );
+            let _ = writeln!(chains, ":{sep} - [0:0]");
+            let left = n - k;
+            let stat = if left > 1 {
+                format!(
+                    " -m statistic --mode random --probability {:.11}",
+                    1.0 / left as f64
+                )
+            } else {
+                String::new()
+            };
+            rule(
+                &mut rules,
+                format!(
+                    "-A {svc_chain} -m comment --comment \"{port_name} -> {dest}\"{stat} -j {sep}"
+                ),
+            );
+            rule(
+                &mut rules,
+                format!(
+                    "-A {sep} -s {ip}/32 -m comment --comment \"{port_name}\" -j KUBE-MARK-MASQ"
+                ),
+            );
+            rule(
+                &mut rules,
+                format!(
+                    "-A {sep} -p {p} -m comment --comment \"{port_name}\" -m {p} -j DNAT --to-destination {dest}"
+                ),
+            );
+        }
+    }
+    rule(
+        &mut rules,
+        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS".into(),
+    );
+    let fixed = [
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+        "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+        "-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING",
+        "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000",
+        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+        "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000",
+        "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully",
+    ];
+    let mut t = String::from(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n",
+    );
+    t += &chains;
+    for f in fixed {
+        t += f;
+        t.push('\n');
+    }
+    let n_rules = n_rules + fixed.len();
+    t += &nodeports;
+    t += &rules;
+    t += "COMMIT\n";
+    t += "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+          :KUBE-FORWARD - [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-EXTERNAL-SERVICES - [0:0]\n\
+          :KUBE-NODEPORTS - [0:0]\n:KUBE-PROXY-FIREWALL - [0:0]\n\
+          -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
+          -A INPUT -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS\n\
+          -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
+          -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
+          -A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD\n\
+          -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+          -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
+          -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
+          -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+          -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n\
+          -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n\
+          -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
+          COMMIT\n";
+    (t, n_rules)
+}
+
+/// Loads `rules` into every node namespace of `net` (a full replace of nat and filter, as
+/// kube-proxy's sync does) and checks the nat rule count on one node.
+fn load_iptables(net: &Network, rules: &str, nat_rules: usize) -> Result<()> {
+    let path = std::env::temp_dir().join(format!("xlb-bench-{}-iptables.rules", net.tag()));
+    std::fs::write(&path, rules)?;
+    let p = path.to_string_lossy().into_owned();
+    for node in net.nodes() {
+        exec_ok(&node.netns, &["iptables-restore", &p])
+            .with_context(|| format!("iptables-restore in {}", node.netns))?;
+    }
+    let _ = std::fs::remove_file(&path);
+    let node = net.node(EW_CLIENT_NODE);
+    let saved = exec_ok(&node.netns, &["iptables-save", "-t", "nat"])?;
+    let got = saved.lines().filter(|l| l.starts_with("-A ")).count();
+    ensure!(
+        got == nat_rules,
+        "iptables-restore: {got} nat rules in {}, expected {nat_rules}",
+        node.netns
+    );
+    Ok(())
+}
+
+/// Deletes every conntrack entry of `netns` (ctnetlink IPCTNL_MSG_CT_DELETE without
+/// attributes = flush), so repeats of the iptables setup start from the same table size.
+fn flush_conntrack(netns: &str) -> Result<()> {
+    try_in_netns(netns, || -> Result<()> {
+        // SAFETY: plain socket(2); the descriptor is owned right away.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_NETFILTER,
+            )
+        };
+        ensure!(
+            fd >= 0,
+            "netlink socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: fd is a fresh, valid descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+        const IPCTNL_MSG_CT_DELETE: u16 = 2;
+        let mut msg = Vec::with_capacity(20);
+        msg.extend(20u32.to_ne_bytes()); // nlmsg_len
+        msg.extend(((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE).to_ne_bytes());
+        msg.extend(((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
+        msg.extend(1u32.to_ne_bytes()); // seq
+        msg.extend(0u32.to_ne_bytes()); // pid
+        msg.extend([libc::AF_INET as u8, 0, 0, 0]); // nfgenmsg: family, version, res_id
+        // SAFETY: msg is a valid buffer of msg.len() bytes.
+        let n = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+        ensure!(
+            n == msg.len() as isize,
+            "netlink send: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut buf = [0u8; 256];
+        // SAFETY: buf is a valid writable buffer.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        ensure!(n >= 20, "netlink recv: {}", std::io::Error::last_os_error());
+        let ty = u16::from_ne_bytes([buf[4], buf[5]]);
+        ensure!(
+            ty == libc::NLMSG_ERROR as u16,
+            "netlink: unexpected reply type {ty}"
+        );
+        let err = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+        ensure!(
+            err == 0,
+            "conntrack flush: {}",
+            std::io::Error::from_raw_os_error(-err)
+        );
+        let _ = fd.as_fd();
+        Ok(())
+    })?
+}
+
+/// Rust responders in the pods' namespaces; stopped (and joined) on drop.
+struct Responders {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Responders {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn enter_netns(netns: &str) -> Result<()> {
+    let f = File::open(Path::new("/run/netns").join(netns))
+        .with_context(|| format!("opening netns {netns}"))?;
+    nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("setns into {netns}"))
+}
+
+fn start_responders(pods: &[Pod]) -> Result<Responders> {
+    let mut r = Responders {
+        stop: Arc::new(AtomicBool::new(false)),
+        threads: Vec::new(),
+    };
+    for pod in pods {
+        let (netns, name) = (pod.netns.clone(), pod.name.clone());
+        let (tx, rx) = std::sync::mpsc::channel::<Result<(TcpListener, UdpSocket)>>();
+        std::thread::Builder::new()
+            .name(format!("bind:{name}"))
+            .spawn(move || {
+                let bound = (|| -> Result<(TcpListener, UdpSocket)> {
+                    enter_netns(&netns)?;
+                    let l =
+                        TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, EW_TCP_PORT))?;
+                    l.set_nonblocking(true)?;
+                    let u = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, EW_UDP_PORT))?;
+                    u.set_read_timeout(Some(Duration::from_millis(100)))?;
+                    Ok((l, u))
+                })();
+                let _ = tx.send(bound);
+            })?
+            .join()
+            .map_err(|_| anyhow::anyhow!("bind thread panicked"))?;
+        // Sockets keep the namespace they were created in: serving threads need no setns.
+        let (listener, udp) = rx
+            .recv()?
+            .with_context(|| format!("responder in pod {name}"))?;
+        let body = format!("{name}\n");
+        let response = Arc::new(
+            format!(
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        );
+        for i in 0..EW_TCP_SERVER_THREADS {
+            let (l, stop, resp) = (listener.try_clone()?, r.stop.clone(), response.clone());
+            r.threads.push(
+                std::thread::Builder::new()
+                    .name(format!("tcp{i}:{name}"))
+                    .spawn(move || tcp_responder(&l, &stop, &resp))?,
+            );
+        }
+        let (stop, reply) = (r.stop.clone(), body.into_bytes());
+        r.threads.push(
+            std::thread::Builder::new()
+                .name(format!("udp:{name}"))
+                .spawn(move || {
+                    let mut buf = [0u8; 2048];
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                            let _ = udp.send_to(&reply, peer);
+                        }
+                    }
+                })?,
+        );
+    }
+    Ok(r)
+}
+
+fn tcp_responder(listener: &TcpListener, stop: &AtomicBool, response: &[u8]) {
+    let mut buf = [0u8; 1024];
+    while !stop.load(Ordering::Relaxed) {
+        let mut pfd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+            continue;
+        }
+        let Ok((mut s, _)) = listener.accept() else {
+            continue; // the other thread took it
+        };
+        let _ = (|| -> std::io::Result<()> {
+            s.set_nonblocking(false)?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(EW_IO_TIMEOUT))?;
+            let mut n = 0;
+            while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") && n < buf.len() {
+                match s.read(&mut buf[n..]) {
+                    Ok(0) => return Ok(()),
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            s.write_all(response)
+        })();
+    }
+}
+
+/// What one load run saw.
+#[derive(Default)]
+struct LoadRun {
+    ok: u64,
+    errors: u64,
+    first_error: Option<String>,
+    lat_ns: Vec<u64>,
+    by_pod: BTreeMap<String, u64>,
+    wall: Duration,
+}
+
+impl LoadRun {
+    fn merge(&mut self, o: LoadRun) {
+        self.ok += o.ok;
+        self.errors += o.errors;
+        if self.first_error.is_none() {
+            self.first_error = o.first_error;
+        }
+        self.lat_ns.extend(o.lat_ns);
+        for (k, v) in o.by_pod {
+            *self.by_pod.entry(k).or_default() += v;
+        }
+        self.wall = self.wall.max(o.wall);
+    }
+
+    fn fail(&mut self, e: String) {
+        self.errors += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(e);
+        }
+    }
+
+    fn rate(&self) -> f64 {
+        self.ok as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+
+    /// Nearest-rank percentile in µs.
+    fn pct_us(&self, sorted: &[u64], p: f64) -> f64 {
+        if sorted.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+        sorted[rank.min(sorted.len()) - 1] as f64 / 1e3
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Proto4 {
+    Tcp,
+    Udp,
+}
+
+/// `threads` client threads in `netns`, each doing exchanges back to back for `dur`.
+fn load(netns: &str, proto: Proto4, threads: usize, dur: Duration, pods: &[String]) -> LoadRun {
+    let barrier = Barrier::new(threads);
+    let mut total = LoadRun::default();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut run = LoadRun::default();
+                    if let Err(e) = enter_netns(netns) {
+                        run.fail(format!("{e:#}"));
+                        barrier.wait();
+                        return run;
+                    }
+                    barrier.wait();
+                    let t0 = Instant::now();
+                    let deadline = t0 + dur;
+                    let mut buf = [0u8; 512];
+                    while Instant::now() < deadline {
+                        let t = Instant::now();
+                        let r = match proto {
+                            Proto4::Tcp => tcp_exchange(&mut buf),
+                            Proto4::Udp => udp_exchange(&mut buf),
+                        };
+                        let dt = t.elapsed();
+                        match r {
+                            Ok(n) => {
+                                let body = match proto {
+                                    Proto4::Tcp => buf[..n]
+                                        .windows(4)
+                                        .position(|w| w == b"\r\n\r\n")
+                                        .map_or(&buf[..0], |i| &buf[i + 4..n]),
+                                    Proto4::Udp => &buf[..n],
+                                };
+                                let body = body.strip_suffix(b"\n").unwrap_or(body);
+                                match pods.iter().find(|p| p.as_bytes() == body) {
+                                    Some(p) => {
+                                        run.ok += 1;
+                                        run.lat_ns.push(dt.as_nanos() as u64);
+                                        *run.by_pod.entry(p.clone()).or_default() += 1;
+                                    }
+                                    None => run.fail(format!(
+                                        "unexpected answer {:?}",
+                                        String::from_utf8_lossy(&buf[..n])
+                                    )),
+                                }
+                            }
+                            Err(e) => run.fail(format!("{e}")),
+                        }
+                    }
+                    run.wall = t0.elapsed();
+                    run
+                })
+            })
+            .collect();
+        for h in handles {
+            match h.join() {
+                Ok(r) => total.merge(r),
+                Err(_) => total.fail("client thread panicked".into()),
+            }
+        }
+    });
+    total
+}
+
+fn tcp_exchange(buf: &mut [u8]) -> std::io::Result<usize> {
+    let to = SocketAddr::V4(SocketAddrV4::new(EW_TCP_IP, EW_TCP_PORT));
+    let mut s = TcpStream::connect_timeout(&to, EW_IO_TIMEOUT)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(EW_IO_TIMEOUT))?;
+    s.write_all(EW_REQUEST)?;
+    let mut n = 0;
+    loop {
+        match s.read(&mut buf[n..]) {
+            Ok(0) => return Ok(n),
+            Ok(k) => {
+                n += k;
+                if n == buf.len() {
+                    return Ok(n);
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn udp_exchange(buf: &mut [u8]) -> std::io::Result<usize> {
+    let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+    s.connect(SocketAddrV4::new(EW_UDP_IP, EW_UDP_PORT))?;
+    s.set_read_timeout(Some(EW_IO_TIMEOUT))?;
+    s.send(b"ping")?;
+    s.recv(buf)
+}
+
+/// One side of the comparison.
+struct EwSetup {
+    label: &'static str,
+    client: Pod,
+    /// Per (extra services, proto): the repeats.
+    runs: Vec<LoadRun>,
+}
+
+fn sysctl_in(netns: &str, key: &str, value: &str) -> Result<()> {
+    try_in_netns(netns, || {
+        std::fs::write(Path::new("/proc/sys").join(key), value)
+            .with_context(|| format!("sysctl {key} in {netns}"))
+    })?
+}
+
+/// Medians over the repeats of one (setup, size, proto).
+fn ew_row(extra: u32, nat_rules: usize, proto: Proto4, setup: &str, runs: &[LoadRun]) -> EwRow {
+    let mut sum = LoadRun::default();
+    let (mut rate, mut p50, mut p99) = (vec![], vec![], vec![]);
+    for r in runs {
+        let mut lat = r.lat_ns.clone();
+        lat.sort_unstable();
+        rate.push(r.rate());
+        p50.push(r.pct_us(&lat, 50.0));
+        p99.push(r.pct_us(&lat, 99.0));
+        sum.ok += r.ok;
+        sum.errors += r.errors;
+        if sum.first_error.is_none() {
+            sum.first_error = r.first_error.clone();
+        }
+        for (k, v) in &r.by_pod {
+            *sum.by_pod.entry(k.clone()).or_default() += v;
+        }
+    }
+    EwRow {
+        extra_services: extra,
+        nat_rules,
+        proto: match proto {
+            Proto4::Tcp => "tcp",
+            Proto4::Udp => "udp",
+        }
+        .into(),
+        setup: setup.into(),
+        per_second: median(rate),
+        p50_us: median(p50),
+        p99_us: median(p99),
+        ok: sum.ok,
+        errors: sum.errors,
+        first_error: sum.first_error,
+        answered_by: sum.by_pod,
+    }
+}
+
+/// Datapath state of the client's node and kernel counters, for a failing "ours" run.
+fn ours_diagnostics(c: &Cluster, client: &Pod) -> String {
+    let mut s = String::new();
+    for a in &c.agents {
+        match a.status() {
+            Ok(st) => {
+                let nz: Vec<String> = st
+                    .counters
+                    .iter()
+                    .filter(|(_, v)| **v > 0)
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                s += &format!(
+                    "lb-agent status --pin-dir {}: counters {}\n",
+                    a.pin_dir.display(),
+                    nz.join(" ")
+                );
+                if let Some(info) = &st.agent {
+                    s += &format!(
+                        "  pod interfaces {:?}, last error {:?}\n",
+                        info.pod_ifaces, info.last_error
+                    );
+                }
+                for svc in st.services.iter().filter(|x| x.name.contains("bench-")) {
+                    s += &format!(
+                        "  {} {:?}:{:?}/{} endpoints {:?} packets {} flows {} rejects {}\n",
+                        svc.name,
+                        svc.cluster_ip,
+                        svc.port,
+                        svc.protocol,
+                        svc.endpoints,
+                        svc.packets,
+                        svc.new_flows,
+                        svc.rejects
+                    );
+                }
+            }
+            Err(e) => s += &format!("status of {}: {e:#}\n", a.node),
+        }
+        let log = a.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        s += &format!("  log tail: {:?}\n", tail.iter().rev().collect::<Vec<_>>());
+    }
+    for (what, ns) in [
+        ("client pod", client.netns.as_str()),
+        ("client node", c.net.node(&client.node).netns.as_str()),
+    ] {
+        if let Ok(out) = exec_in(ns, &["nstat", "-as"]) {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let keep: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    [
+                        "TcpActiveOpens",
+                        "TcpAttemptFails",
+                        "TcpRetransSegs",
+                        "TcpOutRsts",
+                        "TcpExtTCPTimeouts",
+                        "IpInNoRoutes",
+                        "IpInAddrErrors",
+                        "IpOutNoRoutes",
+                        "UdpNoPorts",
+                        "UdpInErrors",
+                        "IcmpInDestUnreachs",
+                        "IpForwDatagrams",
+                        "IpInDiscards",
+                    ]
+                    .iter()
+                    .any(|k| l.starts_with(k))
+                })
+                .collect();
+            s += &format!("nstat {what}: {}\n", keep.join(" | "));
+        }
+    }
+    s
+}
+
+/// Builds both setups, then for every size measures TCP (and UDP) through each, alternating.
+fn east_west(args: &Args) -> Result<EastWest> {
+    let spec = TopologySpec::seed();
+    let dur = Duration::from_secs_f64(args.ew_seconds);
+    let mut sizes = args.ew_services.clone();
+    sizes.sort_unstable();
+    sizes.dedup();
+
+    eprintln!("▶ east-west: bringing up the cluster with agents and the iptables twin…");
+    // The backends: the seed's nginx pods (before the client pod exists).
+    let mut backends: Vec<Pod> = Vec::new();
+    let mut ours = Cluster::up(&spec, |net| {
+        backends = net.pods().to_vec();
+        ew_manifest(net, net.pods(), sizes[0])
+    })?;
+    let ours_client = ours.net.add_pod(EW_CLIENT_NODE, EW_CLIENT_POD)?;
+    let mut ipt = Network::up(&spec)?;
+    let ipt_client = ipt.add_pod(EW_CLIENT_NODE, EW_CLIENT_POD)?;
+    let ipt_backends: Vec<Pod> = ipt
+        .pods()
+        .iter()
+        .filter(|p| p.name != EW_CLIENT_POD)
+        .cloned()
+        .collect();
+    let shape = |v: &[Pod]| -> Vec<(String, Ipv4Addr, String)> {
+        v.iter()
+            .map(|p| (p.name.clone(), p.addr, p.node.clone()))
+            .collect()
+    };
+    ensure!(
+        shape(&ipt_backends) == shape(&backends) && ipt_client.addr == ours_client.addr,
+        "the two networks differ: {ipt_backends:?} vs {backends:?}"
+    );
+    let pod_names: Vec<String> = backends.iter().map(|p| p.name.clone()).collect();
+    // Same client settings on both sides: a wide ephemeral range (tens of thousands of
+    // connections per repeat).
+    for c in [&ours_client, &ipt_client] {
+        sysctl_in(&c.netns, "net/ipv4/ip_local_port_range", "1024 65535")?;
+    }
+    let _servers = (
+        start_responders(&backends)?,
+        start_responders(&ipt_backends)?,
+    );
+    let iptables_version = sh("iptables", &["--version"]);
+    let lb_ip = ipt.lb_ips().first().map(|(ip, _)| *ip);
+    let protos: Vec<Proto4> = if args.ew_no_udp {
+        vec![Proto4::Tcp]
+    } else {
+        vec![Proto4::Tcp, Proto4::Udp]
+    };
+
+    let mut rows = Vec::new();
+    let mut ratios = Vec::new();
+    let mut diagnostics = Vec::new();
+    for &extra in &sizes {
+        eprintln!("▶ east-west, {extra} extra services: programming both setups…");
+        let t0 = Instant::now();
+        ours.write_manifest(&ew_manifest(&ours.net, &backends, extra))?;
+        let want = extra as usize + 2;
+        let client_iface = ours_client.host_iface.clone();
+        ours.wait_for("the bench services", Duration::from_secs(300), |s| {
+            let bench: Vec<_> = s
+                .services
+                .iter()
+                .filter(|x| x.name.starts_with(&format!("{EW_NAMESPACE}/")))
+                .collect();
+            bench.len() == want
+                && bench.iter().all(|x| x.endpoints.len() == 3)
+                && s.agent.as_ref().is_some_and(|a| {
+                    a.node_name != EW_CLIENT_NODE || a.pod_ifaces.contains(&client_iface)
+                })
+        })?;
+        let t_ours = t0.elapsed();
+        let t0 = Instant::now();
+        let (svcs, _) = ew_services(&ipt_backends, extra);
+        let (rules, nat_rules) = kube_proxy_rules(&svcs, &ipt_backends, lb_ip);
+        load_iptables(&ipt, &rules, nat_rules)?;
+        eprintln!(
+            "  agents programmed in {:.1} s; iptables-restore ({nat_rules} nat rules) on 3 nodes in {:.1} s",
+            t_ours.as_secs_f64(),
+            t0.elapsed().as_secs_f64()
+        );
+        let ipt_nodes: Vec<String> = ipt.nodes().iter().map(|n| n.netns.clone()).collect();
+        for &proto in &protos {
+            let mut setups = [
+                EwSetup {
+                    label: EW_SETUP_OURS,
+                    client: ours_client.clone(),
+                    runs: vec![],
+                },
+                EwSetup {
+                    label: EW_SETUP_IPT,
+                    client: ipt_client.clone(),
+                    runs: vec![],
+                },
+            ];
+            // Warm-up (caches, neighbours, the pod interface attachments).
+            for s in &setups {
+                let _ = load(
+                    &s.client.netns,
+                    proto,
+                    1,
+                    Duration::from_millis(300),
+                    &pod_names,
+                );
+            }
+            for r in 0..args.repeats {
+                let order: [usize; 2] = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+                for i in order {
+                    let s = &mut setups[i];
+                    if s.label == EW_SETUP_IPT {
+                        for ns in &ipt_nodes {
+                            flush_conntrack(ns)?;
+                        }
+                    }
+                    let run = load(&s.client.netns, proto, args.ew_threads, dur, &pod_names);
+                    let mut lat = run.lat_ns.clone();
+                    lat.sort_unstable();
+                    eprintln!(
+                        "  {:>4} {:<28} repeat {}: {:>8.0}/s  p50 {:>7.1} µs  p99 {:>8.1} µs  errors {}  {:?}",
+                        if proto == Proto4::Tcp { "tcp" } else { "udp" },
+                        s.label,
+                        r + 1,
+                        run.rate(),
+                        run.pct_us(&lat, 50.0),
+                        run.pct_us(&lat, 99.0),
+                        run.errors,
+                        run.by_pod
+                    );
+                    s.runs.push(run);
+                }
+            }
+            let row_ours = ew_row(extra, 0, proto, EW_SETUP_OURS, &setups[0].runs);
+            let row_ipt = ew_row(extra, nat_rules, proto, EW_SETUP_IPT, &setups[1].runs);
+            for row in [&row_ours, &row_ipt] {
+                let missing: Vec<&String> = pod_names
+                    .iter()
+                    .filter(|p| !row.answered_by.contains_key(*p))
+                    .collect();
+                if row.errors > 0 || !missing.is_empty() {
+                    let mut d = format!(
+                        "{} {} with {extra} extra services: {} errors (first: {:?}), pods that never answered: {missing:?}",
+                        row.setup, row.proto, row.errors, row.first_error
+                    );
+                    if row.setup == EW_SETUP_OURS {
+                        d += "\n";
+                        d += &ours_diagnostics(&ours, &ours_client);
+                    }
+                    eprintln!("  ✘ {d}");
+                    diagnostics.push(d);
+                }
+            }
+            ratios.push(EwRatio {
+                extra_services: extra,
+                proto: row_ours.proto.clone(),
+                rate: row_ours.per_second / row_ipt.per_second,
+                p50: row_ours.p50_us / row_ipt.p50_us,
+                p99: row_ours.p99_us / row_ipt.p99_us,
+            });
+            rows.push(row_ours);
+            rows.push(row_ipt);
+        }
+    }
+    drop(_servers);
+    Ok(EastWest {
+        command: command_line(),
+        date: sh("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]),
+        seconds_per_repeat: args.ew_seconds,
+        client_threads: args.ew_threads,
+        repeats: args.repeats,
+        client: format!("{EW_CLIENT_POD} ({}) on {EW_CLIENT_NODE}", ours_client.addr),
+        backends: backends
+            .iter()
+            .map(|p| (p.name.clone(), p.node.clone(), p.node == EW_CLIENT_NODE))
+            .collect(),
+        iptables: iptables_version,
+        rows,
+        ratios,
+        method: EW_METHOD.iter().map(|m| (*m).to_owned()).collect(),
+        diagnostics,
+    })
+}
+
 // ---------------------------------------------------------------- output
 
 fn packet_table(r: &Results) -> Table {
@@ -728,17 +1865,100 @@ fn maglev_table(r: &Results) -> Table {
     t
 }
 
-fn header_lines(r: &Results) -> Vec<String> {
+fn ew_table(e: &EastWest) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "extra services",
+        "proto",
+        "setup",
+        "nat rules",
+        "conns/s",
+        "p50 µs",
+        "p99 µs",
+        "errors",
+        "answered by (local+local/remote)",
+    ]);
+    for r in &e.rows {
+        let by: Vec<String> = e
+            .backends
+            .iter()
+            .map(|(pod, _, _)| r.answered_by.get(pod).copied().unwrap_or(0).to_string())
+            .collect();
+        t.add_row(vec![
+            r.extra_services.to_string(),
+            r.proto.clone(),
+            r.setup.clone(),
+            if r.nat_rules > 0 {
+                r.nat_rules.to_string()
+            } else {
+                "-".into()
+            },
+            format!("{:.0}", r.per_second),
+            format!("{:.1}", r.p50_us),
+            format!("{:.1}", r.p99_us),
+            format!("{} / {}", r.errors, r.ok + r.errors),
+            by.join(" / "),
+        ]);
+    }
+    t
+}
+
+fn ew_ratio_table(e: &EastWest) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "extra services",
+        "proto",
+        "conns/s ours/iptables",
+        "p50 ours/iptables",
+        "p99 ours/iptables",
+    ]);
+    for r in &e.ratios {
+        t.add_row(vec![
+            r.extra_services.to_string(),
+            r.proto.clone(),
+            format!("{:.2}x", r.rate),
+            format!("{:.2}x", r.p50),
+            format!("{:.2}x", r.p99),
+        ]);
+    }
+    t
+}
+
+fn ew_header(e: &EastWest) -> Vec<String> {
+    let backends: Vec<String> = e
+        .backends
+        .iter()
+        .map(|(p, n, local)| format!("{p} on {n} ({})", if *local { "local" } else { "remote" }))
+        .collect();
     vec![
+        format!("command: `{}` ({})", e.command, e.date),
+        format!(
+            "{} repeats (medians) of {:.1} s per setup and protocol, {} client thread(s), setups alternating",
+            e.repeats, e.seconds_per_repeat, e.client_threads
+        ),
+        format!("client: {}", e.client),
+        format!("backends: {}", backends.join(", ")),
+        format!("iptables: {}", e.iptables),
+    ]
+}
+
+fn header_lines(r: &Results) -> Vec<String> {
+    let mut v = vec![
         format!("command: {}", r.command),
         format!("date: {}", r.date),
         format!("kernel: {}", r.kernel),
         format!("cpu: {} ({} CPUs)", r.cpu, r.cpus),
-        format!(
-            "repeats: {} (medians), flows per pass: {}, loop repeat: {}",
+    ];
+    if !r.packets.is_empty() {
+        v.push(format!(
+            "XDP/apply: repeats: {} (medians), flows per pass: {}, loop repeat: {}",
             r.repeats, r.flows, r.loop_repeat
-        ),
-    ]
+        ));
+    }
+    for (part, from) in &r.parts {
+        v.push(format!("{part}: from `{from}`"));
+    }
+    v
 }
 
 fn render_text(r: &Results) -> String {
@@ -746,12 +1966,33 @@ fn render_text(r: &Results) -> String {
     for l in header_lines(r) {
         s += &format!("{l}\n");
     }
-    s += &format!("\nXDP per-packet cost\n{}\n", packet_table(r));
-    s += &format!("\nagent apply (first programming)\n{}\n", apply_table(r));
-    s += &format!("\nMaglev table build\n{}\n", maglev_table(r));
+    if !r.packets.is_empty() {
+        s += &format!("\nXDP per-packet cost\n{}\n", packet_table(r));
+        s += &format!("\nagent apply (first programming)\n{}\n", apply_table(r));
+    }
+    if !r.maglev.is_empty() {
+        s += &format!("\nMaglev table build\n{}\n", maglev_table(r));
+    }
+    if let Some(e) = &r.east_west {
+        s += "\neast-west: pod -> ClusterIP, xlb vs kube-proxy-shaped iptables\n";
+        for l in ew_header(e) {
+            s += &format!("{l}\n");
+        }
+        s += &format!("{}\n{}\n", ew_table(e), ew_ratio_table(e));
+        for d in &e.diagnostics {
+            s += &format!("FAILURE: {d}\n");
+        }
+    }
     s += "\nmethod:\n";
-    for m in &r.method {
-        s += &format!("- {m}\n");
+    if !r.packets.is_empty() {
+        for m in &r.method {
+            s += &format!("- {m}\n");
+        }
+    }
+    if let Some(e) = &r.east_west {
+        for m in &e.method {
+            s += &format!("- east-west: {m}\n");
+        }
     }
     s
 }
@@ -765,27 +2006,55 @@ fn markdown_table(t: &Table) -> String {
 
 fn render_markdown(r: &Results) -> String {
     let mut s = String::from(
-        "# xlb benchmark results\n\nWritten by `xlb-bench` (run by `cargo xtask bench`); overwritten on every run.\n\n",
+        "# xlb benchmark results\n\nWritten by `xlb-bench` (run by `cargo xtask bench`); overwritten on every run \
+         (with `--only`, the parts not run are kept from the previous run).\n\n",
     );
     s += &format!("- command: `{}`\n", r.command);
     for l in header_lines(r).iter().skip(1) {
         s += &format!("- {l}\n");
     }
-    s += &format!(
-        "\n## XDP per-packet cost\n\n{}\n",
-        markdown_table(&packet_table(r))
-    );
-    s += &format!(
-        "\n## Agent apply (first programming)\n\n{}\n",
-        markdown_table(&apply_table(r))
-    );
-    s += &format!(
-        "\n## Maglev table build\n\n{}\n",
-        markdown_table(&maglev_table(r))
-    );
-    s += "\n## Method\n\n";
-    for m in &r.method {
-        s += &format!("- {m}\n");
+    if !r.packets.is_empty() {
+        s += &format!(
+            "\n## XDP per-packet cost\n\n{}\n",
+            markdown_table(&packet_table(r))
+        );
+        s += &format!(
+            "\n## Agent apply (first programming)\n\n{}\n",
+            markdown_table(&apply_table(r))
+        );
+    }
+    if !r.maglev.is_empty() {
+        s += &format!(
+            "\n## Maglev table build\n\n{}\n",
+            markdown_table(&maglev_table(r))
+        );
+    }
+    if let Some(e) = &r.east_west {
+        s += "\n## East-west: pod -> ClusterIP, xlb vs kube-proxy-shaped iptables\n\n";
+        for l in ew_header(e) {
+            s += &format!("- {l}\n");
+        }
+        s += &format!(
+            "\n{}\n\nRatios (ours / iptables; conns/s above 1 and latency below 1 favour xlb):\n\n{}\n",
+            markdown_table(&ew_table(e)),
+            markdown_table(&ew_ratio_table(e))
+        );
+        if !e.diagnostics.is_empty() {
+            s += "\n### Failures\n\n";
+            for d in &e.diagnostics {
+                s += &format!("```\n{d}\n```\n");
+            }
+        }
+        s += "\n### East-west method\n\n";
+        for m in &e.method {
+            s += &format!("- {m}\n");
+        }
+    }
+    if !r.packets.is_empty() {
+        s += "\n## Method (XDP)\n\n";
+        for m in &r.method {
+            s += &format!("- {m}\n");
+        }
     }
     s
 }

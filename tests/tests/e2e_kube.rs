@@ -1,0 +1,733 @@
+//! `lb-agent --source kube`: Services and EndpointSlices through the Kubernetes API.
+//!
+//! - The kube source itself (`KubeSource` with the real kube client) against the API server
+//!   stand-in: complete snapshots only, debouncing, outages, filtering, Events. Unprivileged.
+//! - Real agents on the built-in network (`Cluster::up_kube`: every agent runs with `--source
+//!   kube` and a kubeconfig pointing at the stand-in on the control plane's address, port
+//!   6443): create/update/delete reach the maps and the traffic, endpoint churn, API server
+//!   restart and 410 Gone relists, outages, Events for unsupported ports. Privileged.
+//! - A real cluster (`KUBECONFIG` and `XLB_REAL_CLUSTER=1`): the kube source and the
+//!   translation against a real API server, in a throwaway namespace.
+//!
+//! The stand-in (`lb_tests::ApiServer`) is the project's one test double; see its module
+//! docs for why and what it leaves out.
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use lb_agent::{
+    k8s::Objects,
+    kube_source::KubeSource,
+    status::Status,
+    translate::{self, NodeContext, ServiceEvent},
+};
+use lb_tests::*;
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(3);
+/// Enough for a reconnect after the watcher's backoff grew during an outage (0.8 s doubling,
+/// jittered, 30 s at most).
+const RECOVER: Duration = Duration::from_secs(60);
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn local_client(srv: &ApiServer, rt: &tokio::runtime::Runtime) -> kube::Client {
+    let cfg = kube::Config::new(srv.url().parse().unwrap());
+    let _g = rt.enter();
+    kube::Client::try_from(cfg).unwrap()
+}
+
+fn service(ns: &str, name: &str, ports: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {
+            "name": name, "namespace": ns,
+            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "x".repeat(2000)},
+            "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
+        },
+        "spec": {"type": "ClusterIP", "clusterIP": "10.96.7.7", "ports": ports},
+    })
+}
+
+fn slice(ns: &str, name: &str, svc: &str, addr_type: &str, addrs: &[&str]) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": ns, "labels": {"kubernetes.io/service-name": svc}},
+        "addressType": addr_type,
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": addrs.iter().map(|a| json!({
+            "addresses": [a], "conditions": {"ready": true}, "nodeName": "n1",
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn next_snapshot(
+    rt: &tokio::runtime::Runtime,
+    src: &mut KubeSource,
+    within: Duration,
+) -> Option<Arc<Objects>> {
+    rt.block_on(async {
+        tokio::time::timeout(within, src.next())
+            .await
+            .ok()
+            .flatten()
+    })
+}
+
+/// Snapshots until one satisfies `ok` (the two watchers reconnect independently, so an
+/// intermediate snapshot may hold one side's news only, as with kube-proxy's informers).
+fn snapshot_until(
+    rt: &tokio::runtime::Runtime,
+    src: &mut KubeSource,
+    what: &str,
+    ok: impl Fn(&Objects) -> bool,
+) -> Arc<Objects> {
+    let deadline = Instant::now() + RECOVER;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let s = next_snapshot(rt, src, left).unwrap_or_else(|| panic!("timed out: {what}"));
+        if ok(&s) {
+            return s;
+        }
+    }
+}
+
+fn backends(objs: &Objects) -> BTreeSet<String> {
+    let node = NodeContext {
+        node_name: "n1".into(),
+        node_addrs: vec![Ipv4Addr::new(172, 18, 0, 9)],
+    };
+    translate::translate(objs, &node)
+        .ports
+        .iter()
+        .flat_map(|p| p.backends.iter().map(|b| format!("{}:{}", b.addr, b.port)))
+        .collect()
+}
+
+#[test]
+fn kube_source_publishes_only_complete_debounced_snapshots() {
+    let mut srv = ApiServer::start_local().unwrap();
+    let http = json!([{"name": "http", "port": 80, "targetPort": 8080}]);
+    srv.create(&service("dev", "web", http.clone())).unwrap();
+    srv.create(&slice("dev", "web-a", "web", "IPv4", &["10.244.1.2"]))
+        .unwrap();
+    srv.create(&slice("dev", "web-b", "web", "IPv4", &["10.244.2.2"]))
+        .unwrap();
+    srv.create(&slice("dev", "web-v6", "web", "IPv6", &["fd00::2"]))
+        .unwrap();
+    // EndpointSlices cannot be listed yet: Services alone must not be published.
+    srv.set_unavailable("discovery.k8s.io/v1", "endpointslices", true);
+    let rt = rt();
+    let client = local_client(&srv, &rt);
+    let mut src = {
+        let _g = rt.enter();
+        KubeSource::start(client, "n1")
+    };
+    assert!(
+        next_snapshot(&rt, &mut src, Duration::from_secs(2)).is_none(),
+        "a snapshot was published before both lists completed"
+    );
+    srv.set_unavailable("discovery.k8s.io/v1", "endpointslices", false);
+    let first = next_snapshot(&rt, &mut src, RECOVER).expect("first snapshot");
+    assert_eq!(first.services.len(), 1);
+    // Many slices per service are merged; IPv6 slices are left out.
+    assert_eq!(first.slices.len(), 2, "{:?}", first.slices);
+    assert_eq!(
+        backends(&first),
+        BTreeSet::from(["10.244.1.2:8080".into(), "10.244.2.2:8080".into()])
+    );
+    // Stored objects are trimmed.
+    let svc = &first.services[0];
+    assert!(svc.metadata.annotations.is_none() && svc.metadata.managed_fields.is_none());
+
+    // A burst of 100 changes becomes a few snapshots; the last one is the final state.
+    let started = Instant::now();
+    for i in 0..100 {
+        let addr = format!("10.244.1.{}", 10 + i);
+        srv.update(&slice("dev", "web-a", "web", "IPv4", &[&addr]))
+            .unwrap();
+    }
+    let mut snaps = vec![];
+    while let Some(s) = next_snapshot(&rt, &mut src, Duration::from_secs(1)) {
+        snaps.push(s);
+    }
+    let last = snaps.last().expect("a snapshot after the burst");
+    assert_eq!(
+        backends(last),
+        BTreeSet::from(["10.244.1.109:8080".into(), "10.244.2.2:8080".into()])
+    );
+    assert!(
+        snaps.len() <= 2 + (started.elapsed().as_millis() / 150) as usize && snaps.len() < 20,
+        "{} snapshots for one burst",
+        snaps.len()
+    );
+
+    // Outage: nothing is published; what changed meanwhile arrives after the restart.
+    srv.stop();
+    srv.delete(&slice("dev", "web-b", "web", "IPv4", &[]))
+        .unwrap();
+    srv.create(&service("dev", "api", http)).unwrap();
+    assert!(next_snapshot(&rt, &mut src, Duration::from_secs(2)).is_none());
+    srv.start().unwrap();
+    snapshot_until(&rt, &mut src, "changes made during the outage", |s| {
+        s.services.len() == 2 && backends(s) == BTreeSet::from(["10.244.1.109:8080".into()])
+    });
+
+    // 410: compacted while the watches are dropped -> relist, same content, no stale entry.
+    srv.delete(&service("dev", "api", json!([]))).unwrap();
+    snapshot_until(&rt, &mut src, "delete", |s| s.services.len() == 1);
+    srv.stop();
+    srv.create(&slice("dev", "web-c", "web", "IPv4", &["10.244.3.3"]))
+        .unwrap();
+    srv.delete(&slice("dev", "web-a", "web", "IPv4", &[]))
+        .unwrap();
+    srv.compact();
+    srv.start().unwrap();
+    snapshot_until(&rt, &mut src, "relist after 410", |s| {
+        backends(s) == BTreeSet::from(["10.244.3.3:8080".into()])
+    });
+    let lists = srv
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.starts_with("GET /apis/discovery.k8s.io/v1/endpointslices?") && !r.contains("watch=")
+        })
+        .count();
+    assert!(lists >= 2, "no relist after 410: {:?}", srv.requests());
+
+    // Events name the Service (uid included).
+    src.post_event(&ServiceEvent {
+        namespace: "dev".into(),
+        name: "web".into(),
+        reason: "Unsupported".into(),
+        message: "port x/SCTP skipped".into(),
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while srv.events().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let evs = srv.events();
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(evs[0]["type"], "Warning");
+    assert_eq!(evs[0]["reason"], "Unsupported");
+    assert_eq!(evs[0]["regarding"]["kind"], "Service");
+    assert_eq!(evs[0]["regarding"]["name"], "web");
+    assert!(
+        evs[0]["regarding"]["uid"]
+            .as_str()
+            .is_some_and(|u| !u.is_empty())
+    );
+    assert_eq!(evs[0]["reportingInstance"], "lb-agent-n1");
+}
+
+// ---------------------------------------------------------------------------------------
+// Real agents against the stand-in.
+
+fn nginx(s: &Status) -> Option<&lb_agent::status::SvcStatus> {
+    s.services
+        .iter()
+        .find(|x| x.name.starts_with("dev/nginx-service"))
+}
+
+fn endpoint_addrs(s: &Status) -> BTreeSet<Ipv4Addr> {
+    nginx(s)
+        .map(|x| {
+            x.endpoints
+                .iter()
+                .filter_map(|e| e.split(':').next()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn with_endpoints(want: BTreeSet<Ipv4Addr>) -> impl Fn(&Status) -> bool {
+    move |s| nginx(s).is_some() && endpoint_addrs(s) == want
+}
+
+fn pod_addrs(c: &Cluster, names: &[String]) -> BTreeSet<Ipv4Addr> {
+    names.iter().map(|n| c.net.pod(n).addr).collect()
+}
+
+fn answers(c: &Cluster, addr: SocketAddrV4, n: usize) -> BTreeSet<String> {
+    (0..n)
+        .map(|i| {
+            http_get(c.net.client_netns(), addr, T)
+                .unwrap_or_else(|e| panic!("request {i} to {addr}: {e:#}"))
+                .trim()
+                .to_string()
+        })
+        .collect()
+}
+
+fn opts(endpoints: Option<Vec<String>>) -> ManifestOpts {
+    ManifestOpts {
+        endpoints,
+        echo: true,
+        ..Default::default()
+    }
+}
+
+fn kube_cluster() -> Cluster {
+    let spec = TopologySpec::seed();
+    let mut c =
+        Cluster::up_kube(&spec, |net| seed_manifests(net, &opts(None))).expect("cluster up");
+    let all = c.net.pods().iter().map(|p| p.addr).collect();
+    c.wait_for(
+        "nginx-service programmed from the API",
+        Duration::from_secs(30),
+        with_endpoints(all),
+    )
+    .unwrap();
+    c
+}
+
+#[test]
+fn api_objects_reach_the_maps_and_the_traffic() {
+    if !require_privileged() {
+        return;
+    }
+    let _lock = net_lock();
+    let mut c = kube_cluster();
+    let pods: Vec<String> = c.net.pods().iter().map(|p| p.name.clone()).collect();
+    let lb = SocketAddrV4::new(c.net.lb_ips()[0].0, 80);
+    let worker = c.net.node("service-demo-worker").clone();
+    let np = SocketAddrV4::new(worker.addr, NGINX_NODE_PORT);
+    assert_eq!(answers(&c, lb, 60), pods.iter().cloned().collect());
+    assert_eq!(answers(&c, np, 60), pods.iter().cloned().collect());
+    for a in &c.agents {
+        let log = a.log_text();
+        assert!(log.contains("Services: initial list complete"), "{log}");
+        assert!(
+            log.contains("EndpointSlices: initial list complete"),
+            "{log}"
+        );
+    }
+
+    // Update: one pod leaves the EndpointSlice.
+    let rest: Vec<String> = pods[1..].to_vec();
+    c.write_manifest(&seed_manifests(&c.net, &opts(Some(rest.clone()))))
+        .unwrap();
+    c.wait_for(
+        "endpoint removed",
+        Duration::from_secs(20),
+        with_endpoints(pod_addrs(&c, &rest)),
+    )
+    .unwrap();
+    assert_eq!(answers(&c, lb, 60), rest.iter().cloned().collect());
+
+    // Update of the Service itself: a new NodePort.
+    let yaml = seed_manifests(&c.net, &opts(Some(rest.clone())))
+        .replace(&format!("nodePort: {NGINX_NODE_PORT}"), "nodePort: 31999");
+    c.write_manifest(&yaml).unwrap();
+    c.wait_for("NodePort changed", Duration::from_secs(20), |s| {
+        nginx(s).is_some_and(|x| x.node_port == Some(31999))
+    })
+    .unwrap();
+    answers(&c, SocketAddrV4::new(worker.addr, 31999), 10);
+    assert!(http_get(c.net.client_netns(), np, Duration::from_secs(1)).is_err());
+
+    // Delete.
+    let gone = ManifestOpts {
+        nginx: false,
+        echo: true,
+        ..Default::default()
+    };
+    c.write_manifest(&seed_manifests(&c.net, &gone)).unwrap();
+    c.wait_for("nginx-service removed", Duration::from_secs(20), |s| {
+        nginx(s).is_none()
+    })
+    .unwrap();
+    assert!(http_get(c.net.client_netns(), lb, Duration::from_secs(1)).is_err());
+}
+
+#[test]
+fn endpoint_churn_settles_on_the_final_state() {
+    if !require_privileged() {
+        return;
+    }
+    let _lock = net_lock();
+    let mut c = kube_cluster();
+    let pods: Vec<String> = c.net.pods().iter().map(|p| p.name.clone()).collect();
+    // 60 rewrites of the EndpointSlice as fast as they can be made (a rollout's churn).
+    for i in 0..60 {
+        let subset: Vec<String> = pods
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| (i + j) % 3 != 0)
+            .map(|(_, p)| p.clone())
+            .collect();
+        c.write_manifest(&seed_manifests(&c.net, &opts(Some(subset))))
+            .unwrap();
+    }
+    let last = vec![pods[0].clone()];
+    c.write_manifest(&seed_manifests(&c.net, &opts(Some(last.clone()))))
+        .unwrap();
+    c.wait_for(
+        "the final endpoint set",
+        Duration::from_secs(20),
+        with_endpoints(pod_addrs(&c, &last)),
+    )
+    .unwrap();
+    // Stays there (no late stale snapshot).
+    std::thread::sleep(Duration::from_secs(1));
+    for a in &c.agents {
+        assert_eq!(endpoint_addrs(&a.status().unwrap()), pod_addrs(&c, &last));
+    }
+    let lb = SocketAddrV4::new(c.net.lb_ips()[0].0, 80);
+    assert_eq!(answers(&c, lb, 30), last.iter().cloned().collect());
+    // Debounced: far fewer programming passes than changes.
+    for a in &c.agents {
+        let passes = a.log_text().matches("programmed ").count();
+        assert!(passes < 40, "{}: {passes} programming passes", a.node);
+    }
+}
+
+#[test]
+fn restart_and_410_relist_leave_nothing_stale() {
+    if !require_privileged() {
+        return;
+    }
+    let _lock = net_lock();
+    let mut c = kube_cluster();
+    let pods: Vec<String> = c.net.pods().iter().map(|p| p.name.clone()).collect();
+    let lb = SocketAddrV4::new(c.net.lb_ips()[0].0, 80);
+    let echo = |s: &Status| s.services.iter().any(|x| x.name.starts_with("dev/echo"));
+    c.wait_for("echo programmed", Duration::from_secs(20), echo)
+        .unwrap();
+
+    // Compact + drop the watches: every agent gets 410 on its resumed watch and relists.
+    c.api().compact();
+    c.api().drop_watches();
+    let deadline = Instant::now() + RECOVER;
+    while c.agents.iter().any(|a| !a.log_text().contains("relisted")) {
+        assert!(Instant::now() < deadline, "agents did not relist after 410");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let all: BTreeSet<Ipv4Addr> = c.net.pods().iter().map(|p| p.addr).collect();
+    c.wait_for("same state after relist", T, with_endpoints(all))
+        .unwrap();
+    assert_eq!(answers(&c, lb, 30), pods.iter().cloned().collect());
+
+    // Restart with changes the agents never saw as events (history compacted): the echo
+    // service deleted, one endpoint gone.
+    c.api_mut().stop();
+    let rest: Vec<String> = pods[1..].to_vec();
+    let no_echo = ManifestOpts {
+        endpoints: Some(rest.clone()),
+        ..Default::default()
+    };
+    c.write_manifest(&seed_manifests(&c.net, &no_echo)).unwrap();
+    c.api().compact();
+    c.api_mut().start().unwrap();
+    let want = pod_addrs(&c, &rest);
+    c.wait_for("state after restart", RECOVER, move |s| {
+        !echo(s) && endpoint_addrs(s) == want
+    })
+    .unwrap();
+    assert_eq!(answers(&c, lb, 60), rest.iter().cloned().collect());
+    let worker = c.net.node("service-demo-worker").clone();
+    assert!(
+        http_get(
+            c.net.client_netns(),
+            SocketAddrV4::new(worker.addr, ECHO_NODE_PORT),
+            Duration::from_secs(1)
+        )
+        .is_err(),
+        "the echo service deleted during the restart still answers"
+    );
+}
+
+#[test]
+fn outage_keeps_serving_and_changes_apply_afterwards() {
+    if !require_privileged() {
+        return;
+    }
+    let _lock = net_lock();
+    let mut c = kube_cluster();
+    let pods: Vec<String> = c.net.pods().iter().map(|p| p.name.clone()).collect();
+    let lb = SocketAddrV4::new(c.net.lb_ips()[0].0, 80);
+    c.api_mut().stop();
+    // Long enough for the watchers to fail and back off a few times.
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        assert_eq!(answers(&c, lb, 15), pods.iter().cloned().collect());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let all: BTreeSet<Ipv4Addr> = c.net.pods().iter().map(|p| p.addr).collect();
+    for a in &c.agents {
+        assert_eq!(endpoint_addrs(&a.status().unwrap()), all, "{}", a.node);
+        assert!(
+            a.log_text().contains("the datapath keeps its last state"),
+            "{}: the outage is not logged:\n{}",
+            a.node,
+            a.log_text()
+        );
+    }
+    // Changed while the API server is down, applied when it is back.
+    let rest: Vec<String> = pods[..pods.len() - 1].to_vec();
+    c.write_manifest(&seed_manifests(&c.net, &opts(Some(rest.clone()))))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    c.wait_for("nothing changes during the outage", T, with_endpoints(all))
+        .unwrap();
+    c.api_mut().start().unwrap();
+    c.wait_for(
+        "changes made during the outage",
+        RECOVER,
+        with_endpoints(pod_addrs(&c, &rest)),
+    )
+    .unwrap();
+    assert_eq!(answers(&c, lb, 45), rest.iter().cloned().collect());
+    for a in &c.agents {
+        assert!(a.log_text().contains("watch restored"), "{}", a.log_text());
+    }
+}
+
+#[test]
+fn unsupported_sctp_port_is_posted_once_as_an_event() {
+    if !require_privileged() {
+        return;
+    }
+    let _lock = net_lock();
+    let mut c = kube_cluster();
+    // The seed's objects plus a Service with a TCP and an SCTP port.
+    let with_mixed = |c: &Cluster, endpoints: Option<Vec<String>>| {
+        seed_manifests(&c.net, &opts(endpoints))
+            + &format!(
+                "- apiVersion: v1\n  kind: Service\n  metadata: {{name: mixed, namespace: dev}}\n  spec:\n    clusterIP: 10.96.100.20\n    ports:\n    - {{name: a, port: 80, protocol: TCP, targetPort: {POD_HTTP_PORT}}}\n    - {{name: b, port: 9000, protocol: SCTP}}\n"
+            )
+    };
+    c.write_manifest(&with_mixed(&c, None)).unwrap();
+    c.wait_for("the TCP port of mixed", Duration::from_secs(20), |s| {
+        s.services.iter().any(|x| x.name.starts_with("dev/mixed"))
+    })
+    .unwrap();
+    let nodes = c.agents.len();
+    let mine = |c: &Cluster| -> Vec<Value> {
+        c.api()
+            .events()
+            .into_iter()
+            .filter(|e| e["regarding"]["name"] == "mixed")
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mine(&c).len() < nodes {
+        assert!(Instant::now() < deadline, "events: {:?}", c.api().events());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // More changes (reprogramming) and a relist do not post it again.
+    let pods: Vec<String> = c.net.pods().iter().map(|p| p.name.clone()).collect();
+    c.write_manifest(&with_mixed(&c, Some(pods[1..].to_vec())))
+        .unwrap();
+    c.wait_for(
+        "endpoint removed",
+        Duration::from_secs(20),
+        with_endpoints(pod_addrs(&c, &pods[1..])),
+    )
+    .unwrap();
+    c.api().compact();
+    c.api().drop_watches();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        c.agents.iter().all(|a| a.log_text().contains("relisted")),
+        "the agents did not relist"
+    );
+    for a in &c.agents {
+        let s = a.status().unwrap();
+        assert!(
+            s.services.iter().any(|x| x.name.starts_with("dev/mixed")),
+            "{}: mixed is gone",
+            a.node
+        );
+    }
+    let evs = mine(&c);
+    assert_eq!(evs.len(), nodes, "one per agent: {evs:#?}");
+    let instances: BTreeSet<String> = evs
+        .iter()
+        .map(|e| e["reportingInstance"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(instances.len(), nodes, "{evs:#?}");
+    for e in &evs {
+        assert_eq!(e["type"], "Warning");
+        assert_eq!(e["regarding"]["kind"], "Service");
+        assert!(e["note"].as_str().unwrap_or("").contains("SCTP"), "{e}");
+        assert!(
+            e.get("series").is_none_or(Value::is_null),
+            "posted twice: {e}"
+        );
+    }
+    // Logged once per agent, too.
+    for a in &c.agents {
+        let log = a.log_text();
+        let lines = log
+            .lines()
+            .filter(|l| {
+                l.contains("dev/mixed") && l.contains("SCTP") && !l.contains("posted Event")
+            })
+            .count();
+        assert_eq!(lines, 1, "{}:\n{log}", a.node);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A real cluster.
+
+/// Runs only with `KUBECONFIG` set and `XLB_REAL_CLUSTER=1`: the kube source and the
+/// translation against a real API server, in a namespace it creates and deletes.
+#[test]
+fn real_cluster_source_follows_services_and_slices() {
+    let kubeconfig = std::env::var_os("KUBECONFIG");
+    if kubeconfig.is_none() || std::env::var("XLB_REAL_CLUSTER").as_deref() != Ok("1") {
+        eprintln!(
+            "SKIP real_cluster_source_follows_services_and_slices: needs KUBECONFIG and \
+             XLB_REAL_CLUSTER=1 (it creates and deletes a namespace xlb-e2e-<pid> there)"
+        );
+        return;
+    }
+    use k8s_openapi::api::{
+        core::v1::{Namespace, Service},
+        discovery::v1::EndpointSlice,
+        events::v1::Event,
+    };
+    use kube::api::{Api, DeleteParams, ListParams, PostParams};
+    let rt = rt();
+    let client = rt.block_on(kube::Client::try_default()).expect("client");
+    let ns_name = format!("xlb-e2e-{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": ns_name}})).unwrap();
+    rt.block_on(namespaces.create(&PostParams::default(), &ns))
+        .expect("creating the test namespace");
+    struct Cleanup<'a>(&'a tokio::runtime::Runtime, Api<Namespace>, String);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = self
+                .0
+                .block_on(self.1.delete(&self.2, &DeleteParams::default()));
+        }
+    }
+    let _cleanup = Cleanup(&rt, namespaces, ns_name.clone());
+    let svcs: Api<Service> = Api::namespaced(client.clone(), &ns_name);
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns_name);
+    let create_svc = |name: &str, ports: Value| -> Service {
+        let s: Service = serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": ns_name},
+            "spec": {"type": "ClusterIP", "ports": ports},
+        }))
+        .unwrap();
+        rt.block_on(svcs.create(&PostParams::default(), &s))
+            .unwrap()
+    };
+    let put_slice = |name: &str, addrs: &[&str]| {
+        let mut s: EndpointSlice =
+            serde_json::from_value(slice(&ns_name, name, "web", "IPv4", addrs)).unwrap();
+        match rt.block_on(slices.get_opt(name)).unwrap() {
+            Some(old) => {
+                s.metadata.resource_version = old.metadata.resource_version;
+                rt.block_on(slices.replace(name, &PostParams::default(), &s))
+                    .unwrap();
+            }
+            None => {
+                rt.block_on(slices.create(&PostParams::default(), &s))
+                    .unwrap();
+            }
+        }
+    };
+    create_svc(
+        "web",
+        json!([{"name": "http", "port": 80, "targetPort": 8080}]),
+    );
+    put_slice("web-a", &["10.244.1.2"]);
+
+    let mut src = {
+        let _g = rt.enter();
+        KubeSource::start(client.clone(), "xlb-e2e")
+    };
+    let mine = |o: &Objects| -> BTreeSet<String> {
+        let only = Objects {
+            services: o
+                .services
+                .iter()
+                .filter(|s| s.metadata.namespace.as_deref() == Some(ns_name.as_str()))
+                .cloned()
+                .collect(),
+            slices: o
+                .slices
+                .iter()
+                .filter(|s| s.metadata.namespace.as_deref() == Some(ns_name.as_str()))
+                .cloned()
+                .collect(),
+        };
+        backends(&only)
+    };
+    let wait_for = |src: &mut KubeSource, want: BTreeSet<String>| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = next_snapshot(&rt, src, Duration::from_secs(60)).expect("snapshot");
+            if mine(&s) == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "got {:?}, want {want:?}",
+                mine(&s)
+            );
+        }
+    };
+    wait_for(&mut src, BTreeSet::from(["10.244.1.2:8080".into()]));
+    put_slice("web-b", &["10.244.2.2"]);
+    wait_for(
+        &mut src,
+        BTreeSet::from(["10.244.1.2:8080".into(), "10.244.2.2:8080".into()]),
+    );
+    put_slice("web-a", &["10.244.1.3"]);
+    wait_for(
+        &mut src,
+        BTreeSet::from(["10.244.1.3:8080".into(), "10.244.2.2:8080".into()]),
+    );
+    rt.block_on(slices.delete("web-b", &DeleteParams::default()))
+        .unwrap();
+    wait_for(&mut src, BTreeSet::from(["10.244.1.3:8080".into()]));
+    rt.block_on(svcs.delete("web", &DeleteParams::default()))
+        .unwrap();
+    wait_for(&mut src, BTreeSet::new());
+
+    // An SCTP port: the event appears on the Service.
+    create_svc(
+        "mixed",
+        json!([{"name": "a", "port": 80}, {"name": "b", "port": 9000, "protocol": "SCTP"}]),
+    );
+    let ev = loop {
+        let s = next_snapshot(&rt, &mut src, Duration::from_secs(60)).expect("snapshot");
+        let node = NodeContext::default();
+        if let Some(ev) = translate::translate(&s, &node)
+            .events
+            .into_iter()
+            .find(|e| e.namespace == ns_name && e.name == "mixed")
+        {
+            break ev;
+        }
+    };
+    src.post_event(&ev);
+    let events: Api<Event> = Api::namespaced(client, &ns_name);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = rt.block_on(events.list(&ListParams::default())).unwrap();
+        if list.items.iter().any(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("mixed")
+                && e.type_.as_deref() == Some("Warning")
+        }) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no Event on Service mixed");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
