@@ -9,7 +9,10 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        cgroup_sock_addr::CgroupSockAddrLinkId, tc, tc::SchedClassifierLinkId, xdp::XdpLinkId,
+        links::{FdLink, PinnedLink},
+        tc,
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
     },
 };
 use lb_common::*;
@@ -75,16 +78,37 @@ pub struct Datapath {
     attached: Attached,
 }
 
-/// Every attachment the agent made, so that they are detached one by one in a chosen order
-/// (see `Drop`) and a pod interface's hook can be dropped on its own.
+/// Every attachment the agent made, as the bpffs path of its pinned link.
+///
+/// Why pinned links: a link lives as long as its pin, not as long as the agent. An agent
+/// that stops (a DaemonSet rolling update, a crash) leaves the datapath running on the
+/// pinned maps; the next agent finds the pins and swaps its freshly loaded programs into
+/// the same links atomically (bpf_link_update), so no packet meets a detached hook.
+/// `lb-agent cleanup` removes the pins, which detaches everything.
 #[derive(Default)]
 struct Attached {
-    xdp: Vec<(String, XdpLinkId)>,
-    tc_uplink: Option<(String, SchedClassifierLinkId)>,
+    xdp: Vec<(String, PathBuf)>,
+    tc_uplink: Option<(String, PathBuf)>,
     /// Pod-facing interfaces by ifindex: the filter belongs to the index, and a pod
     /// interface re-created under the same name is a new attachment.
-    tc_pods: BTreeMap<u32, (String, SchedClassifierLinkId)>,
-    sock: Vec<(&'static str, CgroupSockAddrLinkId)>,
+    tc_pods: BTreeMap<u32, (String, PathBuf)>,
+    sock: Vec<PathBuf>,
+}
+
+/// Subdirectory of the pin directory holding the pinned links.
+pub const LINKS_DIR: &str = "links";
+
+/// Takes a pinned link out of bpffs (the returned fd keeps it attached until dropped or
+/// pinned again). None when there is no such pin.
+fn unpin_link(path: &Path) -> Option<FdLink> {
+    let pinned = PinnedLink::from_pin(path).ok()?;
+    match pinned.unpin() {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            log::warn!("unpinning {}: {e}", path.display());
+            None
+        }
+    }
 }
 
 impl Datapath {
@@ -96,6 +120,7 @@ impl Datapath {
         ensure_bpffs()?;
         std::fs::create_dir_all(pin_dir)
             .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+        check_pinned_layout(pin_dir)?;
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .map_max_entries(MAP_SERVICES, limits.max_services)
@@ -154,39 +179,125 @@ impl Datapath {
         choice: XdpModeChoice,
         iface_is_veth: bool,
     ) -> Result<XdpAttachMode> {
+        // A link left by the previous agent: swap the new program in, keeping its mode.
+        for (mode, tag) in [
+            (XdpAttachMode::Native, "native"),
+            (XdpAttachMode::Generic, "generic"),
+        ] {
+            let path = self.link_path(&format!("xdp-{tag}-{iface}"));
+            let wanted = match choice {
+                XdpModeChoice::Auto => true,
+                XdpModeChoice::Native => mode == XdpAttachMode::Native,
+                XdpModeChoice::Generic => mode == XdpAttachMode::Generic,
+            };
+            let Some(fd) = unpin_link(&path) else {
+                continue;
+            };
+            if !wanted {
+                drop(fd); // the user asked for the other mode: detach and attach anew
+                continue;
+            }
+            match self.replace_xdp(fd, &path) {
+                Ok(()) => {
+                    log::info!("XDP on {iface}: replaced the program in the pinned {tag} link");
+                    self.attached.xdp.push((iface.to_owned(), path));
+                    return Ok(mode);
+                }
+                Err(e) => log::warn!("pinned XDP link on {iface} unusable ({e:#}); attaching anew"),
+            }
+        }
         let prefer_native = match choice {
             XdpModeChoice::Native => true,
             XdpModeChoice::Generic => false,
             XdpModeChoice::Auto => !iface_is_veth,
         };
         let prog = self.xdp(PROG_XDP)?;
+        let mut attached = None;
         if prefer_native {
             match prog.attach(iface, XdpMode::Driver) {
-                Ok(id) => {
-                    self.attached.xdp.push((iface.to_owned(), id));
-                    return Ok(XdpAttachMode::Native);
-                }
+                Ok(id) => attached = Some((id, XdpAttachMode::Native, "native")),
                 Err(e) if choice == XdpModeChoice::Native => {
                     return Err(e).with_context(|| format!("attaching XDP (native) to {iface}"));
                 }
                 Err(e) => log::warn!("native XDP on {iface} failed ({e}); falling back to generic"),
             }
         }
-        let id = prog
-            .attach(iface, XdpMode::Skb)
-            .with_context(|| format!("attaching XDP (generic) to {iface}"))?;
-        self.attached.xdp.push((iface.to_owned(), id));
-        Ok(XdpAttachMode::Generic)
+        let (id, mode, tag) = match attached {
+            Some(a) => a,
+            None => (
+                prog.attach(iface, XdpMode::Skb)
+                    .with_context(|| format!("attaching XDP (generic) to {iface}"))?,
+                XdpAttachMode::Generic,
+                "generic",
+            ),
+        };
+        let link = prog.take_link(id)?;
+        let path = self.link_path(&format!("xdp-{tag}-{iface}"));
+        self.pin(
+            FdLink::try_from(link).context("XDP attached without a bpf_link")?,
+            &path,
+        )?;
+        self.attached.xdp.push((iface.to_owned(), path));
+        Ok(mode)
     }
 
-    fn attach_tc(&mut self, prog: &str, iface: &str) -> Result<SchedClassifierLinkId> {
+    fn replace_xdp(&mut self, fd: FdLink, path: &Path) -> Result<()> {
+        let link = XdpLink::try_from(fd)?;
+        let prog = self.xdp(PROG_XDP)?;
+        let id = prog.attach_to_link(link)?;
+        let link = prog.take_link(id)?;
+        self.pin(FdLink::try_from(link)?, path)
+    }
+
+    fn link_path(&self, name: &str) -> PathBuf {
+        self.pin_dir.join(LINKS_DIR).join(name)
+    }
+
+    fn pin(&self, fd: FdLink, path: &Path) -> Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let _ = std::fs::remove_file(path);
+        fd.pin(path)
+            .with_context(|| format!("pinning link {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Attaches `prog` to the ingress of `iface` through the pinned link `pin_name`,
+    /// swapping the program into a link the previous agent left there.
+    fn attach_tc(&mut self, prog: &str, iface: &str, pin_name: &str) -> Result<PathBuf> {
+        let path = self.link_path(pin_name);
+        if let Some(fd) = unpin_link(&path) {
+            let replaced = (|| -> Result<()> {
+                let link = SchedClassifierLink::try_from(fd)?;
+                let p: &mut SchedClassifier = self.program_mut(prog)?.try_into()?;
+                let id = p.attach_to_link(link)?;
+                let link = p.take_link(id)?;
+                self.pin(FdLink::try_from(link)?, &path)
+            })();
+            match replaced {
+                Ok(()) => return Ok(path),
+                Err(e) => {
+                    log::warn!("pinned {prog} link on {iface} unusable ({e:#}); attaching anew")
+                }
+            }
+        }
         // Kernels before 6.6 attach through a clsact qdisc (newer ones use tcx and ignore
         // it). Fails with EEXIST when the qdisc is already there; a real failure shows in
         // attach.
         let _ = tc::qdisc_add_clsact(iface);
         let p: &mut SchedClassifier = self.program_mut(prog)?.try_into()?;
-        p.attach(iface, TcAttachType::Ingress)
-            .with_context(|| format!("attaching {prog} to the ingress of {iface}"))
+        let id = p
+            .attach(iface, TcAttachType::Ingress)
+            .with_context(|| format!("attaching {prog} to the ingress of {iface}"))?;
+        let link = p.take_link(id)?;
+        // tcx links (kernel >= 6.6) can be pinned; a netlink filter (older kernels) cannot
+        // and then simply lives with the interface.
+        match FdLink::try_from(link) {
+            Ok(fd) => self.pin(fd, &path)?,
+            Err(_) => log::warn!("{prog} on {iface} is a netlink filter: it cannot be pinned"),
+        }
+        Ok(path)
     }
 
     /// Attaches the uplink's tc program (packets XDP passed on) to the uplink's ingress.
@@ -194,8 +305,8 @@ impl Datapath {
         if self.attached.tc_uplink.is_some() {
             bail!("{PROG_TC_UPLINK} is already attached");
         }
-        let id = self.attach_tc(PROG_TC_UPLINK, iface)?;
-        self.attached.tc_uplink = Some((iface.to_owned(), id));
+        let path = self.attach_tc(PROG_TC_UPLINK, iface, &format!("tc-uplink-{iface}"))?;
+        self.attached.tc_uplink = Some((iface.to_owned(), path));
         Ok(())
     }
 
@@ -208,10 +319,10 @@ impl Datapath {
             *name = iface.to_owned();
             return Ok(());
         }
-        let id = self.attach_tc(PROG_TC_POD, iface)?;
+        let path = self.attach_tc(PROG_TC_POD, iface, &format!("tc-pod-{ifindex}"))?;
         self.attached
             .tc_pods
-            .insert(ifindex, (iface.to_owned(), id));
+            .insert(ifindex, (iface.to_owned(), path));
         // aya attaches by name: if the name now belongs to another interface (the pod was
         // re-created since the listing), the filter sits on an index we do not track.
         if nix::net::if_::if_nametoindex(iface).ok() != Some(ifindex) {
@@ -225,23 +336,12 @@ impl Datapath {
     /// kernel already removed the filter with it, so a failing detach is expected there and
     /// only worth a warning when the interface still exists.
     pub fn detach_tc_pod(&mut self, ifindex: u32) {
-        let Some((name, id)) = self.attached.tc_pods.remove(&ifindex) else {
+        let Some((name, path)) = self.attached.tc_pods.remove(&ifindex) else {
             return;
         };
-        let Ok(prog) = self.program_mut(PROG_TC_POD) else {
-            return;
-        };
-        let Ok(prog) = <&mut SchedClassifier>::try_from(prog) else {
-            return;
-        };
-        if let Err(e) = prog.detach(id) {
-            let still_there = nix::net::if_::if_nametoindex(name.as_str()).ok() == Some(ifindex);
-            if still_there {
-                log::warn!("detaching {PROG_TC_POD} from {name}: {e}");
-            } else {
-                log::debug!("{name} is gone, and its filter with it ({e})");
-            }
-        }
+        // Dropping the unpinned link detaches it (a no-op when the interface is gone).
+        drop(unpin_link(&path));
+        log::debug!("{PROG_TC_POD} detached from {name} ({ifindex})");
     }
 
     /// Pod-facing interfaces with the pod program attached: ifindex -> name.
@@ -270,6 +370,10 @@ impl Datapath {
         }
         let dir = std::fs::File::open(path)
             .with_context(|| format!("opening cgroup {}", path.display()))?;
+        // cgroup links cannot swap programs: attach the new set next to the old one (the
+        // old programs translate, the new ones then see backend addresses and pass), then
+        // drop the old set, so there is no moment without translation.
+        let mut fresh = Vec::new();
         let mut attach_all = || -> Result<()> {
             for name in SOCK_PROGRAMS {
                 let prog: &mut CgroupSockAddr = self.program_mut(name)?.try_into()?;
@@ -279,62 +383,143 @@ impl Datapath {
                 let id = prog
                     .attach(&dir, CgroupAttachMode::Single)
                     .with_context(|| format!("attaching {name} to {}", path.display()))?;
-                self.attached.sock.push((name, id));
+                let link = prog.take_link(id)?;
+                fresh.push((
+                    name,
+                    FdLink::try_from(link).context("cgroup program attached without a bpf_link")?,
+                ));
             }
             Ok(())
         };
-        let result = attach_all();
-        if result.is_err() {
-            self.detach_cgroup();
+        attach_all()?; // on error the fresh links are dropped, i.e. detached
+        for (name, fd) in fresh {
+            let final_path = self.link_path(&format!("cgroup-{name}"));
+            let old = unpin_link(&final_path);
+            self.pin(fd, &final_path)?;
+            drop(old);
+            self.attached.sock.push(final_path);
         }
-        result
+        Ok(())
     }
 
-    fn detach_cgroup(&mut self) {
-        for (name, id) in std::mem::take(&mut self.attached.sock) {
-            if let Ok(p) = self.program_mut(name)
-                && let Ok(prog) = <&mut CgroupSockAddr>::try_from(p)
-                && let Err(e) = prog.detach(id)
-            {
-                log::warn!("detaching {name}: {e}");
-            }
-        }
-    }
-
-    /// Detaches everything this datapath attached, in an order that never leaves a
-    /// half-translating path: first the socket hooks (new host connections then go to the
-    /// service address as without xlb), then XDP on the uplink (no new flows), then the tc
-    /// programs that translate replies of flows already set up. Each link is detached on
-    /// its own, so one failure (a pod interface that vanished) does not keep the others
-    /// attached; aya's own drop stops at the first error.
-    pub fn detach_all(&mut self) {
-        self.detach_cgroup();
-        for (iface, id) in std::mem::take(&mut self.attached.xdp) {
-            if let Ok(prog) = self.xdp(PROG_XDP)
-                && let Err(e) = prog.detach(id)
-            {
-                log::warn!("detaching XDP from {iface}: {e}");
-            }
-        }
-        if let Some((iface, id)) = self.attached.tc_uplink.take()
-            && let Ok(p) = self.program_mut(PROG_TC_UPLINK)
-            && let Ok(prog) = <&mut SchedClassifier>::try_from(p)
-            && let Err(e) = prog.detach(id)
-        {
-            log::warn!("detaching {PROG_TC_UPLINK} from {iface}: {e}");
-        }
-        let pods: Vec<u32> = self.attached.tc_pods.keys().copied().collect();
-        for idx in pods {
-            self.detach_tc_pod(idx);
-        }
+    /// Pinned links this datapath attached or adopted, for status and logs.
+    pub fn pinned_links(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self.attached.xdp.iter().map(|(_, p)| p.clone()).collect();
+        v.extend(self.attached.tc_uplink.iter().map(|(_, p)| p.clone()));
+        v.extend(self.attached.tc_pods.values().map(|(_, p)| p.clone()));
+        v.extend(self.attached.sock.iter().cloned());
+        v
     }
 }
 
-impl Drop for Datapath {
-    /// Pins stay: the maps outlive the process so that a restarted agent keeps the flows.
-    fn drop(&mut self) {
-        self.detach_all();
+/// Key and value sizes of every map, from the shared types: what a pinned map must have
+/// for this agent to reuse it.
+fn expected_layout() -> Vec<(&'static str, usize, usize)> {
+    use std::mem::size_of;
+    vec![
+        (
+            MAP_FRONTENDS,
+            size_of::<FrontendKey>(),
+            size_of::<Frontend>(),
+        ),
+        (MAP_SERVICES, 4, size_of::<Service>()),
+        (MAP_BACKENDS, 4, size_of::<Backend>()),
+        (MAP_MAGLEV, 4, 4),
+        (MAP_CT, size_of::<FlowKey>(), size_of::<CtEntry>()),
+        (MAP_REVNAT, size_of::<FlowKey>(), size_of::<RevNat>()),
+        (MAP_CONFIG, 4, size_of::<Config>()),
+        (MAP_COUNTERS, 4, 8),
+        (MAP_SVC_STATS, 4, size_of::<SvcStats>()),
+        (MAP_SVC_META, 4, size_of::<SvcMeta>()),
+        (MAP_CLUSTER_IPS, 4, 4),
+        (
+            MAP_SOCK_REVNAT,
+            size_of::<SockRevKey>(),
+            size_of::<SockRev>(),
+        ),
+        (
+            MAP_AFFINITY,
+            size_of::<AffinityKey>(),
+            size_of::<Affinity>(),
+        ),
+        (MAP_SRC_RANGES, 4 + size_of::<SrcRangeKey>(), 1),
+    ]
+}
+
+/// A new agent version whose maps differ from the pinned ones must not reuse them: the
+/// kernel would hand its programs values of the old shape. Refuse with what to do instead.
+/// Counter arrays that grew (new counters appended) are the one change that migrates by
+/// itself: aya recreates nothing, so a too-small COUNTERS map is refused too.
+fn check_pinned_layout(pin_dir: &Path) -> Result<()> {
+    for (name, key, value) in expected_layout() {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .with_context(|| format!("reading pinned map {}", path.display()))?;
+        let (k, v) = (info.key_size() as usize, info.value_size() as usize);
+        if k != key || v != value {
+            bail!(
+                "pinned map {} has key/value sizes {k}/{v}, this agent needs {key}/{value}: it \
+                 was left by an agent with another map layout. Run the matching agent version, \
+                 or `lb-agent cleanup` to start afresh (established flows through xlb end)",
+                path.display()
+            );
+        }
+        if name == MAP_COUNTERS && info.max_entries() < COUNTER_COUNT {
+            bail!(
+                "pinned map {} holds {} counters, this agent needs {COUNTER_COUNT}: run \
+                 `lb-agent cleanup` to start afresh",
+                path.display(),
+                info.max_entries()
+            );
+        }
     }
+    Ok(())
+}
+
+/// What `cleanup` removed.
+#[derive(Debug, Default)]
+pub struct CleanupReport {
+    pub links_detached: usize,
+    pub maps_unpinned: usize,
+    pub run_dir_removed: bool,
+}
+
+/// `lb-agent cleanup`: detaches every program the agent pinned and removes its maps and
+/// run-time files. Established flows through xlb end with it.
+pub fn cleanup(pin_dir: &Path, run_dir: &Path) -> Result<CleanupReport> {
+    let mut report = CleanupReport::default();
+    let links = pin_dir.join(LINKS_DIR);
+    if let Ok(rd) = std::fs::read_dir(&links) {
+        for e in rd.flatten() {
+            // Unpinning drops the last reference: the kernel detaches the program.
+            if unpin_link(&e.path()).is_some() {
+                report.links_detached += 1;
+            } else {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&links);
+    }
+    if let Ok(rd) = std::fs::read_dir(pin_dir) {
+        for e in rd.flatten() {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("unpinning {}", e.path().display()))?;
+            report.maps_unpinned += 1;
+        }
+    }
+    if pin_dir.exists() {
+        std::fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+    }
+    if run_dir.exists() {
+        std::fs::remove_dir_all(run_dir)
+            .with_context(|| format!("removing {}", run_dir.display()))?;
+        report.run_dir_removed = true;
+    }
+    Ok(report)
 }
 
 /// The cgroup v2 mount point in a /proc/self/mounts text (the first one: on a hybrid

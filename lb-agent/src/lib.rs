@@ -5,6 +5,7 @@ pub mod health;
 pub mod k8s;
 pub mod kube_source;
 pub mod maglev;
+pub mod metrics;
 pub mod netinfo;
 pub mod programmer;
 pub mod status;

@@ -154,9 +154,10 @@ async fn run(args: agent::RunArgs) -> Result<()> {
             _ = term.recv() => break,
         }
     }
-    log::info!("stopping: programs detach, pinned maps stay for the next start");
-    // Detaches everything here, in Datapath's order (see `Datapath::detach_all`), while the
-    // runtime is still up; the pinned maps stay.
+    log::info!(
+        "stopping: programs stay attached through their pinned links and maps stay pinned, \
+         so the next agent takes over without loss (`lb-agent cleanup` removes them)"
+    );
     drop(agent);
     Ok(())
 }

@@ -181,6 +181,11 @@ pub struct AgentProc {
     pub run_dir: PathBuf,
     pub log: PathBuf,
     child: Child,
+    /// How it was started, for `restart`.
+    netns: String,
+    bin: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    envs: Vec<(std::ffi::OsString, Option<std::ffi::OsString>)>,
 }
 
 impl AgentProc {
@@ -194,6 +199,33 @@ impl AgentProc {
 
     pub fn status(&self) -> Result<Status> {
         status::read(&self.pin_dir, &self.run_dir)
+    }
+
+    /// Stops the agent (SIGTERM) and starts it again with the same arguments, as a
+    /// DaemonSet rolling update would. Its pins stay in between.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let log = std::fs::OpenOptions::new().append(true).open(&self.log)?;
+        let mut cmd = netns_command(&self.netns, &self.bin)?;
+        cmd.args(&self.args);
+        for (k, v) in &self.envs {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        self.child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("restarting lb-agent")?;
+        Ok(())
+    }
+
+    /// Stops the agent now (its pins stay until the AgentProc is dropped).
+    pub fn stop_now(&mut self) {
+        self.stop();
     }
 
     fn stop(&mut self) {
@@ -325,8 +357,7 @@ impl Cluster {
                         .arg(format!("file:{}", cluster.manifest.display()));
                 }
             }
-            let child = cmd
-                .arg("--pin-dir")
+            cmd.arg("--pin-dir")
                 .arg(&pin_dir)
                 .arg("--run-dir")
                 .arg(&run_dir)
@@ -335,10 +366,19 @@ impl Cluster {
                 .arg(&node.cgroup)
                 // The harness owns both ends of each veth and runs the pass program on the
                 // far end, so native mode can deliver XDP_TX frames here.
-                .args(["--xdp-mode", "native"])
+                .args(["--xdp-mode", "native"]);
+            let args = cmd.get_args().map(|a| a.to_owned()).collect();
+            let envs = cmd
+                .get_envs()
+                .map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned())))
+                .collect();
+            // One file, two handles sharing its offset: stdout and stderr interleave
+            // instead of overwriting each other.
+            let log_file = File::create(&log)?;
+            let child = cmd
                 .stdin(Stdio::null())
-                .stdout(File::create(&log)?)
-                .stderr(File::create(&log)?)
+                .stdout(log_file.try_clone()?)
+                .stderr(log_file)
                 .spawn()
                 .context("starting lb-agent")?;
             cluster.agents.push(AgentProc {
@@ -347,6 +387,10 @@ impl Cluster {
                 run_dir,
                 log,
                 child,
+                netns: node.netns.clone(),
+                bin: bin.clone(),
+                args,
+                envs,
             });
         }
         Ok(cluster)
@@ -383,6 +427,13 @@ impl Cluster {
             .iter()
             .find(|n| n.name.ends_with("control-plane"))
             .unwrap_or(&nodes[0])
+    }
+
+    pub fn agent_mut(&mut self, node: &str) -> &mut AgentProc {
+        self.agents
+            .iter_mut()
+            .find(|a| a.node == node)
+            .expect("agent for node")
     }
 
     pub fn agent(&self, node: &str) -> &AgentProc {

@@ -12,6 +12,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+mod kind;
 mod setup;
 
 #[derive(Parser)]
@@ -47,6 +48,11 @@ enum Cmd {
         /// Extra arguments for the benchmark binary (see `--help` there).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// The agent on the seed's kind cluster `service-demo` (needs docker, kind, kubectl).
+    Kind {
+        #[command(subcommand)]
+        cmd: kind::KindCmd,
     },
 }
 
@@ -96,6 +102,7 @@ fn main() -> Result<()> {
             cmd.args(&args).current_dir(root());
             run_visible(cmd, "bench")
         }
+        Cmd::Kind { cmd } => kind::run(cmd),
     }
 }
 

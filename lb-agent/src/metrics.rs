@@ -1,0 +1,810 @@
+//! Observability of a running agent, served over HTTP on `--metrics-addr` (default
+//! [`DEFAULT_METRICS_ADDR`]) by tasks on the agent's tokio runtime:
+//!
+//! - `/metrics`: Prometheus text format (0.0.4), encoded by `prometheus-client`:
+//!   - per service port (labels `namespace`, `name`, `port` — the port's name, empty for the
+//!     unnamed port of a single-port service —, `protocol`, `scope` `cluster|local`):
+//!     `xlb_service_{packets,bytes,new_flows,rejects}_total`, read at scrape time from the
+//!     per-CPU `XLB_SVC_STATS` map (summed over CPUs) for every id in `XLB_SERVICES`,
+//!     named from `XLB_SVC_META`. A service port that is removed and re-created starts
+//!     again from zero (a counter reset, as Prometheus expects after a restart);
+//!   - `xlb_datapath_events_total{reason}`: the global `XLB_COUNTERS`, one series per name
+//!     of `lb_common::COUNTER_NAMES` (the names `lb-agent status` shows);
+//!   - `xlb_conntrack_entries{map}` and `xlb_conntrack_capacity{map}` for the `ct` and
+//!     `revnat` LRU maps. Entries are counted by walking the map's keys in a blocking task
+//!     at most every [`CT_COUNT_INTERVAL`] (10 s), and at most `capacity` keys per walk (a
+//!     walk that races with deletions may restart; the cap bounds it, so the value is
+//!     approximate). Evictions are NOT exported: the kernel keeps no per-map count of LRU
+//!     evictions, and inferring them from inserts and sizes is not sound; an LRU map at its
+//!     capacity is the sign that it evicts;
+//!   - `xlb_sync_duration_seconds{source}`: from a source event (the file source seeing a
+//!     changed file, the kube source's snapshot arriving) to the map update being complete;
+//!   - `xlb_apply_errors_total{kind}`: failed attempts by [`ErrorKind`];
+//!   - `xlb_programmed_{services,service_ports,frontends,backends}`: what the last
+//!     successful apply programmed; `xlb_ready` (0/1).
+//! - `/healthz`: 200 while the agent loop is alive (an iteration within [`LOOP_STALE_AFTER`]),
+//!   500 otherwise.
+//! - `/readyz`: 200 once the first full sync has been programmed, 503 before.
+//! - `/loglevel`: GET shows the level; PUT or POST with a body of
+//!   `error|warn|info|debug|trace|off` sets it (`log::set_max_level`).
+//!
+//! Map reads use their own handles on the pins (opened once, at start), never the agent's,
+//! so no lock is shared with the agent loop; scrapes and conntrack walks run on blocking
+//! threads.
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::Path,
+    str::FromStr as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::{
+    Method, Request, StatusCode, body::Bytes, body::Incoming, server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use lb_common::*;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::{JoinHandle, JoinSet},
+};
+
+/// `--metrics-addr` default (`none` disables the server).
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9464";
+/// Conntrack maps are counted at most this often.
+pub const CT_COUNT_INTERVAL: Duration = Duration::from_secs(10);
+/// `/healthz` fails when the agent loop has not completed an iteration for this long (the
+/// loop wakes at least every 300 ms).
+pub const LOOP_STALE_AFTER: Duration = Duration::from_secs(10);
+
+const MAX_CONNECTIONS: usize = 16;
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
+/// Largest `/loglevel` request body.
+const MAX_BODY: usize = 64;
+
+/// Why an attempt to program the datapath failed (`xlb_apply_errors_total{kind}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The source could not be read (file missing or unreadable).
+    Source,
+    /// The source's content is not valid (YAML, objects, fields).
+    Parse,
+    /// The desired state does not fit the maps or the Maglev arena.
+    Capacity,
+    /// A BPF map operation failed.
+    MapWrite,
+    Other,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 5] = [
+        ErrorKind::Source,
+        ErrorKind::Parse,
+        ErrorKind::Capacity,
+        ErrorKind::MapWrite,
+        ErrorKind::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Source => "source",
+            ErrorKind::Parse => "parse",
+            ErrorKind::Capacity => "capacity",
+            ErrorKind::MapWrite => "map_write",
+            ErrorKind::Other => "other",
+        }
+    }
+
+    /// The kind of an error of `Programmer::apply`: a map error anywhere in the chain is a
+    /// map write; capacity is recognised by the programmer's messages (its capacity check
+    /// and the arena allocation).
+    pub fn of_apply_error(e: &anyhow::Error) -> Self {
+        if e.chain()
+            .any(|c| c.downcast_ref::<aya::maps::MapError>().is_some())
+        {
+            return ErrorKind::MapWrite;
+        }
+        let msg = format!("{e:#}");
+        if ["exceed the limit", "no room for a Maglev table", "the arena has"]
+            .iter()
+            .any(|s| msg.contains(s))
+        {
+            return ErrorKind::Capacity;
+        }
+        ErrorKind::Other
+    }
+}
+
+/// Where a sync came from (`xlb_sync_duration_seconds{source}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncSource {
+    File,
+    Kube,
+}
+
+impl SyncSource {
+    fn as_str(self) -> &'static str {
+        match self {
+            SyncSource::File => "file",
+            SyncSource::Kube => "kube",
+        }
+    }
+}
+
+/// What the last successful apply programmed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Programmed {
+    pub services: usize,
+    pub service_ports: usize,
+    pub frontends: usize,
+    pub backends: usize,
+}
+
+type Label = [(&'static str, &'static str); 1];
+
+fn sync_histogram() -> Histogram {
+    // 0.5 ms .. ~16 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// The agent's metrics and probe state, shared between the agent loop (writer) and the
+/// HTTP server (reader). All fields are atomics or `prometheus-client` metrics: no locks.
+pub struct Metrics {
+    registry: Registry,
+    start: Instant,
+    /// Milliseconds since `start` at the agent loop's last iteration.
+    last_iteration_ms: AtomicU64,
+    ready: AtomicBool,
+    ready_gauge: Gauge,
+    sync_seconds: Family<Label, Histogram, fn() -> Histogram>,
+    apply_errors: Family<Label, Counter>,
+    programmed: [Gauge; 4],
+    ct: Option<Arc<ConntrackCounter>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("ready", &self.ready)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Metrics of the agent whose maps are pinned in `pin_dir` (opened here, once).
+    pub fn new(pin_dir: &Path) -> Result<Self> {
+        Self::build(Some(MapCollector::open(pin_dir)?), Some(pin_dir))
+    }
+
+    /// Metrics without map-derived series (unit tests, or no pins).
+    pub fn without_maps() -> Self {
+        Self::build(None, None).expect("no maps to open")
+    }
+
+    fn build(maps: Option<MapCollector>, pin_dir: Option<&Path>) -> Result<Self> {
+        let mut registry = Registry::default();
+        let ready_gauge = Gauge::default();
+        registry.register(
+            "xlb_ready",
+            "1 once the first full sync has been programmed",
+            ready_gauge.clone(),
+        );
+        let sync_seconds: Family<Label, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(sync_histogram);
+        registry.register(
+            "xlb_sync_duration_seconds",
+            "Time from a source event (file change seen, kube snapshot received) to the map \
+             update being complete",
+            sync_seconds.clone(),
+        );
+        let apply_errors: Family<Label, Counter> = Family::default();
+        for kind in ErrorKind::ALL {
+            // Every kind is present from the start, at 0.
+            let _ = apply_errors.get_or_create(&[("kind", kind.as_str())]);
+        }
+        registry.register(
+            "xlb_apply_errors",
+            "Failed attempts to program the datapath, by kind (source, parse, capacity, \
+             map_write, other); the datapath keeps its last good state",
+            apply_errors.clone(),
+        );
+        let programmed: [Gauge; 4] = Default::default();
+        for (g, (name, help)) in programmed.iter().zip([
+            (
+                "xlb_programmed_services",
+                "Services with at least one programmed port",
+            ),
+            (
+                "xlb_programmed_service_ports",
+                "Programmed service ports (each scope of a port counts once)",
+            ),
+            ("xlb_programmed_frontends", "Programmed frontends"),
+            (
+                "xlb_programmed_backends",
+                "Programmed backends (serving or draining), by address and port",
+            ),
+        ]) {
+            registry.register(name, help, g.clone());
+        }
+        let ct = match pin_dir {
+            Some(dir) => Some(Arc::new(ConntrackCounter::open(dir)?)),
+            None => None,
+        };
+        if let Some(ct) = &ct {
+            registry.register_collector(Box::new(ct.clone()));
+        }
+        if let Some(maps) = maps {
+            registry.register_collector(Box::new(maps));
+        }
+        Ok(Self {
+            registry,
+            start: Instant::now(),
+            last_iteration_ms: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+            ready_gauge,
+            sync_seconds,
+            apply_errors,
+            programmed,
+            ct,
+        })
+    }
+
+    /// The agent loop completed an iteration.
+    pub fn loop_alive(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_iteration_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the agent loop's last iteration.
+    pub fn loop_idle(&self) -> Duration {
+        let last = Duration::from_millis(self.last_iteration_ms.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// A sync from `source` that started at `since` completed successfully.
+    pub fn synced(&self, source: SyncSource, since: Instant, programmed: Programmed) {
+        self.sync_seconds
+            .get_or_create(&[("source", source.as_str())])
+            .observe(since.elapsed().as_secs_f64());
+        for (g, v) in self.programmed.iter().zip([
+            programmed.services,
+            programmed.service_ports,
+            programmed.frontends,
+            programmed.backends,
+        ]) {
+            g.set(v as i64);
+        }
+        self.ready.store(true, Ordering::Relaxed);
+        self.ready_gauge.set(1);
+    }
+
+    pub fn apply_error(&self, kind: ErrorKind) {
+        self.apply_errors
+            .get_or_create(&[("kind", kind.as_str())])
+            .inc();
+    }
+
+    /// The exposition (Prometheus text format 0.0.4). Reads maps: call it off the runtime's
+    /// worker threads.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+        {
+            log::warn!("encoding metrics: {e}");
+        }
+        out
+    }
+
+    /// Starts the periodic conntrack count (every [`CT_COUNT_INTERVAL`], on a blocking
+    /// thread). Must run inside a tokio runtime.
+    pub fn spawn_conntrack_counter(&self) -> Option<JoinHandle<()>> {
+        let ct = self.ct.clone()?;
+        Some(tokio::spawn(async move {
+            let mut every = tokio::time::interval(CT_COUNT_INTERVAL);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let ct = ct.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || ct.count()).await {
+                    log::warn!("counting conntrack entries: {e}");
+                }
+            }
+        }))
+    }
+}
+
+/// `xlb_conntrack_entries` / `xlb_conntrack_capacity`.
+struct ConntrackCounter {
+    ct: HashMap<MapData, FlowKey, CtEntry>,
+    revnat: HashMap<MapData, FlowKey, RevNat>,
+    /// (label, capacity, entries; -1 before the first count)
+    maps: [(&'static str, u32, AtomicI64); 2],
+}
+
+impl std::fmt::Debug for ConntrackCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConntrackCounter").finish_non_exhaustive()
+    }
+}
+
+impl ConntrackCounter {
+    fn open(pin_dir: &Path) -> Result<Self> {
+        let ct = open(pin_dir, MAP_CT)?;
+        let revnat = open(pin_dir, MAP_REVNAT)?;
+        let maps = [
+            ("ct", ct.info()?.max_entries(), AtomicI64::new(-1)),
+            ("revnat", revnat.info()?.max_entries(), AtomicI64::new(-1)),
+        ];
+        Ok(Self {
+            ct: HashMap::try_from(Map::LruHashMap(ct))?,
+            revnat: HashMap::try_from(Map::LruHashMap(revnat))?,
+            maps,
+        })
+    }
+
+    /// Walks every map's keys (at most `capacity` of them).
+    fn count(&self) {
+        let counts = [
+            count_keys(self.ct.keys(), self.maps[0].1),
+            count_keys(self.revnat.keys(), self.maps[1].1),
+        ];
+        for ((label, _, entries), n) in self.maps.iter().zip(counts) {
+            log::trace!("conntrack map {label}: {n} entries");
+            entries.store(n as i64, Ordering::Relaxed);
+        }
+    }
+}
+
+fn count_keys<K>(keys: impl Iterator<Item = Result<K, aya::maps::MapError>>, cap: u32) -> u64 {
+    let mut n = 0u64;
+    for key in keys {
+        if key.is_err() || n >= cap as u64 {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+impl Collector for ConntrackCounter {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        {
+            let mut m = encoder.encode_descriptor(
+                "xlb_conntrack_entries",
+                "Entries of the LRU connection-tracking maps, counted by a walk at most every \
+                 10 s (approximate; -1 before the first count). LRU evictions are not counted \
+                 by the kernel and are not exported: a map at its capacity evicts",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (label, _, entries) in &self.maps {
+                let labels = [("map", *label)];
+                prometheus_client::metrics::gauge::ConstGauge::new(
+                    entries.load(Ordering::Relaxed),
+                )
+                .encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "xlb_conntrack_capacity",
+            "Capacity (max_entries) of the LRU connection-tracking maps",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (label, cap, _) in &self.maps {
+            let labels = [("map", *label)];
+            prometheus_client::metrics::gauge::ConstGauge::new(*cap as i64)
+                .encode(m.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+fn open(pin_dir: &Path, name: &str) -> Result<MapData> {
+    let p = pin_dir.join(name);
+    MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))
+}
+
+/// Per-service and global counters, read from the pins at scrape time.
+struct MapCollector {
+    services: HashMap<MapData, u32, Service>,
+    meta: Array<MapData, SvcMeta>,
+    stats: PerCpuArray<MapData, SvcStats>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for MapCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MapCollector").finish_non_exhaustive()
+    }
+}
+
+impl MapCollector {
+    fn open(pin_dir: &Path) -> Result<Self> {
+        Ok(Self {
+            services: HashMap::try_from(Map::HashMap(open(pin_dir, MAP_SERVICES)?))?,
+            meta: Array::try_from(Map::Array(open(pin_dir, MAP_SVC_META)?))?,
+            stats: PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, MAP_SVC_STATS)?))?,
+            counters: PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, MAP_COUNTERS)?))?,
+        })
+    }
+
+    /// (labels, summed stats) of every programmed service port.
+    fn service_stats(&self) -> Vec<(PortLabels, SvcStats)> {
+        let mut out = vec![];
+        for key in self.services.keys() {
+            let Ok(svc_id) = key else { break };
+            let Ok(meta) = self.meta.get(&svc_id, 0) else {
+                continue;
+            };
+            let Some(labels) = PortLabels::parse(&meta_name(&meta)) else {
+                continue;
+            };
+            let mut sum = SvcStats::default();
+            if let Ok(per_cpu) = self.stats.get(&svc_id, 0) {
+                for s in per_cpu.iter() {
+                    sum.packets += s.packets;
+                    sum.bytes += s.bytes;
+                    sum.new_flows += s.new_flows;
+                    sum.rejects += s.rejects;
+                }
+            }
+            out.push((labels, sum));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        // An id reused between the key walk and the reads could name a port twice; a
+        // series must appear once.
+        out.dedup_by(|a, b| a.0 == b.0);
+        out
+    }
+}
+
+fn meta_name(m: &SvcMeta) -> String {
+    let end = m.name.iter().position(|&b| b == 0).unwrap_or(m.name.len());
+    String::from_utf8_lossy(&m.name[..end]).into_owned()
+}
+
+/// Labels of one service port, from its `XLB_SVC_META` name (`SvcPortId`'s display:
+/// `ns/name[:port]/PROTO[ (local)]`; namespaces, names and port names are DNS labels, so
+/// neither `/` nor `:` occurs inside them).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PortLabels {
+    pub namespace: String,
+    pub name: String,
+    pub port: String,
+    pub protocol: String,
+    pub scope: &'static str,
+}
+
+impl PortLabels {
+    pub fn parse(s: &str) -> Option<Self> {
+        let (s, scope) = match s.strip_suffix(" (local)") {
+            Some(rest) => (rest, "local"),
+            None => (s, "cluster"),
+        };
+        let (namespace, rest) = s.split_once('/')?;
+        let (name_port, protocol) = rest.rsplit_once('/')?;
+        let (name, port) = name_port.split_once(':').unwrap_or((name_port, ""));
+        if namespace.is_empty() || name.is_empty() || protocol.is_empty() {
+            return None;
+        }
+        Some(Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            port: port.into(),
+            protocol: protocol.into(),
+            scope,
+        })
+    }
+
+    fn set(&self) -> [(&'static str, &str); 5] {
+        [
+            ("namespace", &self.namespace),
+            ("name", &self.name),
+            ("port", &self.port),
+            ("protocol", &self.protocol),
+            ("scope", self.scope),
+        ]
+    }
+}
+
+impl Collector for MapCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let stats = self.service_stats();
+        type Field = fn(&SvcStats) -> u64;
+        let fields: [(&str, &str, Field); 4] = [
+            (
+                "xlb_service_packets",
+                "Packets of the service port's flows seen by the datapath",
+                |s| s.packets,
+            ),
+            (
+                "xlb_service_bytes",
+                "Bytes of the service port's flows seen by the datapath",
+                |s| s.bytes,
+            ),
+            (
+                "xlb_service_new_flows",
+                "New flows (connections) balanced to a backend",
+                |s| s.new_flows,
+            ),
+            (
+                "xlb_service_rejects",
+                "New flows rejected or dropped because the service port had no backend",
+                |s| s.rejects,
+            ),
+        ];
+        for (name, help, field) in fields {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (labels, s) in &stats {
+                let set = labels.set();
+                ConstCounter::new(field(s)).encode(m.encode_family(&set)?)?;
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "xlb_datapath_events",
+            "Global datapath counters (XLB_COUNTERS, summed over CPUs), by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (i, reason) in COUNTER_NAMES.iter().enumerate() {
+            let v: u64 = self
+                .counters
+                .get(&(i as u32), 0)
+                .map(|p| p.iter().sum())
+                .unwrap_or(0);
+            ConstCounter::new(v).encode(m.encode_family(&[("reason", *reason)])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Binds the observability server's socket; done before anything is attached, so that a
+/// taken port fails the start early. `None` for `none`.
+pub fn bind(addr: &str) -> Result<Option<std::net::TcpListener>> {
+    if addr == "none" {
+        return Ok(None);
+    }
+    let sa: SocketAddr = addr
+        .parse()
+        .with_context(|| format!("--metrics-addr {addr:?}: expected ADDR:PORT or none"))?;
+    let l = std::net::TcpListener::bind(sa).with_context(|| format!("listening on {sa}"))?;
+    l.set_nonblocking(true)?;
+    Ok(Some(l))
+}
+
+/// Serves `/metrics`, `/healthz`, `/readyz` and `/loglevel` on `listener` until the task is
+/// aborted. Must run inside a tokio runtime.
+pub fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) -> Result<JoinHandle<()>> {
+    let listener = TcpListener::from_std(listener)?;
+    if let Ok(a) = listener.local_addr() {
+        log::info!("metrics, health and log level served on http://{a}");
+    }
+    Ok(tokio::spawn(accept_loop(listener, metrics)))
+}
+
+async fn accept_loop(listener: TcpListener, metrics: Arc<Metrics>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) if conns.len() < MAX_CONNECTIONS => {
+                    conns.spawn(serve_connection(stream, metrics.clone()));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    log::debug!("metrics accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+async fn serve_connection(stream: TcpStream, metrics: Arc<Metrics>) {
+    let service = service_fn(move |req| handle(req, metrics.clone()));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+        log::debug!("metrics connection: {e}");
+    }
+}
+
+fn reply(status: StatusCode, content_type: &str, body: String) -> hyper::Response<Full<Bytes>> {
+    let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> hyper::Response<Full<Bytes>> {
+    reply(status, "text/plain; charset=utf-8", body.into())
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    metrics: Arc<Metrics>,
+) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let read = matches!(parts.method, Method::GET | Method::HEAD);
+    Ok(match parts.uri.path() {
+        "/metrics" if read => {
+            let m = metrics.clone();
+            match tokio::task::spawn_blocking(move || m.render()).await {
+                Ok(body) => reply(
+                    StatusCode::OK,
+                    prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                    body,
+                ),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            }
+        }
+        "/healthz" if read => {
+            let idle = metrics.loop_idle();
+            if idle <= LOOP_STALE_AFTER {
+                text(StatusCode::OK, "ok\n")
+            } else {
+                text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "agent loop stalled: last iteration {:.1} s ago\n",
+                        idle.as_secs_f64()
+                    ),
+                )
+            }
+        }
+        "/readyz" if read => {
+            if metrics.is_ready() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: the first full sync has not been programmed yet\n",
+                )
+            }
+        }
+        "/loglevel" if read => text(
+            StatusCode::OK,
+            format!("{}\n", log::max_level().as_str().to_lowercase()),
+        ),
+        "/loglevel" if matches!(parts.method, Method::PUT | Method::POST) => {
+            let bytes = match Limited::new(body, MAX_BODY).collect().await {
+                Ok(c) => c.to_bytes(),
+                Err(e) => return Ok(text(StatusCode::BAD_REQUEST, format!("{e}\n"))),
+            };
+            let wanted = String::from_utf8_lossy(&bytes).trim().to_string();
+            match log::LevelFilter::from_str(&wanted) {
+                Ok(level) => {
+                    let old = log::max_level();
+                    log::set_max_level(level);
+                    // Logged at warn so that the change itself shows at most levels.
+                    log::warn!(
+                        "log level changed from {} to {} through /loglevel",
+                        old.as_str().to_lowercase(),
+                        level.as_str().to_lowercase()
+                    );
+                    text(
+                        StatusCode::OK,
+                        format!("{}\n", level.as_str().to_lowercase()),
+                    )
+                }
+                Err(_) => text(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown level {wanted:?}: expected error, warn, info, debug, trace or off\n"),
+                ),
+            }
+        }
+        "/metrics" | "/healthz" | "/readyz" | "/loglevel" => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: /metrics, /healthz, /readyz, /loglevel\n",
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_labels_from_meta_names() {
+        assert_eq!(
+            PortLabels::parse("dev/nginx-service:http/TCP"),
+            Some(PortLabels {
+                namespace: "dev".into(),
+                name: "nginx-service".into(),
+                port: "http".into(),
+                protocol: "TCP".into(),
+                scope: "cluster",
+            })
+        );
+        let l = PortLabels::parse("kube-system/dns/UDP (local)").unwrap();
+        assert_eq!(
+            (l.name.as_str(), l.port.as_str(), l.protocol.as_str(), l.scope),
+            ("dns", "", "UDP", "local")
+        );
+        assert_eq!(PortLabels::parse("garbage"), None);
+        assert_eq!(PortLabels::parse("/x/TCP"), None);
+    }
+
+    #[test]
+    fn error_kinds() {
+        let cap = anyhow::anyhow!("70000 frontends exceed the limit of 65536");
+        assert_eq!(ErrorKind::of_apply_error(&cap), ErrorKind::Capacity);
+        let arena = anyhow::anyhow!("arena full")
+            .context("no room for a Maglev table of 1021 slots for dev/a/TCP");
+        assert_eq!(ErrorKind::of_apply_error(&arena), ErrorKind::Capacity);
+        let map = anyhow::Error::from(aya::maps::MapError::KeyNotFound).context("writing");
+        assert_eq!(ErrorKind::of_apply_error(&map), ErrorKind::MapWrite);
+        let other = anyhow::anyhow!("something else");
+        assert_eq!(ErrorKind::of_apply_error(&other), ErrorKind::Other);
+    }
+
+    #[test]
+    fn exposition_without_maps() {
+        let m = Metrics::without_maps();
+        assert!(!m.is_ready());
+        m.apply_error(ErrorKind::Parse);
+        m.synced(
+            SyncSource::File,
+            Instant::now(),
+            Programmed {
+                services: 2,
+                service_ports: 3,
+                frontends: 7,
+                backends: 4,
+            },
+        );
+        assert!(m.is_ready());
+        let text = m.render();
+        for line in [
+            "xlb_ready 1",
+            "xlb_apply_errors_total{kind=\"parse\"} 1",
+            "xlb_apply_errors_total{kind=\"capacity\"} 0",
+            "xlb_programmed_frontends 7",
+            "xlb_sync_duration_seconds_count{source=\"file\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} missing in\n{text}");
+        }
+    }
+
+    #[test]
+    fn loop_liveness() {
+        let m = Metrics::without_maps();
+        m.loop_alive();
+        assert!(m.loop_idle() < Duration::from_secs(1));
+    }
+}
