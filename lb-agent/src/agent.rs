@@ -13,9 +13,11 @@ use lb_common::*;
 
 use crate::{
     datapath::{Datapath, Limits, PIN_ROOT, XdpAttachMode, XdpModeChoice},
-    k8s, netinfo,
+    k8s,
+    metrics::{ErrorKind, Metrics, Programmed, SyncSource},
+    netinfo,
     programmer::{Maps, Programmer, Settings},
-    translate::{self, NodeContext},
+    translate::{self, Desired, NodeContext, ServiceEvent},
 };
 
 #[derive(Clone, Debug, clap::Args)]
@@ -62,6 +64,10 @@ pub struct RunArgs {
     /// when the agent shares pid 1's network namespace].
     #[arg(long, value_name = "PATH|none")]
     pub cgroup: Option<String>,
+    /// Address of the HTTP server for `/metrics` (Prometheus), `/healthz`, `/readyz` and
+    /// `/loglevel`, or `none`.
+    #[arg(long, value_name = "ADDR:PORT|none", default_value = crate::metrics::DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: String,
 }
 
 pub fn default_pin_dir(node: &str) -> PathBuf {
@@ -88,6 +94,12 @@ pub struct AgentInfo {
     pub tc_uplink: bool,
     pub last_error: Option<String>,
     pub warnings: Vec<String>,
+    /// The first full sync has been programmed (what `/readyz` answers).
+    #[serde(default)]
+    pub ready: bool,
+    /// Where `/metrics`, `/healthz`, `/readyz` and `/loglevel` are served (None: off).
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
 }
 
 /// `--source`, parsed.
@@ -168,6 +180,7 @@ pub struct Agent {
     new_events: Vec<translate::ServiceEvent>,
     /// kube-proxy's per-service `healthCheckNodePort` servers.
     health: crate::health::HealthServer,
+    metrics: Arc<Metrics>,
 }
 
 impl Agent {
@@ -199,6 +212,8 @@ impl Agent {
             ..Limits::default()
         };
         let mut dp = Datapath::load(&pin_dir, &limits)?;
+        // Its own handles on the pins: scrapes never touch the agent's.
+        let metrics = Arc::new(Metrics::new(&pin_dir)?);
         let mut maps = Maps::take(&mut dp.ebpf)?;
         maps.config.set(
             0,
@@ -257,6 +272,8 @@ impl Agent {
             tc_uplink: true,
             last_error: None,
             warnings: vec![],
+            ready: false,
+            metrics_addr: (args.metrics_addr != "none").then(|| args.metrics_addr.clone()),
         };
         let mut agent = Self {
             node: NodeContext {
@@ -275,6 +292,7 @@ impl Agent {
             events: vec![],
             new_events: vec![],
             health: crate::health::HealthServer::new(Ipv4Addr::UNSPECIFIED),
+            metrics,
         };
         agent.sync_pod_ifaces(links);
         agent.save_info();
@@ -289,7 +307,7 @@ impl Agent {
             Source::File(path) => path.clone(),
             Source::Kube(Some(objs)) if due => {
                 let objs = objs.clone();
-                self.program_and_record(&objs, now);
+                self.program_and_record(&objs, now, None);
                 return Ok(());
             }
             Source::Kube(_) => return Ok(()),
@@ -300,12 +318,19 @@ impl Agent {
         if self.last_seen == Some(stamp) && !due {
             return Ok(());
         }
+        // A changed file is a source event (timed to the end of the map update); a re-read
+        // only because drained backends expire is not.
+        let sync = (self.last_seen != Some(stamp)).then_some(SyncSource::File);
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
         self.last_seen = Some(stamp);
-        let result = k8s::parse_objects(&text)
-            .map_err(anyhow::Error::from)
-            .and_then(|objs| self.program(&objs, now));
+        let result = match k8s::parse_objects(&text) {
+            Ok(objs) => self.program(&objs, now, sync),
+            Err(e) => {
+                self.metrics.apply_error(ErrorKind::Parse);
+                Err(anyhow::Error::from(e))
+            }
+        };
         match &result {
             Ok(()) => self.info.last_error = None,
             Err(e) => {
@@ -323,11 +348,11 @@ impl Agent {
         if let Source::Kube(last) = &mut self.source {
             *last = Some(objs.clone());
         }
-        self.program_and_record(&objs, now);
+        self.program_and_record(&objs, now, Some(SyncSource::Kube));
     }
 
-    fn program_and_record(&mut self, objs: &k8s::Objects, now: Instant) {
-        match self.program(objs, now) {
+    fn program_and_record(&mut self, objs: &k8s::Objects, now: Instant, sync: Option<SyncSource>) {
+        match self.program(objs, now, sync) {
             Ok(()) => self.info.last_error = None,
             Err(e) => {
                 log::error!("{e:#}; keeping the last good state");
@@ -343,30 +368,68 @@ impl Agent {
         std::mem::take(&mut self.new_events)
     }
 
-    fn program(&mut self, objs: &k8s::Objects, now: Instant) -> Result<()> {
+    /// Metrics and probes of this agent (served by `metrics::serve`).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// `now` is when the snapshot was seen; `sync` names the source event being handled
+    /// (None: a re-apply because drained backends expire), whose time to a complete map
+    /// update is recorded.
+    fn program(
+        &mut self,
+        objs: &k8s::Objects,
+        now: Instant,
+        sync: Option<SyncSource>,
+    ) -> Result<()> {
         let desired = translate::translate(objs, &self.node);
         for w in &desired.warnings {
             if !self.info.warnings.contains(w) {
                 log::warn!("{w}");
             }
         }
-        for ev in &desired.events {
+        let result = self.programmer.apply(&desired, &mut self.maps, now);
+        // Events: the translation's, frontend collisions, and an apply error that names a
+        // service; each is logged and posted once while it lasts.
+        let mut events = desired.events.clone();
+        for ev in collision_events(&desired) {
+            if !events.contains(&ev) {
+                events.push(ev);
+            }
+        }
+        if let Err(e) = &result {
+            self.metrics.apply_error(ErrorKind::of_apply_error(e));
+            if let Some(ev) = apply_error_event(&desired, e) {
+                events.push(ev);
+            }
+        }
+        for ev in &events {
             if self.events.contains(ev) {
                 continue;
             }
-            // Most are warnings too, already logged above.
-            if !desired.warnings.iter().any(|w| w.contains(&ev.message)) {
+            // Most are warnings too, already logged above; an apply error is logged by the
+            // caller.
+            let logged = desired.warnings.iter().any(|w| w.contains(&ev.message))
+                || result.is_err() && ev.reason == APPLY_ERROR_REASON
+                || result.is_err() && ev.reason == CAPACITY_REASON;
+            if !logged {
                 log::warn!("Service {}/{}: {}", ev.namespace, ev.name, ev.message);
             }
             if matches!(self.source, Source::Kube(_)) && !self.new_events.contains(ev) {
                 self.new_events.push(ev.clone());
             }
         }
-        self.events = desired.events.clone();
+        self.events = events;
         self.info.warnings = desired.warnings.clone();
-        let st = self.programmer.apply(&desired, &mut self.maps, now)?;
+        let st = result?;
         log::info!("programmed {} service ports: {st:?}", desired.ports.len());
         self.health.update(&desired.health_checks);
+        self.metrics
+            .synced(sync.map(|s| (s, now)), programmed(&desired));
+        if !self.info.ready {
+            log::info!("ready: the first full sync is in the maps");
+            self.info.ready = true;
+        }
         Ok(())
     }
 
@@ -413,10 +476,182 @@ impl Agent {
         }
     }
 
+    /// The agent loop completed an iteration (for `/healthz`).
+    pub fn loop_alive(&self) {
+        self.metrics.loop_alive();
+    }
+
     fn save_info(&self) {
         let path = self.run_dir.join("agent.json");
         if let Ok(s) = serde_json::to_string_pretty(&self.info) {
             let _ = std::fs::write(path, s);
         }
+    }
+}
+
+/// Event reasons of what [`Programmer::apply`](crate::programmer::Programmer::apply)
+/// rejected, and of frontends lost to another service.
+pub const CAPACITY_REASON: &str = "CapacityExceeded";
+pub const APPLY_ERROR_REASON: &str = "ProgrammingFailed";
+pub const COLLISION_REASON: &str = "FrontendCollision";
+
+/// What the desired state programs, for the `xlb_programmed_*` gauges.
+fn programmed(desired: &Desired) -> Programmed {
+    let services: std::collections::BTreeSet<(&str, &str)> = desired
+        .ports
+        .iter()
+        .map(|p| (p.id.namespace.as_str(), p.id.name.as_str()))
+        .collect();
+    let backends: std::collections::BTreeSet<(Ipv4Addr, u16)> = desired
+        .ports
+        .iter()
+        .flat_map(|p| p.backends.iter().chain(&p.draining))
+        .map(|b| (b.addr, b.port))
+        .collect();
+    Programmed {
+        services: services.len(),
+        service_ports: desired.ports.len(),
+        frontends: desired.ports.iter().map(|p| p.frontends.len()).sum(),
+        backends: backends.len(),
+    }
+}
+
+/// The translation's warnings about a frontend dropped because another service port has
+/// it (`<port id>: frontend <addr>:<port>/<proto> already used by <other>; dropped`), as
+/// Events on the service that lost it.
+fn collision_events(desired: &Desired) -> Vec<ServiceEvent> {
+    let mut out: Vec<ServiceEvent> = vec![];
+    for w in &desired.warnings {
+        if !w.contains(" already used by ") {
+            continue;
+        }
+        for p in &desired.ports {
+            let id = p.id.to_string();
+            if let Some(message) = w
+                .strip_prefix(id.as_str())
+                .and_then(|rest| rest.strip_prefix(": "))
+                .filter(|m| m.starts_with("frontend "))
+            {
+                let ev = ServiceEvent {
+                    namespace: p.id.namespace.clone(),
+                    name: p.id.name.clone(),
+                    reason: COLLISION_REASON.into(),
+                    message: message.to_string(),
+                };
+                if !out.contains(&ev) {
+                    out.push(ev);
+                }
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// An apply error whose message names a service port of `desired` (as the programmer's
+/// Maglev allocation failure does), as an Event on that service. Errors about the whole
+/// state (the total of frontends, backends or Maglev slots over a limit) name no service
+/// and give none.
+fn apply_error_event(desired: &Desired, e: &anyhow::Error) -> Option<ServiceEvent> {
+    let msg = format!("{e:#}");
+    let p = desired
+        .ports
+        .iter()
+        .map(|p| (p, p.id.to_string()))
+        .filter(|(_, id)| names(&msg, id))
+        // "dev/a/TCP (local)" over "dev/a/TCP".
+        .max_by_key(|(_, id)| id.len())?
+        .0;
+    Some(ServiceEvent {
+        namespace: p.id.namespace.clone(),
+        name: p.id.name.clone(),
+        reason: match ErrorKind::of_apply_error(e) {
+            ErrorKind::Capacity => CAPACITY_REASON,
+            _ => APPLY_ERROR_REASON,
+        }
+        .into(),
+        message: msg,
+    })
+}
+
+/// `msg` mentions `id` as a whole word (not inside a longer name).
+fn names(msg: &str, id: &str) -> bool {
+    let word = |c: char| c.is_alphanumeric() || c == '-' || c == '.' || c == '_';
+    msg.match_indices(id).any(|(i, _)| {
+        !msg[..i].chars().next_back().is_some_and(word)
+            && !msg[i + id.len()..].chars().next().is_some_and(word)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desired(yaml: &str) -> Desired {
+        let objs = k8s::parse_objects(yaml).unwrap();
+        translate::translate(
+            &objs,
+            &NodeContext {
+                node_name: "n1".into(),
+                node_addrs: vec![Ipv4Addr::new(172, 18, 0, 2)],
+            },
+        )
+    }
+
+    const TWO_NODEPORTS: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: a, namespace: dev}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.1
+  ports: [{port: 80, nodePort: 30080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: dev}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.2
+  ports: [{port: 80, nodePort: 30080}]
+";
+
+    #[test]
+    fn collisions_become_events_on_the_losing_service() {
+        let d = desired(TWO_NODEPORTS);
+        let evs = collision_events(&d);
+        assert!(!evs.is_empty(), "{:?}", d.warnings);
+        for ev in &evs {
+            assert_eq!((ev.namespace.as_str(), ev.name.as_str()), ("dev", "b"));
+            assert_eq!(ev.reason, COLLISION_REASON);
+            assert!(ev.message.starts_with("frontend "), "{}", ev.message);
+            assert!(ev.message.contains("already used by dev/a/TCP"));
+            // Logged as a warning already: the event is not logged twice.
+            assert!(d.warnings.iter().any(|w| w.contains(&ev.message)));
+        }
+    }
+
+    #[test]
+    fn apply_errors_naming_a_service_become_events() {
+        let d = desired(TWO_NODEPORTS);
+        let e = anyhow::anyhow!("arena full")
+            .context("no room for a Maglev table of 1021 slots for dev/b/TCP");
+        let ev = apply_error_event(&d, &e).unwrap();
+        assert_eq!(
+            (ev.name.as_str(), ev.reason.as_str()),
+            ("b", CAPACITY_REASON)
+        );
+        let global = anyhow::anyhow!("70000 frontends exceed the limit of 65536");
+        assert_eq!(apply_error_event(&d, &global), None);
+        assert!(names("for dev/b/TCP", "dev/b/TCP"));
+        assert!(!names("for xdev/b/TCP", "dev/b/TCP"));
+        assert!(!names("for dev/b/TCPx", "dev/b/TCP"));
+    }
+
+    #[test]
+    fn programmed_counts() {
+        let p = programmed(&desired(TWO_NODEPORTS));
+        assert_eq!((p.services, p.service_ports, p.backends), (2, 2, 0));
+        assert!(p.frontends >= 2);
     }
 }

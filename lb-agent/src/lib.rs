@@ -6,6 +6,7 @@ pub mod k8s;
 pub mod kube_source;
 pub mod maglev;
 pub mod metrics;
+pub mod mmap_array;
 pub mod netinfo;
 pub mod programmer;
 pub mod status;

@@ -102,38 +102,47 @@ pub fn build_table(backend_names: &[String], m: u32) -> Vec<u32> {
     order.sort_by(|&a, &b| backend_names[a].cmp(&backend_names[b]).then(a.cmp(&b)));
 
     let m64 = u64::from(m);
-    // Permutation of backend i: slot(j) = (offset + j * skip) mod M, computed on the fly
-    // instead of storing N x M entries.
-    let prefs: Vec<(u64, u64)> = order
+    // Permutation of backend k: slot(j) = (offset + j * skip) mod M, walked incrementally
+    // (add skip, subtract M once if past the end) instead of stored as N x M entries or
+    // recomputed with a division per step: the walk is the whole cost of the build.
+    let mut walk: Vec<(u32, u32)> = order
         .iter()
         .map(|&i| {
             let name = backend_names[i].as_bytes();
-            let offset = hash64(SEED_OFFSET, name) % m64;
-            let skip = hash64(SEED_SKIP, name) % (m64 - 1) + 1;
+            let offset = (hash64(SEED_OFFSET, name) % m64) as u32;
+            let skip = (hash64(SEED_SKIP, name) % (m64 - 1) + 1) as u32;
             (offset, skip)
         })
         .collect();
-    let mut next = vec![0u64; order.len()];
 
     const EMPTY: u32 = u32::MAX;
     let mut table = vec![EMPTY; m as usize];
     let mut filled = 0u32;
     loop {
-        for (k, &(offset, skip)) in prefs.iter().enumerate() {
+        for (k, (pos, skip)) in walk.iter_mut().enumerate() {
             // Terminates: skip is in 1..M and M is prime, so the walk visits every slot
             // within M steps and at least one slot is still free here.
-            let mut slot = (offset + next[k] * skip) % m64;
-            while table[slot as usize] != EMPTY {
-                next[k] += 1;
-                slot = (offset + next[k] * skip) % m64;
+            while table[*pos as usize] != EMPTY {
+                *pos = step(*pos, *skip, m);
             }
-            table[slot as usize] = order[k] as u32;
-            next[k] += 1;
+            table[*pos as usize] = order[k] as u32;
+            *pos = step(*pos, *skip, m);
             filled += 1;
             if filled == m {
                 return table;
             }
         }
+    }
+}
+
+/// (pos + skip) mod m for pos, skip < m, without a division.
+#[inline(always)]
+fn step(pos: u32, skip: u32, m: u32) -> u32 {
+    let next = pos as u64 + skip as u64;
+    if next >= m as u64 {
+        (next - m as u64) as u32
+    } else {
+        next as u32
     }
 }
 

@@ -5,7 +5,7 @@ use std::{
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
-use lb_agent::{agent, kube_source::KubeSource, netinfo, status};
+use lb_agent::{agent, kube_source::KubeSource, metrics, netinfo, status};
 
 #[derive(Parser)]
 #[command(
@@ -16,6 +16,17 @@ use lb_agent::{agent, kube_source::KubeSource, netinfo, status};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log lines as `key=value` fields (text) or one JSON object per line (json). The level
+    /// comes from RUST_LOG (default info) and can be changed at run time through the
+    /// agent's `/loglevel`.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -35,26 +46,133 @@ enum Cmd {
         #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
     },
+    /// Detach every program the agent left attached (pinned links) and remove its pinned
+    /// maps and run-time files. Established flows through xlb end.
+    Cleanup {
+        /// Node whose pins to remove [default: the only node pinned under /sys/fs/bpf/xlb].
+        #[arg(long)]
+        node_name: Option<String>,
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+    },
+}
+
+/// `--node-name`, or the pin directory's name, or the only node pinned.
+fn resolve_node(node_name: &Option<String>, pin_dir: &Option<PathBuf>) -> Result<String> {
+    Ok(match (node_name, pin_dir) {
+        (Some(n), _) => n.clone(),
+        (None, Some(p)) => p
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        (None, None) => only_node()?,
+    })
+}
+
+/// Logs at every level pass env_logger's filter (unless RUST_LOG has per-module
+/// directives) so that `log::max_level`, which `/loglevel` sets, governs.
+fn init_logging(format: LogFormat) {
+    use std::io::Write as _;
+    let mut builder = env_logger::Builder::new();
+    let env = std::env::var("RUST_LOG").unwrap_or_default();
+    let env = env.trim();
+    let level = if env.is_empty() {
+        Some(log::LevelFilter::Info)
+    } else {
+        env.parse::<log::LevelFilter>().ok()
+    };
+    match level {
+        Some(_) => {
+            builder.filter_level(log::LevelFilter::Trace);
+        }
+        // Per-module directives: env_logger applies them; /loglevel can only lower
+        // the level below them.
+        None => {
+            builder.parse_filters(env);
+        }
+    }
+    builder.format(move |buf, rec| {
+        let ts = buf.timestamp_millis();
+        let level = rec.level().as_str().to_lowercase();
+        let msg = rec.args().to_string();
+        match format {
+            LogFormat::Json => writeln!(
+                buf,
+                "{}",
+                serde_json::json!({
+                    "ts": ts.to_string(),
+                    "level": level,
+                    "target": rec.target(),
+                    "msg": msg,
+                })
+            ),
+            LogFormat::Text => writeln!(
+                buf,
+                "ts={ts} level={level} target={} msg={}",
+                rec.target(),
+                logfmt_value(&msg)
+            ),
+        }
+    });
+    builder.init();
+    if let Some(level) = level {
+        log::set_max_level(level);
+    }
+}
+
+/// A logfmt value: quoted (with `\\`, `\"` and `\n` escapes) when it is empty or holds a
+/// space, a quote, an `=` or a control character.
+fn logfmt_value(s: &str) -> String {
+    let plain = !s.is_empty()
+        && !s
+            .chars()
+            .any(|c| c.is_whitespace() || c == '"' || c == '=' || c.is_control());
+    if plain {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:04x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn main() -> Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.cmd {
         Cmd::Run(args) => run(args),
+        Cmd::Cleanup {
+            node_name,
+            pin_dir,
+            run_dir,
+        } => {
+            let node = resolve_node(&node_name, &pin_dir)?;
+            let pin_dir = pin_dir.unwrap_or_else(|| agent::default_pin_dir(&node));
+            let run_dir = run_dir.unwrap_or_else(|| agent::default_run_dir(&node));
+            let report = lb_agent::datapath::cleanup(&pin_dir, &run_dir)?;
+            println!("{report:?}");
+            Ok(())
+        }
         Cmd::Status {
             node_name,
             pin_dir,
             run_dir,
             output,
         } => {
-            let node = match (&node_name, &pin_dir) {
-                (Some(n), _) => n.clone(),
-                (None, Some(p)) => p
-                    .file_name()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                (None, None) => only_node()?,
-            };
+            let node = resolve_node(&node_name, &pin_dir)?;
             let pin_dir = pin_dir.unwrap_or_else(|| agent::default_pin_dir(&node));
             let run_dir = run_dir.unwrap_or_else(|| agent::default_run_dir(&node));
             let st = status::read(&pin_dir, &run_dir)?;
@@ -89,8 +207,13 @@ fn only_node() -> Result<String> {
     }
 }
 
-#[tokio::main(flavor = "current_thread")]
+// One worker thread next to the agent loop (which runs on the main thread, in block_on):
+// the metrics, health and probe servers answer while the loop is busy programming, so
+// `/healthz` can tell a stalled loop from a busy one.
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn run(args: agent::RunArgs) -> Result<()> {
+    // Bound before anything is attached: a taken port fails the start early.
+    let metrics_listener = metrics::bind(&args.metrics_addr)?;
     // The API client's configuration is checked before anything is attached; nothing is
     // programmed until both initial lists are complete (see kube_source).
     let mut kube = match agent::parse_source(&args.source)? {
@@ -104,6 +227,12 @@ async fn run(args: agent::RunArgs) -> Result<()> {
     let mut links = netinfo::LinkMonitor::new()?;
     let first = netinfo::list_links(&links.handle).await?;
     let mut agent = agent::Agent::start(args, &first)?;
+    let metrics = agent.metrics();
+    let _metrics_server = match metrics_listener {
+        Some(l) => Some(AbortOnDrop(metrics::serve(l, metrics.clone())?)),
+        None => None,
+    };
+    let _ct_counter = metrics.spawn_conntrack_counter().map(AbortOnDrop);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     // The file source is polled (with the kube source the tick only expires drained
     // backends): it works the same for editors that replace the file, for
@@ -116,6 +245,7 @@ async fn run(args: agent::RunArgs) -> Result<()> {
     let mut notifications = true;
     let mut last_err = String::new();
     loop {
+        agent.loop_alive();
         tokio::select! {
             changed = links.changed(), if notifications => {
                 if !changed {
@@ -144,6 +274,8 @@ async fn run(args: agent::RunArgs) -> Result<()> {
                     Err(e) => {
                         let msg = format!("{e:#}");
                         if msg != last_err {
+                            // The source could not be read; counted once per distinct error.
+                            metrics.apply_error(metrics::ErrorKind::Source);
                             log::error!("{msg}");
                             last_err = msg;
                         }
@@ -176,5 +308,31 @@ async fn sync_links(agent: &mut agent::Agent, links: &netinfo::LinkMonitor) {
     match netinfo::list_links(&links.handle).await {
         Ok(all) => agent.sync_pod_ifaces(&all),
         Err(e) => log::warn!("{e:#}"),
+    }
+}
+
+/// Aborts a background task when dropped (at the agent's exit).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logfmt_values() {
+        assert_eq!(logfmt_value("plain"), "plain");
+        assert_eq!(logfmt_value(""), "\"\"");
+        assert_eq!(logfmt_value("a b"), "\"a b\"");
+        assert_eq!(logfmt_value("k=v"), "\"k=v\"");
+        assert_eq!(
+            logfmt_value("say \"hi\"\\\nnext"),
+            "\"say \\\"hi\\\"\\\\\\nnext\""
+        );
     }
 }

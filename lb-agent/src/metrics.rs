@@ -126,9 +126,13 @@ impl ErrorKind {
             return ErrorKind::MapWrite;
         }
         let msg = format!("{e:#}");
-        if ["exceed the limit", "no room for a Maglev table", "the arena has"]
-            .iter()
-            .any(|s| msg.contains(s))
+        if [
+            "exceed the limit",
+            "no room for a Maglev table",
+            "the arena has",
+        ]
+        .iter()
+        .any(|s| msg.contains(s))
         {
             return ErrorKind::Capacity;
         }
@@ -286,11 +290,14 @@ impl Metrics {
         self.ready.load(Ordering::Relaxed)
     }
 
-    /// A sync from `source` that started at `since` completed successfully.
-    pub fn synced(&self, source: SyncSource, since: Instant, programmed: Programmed) {
-        self.sync_seconds
-            .get_or_create(&[("source", source.as_str())])
-            .observe(since.elapsed().as_secs_f64());
+    /// An apply completed successfully and programmed `programmed`; `event` is the source
+    /// event it handled and when that was seen (None: not a source event).
+    pub fn synced(&self, event: Option<(SyncSource, Instant)>, programmed: Programmed) {
+        if let Some((source, since)) = event {
+            self.sync_seconds
+                .get_or_create(&[("source", source.as_str())])
+                .observe(since.elapsed().as_secs_f64());
+        }
         for (g, v) in self.programmed.iter().zip([
             programmed.services,
             programmed.service_ports,
@@ -313,7 +320,8 @@ impl Metrics {
     /// worker threads.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+        if let Err(e) =
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
         {
             log::warn!("encoding metrics: {e}");
         }
@@ -404,10 +412,8 @@ impl Collector for ConntrackCounter {
             )?;
             for (label, _, entries) in &self.maps {
                 let labels = [("map", *label)];
-                prometheus_client::metrics::gauge::ConstGauge::new(
-                    entries.load(Ordering::Relaxed),
-                )
-                .encode(m.encode_family(&labels)?)?;
+                prometheus_client::metrics::gauge::ConstGauge::new(entries.load(Ordering::Relaxed))
+                    .encode(m.encode_family(&labels)?)?;
             }
         }
         let mut m = encoder.encode_descriptor(
@@ -721,7 +727,9 @@ async fn handle(
                 }
                 Err(_) => text(
                     StatusCode::BAD_REQUEST,
-                    format!("unknown level {wanted:?}: expected error, warn, info, debug, trace or off\n"),
+                    format!(
+                        "unknown level {wanted:?}: expected error, warn, info, debug, trace or off\n"
+                    ),
                 ),
             }
         }
@@ -753,7 +761,12 @@ mod tests {
         );
         let l = PortLabels::parse("kube-system/dns/UDP (local)").unwrap();
         assert_eq!(
-            (l.name.as_str(), l.port.as_str(), l.protocol.as_str(), l.scope),
+            (
+                l.name.as_str(),
+                l.port.as_str(),
+                l.protocol.as_str(),
+                l.scope
+            ),
             ("dns", "", "UDP", "local")
         );
         assert_eq!(PortLabels::parse("garbage"), None);
@@ -779,8 +792,7 @@ mod tests {
         assert!(!m.is_ready());
         m.apply_error(ErrorKind::Parse);
         m.synced(
-            SyncSource::File,
-            Instant::now(),
+            Some((SyncSource::File, Instant::now())),
             Programmed {
                 services: 2,
                 service_ports: 3,
@@ -797,7 +809,10 @@ mod tests {
             "xlb_programmed_frontends 7",
             "xlb_sync_duration_seconds_count{source=\"file\"} 1",
         ] {
-            assert!(text.lines().any(|l| l == line), "{line:?} missing in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing in\n{text}"
+            );
         }
     }
 

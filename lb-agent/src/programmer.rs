@@ -31,7 +31,7 @@ pub struct Maps {
     pub frontends: HashMap<MapData, FrontendKey, Frontend>,
     pub services: HashMap<MapData, u32, Service>,
     pub backends: HashMap<MapData, u32, Backend>,
-    pub maglev: Array<MapData, u32>,
+    pub maglev: crate::mmap_array::MmapArray,
     pub config: Array<MapData, Config>,
     pub svc_stats: PerCpuArray<MapData, SvcStats>,
     pub svc_meta: Array<MapData, SvcMeta>,
@@ -54,7 +54,15 @@ impl Maps {
             frontends: t(ebpf, MAP_FRONTENDS)?,
             services: t(ebpf, MAP_SERVICES)?,
             backends: t(ebpf, MAP_BACKENDS)?,
-            maglev: t(ebpf, MAP_MAGLEV)?,
+            maglev: {
+                let map = ebpf
+                    .take_map(MAP_MAGLEV)
+                    .with_context(|| format!("map {MAP_MAGLEV} missing from the eBPF object"))?;
+                let aya::maps::Map::Array(data) = map else {
+                    bail!("{MAP_MAGLEV} is not an array");
+                };
+                crate::mmap_array::MmapArray::new(data)?
+            },
             config: t(ebpf, MAP_CONFIG)?,
             svc_stats: t(ebpf, MAP_SVC_STATS)?,
             svc_meta: t(ebpf, MAP_SVC_META)?,
@@ -213,7 +221,11 @@ impl Programmer {
                 }
                 let mut slots = Vec::with_capacity(svc.table_m as usize);
                 for i in 0..svc.table_m {
-                    slots.push(maps.maglev.get(&(svc.table_off + i), 0)?);
+                    slots.push(
+                        maps.maglev
+                            .get(svc.table_off + i)
+                            .context("pinned table out of the arena")?,
+                    );
                 }
                 self.adopted_tables.insert(
                     svc_id,
@@ -588,7 +600,7 @@ impl Programmer {
         }
         let t = svc.tables[inactive].as_mut().expect("allocated above");
         for (slot, id) in maglev::changed_slots(&t.slots, &table) {
-            maps.maglev.set(t.off + slot, id, 0)?;
+            maps.maglev.set(t.off + slot, id)?;
             st.slots_written += 1;
         }
         t.slots = table;

@@ -213,14 +213,29 @@ pub fn render(st: &Status) -> String {
     let mut out = String::new();
     if let Some(a) = &st.agent {
         out.push_str(&format!(
-            "node {}  uplink {} (XDP {}{})  addresses {:?}\npod interfaces {:?}  socket LB {}\n",
+            "node {}  ready: {}\n",
             a.node_name,
+            if a.ready {
+                "yes"
+            } else {
+                "no (the first full sync is not programmed yet)"
+            }
+        ));
+        out.push_str(&format!(
+            "interface {}: XDP in {} mode{}  addresses {:?}\n",
             a.iface,
             a.xdp_mode,
-            if a.tc_uplink { ", tc" } else { "" },
+            if a.tc_uplink { ", tc ingress" } else { "" },
             a.node_addrs,
+        ));
+        out.push_str(&format!(
+            "pod interfaces {:?}: tc  socket LB {}  metrics {}\n",
             a.pod_ifaces,
             a.cgroup.as_deref().unwrap_or("off"),
+            a.metrics_addr
+                .as_deref()
+                .map(|m| format!("http://{m}/metrics"))
+                .unwrap_or_else(|| "off".into()),
         ));
         if let Some(e) = &a.last_error {
             out.push_str(&format!("last error (previous state kept): {e}\n"));

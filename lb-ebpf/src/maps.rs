@@ -6,6 +6,9 @@ use aya_ebpf::{
 };
 use lb_common::*;
 
+/// The agent writes Maglev tables through a memory mapping (uapi BPF_F_MMAPABLE).
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
 #[map(name = "XLB_FRONTENDS")]
 pub static FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::pinned(DEFAULT_MAX_FRONTENDS, 0);
 
@@ -18,7 +21,7 @@ pub static SERVICES: HashMap<u32, Service> = HashMap::pinned(DEFAULT_MAX_SERVICE
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(DEFAULT_MAX_BACKENDS, 0);
 
 #[map(name = "XLB_MAGLEV")]
-pub static MAGLEV: Array<u32> = Array::pinned(DEFAULT_MAGLEV_ARENA, 0);
+pub static MAGLEV: Array<u32> = Array::pinned(DEFAULT_MAGLEV_ARENA, BPF_F_MMAPABLE);
 
 #[map(name = "XLB_CT")]
 pub static CT: LruHashMap<FlowKey, CtEntry> = LruHashMap::pinned(DEFAULT_CT_ENTRIES, 0);

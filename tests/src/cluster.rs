@@ -180,6 +180,9 @@ pub struct AgentProc {
     pub pin_dir: PathBuf,
     pub run_dir: PathBuf,
     pub log: PathBuf,
+    /// `--metrics-addr`: the node's address, port [`METRICS_PORT`] (reachable from the
+    /// client namespace: `/metrics`, `/healthz`, `/readyz`, `/loglevel`).
+    pub metrics_addr: std::net::SocketAddrV4,
     child: Child,
     /// How it was started, for `restart`.
     netns: String,
@@ -259,6 +262,9 @@ pub enum SourceMode {
     /// `--source kube`, KUBECONFIG pointing at the [`ApiServer`] stand-in.
     Kube,
 }
+
+/// Port of each agent's metrics server, on its node's address (the agent's default port).
+pub const METRICS_PORT: u16 = 9464;
 
 /// Port of the API server stand-in in kube mode (kind's).
 pub const API_SERVER_PORT: u16 = 6443;
@@ -343,7 +349,9 @@ impl Cluster {
             let run_dir = Path::new("/run/xlb").join(&id);
             let log = std::env::temp_dir().join(format!("xlb-{id}-agent.log"));
             let mut cmd = netns_command(&node.netns, &bin)?;
+            let metrics_addr = std::net::SocketAddrV4::new(node.addr, METRICS_PORT);
             cmd.args(["run", "--node-name", &node.name, "--iface", &node.uplink]);
+            cmd.arg("--metrics-addr").arg(metrics_addr.to_string());
             match &cluster.kubeconfig {
                 Some(kc) => {
                     cmd.args(["--source", "kube"])
@@ -383,6 +391,7 @@ impl Cluster {
                 .context("starting lb-agent")?;
             cluster.agents.push(AgentProc {
                 node: node.name.clone(),
+                metrics_addr,
                 pin_dir,
                 run_dir,
                 log,

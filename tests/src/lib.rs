@@ -41,7 +41,8 @@ pub use client::{
 };
 pub use cluster::{
     API_SERVER_PORT, AgentProc, Cluster, DNS_NODE_PORT, DNS_PORT, ECHO_NODE_PORT, ECHO_PORT,
-    ManifestOpts, NGINX_CLUSTER_IP, NGINX_NODE_PORT, SourceMode, agent_bin, seed_manifests,
+    METRICS_PORT, ManifestOpts, NGINX_CLUSTER_IP, NGINX_NODE_PORT, SourceMode, agent_bin,
+    seed_manifests,
 };
 pub use guards::{Netns, PIN_ROOT, PinDir, sweep_stale_pins};
 pub use ipnet::Ipv4Net;
