@@ -12,6 +12,7 @@ use lb_tests::*;
 const T: Duration = Duration::from_secs(3);
 const NP: u16 = 30500;
 const NP2: u16 = 30501;
+const HC: u16 = 32100;
 
 /// One service `web` (80 -> pods:80) with `spec` lines spliced in, and one EndpointSlice
 /// listing `pods` with the given conditions.
@@ -120,7 +121,7 @@ fn kube_proxy_semantics_with_real_traffic() {
     // --- externalTrafficPolicy: Local: only local pods, client address preserved, and
     // a node without a local endpoint drops.
     let etp = format!(
-        "    type: LoadBalancer\n    externalTrafficPolicy: Local\n    ports: [{{name: http, port: 80, targetPort: 80, protocol: TCP, nodePort: {NP}}}]"
+        "    type: LoadBalancer\n    externalTrafficPolicy: Local\n    healthCheckNodePort: {HC}\n    ports: [{{name: http, port: 80, targetPort: 80, protocol: TCP, nodePort: {NP}}}]"
     );
     let pods: Vec<&Pod> = all.iter().collect();
     c.write_manifest(&web(&c.net, &etp, LB_STATUS, &pods, READY))
@@ -151,6 +152,30 @@ fn kube_proxy_semantics_with_real_traffic() {
         get(&c, SocketAddrV4::new(cp.addr, NP)).is_err(),
         "a node without local endpoints must drop under Local policy"
     );
+    // The healthCheckNodePort answers as kube-proxy's: 200 with the local endpoint count
+    // where there are local endpoints, 503 where there are none.
+    let hc = |node: &Node| {
+        http_request(
+            c.net.client_netns(),
+            SocketAddrV4::new(node.addr, HC),
+            "/",
+            T,
+        )
+    };
+    let ok = hc(&worker).expect("health check on the worker");
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert!(
+        ok.body.contains(r#""localEndpoints":2"#) && ok.body.contains(r#""name":"web""#),
+        "{}",
+        ok.body
+    );
+    assert_eq!(ok.header("Content-Type"), Some("application/json"));
+    let none = hc(&cp);
+    let status = match &none {
+        Ok(r) => r.status,
+        Err(e) => panic!("health check on the control plane: {e:#}"),
+    };
+    assert_eq!(status, 503, "no local endpoint must answer 503");
 
     // --- loadBalancerSourceRanges: the client's own /32 is allowed; another range drops it.
     let ranges = |cidr: &str| {
