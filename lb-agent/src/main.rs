@@ -261,11 +261,6 @@ async fn run(args: agent::RunArgs) -> Result<()> {
                     bail!("the Kubernetes watchers stopped");
                 };
                 agent.apply_objects(objs, Instant::now());
-                if let Some(k) = &kube {
-                    for ev in agent.take_new_events() {
-                        k.post_event(&ev);
-                    }
-                }
             }
             _ = every.tick() => {
                 // A persistent problem (file missing) is logged once, not every tick.
@@ -284,6 +279,13 @@ async fn run(args: agent::RunArgs) -> Result<()> {
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
+        }
+        // New Events of whatever programmed last (a snapshot, or a re-apply when drained
+        // backends expire), posted on their Services.
+        if let Some(k) = &kube {
+            for ev in agent.take_new_events() {
+                k.post_event(&ev);
+            }
         }
     }
     log::info!(

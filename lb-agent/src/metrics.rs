@@ -406,7 +406,7 @@ impl Collector for ConntrackCounter {
                 "xlb_conntrack_entries",
                 "Entries of the LRU connection-tracking maps, counted by a walk at most every \
                  10 s (approximate; -1 before the first count). LRU evictions are not counted \
-                 by the kernel and are not exported: a map at its capacity evicts",
+                 by the kernel and are not exported: a map at its capacity evicts.",
                 None,
                 MetricType::Gauge,
             )?;
@@ -418,7 +418,7 @@ impl Collector for ConntrackCounter {
         }
         let mut m = encoder.encode_descriptor(
             "xlb_conntrack_capacity",
-            "Capacity (max_entries) of the LRU connection-tracking maps",
+            "Capacity (max_entries) of the LRU connection-tracking maps.",
             None,
             MetricType::Gauge,
         )?;
@@ -546,22 +546,22 @@ impl Collector for MapCollector {
         let fields: [(&str, &str, Field); 4] = [
             (
                 "xlb_service_packets",
-                "Packets of the service port's flows seen by the datapath",
+                "Packets of the service port's flows seen by the datapath.",
                 |s| s.packets,
             ),
             (
                 "xlb_service_bytes",
-                "Bytes of the service port's flows seen by the datapath",
+                "Bytes of the service port's flows seen by the datapath.",
                 |s| s.bytes,
             ),
             (
                 "xlb_service_new_flows",
-                "New flows (connections) balanced to a backend",
+                "New flows (connections) balanced to a backend.",
                 |s| s.new_flows,
             ),
             (
                 "xlb_service_rejects",
-                "New flows rejected or dropped because the service port had no backend",
+                "New flows rejected or dropped because the service port had no backend.",
                 |s| s.rejects,
             ),
         ];
@@ -574,7 +574,7 @@ impl Collector for MapCollector {
         }
         let mut m = encoder.encode_descriptor(
             "xlb_datapath_events",
-            "Global datapath counters (XLB_COUNTERS, summed over CPUs), by reason",
+            "Global datapath counters (XLB_COUNTERS, summed over CPUs), by reason.",
             None,
             MetricType::Counter,
         )?;

@@ -301,6 +301,17 @@ impl Cluster {
         manifest: impl FnOnce(&Network) -> String,
         mode: SourceMode,
     ) -> Result<Self> {
+        Self::up_with_args(spec, manifest, mode, &[])
+    }
+
+    /// Like [`up_with`](Self::up_with), with `extra` appended to every agent's `run`
+    /// arguments (e.g. `--maglev-arena <slots>`); kept for [`AgentProc::restart`].
+    pub fn up_with_args(
+        spec: &TopologySpec,
+        manifest: impl FnOnce(&Network) -> String,
+        mode: SourceMode,
+        extra: &[String],
+    ) -> Result<Self> {
         crate::guards::sweep_stale_pins();
         let net = Network::up(spec)?;
         let pins = PinDir::new("pass")?;
@@ -374,7 +385,8 @@ impl Cluster {
                 .arg(&node.cgroup)
                 // The harness owns both ends of each veth and runs the pass program on the
                 // far end, so native mode can deliver XDP_TX frames here.
-                .args(["--xdp-mode", "native"]);
+                .args(["--xdp-mode", "native"])
+                .args(extra);
             let args = cmd.get_args().map(|a| a.to_owned()).collect();
             let envs = cmd
                 .get_envs()

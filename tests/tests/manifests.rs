@@ -30,8 +30,12 @@ fn root() -> PathBuf {
         .to_owned()
 }
 
+/// deploy/, or `XLB_DEPLOY_DIR` (to check an edited copy, e.g. when trying what the checks
+/// catch without touching the tree).
 fn deploy() -> PathBuf {
-    root().join("deploy")
+    std::env::var_os("XLB_DEPLOY_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("deploy"))
 }
 
 /// The metrics port `lb-agent run` listens on when `--metrics-addr` is not given (the
@@ -41,17 +45,18 @@ const DEFAULT_METRICS_PORT: u16 = 9464;
 // ---------------------------------------------------------------------------------------
 // Loading
 
+// Boxed: the typed objects differ a lot in size.
 #[derive(Debug, Clone)]
 enum Obj {
-    Namespace(Namespace),
-    ServiceAccount(ServiceAccount),
-    ClusterRole(ClusterRole),
-    ClusterRoleBinding(ClusterRoleBinding),
-    DaemonSet(DaemonSet),
-    ReplicaSet(ReplicaSet),
-    Deployment(Deployment),
-    Job(Job),
-    Service(Service),
+    Namespace(Box<Namespace>),
+    ServiceAccount(Box<ServiceAccount>),
+    ClusterRole(Box<ClusterRole>),
+    ClusterRoleBinding(Box<ClusterRoleBinding>),
+    DaemonSet(Box<DaemonSet>),
+    ReplicaSet(Box<ReplicaSet>),
+    Deployment(Box<Deployment>),
+    Job(Box<Job>),
+    Service(Box<Service>),
     /// MetalLB's IPAddressPool and L2Advertisement (no typed object; checked by shape).
     MetalLb(Value),
 }
@@ -110,7 +115,7 @@ fn read_docs(path: &Path) -> Vec<Value> {
 }
 
 /// Parses into `T` and back; the result must equal the input (nothing dropped or renamed).
-fn typed<T>(file: &Path, v: &Value) -> T
+fn typed<T>(file: &Path, v: &Value) -> Box<T>
 where
     T: serde::de::DeserializeOwned + serde::Serialize,
 {
@@ -131,7 +136,7 @@ where
             std::any::type_name::<T>()
         );
     }
-    t
+    Box::new(t)
 }
 
 fn first_difference(a: &serde_json::Value, b: &serde_json::Value, at: &str) -> Option<String> {
@@ -223,7 +228,7 @@ macro_rules! only {
         let v: Vec<_> = $docs
             .iter()
             .filter_map(|d| match &d.obj {
-                Obj::$variant(o) => Some(o.clone()),
+                Obj::$variant(o) => Some((**o).clone()),
                 _ => None,
             })
             .collect();
@@ -372,7 +377,7 @@ fn collect_flags(src: &str, name: &str, flags: &mut Flags) {
                 collect_flags(src, ty, flags);
             } else if a.starts_with("#[arg(") || a.starts_with("#[clap(") {
                 let long = a
-                    .split(|c: char| c == '(' || c == ',' || c == ')')
+                    .split(['(', ',', ')'])
                     .map(str::trim)
                     .find(|p| *p == "long" || p.starts_with("long ") || p.starts_with("long="));
                 let Some(long) = long else { continue };
