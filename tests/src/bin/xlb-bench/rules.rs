@@ -291,7 +291,10 @@ fn nft_service(s: &SvcDef, out: &mut String, ips: &mut Vec<String>, nodeports: &
             out,
             "add rule ip {t} {ep} ip saddr {ip} jump mark-for-masquerade"
         );
-        let _ = writeln!(out, "add rule ip {t} {ep} meta l4proto tcp dnat to {ip}:{tp}");
+        let _ = writeln!(
+            out,
+            "add rule ip {t} {ep} meta l4proto tcp dnat to {ip}:{tp}"
+        );
         vmap.push(format!("{k} : goto {ep}"));
     }
     if !vmap.is_empty() {
@@ -342,10 +345,10 @@ pub fn nft_full(svcs: &[SvcDef]) -> String {
          add map ip {t} no-endpoint-nodeports {{ type inet_proto . inet_service : verdict ; }}\n\
          add map ip {t} firewall-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; }}\n\
          add chain ip {t} mark-for-masquerade\n\
-         add rule ip {t} mark-for-masquerade mark set mark or 0x4000\n\
+         add rule ip {t} mark-for-masquerade meta mark set meta mark or 0x4000\n\
          add chain ip {t} masquerading\n\
-         add rule ip {t} masquerading mark and 0x4000 == 0 return\n\
-         add rule ip {t} masquerading mark set mark xor 0x4000\n\
+         add rule ip {t} masquerading meta mark & 0x4000 == 0 return\n\
+         add rule ip {t} masquerading meta mark set meta mark xor 0x4000\n\
          add rule ip {t} masquerading masquerade fully-random\n\
          add chain ip {t} services\n\
          add chain ip {t} firewall-check\n\
@@ -416,7 +419,10 @@ pub fn nft_partial(s: &SvcDef, added: &[(Ipv4Addr, u16)], gone: &[(Ipv4Addr, u16
             out,
             "add rule ip {t} {ep} ip saddr {ip} jump mark-for-masquerade"
         );
-        let _ = writeln!(out, "add rule ip {t} {ep} meta l4proto tcp dnat to {ip}:{tp}");
+        let _ = writeln!(
+            out,
+            "add rule ip {t} {ep} meta l4proto tcp dnat to {ip}:{tp}"
+        );
     }
     let _ = writeln!(out, "flush chain ip {t} {svc}");
     let _ = writeln!(

@@ -23,7 +23,6 @@ pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-
 /// Nearest-rank percentile of sorted values.
 pub fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -39,7 +38,6 @@ pub fn enter_netns(netns: &str) -> Result<()> {
     nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
         .with_context(|| format!("setns into {netns}"))
 }
-
 
 pub fn sysctl_in(netns: &str, key: &str, value: &str) -> Result<()> {
     try_in_netns(netns, || {

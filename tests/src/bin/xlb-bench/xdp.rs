@@ -113,7 +113,6 @@ pub struct MaglevRow {
     pub build_ms: f64,
 }
 
-
 pub const METHOD: &[&str] = &[
     "All packet figures come from BPF_PROG_TEST_RUN; medians over the repeats.",
     "repeat=1 rows: one call per packet, each with a fresh copy; 'new' = first packet of each \
@@ -131,7 +130,6 @@ pub const METHOD: &[&str] = &[
     "Per-packet cost does not depend on the Maglev table size M (one array lookup), so the \
      largest world uses a small M to fit the arena.",
 ];
-
 
 fn setup_netns(ns: &Netns) -> Result<()> {
     let cmds = [
@@ -571,4 +569,46 @@ pub fn run(args: &Args) -> Result<(Vec<PacketRow>, Vec<ApplyRow>)> {
         packets.extend(in_netns(ns.name(), || measure_world(&mut world, args))?);
     }
     Ok((packets, apply))
+}
+
+/// What removing one backend does to a Maglev table, and how evenly slots are spread.
+#[derive(Serialize, Deserialize, Clone)]
+pub struct MaglevDisruption {
+    pub m: u32,
+    pub backends: u32,
+    /// Slots whose backend changed when backend `backends / 2` was removed.
+    pub moved_slots: u64,
+    /// moved_slots / (M / N): 1.0 means only the removed backend's share moved.
+    pub moved_vs_ideal: f64,
+    pub max_slots: u64,
+    pub min_slots: u64,
+}
+
+pub fn maglev_disruption(m: u32, backends: u32) -> MaglevDisruption {
+    let names: Vec<String> = (0..backends)
+        .map(|k| format!("{}:{BACKEND_PORT}", addr(BACKEND_BASE + k)))
+        .collect();
+    let before = maglev::build_table(&names, m);
+    let mut counts = vec![0u64; names.len()];
+    for &b in &before {
+        counts[b as usize] += 1;
+    }
+    let gone = (backends / 2) as usize;
+    let mut fewer = names.clone();
+    fewer.remove(gone);
+    let after = maglev::build_table(&fewer, m);
+    // Indices of `after` point into `fewer`; compare names.
+    let moved = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| names[**b as usize] != fewer[**a as usize])
+        .count() as u64;
+    MaglevDisruption {
+        m,
+        backends,
+        moved_slots: moved,
+        moved_vs_ideal: moved as f64 / (f64::from(m) / f64::from(backends)),
+        max_slots: counts.iter().copied().max().unwrap_or(0),
+        min_slots: counts.iter().copied().min().unwrap_or(0),
+    }
 }

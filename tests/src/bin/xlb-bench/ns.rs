@@ -1,0 +1,989 @@
+//! North-south: a client outside the cluster (the kind network's `curl` container) reaching
+//! a Service through a NodePort and through its LoadBalancer IP, on four configurations of
+//! the same built-in network, each its own fresh network side by side:
+//!
+//! * `ours`: lb-agent on every node (XDP on the uplinks);
+//! * `iptables`: no agent; kube-proxy's iptables-mode rules (`iptables-restore`);
+//! * `nftables`: no agent; kube-proxy's nftables-mode rules (`nft -f`);
+//! * `ceiling`: no load balancer at all: the client connects to the pods directly (routes
+//!   to the pod CIDRs via their nodes), the best any load balancer could do here.
+//!
+//! Workloads (each bounded): a fixed number of short TCP request/response connections
+//! (rate and latency), and iperf3 throughput with 1 and 4 streams. Sizes: N services
+//! programmed, the measured ones added last. Configurations are measured in alternating
+//! rounds (forward, then reverse order), connection tracking of every configuration emptied
+//! before each of its runs.
+use std::{
+    io::{ErrorKind, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Barrier,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use lb_common::{CtEntry, FlowKey, MAP_CT, MAP_REVNAT, RevNat};
+use lb_tests::{Cluster, Network, Pod, SourceMode, TopologySpec, exec_ok};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    Args,
+    rules::{self, SvcDef},
+    util::{enter_netns, flush_conntrack, median, pct, sh, sysctl_in},
+};
+
+/// The measured request/response service: NodePort on the entry node, LB IP port.
+const SVC_PORT: u16 = 8081;
+const SVC_NODE_PORT: u16 = 30080;
+const SVC_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 200, 1);
+/// The iperf3 service: one endpoint (iperf3's data streams must reach the server that
+/// holds the control connection).
+const IPERF_PORT: u16 = 5201;
+const IPERF_NODE_PORT: u16 = 30201;
+const IPERF_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 200, 2);
+const IPERF_POD: &str = "nginx-replicaset-4kq7x";
+/// Dummy service i: ClusterIP `DUMMY_BASE + i`, port 80, the three pods.
+const DUMMY_BASE: u32 = u32::from_be_bytes([10, 100, 0, 1]);
+/// The node whose address the client uses for NodePorts and that receives the LB IP.
+pub const ENTRY_NODE: &str = "service-demo-worker";
+const REQUEST: &[u8] = b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n";
+const IO_TIMEOUT: Duration = Duration::from_secs(1);
+const TCP_SERVER_THREADS: usize = 2;
+/// A run stops early after this many failed exchanges (a broken configuration must not
+/// take count x timeout).
+const MAX_ERRORS: u64 = 50;
+/// SNAT ports for ours: see METHOD.
+const SNAT_PORT_MIN: u16 = 20_000;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Config {
+    Ours,
+    Iptables,
+    Nftables,
+    Ceiling,
+}
+
+pub const CONFIGS: [Config; 4] = [
+    Config::Ours,
+    Config::Iptables,
+    Config::Nftables,
+    Config::Ceiling,
+];
+
+impl Config {
+    pub fn key(self) -> &'static str {
+        match self {
+            Config::Ours => "ours",
+            Config::Iptables => "iptables",
+            Config::Nftables => "nftables",
+            Config::Ceiling => "ceiling",
+        }
+    }
+    pub fn label(self) -> &'static str {
+        match self {
+            Config::Ours => "xlb (XDP)",
+            Config::Iptables => "kube-proxy iptables",
+            Config::Nftables => "kube-proxy nftables",
+            Config::Ceiling => "no LB (client -> pod)",
+        }
+    }
+}
+
+/// One measurement.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Sample {
+    pub config: Config,
+    pub services: u32,
+    pub round: usize,
+    /// "conn" (connections/s), "iperf1" / "iperf4" (Gbit/s, 1 or 4 streams).
+    pub workload: String,
+    /// "nodeport", "lbip" or "direct" (ceiling).
+    pub path: String,
+    pub value: f64,
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
+    pub ok: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// Exchanges slower than 5 ms (conn runs): the tail behind p99.
+    #[serde(default)]
+    pub slow_5ms: u64,
+    /// Answers per pod (conn runs).
+    pub by_pod: std::collections::BTreeMap<String, u64>,
+}
+
+/// How long programming N services took on the entry node.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Programming {
+    pub config: Config,
+    pub services: u32,
+    pub seconds: f64,
+    /// Rules loaded (nat rules for iptables, `nft` lines for nftables).
+    pub rules: usize,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+pub struct NorthSouth {
+    pub sizes: Vec<u32>,
+    pub rounds: usize,
+    pub conns: u32,
+    pub threads: usize,
+    pub iperf_seconds: f64,
+    pub samples: Vec<Sample>,
+    pub programming: Vec<Programming>,
+    /// Functional failures (errors, a pod that never answered, iperf3 failing).
+    pub failures: Vec<String>,
+    /// Sizes a configuration could not be measured at, and why.
+    pub skipped: Vec<String>,
+    /// Ours: non-zero datapath counters of each agent after each size (evidence).
+    #[serde(default)]
+    pub ours_counters: Vec<String>,
+    pub method: Vec<String>,
+}
+
+pub const METHOD: &[&str] = &[
+    "Topology: the built-in kind-shaped network (3 nodes on one bridge, pods 4kq7x + 9xjtm on \
+     service-demo-worker, r2d8c on service-demo-worker2, the outside client 172.18.0.100). Each \
+     configuration gets its own fresh copy of it, all up side by side; only one is loaded at a time.",
+    "Client -> NodePort 172.18.0.3:30080 and -> LB IP 172.18.255.200:8081 (routed by the client \
+     to service-demo-worker, as MetalLB L2 would). Endpoints: the three pods (2 local to the \
+     entry node, 1 remote), a Rust responder on :8081 in each pod (accept, read the request, \
+     write a ~60-byte HTTP/1.0 response naming the pod, close).",
+    "ceiling: the client routes every pod CIDR via the entry node and connects to the pods \
+     directly, rotating over the three: the same forward path as the load-balanced runs (entry \
+     node, then the remote pod's node for r2d8c) without NAT or rules. Replies of r2d8c go \
+     straight from its node to the client (no SNAT), one hop shorter than the NodePort path.",
+    "conn: a fixed number of connections from 2 client threads (connect, request, read to EOF, \
+     close), rate = connections / wall time, latency per connection (p50/p99; >5ms counts the \
+     tail). A run fails functionally if more than 0.5% of the exchanges fail or a pod never \
+     answers (single dropped SYNs happen on every NAT path: a SNAT port that lands on a \
+     server TIME_WAIT entry within the same millisecond); error counts are in the JSON.",
+    "iperf: iperf3 -J -t T with 1 and 4 streams to a one-endpoint service (iperf3 -s in pod \
+     4kq7x, local to the entry node, started with ip netns exec), received throughput.",
+    "N services: N-1 ClusterIP services (3 endpoints each, port 80) first, then the iperf3 \
+     service, then the measured service: the measured one is the last added (kube-proxy's \
+     iptables KUBE-SERVICES walks every ClusterIP rule before the NodePort jump).",
+    "kube-proxy rules are loaded on the entry node only (the only node whose rules the measured \
+     packets traverse: remote-backend flows are masqueraded there); iptables is \
+     iptables-restore of nat + filter, nftables is nft -f of table ip kube-proxy.",
+    "Before every run the configuration's connection tracking is emptied: ctnetlink flush on \
+     every node for iptables/nftables, XLB_CT + XLB_REVNAT emptied for ours.",
+    "ours runs with --snat-port-min 20000: the default SNAT range (61000-65535, 4,536 ports per \
+     remote backend) is exhausted within one run because a SNAT port is only released when its \
+     XLB_REVNAT entry is evicted (LRU), never when the connection closes; reported.",
+    "ours runs with --maglev-min-m 251 and a 16 Mi-slot arena so 10,000 services fit: the \
+     per-packet cost does not depend on the table size M (one array lookup).",
+];
+
+/// The services programmed at size `n` (see METHOD), measured ones last.
+pub fn services(n: u32, pods: &[Pod], lb_ip: Ipv4Addr) -> Vec<SvcDef> {
+    let eps = |port: u16| -> Vec<(Ipv4Addr, u16, String)> {
+        pods.iter()
+            .map(|p| (p.addr, port, p.node.clone()))
+            .collect()
+    };
+    let mut v: Vec<SvcDef> = (0..n.saturating_sub(1))
+        .map(|i| SvcDef {
+            name: format!("dummy-{i:06}"),
+            cluster_ip: Ipv4Addr::from(DUMMY_BASE + i),
+            port: 80,
+            endpoints: eps(80),
+            node_port: None,
+            lb_ip: None,
+        })
+        .collect();
+    let iperf = pods
+        .iter()
+        .find(|p| p.name == IPERF_POD)
+        .expect("the seed's pod");
+    v.push(SvcDef {
+        name: "iperf".into(),
+        cluster_ip: IPERF_CLUSTER_IP,
+        port: IPERF_PORT,
+        endpoints: vec![(iperf.addr, IPERF_PORT, iperf.node.clone())],
+        node_port: Some(IPERF_NODE_PORT),
+        lb_ip: Some(lb_ip),
+    });
+    v.push(SvcDef {
+        name: "measured".into(),
+        cluster_ip: SVC_CLUSTER_IP,
+        port: SVC_PORT,
+        endpoints: eps(SVC_PORT),
+        node_port: Some(SVC_NODE_PORT),
+        lb_ip: Some(lb_ip),
+    });
+    v
+}
+
+/// Arguments for ours' agents.
+pub fn agent_args() -> Vec<String> {
+    [
+        "--maglev-min-m",
+        "251",
+        "--maglev-arena",
+        "16777216",
+        "--snat-port-min",
+        &SNAT_PORT_MIN.to_string(),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+// ---------------------------------------------------------------- servers
+
+/// Rust responders in the pods' namespaces; stopped (and joined) on drop.
+pub struct Responders {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Responders {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+pub fn start_responders(pods: &[Pod]) -> Result<Responders> {
+    let mut r = Responders {
+        stop: Arc::new(AtomicBool::new(false)),
+        threads: Vec::new(),
+    };
+    for pod in pods {
+        let netns = pod.netns.clone();
+        let listener = std::thread::spawn(move || -> Result<TcpListener> {
+            enter_netns(&netns)?;
+            let l = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, SVC_PORT))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("bind thread panicked"))?
+        .with_context(|| format!("responder in pod {}", pod.name))?;
+        // Sockets keep the namespace they were created in: serving threads need no setns.
+        let body = format!("{}\n", pod.name);
+        let response = Arc::new(
+            format!(
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        );
+        for i in 0..TCP_SERVER_THREADS {
+            let (l, stop, resp) = (listener.try_clone()?, r.stop.clone(), response.clone());
+            r.threads.push(
+                std::thread::Builder::new()
+                    .name(format!("tcp{i}:{}", pod.name))
+                    .spawn(move || tcp_responder(&l, &stop, &resp))?,
+            );
+        }
+    }
+    Ok(r)
+}
+
+fn tcp_responder(listener: &TcpListener, stop: &AtomicBool, response: &[u8]) {
+    let mut buf = [0u8; 1024];
+    while !stop.load(Ordering::Relaxed) {
+        let mut pfd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+            continue;
+        }
+        let Ok((mut s, _)) = listener.accept() else {
+            continue; // the other thread took it
+        };
+        let _ = (|| -> std::io::Result<()> {
+            s.set_nonblocking(false)?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            let mut n = 0;
+            while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") && n < buf.len() {
+                match s.read(&mut buf[n..]) {
+                    Ok(0) => return Ok(()),
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            s.write_all(response)
+        })();
+    }
+}
+
+/// `iperf3 -s` in a pod (started with `ip netns exec`); killed on drop.
+pub struct IperfServer(Child);
+
+impl IperfServer {
+    pub fn start(pod_netns: &str) -> Result<Self> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", pod_netns, "iperf3", "-s", "-p"])
+            .arg(IPERF_PORT.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting iperf3 -s")?;
+        Ok(Self(child))
+    }
+}
+
+impl Drop for IperfServer {
+    fn drop(&mut self) {
+        // `ip netns exec` execs iperf3: the child's pid is iperf3's.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+// ---------------------------------------------------------------- clients
+
+#[derive(Default)]
+pub struct ConnRun {
+    pub ok: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub lat_us: Vec<f64>,
+    pub by_pod: std::collections::BTreeMap<String, u64>,
+    pub wall: Duration,
+}
+
+impl ConnRun {
+    fn fail(&mut self, e: String) {
+        self.errors += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(e);
+        }
+    }
+}
+
+fn tcp_exchange(to: SocketAddrV4, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut s = TcpStream::connect_timeout(&SocketAddr::V4(to), IO_TIMEOUT)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.write_all(REQUEST)?;
+    let mut n = 0;
+    loop {
+        match s.read(&mut buf[n..]) {
+            Ok(0) => return Ok(n),
+            Ok(k) => {
+                n += k;
+                if n == buf.len() {
+                    return Ok(n);
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `count` connections from `threads` threads in `netns`, rotating over `targets`.
+pub fn conn_run(
+    netns: &str,
+    targets: &[SocketAddrV4],
+    threads: usize,
+    count: u32,
+    pods: &[String],
+) -> ConnRun {
+    let barrier = Barrier::new(threads);
+    let per_thread = count.div_ceil(threads as u32);
+    let mut total = ConnRun::default();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    let mut run = ConnRun::default();
+                    if let Err(e) = enter_netns(netns) {
+                        run.fail(format!("{e:#}"));
+                        barrier.wait();
+                        return run;
+                    }
+                    run.lat_us.reserve(per_thread as usize);
+                    barrier.wait();
+                    let t0 = Instant::now();
+                    let mut buf = [0u8; 512];
+                    for i in 0..per_thread as usize {
+                        let to = targets[(i + t) % targets.len()];
+                        let t1 = Instant::now();
+                        match tcp_exchange(to, &mut buf) {
+                            Ok(n) => {
+                                let dt = t1.elapsed();
+                                let body = buf[..n]
+                                    .windows(4)
+                                    .position(|w| w == b"\r\n\r\n")
+                                    .map_or(&buf[..0], |i| &buf[i + 4..n]);
+                                let body = body.strip_suffix(b"\n").unwrap_or(body);
+                                match pods.iter().find(|p| p.as_bytes() == body) {
+                                    Some(p) => {
+                                        run.ok += 1;
+                                        run.lat_us.push(dt.as_secs_f64() * 1e6);
+                                        *run.by_pod.entry(p.clone()).or_default() += 1;
+                                    }
+                                    None => run.fail(format!(
+                                        "unexpected answer {:?}",
+                                        String::from_utf8_lossy(&buf[..n])
+                                    )),
+                                }
+                            }
+                            Err(e) => run.fail(format!("{to}: {e}")),
+                        }
+                        if run.errors >= MAX_ERRORS {
+                            break;
+                        }
+                    }
+                    run.wall = t0.elapsed();
+                    run
+                })
+            })
+            .collect();
+        for h in handles {
+            match h.join() {
+                Ok(r) => {
+                    total.ok += r.ok;
+                    total.errors += r.errors;
+                    if total.first_error.is_none() {
+                        total.first_error = r.first_error;
+                    }
+                    total.lat_us.extend(r.lat_us);
+                    for (k, v) in r.by_pod {
+                        *total.by_pod.entry(k).or_default() += v;
+                    }
+                    total.wall = total.wall.max(r.wall);
+                }
+                Err(_) => total.fail("client thread panicked".into()),
+            }
+        }
+    });
+    total
+}
+
+/// One iperf3 client run: received Gbit/s.
+pub fn iperf_run(netns: &str, to: SocketAddrV4, streams: u32, seconds: f64) -> Result<f64> {
+    let out = Command::new("timeout")
+        .arg(format!("{}", (seconds + 20.0).ceil()))
+        .args(["ip", "netns", "exec", netns, "iperf3", "-J", "-c"])
+        .arg(to.ip().to_string())
+        .arg("-p")
+        .arg(to.port().to_string())
+        .arg("-t")
+        .arg(format!("{seconds}"))
+        .arg("-P")
+        .arg(streams.to_string())
+        .args(["--connect-timeout", "3000"])
+        .stdin(Stdio::null())
+        .output()
+        .context("running iperf3 -c")?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "iperf3 to {to}: no JSON ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    if let Some(e) = v.get("error") {
+        bail!("iperf3 to {to}: {e}");
+    }
+    ensure!(out.status.success(), "iperf3 to {to}: {}", out.status);
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| format!("iperf3 to {to}: no end.sum_received"))?;
+    ensure!(bps > 0.0, "iperf3 to {to}: zero throughput");
+    Ok(bps / 1e9)
+}
+
+// ---------------------------------------------------------------- the configurations
+
+struct Setup {
+    config: Config,
+    // Drop order: servers, then agents, then the network.
+    _iperf: IperfServer,
+    _responders: Responders,
+    cluster: Option<Cluster>,
+    net: Option<Network>,
+    client_ns: String,
+    entry_ns: String,
+    /// Every node namespace (conntrack flushes).
+    node_ns: Vec<String>,
+    pods: Vec<Pod>,
+    conn_targets: Vec<(&'static str, Vec<SocketAddrV4>)>,
+    iperf_targets: Vec<(&'static str, SocketAddrV4)>,
+}
+
+impl Setup {
+    fn net(&self) -> &Network {
+        match &self.cluster {
+            Some(c) => &c.net,
+            None => self.net.as_ref().expect("network"),
+        }
+    }
+
+    fn up(config: Config, spec: &TopologySpec, first: u32) -> Result<Self> {
+        let (cluster, net) = if config == Config::Ours {
+            let c = Cluster::up_with_args(
+                spec,
+                |net| {
+                    let (lb, _) = lb_and_entry(net);
+                    rules::manifest(&services(first, net.pods(), lb))
+                },
+                SourceMode::File,
+                &agent_args(),
+            )?;
+            (Some(c), None)
+        } else {
+            (None, Some(Network::up(spec)?))
+        };
+        let nw = cluster
+            .as_ref()
+            .map_or_else(|| net.as_ref().expect("network"), |c| &c.net);
+        let pods = nw.pods().to_vec();
+        let client_ns = nw.client_netns().to_owned();
+        let entry = nw.node(ENTRY_NODE).clone();
+        let (lb_ip, _) = lb_and_entry(nw);
+        sysctl_in(&client_ns, "net/ipv4/ip_local_port_range", "1024 65535")?;
+        let iperf_pod = pods
+            .iter()
+            .find(|p| p.name == IPERF_POD)
+            .context("iperf pod")?
+            .clone();
+        let (conn_targets, iperf_targets) = if config == Config::Ceiling {
+            // Through the entry node, like the load-balanced paths (which forward to the
+            // remote pod's node from there).
+            for n in nw.nodes() {
+                exec_ok(
+                    &client_ns,
+                    &[
+                        "ip",
+                        "route",
+                        "add",
+                        &n.pod_cidr.to_string(),
+                        "via",
+                        &entry.addr.to_string(),
+                    ],
+                )?;
+            }
+            (
+                vec![(
+                    "direct",
+                    pods.iter()
+                        .map(|p| SocketAddrV4::new(p.addr, SVC_PORT))
+                        .collect(),
+                )],
+                vec![("direct", SocketAddrV4::new(iperf_pod.addr, IPERF_PORT))],
+            )
+        } else {
+            (
+                vec![
+                    (
+                        "nodeport",
+                        vec![SocketAddrV4::new(entry.addr, SVC_NODE_PORT)],
+                    ),
+                    ("lbip", vec![SocketAddrV4::new(lb_ip, SVC_PORT)]),
+                ],
+                vec![
+                    ("nodeport", SocketAddrV4::new(entry.addr, IPERF_NODE_PORT)),
+                    ("lbip", SocketAddrV4::new(lb_ip, IPERF_PORT)),
+                ],
+            )
+        };
+        let responders = start_responders(&pods)?;
+        let iperf = IperfServer::start(&iperf_pod.netns)?;
+        let node_ns = nw.nodes().iter().map(|n| n.netns.clone()).collect();
+        Ok(Self {
+            config,
+            _iperf: iperf,
+            _responders: responders,
+            cluster,
+            net,
+            client_ns,
+            entry_ns: entry.netns.clone(),
+            node_ns,
+            pods,
+            conn_targets,
+            iperf_targets,
+        })
+    }
+
+    /// Programs `svcs`; returns (seconds, rules).
+    fn program(&mut self, n: u32, svcs: &[SvcDef]) -> Result<(f64, usize)> {
+        let t0 = Instant::now();
+        match self.config {
+            Config::Ours => {
+                let c = self.cluster.as_mut().expect("cluster");
+                c.write_manifest(&rules::manifest(svcs))?;
+                let want = svcs.len();
+                let local_ifaces: Vec<String> = self
+                    .pods
+                    .iter()
+                    .filter(|p| p.node == ENTRY_NODE)
+                    .map(|p| p.host_iface.clone())
+                    .collect();
+                c.wait_for(&format!("{n} services"), Duration::from_secs(600), |s| {
+                    let bench: Vec<_> = s
+                        .services
+                        .iter()
+                        .filter(|x| x.name.starts_with(&format!("{}/", rules::NAMESPACE)))
+                        .collect();
+                    bench.len() == want
+                        && bench.iter().all(|x| !x.endpoints.is_empty())
+                        && s.agent.as_ref().is_some_and(|a| {
+                            a.node_name != ENTRY_NODE
+                                || local_ifaces.iter().all(|i| a.pod_ifaces.contains(i))
+                        })
+                })?;
+                Ok((t0.elapsed().as_secs_f64(), 0))
+            }
+            Config::Iptables => {
+                let (text, nat_rules) = rules::iptables_full(svcs);
+                let path = tmp_file("iptables", &text)?;
+                let t0 = Instant::now();
+                exec_ok(&self.entry_ns, &["iptables-restore", &path])
+                    .context("iptables-restore")?;
+                let secs = t0.elapsed().as_secs_f64();
+                let _ = std::fs::remove_file(&path);
+                let saved = exec_ok(&self.entry_ns, &["iptables-save", "-t", "nat"])?;
+                let got = saved.lines().filter(|l| l.starts_with("-A ")).count();
+                ensure!(
+                    got == nat_rules,
+                    "iptables-restore: {got} nat rules, expected {nat_rules}"
+                );
+                Ok((secs, nat_rules))
+            }
+            Config::Nftables => {
+                let text = rules::nft_full(svcs);
+                let lines = text.lines().count();
+                let path = tmp_file("nft", &text)?;
+                let t0 = Instant::now();
+                exec_ok(&self.entry_ns, &["nft", "-f", &path]).context("nft -f")?;
+                let secs = t0.elapsed().as_secs_f64();
+                let _ = std::fs::remove_file(&path);
+                Ok((secs, lines))
+            }
+            Config::Ceiling => Ok((0.0, 0)),
+        }
+    }
+
+    /// Empties the configuration's connection tracking.
+    fn flush(&self) -> Result<()> {
+        match self.config {
+            Config::Iptables | Config::Nftables => {
+                for ns in &self.node_ns {
+                    flush_conntrack(ns)?;
+                }
+            }
+            Config::Ours => {
+                for a in &self.cluster.as_ref().expect("cluster").agents {
+                    clear_lru::<CtEntry>(&a.pin_dir, MAP_CT)?;
+                    clear_lru::<RevNat>(&a.pin_dir, MAP_REVNAT)?;
+                }
+            }
+            Config::Ceiling => {}
+        }
+        Ok(())
+    }
+}
+
+fn lb_and_entry(net: &Network) -> (Ipv4Addr, Ipv4Addr) {
+    let lb = net
+        .lb_ips()
+        .first()
+        .map(|(ip, _)| *ip)
+        .expect("the seed topology has an LB IP");
+    (lb, net.node(ENTRY_NODE).addr)
+}
+
+fn tmp_file(what: &str, text: &str) -> Result<String> {
+    let path = std::env::temp_dir().join(format!(
+        "xlb-bench-{}-{what}-{}.rules",
+        std::process::id(),
+        text.len()
+    ));
+    std::fs::write(&path, text)?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
+fn clear_lru<V: aya::Pod>(pin_dir: &Path, name: &str) -> Result<()> {
+    let data = MapData::from_pin(pin_dir.join(name))
+        .with_context(|| format!("opening {name} in {}", pin_dir.display()))?;
+    let mut map: BpfHashMap<MapData, FlowKey, V> = BpfHashMap::try_from(Map::LruHashMap(data))?;
+    let keys: Vec<FlowKey> = map.keys().filter_map(|k| k.ok()).collect();
+    for k in keys {
+        let _ = map.remove(&k);
+    }
+    Ok(())
+}
+
+/// The whole north-south comparison.
+pub fn run(args: &Args, configs: &[Config]) -> Result<NorthSouth> {
+    let spec = TopologySpec::seed();
+    let mut sizes = args.ns_services.clone();
+    sizes.sort_unstable();
+    sizes.dedup();
+    ensure!(sizes.iter().all(|&n| n >= 1), "--ns-services must be >= 1");
+    let mut out = NorthSouth {
+        sizes: sizes.clone(),
+        rounds: args.rounds,
+        conns: args.conns,
+        threads: args.threads,
+        iperf_seconds: args.iperf_seconds,
+        method: METHOD.iter().map(|m| (*m).to_owned()).collect(),
+        ..Default::default()
+    };
+    eprintln!(
+        "▶ north-south: bringing up {} networks ({})…",
+        configs.len(),
+        configs
+            .iter()
+            .map(|c| c.key())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut setups = Vec::new();
+    for &c in configs {
+        let t0 = Instant::now();
+        setups.push(Setup::up(c, &spec, sizes[0]).with_context(|| format!("{} setup", c.key()))?);
+        eprintln!("  {} up in {:.1} s", c.key(), t0.elapsed().as_secs_f64());
+    }
+    let pod_names: Vec<String> = setups[0].pods.iter().map(|p| p.name.clone()).collect();
+    for &n in &sizes {
+        eprintln!("▶ north-south, {n} services: programming…");
+        let mut active = Vec::new();
+        for (i, s) in setups.iter_mut().enumerate() {
+            let net = s.net();
+            let (lb, _) = lb_and_entry(net);
+            let svcs = services(n, net.pods(), lb);
+            if s.config == Config::Ours && svcs.len() > lb_common::DEFAULT_MAX_SERVICES as usize {
+                let why = format!(
+                    "ours at {n} services: lb-agent caps service ports at {} (lb_common::DEFAULT_MAX_SERVICES; no flag raises it)",
+                    lb_common::DEFAULT_MAX_SERVICES
+                );
+                eprintln!("  skip: {why}");
+                out.skipped.push(why);
+                continue;
+            }
+            match s.program(n, &svcs) {
+                Ok((secs, rules)) => {
+                    eprintln!(
+                        "  {:<9} programmed in {secs:.2} s{}",
+                        s.config.key(),
+                        if rules > 0 {
+                            format!(" ({rules} rules)")
+                        } else {
+                            String::new()
+                        }
+                    );
+                    out.programming.push(Programming {
+                        config: s.config,
+                        services: n,
+                        seconds: secs,
+                        rules,
+                    });
+                    active.push(i);
+                }
+                Err(e) => {
+                    let f = format!(
+                        "{} at {n} services: programming failed: {e:#}",
+                        s.config.key()
+                    );
+                    eprintln!("  ✘ {f}");
+                    out.failures.push(f);
+                }
+            }
+        }
+        // Warm-up: neighbours, caches, attachments.
+        for &i in &active {
+            let s = &setups[i];
+            for (_, t) in &s.conn_targets {
+                let _ = conn_run(&s.client_ns, t, 1, 30, &pod_names);
+            }
+        }
+        for round in 0..args.rounds {
+            let order: Vec<usize> = if round % 2 == 0 {
+                active.clone()
+            } else {
+                active.iter().rev().copied().collect()
+            };
+            for i in order {
+                let s = &setups[i];
+                measure(s, n, round, args, &pod_names, &mut out)?;
+            }
+        }
+        for s in setups.iter().filter(|s| s.config == Config::Ours) {
+            let d = format!("after {n} services:{}", diagnostics(s));
+            eprintln!("  ours {d}");
+            out.ours_counters.push(d);
+        }
+    }
+    drop(setups);
+    Ok(out)
+}
+
+fn measure(
+    s: &Setup,
+    n: u32,
+    round: usize,
+    args: &Args,
+    pods: &[String],
+    out: &mut NorthSouth,
+) -> Result<()> {
+    let base = |workload: &str, path: &str| Sample {
+        config: s.config,
+        services: n,
+        round,
+        workload: workload.into(),
+        path: path.into(),
+        value: f64::NAN,
+        p50_us: None,
+        p99_us: None,
+        ok: 0,
+        errors: 0,
+        first_error: None,
+        slow_5ms: 0,
+        by_pod: Default::default(),
+    };
+    for (path, targets) in &s.conn_targets {
+        s.flush()?;
+        let r = conn_run(&s.client_ns, targets, args.threads, args.conns, pods);
+        let mut lat = r.lat_us.clone();
+        lat.sort_by(f64::total_cmp);
+        let mut smp = base("conn", path);
+        smp.value = r.ok as f64 / r.wall.as_secs_f64().max(1e-9);
+        smp.p50_us = Some(pct(&lat, 50.0));
+        smp.p99_us = Some(pct(&lat, 99.0));
+        smp.ok = r.ok;
+        smp.errors = r.errors;
+        smp.first_error = r.first_error.clone();
+        smp.by_pod = r.by_pod.clone();
+        smp.slow_5ms = lat.iter().filter(|&&l| l > 5000.0).count() as u64;
+        eprintln!(
+            "  r{round} {:<9} conn  {:<8} {:>8.0}/s  p50 {:>7.1} µs  p99 {:>8.1} µs  >5ms {:>4}  errors {}",
+            s.config.key(),
+            path,
+            smp.value,
+            smp.p50_us.unwrap_or(f64::NAN),
+            smp.p99_us.unwrap_or(f64::NAN),
+            smp.slow_5ms,
+            r.errors
+        );
+        let missing: Vec<&String> = pods.iter().filter(|p| !r.by_pod.contains_key(*p)).collect();
+        // A dropped SYN now and then is real behaviour (e.g. a SNAT port landing on a server
+        // TIME_WAIT entry within the same millisecond); a broken path fails in bulk.
+        if r.errors * 1000 > u64::from(args.conns) * 5 || !missing.is_empty() {
+            let f = format!(
+                "{} conn via {path} at {n} services, round {round}: {} errors (first: {:?}), pods that never answered: {missing:?}{}",
+                s.config.key(),
+                r.errors,
+                r.first_error,
+                diagnostics(s)
+            );
+            eprintln!("  ✘ {f}");
+            out.failures.push(f);
+        }
+        out.samples.push(smp);
+    }
+    for (path, to) in &s.iperf_targets {
+        for streams in [1u32, 4] {
+            s.flush()?;
+            let mut smp = base(&format!("iperf{streams}"), path);
+            match iperf_run(&s.client_ns, *to, streams, args.iperf_seconds) {
+                Ok(g) => {
+                    smp.value = g;
+                    smp.ok = 1;
+                    eprintln!(
+                        "  r{round} {:<9} iperf{streams} {:<8} {g:>8.2} Gbit/s",
+                        s.config.key(),
+                        path
+                    );
+                }
+                Err(e) => {
+                    smp.errors = 1;
+                    smp.first_error = Some(format!("{e:#}"));
+                    let f = format!(
+                        "{} iperf3 -P {streams} via {path} at {n} services, round {round}: {e:#}",
+                        s.config.key()
+                    );
+                    eprintln!("  ✘ {f}");
+                    out.failures.push(f);
+                }
+            }
+            out.samples.push(smp);
+        }
+    }
+    Ok(())
+}
+
+/// Agent counters (ours) for a failure report.
+fn diagnostics(s: &Setup) -> String {
+    let Some(c) = &s.cluster else {
+        return String::new();
+    };
+    let mut d = String::new();
+    for a in &c.agents {
+        if let Ok(st) = a.status() {
+            let nz: Vec<String> = st
+                .counters
+                .iter()
+                .filter(|(_, v)| **v > 0)
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            d += &format!("\n  {} counters: {}", a.node, nz.join(" "));
+        }
+    }
+    d
+}
+
+/// Versions of the tools the comparison uses.
+pub fn versions() -> Vec<(String, String)> {
+    vec![
+        ("iptables".into(), sh("iptables", &["--version"])),
+        ("nft".into(), sh("nft", &["--version"])),
+        (
+            "iperf3".into(),
+            sh("iperf3", &["--version"])
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        ),
+    ]
+}
+
+/// Median of the samples of (config, services, workload, path); None if there are none.
+pub fn med(
+    samples: &[Sample],
+    c: Config,
+    n: u32,
+    workload: &str,
+    path: &str,
+    f: impl Fn(&Sample) -> Option<f64>,
+) -> Option<f64> {
+    let path = if c == Config::Ceiling { "direct" } else { path };
+    let v: Vec<f64> = samples
+        .iter()
+        .filter(|s| {
+            s.config == c
+                && s.services == n
+                && s.workload == workload
+                && s.path == path
+                && s.errors == 0
+        })
+        .filter_map(&f)
+        .filter(|v| v.is_finite())
+        .collect();
+    (!v.is_empty()).then(|| median(v))
+}
