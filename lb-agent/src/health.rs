@@ -21,7 +21,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
     sync::watch,
-    task::{JoinHandle, JoinSet},
+    task::JoinHandle,
 };
 
 use crate::translate::HealthCheck;
@@ -245,23 +245,10 @@ impl HealthServer {
 }
 
 async fn serve(listener: TcpListener, target: watch::Receiver<Target>) {
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) if conns.len() < MAX_CONNECTIONS => {
-                    conns.spawn(serve_connection(stream, target.clone()));
-                }
-                Ok(_) => {}
-                // Out of file descriptors and the like: wait instead of spinning.
-                Err(e) => {
-                    log::debug!("health check accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-        }
-    }
+    crate::http::accept_loop(listener, MAX_CONNECTIONS, "health check", move |s| {
+        serve_connection(s, target.clone())
+    })
+    .await
 }
 
 async fn serve_connection(stream: TcpStream, target: watch::Receiver<Target>) {

@@ -2,6 +2,7 @@ pub mod agent;
 pub mod arena;
 pub mod datapath;
 pub mod health;
+pub mod http;
 pub mod k8s;
 pub mod kube_source;
 pub mod maglev;

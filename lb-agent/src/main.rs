@@ -149,6 +149,19 @@ fn logfmt_value(s: &str) -> String {
     out
 }
 
+/// Pin and run directories from the flags, defaulting by node name.
+fn dirs(
+    node_name: Option<String>,
+    pin_dir: Option<PathBuf>,
+    run_dir: Option<PathBuf>,
+) -> Result<(PathBuf, PathBuf)> {
+    let node = resolve_node(&node_name, &pin_dir)?;
+    Ok((
+        pin_dir.unwrap_or_else(|| agent::default_pin_dir(&node)),
+        run_dir.unwrap_or_else(|| agent::default_run_dir(&node)),
+    ))
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -159,9 +172,7 @@ fn main() -> Result<()> {
             pin_dir,
             run_dir,
         } => {
-            let node = resolve_node(&node_name, &pin_dir)?;
-            let pin_dir = pin_dir.unwrap_or_else(|| agent::default_pin_dir(&node));
-            let run_dir = run_dir.unwrap_or_else(|| agent::default_run_dir(&node));
+            let (pin_dir, run_dir) = dirs(node_name, pin_dir, run_dir)?;
             let report = lb_agent::datapath::cleanup(&pin_dir, &run_dir)?;
             println!("{report:?}");
             Ok(())
@@ -172,9 +183,7 @@ fn main() -> Result<()> {
             run_dir,
             output,
         } => {
-            let node = resolve_node(&node_name, &pin_dir)?;
-            let pin_dir = pin_dir.unwrap_or_else(|| agent::default_pin_dir(&node));
-            let run_dir = run_dir.unwrap_or_else(|| agent::default_run_dir(&node));
+            let (pin_dir, run_dir) = dirs(node_name, pin_dir, run_dir)?;
             let st = status::read(&pin_dir, &run_dir)?;
             if output == "json" {
                 println!("{}", serde_json::to_string_pretty(&st)?);

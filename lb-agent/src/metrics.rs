@@ -66,7 +66,7 @@ use prometheus_client::{
 };
 use tokio::{
     net::{TcpListener, TcpStream},
-    task::{JoinHandle, JoinSet},
+    task::JoinHandle,
 };
 
 /// `--metrics-addr` default (`none` disables the server).
@@ -615,22 +615,10 @@ pub fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) -> Result<J
 }
 
 async fn accept_loop(listener: TcpListener, metrics: Arc<Metrics>) {
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) if conns.len() < MAX_CONNECTIONS => {
-                    conns.spawn(serve_connection(stream, metrics.clone()));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    log::debug!("metrics accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-        }
-    }
+    crate::http::accept_loop(listener, MAX_CONNECTIONS, "metrics", move |s| {
+        serve_connection(s, metrics.clone())
+    })
+    .await
 }
 
 async fn serve_connection(stream: TcpStream, metrics: Arc<Metrics>) {

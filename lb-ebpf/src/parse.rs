@@ -30,6 +30,25 @@ pub struct Tuple {
     pub proto: u8,
 }
 
+impl Tuple {
+    /// The frontend this packet is addressed to.
+    #[inline(always)]
+    pub fn frontend_key(&self) -> lb_common::FrontendKey {
+        lb_common::FrontendKey {
+            addr_be: self.dst,
+            port_be: self.dport,
+            proto: self.proto,
+            _pad: 0,
+        }
+    }
+
+    /// The packet's 5-tuple as a conntrack / reverse-NAT key.
+    #[inline(always)]
+    pub fn flow_key(&self) -> lb_common::FlowKey {
+        crate::lb::reply_key(self.src, self.dst, self.sport, self.dport, self.proto)
+    }
+}
+
 /// Why a packet is not ours, as the counter that records it.
 pub type NotOurs = Counter;
 

@@ -52,12 +52,7 @@ pub fn run(ctx: &TcContext) -> i32 {
             return TC_ACT_OK as i32;
         }
     };
-    let fk = FrontendKey {
-        addr_be: t.dst,
-        port_be: t.dport,
-        proto: t.proto,
-        _pad: 0,
-    };
+    let fk = t.frontend_key();
     // SAFETY: plain-data map values, see lb::choose.
     if let Some(fe) = unsafe { FRONTENDS.get(&fk) } {
         // Pods reach NodePorts and external IPs too (kube-proxy serves those to pods as
@@ -76,7 +71,7 @@ pub fn run(ctx: &TcContext) -> i32 {
         count(Counter::RejectUnknownPort);
         return reject(ctx, &t);
     }
-    let rk = lb::reply_key(t.src, t.dst, t.sport, t.dport, t.proto);
+    let rk = t.flow_key();
     let Some(rev) = (unsafe { REVNAT.get(&rk) }) else {
         count(Counter::TcPass);
         return TC_ACT_OK as i32;
@@ -95,7 +90,7 @@ pub fn run_uplink(ctx: &TcContext) -> i32 {
     let Ok(t) = parse::parse(ctx.data(), ctx.data_end(), false) else {
         return TC_ACT_OK as i32;
     };
-    let rk = lb::reply_key(t.src, t.dst, t.sport, t.dport, t.proto);
+    let rk = t.flow_key();
     // SAFETY: plain-data map value.
     match unsafe { REVNAT.get(&rk) } {
         Some(rev) if rev.flags & REV_TO_LOCAL_POD != 0 => {
@@ -131,7 +126,7 @@ fn to_backend(ctx: &TcContext, t: &Tuple, svc_id: u32, path: Path) -> i32 {
     };
     let svc = *svc;
     let stats = svc_stats(svc_id);
-    let ct_key = lb::reply_key(t.src, t.dst, t.sport, t.dport, t.proto);
+    let ct_key = t.flow_key();
     let target = match lb::choose(&ct_key, svc_id, &svc, path) {
         Choice::Go(target) => target,
         Choice::Reject => {

@@ -26,12 +26,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
             return XDP_PASS;
         }
     };
-    let fk = FrontendKey {
-        addr_be: t.dst,
-        port_be: t.dport,
-        proto: t.proto,
-        _pad: 0,
-    };
+    let fk = t.frontend_key();
     // SAFETY: plain-data map values, see lb::choose.
     if let Some(fe) = unsafe { FRONTENDS.get(&fk) } {
         // ClusterIPs belong to the tc programs: pass them on untouched.
@@ -43,7 +38,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
             return to_backend(ctx, &t, fe.svc_id);
         }
     }
-    let rk = lb::reply_key(t.src, t.dst, t.sport, t.dport, t.proto);
+    let rk = t.flow_key();
     if let Some(rev) = unsafe { REVNAT.get(&rk) } {
         if rev.flags & REV_TO_LOCAL_POD != 0 {
             // For a pod on this node: the uplink's tc hook translates and delivers it.
@@ -80,7 +75,7 @@ fn to_backend(ctx: &XdpContext, t: &Tuple, svc_id: u32) -> u32 {
     let svc = *svc;
     let len = (ctx.data_end() - ctx.data()) as u64;
     let stats = svc_stats(svc_id);
-    let ct_key = lb::reply_key(t.src, t.dst, t.sport, t.dport, t.proto);
+    let ct_key = t.flow_key();
     let target = match lb::choose(&ct_key, svc_id, &svc, lb::Path::NORTH_SOUTH) {
         Choice::Go(target) => target,
         Choice::Reject => {
