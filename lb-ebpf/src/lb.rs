@@ -58,11 +58,18 @@ fn flow_key(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> FlowKey {
 
 /// Picks the backend for the client flow `ct_key` (client -> frontend) of service `svc`.
 #[inline(always)]
-pub fn choose(ct_key: &FlowKey, svc_id: u32, svc: &Service, path: Path) -> Choice {
+pub fn choose(ct_key: &FlowKey, new_conn: bool, svc_id: u32, svc: &Service, path: Path) -> Choice {
     // SAFETY (map reads below): values are plain data; a concurrent agent update replaces hash
     // values wholesale, and a stale read only means the previous consistent state.
     if let Some(ct) = unsafe { CT.get(ct_key) } {
-        if let Some(be) = unsafe { BACKENDS.get(ct.backend_id) } {
+        // A SYN opens a new connection even when conntrack still holds an old one on the
+        // same 5-tuple (client ports are reused): towards a draining backend it must be
+        // balanced afresh, as the kernel's conntrack does for a SYN on a TIME_WAIT entry.
+        // Towards a live backend the entry is kept, so a retransmitted SYN keeps its
+        // backend and SNAT port.
+        let live = unsafe { BACKENDS.get(ct.backend_id) }
+            .filter(|be| !(new_conn && be.flags & BE_DRAINING != 0));
+        if let Some(be) = live {
             count(Counter::CtHit);
             let snat_addr = if ct.flags & CT_SNAT != 0 {
                 CONFIG.get(0).map(|c| c.snat_addr_be).unwrap_or(0)

@@ -115,6 +115,7 @@ fn reply(ctx: &TcContext, t: &Tuple, rev: &RevNat) -> i32 {
         sport: rev.src_port_be,
         dport: rev.dst_port_be,
         proto: t.proto,
+        syn: false,
     };
     forward(ctx, &out)
 }
@@ -127,7 +128,7 @@ fn to_backend(ctx: &TcContext, t: &Tuple, svc_id: u32, path: Path) -> i32 {
     let svc = *svc;
     let stats = svc_stats(svc_id);
     let ct_key = t.flow_key();
-    let target = match lb::choose(&ct_key, svc_id, &svc, path) {
+    let target = match lb::choose(&ct_key, t.syn, svc_id, &svc, path) {
         Choice::Go(target) => target,
         Choice::Reject => {
             if let Some(s) = stats {

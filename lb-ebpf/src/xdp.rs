@@ -76,7 +76,7 @@ fn to_backend(ctx: &XdpContext, t: &Tuple, svc_id: u32) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let stats = svc_stats(svc_id);
     let ct_key = t.flow_key();
-    let target = match lb::choose(&ct_key, svc_id, &svc, lb::Path::NORTH_SOUTH) {
+    let target = match lb::choose(&ct_key, t.syn, svc_id, &svc, lb::Path::NORTH_SOUTH) {
         Choice::Go(target) => target,
         Choice::Reject => {
             if let Some(s) = stats {
@@ -131,6 +131,7 @@ fn to_backend(ctx: &XdpContext, t: &Tuple, svc_id: u32) -> u32 {
         sport: target.snat_port,
         dport: be.port_be,
         proto: t.proto,
+        syn: false,
     };
     fib::forward(ctx, &out, ip_tot_len(ctx))
 }
@@ -167,6 +168,7 @@ fn reply(ctx: &XdpContext, t: &Tuple, rev: &RevNat) -> u32 {
         sport: rev.src_port_be,
         dport: rev.dst_port_be,
         proto: t.proto,
+        syn: false,
     };
     fib::forward(ctx, &out, ip_tot_len(ctx))
 }

@@ -682,6 +682,12 @@ fn table() -> Vec<Step> {
             syn(40030, NODE, 30100).set_dst(CT_A, 8080).bytes(),
             XDP_PASS,
         ),
+        case(
+            "ct service: second flow -> backend A",
+            syn(40032, NODE, 30100).bytes(),
+            syn(40032, NODE, 30100).set_dst(CT_A, 8080).bytes(),
+            XDP_PASS,
+        ),
         Step::Apply {
             ct_backend: CT_B,
             after: Duration::ZERO,
@@ -696,6 +702,12 @@ fn table() -> Vec<Step> {
             "endpoint A replaced by B: a new flow goes to B",
             syn(40031, NODE, 30100).bytes(),
             syn(40031, NODE, 30100).set_dst(CT_B, 8080).bytes(),
+            XDP_PASS,
+        ),
+        case(
+            "a SYN reusing a closed flow's ports while A drains is balanced afresh -> B",
+            syn(40032, NODE, 30100).bytes(),
+            syn(40032, NODE, 30100).set_dst(CT_B, 8080).bytes(),
             XDP_PASS,
         ),
         Step::Apply {
