@@ -362,8 +362,7 @@ impl Agent {
         self.save_info();
     }
 
-    /// Events that appeared since the last call (each once, while it lasts; one that goes
-    /// away and comes back is new again).
+    /// Events that appeared since the last call (each once per agent lifetime).
     pub fn take_new_events(&mut self) -> Vec<translate::ServiceEvent> {
         std::mem::take(&mut self.new_events)
     }
@@ -419,7 +418,14 @@ impl Agent {
                 self.new_events.push(ev.clone());
             }
         }
-        self.events = events;
+        // Remembered for the agent's lifetime: a problem that flickers while objects are
+        // being updated (one snapshot without it, the next with it) is posted once, not
+        // every time it comes back.
+        for ev in events {
+            if !self.events.contains(&ev) {
+                self.events.push(ev);
+            }
+        }
         self.info.warnings = desired.warnings.clone();
         let st = result?;
         log::info!("programmed {} service ports: {st:?}", desired.ports.len());
