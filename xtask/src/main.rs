@@ -43,10 +43,14 @@ enum Cmd {
         #[arg(long)]
         down: bool,
     },
-    /// Set up, build (release), run the benchmarks and write the results under bench/.
+    /// Set up, build (release), run the benchmarks and write the results under bench/
+    /// (`--quick`: a few-minute functional smoke run, results under target/xlb-bench-quick).
     Bench {
+        /// Short smoke run (CI): small sizes, one round; fails only if a configuration fails.
+        #[arg(long)]
+        quick: bool,
         /// Extra arguments for the benchmark binary (see `--help` there).
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// The agent on the seed's kind cluster `service-demo` (needs docker, kind, kubectl).
@@ -95,10 +99,13 @@ fn main() -> Result<()> {
             }
             run_visible(cmd, "demo")
         }
-        Cmd::Bench { args } => {
+        Cmd::Bench { quick, args } => {
             setup::run()?;
             build(true)?;
             let mut cmd = Command::new(root().join("target/release/xlb-bench"));
+            if quick {
+                cmd.arg("--quick");
+            }
             cmd.args(&args).current_dir(root());
             run_visible(cmd, "bench")
         }

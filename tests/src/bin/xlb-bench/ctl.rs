@@ -34,6 +34,9 @@ const POLL: Duration = Duration::from_micros(500);
 pub struct ControlPlane {
     pub services: u32,
     pub endpoints: u32,
+    /// Endpoints per service asked for, when the agent's limits forced fewer.
+    pub endpoints_asked: u32,
+    pub limit_note: Option<String>,
     /// ms from writing the manifest with every service to the last one being in the maps.
     pub ours_bulk_ms: Vec<f64>,
     /// ms from writing a manifest with one endpoint added/removed to the maps showing it.
@@ -44,6 +47,9 @@ pub struct ControlPlane {
     pub nft_full_ms: Vec<f64>,
     pub nft_partial_ms: Vec<f64>,
     pub nft_lines: usize,
+    /// The agent's steps timed in the bench process (ms, medians): where the time goes.
+    #[serde(default)]
+    pub breakdown: Vec<(String, f64)>,
     /// Agent arguments used.
     pub agent_args: Vec<String>,
     pub method: Vec<String>,
@@ -59,7 +65,7 @@ pub const METHOD: &[&str] = &[
     "change: with the N services programmed, the last service gains an 11th endpoint, then \
      loses it again, alternately; measured until its backend count in XLB_SERVICES changes. \
      Each write happens at a pseudo-random offset (0-299 ms) from the previous one. The \
-     agent's file source polls the file's mtime every 300 ms and re-reads the whole file.",
+     agent's file source checks the file's mtime every 20 ms and re-reads (parses) the whole file.",
     "kube-proxy: the same services in a scratch namespace; iptables-restore of the full \
      ruleset (nat + filter), iptables-restore --noflush of the changed service's chains \
      (its partial sync), nft -f of the full table (deleted and recreated in one transaction) \
@@ -125,18 +131,33 @@ impl Maps {
             .map(|s| s.backend_count)
     }
 
-    /// Polls until `ok(backends)`; returns the elapsed time since `t0`.
+    /// Polls until `ok(backends)`; returns the elapsed time since `t0`. Fails early when the
+    /// agent's log (`agent`: path, length before the change) shows an error.
     fn wait(
         &self,
         t0: Instant,
         ip: Ipv4Addr,
         port: u16,
         timeout: Duration,
+        agent: (&Path, usize),
         ok: impl Fn(Option<u32>) -> bool,
     ) -> Result<f64> {
+        let mut next_log_check = Instant::now() + Duration::from_millis(100);
         loop {
             if ok(self.backends(ip, port)) {
                 return Ok(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            if Instant::now() >= next_log_check {
+                next_log_check = Instant::now() + Duration::from_millis(200);
+                let log = std::fs::read_to_string(agent.0).unwrap_or_default();
+                if let Some(l) = log
+                    .get(agent.1..)
+                    .unwrap_or_default()
+                    .lines()
+                    .find(|l| l.contains("level=error") || l.contains("ERROR"))
+                {
+                    bail!("lb-agent: {l}");
+                }
             }
             if t0.elapsed() > timeout {
                 bail!(
@@ -150,11 +171,28 @@ impl Maps {
 }
 
 pub fn run(args: &Args) -> Result<ControlPlane> {
-    let (n, e) = (args.ctl_services, args.ctl_endpoints);
+    let (n, asked) = (args.ctl_services, args.ctl_endpoints);
     anyhow::ensure!(
-        n >= 1 && (1..=14).contains(&e),
+        n >= 1 && (1..=14).contains(&asked),
         "--ctl-services >= 1, --ctl-endpoints 1..=14"
     );
+    // lb-agent keeps at most DEFAULT_MAX_BACKENDS backends (no flag raises it) and rejects a
+    // source with more; the change test adds one.
+    let fits = ((lb_common::DEFAULT_MAX_BACKENDS - 1) / n).max(1);
+    let e = asked.min(fits);
+    let limit_note = (e < asked).then(|| {
+        format!(
+            "{n} services x {asked} endpoints = {} backends exceed lb-agent's limit of {} \
+             (lb_common::DEFAULT_MAX_BACKENDS, no flag raises it; the agent logs 'backends \
+             exceed the limit' and keeps its last state): measured with {e} endpoints per \
+             service instead, for ours and kube-proxy alike",
+            u64::from(n) * u64::from(asked),
+            lb_common::DEFAULT_MAX_BACKENDS
+        )
+    });
+    if let Some(note) = &limit_note {
+        eprintln!("  note: {note}");
+    }
     let m = lb_agent::maglev::choose_m(e as usize + 1, 251);
     let arena = (2 * u64::from(m) * (u64::from(n) + 8))
         .next_power_of_two()
@@ -169,6 +207,8 @@ pub fn run(args: &Args) -> Result<ControlPlane> {
     let mut out = ControlPlane {
         services: n,
         endpoints: e,
+        endpoints_asked: asked,
+        limit_note,
         agent_args: agent_args.clone(),
         method: METHOD.iter().map(|m| (*m).to_owned()).collect(),
         ..Default::default()
@@ -204,16 +244,24 @@ pub fn run(args: &Args) -> Result<ControlPlane> {
         Cluster::up_with_args(&spec, |_| empty.clone(), SourceMode::File, &agent_args)?;
     cluster.wait_for("the agent", Duration::from_secs(30), |s| s.agent.is_some())?;
     let maps = Maps::open(&cluster.agents[0].pin_dir)?;
+    let log = cluster.agents[0].log.clone();
+    let log_at = || {
+        (
+            log.as_path(),
+            std::fs::metadata(&log).map_or(0, |m| m.len() as usize),
+        )
+    };
     let timeout = Duration::from_secs(300);
+    let (ip, port) = (last.cluster_ip, last.port);
     for r in 0..args.ctl_bulk_repeats {
+        let from = log_at();
         cluster.write_manifest(&empty)?;
-        maps.wait(Instant::now(), last.cluster_ip, last.port, timeout, |b| {
-            b.is_none()
-        })?;
+        maps.wait(Instant::now(), ip, port, timeout, from, |b| b.is_none())?;
         std::thread::sleep(Duration::from_millis(400));
+        let from = log_at();
         let t0 = Instant::now();
         cluster.write_manifest(&full)?;
-        let ms = maps.wait(t0, last.cluster_ip, last.port, timeout, |b| b == Some(e))?;
+        let ms = maps.wait(t0, ip, port, timeout, from, |b| b == Some(e))?;
         eprintln!("  ours bulk {}: {ms:.0} ms", r + 1);
         out.ours_bulk_ms.push(ms);
         if !cluster.agents[0].alive() {
@@ -232,15 +280,12 @@ pub fn run(args: &Args) -> Result<ControlPlane> {
         } else {
             (&full, e)
         };
+        let from = log_at();
         let t0 = Instant::now();
         cluster.write_manifest(text)?;
-        let ms = maps.wait(
-            t0,
-            last.cluster_ip,
-            last.port,
-            Duration::from_secs(60),
-            |b| b == Some(want),
-        )?;
+        let ms = maps.wait(t0, ip, port, Duration::from_secs(60), from, |b| {
+            b == Some(want)
+        })?;
         out.ours_change_ms.push(ms);
     }
     if args.ctl_repeats % 2 == 1 {
@@ -254,6 +299,16 @@ pub fn run(args: &Args) -> Result<ControlPlane> {
     );
     drop(maps);
     drop(cluster);
+    eprintln!("  breakdown (in process)…");
+    out.breakdown = breakdown(
+        &full,
+        &full_plus,
+        arena as u32,
+        args.ctl_bulk_repeats.max(1),
+    )?;
+    for (k, v) in &out.breakdown {
+        eprintln!("    {k}: {v:.1} ms");
+    }
 
     // ---- kube-proxy
     let ns = Netns::new("ctl")?;
@@ -334,4 +389,67 @@ fn write_tmp(what: &str, text: &str) -> Result<String> {
     let path = std::env::temp_dir().join(format!("xlb-bench-{}-{what}.rules", std::process::id()));
     std::fs::write(&path, text)?;
     Ok(path.to_string_lossy().into_owned())
+}
+
+/// Where the agent's time goes, step by step, in this process: parse the manifest, translate
+/// it, apply it to freshly loaded maps (first programming), then the same three steps for a
+/// manifest with one endpoint added. Medians of `repeats` (ms).
+fn breakdown(full: &str, plus: &str, arena: u32, repeats: usize) -> Result<Vec<(String, f64)>> {
+    use lb_agent::{
+        datapath::{Datapath, Limits},
+        k8s::parse_objects,
+        programmer::{Maps as PMaps, Programmer, Settings},
+        translate::{NodeContext, translate},
+    };
+    let node = NodeContext {
+        node_name: NODE.into(),
+        node_addrs: vec![Ipv4Addr::new(172, 18, 0, 2)],
+    };
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+    let mut steps: Vec<(String, Vec<f64>)> = [
+        "parse full manifest (k8s::parse_objects)",
+        "translate",
+        "apply, first programming (Programmer::apply)",
+        "parse, one endpoint added",
+        "translate, one endpoint added",
+        "apply, one endpoint added",
+    ]
+    .iter()
+    .map(|s| ((*s).to_owned(), Vec::new()))
+    .collect();
+    for _ in 0..repeats {
+        let limits = Limits {
+            maglev_arena: arena,
+            ..Limits::default()
+        };
+        let pins = lb_tests::PinDir::new("ctlbd")?;
+        let mut dp = Datapath::load(pins.path(), &limits)?;
+        let mut maps = PMaps::take(&mut dp.ebpf)?;
+        let mut programmer = Programmer::new(Settings {
+            min_m: 251,
+            drain: Duration::from_secs(30),
+            max_services: limits.max_services,
+            max_frontends: limits.max_frontends,
+            max_backends: limits.max_backends,
+            arena: limits.maglev_arena,
+        });
+        let mut one = |i: usize, text: &str| -> Result<()> {
+            let t = Instant::now();
+            let objs = parse_objects(text)?;
+            steps[i].1.push(ms(t));
+            let t = Instant::now();
+            let desired = translate(&objs, &node);
+            steps[i + 1].1.push(ms(t));
+            let t = Instant::now();
+            programmer.apply(&desired, &mut maps, Instant::now())?;
+            steps[i + 2].1.push(ms(t));
+            Ok(())
+        };
+        one(0, full)?;
+        one(3, plus)?;
+        drop(maps);
+        drop(dp);
+        drop(pins);
+    }
+    Ok(steps.into_iter().map(|(k, v)| (k, median(v))).collect())
 }

@@ -17,7 +17,7 @@ mod xdp;
 
 use std::{collections::BTreeMap, path::Path, time::Instant};
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context as _, Result, bail, ensure};
 use clap::{Parser, ValueEnum};
 use lb_tests::privileged_unavailable_reason;
 use serde::{Deserialize, Serialize};
@@ -42,6 +42,9 @@ pub struct Args {
     /// with --quick].
     #[arg(long)]
     pub out_dir: Option<String>,
+    /// Measure nothing: rewrite RESULTS.md and the charts from the newest results/*.json.
+    #[arg(long)]
+    pub report_only: bool,
     /// North-south configurations to measure (comma separated). Default: all four.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub configs: Vec<ConfigArg>,
@@ -79,6 +82,10 @@ pub struct Args {
     /// iperf3 -t (seconds).
     #[arg(long, default_value_t = 2.0)]
     pub iperf_seconds: f64,
+    /// Diagnostic: run the ceiling with the XDP pass program on both ends of the entry
+    /// node's uplink (the cost of native XDP on a veth pair, without load balancing).
+    #[arg(long)]
+    pub ceiling_xdp: bool,
 
     // ---- control plane
     /// Services for the control-plane measurement.
@@ -217,6 +224,11 @@ fn main() -> Result<()> {
         }
     });
     let out_dir = Path::new(&out_dir);
+    if args.report_only {
+        let r = report::previous(out_dir).context("no results/*.json to report")?;
+        eprintln!("{}", report::write(&r, out_dir)?);
+        return Ok(());
+    }
     let started = Instant::now();
     let command = command_line();
     let date = sh("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]);

@@ -61,6 +61,8 @@ const TCP_SERVER_THREADS: usize = 2;
 const MAX_ERRORS: u64 = 50;
 /// SNAT ports for ours: see METHOD.
 const SNAT_PORT_MIN: u16 = 20_000;
+/// Background pings between nodes (and to the client), seconds apart.
+const CHATTER_INTERVAL: &str = "1";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
@@ -118,6 +120,9 @@ pub struct Sample {
     pub slow_5ms: u64,
     /// Answers per pod (conn runs).
     pub by_pod: std::collections::BTreeMap<String, u64>,
+    /// Exchanges slower than 5 ms per pod (conn runs).
+    #[serde(default)]
+    pub slow_by_pod: std::collections::BTreeMap<String, u64>,
 }
 
 /// How long programming N services took on the entry node.
@@ -137,6 +142,9 @@ pub struct NorthSouth {
     pub conns: u32,
     pub threads: usize,
     pub iperf_seconds: f64,
+    /// The ceiling ran with the XDP pass program on the entry uplink (`--ceiling-xdp`).
+    #[serde(default)]
+    pub ceiling_xdp: bool,
     pub samples: Vec<Sample>,
     pub programming: Vec<Programming>,
     /// Functional failures (errors, a pod that never answered, iperf3 failing).
@@ -171,11 +179,22 @@ pub const METHOD: &[&str] = &[
     "N services: N-1 ClusterIP services (3 endpoints each, port 80) first, then the iperf3 \
      service, then the measured service: the measured one is the last added (kube-proxy's \
      iptables KUBE-SERVICES walks every ClusterIP rule before the NodePort jump).",
+    "Every run starts from a clean slate: the pods' TIME_WAIT sockets are destroyed (ss -K). \
+     Without this a run's connections meet the previous run's TIME_WAIT entries in the pods \
+     (same 4-tuple after DNAT or masquerade) and 1.5-2.5% of them stall ~10 ms, in every \
+     configuration, depending only on which run came first.",
+    "Node chatter: every node pings every other node and the client once a second, in every \
+     configuration (a real cluster's nodes talk all the time; the harness warms ARP caches \
+     for the same reason). Without it ours' remote-backend path fails after about a minute: \
+     the kernel ages out the neighbour entry of the other node (XDP_TX traffic never confirms \
+     it; with more than gc_thresh1 = 128 entries the table's GC removes stale ones), \
+     bpf_fib_lookup answers NO_NEIGH, the program passes the already SNATed packet to the \
+     stack (counter fib_fail), and the stack never delivers it (reported).",
     "kube-proxy rules are loaded on the entry node only (the only node whose rules the measured \
      packets traverse: remote-backend flows are masqueraded there); iptables is \
      iptables-restore of nat + filter, nftables is nft -f of table ip kube-proxy.",
-    "Before every run the configuration's connection tracking is emptied: ctnetlink flush on \
-     every node for iptables/nftables, XLB_CT + XLB_REVNAT emptied for ours.",
+    "Before every run the configuration's connection tracking is emptied too: ctnetlink flush \
+     on every node for iptables/nftables, XLB_CT + XLB_REVNAT emptied for ours.",
     "ours runs with --snat-port-min 20000: the default SNAT range (61000-65535, 4,536 ports per \
      remote backend) is exhausted within one run because a SNAT port is only released when its \
      XLB_REVNAT entry is evicted (LRU), never when the connection closes; reported.",
@@ -325,6 +344,30 @@ fn tcp_responder(listener: &TcpListener, stop: &AtomicBool, response: &[u8]) {
     }
 }
 
+/// `ping -i 1` from a namespace to a peer for as long as it lives; killed on drop.
+pub struct Pinger(Child);
+
+impl Pinger {
+    fn start(netns: &str, peer: Ipv4Addr) -> Result<Self> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns, "ping", "-q", "-i", CHATTER_INTERVAL])
+            .arg(peer.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting ping")?;
+        Ok(Self(child))
+    }
+}
+
+impl Drop for Pinger {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `iperf3 -s` in a pod (started with `ip netns exec`); killed on drop.
 pub struct IperfServer(Child);
 
@@ -359,6 +402,8 @@ pub struct ConnRun {
     pub first_error: Option<String>,
     pub lat_us: Vec<f64>,
     pub by_pod: std::collections::BTreeMap<String, u64>,
+    /// Exchanges slower than 5 ms, per answering pod.
+    pub slow_by_pod: std::collections::BTreeMap<String, u64>,
     pub wall: Duration,
 }
 
@@ -371,8 +416,11 @@ impl ConnRun {
     }
 }
 
-fn tcp_exchange(to: SocketAddrV4, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut s = TcpStream::connect_timeout(&SocketAddr::V4(to), IO_TIMEOUT)?;
+fn tcp_exchange(src: Ipv4Addr, to: SocketAddrV4, buf: &mut [u8]) -> std::io::Result<usize> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    sock.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
+    sock.connect_timeout(&SocketAddr::V4(to).into(), IO_TIMEOUT)?;
+    let mut s = TcpStream::from(sock);
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.write_all(REQUEST)?;
@@ -395,6 +443,7 @@ fn tcp_exchange(to: SocketAddrV4, buf: &mut [u8]) -> std::io::Result<usize> {
 /// `count` connections from `threads` threads in `netns`, rotating over `targets`.
 pub fn conn_run(
     netns: &str,
+    src: Ipv4Addr,
     targets: &[SocketAddrV4],
     threads: usize,
     count: u32,
@@ -421,7 +470,7 @@ pub fn conn_run(
                     for i in 0..per_thread as usize {
                         let to = targets[(i + t) % targets.len()];
                         let t1 = Instant::now();
-                        match tcp_exchange(to, &mut buf) {
+                        match tcp_exchange(src, to, &mut buf) {
                             Ok(n) => {
                                 let dt = t1.elapsed();
                                 let body = buf[..n]
@@ -434,6 +483,9 @@ pub fn conn_run(
                                         run.ok += 1;
                                         run.lat_us.push(dt.as_secs_f64() * 1e6);
                                         *run.by_pod.entry(p.clone()).or_default() += 1;
+                                        if dt > Duration::from_millis(5) {
+                                            *run.slow_by_pod.entry(p.clone()).or_default() += 1;
+                                        }
                                     }
                                     None => run.fail(format!(
                                         "unexpected answer {:?}",
@@ -463,6 +515,9 @@ pub fn conn_run(
                     total.lat_us.extend(r.lat_us);
                     for (k, v) in r.by_pod {
                         *total.by_pod.entry(k).or_default() += v;
+                    }
+                    for (k, v) in r.slow_by_pod {
+                        *total.slow_by_pod.entry(k).or_default() += v;
                     }
                     total.wall = total.wall.max(r.wall);
                 }
@@ -511,9 +566,11 @@ pub fn iperf_run(netns: &str, to: SocketAddrV4, streams: u32, seconds: f64) -> R
 
 struct Setup {
     config: Config,
-    // Drop order: servers, then agents, then the network.
+    // Drop order: servers, then XDP pass programs, then agents, then the network.
     _iperf: IperfServer,
     _responders: Responders,
+    /// `--ceiling-xdp`: the pass program on both ends of the entry node's uplink.
+    _pass: Option<(lb_agent::datapath::Datapath, lb_tests::PinDir)>,
     cluster: Option<Cluster>,
     net: Option<Network>,
     client_ns: String,
@@ -522,10 +579,16 @@ struct Setup {
     node_ns: Vec<String>,
     pods: Vec<Pod>,
     conn_targets: Vec<(&'static str, Vec<SocketAddrV4>)>,
+    client_addr: Ipv4Addr,
+    _chatter: Vec<Pinger>,
     iperf_targets: Vec<(&'static str, SocketAddrV4)>,
 }
 
 impl Setup {
+    fn src(&self) -> Ipv4Addr {
+        self.client_addr
+    }
+
     fn net(&self) -> &Network {
         match &self.cluster {
             Some(c) => &c.net,
@@ -533,7 +596,7 @@ impl Setup {
         }
     }
 
-    fn up(config: Config, spec: &TopologySpec, first: u32) -> Result<Self> {
+    fn up(config: Config, spec: &TopologySpec, first: u32, ceiling_xdp: bool) -> Result<Self> {
         let (cluster, net) = if config == Config::Ours {
             let c = Cluster::up_with_args(
                 spec,
@@ -601,13 +664,34 @@ impl Setup {
                 ],
             )
         };
+        // Nodes of a real cluster talk to each other and to their clients all the time;
+        // idle namespaces would let neighbour entries age out (see METHOD).
+        let mut chatter = Vec::new();
+        for n in nw.nodes() {
+            let peers = nw
+                .nodes()
+                .iter()
+                .filter(|o| o.name != n.name)
+                .map(|o| o.addr)
+                .chain([nw.client_addr()]);
+            for peer in peers {
+                chatter.push(Pinger::start(&n.netns, peer)?);
+            }
+        }
+        let pass = if config == Config::Ceiling && ceiling_xdp {
+            Some(attach_pass(nw, &entry)?)
+        } else {
+            None
+        };
         let responders = start_responders(&pods)?;
         let iperf = IperfServer::start(&iperf_pod.netns)?;
         let node_ns = nw.nodes().iter().map(|n| n.netns.clone()).collect();
+        let client_addr = nw.client_addr();
         Ok(Self {
             config,
             _iperf: iperf,
             _responders: responders,
+            _pass: pass,
             cluster,
             net,
             client_ns,
@@ -615,6 +699,8 @@ impl Setup {
             node_ns,
             pods,
             conn_targets,
+            client_addr,
+            _chatter: chatter,
             iperf_targets,
         })
     }
@@ -678,8 +764,12 @@ impl Setup {
         }
     }
 
-    /// Empties the configuration's connection tracking.
+    /// Empties the configuration's connection tracking and the pods' TIME_WAIT sockets.
     fn flush(&self) -> Result<()> {
+        for p in &self.pods {
+            exec_ok(&p.netns, &["ss", "-K", "-t", "state", "time-wait"])
+                .with_context(|| format!("ss -K in {}", p.name))?;
+        }
         match self.config {
             Config::Iptables | Config::Nftables => {
                 for ns in &self.node_ns {
@@ -696,6 +786,36 @@ impl Setup {
         }
         Ok(())
     }
+}
+
+/// Diagnostic (`--ceiling-xdp`): `xlb_xdp_pass` in native mode on both ends of the entry
+/// node's uplink, as ours has (its load balancer on the node side, the pass program on the
+/// bridge side): the ceiling path plus the cost of native XDP on a veth pair, no load
+/// balancing.
+fn attach_pass(
+    net: &Network,
+    entry: &lb_tests::Node,
+) -> Result<(lb_agent::datapath::Datapath, lb_tests::PinDir)> {
+    use aya::programs::XdpMode;
+    use lb_agent::datapath::{Datapath, Limits};
+    let pins = lb_tests::PinDir::new("ceilxdp")?;
+    let mut dp = Datapath::load(
+        pins.path(),
+        &Limits {
+            maglev_arena: 1,
+            ct_entries: 1,
+            ..Limits::default()
+        },
+    )?;
+    let prog = dp.xdp(lb_common::PROG_XDP_PASS)?;
+    for (ns, iface) in [
+        (net.kind_netns(), entry.kind_side_iface.as_str()),
+        (entry.netns.as_str(), entry.uplink.as_str()),
+    ] {
+        lb_tests::try_in_netns(ns, || prog.attach(iface, XdpMode::Driver))?
+            .with_context(|| format!("attaching the pass program to {iface} in {ns}"))?;
+    }
+    Ok((dp, pins))
 }
 
 fn lb_and_entry(net: &Network) -> (Ipv4Addr, Ipv4Addr) {
@@ -741,6 +861,7 @@ pub fn run(args: &Args, configs: &[Config]) -> Result<NorthSouth> {
         conns: args.conns,
         threads: args.threads,
         iperf_seconds: args.iperf_seconds,
+        ceiling_xdp: args.ceiling_xdp,
         method: METHOD.iter().map(|m| (*m).to_owned()).collect(),
         ..Default::default()
     };
@@ -756,7 +877,10 @@ pub fn run(args: &Args, configs: &[Config]) -> Result<NorthSouth> {
     let mut setups = Vec::new();
     for &c in configs {
         let t0 = Instant::now();
-        setups.push(Setup::up(c, &spec, sizes[0]).with_context(|| format!("{} setup", c.key()))?);
+        setups.push(
+            Setup::up(c, &spec, sizes[0], args.ceiling_xdp)
+                .with_context(|| format!("{} setup", c.key()))?,
+        );
         eprintln!("  {} up in {:.1} s", c.key(), t0.elapsed().as_secs_f64());
     }
     let pod_names: Vec<String> = setups[0].pods.iter().map(|p| p.name.clone()).collect();
@@ -809,7 +933,7 @@ pub fn run(args: &Args, configs: &[Config]) -> Result<NorthSouth> {
         for &i in &active {
             let s = &setups[i];
             for (_, t) in &s.conn_targets {
-                let _ = conn_run(&s.client_ns, t, 1, 30, &pod_names);
+                let _ = conn_run(&s.client_ns, s.src(), t, 1, 30, &pod_names);
             }
         }
         for round in 0..args.rounds {
@@ -855,10 +979,18 @@ fn measure(
         first_error: None,
         slow_5ms: 0,
         by_pod: Default::default(),
+        slow_by_pod: Default::default(),
     };
     for (path, targets) in &s.conn_targets {
         s.flush()?;
-        let r = conn_run(&s.client_ns, targets, args.threads, args.conns, pods);
+        let r = conn_run(
+            &s.client_ns,
+            s.src(),
+            targets,
+            args.threads,
+            args.conns,
+            pods,
+        );
         let mut lat = r.lat_us.clone();
         lat.sort_by(f64::total_cmp);
         let mut smp = base("conn", path);
@@ -870,6 +1002,7 @@ fn measure(
         smp.first_error = r.first_error.clone();
         smp.by_pod = r.by_pod.clone();
         smp.slow_5ms = lat.iter().filter(|&&l| l > 5000.0).count() as u64;
+        smp.slow_by_pod = r.slow_by_pod.clone();
         eprintln!(
             "  r{round} {:<9} conn  {:<8} {:>8.0}/s  p50 {:>7.1} µs  p99 {:>8.1} µs  >5ms {:>4}  errors {}",
             s.config.key(),
@@ -880,6 +1013,9 @@ fn measure(
             smp.slow_5ms,
             r.errors
         );
+        if smp.slow_5ms > 0 {
+            eprintln!("      >5ms by pod: {:?}", smp.slow_by_pod);
+        }
         let missing: Vec<&String> = pods.iter().filter(|p| !r.by_pod.contains_key(*p)).collect();
         // A dropped SYN now and then is real behaviour (e.g. a SNAT port landing on a server
         // TIME_WAIT entry within the same millisecond); a broken path fails in bulk.
@@ -980,7 +1116,9 @@ pub fn med(
                 && s.services == n
                 && s.workload == workload
                 && s.path == path
-                && s.errors == 0
+                // Functionally passing runs (iperf: no error; conn: <= 0.5% failed).
+                && s.errors * 200 <= s.ok + s.errors
+                && s.ok > 0
         })
         .filter_map(&f)
         .filter(|v| v.is_finite())

@@ -192,19 +192,17 @@ fn targets(r: &Results) -> Vec<Target> {
             });
         }
     }
-    if let Some(m) = &r.maglev {
-        if let Some(b) = m
-            .builds
+    if let Some(b) = r.maglev.as_ref().and_then(|m| {
+        m.builds
             .iter()
             .find(|b| b.m == 65_537 && b.backends == 1_000)
-        {
-            t.push(Target {
-                what: "Maglev build, M=65537, 1000 backends",
-                goal: "<= 1.8 ms",
-                got: format!("{:.2} ms", b.build_ms),
-                met: Some(b.build_ms <= 1.8),
-            });
-        }
+    }) {
+        t.push(Target {
+            what: "Maglev build, M=65537, 1000 backends",
+            goal: "<= 1.8 ms",
+            got: format!("{:.2} ms", b.build_ms),
+            met: Some(b.build_ms <= 1.8),
+        });
     }
     if let Some(c) = &r.control_plane {
         let (_, _, med) = summary(&c.ours_bulk_ms);
@@ -252,6 +250,9 @@ fn ns_section(n: &NorthSouth, s: &mut String, charts: &[String]) {
         "\n## North-south: client -> NodePort / LB IP\n\n- {} round(s), configurations alternating; {} connections per conn run from {} threads; iperf3 -t {}\n\n",
         n.rounds, n.conns, n.threads, n.iperf_seconds
     );
+    if n.ceiling_xdp {
+        *s += "- **diagnostic run**: the ceiling has the XDP pass program on both ends of the entry node's uplink (`--ceiling-xdp`)\n\n";
+    }
     for c in charts {
         *s += &format!("![{c}](charts/{c})\n");
     }
@@ -350,7 +351,7 @@ fn ns_section(n: &NorthSouth, s: &mut String, charts: &[String]) {
             ]
         })
         .collect();
-    *s += "\n\nProgramming the entry node (ours: manifest written until every agent's status shows all services; includes the agents' 300 ms file poll):\n\n";
+    *s += "\n\nProgramming the entry node (ours: manifest written until every agent's status shows all services; includes the agents' 20 ms file poll and the status reads):\n\n";
     *s += &table(
         vec!["services", "configuration", "seconds", "rules/lines"],
         rows,
@@ -450,6 +451,19 @@ fn markdown(r: &Results, json: &Path, charts: &[String]) -> String {
                 ),
             ],
         );
+        if !c.breakdown.is_empty() {
+            s += "\n\nWhere the agent's time goes (the same steps timed in the bench process, medians):\n\n";
+            s += &table(
+                vec!["step", "ms"],
+                c.breakdown
+                    .iter()
+                    .map(|(k, v)| vec![k.clone(), format!("{v:.1}")])
+                    .collect(),
+            );
+        }
+        if let Some(note) = &c.limit_note {
+            s += &format!("\n\nNote: {note}.\n");
+        }
         s += "\n\nMethod:\n\n";
         for m in &c.method {
             s += &format!("- {m}\n");
@@ -573,9 +587,12 @@ const COLORS: [RGBColor; 4] = [
     RGBColor(0x55, 0x55, 0x55),
 ];
 
+/// A chart's value for (configuration, services).
+type Getter<'a> = dyn Fn(Config, u32) -> Option<f64> + 'a;
+
 fn write_charts(n: &NorthSouth, dir: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    let charts: [(&str, &str, &dyn Fn(Config, u32) -> Option<f64>); 4] = [
+    let charts: [(&str, &str, &Getter); 4] = [
         ("conn_rate.svg", "NodePort: new connections/s", &|c, s| {
             conn(n, c, s, "nodeport")
         }),

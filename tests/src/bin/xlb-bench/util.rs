@@ -46,8 +46,6 @@ pub fn sysctl_in(netns: &str, key: &str, value: &str) -> Result<()> {
     })?
 }
 
-/// Medians over the repeats of one (setup, size, proto).
-
 /// Deletes every conntrack entry of `netns` (ctnetlink IPCTNL_MSG_CT_DELETE without
 /// attributes = flush), so repeats of the iptables setup start from the same table size.
 pub fn flush_conntrack(netns: &str) -> Result<()> {
