@@ -56,6 +56,15 @@ pub struct RunArgs {
     /// Connection-tracking entries (LRU).
     #[arg(long, default_value_t = DEFAULT_CT_ENTRIES)]
     pub ct_entries: u32,
+    /// Capacity of the service-port map (and its stats): raise for large clusters.
+    #[arg(long, default_value_t = DEFAULT_MAX_SERVICES)]
+    pub max_services: u32,
+    /// Capacity of the frontend map (ClusterIPs, NodePorts per node address, LB IPs).
+    #[arg(long, default_value_t = DEFAULT_MAX_FRONTENDS)]
+    pub max_frontends: u32,
+    /// Capacity of the backend map (distinct endpoint address:port pairs).
+    #[arg(long, default_value_t = DEFAULT_MAX_BACKENDS)]
+    pub max_backends: u32,
     /// Directory for the agent's run-time facts read by `status` (bpffs holds only pins).
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
@@ -207,9 +216,11 @@ impl Agent {
             .clone()
             .unwrap_or_else(|| default_run_dir(&args.node_name));
         let limits = Limits {
+            max_services: args.max_services,
+            max_frontends: args.max_frontends,
+            max_backends: args.max_backends,
             maglev_arena: args.maglev_arena,
             ct_entries: args.ct_entries,
-            ..Limits::default()
         };
         let mut dp = Datapath::load(&pin_dir, &limits)?;
         // Its own handles on the pins: scrapes never touch the agent's.

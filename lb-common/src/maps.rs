@@ -279,9 +279,10 @@ pub enum Counter {
     PassToTc,
     DropSourceRange,
     AffinityHit,
+    NeighResolve,
 }
 
-pub const COUNTER_NAMES: [&str; 28] = [
+pub const COUNTER_NAMES: [&str; 29] = [
     "packets",
     "pass_not_ipv4",
     "pass_fragment",
@@ -310,6 +311,7 @@ pub const COUNTER_NAMES: [&str; 28] = [
     "pass_to_tc",
     "drop_source_range",
     "affinity_hit",
+    "neigh_resolve",
 ];
 pub const COUNTER_COUNT: u32 = COUNTER_NAMES.len() as u32;
 

@@ -26,7 +26,7 @@ use lb_common::*;
 
 use crate::{
     lb::{self, Choice, Path},
-    maps::{CLUSTER_IPS, FRONTENDS, REVNAT, SERVICES, count, svc_stats},
+    maps::{CLUSTER_IPS, CONFIG, FRONTENDS, REVNAT, SERVICES, count, svc_stats},
     parse::{self, IP_OFF, L4_OFF, Tuple, ptr_at},
     reject,
 };
@@ -92,12 +92,35 @@ pub fn run_uplink(ctx: &TcContext) -> i32 {
     };
     let rk = t.flow_key();
     // SAFETY: plain-data map value.
-    match unsafe { REVNAT.get(&rk) } {
-        Some(rev) if rev.flags & REV_TO_LOCAL_POD != 0 => {
-            let rev = *rev;
-            reply(ctx, &t, &rev)
-        }
-        _ => TC_ACT_OK as i32,
+    if let Some(rev) = unsafe { REVNAT.get(&rk) }
+        && rev.flags & REV_TO_LOCAL_POD != 0
+    {
+        let rev = *rev;
+        return reply(ctx, &t, &rev);
+    }
+    // A packet XDP already translated but could not send because the next hop has no
+    // neighbour entry (XDP_TX traffic never refreshes the kernel's entry, so it ages out
+    // on quiet paths). Its source is now a node address, which the kernel would drop as a
+    // martian; here it is sent on with neighbour resolution. Recognised by that source:
+    // the SNAT address, or a frontend (a reply to a client). Nothing from the wire
+    // legitimately carries either.
+    let snat = CONFIG.get(0).is_some_and(|c| c.snat_addr_be == t.src);
+    let from_frontend = !snat && unsafe { FRONTENDS.get(&reverse_frontend(&t)) }.is_some();
+    if snat || from_frontend {
+        count(Counter::NeighResolve);
+        return forward(ctx, &t);
+    }
+    TC_ACT_OK as i32
+}
+
+/// The frontend a translated reply comes from (its source address and port).
+#[inline(always)]
+fn reverse_frontend(t: &Tuple) -> FrontendKey {
+    FrontendKey {
+        addr_be: t.src,
+        port_be: t.sport,
+        proto: t.proto,
+        _pad: 0,
     }
 }
 

@@ -424,6 +424,8 @@ enum Step {
         output: Option<Vec<u8>>,
         action: u32,
     },
+    /// A command in the test namespace (e.g. to remove a neighbour entry).
+    Exec(&'static str),
     /// Re-program the world (agent path) as if time advanced by `after`.
     Apply {
         ct_backend: [u8; 4],
@@ -643,6 +645,36 @@ fn table() -> Vec<Step> {
                 .bytes(),
             XDP_TX,
         ),
+        // --- The next hop's neighbour entry aged out (XDP_TX never refreshes it): XDP
+        // translates and hands the packet on; the uplink's tc sends it with resolution
+        // instead of letting the kernel drop it for its local source address.
+        Step::Exec("ip neigh del 172.30.0.3 dev up0"),
+        case(
+            "no neighbour for node B: XDP translates and passes to tc",
+            udp(40012, NODE, 30054).bytes(),
+            udp(40012, NODE, 30054)
+                .set_dst(POD_REMOTE_DNS, 5353)
+                .set_src(NODE, SNAT_PORT)
+                .bytes(),
+            XDP_PASS,
+        ),
+        Step::Case {
+            desc: "tc uplink: a translated packet without neighbour is sent with resolution",
+            prog: Prog::TcUplink,
+            input: udp(40012, NODE, 30054)
+                .set_dst(POD_REMOTE_DNS, 5353)
+                .set_src(NODE, SNAT_PORT)
+                .bytes(),
+            output: Some(
+                udp(40012, NODE, 30054)
+                    .set_dst(POD_REMOTE_DNS, 5353)
+                    .set_src(NODE, SNAT_PORT)
+                    .with(|p| p.ttl -= 1)
+                    .bytes(),
+            ),
+            action: TC_ACT_REDIRECT,
+        },
+        Step::Exec("ip neigh replace 172.30.0.3 lladdr 02:00:00:00:00:03 dev up0 nud permanent"),
         // --- No endpoints: reject like kube-proxy.
         case(
             "no endpoints, TCP SYN -> RST|ACK",
@@ -1038,6 +1070,9 @@ fn packet_table() {
         // xdp_md as BPF_PROG_TEST_RUN wants it: data 0, data_end = len, ingress = up0.
         for step in steps {
             match step {
+                Step::Exec(cmd) => {
+                    ns.exec(cmd);
+                }
                 Step::Apply { ct_backend, after } => {
                     program(&mut programmer, &mut maps, ct_backend, t0 + after)
                 }
