@@ -107,7 +107,24 @@ fn main() -> Result<()> {
                 cmd.arg("--quick");
             }
             cmd.args(&args).current_dir(root());
-            run_visible(cmd, "bench")
+            run_visible(cmd, "bench")?;
+            // East-west (pod -> ClusterIP, ours vs kube-proxy-shaped iptables).
+            let mut ew = Command::new(root().join("target/release/xlb-bench-ew"));
+            ew.args(["--only", "east-west"]).current_dir(root());
+            if quick {
+                ew.args(["--out-dir", "target/xlb-bench-quick/east-west"])
+                    .args([
+                        "--repeats",
+                        "1",
+                        "--ew-seconds",
+                        "0.5",
+                        "--ew-services",
+                        "0",
+                    ]);
+            } else {
+                ew.args(["--out-dir", "bench/east-west"]);
+            }
+            run_visible(ew, "east-west bench")
         }
         Cmd::Kind { cmd } => kind::run(cmd),
     }

@@ -1,0 +1,2104 @@
+//! East-west benchmark, run by `cargo xtask bench` after `xlb-bench` with
+//! `--only east-west --out-dir bench/east-west`: new connections per second and request
+//! latency (p50/p99) from a pod to a ClusterIP, xlb's tc path vs kube-proxy-shaped iptables
+//! rules on the same network, side by side in one run. (This binary is the first version of
+//! the bench; its XDP/Maglev/apply sections are superseded by `xlb-bench` and kept only for
+//! `--only` runs.)
+//!
+//! Results go to stdout and, overwritten on every run, to `<out-dir>/RESULTS.md` and
+//! `<out-dir>/results.json`.
+//!
+//! How packets are timed, and why:
+//!
+//! * The kernel's repeat loop runs the program again on the *same* buffer, so the output of
+//!   run i is the input of run i+1. A DNATed packet no longer matches its frontend, so a
+//!   plain `repeat = 100_000` would time one real translation and 99,999 "no match" passes.
+//!   Per-flow figures therefore use `repeat = 1`, one call per packet, each call with a fresh
+//!   copy of the packet: "new flow" is the first packet of each of `--flows` distinct flows
+//!   (distinct client address and port, spread over the services) on an empty conntrack,
+//!   "established" is the same packets sent again (conntrack hit). With `repeat = 1` the
+//!   kernel's figure for a call still includes a fixed timer and bh-disable overhead; the
+//!   floor is timed the same way, and the `net` column is ours minus the floor.
+//! * The in-kernel loop (`--loop-repeat`, default 100,000) is used where the program leaves
+//!   the packet as it found it: an established flow to a local backend whose address and
+//!   port equal the frontend's (a self-mapped service added to every world), so each
+//!   repetition does the full established-flow work (frontend, service, conntrack and
+//!   backend lookups, stats, DNAT rewrite) on an unchanged packet.
+//! * Every pass is checked against the datapath's own counters (`XLB_COUNTERS`): a pass that
+//!   did not take the path it claims to measure fails the run.
+//!
+//! Conntrack and reverse-NAT maps are emptied before each repeat, so "new" flows are new and
+//! SNAT ports never run out. Per-packet cost does not depend on the Maglev table size M (one
+//! array lookup at `hash % M`), so large worlds use a small M to fit the arena.
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::{ErrorKind, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Barrier,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{TestRun, TestRunOptions},
+};
+use clap::{Parser, ValueEnum};
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use lb_agent::{
+    datapath::{Datapath, Limits},
+    maglev,
+    programmer::{Maps, Programmer, Settings},
+    translate::{
+        BackendSpec, Desired, FrontendKind, FrontendSpec, Proto, Scope, SvcPort, SvcPortId,
+    },
+};
+use lb_common::*;
+use lb_tests::{
+    Cluster, ManifestOpts, NGINX_CLUSTER_IP, NGINX_NODE_PORT, Netns, Network, PinDir, Pod,
+    TopologySpec, agent_bin, exec_in, exec_ok, in_netns, privileged_unavailable_reason,
+    seed_manifests, try_in_netns,
+};
+use serde::{Deserialize, Serialize};
+
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+/// The node: `up0` in the bench namespace.
+const NODE: [u8; 4] = [172, 30, 0, 2];
+const MAC_NODE: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const MAC_CLIENT: [u8; 6] = [0x02, 0, 0, 0, 0, 0x64];
+/// Remote backends live behind this neighbour (static entry, so the FIB always answers).
+const NODE_B: &str = "172.30.0.3";
+const MAC_NODE_B: &str = "02:00:00:00:00:03";
+/// Backend k of the world is `BACKEND_BASE + k`, port 8080; the route to 10.64.0.0/10
+/// points at node B.
+const BACKEND_BASE: u32 = u32::from_be_bytes([10, 64, 0, 0]);
+const BACKEND_ROUTE: &str = "10.64.0.0/10";
+const BACKEND_PORT: u16 = 8080;
+/// Service i answers on `FRONTEND_BASE + i / FE_PORTS` port `FE_PORT_MIN + i % FE_PORTS`.
+const FRONTEND_BASE: u32 = u32::from_be_bytes([172, 30, 1, 1]);
+const FE_PORT_MIN: u16 = 20_000;
+const FE_PORTS: u32 = 20_000;
+/// Client k is `CLIENT_BASE + k` port `CLIENT_PORT_MIN + k % CLIENT_PORTS`.
+const CLIENT_BASE: u32 = u32::from_be_bytes([198, 18, 0, 0]);
+const CLIENT_PORT_MIN: u16 = 10_000;
+const CLIENT_PORTS: u32 = 50_000;
+/// The self-mapped service: frontend and (local) backend are both NODE:LOOP_PORT.
+const LOOP_PORT: u16 = 10_000;
+/// Flow k goes to service `(k * FLOW_STRIDE) % services`, spreading flows over the maps.
+const FLOW_STRIDE: u64 = 7919;
+/// Full port range for SNAT: many concurrent new flows per backend must not run out.
+const SNAT_MIN: u16 = 1024;
+const SNAT_MAX: u16 = 65_535;
+
+#[derive(Parser, Clone)]
+#[command(
+    name = "xlb-bench",
+    about = "Per-packet cost of the xlb XDP datapath (BPF_PROG_TEST_RUN), Maglev builds, apply time, \
+             east-west pod -> ClusterIP against kube-proxy-shaped iptables"
+)]
+struct Args {
+    /// Run only these parts (comma separated); the other parts of bench/results.json are kept
+    /// from the previous run. Default: all.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Part>,
+    /// Repeats of every measurement; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Distinct flows per pass for the new/established figures (one test run per packet).
+    #[arg(long, default_value_t = 20_000)]
+    flows: u32,
+    /// Repetitions of the in-kernel loop for the self-mapped established flow.
+    #[arg(long, default_value_t = 100_000)]
+    loop_repeat: u32,
+    /// Numbers of services to program, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 1_000, 100_000])]
+    services: Vec<u32>,
+    /// Backends per service.
+    #[arg(long, default_value_t = 3)]
+    backends: u32,
+    /// Where RESULTS.md and results.json are written.
+    #[arg(long, default_value = "bench")]
+    out_dir: String,
+    /// East-west: seconds of load per repeat, per setup and protocol.
+    #[arg(long, default_value_t = 3.0)]
+    ew_seconds: f64,
+    /// East-west: client threads in the client pod (at most 2: the machine has 2 cores).
+    #[arg(long, default_value_t = 2)]
+    ew_threads: usize,
+    /// East-west: numbers of extra (dummy) ClusterIP services programmed next to the bench
+    /// services, on both sides, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![0, 1_000, 5_000])]
+    ew_services: Vec<u32>,
+    /// East-west: skip the UDP request/response measurement.
+    #[arg(long)]
+    ew_no_udp: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+enum Part {
+    /// XDP per-packet cost and agent apply times.
+    Xdp,
+    /// Maglev table builds.
+    Maglev,
+    /// Pod -> ClusterIP connections: xlb's tc programs vs kube-proxy-shaped iptables.
+    EastWest,
+}
+
+impl Args {
+    fn runs(&self, part: Part) -> bool {
+        self.only.is_empty() || self.only.contains(&part)
+    }
+}
+
+// ---------------------------------------------------------------- results
+
+#[derive(Serialize, Deserialize, Clone)]
+struct PacketRow {
+    scenario: String,
+    services: u32,
+    /// How the figure was taken: "repeat=1 x <flows> packets" or "repeat=<n> loop".
+    method: String,
+    ours_ns: f64,
+    floor_ns: f64,
+    ratio: f64,
+    net_ns: f64,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct ApplyRow {
+    services: u32,
+    backends_per_service: u32,
+    table_m: u32,
+    slots_written: usize,
+    apply_ms: f64,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct MaglevRow {
+    m: u32,
+    backends: u32,
+    build_ms: f64,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+#[serde(default)]
+struct Results {
+    command: String,
+    date: String,
+    kernel: String,
+    cpu: String,
+    cpus: usize,
+    /// Which run produced each part ("<command> @ <date>"): with `--only`, parts not run are
+    /// carried over from the previous results.json.
+    parts: BTreeMap<String, String>,
+    repeats: usize,
+    flows: u32,
+    loop_repeat: u32,
+    method: Vec<String>,
+    packets: Vec<PacketRow>,
+    apply: Vec<ApplyRow>,
+    maglev: Vec<MaglevRow>,
+    east_west: Option<EastWest>,
+}
+
+const METHOD: &[&str] = &[
+    "All packet figures come from BPF_PROG_TEST_RUN; medians over the repeats.",
+    "repeat=1 rows: one call per packet, each with a fresh copy; 'new' = first packet of each \
+     distinct flow on an empty conntrack (miss -> Maglev -> CT insert), 'established' = the \
+     same packets again (CT hit). The per-call figure includes the kernel's fixed timer \
+     overhead, which the floor shows too: 'net' = ours - floor.",
+    "The kernel's repeat loop reuses one buffer (run i+1 sees the output of run i), so a \
+     translated packet stops matching after the first run; the loop row uses a self-mapped \
+     local backend (backend address:port = frontend) so every repetition is a full \
+     established-flow run on an unchanged packet.",
+    "Every pass is checked against XLB_COUNTERS (ct_miss/ct_hit/fwd_local/fwd_remote) and the \
+     return code.",
+    "local = DNAT + XDP_PASS; remote = DNAT + SNAT + FIB lookup + XDP_TX (static neighbour in \
+     a private netns).",
+    "Per-packet cost does not depend on the Maglev table size M (one array lookup), so the \
+     largest world uses a small M to fit the arena.",
+];
+
+// ---------------------------------------------------------------- main
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(reason) = privileged_unavailable_reason() {
+        bail!("xlb-bench needs root (BPF programs, a network namespace): {reason}");
+    }
+    ensure!(args.repeats > 0, "--repeats must be at least 1");
+    ensure!(args.flows > 0, "--flows must be at least 1");
+    ensure!(args.backends > 0, "--backends must be at least 1");
+    ensure!(
+        (1..=2).contains(&args.ew_threads),
+        "--ew-threads must be 1 or 2"
+    );
+    ensure!(args.ew_seconds > 0.0, "--ew-seconds must be positive");
+    let started = Instant::now();
+    // Before any thread exists: the agents of the east-west cluster get a larger Maglev
+    // arena (through XLB_AGENT_BIN, see `agent_wrapper`).
+    let wrapper = if args.runs(Part::EastWest) {
+        Some(agent_wrapper(&args)?)
+    } else {
+        None
+    };
+
+    let command = command_line();
+    let date = sh("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]);
+    let stamp = format!("{command} @ {date}");
+    let out_dir = Path::new(&args.out_dir);
+    let mut results = if args.only.is_empty() {
+        Results::default()
+    } else {
+        previous_results(out_dir)
+    };
+    results.command = command;
+    results.date = date;
+    results.kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    results.cpu = cpu_model();
+    results.cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    results.method = METHOD.iter().map(|m| (*m).to_owned()).collect();
+
+    if args.runs(Part::Xdp) {
+        let ns = Netns::new("bench")?;
+        setup_netns(&ns)?;
+        let mut packets = Vec::new();
+        let mut apply = Vec::new();
+        for &n in &args.services {
+            ensure!(n > 0, "--services entries must be at least 1");
+            eprintln!("▶ {n} services: loading and programming…");
+            let mut world = World::new(n, &args)?;
+            apply.push(world.apply_row.clone());
+            eprintln!(
+                "  applied in {:.1} ms; measuring packets…",
+                world.apply_row.apply_ms
+            );
+            packets.extend(in_netns(ns.name(), || measure_world(&mut world, &args))?);
+        }
+        results.packets = packets;
+        results.apply = apply;
+        results.repeats = args.repeats;
+        results.flows = args.flows;
+        results.loop_repeat = args.loop_repeat;
+        results.parts.insert("xdp".into(), stamp.clone());
+    }
+    if args.runs(Part::Maglev) {
+        eprintln!("▶ Maglev table builds…");
+        results.maglev = vec![
+            bench_maglev(65_537, 1_000, args.repeats),
+            bench_maglev(16_381, 100, args.repeats),
+        ];
+        results.parts.insert("maglev".into(), stamp.clone());
+    }
+    if let Some(wrapper) = &wrapper {
+        let ew = east_west(&args);
+        let _ = std::fs::remove_file(wrapper);
+        results.east_west = Some(ew?);
+        results.parts.insert("east-west".into(), stamp.clone());
+    }
+
+    print!("{}", render_text(&results));
+    write_results(&results, out_dir)?;
+    eprintln!(
+        "✔ done in {:.1} s; results in {}/RESULTS.md and {}/results.json",
+        started.elapsed().as_secs_f64(),
+        args.out_dir,
+        args.out_dir
+    );
+    Ok(())
+}
+
+/// The previous results.json, if it can be read (parts not run now are kept from it).
+fn previous_results(dir: &Path) -> Results {
+    std::fs::read_to_string(dir.join("results.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
+}
+
+fn setup_netns(ns: &Netns) -> Result<()> {
+    let cmds = [
+        "ip link add up0 type veth peer name up1".to_owned(),
+        "ip link set up0 address 02:00:00:00:00:02".to_owned(),
+        "ip addr add 172.30.0.2/16 dev up0".to_owned(),
+        "ip link set up0 up".to_owned(),
+        "ip link set up1 up".to_owned(),
+        "ip link set lo up".to_owned(),
+        format!("ip neigh replace {NODE_B} lladdr {MAC_NODE_B} dev up0 nud permanent"),
+        format!("ip route add {BACKEND_ROUTE} via {NODE_B} dev up0"),
+        "sysctl -qw net.ipv4.ip_forward=1".to_owned(),
+    ];
+    for cmd in cmds {
+        let argv: Vec<&str> = cmd.split_whitespace().collect();
+        exec_ok(ns.name(), &argv).with_context(|| format!("bench netns: {cmd}"))?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- the programmed world
+
+/// One loaded datapath with `services` services programmed. Field order is drop order: the
+/// maps and programs go before their pin directory.
+struct World {
+    services: u32,
+    backends: u32,
+    dp: Datapath,
+    maps: Maps,
+    programmer: Programmer,
+    ct: HashMap<MapData, FlowKey, CtEntry>,
+    revnat: HashMap<MapData, FlowKey, RevNat>,
+    counters: PerCpuArray<MapData, u64>,
+    apply_row: ApplyRow,
+    _pins: PinDir,
+}
+
+fn min_m_for(services: u32) -> u32 {
+    // 100k services x 2 tables x M slots must fit the arena; small M keeps it at ~400 MB.
+    if services > 10_000 {
+        maglev::M_LADDER[0]
+    } else {
+        maglev::DEFAULT_MIN_M
+    }
+}
+
+impl World {
+    fn new(services: u32, args: &Args) -> Result<Self> {
+        let min_m = min_m_for(services);
+        let m = maglev::choose_m(args.backends as usize, min_m);
+        let svc_ports = services + 1; // + the self-mapped loop service
+        let backends = services * args.backends + 1;
+        // The loop service has one backend: choose_m(1) <= m.
+        let arena = (2 * u64::from(m) * u64::from(svc_ports)).max(u64::from(DEFAULT_MAGLEV_ARENA));
+        let limits = Limits {
+            max_services: svc_ports.max(DEFAULT_MAX_SERVICES),
+            max_frontends: svc_ports.max(DEFAULT_MAX_FRONTENDS),
+            max_backends: backends.max(DEFAULT_MAX_BACKENDS),
+            maglev_arena: u32::try_from(arena).context("Maglev arena above 4 Gi slots")?,
+            ct_entries: DEFAULT_CT_ENTRIES.max(4 * args.flows),
+        };
+        let pins = PinDir::new("bench")?;
+        let mut dp = Datapath::load(pins.path(), &limits)?;
+        let mut maps = Maps::take(&mut dp.ebpf)?;
+        let ct = take_map(&mut dp, MAP_CT)?;
+        let revnat = take_map(&mut dp, MAP_REVNAT)?;
+        let counters = take_map(&mut dp, MAP_COUNTERS)?;
+        maps.config.set(
+            0,
+            Config {
+                snat_addr_be: u32::from_ne_bytes(NODE),
+                snat_port_min: SNAT_MIN,
+                snat_port_max: SNAT_MAX,
+            },
+            0,
+        )?;
+        let mut programmer = Programmer::new(Settings {
+            min_m,
+            drain: Duration::from_secs(30),
+            max_services: limits.max_services,
+            max_frontends: limits.max_frontends,
+            max_backends: limits.max_backends,
+            arena: limits.maglev_arena,
+        });
+        let desired = desired(services, args.backends, true);
+        let t0 = Instant::now();
+        let stats = programmer.apply(&desired, &mut maps, Instant::now())?;
+        let apply_ms = ms(t0.elapsed());
+        Ok(Self {
+            services,
+            backends: args.backends,
+            dp,
+            maps,
+            programmer,
+            ct,
+            revnat,
+            counters,
+            apply_row: ApplyRow {
+                services,
+                backends_per_service: args.backends,
+                table_m: m,
+                slots_written: stats.slots_written,
+                apply_ms,
+            },
+            _pins: pins,
+        })
+    }
+
+    /// Re-programs the same services with every (non-loop) backend local or remote.
+    fn set_backends_local(&mut self, local: bool) -> Result<()> {
+        let desired = desired(self.services, self.backends, local);
+        self.programmer
+            .apply(&desired, &mut self.maps, Instant::now())?;
+        Ok(())
+    }
+
+    /// Empties conntrack and reverse NAT, so the next packets start new flows.
+    fn clear_flows(&mut self) -> Result<()> {
+        let keys: Vec<FlowKey> = self.ct.keys().collect::<Result<_, _>>()?;
+        for k in keys {
+            self.ct.remove(&k)?;
+        }
+        let keys: Vec<FlowKey> = self.revnat.keys().collect::<Result<_, _>>()?;
+        for k in keys {
+            self.revnat.remove(&k)?;
+        }
+        Ok(())
+    }
+
+    /// Datapath counters summed over CPUs.
+    fn counters(&self) -> Result<Vec<u64>> {
+        (0..COUNTER_COUNT)
+            .map(|i| Ok(self.counters.get(&i, 0)?.iter().sum()))
+            .collect()
+    }
+
+    /// One BPF_PROG_TEST_RUN of `prog` on `pkt`, arriving on `ifindex`: (action, per-run time).
+    fn run(&mut self, prog: &str, pkt: &[u8], ifindex: u32, repeat: u32) -> Result<(u32, u64)> {
+        // xdp_md as BPF_PROG_TEST_RUN wants it: data 0, data_end = len, ingress ifindex.
+        let mut ctx = [0u32; 6];
+        ctx[1] = pkt.len() as u32;
+        ctx[3] = ifindex;
+        let ctx_bytes: Vec<u8> = ctx.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let opts = TestRunOptions {
+            data_in: Some(pkt),
+            ctx_in: Some(&ctx_bytes),
+            repeat,
+            ..Default::default()
+        };
+        let r = self
+            .dp
+            .xdp(prog)?
+            .test_run(opts)
+            .with_context(|| format!("test_run {prog}"))?;
+        Ok((r.return_value, r.duration.as_nanos() as u64))
+    }
+}
+
+fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    dp: &mut Datapath,
+    name: &str,
+) -> Result<T> {
+    let map = dp
+        .ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))?;
+    Ok(T::try_from(map)?)
+}
+
+fn addr(v: u32) -> Ipv4Addr {
+    Ipv4Addr::from(v)
+}
+
+fn frontend_of(svc: u32) -> (Ipv4Addr, u16) {
+    (
+        addr(FRONTEND_BASE + svc / FE_PORTS),
+        FE_PORT_MIN + (svc % FE_PORTS) as u16,
+    )
+}
+
+/// `services` NodePort services with `backends` backends each (all local or all remote),
+/// plus the self-mapped loop service; built from translate's types directly.
+fn desired(services: u32, backends: u32, local: bool) -> Desired {
+    let port = |name: String, fe: (Ipv4Addr, u16), bes: Vec<BackendSpec>| SvcPort {
+        id: SvcPortId {
+            namespace: "bench".into(),
+            name,
+            port_name: String::new(),
+            proto: Proto::Tcp,
+            scope: Scope::Cluster,
+        },
+        frontends: vec![FrontendSpec {
+            addr: fe.0,
+            port: fe.1,
+            kind: FrontendKind::NodePort,
+        }],
+        backends: bes,
+        draining: vec![],
+        affinity_timeout: None,
+        source_ranges: vec![],
+    };
+    let mut ports: Vec<SvcPort> = (0..services)
+        .map(|i| {
+            let bes = (0..backends)
+                .map(|j| BackendSpec {
+                    addr: addr(BACKEND_BASE + i * backends + j),
+                    port: BACKEND_PORT,
+                    local,
+                    node_name: None,
+                })
+                .collect();
+            port(format!("svc-{i:06}"), frontend_of(i), bes)
+        })
+        .collect();
+    let self_fe = (Ipv4Addr::from(NODE), LOOP_PORT);
+    ports.push(port(
+        "loop".into(),
+        self_fe,
+        vec![BackendSpec {
+            addr: self_fe.0,
+            port: self_fe.1,
+            local: true,
+            node_name: None,
+        }],
+    ));
+    ports.sort_by(|a, b| a.id.cmp(&b.id));
+    Desired {
+        ports,
+        ..Default::default()
+    }
+}
+
+// ---------------------------------------------------------------- packets
+
+/// Ethernet + IPv4 + TCP SYN with valid checksums, addressed to the node's MAC.
+fn tcp_syn(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut f = Vec::with_capacity(54);
+    f.extend(MAC_NODE);
+    f.extend(MAC_CLIENT);
+    f.extend([0x08, 0x00]);
+    // IPv4: version/IHL, TOS, total length 40, id, DF, TTL 64, TCP, checksum (later).
+    f.extend([0x45, 0, 0, 40, 0x12, 0x34, 0x40, 0, 64, PROTO_TCP, 0, 0]);
+    f.extend(src.octets());
+    f.extend(dst.octets());
+    // TCP: ports, seq 1000, ack 0, data offset 5, SYN, window 64240, checksum, urgent.
+    f.extend(sport.to_be_bytes());
+    f.extend(dport.to_be_bytes());
+    f.extend(1000u32.to_be_bytes());
+    f.extend(0u32.to_be_bytes());
+    f.extend([0x50, 0x02]);
+    f.extend(64240u16.to_be_bytes());
+    f.extend([0, 0, 0, 0]);
+    let c = csum::checksum(&f[14..34], 0);
+    f[24..26].copy_from_slice(&c.to_ne_bytes());
+    let (s, d) = (
+        u32::from_ne_bytes(src.octets()),
+        u32::from_ne_bytes(dst.octets()),
+    );
+    let c = csum::checksum(&f[34..], csum::pseudo_header(s, d, PROTO_TCP, 20));
+    f[50..52].copy_from_slice(&c.to_ne_bytes());
+    f
+}
+
+/// The first packet of `flows` distinct client flows spread over `services` services.
+fn flow_packets(services: u32, flows: u32) -> Vec<Vec<u8>> {
+    (0..flows)
+        .map(|k| {
+            let svc = ((u64::from(k) * FLOW_STRIDE) % u64::from(services)) as u32;
+            let (fa, fp) = frontend_of(svc);
+            let sport = CLIENT_PORT_MIN + (k % CLIENT_PORTS) as u16;
+            tcp_syn(addr(CLIENT_BASE + k), sport, fa, fp)
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------- measurements
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn counter_delta(before: &[u64], after: &[u64], c: Counter) -> u64 {
+    after[c as usize] - before[c as usize]
+}
+
+/// Runs every packet once (repeat = 1) through `prog`; returns the mean per-packet time and
+/// fails if any run returned something other than `want`.
+fn pass(world: &mut World, prog: &str, pkts: &[Vec<u8>], ifindex: u32, want: u32) -> Result<f64> {
+    let mut total = 0u64;
+    for p in pkts {
+        let (rc, ns) = world.run(prog, p, ifindex, 1)?;
+        ensure!(rc == want, "{prog}: action {rc}, expected {want}");
+        total += ns;
+    }
+    Ok(total as f64 / pkts.len() as f64)
+}
+
+/// Medians over the repeats of (new flow, established, floor) per packet, for one backend
+/// placement. Each repeat starts from an empty conntrack.
+fn measure_flows(world: &mut World, ifindex: u32, local: bool, args: &Args) -> Result<[f64; 3]> {
+    let pkts = flow_packets(world.services, args.flows);
+    let (want, fwd) = if local {
+        (XDP_PASS, Counter::FwdLocal)
+    } else {
+        (XDP_TX, Counter::FwdRemote)
+    };
+    let n = u64::from(args.flows);
+    let (mut new, mut est, mut floor) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.repeats {
+        world.clear_flows()?;
+        let c0 = world.counters()?;
+        new.push(pass(world, PROG_XDP, &pkts, ifindex, want)?);
+        let c1 = world.counters()?;
+        est.push(pass(world, PROG_XDP, &pkts, ifindex, want)?);
+        let c2 = world.counters()?;
+        floor.push(pass(world, PROG_XDP_PASS, &pkts, ifindex, XDP_PASS)?);
+        ensure!(
+            counter_delta(&c0, &c1, Counter::CtMiss) == n && counter_delta(&c0, &c1, fwd) == n,
+            "new-flow pass did not take the conntrack-miss path for every packet"
+        );
+        ensure!(
+            counter_delta(&c1, &c2, Counter::CtHit) == n && counter_delta(&c1, &c2, fwd) == n,
+            "established pass did not hit conntrack for every packet"
+        );
+    }
+    Ok([median(new), median(est), median(floor)])
+}
+
+/// Established flow to the self-mapped local backend in the kernel's repeat loop:
+/// medians of (ours, floor) per packet.
+fn measure_loop(world: &mut World, ifindex: u32, args: &Args) -> Result<[f64; 2]> {
+    let node = Ipv4Addr::from(NODE);
+    let pkt = tcp_syn(addr(CLIENT_BASE), CLIENT_PORT_MIN, node, LOOP_PORT);
+    // Establish the flow, then every repetition is a conntrack hit.
+    let (rc, _) = world.run(PROG_XDP, &pkt, ifindex, 1)?;
+    ensure!(rc == XDP_PASS, "loop flow: action {rc}");
+    let n = u64::from(args.loop_repeat);
+    let (mut ours, mut floor) = (Vec::new(), Vec::new());
+    for _ in 0..args.repeats {
+        let c0 = world.counters()?;
+        let (rc, ns) = world.run(PROG_XDP, &pkt, ifindex, args.loop_repeat)?;
+        let c1 = world.counters()?;
+        ensure!(rc == XDP_PASS, "loop: action {rc}");
+        ensure!(
+            counter_delta(&c0, &c1, Counter::CtHit) == n
+                && counter_delta(&c0, &c1, Counter::FwdLocal) == n,
+            "loop: not every repetition was an established local flow"
+        );
+        ours.push(ns as f64);
+        let (rc, ns) = world.run(PROG_XDP_PASS, &pkt, ifindex, args.loop_repeat)?;
+        ensure!(rc == XDP_PASS, "floor loop: action {rc}");
+        floor.push(ns as f64);
+    }
+    Ok([median(ours), median(floor)])
+}
+
+fn row(scenario: &str, services: u32, method: String, ours: f64, floor: f64) -> PacketRow {
+    PacketRow {
+        scenario: scenario.to_owned(),
+        services,
+        method,
+        ours_ns: ours,
+        floor_ns: floor,
+        ratio: ours / floor.max(0.01),
+        net_ns: ours - floor,
+    }
+}
+
+/// All packet figures for one world; runs inside the bench namespace (FIB lookups).
+fn measure_world(world: &mut World, args: &Args) -> Result<Vec<PacketRow>> {
+    let ifindex = nix::net::if_::if_nametoindex("up0").context("up0 in the bench netns")?;
+    let n = world.services;
+    let per_pkt = format!("repeat=1 x {} pkts", args.flows);
+    let mut rows = Vec::new();
+
+    let [ours, floor] = measure_loop(world, ifindex, args)?;
+    rows.push(row(
+        "established, local (in-kernel loop)",
+        n,
+        format!("repeat={}", args.loop_repeat),
+        ours,
+        floor,
+    ));
+    // The world starts with local backends; the remote variant re-programs only backends.
+    for local in [true, false] {
+        if !local {
+            world.set_backends_local(false)?;
+        }
+        let [new, est, floor] = measure_flows(world, ifindex, local, args)?;
+        let (a, b) = if local {
+            ("new flow, local (DNAT, XDP_PASS)", "established, local")
+        } else {
+            (
+                "new flow, remote (DNAT+SNAT+FIB, XDP_TX)",
+                "established, remote",
+            )
+        };
+        rows.push(row(a, n, per_pkt.clone(), new, floor));
+        rows.push(row(b, n, per_pkt.clone(), est, floor));
+    }
+    world.clear_flows()?;
+    Ok(rows)
+}
+
+/// Median time to build one Maglev table of `m` slots over `backends` backends.
+fn bench_maglev(m: u32, backends: u32, repeats: usize) -> MaglevRow {
+    let names: Vec<String> = (0..backends)
+        .map(|k| format!("{}:{BACKEND_PORT}", addr(BACKEND_BASE + k)))
+        .collect();
+    let times = (0..repeats)
+        .map(|_| {
+            let t0 = Instant::now();
+            let table = maglev::build_table(&names, m);
+            let t = t0.elapsed();
+            assert_eq!(table.len(), m as usize);
+            ms(t)
+        })
+        .collect();
+    MaglevRow {
+        m,
+        backends,
+        build_ms: median(times),
+    }
+}
+
+// ---------------------------------------------------------------- east-west
+
+/// The bench's own services: a TCP request/response service and a UDP one, ClusterIP only,
+/// backed by the Rust responders in every nginx pod.
+const EW_TCP_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 200, 1);
+const EW_TCP_PORT: u16 = 8081;
+const EW_UDP_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 200, 2);
+const EW_UDP_PORT: u16 = 8082;
+/// Dummy service i: ClusterIP `EW_DUMMY_BASE + i`, port 80, the same three pods (port 80).
+const EW_DUMMY_BASE: u32 = u32::from_be_bytes([10, 100, 0, 1]);
+const EW_NAMESPACE: &str = "bench";
+/// The client pod, added on a worker that also runs backends (2 local, 1 remote).
+const EW_CLIENT_POD: &str = "bench-client";
+const EW_CLIENT_NODE: &str = "service-demo-worker";
+/// kind's pod network (kube-proxy's --cluster-cidr).
+const EW_CLUSTER_CIDR: &str = "10.244.0.0/16";
+const EW_REQUEST: &[u8] = b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n";
+const EW_IO_TIMEOUT: Duration = Duration::from_secs(1);
+/// Responder threads per pod for TCP (accept + read + write + close each).
+const EW_TCP_SERVER_THREADS: usize = 2;
+const EW_SETUP_OURS: &str = "xlb (tc on pod veths)";
+const EW_SETUP_IPT: &str = "kube-proxy-shaped iptables";
+
+#[derive(Serialize, Deserialize, Clone)]
+struct EastWest {
+    command: String,
+    date: String,
+    seconds_per_repeat: f64,
+    client_threads: usize,
+    repeats: usize,
+    client: String,
+    /// Backends of the bench services: (pod, node, local to the client?).
+    backends: Vec<(String, String, bool)>,
+    iptables: String,
+    rows: Vec<EwRow>,
+    ratios: Vec<EwRatio>,
+    method: Vec<String>,
+    /// Set when a setup failed functionally (connections failing through the ClusterIP).
+    diagnostics: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct EwRow {
+    extra_services: u32,
+    /// Rules in the nat table of the iptables setup (0 for ours).
+    nat_rules: usize,
+    proto: String,
+    setup: String,
+    /// Median over the repeats.
+    per_second: f64,
+    p50_us: f64,
+    p99_us: f64,
+    /// Successful exchanges and failures, summed over the repeats.
+    ok: u64,
+    errors: u64,
+    first_error: Option<String>,
+    /// Answers per pod, summed over the repeats.
+    answered_by: BTreeMap<String, u64>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct EwRatio {
+    extra_services: u32,
+    proto: String,
+    /// ours / iptables.
+    rate: f64,
+    p50: f64,
+    p99: f64,
+}
+
+const EW_METHOD: &[&str] = &[
+    "Both setups are the same built-in kind-shaped network (seed topology: 3 nodes, nginx pods \
+     4kq7x + 9xjtm on service-demo-worker, r2d8c on service-demo-worker2) plus a client pod \
+     bench-client on service-demo-worker, built twice side by side: one with lb-agent on every \
+     node (ClusterIP DNAT by tc on the pod veths), one without agents where every node's netns \
+     gets kube-proxy-shaped iptables rules. Repeats alternate between the two (ABBA order).",
+    "Servers: a Rust responder in each nginx pod's netns (2 threads accepting on :8081, reading \
+     the request, writing a ~60-byte HTTP/1.0 response naming the pod, closing; UDP :8082 \
+     answers each datagram with the pod name). The python pod servers are not used.",
+    "Client: threads in bench-client's netns; TCP: connect + write request + read until the \
+     server closes + close, per connection; UDP: a fresh socket per request (new flow, like a \
+     DNS lookup), send, wait for the reply from the ClusterIP (connected socket). Latency is \
+     per exchange; conns/s = successful exchanges / wall time of the repeat. Client, servers \
+     and softirq share the machine's CPUs, so rate is whole-system throughput.",
+    "iptables shape (per node, iptables-restore of nat + filter): PREROUTING/OUTPUT -> \
+     KUBE-SERVICES -> one `-d clusterIP -p proto --dport` rule per service port -> KUBE-SVC-* \
+     (`! -s 10.244.0.0/16 -j KUBE-MARK-MASQ`, then `-m statistic --mode random --probability \
+     1/n` per endpoint) -> KUBE-SEP-* (`-s pod -j KUBE-MARK-MASQ` for hairpin, `-j DNAT \
+     --to-destination pod:port`); POSTROUTING -> KUBE-POSTROUTING (MASQUERADE marked packets); \
+     the filter table's KUBE-FORWARD / KUBE-SERVICES / KUBE-PROXY-FIREWALL jumps. The bench \
+     service sits in the middle of KUBE-SERVICES (half the dummy services are walked before \
+     it). Node conntrack tables are flushed (ctnetlink) before every iptables repeat.",
+    "Extra services: N dummy ClusterIP services with the same three endpoints, in the agents' \
+     manifest for ours and as KUBE-SVC/KUBE-SEP chains for iptables. The agents run with \
+     --maglev-arena sized for the largest N (default arena holds ~2,000 services at M=1021).",
+    "answered_by counts which pod answered, to show both local and remote backends are used.",
+];
+
+/// A shell script that runs the real agent with a Maglev arena large enough for the largest
+/// east-west world (2 tables of M = 1021 per service), handed to `Cluster::up` through
+/// `XLB_AGENT_BIN`. Must run before any other thread exists (it sets an environment
+/// variable).
+fn agent_wrapper(args: &Args) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let real = agent_bin()?;
+    let max = u64::from(args.ew_services.iter().copied().max().unwrap_or(0)) + 16;
+    let slots = (2 * u64::from(maglev::DEFAULT_MIN_M) * max)
+        .next_power_of_two()
+        .max(u64::from(DEFAULT_MAGLEV_ARENA));
+    let path = std::env::temp_dir().join(format!("xlb-bench-{}-agent.sh", std::process::id()));
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\nexec '{}' \"$@\" --maglev-arena {slots}\n",
+            real.display()
+        ),
+    )?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    // SAFETY: called from main before any other thread is started.
+    unsafe { std::env::set_var("XLB_AGENT_BIN", &path) };
+    Ok(path)
+}
+
+/// One service as both setups program it.
+struct SvcDef {
+    name: String,
+    cluster_ip: Ipv4Addr,
+    port: u16,
+    proto: &'static str,
+    target_port: u16,
+    /// (pod name, pod address, node)
+    endpoints: Vec<(String, Ipv4Addr, String)>,
+    node_port: Option<u16>,
+    lb_ip: Option<Ipv4Addr>,
+}
+
+fn ew_services(backends: &[Pod], extra: u32) -> (Vec<SvcDef>, usize) {
+    let eps = |_: ()| -> Vec<(String, Ipv4Addr, String)> {
+        backends
+            .iter()
+            .map(|p| (p.name.clone(), p.addr, p.node.clone()))
+            .collect()
+    };
+    let svc = |name: String, ip: Ipv4Addr, port: u16, proto, target_port| SvcDef {
+        name,
+        cluster_ip: ip,
+        port,
+        proto,
+        target_port,
+        endpoints: eps(()),
+        node_port: None,
+        lb_ip: None,
+    };
+    let mut v: Vec<SvcDef> = (0..extra)
+        .map(|i| {
+            svc(
+                format!("dummy-{i:05}"),
+                addr(EW_DUMMY_BASE + i),
+                80,
+                "TCP",
+                80,
+            )
+        })
+        .collect();
+    // The bench services in the middle of KUBE-SERVICES: an average service's walk.
+    let mid = v.len() / 2;
+    v.insert(
+        mid,
+        svc(
+            "bench-udp".into(),
+            EW_UDP_IP,
+            EW_UDP_PORT,
+            "UDP",
+            EW_UDP_PORT,
+        ),
+    );
+    v.insert(
+        mid,
+        svc(
+            "bench-tcp".into(),
+            EW_TCP_IP,
+            EW_TCP_PORT,
+            "TCP",
+            EW_TCP_PORT,
+        ),
+    );
+    (v, mid)
+}
+
+/// The agents' manifest: the seed's services (nginx-service, ExternalName) with the three
+/// nginx pods as endpoints, plus the bench and dummy services.
+fn ew_manifest(net: &Network, backends: &[Pod], extra: u32) -> String {
+    use std::fmt::Write as _;
+    let opts = ManifestOpts {
+        endpoints: Some(backends.iter().map(|p| p.name.clone()).collect()),
+        ..Default::default()
+    };
+    let mut y = seed_manifests(net, &opts);
+    for s in ew_services(backends, extra).0 {
+        let _ = write!(
+            y,
+            "- apiVersion: v1\n  kind: Service\n  metadata: {{name: {n}, namespace: {EW_NAMESPACE}}}\n  spec:\n    type: ClusterIP\n    clusterIP: {ip}\n    ports:\n    - {{name: p, port: {port}, protocol: {proto}, targetPort: {tp}}}\n- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata:\n    name: {n}-x1\n    namespace: {EW_NAMESPACE}\n    labels: {{kubernetes.io/service-name: {n}}}\n  addressType: IPv4\n  ports:\n  - {{name: p, port: {tp}, protocol: {proto}}}\n  endpoints:\n",
+            n = s.name,
+            ip = s.cluster_ip,
+            port = s.port,
+            proto = s.proto,
+            tp = s.target_port,
+        );
+        for (pod, ip, node) in &s.endpoints {
+            let _ = write!(
+                y,
+                "  - addresses: [\"{ip}\"]\n    nodeName: {node}\n    conditions: {{ready: true, serving: true, terminating: false}}\n    targetRef: {{kind: Pod, namespace: dev, name: {pod}}}\n"
+            );
+        }
+    }
+    y
+}
+
+/// kube-proxy-style chain suffix: 16 characters of base32 over a hash of `key`.
+fn chain_suffix(key: &str) -> String {
+    let fnv = |salt: u8| {
+        key.bytes()
+            .chain([salt])
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            })
+    };
+    let bits = (u128::from(fnv(1)) << 64) | u128::from(fnv(2));
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    (0..16)
+        .map(|i| ALPHABET[((bits >> (i * 5)) & 31) as usize] as char)
+        .collect()
+}
+
+/// iptables-restore input shaped like kube-proxy's iptables mode for `svcs` (plus the
+/// seed's nginx-service). Returns the text and the number of nat rules.
+fn kube_proxy_rules(svcs: &[SvcDef], backends: &[Pod], lb_ip: Option<Ipv4Addr>) -> (String, usize) {
+    use std::fmt::Write as _;
+    let nginx = SvcDef {
+        name: "nginx-service".into(),
+        cluster_ip: NGINX_CLUSTER_IP.parse().expect("constant"),
+        port: 80,
+        proto: "TCP",
+        target_port: lb_tests::POD_HTTP_PORT,
+        endpoints: backends
+            .iter()
+            .map(|p| (p.name.clone(), p.addr, p.node.clone()))
+            .collect(),
+        node_port: Some(NGINX_NODE_PORT),
+        lb_ip,
+    };
+    let mut chains = String::new();
+    let mut rules = String::new();
+    let mut nodeports = String::new();
+    let mut n_rules = 0usize;
+    let mut rule = |out: &mut String, r: String| {
+        n_rules += 1;
+        out.push_str(&r);
+        out.push('\n');
+    };
+    for (ns, s) in [("dev", &nginx)]
+        .into_iter()
+        .chain(svcs.iter().map(|s| (EW_NAMESPACE, s)))
+    {
+        let p = s.proto.to_ascii_lowercase();
+        let port_name = format!("{ns}/{}:p", s.name);
+        let svc_chain = format!("KUBE-SVC-{}", chain_suffix(&format!("{port_name}/{p}")));
+        let _ = writeln!(chains, ":{svc_chain} - [0:0]");
+        rule(
+            &mut rules,
+            format!(
+                "-A KUBE-SERVICES -d {}/32 -p {p} -m comment --comment \"{port_name} cluster IP\" -m {p} --dport {} -j {svc_chain}",
+                s.cluster_ip, s.port
+            ),
+        );
+        if s.node_port.is_some() || s.lb_ip.is_some() {
+            let ext = format!("KUBE-EXT-{}", chain_suffix(&format!("{port_name}/{p}")));
+            let _ = writeln!(chains, ":{ext} - [0:0]");
+            rule(
+                &mut rules,
+                format!(
+                    "-A {ext} -m comment --comment \"masquerade traffic for {port_name} external destinations\" -j KUBE-MARK-MASQ"
+                ),
+            );
+            rule(&mut rules, format!("-A {ext} -j {svc_chain}"));
+            if let Some(ip) = s.lb_ip {
+                rule(
+                    &mut rules,
+                    format!(
+                        "-A KUBE-SERVICES -d {ip}/32 -p {p} -m comment --comment \"{port_name} loadbalancer IP\" -m {p} --dport {} -j {ext}",
+                        s.port
+                    ),
+                );
+            }
+            if let Some(np) = s.node_port {
+                rule(
+                    &mut nodeports,
+                    format!(
+                        "-A KUBE-NODEPORTS -p {p} -m comment --comment \"{port_name}\" -m {p} --dport {np} -j {ext}"
+                    ),
+                );
+            }
+        }
+        rule(
+            &mut rules,
+            format!(
+                "-A {svc_chain} ! -s {EW_CLUSTER_CIDR} -d {}/32 -p {p} -m comment --comment \"{port_name} cluster IP\" -m {p} --dport {} -j KUBE-MARK-MASQ",
+                s.cluster_ip, s.port
+            ),
+        );
+        let n = s.endpoints.len();
+        for (k, (_, ip, _)) in s.endpoints.iter().enumerate() {
+            let dest = format!("{ip}:{}", s.target_port);
+            let sep = format!(
+                "KUBE-SEP-{}",
+                chain_suffix(&format!("{port_name}/{p}/{dest}"))
+            );
+            let _ = writeln!(chains, ":{sep} - [0:0]");
+            let left = n - k;
+            let stat = if left > 1 {
+                format!(
+                    " -m statistic --mode random --probability {:.11}",
+                    1.0 / left as f64
+                )
+            } else {
+                String::new()
+            };
+            rule(
+                &mut rules,
+                format!(
+                    "-A {svc_chain} -m comment --comment \"{port_name} -> {dest}\"{stat} -j {sep}"
+                ),
+            );
+            rule(
+                &mut rules,
+                format!(
+                    "-A {sep} -s {ip}/32 -m comment --comment \"{port_name}\" -j KUBE-MARK-MASQ"
+                ),
+            );
+            rule(
+                &mut rules,
+                format!(
+                    "-A {sep} -p {p} -m comment --comment \"{port_name}\" -m {p} -j DNAT --to-destination {dest}"
+                ),
+            );
+        }
+    }
+    rule(
+        &mut rules,
+        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS".into(),
+    );
+    let fixed = [
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+        "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+        "-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING",
+        "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000",
+        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+        "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000",
+        "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully",
+    ];
+    let mut t = String::from(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n",
+    );
+    t += &chains;
+    for f in fixed {
+        t += f;
+        t.push('\n');
+    }
+    let n_rules = n_rules + fixed.len();
+    t += &nodeports;
+    t += &rules;
+    t += "COMMIT\n";
+    t += "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+          :KUBE-FORWARD - [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-EXTERNAL-SERVICES - [0:0]\n\
+          :KUBE-NODEPORTS - [0:0]\n:KUBE-PROXY-FIREWALL - [0:0]\n\
+          -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
+          -A INPUT -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS\n\
+          -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
+          -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
+          -A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD\n\
+          -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+          -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
+          -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
+          -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+          -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n\
+          -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n\
+          -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
+          COMMIT\n";
+    (t, n_rules)
+}
+
+/// Loads `rules` into every node namespace of `net` (a full replace of nat and filter, as
+/// kube-proxy's sync does) and checks the nat rule count on one node.
+fn load_iptables(net: &Network, rules: &str, nat_rules: usize) -> Result<()> {
+    let path = std::env::temp_dir().join(format!("xlb-bench-{}-iptables.rules", net.tag()));
+    std::fs::write(&path, rules)?;
+    let p = path.to_string_lossy().into_owned();
+    for node in net.nodes() {
+        exec_ok(&node.netns, &["iptables-restore", &p])
+            .with_context(|| format!("iptables-restore in {}", node.netns))?;
+    }
+    let _ = std::fs::remove_file(&path);
+    let node = net.node(EW_CLIENT_NODE);
+    let saved = exec_ok(&node.netns, &["iptables-save", "-t", "nat"])?;
+    let got = saved.lines().filter(|l| l.starts_with("-A ")).count();
+    ensure!(
+        got == nat_rules,
+        "iptables-restore: {got} nat rules in {}, expected {nat_rules}",
+        node.netns
+    );
+    Ok(())
+}
+
+/// Deletes every conntrack entry of `netns` (ctnetlink IPCTNL_MSG_CT_DELETE without
+/// attributes = flush), so repeats of the iptables setup start from the same table size.
+fn flush_conntrack(netns: &str) -> Result<()> {
+    try_in_netns(netns, || -> Result<()> {
+        // SAFETY: plain socket(2); the descriptor is owned right away.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_NETFILTER,
+            )
+        };
+        ensure!(
+            fd >= 0,
+            "netlink socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: fd is a fresh, valid descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+        const IPCTNL_MSG_CT_DELETE: u16 = 2;
+        let mut msg = Vec::with_capacity(20);
+        msg.extend(20u32.to_ne_bytes()); // nlmsg_len
+        msg.extend(((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE).to_ne_bytes());
+        msg.extend(((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
+        msg.extend(1u32.to_ne_bytes()); // seq
+        msg.extend(0u32.to_ne_bytes()); // pid
+        msg.extend([libc::AF_INET as u8, 0, 0, 0]); // nfgenmsg: family, version, res_id
+        // SAFETY: msg is a valid buffer of msg.len() bytes.
+        let n = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+        ensure!(
+            n == msg.len() as isize,
+            "netlink send: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut buf = [0u8; 256];
+        // SAFETY: buf is a valid writable buffer.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        ensure!(n >= 20, "netlink recv: {}", std::io::Error::last_os_error());
+        let ty = u16::from_ne_bytes([buf[4], buf[5]]);
+        ensure!(
+            ty == libc::NLMSG_ERROR as u16,
+            "netlink: unexpected reply type {ty}"
+        );
+        let err = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+        ensure!(
+            err == 0,
+            "conntrack flush: {}",
+            std::io::Error::from_raw_os_error(-err)
+        );
+        let _ = fd.as_fd();
+        Ok(())
+    })?
+}
+
+/// Rust responders in the pods' namespaces; stopped (and joined) on drop.
+struct Responders {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Responders {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn enter_netns(netns: &str) -> Result<()> {
+    let f = File::open(Path::new("/run/netns").join(netns))
+        .with_context(|| format!("opening netns {netns}"))?;
+    nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("setns into {netns}"))
+}
+
+fn start_responders(pods: &[Pod]) -> Result<Responders> {
+    let mut r = Responders {
+        stop: Arc::new(AtomicBool::new(false)),
+        threads: Vec::new(),
+    };
+    for pod in pods {
+        let (netns, name) = (pod.netns.clone(), pod.name.clone());
+        let (tx, rx) = std::sync::mpsc::channel::<Result<(TcpListener, UdpSocket)>>();
+        std::thread::Builder::new()
+            .name(format!("bind:{name}"))
+            .spawn(move || {
+                let bound = (|| -> Result<(TcpListener, UdpSocket)> {
+                    enter_netns(&netns)?;
+                    let l =
+                        TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, EW_TCP_PORT))?;
+                    l.set_nonblocking(true)?;
+                    let u = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, EW_UDP_PORT))?;
+                    u.set_read_timeout(Some(Duration::from_millis(100)))?;
+                    Ok((l, u))
+                })();
+                let _ = tx.send(bound);
+            })?
+            .join()
+            .map_err(|_| anyhow::anyhow!("bind thread panicked"))?;
+        // Sockets keep the namespace they were created in: serving threads need no setns.
+        let (listener, udp) = rx
+            .recv()?
+            .with_context(|| format!("responder in pod {name}"))?;
+        let body = format!("{name}\n");
+        let response = Arc::new(
+            format!(
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        );
+        for i in 0..EW_TCP_SERVER_THREADS {
+            let (l, stop, resp) = (listener.try_clone()?, r.stop.clone(), response.clone());
+            r.threads.push(
+                std::thread::Builder::new()
+                    .name(format!("tcp{i}:{name}"))
+                    .spawn(move || tcp_responder(&l, &stop, &resp))?,
+            );
+        }
+        let (stop, reply) = (r.stop.clone(), body.into_bytes());
+        r.threads.push(
+            std::thread::Builder::new()
+                .name(format!("udp:{name}"))
+                .spawn(move || {
+                    let mut buf = [0u8; 2048];
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                            let _ = udp.send_to(&reply, peer);
+                        }
+                    }
+                })?,
+        );
+    }
+    Ok(r)
+}
+
+fn tcp_responder(listener: &TcpListener, stop: &AtomicBool, response: &[u8]) {
+    let mut buf = [0u8; 1024];
+    while !stop.load(Ordering::Relaxed) {
+        let mut pfd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+            continue;
+        }
+        let Ok((mut s, _)) = listener.accept() else {
+            continue; // the other thread took it
+        };
+        let _ = (|| -> std::io::Result<()> {
+            s.set_nonblocking(false)?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(EW_IO_TIMEOUT))?;
+            let mut n = 0;
+            while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") && n < buf.len() {
+                match s.read(&mut buf[n..]) {
+                    Ok(0) => return Ok(()),
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            s.write_all(response)
+        })();
+    }
+}
+
+/// What one load run saw.
+#[derive(Default)]
+struct LoadRun {
+    ok: u64,
+    errors: u64,
+    first_error: Option<String>,
+    lat_ns: Vec<u64>,
+    by_pod: BTreeMap<String, u64>,
+    wall: Duration,
+}
+
+impl LoadRun {
+    fn merge(&mut self, o: LoadRun) {
+        self.ok += o.ok;
+        self.errors += o.errors;
+        if self.first_error.is_none() {
+            self.first_error = o.first_error;
+        }
+        self.lat_ns.extend(o.lat_ns);
+        for (k, v) in o.by_pod {
+            *self.by_pod.entry(k).or_default() += v;
+        }
+        self.wall = self.wall.max(o.wall);
+    }
+
+    fn fail(&mut self, e: String) {
+        self.errors += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(e);
+        }
+    }
+
+    fn rate(&self) -> f64 {
+        self.ok as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+
+    /// Nearest-rank percentile in µs.
+    fn pct_us(&self, sorted: &[u64], p: f64) -> f64 {
+        if sorted.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+        sorted[rank.min(sorted.len()) - 1] as f64 / 1e3
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Proto4 {
+    Tcp,
+    Udp,
+}
+
+/// `threads` client threads in `netns`, each doing exchanges back to back for `dur`.
+fn load(netns: &str, proto: Proto4, threads: usize, dur: Duration, pods: &[String]) -> LoadRun {
+    let barrier = Barrier::new(threads);
+    let mut total = LoadRun::default();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut run = LoadRun::default();
+                    if let Err(e) = enter_netns(netns) {
+                        run.fail(format!("{e:#}"));
+                        barrier.wait();
+                        return run;
+                    }
+                    barrier.wait();
+                    let t0 = Instant::now();
+                    let deadline = t0 + dur;
+                    let mut buf = [0u8; 512];
+                    while Instant::now() < deadline {
+                        let t = Instant::now();
+                        let r = match proto {
+                            Proto4::Tcp => tcp_exchange(&mut buf),
+                            Proto4::Udp => udp_exchange(&mut buf),
+                        };
+                        let dt = t.elapsed();
+                        match r {
+                            Ok(n) => {
+                                let body = match proto {
+                                    Proto4::Tcp => buf[..n]
+                                        .windows(4)
+                                        .position(|w| w == b"\r\n\r\n")
+                                        .map_or(&buf[..0], |i| &buf[i + 4..n]),
+                                    Proto4::Udp => &buf[..n],
+                                };
+                                let body = body.strip_suffix(b"\n").unwrap_or(body);
+                                match pods.iter().find(|p| p.as_bytes() == body) {
+                                    Some(p) => {
+                                        run.ok += 1;
+                                        run.lat_ns.push(dt.as_nanos() as u64);
+                                        *run.by_pod.entry(p.clone()).or_default() += 1;
+                                    }
+                                    None => run.fail(format!(
+                                        "unexpected answer {:?}",
+                                        String::from_utf8_lossy(&buf[..n])
+                                    )),
+                                }
+                            }
+                            Err(e) => run.fail(format!("{e}")),
+                        }
+                    }
+                    run.wall = t0.elapsed();
+                    run
+                })
+            })
+            .collect();
+        for h in handles {
+            match h.join() {
+                Ok(r) => total.merge(r),
+                Err(_) => total.fail("client thread panicked".into()),
+            }
+        }
+    });
+    total
+}
+
+fn tcp_exchange(buf: &mut [u8]) -> std::io::Result<usize> {
+    let to = SocketAddr::V4(SocketAddrV4::new(EW_TCP_IP, EW_TCP_PORT));
+    let mut s = TcpStream::connect_timeout(&to, EW_IO_TIMEOUT)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(EW_IO_TIMEOUT))?;
+    s.write_all(EW_REQUEST)?;
+    let mut n = 0;
+    loop {
+        match s.read(&mut buf[n..]) {
+            Ok(0) => return Ok(n),
+            Ok(k) => {
+                n += k;
+                if n == buf.len() {
+                    return Ok(n);
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn udp_exchange(buf: &mut [u8]) -> std::io::Result<usize> {
+    let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+    s.connect(SocketAddrV4::new(EW_UDP_IP, EW_UDP_PORT))?;
+    s.set_read_timeout(Some(EW_IO_TIMEOUT))?;
+    s.send(b"ping")?;
+    s.recv(buf)
+}
+
+/// One side of the comparison.
+struct EwSetup {
+    label: &'static str,
+    client: Pod,
+    /// Per (extra services, proto): the repeats.
+    runs: Vec<LoadRun>,
+}
+
+fn sysctl_in(netns: &str, key: &str, value: &str) -> Result<()> {
+    try_in_netns(netns, || {
+        std::fs::write(Path::new("/proc/sys").join(key), value)
+            .with_context(|| format!("sysctl {key} in {netns}"))
+    })?
+}
+
+/// Medians over the repeats of one (setup, size, proto).
+fn ew_row(extra: u32, nat_rules: usize, proto: Proto4, setup: &str, runs: &[LoadRun]) -> EwRow {
+    let mut sum = LoadRun::default();
+    let (mut rate, mut p50, mut p99) = (vec![], vec![], vec![]);
+    for r in runs {
+        let mut lat = r.lat_ns.clone();
+        lat.sort_unstable();
+        rate.push(r.rate());
+        p50.push(r.pct_us(&lat, 50.0));
+        p99.push(r.pct_us(&lat, 99.0));
+        sum.ok += r.ok;
+        sum.errors += r.errors;
+        if sum.first_error.is_none() {
+            sum.first_error = r.first_error.clone();
+        }
+        for (k, v) in &r.by_pod {
+            *sum.by_pod.entry(k.clone()).or_default() += v;
+        }
+    }
+    EwRow {
+        extra_services: extra,
+        nat_rules,
+        proto: match proto {
+            Proto4::Tcp => "tcp",
+            Proto4::Udp => "udp",
+        }
+        .into(),
+        setup: setup.into(),
+        per_second: median(rate),
+        p50_us: median(p50),
+        p99_us: median(p99),
+        ok: sum.ok,
+        errors: sum.errors,
+        first_error: sum.first_error,
+        answered_by: sum.by_pod,
+    }
+}
+
+/// Datapath state of the client's node and kernel counters, for a failing "ours" run.
+fn ours_diagnostics(c: &Cluster, client: &Pod) -> String {
+    let mut s = String::new();
+    for a in &c.agents {
+        match a.status() {
+            Ok(st) => {
+                let nz: Vec<String> = st
+                    .counters
+                    .iter()
+                    .filter(|(_, v)| **v > 0)
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                s += &format!(
+                    "lb-agent status --pin-dir {}: counters {}\n",
+                    a.pin_dir.display(),
+                    nz.join(" ")
+                );
+                if let Some(info) = &st.agent {
+                    s += &format!(
+                        "  pod interfaces {:?}, last error {:?}\n",
+                        info.pod_ifaces, info.last_error
+                    );
+                }
+                for svc in st.services.iter().filter(|x| x.name.contains("bench-")) {
+                    s += &format!(
+                        "  {} {:?}:{:?}/{} endpoints {:?} packets {} flows {} rejects {}\n",
+                        svc.name,
+                        svc.cluster_ip,
+                        svc.port,
+                        svc.protocol,
+                        svc.endpoints,
+                        svc.packets,
+                        svc.new_flows,
+                        svc.rejects
+                    );
+                }
+            }
+            Err(e) => s += &format!("status of {}: {e:#}\n", a.node),
+        }
+        let log = a.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        s += &format!("  log tail: {:?}\n", tail.iter().rev().collect::<Vec<_>>());
+    }
+    for (what, ns) in [
+        ("client pod", client.netns.as_str()),
+        ("client node", c.net.node(&client.node).netns.as_str()),
+    ] {
+        if let Ok(out) = exec_in(ns, &["nstat", "-as"]) {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let keep: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    [
+                        "TcpActiveOpens",
+                        "TcpAttemptFails",
+                        "TcpRetransSegs",
+                        "TcpOutRsts",
+                        "TcpExtTCPTimeouts",
+                        "IpInNoRoutes",
+                        "IpInAddrErrors",
+                        "IpOutNoRoutes",
+                        "UdpNoPorts",
+                        "UdpInErrors",
+                        "IcmpInDestUnreachs",
+                        "IpForwDatagrams",
+                        "IpInDiscards",
+                    ]
+                    .iter()
+                    .any(|k| l.starts_with(k))
+                })
+                .collect();
+            s += &format!("nstat {what}: {}\n", keep.join(" | "));
+        }
+    }
+    s
+}
+
+/// Builds both setups, then for every size measures TCP (and UDP) through each, alternating.
+fn east_west(args: &Args) -> Result<EastWest> {
+    let spec = TopologySpec::seed();
+    let dur = Duration::from_secs_f64(args.ew_seconds);
+    let mut sizes = args.ew_services.clone();
+    sizes.sort_unstable();
+    sizes.dedup();
+
+    eprintln!("▶ east-west: bringing up the cluster with agents and the iptables twin…");
+    // The backends: the seed's nginx pods (before the client pod exists).
+    let mut backends: Vec<Pod> = Vec::new();
+    let mut ours = Cluster::up(&spec, |net| {
+        backends = net.pods().to_vec();
+        ew_manifest(net, net.pods(), sizes[0])
+    })?;
+    let ours_client = ours.net.add_pod(EW_CLIENT_NODE, EW_CLIENT_POD)?;
+    let mut ipt = Network::up(&spec)?;
+    let ipt_client = ipt.add_pod(EW_CLIENT_NODE, EW_CLIENT_POD)?;
+    let ipt_backends: Vec<Pod> = ipt
+        .pods()
+        .iter()
+        .filter(|p| p.name != EW_CLIENT_POD)
+        .cloned()
+        .collect();
+    let shape = |v: &[Pod]| -> Vec<(String, Ipv4Addr, String)> {
+        v.iter()
+            .map(|p| (p.name.clone(), p.addr, p.node.clone()))
+            .collect()
+    };
+    ensure!(
+        shape(&ipt_backends) == shape(&backends) && ipt_client.addr == ours_client.addr,
+        "the two networks differ: {ipt_backends:?} vs {backends:?}"
+    );
+    let pod_names: Vec<String> = backends.iter().map(|p| p.name.clone()).collect();
+    // Same client settings on both sides: a wide ephemeral range (tens of thousands of
+    // connections per repeat).
+    for c in [&ours_client, &ipt_client] {
+        sysctl_in(&c.netns, "net/ipv4/ip_local_port_range", "1024 65535")?;
+    }
+    let _servers = (
+        start_responders(&backends)?,
+        start_responders(&ipt_backends)?,
+    );
+    let iptables_version = sh("iptables", &["--version"]);
+    let lb_ip = ipt.lb_ips().first().map(|(ip, _)| *ip);
+    let protos: Vec<Proto4> = if args.ew_no_udp {
+        vec![Proto4::Tcp]
+    } else {
+        vec![Proto4::Tcp, Proto4::Udp]
+    };
+
+    let mut rows = Vec::new();
+    let mut ratios = Vec::new();
+    let mut diagnostics = Vec::new();
+    for &extra in &sizes {
+        eprintln!("▶ east-west, {extra} extra services: programming both setups…");
+        let t0 = Instant::now();
+        ours.write_manifest(&ew_manifest(&ours.net, &backends, extra))?;
+        let want = extra as usize + 2;
+        let client_iface = ours_client.host_iface.clone();
+        ours.wait_for("the bench services", Duration::from_secs(300), |s| {
+            let bench: Vec<_> = s
+                .services
+                .iter()
+                .filter(|x| x.name.starts_with(&format!("{EW_NAMESPACE}/")))
+                .collect();
+            bench.len() == want
+                && bench.iter().all(|x| x.endpoints.len() == 3)
+                && s.agent.as_ref().is_some_and(|a| {
+                    a.node_name != EW_CLIENT_NODE || a.pod_ifaces.contains(&client_iface)
+                })
+        })?;
+        let t_ours = t0.elapsed();
+        let t0 = Instant::now();
+        let (svcs, _) = ew_services(&ipt_backends, extra);
+        let (rules, nat_rules) = kube_proxy_rules(&svcs, &ipt_backends, lb_ip);
+        load_iptables(&ipt, &rules, nat_rules)?;
+        eprintln!(
+            "  agents programmed in {:.1} s; iptables-restore ({nat_rules} nat rules) on 3 nodes in {:.1} s",
+            t_ours.as_secs_f64(),
+            t0.elapsed().as_secs_f64()
+        );
+        let ipt_nodes: Vec<String> = ipt.nodes().iter().map(|n| n.netns.clone()).collect();
+        for &proto in &protos {
+            let mut setups = [
+                EwSetup {
+                    label: EW_SETUP_OURS,
+                    client: ours_client.clone(),
+                    runs: vec![],
+                },
+                EwSetup {
+                    label: EW_SETUP_IPT,
+                    client: ipt_client.clone(),
+                    runs: vec![],
+                },
+            ];
+            // Warm-up (caches, neighbours, the pod interface attachments).
+            for s in &setups {
+                let _ = load(
+                    &s.client.netns,
+                    proto,
+                    1,
+                    Duration::from_millis(300),
+                    &pod_names,
+                );
+            }
+            for r in 0..args.repeats {
+                let order: [usize; 2] = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+                for i in order {
+                    let s = &mut setups[i];
+                    if s.label == EW_SETUP_IPT {
+                        for ns in &ipt_nodes {
+                            flush_conntrack(ns)?;
+                        }
+                    }
+                    let run = load(&s.client.netns, proto, args.ew_threads, dur, &pod_names);
+                    let mut lat = run.lat_ns.clone();
+                    lat.sort_unstable();
+                    eprintln!(
+                        "  {:>4} {:<28} repeat {}: {:>8.0}/s  p50 {:>7.1} µs  p99 {:>8.1} µs  errors {}  {:?}",
+                        if proto == Proto4::Tcp { "tcp" } else { "udp" },
+                        s.label,
+                        r + 1,
+                        run.rate(),
+                        run.pct_us(&lat, 50.0),
+                        run.pct_us(&lat, 99.0),
+                        run.errors,
+                        run.by_pod
+                    );
+                    s.runs.push(run);
+                }
+            }
+            let row_ours = ew_row(extra, 0, proto, EW_SETUP_OURS, &setups[0].runs);
+            let row_ipt = ew_row(extra, nat_rules, proto, EW_SETUP_IPT, &setups[1].runs);
+            for row in [&row_ours, &row_ipt] {
+                let missing: Vec<&String> = pod_names
+                    .iter()
+                    .filter(|p| !row.answered_by.contains_key(*p))
+                    .collect();
+                if row.errors > 0 || !missing.is_empty() {
+                    let mut d = format!(
+                        "{} {} with {extra} extra services: {} errors (first: {:?}), pods that never answered: {missing:?}",
+                        row.setup, row.proto, row.errors, row.first_error
+                    );
+                    if row.setup == EW_SETUP_OURS {
+                        d += "\n";
+                        d += &ours_diagnostics(&ours, &ours_client);
+                    }
+                    eprintln!("  ✘ {d}");
+                    diagnostics.push(d);
+                }
+            }
+            ratios.push(EwRatio {
+                extra_services: extra,
+                proto: row_ours.proto.clone(),
+                rate: row_ours.per_second / row_ipt.per_second,
+                p50: row_ours.p50_us / row_ipt.p50_us,
+                p99: row_ours.p99_us / row_ipt.p99_us,
+            });
+            rows.push(row_ours);
+            rows.push(row_ipt);
+        }
+    }
+    drop(_servers);
+    Ok(EastWest {
+        command: command_line(),
+        date: sh("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]),
+        seconds_per_repeat: args.ew_seconds,
+        client_threads: args.ew_threads,
+        repeats: args.repeats,
+        client: format!("{EW_CLIENT_POD} ({}) on {EW_CLIENT_NODE}", ours_client.addr),
+        backends: backends
+            .iter()
+            .map(|p| (p.name.clone(), p.node.clone(), p.node == EW_CLIENT_NODE))
+            .collect(),
+        iptables: iptables_version,
+        rows,
+        ratios,
+        method: EW_METHOD.iter().map(|m| (*m).to_owned()).collect(),
+        diagnostics,
+    })
+}
+
+// ---------------------------------------------------------------- output
+
+fn packet_table(r: &Results) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "scenario",
+        "services",
+        "method",
+        "ours ns/pkt",
+        "floor ns/pkt",
+        "ours/floor",
+        "net ns",
+    ]);
+    for p in &r.packets {
+        t.add_row(vec![
+            p.scenario.clone(),
+            p.services.to_string(),
+            p.method.clone(),
+            format!("{:.1}", p.ours_ns),
+            format!("{:.1}", p.floor_ns),
+            format!("{:.1}x", p.ratio),
+            format!("{:.1}", p.net_ns),
+        ]);
+    }
+    t
+}
+
+fn apply_table(r: &Results) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "services",
+        "backends/svc",
+        "Maglev M",
+        "slots written",
+        "apply ms",
+    ]);
+    for a in &r.apply {
+        t.add_row(vec![
+            a.services.to_string(),
+            a.backends_per_service.to_string(),
+            a.table_m.to_string(),
+            a.slots_written.to_string(),
+            format!("{:.1}", a.apply_ms),
+        ]);
+    }
+    t
+}
+
+fn maglev_table(r: &Results) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_header(vec!["M", "backends", "build ms"]);
+    for m in &r.maglev {
+        t.add_row(vec![
+            m.m.to_string(),
+            m.backends.to_string(),
+            format!("{:.2}", m.build_ms),
+        ]);
+    }
+    t
+}
+
+fn ew_table(e: &EastWest) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "extra services",
+        "proto",
+        "setup",
+        "nat rules",
+        "conns/s",
+        "p50 µs",
+        "p99 µs",
+        "errors",
+        "answered by (local+local/remote)",
+    ]);
+    for r in &e.rows {
+        let by: Vec<String> = e
+            .backends
+            .iter()
+            .map(|(pod, _, _)| r.answered_by.get(pod).copied().unwrap_or(0).to_string())
+            .collect();
+        t.add_row(vec![
+            r.extra_services.to_string(),
+            r.proto.clone(),
+            r.setup.clone(),
+            if r.nat_rules > 0 {
+                r.nat_rules.to_string()
+            } else {
+                "-".into()
+            },
+            format!("{:.0}", r.per_second),
+            format!("{:.1}", r.p50_us),
+            format!("{:.1}", r.p99_us),
+            format!("{} / {}", r.errors, r.ok + r.errors),
+            by.join(" / "),
+        ]);
+    }
+    t
+}
+
+fn ew_ratio_table(e: &EastWest) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "extra services",
+        "proto",
+        "conns/s ours/iptables",
+        "p50 ours/iptables",
+        "p99 ours/iptables",
+    ]);
+    for r in &e.ratios {
+        t.add_row(vec![
+            r.extra_services.to_string(),
+            r.proto.clone(),
+            format!("{:.2}x", r.rate),
+            format!("{:.2}x", r.p50),
+            format!("{:.2}x", r.p99),
+        ]);
+    }
+    t
+}
+
+fn ew_header(e: &EastWest) -> Vec<String> {
+    let backends: Vec<String> = e
+        .backends
+        .iter()
+        .map(|(p, n, local)| format!("{p} on {n} ({})", if *local { "local" } else { "remote" }))
+        .collect();
+    vec![
+        format!("command: `{}` ({})", e.command, e.date),
+        format!(
+            "{} repeats (medians) of {:.1} s per setup and protocol, {} client thread(s), setups alternating",
+            e.repeats, e.seconds_per_repeat, e.client_threads
+        ),
+        format!("client: {}", e.client),
+        format!("backends: {}", backends.join(", ")),
+        format!("iptables: {}", e.iptables),
+    ]
+}
+
+fn header_lines(r: &Results) -> Vec<String> {
+    let mut v = vec![
+        format!("command: {}", r.command),
+        format!("date: {}", r.date),
+        format!("kernel: {}", r.kernel),
+        format!("cpu: {} ({} CPUs)", r.cpu, r.cpus),
+    ];
+    if !r.packets.is_empty() {
+        v.push(format!(
+            "XDP/apply: repeats: {} (medians), flows per pass: {}, loop repeat: {}",
+            r.repeats, r.flows, r.loop_repeat
+        ));
+    }
+    for (part, from) in &r.parts {
+        v.push(format!("{part}: from `{from}`"));
+    }
+    v
+}
+
+fn render_text(r: &Results) -> String {
+    let mut s = String::new();
+    for l in header_lines(r) {
+        s += &format!("{l}\n");
+    }
+    if !r.packets.is_empty() {
+        s += &format!("\nXDP per-packet cost\n{}\n", packet_table(r));
+        s += &format!("\nagent apply (first programming)\n{}\n", apply_table(r));
+    }
+    if !r.maglev.is_empty() {
+        s += &format!("\nMaglev table build\n{}\n", maglev_table(r));
+    }
+    if let Some(e) = &r.east_west {
+        s += "\neast-west: pod -> ClusterIP, xlb vs kube-proxy-shaped iptables\n";
+        for l in ew_header(e) {
+            s += &format!("{l}\n");
+        }
+        s += &format!("{}\n{}\n", ew_table(e), ew_ratio_table(e));
+        for d in &e.diagnostics {
+            s += &format!("FAILURE: {d}\n");
+        }
+    }
+    s += "\nmethod:\n";
+    if !r.packets.is_empty() {
+        for m in &r.method {
+            s += &format!("- {m}\n");
+        }
+    }
+    if let Some(e) = &r.east_west {
+        for m in &e.method {
+            s += &format!("- east-west: {m}\n");
+        }
+    }
+    s
+}
+
+fn markdown_table(t: &Table) -> String {
+    // comfy-table's ASCII_MARKDOWN preset prints a GitHub table.
+    let mut t = t.clone();
+    t.load_preset(comfy_table::presets::ASCII_MARKDOWN);
+    t.to_string()
+}
+
+fn render_markdown(r: &Results) -> String {
+    let mut s = String::from(
+        "# xlb benchmark results\n\nWritten by `xlb-bench` (run by `cargo xtask bench`); overwritten on every run \
+         (with `--only`, the parts not run are kept from the previous run).\n\n",
+    );
+    s += &format!("- command: `{}`\n", r.command);
+    for l in header_lines(r).iter().skip(1) {
+        s += &format!("- {l}\n");
+    }
+    if !r.packets.is_empty() {
+        s += &format!(
+            "\n## XDP per-packet cost\n\n{}\n",
+            markdown_table(&packet_table(r))
+        );
+        s += &format!(
+            "\n## Agent apply (first programming)\n\n{}\n",
+            markdown_table(&apply_table(r))
+        );
+    }
+    if !r.maglev.is_empty() {
+        s += &format!(
+            "\n## Maglev table build\n\n{}\n",
+            markdown_table(&maglev_table(r))
+        );
+    }
+    if let Some(e) = &r.east_west {
+        s += "\n## East-west: pod -> ClusterIP, xlb vs kube-proxy-shaped iptables\n\n";
+        for l in ew_header(e) {
+            s += &format!("- {l}\n");
+        }
+        s += &format!(
+            "\n{}\n\nRatios (ours / iptables; conns/s above 1 and latency below 1 favour xlb):\n\n{}\n",
+            markdown_table(&ew_table(e)),
+            markdown_table(&ew_ratio_table(e))
+        );
+        if !e.diagnostics.is_empty() {
+            s += "\n### Failures\n\n";
+            for d in &e.diagnostics {
+                s += &format!("```\n{d}\n```\n");
+            }
+        }
+        s += "\n### East-west method\n\n";
+        for m in &e.method {
+            s += &format!("- {m}\n");
+        }
+    }
+    if !r.packets.is_empty() {
+        s += "\n## Method (XDP)\n\n";
+        for m in &r.method {
+            s += &format!("- {m}\n");
+        }
+    }
+    s
+}
+
+fn write_results(r: &Results, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let md = dir.join("RESULTS.md");
+    std::fs::write(&md, render_markdown(r)).with_context(|| md.display().to_string())?;
+    let json = dir.join("results.json");
+    std::fs::write(&json, serde_json::to_string_pretty(r)? + "\n")
+        .with_context(|| json.display().to_string())?;
+    Ok(())
+}
+
+fn command_line() -> String {
+    std::env::args()
+        .map(|a| {
+            if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '\'') {
+                format!("'{}'", a.replace('\'', r"'\''"))
+            } else {
+                a
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn sh(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_owned())
+        .unwrap_or_else(|| "unknown".into())
+}
