@@ -457,11 +457,15 @@ fn outage_keeps_serving_and_changes_apply_afterwards() {
     let lb = SocketAddrV4::new(c.net.lb_ips()[0].0, 80);
     c.api_mut().stop();
     // Long enough for the watchers to fail and back off a few times.
+    // Every request is answered (answers() panics otherwise); over the whole outage every
+    // pod answers (a single round of 15 can miss one by chance: (2/3)^15 per pod).
     let until = Instant::now() + Duration::from_secs(6);
+    let mut seen = BTreeSet::new();
     while Instant::now() < until {
-        assert_eq!(answers(&c, lb, 15), pods.iter().cloned().collect());
+        seen.extend(answers(&c, lb, 15));
         std::thread::sleep(Duration::from_millis(200));
     }
+    assert_eq!(seen, pods.iter().cloned().collect());
     let all: BTreeSet<Ipv4Addr> = c.net.pods().iter().map(|p| p.addr).collect();
     for a in &c.agents {
         assert_eq!(endpoint_addrs(&a.status().unwrap()), all, "{}", a.node);
