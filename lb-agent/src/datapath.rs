@@ -553,11 +553,6 @@ pub fn ensure_bpffs() -> Result<()> {
     Ok(())
 }
 
-/// Removes a pin directory and everything in it (maps of an agent that is gone).
-pub fn remove_pins(pin_dir: &Path) {
-    let _ = std::fs::remove_dir_all(pin_dir);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
