@@ -413,6 +413,7 @@ impl Agent {
                 events.push(ev);
             }
         }
+        let events = merge_events(events);
         for ev in &events {
             if self.events.contains(ev) {
                 continue;
@@ -536,6 +537,27 @@ fn programmed(desired: &Desired) -> Programmed {
 /// The translation's warnings about a frontend dropped because another service port has
 /// it (`<port id>: frontend <addr>:<port>/<proto> already used by <other>; dropped`), as
 /// Events on the service that lost it.
+/// One event per (service, reason), messages joined: the Event recorder keys its cache on
+/// the object and the reason, so two notes with the same reason would be folded into one
+/// Event with a series count instead of being two Events.
+fn merge_events(events: Vec<ServiceEvent>) -> Vec<ServiceEvent> {
+    let mut out: Vec<ServiceEvent> = Vec::new();
+    for ev in events {
+        match out
+            .iter_mut()
+            .find(|o| (&o.namespace, &o.name, &o.reason) == (&ev.namespace, &ev.name, &ev.reason))
+        {
+            Some(o) if !o.message.split("; ").any(|m| m == ev.message) => {
+                o.message.push_str("; ");
+                o.message.push_str(&ev.message);
+            }
+            Some(_) => {}
+            None => out.push(ev),
+        }
+    }
+    out
+}
+
 fn collision_events(desired: &Desired) -> Vec<ServiceEvent> {
     let mut out: Vec<ServiceEvent> = vec![];
     for w in &desired.warnings {
