@@ -9,6 +9,7 @@ pub const MAP_SERVICES: &str = "XLB_SERVICES";
 pub const MAP_BACKENDS: &str = "XLB_BACKENDS";
 pub const MAP_MAGLEV: &str = "XLB_MAGLEV";
 pub const MAP_CT: &str = "XLB_CT";
+pub const MAP_CT_NEW: &str = "XLB_CT_NEW";
 pub const MAP_REVNAT: &str = "XLB_REVNAT";
 pub const MAP_CONFIG: &str = "XLB_CONFIG";
 pub const MAP_COUNTERS: &str = "XLB_COUNTERS";
@@ -36,7 +37,11 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
 /// Maglev arena: one array holding every service's two tables (see `Service`).
 /// 4 Mi slots = 16 MiB, enough for ~2,000 services at M = 1021 double-buffered.
 pub const DEFAULT_MAGLEV_ARENA: u32 = 1 << 22;
+/// Confirmed flows (`XLB_CT`); reverse-NAT entries get this plus `DEFAULT_CT_NEW_ENTRIES`.
 pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
+/// Unconfirmed flows (`XLB_CT_NEW`): a SYN or a flood of them lands here and can only evict
+/// other unconfirmed flows, never a confirmed one.
+pub const DEFAULT_CT_NEW_ENTRIES: u32 = 65_536;
 
 /// Source ports used for SNAT towards backends on other nodes. Above Linux's default
 /// `ip_local_port_range` (32768-60999) and the NodePort range, so they never collide with
@@ -44,7 +49,18 @@ pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
 pub const DEFAULT_SNAT_PORT_MIN: u16 = 61_000;
 pub const DEFAULT_SNAT_PORT_MAX: u16 = 65_535;
 /// How many SNAT ports the datapath probes for a new flow before giving up.
-pub const SNAT_PROBES: u32 = 8;
+pub const SNAT_PROBES: u32 = 16;
+/// A SNAT port whose flow closed (FIN both ways, or RST) may be handed to a new flow after
+/// this many seconds, before the closed entry's own timeout: long enough for the last ACK
+/// and retransmitted FINs to be translated, short enough that a port range of a few
+/// thousand sustains thousands of new connections per second to one backend.
+pub const SNAT_REUSE_CLOSED_S: u32 = 2;
+
+/// Conntrack timeouts (seconds), the agent's defaults; see `Config`.
+pub const DEFAULT_CT_TCP_SYN_S: u32 = 60;
+pub const DEFAULT_CT_TCP_ESTABLISHED_S: u32 = 8_000;
+pub const DEFAULT_CT_TCP_CLOSE_S: u32 = 10;
+pub const DEFAULT_CT_UDP_S: u32 = 60;
 
 /// Frontend: what a packet is addressed to.
 #[repr(C)]
@@ -126,21 +142,87 @@ pub struct FlowKey {
 }
 
 /// The flow was source-NATed (backend on another node).
-pub const CT_SNAT: u16 = 1 << 0;
+pub const CT_SNAT: u8 = 1 << 0;
+/// A packet of the backend's direction (a reply) has been seen.
+pub const CT_SEEN_REPLY: u8 = 1 << 1;
+/// The client sent a FIN.
+pub const CT_FIN_CLIENT: u8 = 1 << 2;
+/// The backend sent a FIN.
+pub const CT_FIN_BACKEND: u8 = 1 << 3;
+/// A RST was seen in either direction.
+pub const CT_RST: u8 = 1 << 4;
+/// Created by a TCP segment that cannot start a connection (no SYN): the flow may be one
+/// another node started, so it is forwarded, but it holds its state (and SNAT port) only
+/// for the short close timeout until both directions confirm it.
+pub const CT_MIDSTREAM: u8 = 1 << 5;
 
-/// Connection-tracking entry, keyed by the client's original 5-tuple.
+/// Connection-tracking entry, keyed by the client's original 5-tuple (client -> frontend).
+///
+/// One NAT mapping is two map entries created together: this one and the `RevNat` keyed by
+/// the reply tuple. Each can find the other (the reply tuple is backend -> client, or
+/// backend -> SNAT address:`snat_port_be`; the `RevNat` holds the client tuple), and a hit
+/// on either is checked against the other, so a half left behind by an eviction is never
+/// taken for a live flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtEntry {
     pub backend_id: u32,
     pub svc_id: u32,
-    /// SNAT source port (network order) when `CT_SNAT` is set.
+    /// SNAT source port (network order) when `CT_SNAT` is set, else 0.
     pub snat_port_be: u16,
-    pub flags: u16,
+    /// `CT_*` bits.
+    pub flags: u8,
+    /// IP protocol (selects the timeouts).
+    pub proto: u8,
+    /// Monotonic clock (CLOCK_MONOTONIC, `bpf_ktime_get_coarse_ns`) in seconds when a
+    /// packet of the flow was last seen in either direction.
+    pub last_seen_s: u32,
+}
+
+/// The flow ended: RST, or FIN from both sides.
+#[inline(always)]
+pub fn ct_closed(e: &CtEntry) -> bool {
+    e.flags & CT_RST != 0
+        || e.flags & (CT_FIN_CLIENT | CT_FIN_BACKEND) == (CT_FIN_CLIENT | CT_FIN_BACKEND)
+}
+
+/// How long `e` lives after its last packet. `confirmed`: the entry is in `XLB_CT` (both
+/// directions seen, then the client again), not in `XLB_CT_NEW`.
+#[inline(always)]
+pub fn ct_timeout_s(cfg: &Config, e: &CtEntry, confirmed: bool) -> u32 {
+    if e.proto != crate::PROTO_TCP {
+        return cfg.ct_udp_s;
+    }
+    if ct_closed(e) {
+        cfg.ct_tcp_close_s
+    } else if confirmed {
+        cfg.ct_tcp_established_s
+    } else if e.flags & CT_MIDSTREAM != 0 {
+        cfg.ct_tcp_close_s
+    } else {
+        cfg.ct_tcp_syn_s
+    }
+}
+
+/// The entry's flow is over at `now_s` (the datapath treats it as absent, the agent's GC
+/// deletes it).
+#[inline(always)]
+pub fn ct_expired(cfg: &Config, e: &CtEntry, confirmed: bool, now_s: u32) -> bool {
+    now_s.wrapping_sub(e.last_seen_s) as i32 > ct_timeout_s(cfg, e, confirmed) as i32
+}
+
+/// The entry's SNAT port may be given to a new flow: expired, or closed long enough ago.
+#[inline(always)]
+pub fn ct_port_reusable(cfg: &Config, e: &CtEntry, confirmed: bool, now_s: u32) -> bool {
+    ct_expired(cfg, e, confirmed, now_s)
+        || (ct_closed(e) && now_s.wrapping_sub(e.last_seen_s) as i32 >= SNAT_REUSE_CLOSED_S as i32)
 }
 
 /// Reverse translation for replies, keyed by the reply's 5-tuple as it arrives
 /// (source = backend, destination = client or the node's SNAT address and port).
+///
+/// Its owner, the flow's `CtEntry`, is keyed by (client = `dst`, frontend = `src`, ports
+/// likewise, same protocol): see `RevNat::ct_key`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RevNat {
@@ -156,6 +238,21 @@ pub struct RevNat {
 /// The client is a pod on this node (ClusterIP flow): a reply translated at the uplink is
 /// handed to the kernel, which routes it to the pod's interface.
 pub const REV_TO_LOCAL_POD: u32 = 1 << 0;
+
+impl RevNat {
+    /// The conntrack key of the flow this reverse entry belongs to.
+    #[inline(always)]
+    pub fn ct_key(&self, proto: u8) -> FlowKey {
+        FlowKey {
+            src_addr_be: self.dst_addr_be,
+            dst_addr_be: self.src_addr_be,
+            src_port_be: self.dst_port_be,
+            dst_port_be: self.src_port_be,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
 
 /// Session affinity: which backend a client IP was last sent to for a service port.
 #[repr(C)]
@@ -211,6 +308,26 @@ pub struct Config {
     /// Inclusive SNAT port range, host order.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    /// Conntrack timeouts in seconds (see `ct_timeout_s`): a TCP flow not yet confirmed by
+    /// both directions, a confirmed TCP flow, a TCP flow after RST or FIN both ways (also
+    /// a mid-stream flow until confirmed), and UDP.
+    pub ct_tcp_syn_s: u32,
+    pub ct_tcp_established_s: u32,
+    pub ct_tcp_close_s: u32,
+    pub ct_udp_s: u32,
+}
+
+impl Config {
+    /// The agent's defaults with no SNAT address.
+    pub const DEFAULT: Config = Config {
+        snat_addr_be: 0,
+        snat_port_min: DEFAULT_SNAT_PORT_MIN,
+        snat_port_max: DEFAULT_SNAT_PORT_MAX,
+        ct_tcp_syn_s: DEFAULT_CT_TCP_SYN_S,
+        ct_tcp_established_s: DEFAULT_CT_TCP_ESTABLISHED_S,
+        ct_tcp_close_s: DEFAULT_CT_TCP_CLOSE_S,
+        ct_udp_s: DEFAULT_CT_UDP_S,
+    };
 }
 
 /// Per-service-port counters (`XLB_SVC_STATS[svc_id]`, per CPU).
@@ -280,9 +397,29 @@ pub enum Counter {
     DropSourceRange,
     AffinityHit,
     NeighResolve,
+    /// A flow confirmed by both directions moved from `XLB_CT_NEW` to `XLB_CT`.
+    CtConfirm,
+    /// A conntrack entry past its timeout was found (and replaced) by the datapath.
+    CtExpired,
+    /// A reply whose flow is gone (its conntrack half missing, expired or another flow's).
+    ReplyStale,
+    /// A SNAT port taken at the first probe / after more probes / from a closed, expired or
+    /// orphaned flow.
+    SnatFirst,
+    SnatRetry,
+    SnatReuse,
+    /// A flow's reverse entry had vanished and was written again with the same port.
+    RevnatRecreated,
+    /// A flow's SNAT port had been given to another flow: the flow got a new port.
+    SnatReassigned,
+    /// A TCP RST without state: forwarded to a local backend, dropped otherwise.
+    RstNoState,
+    /// A packet to the SNAT address and range that matches no flow: dropped, so the node
+    /// never answers it with a RST of its own.
+    DropSnatNoFlow,
 }
 
-pub const COUNTER_NAMES: [&str; 29] = [
+pub const COUNTER_NAMES: [&str; 39] = [
     "packets",
     "pass_not_ipv4",
     "pass_fragment",
@@ -312,6 +449,16 @@ pub const COUNTER_NAMES: [&str; 29] = [
     "drop_source_range",
     "affinity_hit",
     "neigh_resolve",
+    "ct_confirm",
+    "ct_expired",
+    "reply_stale",
+    "snat_first",
+    "snat_retry",
+    "snat_reuse",
+    "revnat_recreated",
+    "snat_reassigned",
+    "rst_no_state",
+    "drop_snat_no_flow",
 ];
 pub const COUNTER_COUNT: u32 = COUNTER_NAMES.len() as u32;
 
@@ -380,13 +527,77 @@ mod tests {
         assert_eq!(size_of::<SrcRangeKey>(), 8);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<FlowKey>(), 16);
-        assert_eq!(size_of::<CtEntry>(), 12);
+        assert_eq!(size_of::<CtEntry>(), 16);
         assert_eq!(size_of::<RevNat>(), 16);
         assert_eq!(size_of::<SockRevKey>(), 16);
         assert_eq!(size_of::<SockRev>(), 8);
-        assert_eq!(size_of::<Config>(), 8);
+        assert_eq!(size_of::<Config>(), 24);
         assert_eq!(size_of::<SvcStats>(), 32);
         assert_eq!(size_of::<SvcMeta>(), 128);
+    }
+
+    #[test]
+    fn counter_names_follow_the_enum() {
+        assert_eq!(
+            COUNTER_NAMES[Counter::NeighResolve as usize],
+            "neigh_resolve"
+        );
+        assert_eq!(
+            COUNTER_NAMES[Counter::DropSnatNoFlow as usize],
+            "drop_snat_no_flow"
+        );
+        assert_eq!(Counter::DropSnatNoFlow as u32 + 1, COUNTER_COUNT);
+    }
+
+    #[test]
+    fn conntrack_timeouts_by_state() {
+        let cfg = Config::DEFAULT;
+        let syn = CtEntry {
+            proto: crate::PROTO_TCP,
+            last_seen_s: 100,
+            ..Default::default()
+        };
+        assert_eq!(ct_timeout_s(&cfg, &syn, false), 60);
+        assert!(!ct_expired(&cfg, &syn, false, 160));
+        assert!(ct_expired(&cfg, &syn, false, 161));
+        assert_eq!(ct_timeout_s(&cfg, &syn, true), 8_000);
+        let fin1 = CtEntry {
+            flags: CT_FIN_CLIENT,
+            ..syn
+        };
+        assert!(!ct_closed(&fin1));
+        assert_eq!(ct_timeout_s(&cfg, &fin1, true), 8_000);
+        let fin2 = CtEntry {
+            flags: CT_FIN_CLIENT | CT_FIN_BACKEND,
+            ..syn
+        };
+        let rst = CtEntry {
+            flags: CT_RST,
+            ..syn
+        };
+        for e in [fin2, rst] {
+            assert!(ct_closed(&e));
+            assert_eq!(ct_timeout_s(&cfg, &e, true), 10);
+            assert!(!ct_port_reusable(&cfg, &e, true, 101));
+            assert!(ct_port_reusable(&cfg, &e, true, 102));
+        }
+        let mid = CtEntry {
+            flags: CT_MIDSTREAM,
+            ..syn
+        };
+        assert_eq!(ct_timeout_s(&cfg, &mid, false), 10);
+        let udp = CtEntry {
+            proto: crate::PROTO_UDP,
+            ..syn
+        };
+        assert_eq!(ct_timeout_s(&cfg, &udp, true), 60);
+        // The clock wraps (u32 seconds): still ordered.
+        let wrap = CtEntry {
+            last_seen_s: u32::MAX - 5,
+            ..syn
+        };
+        assert!(!ct_expired(&cfg, &wrap, false, 10));
+        assert!(ct_expired(&cfg, &wrap, false, 60));
     }
 
     #[test]

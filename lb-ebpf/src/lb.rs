@@ -1,10 +1,12 @@
 //! Backend choice: connection tracking first, the service's Maglev table on a miss.
-use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
+use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
 use lb_common::*;
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
-
-use crate::maps::{AFFINITY, BACKENDS, CONFIG, CT, MAGLEV, REVNAT, count};
+use crate::{
+    ct,
+    maps::{AFFINITY, BACKENDS, CONFIG, CT, CT_NEW, MAGLEV, REVNAT, count},
+    snat,
+};
 
 /// Where a flow goes, resolved for this packet.
 pub struct Target {
@@ -45,7 +47,7 @@ impl Path {
 }
 
 #[inline(always)]
-fn flow_key(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> FlowKey {
+pub fn flow_key(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> FlowKey {
     FlowKey {
         src_addr_be: src,
         dst_addr_be: dst,
@@ -57,34 +59,61 @@ fn flow_key(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> FlowKey {
 }
 
 /// Picks the backend for the client flow `ct_key` (client -> frontend) of service `svc`.
+/// `tcp_flags`: the segment's flags (0 for UDP).
 #[inline(always)]
-pub fn choose(ct_key: &FlowKey, new_conn: bool, svc_id: u32, svc: &Service, path: Path) -> Choice {
+pub fn choose(ct_key: &FlowKey, tcp_flags: u8, svc_id: u32, svc: &Service, path: Path) -> Choice {
+    let Some(cfg) = CONFIG.get(0) else {
+        return Choice::Drop;
+    };
+    let now = ct::now_s();
+    let opens = ct_key.proto != PROTO_TCP || ct::opens(tcp_flags);
+    let frontend_rev = RevNat {
+        src_addr_be: ct_key.dst_addr_be,
+        dst_addr_be: ct_key.src_addr_be,
+        src_port_be: ct_key.dst_port_be,
+        dst_port_be: ct_key.src_port_be,
+        flags: if path.from_pod { REV_TO_LOCAL_POD } else { 0 },
+    };
+    let syn = ct_key.proto == PROTO_TCP && ct::opens(tcp_flags);
     // SAFETY (map reads below): values are plain data; a concurrent agent update replaces hash
     // values wholesale, and a stale read only means the previous consistent state.
-    if let Some(ct) = unsafe { CT.get(ct_key) } {
+    if let Some(live) = ct::lookup(ct_key, cfg, now) {
+        let e = unsafe { *live.entry };
         // A SYN opens a new connection even when conntrack still holds an old one on the
-        // same 5-tuple (client ports are reused): towards a draining backend it must be
-        // balanced afresh, as the kernel's conntrack does for a SYN on a TIME_WAIT entry.
-        // Towards a live backend the entry is kept, so a retransmitted SYN keeps its
-        // backend and SNAT port.
-        let live = unsafe { BACKENDS.get(ct.backend_id) }
-            .filter(|be| !(new_conn && be.flags & BE_DRAINING != 0));
-        if let Some(be) = live {
-            count(Counter::CtHit);
-            let snat_addr = if ct.flags & CT_SNAT != 0 {
-                CONFIG.get(0).map(|c| c.snat_addr_be).unwrap_or(0)
-            } else {
-                0
-            };
-            return Choice::Go(Target {
-                backend: *be,
-                snat_port: ct.snat_port_be,
-                snat_addr,
+        // same 5-tuple (client ports are reused): after the old one closed, or towards a
+        // draining backend, it is balanced afresh, as the kernel's conntrack does for a SYN
+        // on a TIME_WAIT entry. Otherwise the entry is kept, so a retransmitted SYN keeps
+        // its backend and SNAT port.
+        let be = unsafe { BACKENDS.get(e.backend_id) }
+            .filter(|be| !(syn && (be.flags & BE_DRAINING != 0 || ct_closed(&e))));
+        if let Some(be) = be {
+            let be = *be;
+            let mut target = Target {
+                backend: be,
+                snat_port: 0,
+                snat_addr: 0,
                 new_flow: false,
-            });
+            };
+            if e.flags & CT_SNAT != 0 {
+                let Some(port) = snat::keep(cfg, &be, ct_key, &e, &frontend_rev, now) else {
+                    count(Counter::SnatExhausted);
+                    return Choice::Drop;
+                };
+                // SAFETY: see `ct::lookup`.
+                unsafe { (*live.entry).snat_port_be = port };
+                target.snat_port = port;
+                target.snat_addr = cfg.snat_addr_be;
+            } else if !snat::keep_direct(&be, ct_key, &frontend_rev) {
+                return Choice::Drop;
+            }
+            count(Counter::CtHit);
+            ct::seen_forward(ct_key, &live, tcp_flags, now);
+            return Choice::Go(target);
         }
-        // The backend is gone for good (not just out of the Maglev table): re-balance.
+        // The backend is gone for good (not just out of the Maglev table), or a new
+        // connection reuses the tuple: re-balance.
         count(Counter::CtRebalance);
+        ct::remove(ct_key, live.confirmed);
     } else {
         count(Counter::CtMiss);
     }
@@ -96,15 +125,11 @@ pub fn choose(ct_key: &FlowKey, new_conn: bool, svc_id: u32, svc: &Service, path
         return Choice::Reject;
     }
     let hash = flow_hash(ct_key);
-    let Some((backend_id, be)) = pick(svc_id, svc, ct_key.src_addr_be, hash) else {
+    let rst = ct_key.proto == PROTO_TCP && tcp_flags & ct::TCP_RST != 0;
+    // A RST never creates state (it ends a flow we do not know): a local backend gets it
+    // as it is, a remote one cannot (its flow was keyed by a SNAT port we no longer have).
+    let Some((backend_id, be)) = pick(svc_id, svc, ct_key.src_addr_be, hash, !rst) else {
         return Choice::Drop;
-    };
-    let frontend_rev = RevNat {
-        src_addr_be: ct_key.dst_addr_be,
-        dst_addr_be: ct_key.src_addr_be,
-        src_port_be: ct_key.dst_port_be,
-        dst_port_be: ct_key.src_port_be,
-        flags: if path.from_pod { REV_TO_LOCAL_POD } else { 0 },
     };
     let mut target = Target {
         backend: be,
@@ -112,30 +137,35 @@ pub fn choose(ct_key: &FlowKey, new_conn: bool, svc_id: u32, svc: &Service, path
         snat_addr: 0,
         new_flow: true,
     };
-    let mut flags = 0u16;
+    let mut flags = 0u8;
     let hairpin = path.from_pod && be.addr_be == ct_key.src_addr_be;
+    let snat = hairpin || (path.snat_remote && be.flags & BE_LOCAL == 0);
+    if rst {
+        count(Counter::RstNoState);
+        if snat {
+            return Choice::Drop;
+        }
+        target.new_flow = false;
+        return Choice::Go(target);
+    }
     if hairpin {
         count(Counter::Hairpin);
     }
-    let snat = hairpin || (path.snat_remote && be.flags & BE_LOCAL == 0);
     if !snat {
         // The backend answers the client directly; the reply is found by its own tuple (tc
         // hook of a local backend, or the uplink for a ClusterIP backend elsewhere).
-        let rk = flow_key(
-            be.addr_be,
-            ct_key.src_addr_be,
-            be.port_be,
-            ct_key.src_port_be,
-            ct_key.proto,
-        );
-        if REVNAT.insert(&rk, &frontend_rev, BPF_ANY as u64).is_err() {
+        if REVNAT
+            .insert(
+                &snat::direct_key(&be, ct_key),
+                &frontend_rev,
+                BPF_ANY as u64,
+            )
+            .is_err()
+        {
             return Choice::Drop;
         }
     } else {
-        let Some(cfg) = CONFIG.get(0) else {
-            return Choice::Drop;
-        };
-        let Some(port) = alloc_snat_port(cfg, &be, ct_key.proto, hash, &frontend_rev) else {
+        let Some(port) = snat::alloc(cfg, &be, ct_key.proto, hash, &frontend_rev, now) else {
             count(Counter::SnatExhausted);
             return Choice::Drop;
         };
@@ -143,22 +173,37 @@ pub fn choose(ct_key: &FlowKey, new_conn: bool, svc_id: u32, svc: &Service, path
         target.snat_addr = cfg.snat_addr_be;
         flags |= CT_SNAT;
     }
+    if !opens {
+        // Mid-stream: maybe a flow another node started. Forwarded, but it holds its state
+        // only briefly unless both directions confirm it.
+        flags |= CT_MIDSTREAM;
+    }
     let entry = CtEntry {
         backend_id,
         svc_id,
         snat_port_be: target.snat_port,
         flags,
+        proto: ct_key.proto,
+        last_seen_s: now,
     };
-    if CT.insert(ct_key, &entry, BPF_ANY as u64).is_err() {
+    if CT_NEW.insert(ct_key, &entry, BPF_ANY as u64).is_err() {
         return Choice::Drop;
     }
+    // A flow confirmed under this tuple before (now re-balanced) must not shadow this one.
+    let _ = CT.remove(ct_key);
     Choice::Go(target)
 }
 
 /// The backend for a new connection: the client's affinity entry while it is fresh (and
 /// refreshed by this connection), else the Maglev slot for `hash`.
 #[inline(always)]
-pub fn pick(svc_id: u32, svc: &Service, client_be: u32, hash: u32) -> Option<(u32, Backend)> {
+pub fn pick(
+    svc_id: u32,
+    svc: &Service,
+    client_be: u32,
+    hash: u32,
+    remember: bool,
+) -> Option<(u32, Backend)> {
     let key = AffinityKey {
         svc_id,
         client_addr_be: client_be,
@@ -184,7 +229,7 @@ pub fn pick(svc_id: u32, svc: &Service, client_be: u32, hash: u32) -> Option<(u3
     let slot = svc.table_off.wrapping_add(hash.checked_rem(svc.table_m)?);
     let backend_id = *MAGLEV.get(slot)?;
     let be = *unsafe { BACKENDS.get(backend_id) }?;
-    if svc.affinity_timeout != 0 {
+    if svc.affinity_timeout != 0 && remember {
         let a = Affinity {
             backend_id,
             _pad: 0,
@@ -193,34 +238,6 @@ pub fn pick(svc_id: u32, svc: &Service, client_be: u32, hash: u32) -> Option<(u3
         let _ = AFFINITY.insert(&key, &a, BPF_ANY as u64);
     }
     Some((backend_id, be))
-}
-
-/// Claims a free SNAT port towards `be` by inserting the reply tuple with NOEXIST: the map
-/// itself arbitrates between CPUs racing for the same port.
-#[inline(always)]
-fn alloc_snat_port(cfg: &Config, be: &Backend, proto: u8, hash: u32, rev: &RevNat) -> Option<u16> {
-    let min = cfg.snat_port_min as u32;
-    let max = cfg.snat_port_max as u32;
-    if max < min {
-        return None;
-    }
-    let range = max - min + 1;
-    let mut i = 0u32;
-    while i < SNAT_PROBES {
-        let port = (min + (hash.wrapping_add(i.wrapping_mul(0x9e37_79b9)) % range)) as u16;
-        let rk = flow_key(
-            be.addr_be,
-            cfg.snat_addr_be,
-            be.port_be,
-            port.to_be(),
-            proto,
-        );
-        if REVNAT.insert(&rk, rev, BPF_NOEXIST as u64).is_ok() {
-            return Some(port.to_be());
-        }
-        i += 1;
-    }
-    None
 }
 
 /// Reply lookup: the 5-tuple as it arrives from a backend.

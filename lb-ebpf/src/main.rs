@@ -1,15 +1,18 @@
 //! xlb datapath: XDP on node uplinks (north-south) and tc on pod interfaces (replies of
-//! locally delivered flows). The files follow the packet: parse -> lb (conntrack, Maglev) ->
-//! nat (rewrite) -> fib (forward), with reject for services without endpoints.
+//! locally delivered flows). The files follow the packet: parse -> lb (backend choice) with
+//! ct (conntrack state and time) and snat (reverse entries, ports) -> nat (rewrite) -> fib
+//! (forward), with reject for services without endpoints.
 #![no_std]
 #![no_main]
 
+mod ct;
 mod fib;
 mod lb;
 mod maps;
 mod nat;
 mod parse;
 mod reject;
+mod snat;
 mod sock;
 mod tc;
 mod xdp;

@@ -23,11 +23,18 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(DEFAULT_MAX_BACKEND
 #[map(name = "XLB_MAGLEV")]
 pub static MAGLEV: Array<u32> = Array::pinned(DEFAULT_MAGLEV_ARENA, BPF_F_MMAPABLE);
 
+/// Confirmed flows (see ct.rs).
 #[map(name = "XLB_CT")]
 pub static CT: LruHashMap<FlowKey, CtEntry> = LruHashMap::pinned(DEFAULT_CT_ENTRIES, 0);
 
+/// Flows not yet confirmed by both directions (see ct.rs).
+#[map(name = "XLB_CT_NEW")]
+pub static CT_NEW: LruHashMap<FlowKey, CtEntry> = LruHashMap::pinned(DEFAULT_CT_NEW_ENTRIES, 0);
+
+/// One reverse entry per flow of either conntrack map.
 #[map(name = "XLB_REVNAT")]
-pub static REVNAT: LruHashMap<FlowKey, RevNat> = LruHashMap::pinned(DEFAULT_CT_ENTRIES, 0);
+pub static REVNAT: LruHashMap<FlowKey, RevNat> =
+    LruHashMap::pinned(DEFAULT_CT_ENTRIES + DEFAULT_CT_NEW_ENTRIES, 0);
 
 #[map(name = "XLB_CONFIG")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);

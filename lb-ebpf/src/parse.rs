@@ -28,9 +28,8 @@ pub struct Tuple {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    /// A TCP SYN without ACK: the start of a new connection, whatever conntrack remembers
-    /// of an earlier one on the same 5-tuple (ports are reused).
-    pub syn: bool,
+    /// TCP flags (header byte 13; see `ct::TCP_*`), 0 for UDP.
+    pub tcp_flags: u8,
 }
 
 impl Tuple {
@@ -86,26 +85,22 @@ pub fn parse(data: usize, data_end: usize, whole_frame: bool) -> Result<Tuple, N
     if tot_len < IP_LEN || (whole_frame && data + IP_OFF + tot_len > data_end) {
         return Err(Counter::Truncated);
     }
-    let (sport, dport, syn) = match ip.proto {
+    let (sport, dport, tcp_flags) = match ip.proto {
         PROTO_TCP => {
             let tcp: *const TcpHdr = ptr_at(data, data_end, L4_OFF).ok_or(Counter::Truncated)?;
             let tcp = unsafe { &*tcp };
-            // Flags byte (offset 13): SYN 0x02, ACK 0x10.
+            // Flags byte (offset 13).
             let flags = unsafe { *(tcp as *const TcpHdr as *const u8).add(13) };
             (
                 u16::from_ne_bytes(tcp.source),
                 u16::from_ne_bytes(tcp.dest),
-                flags & 0x12 == 0x02,
+                flags,
             )
         }
         PROTO_UDP => {
             let udp: *const UdpHdr = ptr_at(data, data_end, L4_OFF).ok_or(Counter::Truncated)?;
             let udp = unsafe { &*udp };
-            (
-                u16::from_ne_bytes(udp.src),
-                u16::from_ne_bytes(udp.dst),
-                false,
-            )
+            (u16::from_ne_bytes(udp.src), u16::from_ne_bytes(udp.dst), 0)
         }
         _ => return Err(Counter::PassNotTcpUdp),
     };
@@ -115,6 +110,6 @@ pub fn parse(data: usize, data_end: usize, whole_frame: bool) -> Result<Tuple, N
         sport,
         dport,
         proto: ip.proto,
-        syn,
+        tcp_flags,
     })
 }

@@ -71,7 +71,7 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
     // The node itself is the client for session affinity (msg_src_ip4 exists only in
     // sendmsg hooks, and the source is not chosen yet at connect time).
     let client = CONFIG.get(0).map(|c| c.snat_addr_be).unwrap_or(0);
-    let Some((_, be)) = crate::lb::pick(svc_id, &svc, client, h) else {
+    let Some((_, be)) = crate::lb::pick(svc_id, &svc, client, h, true) else {
         return ALLOW;
     };
     let key = SockRevKey {

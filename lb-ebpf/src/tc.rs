@@ -25,6 +25,7 @@ use aya_ebpf::{
 use lb_common::*;
 
 use crate::{
+    ct,
     lb::{self, Choice, Path},
     maps::{CLUSTER_IPS, CONFIG, FRONTENDS, REVNAT, SERVICES, count, svc_stats},
     parse::{self, IP_OFF, L4_OFF, Tuple, ptr_at},
@@ -52,6 +53,19 @@ pub fn run(ctx: &TcContext) -> i32 {
             return TC_ACT_OK as i32;
         }
     };
+    let rk = t.flow_key();
+    let Some(cfg) = CONFIG.get(0) else {
+        return TC_ACT_OK as i32;
+    };
+    // A reply of a local backend to a hairpin flow goes to the SNAT address: reverse NAT
+    // first there, as on the uplink (a frontend must not capture it).
+    let to_snat = t.dst == cfg.snat_addr_be
+        && u16::from_be(t.dport) >= cfg.snat_port_min
+        && u16::from_be(t.dport) <= cfg.snat_port_max;
+    if to_snat && let Some(rev) = unsafe { REVNAT.get(&rk) } {
+        let rev = *rev;
+        return checked_reply(ctx, &t, &rk, &rev, cfg);
+    }
     let fk = t.frontend_key();
     // SAFETY: plain-data map values, see lb::choose.
     if let Some(fe) = unsafe { FRONTENDS.get(&fk) } {
@@ -71,13 +85,22 @@ pub fn run(ctx: &TcContext) -> i32 {
         count(Counter::RejectUnknownPort);
         return reject(ctx, &t);
     }
-    let rk = t.flow_key();
     let Some(rev) = (unsafe { REVNAT.get(&rk) }) else {
         count(Counter::TcPass);
         return TC_ACT_OK as i32;
     };
     let rev = *rev;
-    reply(ctx, &t, &rev)
+    checked_reply(ctx, &t, &rk, &rev, cfg)
+}
+
+/// A reply matched a reverse entry: translated if its flow is live, else dropped (a
+/// leftover entry must not rewrite another connection's packets).
+#[inline(always)]
+fn checked_reply(ctx: &TcContext, t: &Tuple, rk: &FlowKey, rev: &RevNat, cfg: &Config) -> i32 {
+    if !ct::seen_reply(rk, rev, t.tcp_flags, cfg) {
+        return TC_ACT_SHOT as i32;
+    }
+    reply(ctx, t, rev)
 }
 
 /// tc ingress on the uplink: replies to flows started by a pod on this node (ClusterIP with
@@ -94,9 +117,10 @@ pub fn run_uplink(ctx: &TcContext) -> i32 {
     // SAFETY: plain-data map value.
     if let Some(rev) = unsafe { REVNAT.get(&rk) }
         && rev.flags & REV_TO_LOCAL_POD != 0
+        && let Some(cfg) = CONFIG.get(0)
     {
         let rev = *rev;
-        return reply(ctx, &t, &rev);
+        return checked_reply(ctx, &t, &rk, &rev, cfg);
     }
     // A packet XDP already translated but could not send because the next hop has no
     // neighbour entry (XDP_TX traffic never refreshes the kernel's entry, so it ages out
@@ -138,7 +162,7 @@ fn reply(ctx: &TcContext, t: &Tuple, rev: &RevNat) -> i32 {
         sport: rev.src_port_be,
         dport: rev.dst_port_be,
         proto: t.proto,
-        syn: false,
+        tcp_flags: 0,
     };
     forward(ctx, &out)
 }
@@ -151,7 +175,7 @@ fn to_backend(ctx: &TcContext, t: &Tuple, svc_id: u32, path: Path) -> i32 {
     let svc = *svc;
     let stats = svc_stats(svc_id);
     let ct_key = t.flow_key();
-    let target = match lb::choose(&ct_key, t.syn, svc_id, &svc, path) {
+    let target = match lb::choose(&ct_key, t.tcp_flags, svc_id, &svc, path) {
         Choice::Go(target) => target,
         Choice::Reject => {
             if let Some(s) = stats {

@@ -8,9 +8,9 @@ use aya_ebpf::{
 use lb_common::*;
 
 use crate::{
-    fib,
+    ct, fib,
     lb::{self, Choice},
-    maps::{FRONTENDS, REVNAT, SERVICES, SRC_RANGES, count, svc_stats},
+    maps::{CONFIG, FRONTENDS, REVNAT, SERVICES, SRC_RANGES, count, svc_stats},
     nat::{Side, rewrite},
     parse::{self, Tuple},
     reject,
@@ -26,6 +26,26 @@ pub fn run(ctx: &XdpContext) -> u32 {
             return XDP_PASS;
         }
     };
+    let rk = t.flow_key();
+    // Reverse NAT before frontends for the node's SNAT address and range: a reply to one
+    // of our SNAT ports is ours even if a frontend claims that address and port.
+    if let Some(cfg) = CONFIG.get(0)
+        && snat_addressed(cfg, &t)
+    {
+        // SAFETY: plain-data map value, copied out.
+        if let Some(rev) = unsafe { REVNAT.get(&rk) } {
+            let rev = *rev;
+            return translate_reply(ctx, &t, &rk, &rev, cfg);
+        }
+        if t.proto == PROTO_TCP && !ct::opens(t.tcp_flags) {
+            // A segment of a flow we no longer know (its state expired or was evicted): the
+            // node has no socket on this port and would answer with a RST that kills a
+            // connection the backend still has. Dropped; the client's next packet restores
+            // the state or the flow times out.
+            count(Counter::DropSnatNoFlow);
+            return XDP_DROP;
+        }
+    }
     let fk = t.frontend_key();
     // SAFETY: plain-data map values, see lb::choose.
     if let Some(fe) = unsafe { FRONTENDS.get(&fk) } {
@@ -38,18 +58,36 @@ pub fn run(ctx: &XdpContext) -> u32 {
             return to_backend(ctx, &t, fe.svc_id);
         }
     }
-    let rk = t.flow_key();
     if let Some(rev) = unsafe { REVNAT.get(&rk) } {
-        if rev.flags & REV_TO_LOCAL_POD != 0 {
-            // For a pod on this node: the uplink's tc hook translates and delivers it.
-            count(Counter::PassToTc);
-            return XDP_PASS;
-        }
         let rev = *rev;
-        return reply(ctx, &t, &rev);
+        if let Some(cfg) = CONFIG.get(0) {
+            return translate_reply(ctx, &t, &rk, &rev, cfg);
+        }
     }
     count(Counter::PassNoMatch);
     XDP_PASS
+}
+
+/// Addressed to the node's SNAT address, on a port of its SNAT range.
+#[inline(always)]
+fn snat_addressed(cfg: &Config, t: &Tuple) -> bool {
+    let port = u16::from_be(t.dport);
+    t.dst == cfg.snat_addr_be && port >= cfg.snat_port_min && port <= cfg.snat_port_max
+}
+
+/// A reply matched a reverse entry: translated here, or handed to the uplink's tc hook
+/// when it is for a pod on this node (tc checks and translates it there).
+#[inline(always)]
+fn translate_reply(ctx: &XdpContext, t: &Tuple, rk: &FlowKey, rev: &RevNat, cfg: &Config) -> u32 {
+    if rev.flags & REV_TO_LOCAL_POD != 0 {
+        count(Counter::PassToTc);
+        return XDP_PASS;
+    }
+    if !ct::seen_reply(rk, rev, t.tcp_flags, cfg) {
+        // Its flow is gone: nothing to translate it to.
+        return XDP_DROP;
+    }
+    reply(ctx, t, rev)
 }
 
 /// loadBalancerSourceRanges: the longest prefix under this service port that covers the
@@ -76,7 +114,7 @@ fn to_backend(ctx: &XdpContext, t: &Tuple, svc_id: u32) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let stats = svc_stats(svc_id);
     let ct_key = t.flow_key();
-    let target = match lb::choose(&ct_key, t.syn, svc_id, &svc, lb::Path::NORTH_SOUTH) {
+    let target = match lb::choose(&ct_key, t.tcp_flags, svc_id, &svc, lb::Path::NORTH_SOUTH) {
         Choice::Go(target) => target,
         Choice::Reject => {
             if let Some(s) = stats {
@@ -131,7 +169,7 @@ fn to_backend(ctx: &XdpContext, t: &Tuple, svc_id: u32) -> u32 {
         sport: target.snat_port,
         dport: be.port_be,
         proto: t.proto,
-        syn: false,
+        tcp_flags: 0,
     };
     fib::forward(ctx, &out, ip_tot_len(ctx))
 }
@@ -168,7 +206,7 @@ fn reply(ctx: &XdpContext, t: &Tuple, rev: &RevNat) -> u32 {
         sport: rev.src_port_be,
         dport: rev.dst_port_be,
         proto: t.proto,
-        syn: false,
+        tcp_flags: 0,
     };
     fib::forward(ctx, &out, ip_tot_len(ctx))
 }

@@ -431,6 +431,17 @@ enum Step {
         ct_backend: [u8; 4],
         after: Duration,
     },
+    /// Look at or change the maps between packets (conntrack state, simulated evictions,
+    /// the passing of time).
+    Maps(&'static str, Box<dyn FnOnce(&mut MapsView) + Send>),
+}
+
+/// The maps a `Step::Maps` sees: the agent's handles and the conntrack maps.
+struct MapsView<'a> {
+    agent: &'a mut Maps,
+    ct: aya::maps::HashMap<&'a mut aya::maps::MapData, FlowKey, CtEntry>,
+    ct_new: aya::maps::HashMap<&'a mut aya::maps::MapData, FlowKey, CtEntry>,
+    revnat: aya::maps::HashMap<&'a mut aya::maps::MapData, FlowKey, RevNat>,
 }
 
 fn case(desc: &'static str, input: Vec<u8>, output: Vec<u8>, action: u32) -> Step {
@@ -1018,6 +1029,7 @@ fn program(programmer: &mut Programmer, maps: &mut Maps, ct_backend: [u8; 4], no
     let node = NodeContext {
         node_name: "node-a".into(),
         node_addrs: vec![NODE.into()],
+        ..Default::default()
     };
     let desired = translate::translate(&objs, &node);
     programmer.apply(&desired, maps, now).expect("apply");
@@ -1028,6 +1040,21 @@ fn packet_table() {
     if !require_privileged() {
         return;
     }
+    let steps = table();
+    let cases = steps
+        .iter()
+        .filter(|s| matches!(s, Step::Case { .. }))
+        .count();
+    assert!(
+        cases >= 25,
+        "the table must hold at least 25 cases, has {cases}"
+    );
+    run_table(steps, SNAT_PORT);
+}
+
+/// Loads the programs in a throwaway namespace, programs the world and runs `steps`.
+/// `snat_port_max`: the SNAT range is `SNAT_PORT..=snat_port_max`.
+fn run_table(steps: Vec<Step>, snat_port_max: u16) {
     let _lock = net_lock();
     let ns = Netns::new("pkt").expect("netns");
     setup_netns(&ns);
@@ -1040,7 +1067,8 @@ fn packet_table() {
             Config {
                 snat_addr_be: u32::from_ne_bytes(NODE),
                 snat_port_min: SNAT_PORT,
-                snat_port_max: SNAT_PORT,
+                snat_port_max,
+                ..Config::DEFAULT
             },
             0,
         )
@@ -1056,15 +1084,6 @@ fn packet_table() {
     let t0 = Instant::now();
     program(&mut programmer, &mut maps, CT_A, t0);
 
-    let steps = table();
-    let cases = steps
-        .iter()
-        .filter(|s| matches!(s, Step::Case { .. }))
-        .count();
-    assert!(
-        cases >= 25,
-        "the table must hold at least 25 cases, has {cases}"
-    );
     in_netns(ns.name(), || {
         let ifindex = nix::net::if_::if_nametoindex("up0").expect("up0");
         // xdp_md as BPF_PROG_TEST_RUN wants it: data 0, data_end = len, ingress = up0.
@@ -1075,6 +1094,19 @@ fn packet_table() {
                 }
                 Step::Apply { ct_backend, after } => {
                     program(&mut programmer, &mut maps, ct_backend, t0 + after)
+                }
+                Step::Maps(what, f) => {
+                    let [ct, ct_new, revnat] = dp
+                        .ebpf
+                        .maps_disjoint_mut([MAP_CT, MAP_CT_NEW, MAP_REVNAT])
+                        .map(|m| m.unwrap_or_else(|| panic!("{what}: conntrack maps")));
+                    let mut view = MapsView {
+                        agent: &mut maps,
+                        ct: aya::maps::HashMap::try_from(ct).unwrap(),
+                        ct_new: aya::maps::HashMap::try_from(ct_new).unwrap(),
+                        revnat: aya::maps::HashMap::try_from(revnat).unwrap(),
+                    };
+                    f(&mut view);
                 }
                 Step::Case {
                     desc,
@@ -1145,4 +1177,402 @@ fn hex(b: &[u8]) -> String {
         .map(|x| format!("{x:02x}"))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+// ---------------------------------------------------------------- conntrack table
+
+/// Conntrack and SNAT ports: a flow's state across its life (SYN, reply, confirmation,
+/// FIN, RST), ports given back, reverse entries that vanish, mid-stream segments, and
+/// reverse NAT ahead of frontends. The SNAT range is one port, so every port decision is
+/// visible in the packets.
+#[test]
+fn conntrack_table() {
+    if !require_privileged() {
+        return;
+    }
+    run_table(conntrack_steps(), SNAT_PORT);
+}
+
+fn tcp_key(sport: u16, dst: [u8; 4], dport: u16) -> FlowKey {
+    FlowKey {
+        src_addr_be: u32::from_ne_bytes(CLIENT),
+        dst_addr_be: u32::from_ne_bytes(dst),
+        src_port_be: sport.to_be(),
+        dst_port_be: dport.to_be(),
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
+/// The reverse key of a flow SNATed to `SNAT_PORT` towards the remote web pod.
+fn snat_rev_key() -> FlowKey {
+    FlowKey {
+        src_addr_be: u32::from_ne_bytes(POD_REMOTE),
+        dst_addr_be: u32::from_ne_bytes(NODE),
+        src_port_be: 8080u16.to_be(),
+        dst_port_be: SNAT_PORT.to_be(),
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
+/// A frame with its TCP flags byte replaced (checksum recomputed).
+fn tcp_flags(mut frame: Vec<u8>, flags: u8) -> Vec<u8> {
+    frame[47] = flags;
+    recompute_tcp(&mut frame);
+    frame
+}
+
+const FIN_ACK: u8 = 0x11;
+const RST_ACK: u8 = 0x14;
+const RST: u8 = 0x04;
+
+/// The remote web pod's segment to the node's SNAT port.
+fn from_remote(syn: bool) -> Pkt {
+    Pkt {
+        smac: MAC_NODE_B,
+        dmac: MAC_NODE,
+        src: POD_REMOTE,
+        dst: NODE,
+        ttl: 63,
+        l4: L4::Tcp {
+            sport: 8080,
+            dport: SNAT_PORT,
+            seq: 5000,
+            ack: Some(1001),
+            syn,
+        },
+    }
+}
+
+/// `p` as the client of port `cport` gets it back from the NodePort 30081.
+fn to_client(p: Pkt, cport: u16) -> Pkt {
+    p.set_src(NODE, 30081)
+        .set_dst(CLIENT, cport)
+        .routed(MAC_NODE, MAC_CLIENT)
+}
+
+/// `p` (client -> NodePort 30081) as sent to the remote pod through the SNAT port.
+fn to_remote(p: Pkt) -> Pkt {
+    p.set_dst(POD_REMOTE, 8080)
+        .set_src(NODE, SNAT_PORT)
+        .routed(MAC_NODE, MAC_NODE_B)
+}
+
+/// The entry of `key` and whether it is confirmed (in `XLB_CT`).
+fn entry(v: &MapsView, key: &FlowKey) -> Option<(CtEntry, bool)> {
+    if let Ok(e) = v.ct.get(key, 0) {
+        assert!(v.ct_new.get(key, 0).is_err(), "{key:?} in both maps");
+        return Some((e, true));
+    }
+    v.ct_new.get(key, 0).ok().map(|e| (e, false))
+}
+
+/// Moves the flow's last packet `secs` into the past.
+fn age(v: &mut MapsView, key: &FlowKey, secs: u32) {
+    let (mut e, confirmed) = entry(v, key).expect("entry to age");
+    e.last_seen_s = e.last_seen_s.wrapping_sub(secs);
+    if confirmed {
+        v.ct.insert(key, e, 0).unwrap();
+    } else {
+        v.ct_new.insert(key, e, 0).unwrap();
+    }
+}
+
+fn check(what: &'static str, f: impl FnOnce(&mut MapsView) + Send + 'static) -> Step {
+    Step::Maps(what, Box::new(f))
+}
+
+fn xdp(desc: &'static str, input: Vec<u8>, output: Option<Vec<u8>>, action: u32) -> Step {
+    Step::Case {
+        desc,
+        prog: Prog::Xdp,
+        input,
+        output,
+        action,
+    }
+}
+
+fn conntrack_steps() -> Vec<Step> {
+    let cfg = Config::DEFAULT;
+    let syn_to = |c: u16| syn(c, NODE, 30081);
+    let ack_to = |c: u16| ack(c, NODE, 30081);
+    let fwd_ok = |desc, p: Pkt| case(desc, p.bytes(), to_remote(p).bytes(), XDP_TX);
+    let reply_ok = |desc, p: Pkt, c: u16| case(desc, p.bytes(), to_client(p, c).bytes(), XDP_TX);
+    vec![
+        // --- A flow's life: unconfirmed, replied, confirmed, half closed, closed.
+        fwd_ok(
+            "SYN -> remote pod through the only SNAT port",
+            syn_to(41000),
+        ),
+        check("a SYN creates an unconfirmed entry", move |v| {
+            let (e, confirmed) = entry(v, &tcp_key(41000, NODE, 30081)).expect("entry");
+            assert!(!confirmed);
+            assert_eq!(e.flags, CT_SNAT);
+            assert_eq!(u16::from_be(e.snat_port_be), SNAT_PORT);
+            assert_eq!(ct_timeout_s(&cfg, &e, confirmed), DEFAULT_CT_TCP_SYN_S);
+            let rev = v.revnat.get(&snat_rev_key(), 0).expect("reverse entry");
+            assert_eq!(rev.ct_key(PROTO_TCP), tcp_key(41000, NODE, 30081));
+        }),
+        reply_ok("SYN-ACK from the pod -> client", from_remote(true), 41000),
+        check("the reply is recorded, still unconfirmed", |v| {
+            let (e, confirmed) = entry(v, &tcp_key(41000, NODE, 30081)).unwrap();
+            assert!(!confirmed);
+            assert_ne!(e.flags & CT_SEEN_REPLY, 0);
+        }),
+        fwd_ok("client ACK, same port", ack_to(41000)),
+        check(
+            "the client's ACK after the reply confirms the flow",
+            move |v| {
+                let (e, confirmed) = entry(v, &tcp_key(41000, NODE, 30081)).unwrap();
+                assert!(confirmed);
+                assert_eq!(
+                    ct_timeout_s(&cfg, &e, confirmed),
+                    DEFAULT_CT_TCP_ESTABLISHED_S
+                );
+            },
+        ),
+        xdp(
+            "another client while the only port is held by a live flow: dropped",
+            syn_to(41001).bytes(),
+            None,
+            XDP_DROP,
+        ),
+        case(
+            "client FIN -> forwarded",
+            tcp_flags(ack_to(41000).bytes(), FIN_ACK),
+            tcp_flags(to_remote(ack_to(41000)).bytes(), FIN_ACK),
+            XDP_TX,
+        ),
+        check("one FIN does not shorten the entry", move |v| {
+            let (e, confirmed) = entry(v, &tcp_key(41000, NODE, 30081)).unwrap();
+            assert_ne!(e.flags & CT_FIN_CLIENT, 0);
+            assert!(!ct_closed(&e));
+            assert_eq!(
+                ct_timeout_s(&cfg, &e, confirmed),
+                DEFAULT_CT_TCP_ESTABLISHED_S
+            );
+        }),
+        case(
+            "pod FIN -> client",
+            tcp_flags(from_remote(false).bytes(), FIN_ACK),
+            tcp_flags(to_client(from_remote(false), 41000).bytes(), FIN_ACK),
+            XDP_TX,
+        ),
+        check(
+            "FIN both ways: the entry lives for the close timeout only",
+            move |v| {
+                let (e, confirmed) = entry(v, &tcp_key(41000, NODE, 30081)).unwrap();
+                assert!(ct_closed(&e));
+                assert_eq!(ct_timeout_s(&cfg, &e, confirmed), DEFAULT_CT_TCP_CLOSE_S);
+            },
+        ),
+        fwd_ok(
+            "the last ACK of the closed flow is still translated",
+            ack_to(41000),
+        ),
+        xdp(
+            "a closed flow keeps its port for a moment (late segments)",
+            syn_to(41001).bytes(),
+            None,
+            XDP_DROP,
+        ),
+        check("time passes", |v| {
+            age(v, &tcp_key(41000, NODE, 30081), SNAT_REUSE_CLOSED_S + 1)
+        }),
+        fwd_ok(
+            "the port of a closed flow goes to a new flow",
+            syn_to(41001),
+        ),
+        check("the closed flow's entry went with its port", |v| {
+            assert!(entry(v, &tcp_key(41000, NODE, 30081)).is_none());
+            let rev = v.revnat.get(&snat_rev_key(), 0).unwrap();
+            assert_eq!(rev.ct_key(PROTO_TCP), tcp_key(41001, NODE, 30081));
+        }),
+        xdp(
+            "a late segment of the old flow never uses the new flow's port",
+            ack_to(41000).bytes(),
+            None,
+            XDP_DROP,
+        ),
+        // --- RST.
+        reply_ok("SYN-ACK -> second client", from_remote(true), 41001),
+        fwd_ok("second client's ACK", ack_to(41001)),
+        case(
+            "client RST -> forwarded",
+            tcp_flags(ack_to(41001).bytes(), RST_ACK),
+            tcp_flags(to_remote(ack_to(41001)).bytes(), RST_ACK),
+            XDP_TX,
+        ),
+        check(
+            "RST: the entry lives for the close timeout only",
+            move |v| {
+                let (e, confirmed) = entry(v, &tcp_key(41001, NODE, 30081)).unwrap();
+                assert!(confirmed);
+                assert_ne!(e.flags & CT_RST, 0);
+                assert_eq!(ct_timeout_s(&cfg, &e, confirmed), DEFAULT_CT_TCP_CLOSE_S);
+                age(v, &tcp_key(41001, NODE, 30081), SNAT_REUSE_CLOSED_S + 1);
+            },
+        ),
+        // --- A reverse entry that vanished (LRU eviction) is written again.
+        fwd_ok("third client takes the port", syn_to(41002)),
+        reply_ok("SYN-ACK -> third client", from_remote(true), 41002),
+        fwd_ok("third client's ACK: confirmed", ack_to(41002)),
+        check("the reverse entry is evicted", |v| {
+            v.revnat.remove(&snat_rev_key()).unwrap();
+        }),
+        fwd_ok(
+            "next segment: same port, reverse entry recreated",
+            ack_to(41002),
+        ),
+        check("recreated for the same client", |v| {
+            let rev = v.revnat.get(&snat_rev_key(), 0).expect("recreated");
+            assert_eq!(rev.ct_key(PROTO_TCP), tcp_key(41002, NODE, 30081));
+            // Evicted again, and this time another flow takes the port first.
+            v.revnat.remove(&snat_rev_key()).unwrap();
+        }),
+        fwd_ok("a new flow claims the free port", syn_to(41003)),
+        xdp(
+            "the flow whose reverse entry was taken is never sent through another's port",
+            ack_to(41002).bytes(),
+            None,
+            XDP_DROP,
+        ),
+        reply_ok(
+            "the port's replies reach its new owner",
+            from_remote(true),
+            41003,
+        ),
+        // --- Mid-stream segments without state.
+        case(
+            "mid-stream ACK without state, local pod: forwarded",
+            ack(41010, NODE, 30080).bytes(),
+            ack(41010, NODE, 30080).set_dst(POD_LOCAL, 8080).bytes(),
+            XDP_PASS,
+        ),
+        check("... with short-lived state", move |v| {
+            let (e, confirmed) = entry(v, &tcp_key(41010, NODE, 30080)).unwrap();
+            assert!(!confirmed);
+            assert_eq!(e.flags, CT_MIDSTREAM);
+            assert_eq!(ct_timeout_s(&cfg, &e, confirmed), DEFAULT_CT_TCP_CLOSE_S);
+            // The SYN of 41003 never got its ACK: after the SYN timeout it is over.
+            age(v, &tcp_key(41003, NODE, 30081), DEFAULT_CT_TCP_SYN_S + 1);
+        }),
+        fwd_ok(
+            "mid-stream ACK without state, remote pod: forwarded",
+            ack_to(41011),
+        ),
+        check("its port is held only for the close timeout", move |v| {
+            let (e, confirmed) = entry(v, &tcp_key(41011, NODE, 30081)).unwrap();
+            assert_eq!(e.flags, CT_SNAT | CT_MIDSTREAM);
+            assert_eq!(ct_timeout_s(&cfg, &e, confirmed), DEFAULT_CT_TCP_CLOSE_S);
+            age(v, &tcp_key(41011, NODE, 30081), DEFAULT_CT_TCP_CLOSE_S + 1);
+        }),
+        fwd_ok("after it, a SYN gets the port", syn_to(41012)),
+        xdp(
+            "RST without state, remote pod: dropped, no state",
+            tcp_flags(ack_to(41020).bytes(), RST),
+            None,
+            XDP_DROP,
+        ),
+        case(
+            "RST without state, local pod: forwarded",
+            tcp_flags(ack(41021, NODE, 30080).bytes(), RST),
+            tcp_flags(
+                ack(41021, NODE, 30080).set_dst(POD_LOCAL, 8080).bytes(),
+                RST,
+            ),
+            XDP_PASS,
+        ),
+        check("a RST never creates state", |v| {
+            assert!(entry(v, &tcp_key(41020, NODE, 30081)).is_none());
+            assert!(entry(v, &tcp_key(41021, NODE, 30080)).is_none());
+            // A Service lists the node address as an external IP on the SNAT port (the
+            // agent refuses that; the datapath must not depend on it).
+            let local = v
+                .agent
+                .frontends
+                .get(
+                    &FrontendKey {
+                        addr_be: u32::from_ne_bytes(NODE),
+                        port_be: 30080u16.to_be(),
+                        proto: PROTO_TCP,
+                        _pad: 0,
+                    },
+                    0,
+                )
+                .unwrap();
+            let fe = Frontend {
+                flags: FE_EXTERNAL,
+                ..local
+            };
+            v.agent.frontends.insert(snat_frontend(), fe, 0).unwrap();
+        }),
+        reply_ok(
+            "a reply to the SNAT port is reverse-translated despite a frontend there",
+            from_remote(true),
+            41012,
+        ),
+        xdp(
+            "a segment to the SNAT port of no flow is dropped (no RST from the node)",
+            from_remote(false)
+                .with(|p| {
+                    p.l4 = L4::Tcp {
+                        sport: 9999,
+                        dport: SNAT_PORT,
+                        seq: 1,
+                        ack: Some(1),
+                        syn: false,
+                    }
+                })
+                .bytes(),
+            None,
+            XDP_DROP,
+        ),
+        check("the flow is gone, its reverse entry stays", |v| {
+            v.agent.frontends.remove(&snat_frontend()).unwrap();
+            let k = tcp_key(41012, NODE, 30081);
+            let confirmed = entry(v, &k).unwrap().1;
+            if confirmed {
+                v.ct.remove(&k).unwrap();
+            } else {
+                v.ct_new.remove(&k).unwrap();
+            }
+        }),
+        xdp(
+            "a reply whose flow is gone is not translated",
+            from_remote(false).bytes(),
+            None,
+            XDP_DROP,
+        ),
+        check("the leftover reverse entry is removed", |v| {
+            assert!(v.revnat.get(&snat_rev_key(), 0).is_err());
+        }),
+        // --- UDP.
+        case(
+            "UDP creates state",
+            udp(41030, NODE, 30054).bytes(),
+            udp(41030, NODE, 30054)
+                .set_dst(POD_REMOTE_DNS, 5353)
+                .set_src(NODE, SNAT_PORT)
+                .routed(MAC_NODE, MAC_NODE_B)
+                .bytes(),
+            XDP_TX,
+        ),
+        check("UDP entry and timeout", move |v| {
+            let mut k = tcp_key(41030, NODE, 30054);
+            k.proto = PROTO_UDP;
+            let (e, confirmed) = entry(v, &k).unwrap();
+            assert_eq!(ct_timeout_s(&cfg, &e, confirmed), DEFAULT_CT_UDP_S);
+        }),
+    ]
+}
+
+fn snat_frontend() -> FrontendKey {
+    FrontendKey {
+        addr_be: u32::from_ne_bytes(NODE),
+        port_be: SNAT_PORT.to_be(),
+        proto: PROTO_TCP,
+        _pad: 0,
+    }
 }

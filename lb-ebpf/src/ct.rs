@@ -1,0 +1,172 @@
+//! Connection tracking: where a flow's entry lives, its clock and its TCP state.
+//!
+//! Two maps (see `lb_common::CtEntry`): `XLB_CT_NEW` holds flows not yet confirmed, `XLB_CT`
+//! flows seen in both directions and then from the client again. Both are LRU, so a flood
+//! of SYNs or stray segments (which never get confirmed) can only evict other unconfirmed
+//! flows. Entries past their timeout are treated as absent here; the agent's GC deletes
+//! them in bulk.
+use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns};
+use lb_common::*;
+
+use crate::maps::{CT, CT_NEW, REVNAT, count};
+
+/// TCP header flag bits (byte 13).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// A segment that may open a connection: SYN without ACK.
+#[inline(always)]
+pub fn opens(tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// Monotonic seconds. The coarse clock is a plain load (no clock-source read), and
+/// seconds are all the timeouts need; the agent reads the same clock (CLOCK_MONOTONIC).
+#[inline(always)]
+pub fn now_s() -> u32 {
+    // SAFETY: helper without arguments.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+/// A live entry: the pointer into its map value and whether it is in `XLB_CT`.
+pub struct Live {
+    pub entry: *mut CtEntry,
+    pub confirmed: bool,
+}
+
+/// The flow's entry, if it is live. An expired one is deleted on the way.
+#[inline(always)]
+pub fn lookup(key: &FlowKey, cfg: &Config, now: u32) -> Option<Live> {
+    if let Some(e) = CT.get_ptr_mut(key) {
+        // SAFETY: map value pointer, valid while the program runs (RCU).
+        if !ct_expired(cfg, unsafe { &*e }, true, now) {
+            return Some(Live {
+                entry: e,
+                confirmed: true,
+            });
+        }
+        count(Counter::CtExpired);
+        let _ = CT.remove(key);
+    }
+    if let Some(e) = CT_NEW.get_ptr_mut(key) {
+        if !ct_expired(cfg, unsafe { &*e }, false, now) {
+            return Some(Live {
+                entry: e,
+                confirmed: false,
+            });
+        }
+        count(Counter::CtExpired);
+        let _ = CT_NEW.remove(key);
+    }
+    None
+}
+
+#[inline(always)]
+pub fn remove(key: &FlowKey, confirmed: bool) {
+    let _ = if confirmed {
+        CT.remove(key)
+    } else {
+        CT_NEW.remove(key)
+    };
+}
+
+/// Records a packet of the client's direction. A flow that has had its reply and now
+/// hears from the client again (for TCP: not a SYN) is confirmed: it moves to `XLB_CT`.
+#[inline(always)]
+pub fn seen_forward(key: &FlowKey, live: &Live, tcp_flags: u8, now: u32) {
+    // SAFETY: map value pointer (see `lookup`); a racing CPU can at worst lose one of two
+    // concurrent flag updates, which the next packet repeats.
+    let e = unsafe { &mut *live.entry };
+    let mut flags = e.flags;
+    if tcp_flags & TCP_FIN != 0 {
+        flags |= CT_FIN_CLIENT;
+    }
+    if tcp_flags & TCP_RST != 0 {
+        flags |= CT_RST;
+    }
+    if !live.confirmed && flags & CT_SEEN_REPLY != 0 && !opens(tcp_flags) {
+        let mut moved = *e;
+        moved.flags = flags & !CT_MIDSTREAM;
+        moved.last_seen_s = now;
+        if CT.insert(key, &moved, BPF_ANY as u64).is_ok() {
+            let _ = CT_NEW.remove(key);
+            count(Counter::CtConfirm);
+            return;
+        }
+    }
+    if flags != e.flags {
+        e.flags = flags;
+    }
+    // Only when the second changes: no cache-line write per packet.
+    if e.last_seen_s != now {
+        e.last_seen_s = now;
+    }
+}
+
+/// A reply (backend -> client, or backend -> SNAT address:port) matched `rev` under the
+/// key `rk`. Checks that the flow owning it is live and really uses this reverse entry,
+/// and records the reply. `false`: the reverse entry is a leftover; the packet is not
+/// translated.
+#[inline(always)]
+pub fn seen_reply(rk: &FlowKey, rev: &RevNat, tcp_flags: u8, cfg: &Config) -> bool {
+    let now = now_s();
+    let key = rev.ct_key(rk.proto);
+    let Some(live) = lookup(&key, cfg, now) else {
+        count(Counter::ReplyStale);
+        let _ = REVNAT.remove(rk);
+        return false;
+    };
+    // SAFETY: see `lookup`.
+    let e = unsafe { &mut *live.entry };
+    // The reply's destination port is the SNAT port for a source-NATed flow, the client's
+    // own port otherwise: anything else means the port now belongs to another flow.
+    let port = if e.flags & CT_SNAT != 0 {
+        e.snat_port_be
+    } else {
+        key.src_port_be
+    };
+    if rk.dst_port_be != port {
+        count(Counter::ReplyStale);
+        return false;
+    }
+    let mut flags = e.flags | CT_SEEN_REPLY;
+    if tcp_flags & TCP_FIN != 0 {
+        flags |= CT_FIN_BACKEND;
+    }
+    if tcp_flags & TCP_RST != 0 {
+        flags |= CT_RST;
+    }
+    if flags != e.flags {
+        e.flags = flags;
+    }
+    if e.last_seen_s != now {
+        e.last_seen_s = now;
+    }
+    true
+}
+
+/// Is the flow owning a reverse entry for SNAT port `port_be` over (or not its owner any
+/// more), so that the port may go to a new flow? A closed or expired owner is deleted.
+#[inline(always)]
+pub fn port_free(owner_key: &FlowKey, port_be: u16, cfg: &Config, now: u32) -> bool {
+    let (e, confirmed) = if let Some(e) = CT.get_ptr_mut(owner_key) {
+        (e, true)
+    } else if let Some(e) = CT_NEW.get_ptr_mut(owner_key) {
+        (e, false)
+    } else {
+        // Orphan: its owner was evicted or collected.
+        return true;
+    };
+    // SAFETY: see `lookup`.
+    let e = unsafe { &*e };
+    if e.flags & CT_SNAT == 0 || e.snat_port_be != port_be {
+        return true;
+    }
+    if ct_port_reusable(cfg, e, confirmed, now) {
+        remove(owner_key, confirmed);
+        return true;
+    }
+    false
+}

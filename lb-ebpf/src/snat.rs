@@ -1,0 +1,135 @@
+//! Reverse-NAT entries and SNAT ports: created with their flow, checked on every packet,
+//! given back when the flow is over.
+//!
+//! A SNAT port towards a backend is owned by whoever holds the reverse entry keyed by
+//! (backend, SNAT address, backend port, SNAT port). A new flow claims a port with a
+//! NOEXIST insert (the map arbitrates between CPUs), or takes over the port of a flow that
+//! is over (closed, expired or gone); a live flow whose reverse entry vanished (LRU
+//! eviction) writes it again, or moves to a new port if another flow has it meanwhile, so
+//! two clients never share one (node, port) towards a backend.
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_get_prandom_u32,
+};
+use lb_common::*;
+
+use crate::{
+    ct,
+    lb::flow_key,
+    maps::{REVNAT, count},
+};
+
+/// The reply key of a flow that is not source-NATed: backend -> client.
+#[inline(always)]
+pub fn direct_key(be: &Backend, ct_key: &FlowKey) -> FlowKey {
+    flow_key(
+        be.addr_be,
+        ct_key.src_addr_be,
+        be.port_be,
+        ct_key.src_port_be,
+        ct_key.proto,
+    )
+}
+
+/// The reply key of a source-NATed flow: backend -> SNAT address:port.
+#[inline(always)]
+fn snat_key(cfg: &Config, be: &Backend, port_be: u16, proto: u8) -> FlowKey {
+    flow_key(be.addr_be, cfg.snat_addr_be, be.port_be, port_be, proto)
+}
+
+/// The reverse entry of a flow that is not source-NATed is there (written again if an
+/// eviction took it). `false` only if the map refuses the write.
+#[inline(always)]
+pub fn keep_direct(be: &Backend, ct_key: &FlowKey, rev: &RevNat) -> bool {
+    let rk = direct_key(be, ct_key);
+    // SAFETY: plain-data map value.
+    if unsafe { REVNAT.get(&rk) }.is_some() {
+        return true;
+    }
+    count(Counter::RevnatRecreated);
+    REVNAT.insert(&rk, rev, BPF_ANY as u64).is_ok()
+}
+
+/// The SNAT port a live source-NATed flow keeps using: its own while its reverse entry
+/// still names this client, else (vanished and taken) a fresh one.
+#[inline(always)]
+pub fn keep(
+    cfg: &Config,
+    be: &Backend,
+    ct_key: &FlowKey,
+    e: &CtEntry,
+    rev: &RevNat,
+    now: u32,
+) -> Option<u16> {
+    let rk = snat_key(cfg, be, e.snat_port_be, ct_key.proto);
+    // SAFETY: plain-data map value.
+    match unsafe { REVNAT.get(&rk) } {
+        Some(r)
+            if r.dst_addr_be == rev.dst_addr_be
+                && r.dst_port_be == rev.dst_port_be
+                && r.src_addr_be == rev.src_addr_be
+                && r.src_port_be == rev.src_port_be =>
+        {
+            return Some(e.snat_port_be);
+        }
+        Some(_) => {}
+        None => {
+            if REVNAT.insert(&rk, rev, BPF_NOEXIST as u64).is_ok() {
+                count(Counter::RevnatRecreated);
+                return Some(e.snat_port_be);
+            }
+        }
+    }
+    count(Counter::SnatReassigned);
+    alloc(cfg, be, ct_key.proto, flow_hash(ct_key), rev, now)
+}
+
+/// Claims a SNAT port towards `be` for a new flow whose reverse entry is `rev`: random
+/// probes over the range; a free port is claimed by a NOEXIST insert, a port whose flow
+/// is over is taken over.
+#[inline(always)]
+pub fn alloc(
+    cfg: &Config,
+    be: &Backend,
+    proto: u8,
+    hash: u32,
+    rev: &RevNat,
+    now: u32,
+) -> Option<u16> {
+    let min = cfg.snat_port_min as u32;
+    let max = cfg.snat_port_max as u32;
+    if max < min {
+        return None;
+    }
+    let range = max - min + 1;
+    // Random start: two flows with the same hash (or a flood with a pattern) do not walk
+    // the same sequence of ports.
+    // SAFETY: helper without arguments.
+    let start = hash ^ unsafe { bpf_get_prandom_u32() };
+    let mut i = 0u32;
+    while i < SNAT_PROBES {
+        let port = (min + (start.wrapping_add(i.wrapping_mul(0x9e37_79b9)) % range)) as u16;
+        let port_be = port.to_be();
+        let rk = snat_key(cfg, be, port_be, proto);
+        if REVNAT.insert(&rk, rev, BPF_NOEXIST as u64).is_ok() {
+            count(if i == 0 {
+                Counter::SnatFirst
+            } else {
+                Counter::SnatRetry
+            });
+            return Some(port_be);
+        }
+        // SAFETY: plain-data map value, copied out.
+        if let Some(old) = unsafe { REVNAT.get(&rk) } {
+            let owner = old.ct_key(proto);
+            if ct::port_free(&owner, port_be, cfg, now)
+                && REVNAT.insert(&rk, rev, BPF_ANY as u64).is_ok()
+            {
+                count(Counter::SnatReuse);
+                return Some(port_be);
+            }
+        }
+        i += 1;
+    }
+    None
+}
