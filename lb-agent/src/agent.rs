@@ -42,20 +42,50 @@ pub struct RunArgs {
     /// backends (see maglev.rs for the bounds).
     #[arg(long, default_value_t = crate::maglev::DEFAULT_MIN_M)]
     pub maglev_min_m: u32,
-    /// Slots in the Maglev arena shared by all services (4 bytes each).
-    #[arg(long, default_value_t = DEFAULT_MAGLEV_ARENA)]
-    pub maglev_arena: u32,
+    /// Slots in the Maglev arena shared by all services (4 bytes each) [default:
+    /// --max-services x 2 x the smallest table, so every service port fits double-buffered
+    /// at --maglev-min-m: 33,456,128 slots = 128 MiB with the defaults].
+    #[arg(long)]
+    pub maglev_arena: Option<u32>,
     /// Seconds a removed endpoint keeps serving its established flows.
     #[arg(long, default_value_t = 30)]
     pub drain_seconds: u64,
-    /// SNAT source port range for flows to backends on other nodes (inclusive).
+    /// SNAT source port range for flows to backends on other nodes (inclusive). Checked at
+    /// start: outside --service-node-port-range and the node's
+    /// net.ipv4.ip_local_port_range (unless reserved in net.ipv4.ip_local_reserved_ports).
     #[arg(long, default_value_t = DEFAULT_SNAT_PORT_MIN)]
     pub snat_port_min: u16,
     #[arg(long, default_value_t = DEFAULT_SNAT_PORT_MAX)]
     pub snat_port_max: u16,
-    /// Connection-tracking entries (LRU).
+    /// The cluster's NodePort range, as the API server's flag of the same name (`MIN-MAX`,
+    /// `BASE+OFFSET` or `PORT`); the SNAT port range must stay out of it.
+    #[arg(long, value_name = "RANGE", default_value = "30000-32767")]
+    pub service_node_port_range: crate::conntrack::PortRange,
+    /// Confirmed flows (`XLB_CT`, LRU): both directions seen, then the client again.
     #[arg(long, default_value_t = DEFAULT_CT_ENTRIES)]
     pub ct_entries: u32,
+    /// Unconfirmed flows (`XLB_CT_NEW`, LRU): a SYN flood evicts only these. Reverse-NAT
+    /// entries get --ct-entries + --ct-new-entries.
+    #[arg(long, default_value_t = DEFAULT_CT_NEW_ENTRIES)]
+    pub ct_new_entries: u32,
+    /// Conntrack timeout of a TCP flow not yet confirmed by both directions (seconds, or
+    /// a duration like 90s, 10m, 2h13m20s).
+    #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_CT_TCP_SYN_S,
+          value_parser = crate::conntrack::parse_timeout)]
+    pub ct_tcp_syn_timeout: u32,
+    /// Conntrack timeout of a confirmed TCP flow without packets.
+    #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_CT_TCP_ESTABLISHED_S,
+          value_parser = crate::conntrack::parse_timeout)]
+    pub ct_tcp_established_timeout: u32,
+    /// Conntrack timeout of a TCP flow after RST or FIN both ways (and of a flow first seen
+    /// mid-stream, until both directions confirm it).
+    #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_CT_TCP_CLOSE_S,
+          value_parser = crate::conntrack::parse_timeout)]
+    pub ct_tcp_close_timeout: u32,
+    /// Conntrack timeout of a UDP flow without packets.
+    #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_CT_UDP_S,
+          value_parser = crate::conntrack::parse_timeout)]
+    pub ct_udp_timeout: u32,
     /// Capacity of the service-port map (and its stats): raise for large clusters.
     #[arg(long, default_value_t = DEFAULT_MAX_SERVICES)]
     pub max_services: u32,
@@ -200,9 +230,15 @@ impl Agent {
             SourceSpec::File(path) => Source::File(path),
             SourceSpec::Kube => Source::Kube(None),
         };
-        if args.snat_port_min > args.snat_port_max {
-            bail!("--snat-port-min must not exceed --snat-port-max");
-        }
+        // Before anything is attached: a SNAT range that collides with the node's own
+        // ports fails the start.
+        let (local_ports, reserved_ports) = crate::conntrack::local_port_ranges();
+        crate::conntrack::check_snat_range(
+            crate::conntrack::PortRange::new(args.snat_port_min, args.snat_port_max),
+            args.service_node_port_range,
+            local_ports,
+            &reserved_ports,
+        )?;
         if !crate::maglev::is_prime(args.maglev_min_m) || args.maglev_min_m > crate::maglev::MAX_M {
             bail!("--maglev-min-m must be a prime <= {}", crate::maglev::MAX_M);
         }
@@ -219,8 +255,11 @@ impl Agent {
             max_services: args.max_services,
             max_frontends: args.max_frontends,
             max_backends: args.max_backends,
-            maglev_arena: args.maglev_arena,
+            maglev_arena: args.maglev_arena.unwrap_or_else(|| {
+                crate::arena::default_slots(args.max_services, args.maglev_min_m)
+            }),
             ct_entries: args.ct_entries,
+            ct_new_entries: args.ct_new_entries,
         };
         let mut dp = Datapath::load(&pin_dir, &limits)?;
         // Its own handles on the pins: scrapes never touch the agent's.
@@ -232,6 +271,10 @@ impl Agent {
                 snat_addr_be: u32::from_ne_bytes(node_addrs[0].octets()),
                 snat_port_min: args.snat_port_min,
                 snat_port_max: args.snat_port_max,
+                ct_tcp_syn_s: args.ct_tcp_syn_timeout,
+                ct_tcp_established_s: args.ct_tcp_established_timeout,
+                ct_tcp_close_s: args.ct_tcp_close_timeout,
+                ct_udp_s: args.ct_udp_timeout,
             },
             0,
         )?;
@@ -290,6 +333,7 @@ impl Agent {
             node: NodeContext {
                 node_name: args.node_name.clone(),
                 node_addrs,
+                snat_ports: args.snat_port_min..=args.snat_port_max,
             },
             args,
             source,
@@ -393,38 +437,59 @@ impl Agent {
         sync: Option<SyncSource>,
     ) -> Result<()> {
         let desired = translate::translate(objs, &self.node);
-        for w in &desired.warnings {
-            if !self.info.warnings.contains(w) {
+        let result = self.programmer.apply(&desired, &mut self.maps, now);
+        let refusals = self.programmer.refusals();
+        // Warnings: the translation's and what did not fit; each is logged once while it
+        // lasts.
+        let mut warnings = desired.warnings.clone();
+        warnings.extend(refusals.iter().map(|r| r.message.clone()));
+        {
+            let before: std::collections::HashSet<&String> = self.info.warnings.iter().collect();
+            for w in warnings.iter().filter(|w| !before.contains(w)) {
                 log::warn!("{w}");
             }
         }
-        let result = self.programmer.apply(&desired, &mut self.maps, now);
-        // Events: the translation's, frontend collisions, and an apply error that names a
-        // service; each is logged and posted once while it lasts.
+        // Events: the translation's, frontend collisions, what did not fit, and an apply
+        // error that names a service; each is logged and posted once while it lasts.
         let mut events = desired.events.clone();
-        for ev in collision_events(&desired) {
-            if !events.contains(&ev) {
-                events.push(ev);
-            }
-        }
+        events.extend(collision_events(&desired));
+        events.extend(capacity_events(refusals));
         if let Err(e) = &result {
             self.metrics.apply_error(ErrorKind::of_apply_error(e));
             if let Some(ev) = apply_error_event(&desired, e) {
                 events.push(ev);
             }
         }
-        let events = merge_events(events);
-        for ev in &events {
-            if self.events.contains(ev) {
-                continue;
-            }
-            // Most are warnings too, already logged above; an apply error is logged by the
-            // caller.
-            let logged = desired.warnings.iter().any(|w| w.contains(&ev.message))
-                || result.is_err() && ev.reason == APPLY_ERROR_REASON
-                || result.is_err() && ev.reason == CAPACITY_REASON;
-            if !logged {
-                log::warn!("Service {}/{}: {}", ev.namespace, ev.name, ev.message);
+        // Most are warnings too, already logged (the event names the service, the warning
+        // also the port: `<id>: <message>`); an apply error is logged by the caller.
+        let logged: std::collections::HashSet<&str> = warnings
+            .iter()
+            .flat_map(|w| [Some(w.as_str()), w.split_once(": ").map(|(_, m)| m)])
+            .flatten()
+            .collect();
+        let unlogged: Vec<ServiceEvent> = events
+            .iter()
+            .filter(|ev| {
+                !(logged.contains(ev.message.as_str())
+                    || result.is_err() && ev.reason == APPLY_ERROR_REASON
+                    || result.is_err() && ev.reason == CAPACITY_REASON)
+            })
+            .cloned()
+            .collect();
+        let fresh: Vec<ServiceEvent> = {
+            let seen: std::collections::HashSet<&ServiceEvent> = self.events.iter().collect();
+            merge_events(events)
+                .into_iter()
+                .filter(|ev| !seen.contains(ev))
+                .collect()
+        };
+        for ev in &fresh {
+            let key = (&ev.namespace, &ev.name, &ev.reason);
+            for u in unlogged
+                .iter()
+                .filter(|u| (&u.namespace, &u.name, &u.reason) == key)
+            {
+                log::warn!("Service {}/{}: {}", u.namespace, u.name, u.message);
             }
             if matches!(self.source, Source::Kube(_)) && !self.new_events.contains(ev) {
                 self.new_events.push(ev.clone());
@@ -433,17 +498,29 @@ impl Agent {
         // Remembered for the agent's lifetime: a problem that flickers while objects are
         // being updated (one snapshot without it, the next with it) is posted once, not
         // every time it comes back.
-        for ev in events {
-            if !self.events.contains(&ev) {
-                self.events.push(ev);
-            }
-        }
-        self.info.warnings = desired.warnings.clone();
+        self.events.extend(fresh);
+        let refused: std::collections::HashSet<(&str, &str)> = refusals
+            .iter()
+            .filter(|r| r.whole)
+            .map(|r| (r.id.namespace.as_str(), r.id.name.as_str()))
+            .collect();
+        let gauges = programmed(&desired, refusals);
+        self.info.warnings = warnings;
         let st = result?;
-        log::info!("programmed {} service ports: {st:?}", desired.ports.len());
-        self.health.update(&desired.health_checks);
-        self.metrics
-            .synced(sync.map(|s| (s, now)), programmed(&desired));
+        log::info!(
+            "programmed {} service ports: {st:?}",
+            desired.ports.len() - st.ports_refused
+        );
+        // A cloud load balancer must not pick this node for a Service whose ports are not
+        // all programmed here.
+        let checks: Vec<translate::HealthCheck> = desired
+            .health_checks
+            .iter()
+            .filter(|h| !refused.contains(&(h.namespace.as_str(), h.name.as_str())))
+            .cloned()
+            .collect();
+        self.health.update(&checks);
+        self.metrics.synced(sync.map(|s| (s, now)), gauges);
         if !self.info.ready {
             log::info!("ready: the first full sync is in the maps");
             self.info.ready = true;
@@ -513,78 +590,109 @@ pub const CAPACITY_REASON: &str = "CapacityExceeded";
 pub const APPLY_ERROR_REASON: &str = "ProgrammingFailed";
 pub const COLLISION_REASON: &str = "FrontendCollision";
 
-/// What the desired state programs, for the `xlb_programmed_*` gauges.
-fn programmed(desired: &Desired) -> Programmed {
-    let services: std::collections::BTreeSet<(&str, &str)> = desired
+/// What the desired state programs (all but the ports refused whole), for the
+/// `xlb_programmed_*` gauges.
+fn programmed(desired: &Desired, refusals: &[crate::programmer::Refusal]) -> Programmed {
+    let refused: std::collections::HashSet<&translate::SvcPortId> =
+        refusals.iter().filter(|r| r.whole).map(|r| &r.id).collect();
+    let ports: Vec<&translate::SvcPort> = desired
         .ports
+        .iter()
+        .filter(|p| !refused.contains(&p.id))
+        .collect();
+    let services: std::collections::BTreeSet<(&str, &str)> = ports
         .iter()
         .map(|p| (p.id.namespace.as_str(), p.id.name.as_str()))
         .collect();
-    let backends: std::collections::BTreeSet<(Ipv4Addr, u16)> = desired
-        .ports
+    let backends: std::collections::BTreeSet<(Ipv4Addr, u16)> = ports
         .iter()
         .flat_map(|p| p.backends.iter().chain(&p.draining))
         .map(|b| (b.addr, b.port))
         .collect();
     Programmed {
         services: services.len(),
-        service_ports: desired.ports.len(),
-        frontends: desired.ports.iter().map(|p| p.frontends.len()).sum(),
+        service_ports: ports.len(),
+        frontends: ports.iter().map(|p| p.frontends.len()).sum(),
         backends: backends.len(),
     }
 }
 
-/// The translation's warnings about a frontend dropped because another service port has
-/// it (`<port id>: frontend <addr>:<port>/<proto> already used by <other>; dropped`), as
-/// Events on the service that lost it.
 /// One event per (service, reason), messages joined: the Event recorder keys its cache on
 /// the object and the reason, so two notes with the same reason would be folded into one
 /// Event with a series count instead of being two Events.
 fn merge_events(events: Vec<ServiceEvent>) -> Vec<ServiceEvent> {
-    let mut out: Vec<ServiceEvent> = Vec::new();
+    let mut out: Vec<(ServiceEvent, Vec<String>)> = Vec::new();
+    let mut index: std::collections::HashMap<(String, String, String), usize> =
+        std::collections::HashMap::new();
     for ev in events {
-        match out
-            .iter_mut()
-            .find(|o| (&o.namespace, &o.name, &o.reason) == (&ev.namespace, &ev.name, &ev.reason))
-        {
-            Some(o) if !o.message.split("; ").any(|m| m == ev.message) => {
-                o.message.push_str("; ");
-                o.message.push_str(&ev.message);
+        let key = (ev.namespace.clone(), ev.name.clone(), ev.reason.clone());
+        match index.get(&key) {
+            Some(&i) => {
+                let parts = &mut out[i].1;
+                if !parts.contains(&ev.message) {
+                    parts.push(ev.message);
+                }
             }
-            Some(_) => {}
-            None => out.push(ev),
+            None => {
+                index.insert(key, out.len());
+                let message = ev.message.clone();
+                out.push((ev, vec![message]));
+            }
+        }
+    }
+    out.into_iter()
+        .map(|(mut ev, parts)| {
+            ev.message = parts.join("; ");
+            ev
+        })
+        .collect()
+}
+
+/// The translation's warnings about a frontend a service port does not get
+/// (`<port id>: frontend <addr>:<port>/<proto> ...; dropped`: another service port has it,
+/// or it is refused outright), as Events on the service that lost it.
+fn collision_events(desired: &Desired) -> Vec<ServiceEvent> {
+    let lost: Vec<(&str, &str)> = desired
+        .warnings
+        .iter()
+        .filter_map(|w| w.split_once(": "))
+        .filter(|(_, m)| m.starts_with("frontend ") && m.ends_with("; dropped"))
+        .collect();
+    if lost.is_empty() {
+        return vec![];
+    }
+    let ports: std::collections::HashMap<String, &translate::SvcPort> = desired
+        .ports
+        .iter()
+        .map(|p| (p.id.to_string(), p))
+        .collect();
+    let mut out: Vec<ServiceEvent> = vec![];
+    for (id, message) in lost {
+        let Some(p) = ports.get(id) else { continue };
+        let ev = ServiceEvent {
+            namespace: p.id.namespace.clone(),
+            name: p.id.name.clone(),
+            reason: COLLISION_REASON.into(),
+            message: message.to_string(),
+        };
+        if !out.contains(&ev) {
+            out.push(ev);
         }
     }
     out
 }
 
-fn collision_events(desired: &Desired) -> Vec<ServiceEvent> {
-    let mut out: Vec<ServiceEvent> = vec![];
-    for w in &desired.warnings {
-        if !w.contains(" already used by ") {
-            continue;
-        }
-        for p in &desired.ports {
-            let id = p.id.to_string();
-            if let Some(message) = w
-                .strip_prefix(id.as_str())
-                .and_then(|rest| rest.strip_prefix(": "))
-                .filter(|m| m.starts_with("frontend "))
-            {
-                let ev = ServiceEvent {
-                    namespace: p.id.namespace.clone(),
-                    name: p.id.name.clone(),
-                    reason: COLLISION_REASON.into(),
-                    message: message.to_string(),
-                };
-                if !out.contains(&ev) {
-                    out.push(ev);
-                }
-                break;
-            }
-        }
-    }
-    out
+/// Service ports (or parts of them) that did not fit, as Events on their Service.
+fn capacity_events(refusals: &[crate::programmer::Refusal]) -> Vec<ServiceEvent> {
+    refusals
+        .iter()
+        .map(|r| ServiceEvent {
+            namespace: r.id.namespace.clone(),
+            name: r.id.name.clone(),
+            reason: CAPACITY_REASON.into(),
+            message: r.message.clone(),
+        })
+        .collect()
 }
 
 /// An apply error whose message names a service port of `desired` (as the programmer's
@@ -633,6 +741,7 @@ mod tests {
             &NodeContext {
                 node_name: "n1".into(),
                 node_addrs: vec![Ipv4Addr::new(172, 18, 0, 2)],
+                ..Default::default()
             },
         )
     }
@@ -671,6 +780,39 @@ spec:
     }
 
     #[test]
+    fn refused_frontends_become_events_and_events_merge_per_reason() {
+        // An external IP on the node address, in the SNAT range, with a local scope.
+        let d = desired(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: c, namespace: dev}\nspec:\n  \
+             clusterIP: 10.96.0.3\n  externalTrafficPolicy: Local\n  externalIPs: [172.18.0.2]\n  \
+             ports: [{port: 61001}]\n",
+        );
+        let evs = collision_events(&d);
+        assert_eq!(evs.len(), 1, "{:?}", d.warnings);
+        assert_eq!(evs[0].name, "c");
+        assert!(
+            evs[0]
+                .message
+                .starts_with("frontend 172.18.0.2:61001/TCP is a node address"),
+            "{}",
+            evs[0].message
+        );
+
+        let ev = |message: &str| ServiceEvent {
+            namespace: "dev".into(),
+            name: "c".into(),
+            reason: CAPACITY_REASON.into(),
+            message: message.into(),
+        };
+        let merged = merge_events(vec![
+            ev("a (x; raise --y)"),
+            ev("b"),
+            ev("a (x; raise --y)"),
+        ]);
+        assert_eq!(merged, [ev("a (x; raise --y); b")]);
+    }
+
+    #[test]
     fn apply_errors_naming_a_service_become_events() {
         let d = desired(TWO_NODEPORTS);
         let e = anyhow::anyhow!("arena full")
@@ -689,8 +831,22 @@ spec:
 
     #[test]
     fn programmed_counts() {
-        let p = programmed(&desired(TWO_NODEPORTS));
+        let d = desired(TWO_NODEPORTS);
+        let p = programmed(&d, &[]);
         assert_eq!((p.services, p.service_ports, p.backends), (2, 2, 0));
         assert!(p.frontends >= 2);
+        let refused = crate::programmer::Refusal {
+            id: d.ports[1].id.clone(),
+            limit: crate::programmer::Limit::MaglevArena,
+            whole: true,
+            message: "dev/b/TCP: not programmed: the Maglev arena is full".into(),
+        };
+        let p = programmed(&d, std::slice::from_ref(&refused));
+        assert_eq!((p.services, p.service_ports), (1, 1));
+        let evs = capacity_events(&[refused]);
+        assert_eq!(
+            (evs[0].name.as_str(), evs[0].reason.as_str()),
+            ("b", CAPACITY_REASON)
+        );
     }
 }

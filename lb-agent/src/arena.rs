@@ -3,6 +3,15 @@
 //! free list, with neighbours merged on free so churn does not fragment it for good.
 use std::collections::BTreeMap;
 
+/// The arena size `--maglev-arena` should default to: every one of `max_services` service
+/// ports with both buffers at the smallest table size, so that admission in the programmer
+/// never refuses a port for the arena before the service-port limit, unless ports have
+/// more than `min_m / 100` backends. Saturates at `u32::MAX`.
+pub fn default_slots(max_services: u32, min_m: u32) -> u32 {
+    let m = crate::maglev::choose_m(0, min_m);
+    u32::try_from(u64::from(max_services) * 2 * u64::from(m)).unwrap_or(u32::MAX)
+}
+
 #[derive(Debug)]
 pub struct Arena {
     /// offset -> length of each free run.
@@ -95,6 +104,24 @@ mod tests {
         assert_eq!(a.alloc(50), Some(50));
         a.free(40, 10);
         assert_eq!(a.alloc(10), Some(40));
+    }
+
+    #[test]
+    fn default_size_holds_every_service_port_double_buffered() {
+        use crate::maglev::DEFAULT_MIN_M;
+        assert_eq!(
+            default_slots(lb_common::DEFAULT_MAX_SERVICES, DEFAULT_MIN_M),
+            33_456_128
+        );
+        assert_eq!(
+            default_slots(lb_common::DEFAULT_MAX_SERVICES, DEFAULT_MIN_M),
+            lb_common::DEFAULT_MAGLEV_ARENA
+        );
+        // Raising --max-services raises it; a min M off the ladder counts as the table
+        // size it gives.
+        assert_eq!(default_slots(20_000, DEFAULT_MIN_M), 20_000 * 2 * 1021);
+        assert_eq!(default_slots(10, 1000), 10 * 2 * 1021);
+        assert_eq!(default_slots(u32::MAX, DEFAULT_MIN_M), u32::MAX);
     }
 
     #[test]

@@ -30,7 +30,11 @@ pub struct Limits {
     pub max_frontends: u32,
     pub max_backends: u32,
     pub maglev_arena: u32,
+    /// Confirmed flows (`XLB_CT`); also sizes the socket-level and affinity maps.
     pub ct_entries: u32,
+    /// Unconfirmed flows (`XLB_CT_NEW`). `XLB_REVNAT` holds `ct_entries + ct_new_entries`:
+    /// one reverse entry per flow of either map.
+    pub ct_new_entries: u32,
 }
 
 impl Default for Limits {
@@ -41,6 +45,7 @@ impl Default for Limits {
             max_backends: DEFAULT_MAX_BACKENDS,
             maglev_arena: DEFAULT_MAGLEV_ARENA,
             ct_entries: DEFAULT_CT_ENTRIES,
+            ct_new_entries: DEFAULT_CT_NEW_ENTRIES,
         }
     }
 }
@@ -120,6 +125,13 @@ impl Datapath {
         ensure_bpffs()?;
         std::fs::create_dir_all(pin_dir)
             .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+        if limits.ct_entries == 0 || limits.ct_new_entries == 0 {
+            bail!("--ct-entries and --ct-new-entries must be at least 1");
+        }
+        let revnat_entries = limits
+            .ct_entries
+            .checked_add(limits.ct_new_entries)
+            .context("--ct-entries + --ct-new-entries exceed 2^32 - 1")?;
         check_pinned_layout(pin_dir)?;
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
@@ -128,9 +140,10 @@ impl Datapath {
             .map_max_entries(MAP_SVC_META, limits.max_services)
             .map_max_entries(MAP_FRONTENDS, limits.max_frontends)
             .map_max_entries(MAP_BACKENDS, limits.max_backends)
-            .map_max_entries(MAP_MAGLEV, limits.maglev_arena)
+            .map_max_entries(MAP_MAGLEV, maglev_entries(limits.maglev_arena))
             .map_max_entries(MAP_CT, limits.ct_entries)
-            .map_max_entries(MAP_REVNAT, limits.ct_entries)
+            .map_max_entries(MAP_CT_NEW, limits.ct_new_entries)
+            .map_max_entries(MAP_REVNAT, revnat_entries)
             .map_max_entries(MAP_CLUSTER_IPS, limits.max_services)
             .map_max_entries(MAP_SOCK_REVNAT, limits.ct_entries)
             .map_max_entries(MAP_AFFINITY, limits.ct_entries)
@@ -424,8 +437,9 @@ fn expected_layout() -> Vec<(&'static str, usize, usize)> {
         ),
         (MAP_SERVICES, 4, size_of::<Service>()),
         (MAP_BACKENDS, 4, size_of::<Backend>()),
-        (MAP_MAGLEV, 4, 4),
+        (MAP_MAGLEV, 4, 8),
         (MAP_CT, size_of::<FlowKey>(), size_of::<CtEntry>()),
+        (MAP_CT_NEW, size_of::<FlowKey>(), size_of::<CtEntry>()),
         (MAP_REVNAT, size_of::<FlowKey>(), size_of::<RevNat>()),
         (MAP_CONFIG, 4, size_of::<Config>()),
         (MAP_COUNTERS, 4, 8),

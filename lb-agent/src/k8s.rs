@@ -273,9 +273,13 @@ fn blame_each<T: serde::de::DeserializeOwned>(
 
 fn blame_service(map: &Mapping) -> Option<FieldError> {
     use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec, ServiceStatus};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
     let spec = map.get("spec").and_then(Value::as_mapping);
-    blame::<ObjectMeta>(map, "metadata", "metadata")
+    let meta = map.get("metadata").and_then(Value::as_mapping);
+    // The creation time decides which Service keeps a contested frontend, so a bad one is
+    // named rather than folded into "metadata".
+    meta.and_then(|m| blame::<Time>(m, "creationTimestamp", "metadata.creationTimestamp"))
+        .or_else(|| blame::<ObjectMeta>(map, "metadata", "metadata"))
         .or_else(|| spec.and_then(|s| blame_each::<ServicePort>(s, "ports", "spec.ports")))
         .or_else(|| blame::<ServiceSpec>(map, "spec", "spec"))
         .or_else(|| blame::<ServiceStatus>(map, "status", "status"))
@@ -498,6 +502,38 @@ endpoints:
         assert_eq!(
             objs.slices[0].endpoints.as_ref().unwrap()[0].addresses[0],
             "10.0.0.1"
+        );
+    }
+
+    #[test]
+    fn creation_timestamp_is_kept() {
+        let stamped = |t: &str| {
+            SVC.replace(
+                "namespace: dev}",
+                &format!("namespace: dev, creationTimestamp: {t}}}"),
+            )
+        };
+        let created = |t: &str| {
+            parse_objects(&stamped(t)).unwrap().services[0]
+                .metadata
+                .creation_timestamp
+                .clone()
+                .map(|t| t.0.to_string())
+        };
+        assert_eq!(
+            created("2024-05-01T10:00:00Z").as_deref(),
+            Some("2024-05-01T10:00:00Z")
+        );
+        // RFC 3339 with an offset, quoted or not.
+        assert_eq!(
+            created("\"2024-05-01T12:00:00+02:00\"").as_deref(),
+            Some("2024-05-01T10:00:00Z")
+        );
+        assert_eq!(created("null"), None);
+        let e = err(&stamped("yesterday"));
+        assert!(
+            e.starts_with("Service dev/nginx-service: metadata.creationTimestamp: "),
+            "{e}"
         );
     }
 

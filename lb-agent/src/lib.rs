@@ -1,5 +1,6 @@
 pub mod agent;
 pub mod arena;
+pub mod conntrack;
 pub mod datapath;
 pub mod health;
 pub mod http;

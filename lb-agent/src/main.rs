@@ -5,7 +5,7 @@ use std::{
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
-use lb_agent::{agent, kube_source::KubeSource, metrics, netinfo, status};
+use lb_agent::{agent, conntrack, kube_source::KubeSource, metrics, netinfo, status};
 
 #[derive(Parser)]
 #[command(
@@ -235,13 +235,18 @@ async fn run(args: agent::RunArgs) -> Result<()> {
     // Subscribed before the first listing, so that no pod interface appears unseen.
     let mut links = netinfo::LinkMonitor::new()?;
     let first = netinfo::list_links(&links.handle).await?;
+    let pin_dir = args
+        .pin_dir
+        .clone()
+        .unwrap_or_else(|| agent::default_pin_dir(&args.node_name));
     let mut agent = agent::Agent::start(args, &first)?;
     let metrics = agent.metrics();
     let _metrics_server = match metrics_listener {
         Some(l) => Some(AbortOnDrop(metrics::serve(l, metrics.clone())?)),
         None => None,
     };
-    let _ct_counter = metrics.spawn_conntrack_counter().map(AbortOnDrop);
+    // Connection-tracking GC, on its own handles on the pins (see conntrack.rs).
+    let _conntrack_gc = AbortOnDrop(conntrack::spawn(&pin_dir, metrics.clone())?);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     // The file source is polled (with the kube source the tick only expires drained
     // backends): it works the same for editors that replace the file, for

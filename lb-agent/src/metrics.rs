@@ -10,13 +10,16 @@
 //!     again from zero (a counter reset, as Prometheus expects after a restart);
 //!   - `xlb_datapath_events_total{reason}`: the global `XLB_COUNTERS`, one series per name
 //!     of `lb_common::COUNTER_NAMES` (the names `lb-agent status` shows);
-//!   - `xlb_conntrack_entries{map}` and `xlb_conntrack_capacity{map}` for the `ct` and
-//!     `revnat` LRU maps. Entries are counted by walking the map's keys in a blocking task
-//!     at most every [`CT_COUNT_INTERVAL`] (10 s), and at most `capacity` keys per walk (a
-//!     walk that races with deletions may restart; the cap bounds it, so the value is
-//!     approximate). Evictions are NOT exported: the kernel keeps no per-map count of LRU
-//!     evictions, and inferring them from inserts and sizes is not sound; an LRU map at its
-//!     capacity is the sign that it evicts;
+//!   - connection tracking, from the GC's sweeps ([`crate::conntrack`]; label `map` is
+//!     `ct` (`XLB_CT`, confirmed flows), `ct_new` (`XLB_CT_NEW`, unconfirmed) or `revnat`):
+//!     `xlb_conntrack_entries{map}` (left by the last sweep; absent before the first),
+//!     `xlb_conntrack_capacity{map}`, `xlb_conntrack_gc_deleted_total{map}`,
+//!     `xlb_conntrack_gc_runs_total`, `xlb_conntrack_gc_duration_seconds` (histogram),
+//!     `xlb_conntrack_gc_interval_seconds` (until the next sweep) and
+//!     `xlb_snat_ports_in_use{backend="10.244.2.5:80",proto="tcp"}` (live reverse entries
+//!     holding a SNAT port towards that backend; a backend without any has no series).
+//!     LRU evictions are NOT exported: the kernel keeps no per-map count of them; a map
+//!     near its capacity is the sign that it evicts;
 //!   - `xlb_sync_duration_seconds{source}`: from a source event (the file source seeing a
 //!     changed file, the kube source's snapshot arriving) to the map update being complete;
 //!   - `xlb_apply_errors_total{kind}`: failed attempts by [`ErrorKind`];
@@ -29,20 +32,21 @@
 //!   `error|warn|info|debug|trace|off` sets it (`log::set_max_level`).
 //!
 //! Map reads use their own handles on the pins (opened once, at start), never the agent's,
-//! so no lock is shared with the agent loop; scrapes and conntrack walks run on blocking
-//! threads.
+//! so no lock is shared with the agent loop; scrapes and GC sweeps run on blocking threads.
 use std::{
+    collections::BTreeSet,
     convert::Infallible,
     net::SocketAddr,
     path::Path,
     str::FromStr as _,
     sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
+use crate::conntrack::SweepReport;
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use http_body_util::{BodyExt as _, Full, Limited};
@@ -71,8 +75,6 @@ use tokio::{
 
 /// `--metrics-addr` default (`none` disables the server).
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9464";
-/// Conntrack maps are counted at most this often.
-pub const CT_COUNT_INTERVAL: Duration = Duration::from_secs(10);
 /// `/healthz` fails when the agent loop has not completed an iteration for this long (the
 /// loop wakes at least every 300 ms).
 pub const LOOP_STALE_AFTER: Duration = Duration::from_secs(10);
@@ -184,7 +186,7 @@ pub struct Metrics {
     sync_seconds: Family<Label, Histogram, fn() -> Histogram>,
     apply_errors: Family<Label, Counter>,
     programmed: [Gauge; 4],
-    ct: Option<Arc<ConntrackCounter>>,
+    conntrack: ConntrackMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -198,15 +200,15 @@ impl std::fmt::Debug for Metrics {
 impl Metrics {
     /// Metrics of the agent whose maps are pinned in `pin_dir` (opened here, once).
     pub fn new(pin_dir: &Path) -> Result<Self> {
-        Self::build(Some(MapCollector::open(pin_dir)?), Some(pin_dir))
+        Ok(Self::build(Some(MapCollector::open(pin_dir)?)))
     }
 
     /// Metrics without map-derived series (unit tests, or no pins).
     pub fn without_maps() -> Self {
-        Self::build(None, None).expect("no maps to open")
+        Self::build(None)
     }
 
-    fn build(maps: Option<MapCollector>, pin_dir: Option<&Path>) -> Result<Self> {
+    fn build(maps: Option<MapCollector>) -> Self {
         let mut registry = Registry::default();
         let ready_gauge = Gauge::default();
         registry.register(
@@ -251,17 +253,11 @@ impl Metrics {
         ]) {
             registry.register(name, help, g.clone());
         }
-        let ct = match pin_dir {
-            Some(dir) => Some(Arc::new(ConntrackCounter::open(dir)?)),
-            None => None,
-        };
-        if let Some(ct) = &ct {
-            registry.register_collector(Box::new(ct.clone()));
-        }
+        let conntrack = ConntrackMetrics::register(&mut registry);
         if let Some(maps) = maps {
             registry.register_collector(Box::new(maps));
         }
-        Ok(Self {
+        Self {
             registry,
             start: Instant::now(),
             last_iteration_ms: AtomicU64::new(0),
@@ -270,8 +266,8 @@ impl Metrics {
             sync_seconds,
             apply_errors,
             programmed,
-            ct,
-        })
+            conntrack,
+        }
     }
 
     /// The agent loop completed an iteration.
@@ -328,106 +324,133 @@ impl Metrics {
         out
     }
 
-    /// Starts the periodic conntrack count (every [`CT_COUNT_INTERVAL`], on a blocking
-    /// thread). Must run inside a tokio runtime.
-    pub fn spawn_conntrack_counter(&self) -> Option<JoinHandle<()>> {
-        let ct = self.ct.clone()?;
-        Some(tokio::spawn(async move {
-            let mut every = tokio::time::interval(CT_COUNT_INTERVAL);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                every.tick().await;
-                let ct = ct.clone();
-                if let Err(e) = tokio::task::spawn_blocking(move || ct.count()).await {
-                    log::warn!("counting conntrack entries: {e}");
-                }
-            }
-        }))
+    /// The connection-tracking GC's metrics (written by [`crate::conntrack`]).
+    pub fn conntrack(&self) -> &ConntrackMetrics {
+        &self.conntrack
     }
 }
 
-/// `xlb_conntrack_entries` / `xlb_conntrack_capacity`.
-struct ConntrackCounter {
-    ct: HashMap<MapData, FlowKey, CtEntry>,
-    revnat: HashMap<MapData, FlowKey, RevNat>,
-    /// (label, capacity, entries; -1 before the first count)
-    maps: [(&'static str, u32, AtomicI64); 2],
+type MapLabel = [(&'static str, &'static str); 1];
+type SnatLabel = [(&'static str, String); 2];
+
+fn gc_histogram() -> Histogram {
+    // 1 ms .. ~33 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
-impl std::fmt::Debug for ConntrackCounter {
+/// The connection-tracking GC's series (see the module's documentation).
+pub struct ConntrackMetrics {
+    entries: Family<MapLabel, Gauge>,
+    capacity: Family<MapLabel, Gauge>,
+    deleted: Family<MapLabel, Counter>,
+    runs: Counter,
+    duration: Histogram,
+    interval: Gauge,
+    snat_ports: Family<SnatLabel, Gauge>,
+    /// The `snat_ports` series of the last sweep, to remove those that dropped to 0.
+    snat_series: Mutex<BTreeSet<SnatLabel>>,
+}
+
+impl std::fmt::Debug for ConntrackMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConntrackCounter").finish_non_exhaustive()
+        f.debug_struct("ConntrackMetrics").finish_non_exhaustive()
     }
 }
 
-impl ConntrackCounter {
-    fn open(pin_dir: &Path) -> Result<Self> {
-        let ct = open(pin_dir, MAP_CT)?;
-        let revnat = open(pin_dir, MAP_REVNAT)?;
-        let maps = [
-            ("ct", ct.info()?.max_entries(), AtomicI64::new(-1)),
-            ("revnat", revnat.info()?.max_entries(), AtomicI64::new(-1)),
-        ];
-        Ok(Self {
-            ct: HashMap::try_from(Map::LruHashMap(ct))?,
-            revnat: HashMap::try_from(Map::LruHashMap(revnat))?,
-            maps,
-        })
+impl ConntrackMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            entries: Family::default(),
+            capacity: Family::default(),
+            deleted: Family::default(),
+            runs: Counter::default(),
+            duration: gc_histogram(),
+            interval: Gauge::default(),
+            snat_ports: Family::default(),
+            snat_series: Mutex::new(BTreeSet::new()),
+        };
+        registry.register(
+            "xlb_conntrack_entries",
+            "Entries of the connection-tracking maps (ct: XLB_CT, confirmed flows; ct_new: \
+             XLB_CT_NEW, unconfirmed flows; revnat: XLB_REVNAT) left by the last GC sweep",
+            m.entries.clone(),
+        );
+        registry.register(
+            "xlb_conntrack_capacity",
+            "Capacity (max_entries) of the LRU connection-tracking maps; a map near it evicts",
+            m.capacity.clone(),
+        );
+        registry.register(
+            "xlb_conntrack_gc_deleted",
+            "Entries deleted by the conntrack GC: expired flows, and reverse-NAT entries whose \
+             flow is gone, expired or uses another port",
+            m.deleted.clone(),
+        );
+        registry.register(
+            "xlb_conntrack_gc_runs",
+            "Conntrack GC sweeps",
+            m.runs.clone(),
+        );
+        registry.register(
+            "xlb_conntrack_gc_duration_seconds",
+            "Time a conntrack GC sweep took (walks, deletions; the 100 ms grace excluded)",
+            m.duration.clone(),
+        );
+        registry.register(
+            "xlb_conntrack_gc_interval_seconds",
+            "Time from the last conntrack GC sweep to the next (adaptive, 10 s to 10 min)",
+            m.interval.clone(),
+        );
+        registry.register(
+            "xlb_snat_ports_in_use",
+            "SNAT ports held by live flows towards a backend (reverse-NAT entries to the node's \
+             SNAT address whose flow is live), counted by the last GC sweep",
+            m.snat_ports.clone(),
+        );
+        m
     }
 
-    /// Walks every map's keys (at most `capacity` of them).
-    fn count(&self) {
-        let counts = [
-            count_keys(self.ct.keys(), self.maps[0].1),
-            count_keys(self.revnat.keys(), self.maps[1].1),
-        ];
-        for ((label, _, entries), n) in self.maps.iter().zip(counts) {
-            log::trace!("conntrack map {label}: {n} entries");
-            entries.store(n as i64, Ordering::Relaxed);
+    pub fn set_capacity(&self, map: &'static str, capacity: u32) {
+        self.capacity
+            .get_or_create(&[("map", map)])
+            .set(capacity as i64);
+    }
+
+    pub fn set_interval(&self, interval: Duration) {
+        self.interval.set(interval.as_secs() as i64);
+    }
+
+    /// Records a sweep; `next` is the time until the next one.
+    pub fn sweep_done(&self, r: &SweepReport, next: Duration) {
+        for (map, m) in r.maps() {
+            let label = [("map", map)];
+            self.entries.get_or_create(&label).set(m.entries() as i64);
+            self.capacity.get_or_create(&label).set(m.capacity as i64);
+            self.deleted.get_or_create(&label).inc_by(m.deleted);
         }
-    }
-}
-
-fn count_keys<K>(keys: impl Iterator<Item = Result<K, aya::maps::MapError>>, cap: u32) -> u64 {
-    let mut n = 0u64;
-    for key in keys {
-        if key.is_err() || n >= cap as u64 {
-            break;
-        }
-        n += 1;
-    }
-    n
-}
-
-impl Collector for ConntrackCounter {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        {
-            let mut m = encoder.encode_descriptor(
-                "xlb_conntrack_entries",
-                "Entries of the LRU connection-tracking maps, counted by a walk at most every \
-                 10 s (approximate; -1 before the first count). LRU evictions are not counted \
-                 by the kernel and are not exported: a map at its capacity evicts.",
-                None,
-                MetricType::Gauge,
-            )?;
-            for (label, _, entries) in &self.maps {
-                let labels = [("map", *label)];
-                prometheus_client::metrics::gauge::ConstGauge::new(entries.load(Ordering::Relaxed))
-                    .encode(m.encode_family(&labels)?)?;
+        self.runs.inc();
+        self.duration.observe(r.duration.as_secs_f64());
+        self.set_interval(next);
+        let mut series = self
+            .snat_series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now: BTreeSet<SnatLabel> = r
+            .snat_ports
+            .iter()
+            .map(|(b, n)| {
+                let (backend, proto) = b.labels();
+                let labels = [("backend", backend), ("proto", proto)];
+                self.snat_ports.get_or_create(&labels).set(*n as i64);
+                labels
+            })
+            .collect();
+        for old in series.iter() {
+            if !now.contains(old) {
+                self.snat_ports.remove(old);
             }
         }
-        let mut m = encoder.encode_descriptor(
-            "xlb_conntrack_capacity",
-            "Capacity (max_entries) of the LRU connection-tracking maps.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (label, cap, _) in &self.maps {
-            let labels = [("map", *label)];
-            prometheus_client::metrics::gauge::ConstGauge::new(*cap as i64)
-                .encode(m.encode_family(&labels)?)?;
-        }
-        Ok(())
+        *series = now;
     }
 }
 
@@ -802,6 +825,50 @@ mod tests {
                 "{line:?} missing in\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn conntrack_series() {
+        use crate::conntrack::{MapSweep, SnatBackend};
+        use std::net::Ipv4Addr;
+        let m = Metrics::without_maps();
+        m.conntrack().set_capacity("ct", 262_144);
+        let be = |last: u8| SnatBackend {
+            addr: Ipv4Addr::new(10, 244, 2, last),
+            port: 80,
+            proto: PROTO_TCP,
+        };
+        let mut r = SweepReport {
+            ct: MapSweep {
+                capacity: 262_144,
+                seen: 120,
+                deleted: 20,
+            },
+            snat_ports: [(be(5), 3), (be(6), 1)].into(),
+            duration: Duration::from_millis(12),
+            ..Default::default()
+        };
+        m.conntrack().sweep_done(&r, Duration::from_secs(20));
+        r.snat_ports.remove(&be(6));
+        m.conntrack().sweep_done(&r, Duration::from_secs(40));
+        let text = m.render();
+        for line in [
+            "xlb_conntrack_entries{map=\"ct\"} 100",
+            "xlb_conntrack_entries{map=\"ct_new\"} 0",
+            "xlb_conntrack_capacity{map=\"ct\"} 262144",
+            "xlb_conntrack_gc_deleted_total{map=\"ct\"} 40",
+            "xlb_conntrack_gc_runs_total 2",
+            "xlb_conntrack_gc_duration_seconds_count 2",
+            "xlb_conntrack_gc_interval_seconds 40",
+            "xlb_snat_ports_in_use{backend=\"10.244.2.5:80\",proto=\"tcp\"} 3",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing in\n{text}"
+            );
+        }
+        // A backend without SNAT ports any more has no series.
+        assert!(!text.contains("10.244.2.6:80"), "{text}");
     }
 
     #[test]

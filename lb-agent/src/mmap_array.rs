@@ -25,15 +25,19 @@ pub struct MmapArray {
 // SAFETY: the mapping is owned by this value; access goes through &self/&mut self.
 unsafe impl Send for MmapArray {}
 
-/// Array elements are laid out at a stride of the value size rounded up to 8 bytes.
-const STRIDE: usize = 8;
+/// Slots are u32s packed two to an 8-byte element (`lb_common::MAGLEV_SLOTS_PER_ENTRY`):
+/// the value area is a dense array of u32.
+const STRIDE: usize = 4;
 
 impl MmapArray {
-    /// Maps an array of u32 created with BPF_F_MMAPABLE.
+    /// Maps an array of u64 (two u32 slots each) created with BPF_F_MMAPABLE.
     pub fn new(map: MapData) -> Result<Self> {
         let info = map.info()?;
-        if info.value_size() != 4 {
-            bail!("the Maglev arena must hold u32 values");
+        if info.value_size() != 8 {
+            bail!(
+                "the pinned Maglev arena has the layout of an older agent: run `lb-agent \
+                 cleanup` to start afresh"
+            );
         }
         if info.map_flags() & BPF_F_MMAPABLE == 0 {
             bail!(
@@ -41,7 +45,7 @@ impl MmapArray {
                  `lb-agent cleanup` to start afresh"
             );
         }
-        let entries = info.max_entries();
+        let entries = info.max_entries() * lb_common::MAGLEV_SLOTS_PER_ENTRY;
         let len = (entries as usize * STRIDE).next_multiple_of(4096);
         // SAFETY: a fresh shared mapping of the map's value area; the kernel checks bounds.
         let ptr = unsafe {

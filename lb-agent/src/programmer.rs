@@ -7,8 +7,15 @@
 //! for a drain period so established flows (whose conntrack entry names the backend) keep
 //! working, while the Maglev tables already send new flows elsewhere. Once deleted, a flow
 //! still pointing at one is re-balanced by the datapath.
+//!
+//! Capacity is handed out service port by service port ([`Programmer::apply`]'s admission):
+//! ports already programmed first, then the others oldest Service first
+//! (`Desired::service_order`). A port that does not fit is left out whole and reported
+//! ([`Refusal`]); everything else keeps being programmed. A programmed port is never
+//! pushed out: if what it grows into does not fit, it keeps what it has.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    borrow::Cow,
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, HashSet},
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
@@ -72,6 +79,75 @@ impl Maps {
     }
 }
 
+/// The map writes [`Programmer::apply`] makes: implemented by [`Maps`], and by a map-less
+/// stand-in in the unit tests so that what apply decides can be checked without BPF.
+pub trait MapWriter {
+    fn set_backend(&mut self, id: u32, value: Backend) -> Result<()>;
+    fn remove_backend(&mut self, id: u32);
+    /// A new service id: zeroed counters and its name for metrics and status.
+    fn init_service(&mut self, svc_id: u32, meta: SvcMeta) -> Result<()>;
+    fn has_service(&self, svc_id: u32) -> bool;
+    fn set_service(&mut self, svc_id: u32, value: Service) -> Result<()>;
+    fn remove_service(&mut self, svc_id: u32);
+    fn set_slot(&mut self, idx: u32, backend_id: u32) -> Result<()>;
+    fn set_frontend(&mut self, key: FrontendKey, value: Frontend) -> Result<()>;
+    fn remove_frontend(&mut self, key: &FrontendKey);
+    fn add_cluster_ip(&mut self, addr_be: u32) -> Result<()>;
+    fn remove_cluster_ip(&mut self, addr_be: u32);
+    fn add_src_range(&mut self, svc_id: u32, addr_be: u32, len: u8) -> Result<()>;
+    fn remove_src_range(&mut self, svc_id: u32, addr_be: u32, len: u8);
+}
+
+impl MapWriter for Maps {
+    fn set_backend(&mut self, id: u32, value: Backend) -> Result<()> {
+        Ok(self.backends.insert(id, value, 0)?)
+    }
+    fn remove_backend(&mut self, id: u32) {
+        let _ = self.backends.remove(&id);
+    }
+    fn init_service(&mut self, svc_id: u32, meta: SvcMeta) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        self.svc_stats.set(
+            svc_id,
+            PerCpuValues::try_from(vec![SvcStats::default(); cpus])?,
+            0,
+        )?;
+        Ok(self.svc_meta.set(svc_id, meta, 0)?)
+    }
+    fn has_service(&self, svc_id: u32) -> bool {
+        self.services.get(&svc_id, 0).is_ok()
+    }
+    fn set_service(&mut self, svc_id: u32, value: Service) -> Result<()> {
+        Ok(self.services.insert(svc_id, value, 0)?)
+    }
+    fn remove_service(&mut self, svc_id: u32) {
+        let _ = self.services.remove(&svc_id);
+    }
+    fn set_slot(&mut self, idx: u32, backend_id: u32) -> Result<()> {
+        self.maglev.set(idx, backend_id)
+    }
+    fn set_frontend(&mut self, key: FrontendKey, value: Frontend) -> Result<()> {
+        Ok(self.frontends.insert(key, value, 0)?)
+    }
+    fn remove_frontend(&mut self, key: &FrontendKey) {
+        let _ = self.frontends.remove(key);
+    }
+    fn add_cluster_ip(&mut self, addr_be: u32) -> Result<()> {
+        Ok(self.cluster_ips.insert(addr_be, 0, 0)?)
+    }
+    fn remove_cluster_ip(&mut self, addr_be: u32) {
+        let _ = self.cluster_ips.remove(&addr_be);
+    }
+    fn add_src_range(&mut self, svc_id: u32, addr_be: u32, len: u8) -> Result<()> {
+        Ok(self
+            .src_ranges
+            .insert(&range_key(svc_id, addr_be, len), 1, 0)?)
+    }
+    fn remove_src_range(&mut self, svc_id: u32, addr_be: u32, len: u8) {
+        let _ = self.src_ranges.remove(&range_key(svc_id, addr_be, len));
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// Smallest Maglev table size (prime, see `maglev::choose_m`).
@@ -81,6 +157,7 @@ pub struct Settings {
     pub max_services: u32,
     pub max_frontends: u32,
     pub max_backends: u32,
+    /// Slots of the Maglev arena; [`Programmer::adopt`] corrects it to the pinned map's size.
     pub arena: u32,
 }
 
@@ -96,6 +173,8 @@ struct SvcState {
     tables: [Option<Table>; 2],
     active: usize,
     value: Service,
+    /// Admitted, but its counters and name are not written yet.
+    fresh: bool,
 }
 
 struct BackendState {
@@ -114,6 +193,54 @@ pub struct ApplyStats {
     pub frontends_removed: usize,
     pub backends_written: usize,
     pub backends_removed: usize,
+    /// Service ports left out because they do not fit (see [`Programmer::refusals`]).
+    pub ports_refused: usize,
+}
+
+/// Which limit a service port ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Limit {
+    /// `--max-services`: the service map and its per-port arrays.
+    ServicePorts,
+    /// `--max-frontends`.
+    Frontends,
+    /// `--max-backends`.
+    Backends,
+    /// `--maglev-arena`.
+    MaglevArena,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 4] = [
+        Limit::ServicePorts,
+        Limit::Frontends,
+        Limit::Backends,
+        Limit::MaglevArena,
+    ];
+
+    /// Label value for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::ServicePorts => "service_ports",
+            Limit::Frontends => "frontends",
+            Limit::Backends => "backends",
+            Limit::MaglevArena => "maglev_arena",
+        }
+    }
+}
+
+/// A service port (or part of one) the last apply could not program for lack of room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub id: SvcPortId,
+    pub limit: Limit,
+    /// The port is not programmed at all. Otherwise it is, but without some of what it
+    /// asked for (frontends, backends, a Maglev table of the size it needs, or the update
+    /// itself), and it keeps serving what it had.
+    pub whole: bool,
+    /// `<port id>: ...`, saying what is missing and which flag raises the limit. The same
+    /// refusal reads the same from one apply to the next (it is logged and posted once).
+    pub message: String,
 }
 
 pub struct Programmer {
@@ -132,6 +259,11 @@ pub struct Programmer {
     adopted: BTreeMap<String, (u32, Service)>,
     /// Their active tables (reserved in the arena).
     adopted_tables: BTreeMap<u32, Table>,
+    /// What the last apply left out.
+    refusals: Vec<Refusal>,
+    /// The last apply left something out while it freed room (ids, tables, backends are
+    /// freed only after the writes): applying again now may fit it.
+    retry_at: Option<Instant>,
 }
 
 /// What `adopt` found.
@@ -161,6 +293,28 @@ fn fe_key(addr: Ipv4Addr, port: u16, proto: u8) -> FrontendKey {
     }
 }
 
+type BackendKey = (Ipv4Addr, u16);
+
+fn be_key(b: &BackendSpec) -> BackendKey {
+    (b.addr, b.port)
+}
+
+/// The service ports `apply` programs this time.
+struct Plan<'a> {
+    /// In `desired.ports` order; trimmed copies where a programmed port got less than it
+    /// asked for.
+    ports: Vec<Cow<'a, SvcPort>>,
+    refusals: Vec<Refusal>,
+}
+
+/// Room left while ports are admitted.
+#[derive(Default)]
+struct Budget {
+    frontends: HashSet<FrontendKey>,
+    /// Backend keys admitted this round that have no id yet.
+    new_backends: HashSet<(Ipv4Addr, u16)>,
+}
+
 impl Programmer {
     pub fn new(settings: Settings) -> Self {
         Self {
@@ -177,6 +331,8 @@ impl Programmer {
             ranges: BTreeSet::new(),
             adopted: BTreeMap::new(),
             adopted_tables: BTreeMap::new(),
+            refusals: Vec::new(),
+            retry_at: None,
         }
     }
 
@@ -186,6 +342,16 @@ impl Programmer {
     /// first apply then removes whatever the new desired state no longer has. Until that
     /// apply the datapath keeps serving the old state untouched.
     pub fn adopt(&mut self, maps: &mut Maps) -> Result<Adopted> {
+        // A pinned arena keeps the size it was created with, whatever this run asked for.
+        let entries = maps.maglev.entries();
+        if entries != self.settings.arena {
+            log::info!(
+                "the pinned Maglev arena has {entries} slots (not {}): using that",
+                self.settings.arena
+            );
+            self.settings.arena = entries;
+            self.arena = Arena::new(entries);
+        }
         let mut out = Adopted::default();
         for item in maps.backends.iter() {
             let (id, b) = item?;
@@ -264,57 +430,425 @@ impl Programmer {
         Ok(out)
     }
 
-    /// Rejects a desired state that cannot fit before anything is written.
-    fn check_capacity(&self, desired: &Desired) -> Result<()> {
-        let s = &self.settings;
-        let ports = desired.ports.len() as u64;
-        if ports > s.max_services as u64 {
-            bail!(
-                "{ports} service ports exceed the limit of {}",
-                s.max_services
-            );
-        }
-        let fes: u64 = desired.ports.iter().map(|p| p.frontends.len() as u64).sum();
-        if fes > s.max_frontends as u64 {
-            bail!("{fes} frontends exceed the limit of {}", s.max_frontends);
-        }
-        let bes: BTreeSet<_> = desired
-            .ports
-            .iter()
-            .flat_map(|p| p.backends.iter().map(|b| (b.addr, b.port)))
-            .collect();
-        if bes.len() as u64 > s.max_backends as u64 {
-            bail!(
-                "{} backends exceed the limit of {}",
-                bes.len(),
-                s.max_backends
-            );
-        }
-        let slots: u64 = desired
-            .ports
-            .iter()
-            .filter(|p| !p.backends.is_empty())
-            .map(|p| 2 * maglev::choose_m(p.backends.len(), s.min_m) as u64)
-            .sum();
-        if slots > s.arena as u64 {
-            bail!(
-                "Maglev tables need {slots} slots, the arena has {} (raise --maglev-arena)",
-                s.arena
-            );
-        }
-        Ok(())
+    /// What the last apply left out or programmed only in part, in admission order.
+    pub fn refusals(&self) -> &[Refusal] {
+        &self.refusals
     }
 
+    /// Decides which service ports this apply programs, in priority order, and reserves
+    /// their room: ids, and Maglev buffers in the arena (allocated here, in that order, so
+    /// that the writes cannot run out of arena, fragmented or not). Touches no map.
+    fn admit<'a>(&mut self, desired: &'a Desired) -> Plan<'a> {
+        // Services from before a restart are programmed ports like any other.
+        let adopting = !self.adopted.is_empty();
+        for p in desired.ports.iter().filter(|_| adopting) {
+            if !self.services.contains_key(&p.id)
+                && let Some((svc_id, value)) = self.adopted.remove(&p.id.to_string())
+            {
+                // Same id (frontends already point at it); its live table becomes the
+                // active buffer, the next one goes to the other.
+                let table = self.adopted_tables.remove(&svc_id);
+                self.services.insert(
+                    p.id.clone(),
+                    SvcState {
+                        svc_id,
+                        tables: [table, None],
+                        active: 0,
+                        value,
+                        fresh: false,
+                    },
+                );
+            }
+        }
+        let age: StdHashMap<(&str, &str), usize> = desired
+            .service_order
+            .iter()
+            .enumerate()
+            .map(|(i, (ns, name))| ((ns.as_str(), name.as_str()), i))
+            .collect();
+        let mut order: Vec<usize> = (0..desired.ports.len()).collect();
+        order.sort_by_cached_key(|&i| {
+            let id = &desired.ports[i].id;
+            (
+                !self.services.contains_key(id),
+                age.get(&(id.namespace.as_str(), id.name.as_str()))
+                    .copied()
+                    .unwrap_or(usize::MAX),
+                i,
+            )
+        });
+
+        let mut admitted: Vec<Option<Cow<'a, SvcPort>>> =
+            (0..desired.ports.len()).map(|_| None).collect();
+        let mut refusals = Vec::new();
+        let mut budget = Budget::default();
+        for i in order {
+            let p = &desired.ports[i];
+            admitted[i] = if self.services.contains_key(&p.id) {
+                Some(self.admit_programmed(p, &mut budget, &mut refusals))
+            } else {
+                match self.admit_new(p, &mut budget) {
+                    Ok(p) => Some(p),
+                    Err((limit, why)) => {
+                        refusals.push(Refusal {
+                            id: p.id.clone(),
+                            limit,
+                            whole: true,
+                            message: format!("{}: not programmed: {why}", p.id),
+                        });
+                        None
+                    }
+                }
+            };
+        }
+        Plan {
+            ports: admitted.into_iter().flatten().collect(),
+            refusals,
+        }
+    }
+
+    fn free_backend_slots(&self, budget: &Budget) -> usize {
+        (self.settings.max_backends as usize)
+            .saturating_sub(self.backends.len() + budget.new_backends.len())
+    }
+
+    /// Backend keys of `p` that have no id yet and are not admitted yet: (serving,
+    /// draining).
+    fn new_backend_keys(
+        &self,
+        p: &SvcPort,
+        budget: &Budget,
+    ) -> (BTreeSet<BackendKey>, BTreeSet<BackendKey>) {
+        let new = |b: &&BackendSpec| {
+            !self.backends.contains_key(&be_key(b)) && !budget.new_backends.contains(&be_key(b))
+        };
+        let serving: BTreeSet<_> = p.backends.iter().filter(new).map(be_key).collect();
+        let draining = p
+            .draining
+            .iter()
+            .filter(new)
+            .map(be_key)
+            .filter(|k| !serving.contains(k))
+            .collect();
+        (serving, draining)
+    }
+
+    fn admit_new<'a>(
+        &mut self,
+        p: &'a SvcPort,
+        budget: &mut Budget,
+    ) -> std::result::Result<Cow<'a, SvcPort>, (Limit, String)> {
+        let s = &self.settings;
+        if !self.has_free_svc_id() {
+            return Err((
+                Limit::ServicePorts,
+                format!(
+                    "all {} service-port slots are in use (raise --max-services)",
+                    s.max_services
+                ),
+            ));
+        }
+        let keys: Vec<FrontendKey> = p
+            .frontends
+            .iter()
+            .map(|f| fe_key(f.addr, f.port, p.id.proto.number()))
+            .filter(|k| !budget.frontends.contains(k))
+            .collect();
+        let fe_free = (s.max_frontends as usize).saturating_sub(budget.frontends.len());
+        if keys.len() > fe_free {
+            return Err((
+                Limit::Frontends,
+                format!(
+                    "the frontend map is full (needs {} of its {} entries; raise --max-frontends)",
+                    keys.len(),
+                    s.max_frontends
+                ),
+            ));
+        }
+        let be_free = self.free_backend_slots(budget);
+        let (serving, draining) = self.new_backend_keys(p, budget);
+        let mut port = Cow::Borrowed(p);
+        if serving.len() + draining.len() > be_free {
+            if serving.len() > be_free {
+                return Err((
+                    Limit::Backends,
+                    format!(
+                        "the backend map is full (needs {} new of its {} entries; raise --max-backends)",
+                        serving.len(),
+                        s.max_backends
+                    ),
+                ));
+            }
+            // Endpoints that no longer serve and were never programmed carry no flow.
+            port.to_mut()
+                .draining
+                .retain(|b| !draining.contains(&be_key(b)));
+        }
+        // Both buffers now, at the size the backends ask for, so that later updates never
+        // wait for room a newer Service took.
+        let m = maglev::choose_m(p.backends.len(), s.min_m);
+        let free = self.arena.free_slots();
+        let tables = match self.arena.alloc(m) {
+            Some(a) => match self.arena.alloc(m) {
+                Some(b) => Some((a, b)),
+                None => {
+                    self.arena.free(a, m);
+                    None
+                }
+            },
+            None => None,
+        };
+        let Some((a, b)) = tables else {
+            // No count of free slots in the text: it changes with every other Service, and
+            // the same refusal must read the same to be logged and posted once.
+            let why = if free >= 2 * u64::from(m) {
+                format!(
+                    "the Maglev arena is fragmented (no room for two tables of {m} slots in its {} \
+                     slots; raise --maglev-arena)",
+                    s.arena
+                )
+            } else {
+                format!(
+                    "the Maglev arena is full (needs {} of its {} slots; raise --maglev-arena)",
+                    2 * m,
+                    s.arena
+                )
+            };
+            return Err((Limit::MaglevArena, why));
+        };
+        let svc_id = self.alloc_svc_id().expect("checked above");
+        let table = |off| Table {
+            off,
+            m,
+            slots: vec![0; m as usize],
+        };
+        self.services.insert(
+            p.id.clone(),
+            SvcState {
+                svc_id,
+                tables: [Some(table(a)), Some(table(b))],
+                active: 0,
+                value: Service::default(),
+                fresh: true,
+            },
+        );
+        budget.frontends.extend(keys);
+        budget.new_backends.extend(serving);
+        budget.new_backends.extend(
+            port.draining
+                .iter()
+                .map(be_key)
+                .filter(|k| draining.contains(k)),
+        );
+        Ok(port)
+    }
+
+    /// A programmed port is always admitted: what it has keeps working, and what it grew
+    /// into is programmed as far as it fits.
+    fn admit_programmed<'a>(
+        &mut self,
+        p: &'a SvcPort,
+        budget: &mut Budget,
+        refusals: &mut Vec<Refusal>,
+    ) -> Cow<'a, SvcPort> {
+        let s = self.settings.clone();
+        let svc_id = self.services[&p.id].svc_id;
+        let mut port = Cow::Borrowed(p);
+        let mut refuse = |limit, message: String| {
+            refusals.push(Refusal {
+                id: p.id.clone(),
+                limit,
+                whole: false,
+                message,
+            })
+        };
+
+        // Frontends: the ones it has first, then new ones while they fit.
+        let proto = p.id.proto.number();
+        let key = |f: &crate::translate::FrontendSpec| fe_key(f.addr, f.port, proto);
+        let wanted = p
+            .frontends
+            .iter()
+            .filter(|f| !budget.frontends.contains(&key(f)))
+            .count();
+        let mut fe_free = (s.max_frontends as usize).saturating_sub(budget.frontends.len());
+        if wanted > fe_free {
+            let has = |f: &crate::translate::FrontendSpec| {
+                self.frontends.get(&key(f)).map(|v| v.svc_id) == Some(svc_id)
+            };
+            let mut keep = BTreeSet::new();
+            for pass_has in [true, false] {
+                for f in &p.frontends {
+                    let k = key(f);
+                    if has(f) == pass_has && fe_free > 0 && !budget.frontends.contains(&k) {
+                        keep.insert(k);
+                        fe_free -= 1;
+                    }
+                }
+            }
+            let left: Vec<String> = p
+                .frontends
+                .iter()
+                .filter(|f| !keep.contains(&key(f)) && !budget.frontends.contains(&key(f)))
+                .map(|f| format!("{}:{}", f.addr, f.port))
+                .collect();
+            refuse(
+                Limit::Frontends,
+                format!(
+                    "{}: frontends {} not programmed: the frontend map is full ({} entries; \
+                     raise --max-frontends)",
+                    p.id,
+                    left.join(", "),
+                    s.max_frontends
+                ),
+            );
+            port.to_mut()
+                .frontends
+                .retain(|f| keep.contains(&key(f)) || budget.frontends.contains(&key(f)));
+        }
+        budget.frontends.extend(port.frontends.iter().map(key));
+
+        // Backends: the ones with ids first, then new ones while they fit.
+        let be_free = self.free_backend_slots(budget);
+        let (serving, draining) = self.new_backend_keys(&port, budget);
+        if serving.len() + draining.len() > be_free {
+            let take: BTreeSet<_> = serving.iter().take(be_free).copied().collect();
+            let left: Vec<String> = serving
+                .iter()
+                .filter(|k| !take.contains(k))
+                .map(|(a, p)| format!("{a}:{p}"))
+                .collect();
+            let port = port.to_mut();
+            port.draining.retain(|b| !draining.contains(&be_key(b)));
+            if !left.is_empty() {
+                refuse(
+                    Limit::Backends,
+                    format!(
+                        "{}: backends {} not programmed: the backend map is full ({} entries; \
+                         raise --max-backends)",
+                        p.id,
+                        left.join(", "),
+                        s.max_backends
+                    ),
+                );
+                port.backends
+                    .retain(|b| !serving.contains(&be_key(b)) || take.contains(&be_key(b)));
+            }
+            budget.new_backends.extend(take);
+        } else {
+            budget.new_backends.extend(serving);
+            budget.new_backends.extend(draining);
+        }
+
+        // The buffer the next update goes to must have the size the backends ask for; if
+        // the arena cannot give it, the buffer keeps its size (a less even spread, but the
+        // update happens).
+        let m = maglev::choose_m(port.backends.len(), s.min_m);
+        let svc = self.services.get_mut(&p.id).expect("programmed");
+        let inactive = 1 - svc.active;
+        if svc.tables[inactive].as_ref().is_none_or(|t| t.m != m) {
+            let old = svc.tables[inactive].take();
+            if let Some(old) = &old {
+                self.arena.free(old.off, old.m);
+            }
+            match self.arena.alloc(m) {
+                Some(off) => {
+                    svc.tables[inactive] = Some(Table {
+                        off,
+                        m,
+                        slots: vec![0; m as usize],
+                    })
+                }
+                None => {
+                    if let Some(old) = old {
+                        // Just freed, so it is still there; its slots are unchanged.
+                        let back = self.arena.reserve(old.off, old.m);
+                        debug_assert!(back);
+                        svc.tables[inactive] = Some(old);
+                    }
+                }
+            }
+        }
+        if svc.tables[inactive].is_none() {
+            // No buffer to write an update into (a table adopted from an older agent, and
+            // a full arena): the port keeps serving exactly what its table holds, so those
+            // backends must stay.
+            let active: BTreeSet<u32> = svc.tables[svc.active]
+                .iter()
+                .flat_map(|t| t.slots.iter().copied())
+                .filter(|&id| id != 0)
+                .collect();
+            let held: Vec<BackendSpec> = self
+                .backends
+                .iter()
+                .filter(|(_, b)| active.contains(&b.id))
+                .map(|(&(addr, port), b)| BackendSpec {
+                    addr,
+                    port,
+                    local: b.value.flags & BE_LOCAL != 0,
+                    node_name: None,
+                })
+                .collect();
+            let port = port.to_mut();
+            if port.backends.iter().map(be_key).ne(held.iter().map(be_key)) {
+                refuse(
+                    Limit::MaglevArena,
+                    format!(
+                        "{}: endpoint changes not programmed, it keeps its previous backends: \
+                         the Maglev arena has no room for a second table of {m} slots (raise \
+                         --maglev-arena)",
+                        p.id,
+                    ),
+                );
+            }
+            port.backends = held;
+        }
+        port
+    }
+
+    fn has_free_svc_id(&self) -> bool {
+        self.free_svc_ids
+            .range(..self.settings.max_services)
+            .next()
+            .is_some()
+            || self.next_svc_id < self.settings.max_services
+    }
+
+    /// An id below `max_services`: it indexes the per-port arrays (stats, names).
+    fn alloc_svc_id(&mut self) -> Option<u32> {
+        if let Some(&id) = self.free_svc_ids.range(..self.settings.max_services).next() {
+            self.free_svc_ids.remove(&id);
+            return Some(id);
+        }
+        if self.next_svc_id < self.settings.max_services {
+            self.next_svc_id += 1;
+            return Some(self.next_svc_id - 1);
+        }
+        None
+    }
+
+    /// Makes the maps equal to `desired`, except for what does not fit: those service
+    /// ports are left out (or kept as they were) and listed in [`Self::refusals`]; that is
+    /// not an error. An error is a failed map operation: the state is then partly written,
+    /// consistently (nothing refers to what is not written), and the next apply completes
+    /// it.
     pub fn apply(
         &mut self,
         desired: &Desired,
-        maps: &mut Maps,
+        maps: &mut impl MapWriter,
         now: Instant,
     ) -> Result<ApplyStats> {
-        self.check_capacity(desired)?;
-        let mut st = ApplyStats::default();
+        self.retry_at = None;
+        self.refusals.clear();
+        let plan = self.admit(desired);
+        let mut refusals = plan.refusals;
+        let ports = plan.ports;
+        let mut st = ApplyStats {
+            ports_refused: refusals.iter().filter(|r| r.whole).count(),
+            ..ApplyStats::default()
+        };
 
-        // 1. Backends every desired service needs.
+        // 1. Backends every programmed service needs.
         let mut wanted: BTreeMap<(Ipv4Addr, u16), Backend> = BTreeMap::new();
         let backend = |b: &BackendSpec, draining: bool| Backend {
             addr_be: u32::from_ne_bytes(b.addr.octets()),
@@ -324,14 +858,14 @@ impl Programmer {
         };
         // Endpoints still listed but not serving new flows stay resolvable (draining); one
         // that serves new flows for any service is not draining.
-        for p in &desired.ports {
+        for p in &ports {
             for b in &p.draining {
-                wanted.entry((b.addr, b.port)).or_insert(backend(b, true));
+                wanted.entry(be_key(b)).or_insert(backend(b, true));
             }
         }
-        for p in &desired.ports {
+        for p in &ports {
             for b in &p.backends {
-                wanted.insert((b.addr, b.port), backend(b, false));
+                wanted.insert(be_key(b), backend(b, false));
             }
         }
         for (key, value) in &wanted {
@@ -349,7 +883,7 @@ impl Programmer {
             };
             state.drain_until = None;
             if state.value != *value {
-                maps.backends.insert(state.id, *value, 0)?;
+                maps.set_backend(state.id, *value)?;
                 state.value = *value;
                 st.backends_written += 1;
             }
@@ -360,9 +894,9 @@ impl Programmer {
         let mut fe_wanted: BTreeMap<FrontendKey, Frontend> = BTreeMap::new();
         let mut cluster_ips: BTreeSet<u32> = BTreeSet::new();
         let mut ranges: BTreeSet<(u32, u32, u8)> = BTreeSet::new();
-        for p in &desired.ports {
+        for p in &ports {
             live.insert(p.id.clone());
-            let svc_id = self.write_service(p, desired, maps, &mut st)?;
+            let svc_id = self.write_service(p, desired, maps, &mut st, &mut refusals)?;
             for &(addr, len) in &p.source_ranges {
                 ranges.insert((svc_id, u32::from_ne_bytes(addr.octets()), len));
             }
@@ -384,17 +918,12 @@ impl Programmer {
         // Source ranges before the frontends that enforce them, so a new LB IP never opens
         // to everyone for a moment.
         for &(svc_id, addr, len) in ranges.difference(&self.ranges) {
-            maps.src_ranges
-                .insert(&range_key(svc_id, addr, len), 1, 0)?;
+            maps.add_src_range(svc_id, addr, len)?;
         }
 
-        // 3. Frontends.
-        for (k, v) in &fe_wanted {
-            if self.frontends.get(k) != Some(v) {
-                maps.frontends.insert(*k, *v, 0)?;
-                st.frontends_written += 1;
-            }
-        }
+        // 3. Frontends. Stale ones go first so that the map never holds more than the
+        // admitted set (admission counted on that); a frontend that moves to another
+        // service is overwritten in place, never missing.
         let stale: Vec<_> = self
             .frontends
             .keys()
@@ -402,21 +931,29 @@ impl Programmer {
             .copied()
             .collect();
         for k in stale {
-            let _ = maps.frontends.remove(&k);
+            maps.remove_frontend(&k);
+            self.frontends.remove(&k);
             st.frontends_removed += 1;
         }
-        self.frontends = fe_wanted;
-        // ClusterIP addresses: added after their frontends (a new address must not reject
-        // its own service's ports), removed after them.
-        for a in cluster_ips.difference(&self.cluster_ips) {
-            maps.cluster_ips.insert(*a, 0, 0)?;
+        // ClusterIP addresses: removed after their frontends, added after them (a new
+        // address must not reject its own service's ports).
+        for &a in self.cluster_ips.difference(&cluster_ips) {
+            maps.remove_cluster_ip(a);
         }
-        for a in self.cluster_ips.difference(&cluster_ips) {
-            let _ = maps.cluster_ips.remove(a);
+        self.cluster_ips.retain(|a| cluster_ips.contains(a));
+        for (k, v) in &fe_wanted {
+            if self.frontends.get(k) != Some(v) {
+                maps.set_frontend(*k, *v)?;
+                self.frontends.insert(*k, *v);
+                st.frontends_written += 1;
+            }
+        }
+        for &a in cluster_ips.difference(&self.cluster_ips) {
+            maps.add_cluster_ip(a)?;
         }
         self.cluster_ips = cluster_ips;
         for &(svc_id, addr, len) in self.ranges.difference(&ranges) {
-            let _ = maps.src_ranges.remove(&range_key(svc_id, addr, len));
+            maps.remove_src_range(svc_id, addr, len);
         }
         self.ranges = ranges;
 
@@ -429,7 +966,7 @@ impl Programmer {
             .collect();
         for id in gone {
             if let Some(s) = self.services.remove(&id) {
-                let _ = maps.services.remove(&s.svc_id);
+                maps.remove_service(s.svc_id);
                 for t in s.tables.into_iter().flatten() {
                     self.arena.free(t.off, t.m);
                 }
@@ -440,7 +977,7 @@ impl Programmer {
 
         // Services from before a restart that the new state does not have.
         for (_, (svc_id, _)) in std::mem::take(&mut self.adopted) {
-            let _ = maps.services.remove(&svc_id);
+            maps.remove_service(svc_id);
             if let Some(t) = self.adopted_tables.remove(&svc_id) {
                 self.arena.free(t.off, t.m);
             }
@@ -462,7 +999,7 @@ impl Programmer {
                     let mut v = b.value;
                     v.flags |= BE_DRAINING;
                     if v != b.value {
-                        maps.backends.insert(b.id, v, 0)?;
+                        maps.set_backend(b.id, v)?;
                         b.value = v;
                     }
                 }
@@ -472,83 +1009,45 @@ impl Programmer {
         }
         for key in expired {
             if let Some(b) = self.backends.remove(&key) {
-                let _ = maps.backends.remove(&b.id);
+                maps.remove_backend(b.id);
                 st.backends_removed += 1;
             }
         }
+
+        if !refusals.is_empty() && (st.services_removed > 0 || st.backends_removed > 0) {
+            self.retry_at = Some(now);
+        }
+        self.refusals = refusals;
         Ok(st)
     }
 
-    /// The earliest moment a draining backend is due for deletion, so the caller can apply
-    /// again then.
+    /// The earliest moment the caller should apply again: a draining backend is due for
+    /// deletion, or room was freed that something left out may fit in.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.backends.values().filter_map(|b| b.drain_until).min()
-    }
-
-    fn alloc_svc_id(&mut self) -> u32 {
-        if let Some(id) = self.free_svc_ids.pop_first() {
-            return id;
-        }
-        let id = self.next_svc_id;
-        self.next_svc_id += 1;
-        id
+        self.backends
+            .values()
+            .filter_map(|b| b.drain_until)
+            .chain(self.retry_at)
+            .min()
     }
 
     fn write_service(
         &mut self,
         p: &SvcPort,
         desired: &Desired,
-        maps: &mut Maps,
+        maps: &mut impl MapWriter,
         st: &mut ApplyStats,
+        refusals: &mut Vec<Refusal>,
     ) -> Result<u32> {
-        if !self.services.contains_key(&p.id)
-            && let Some((svc_id, value)) = self.adopted.remove(&p.id.to_string())
-        {
-            // Same service as before the restart: same id (frontends already point at it),
-            // its live table becomes the active buffer, the new one goes to the other.
-            let table = self.adopted_tables.remove(&svc_id);
-            self.services.insert(
-                p.id.clone(),
-                SvcState {
-                    svc_id,
-                    tables: [table, None],
-                    active: 0,
-                    value,
-                },
-            );
-        }
-        if !self.services.contains_key(&p.id) {
-            let svc_id = self.alloc_svc_id();
-            let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-            maps.svc_stats.set(
-                svc_id,
-                PerCpuValues::try_from(vec![SvcStats::default(); cpus])?,
-                0,
-            )?;
-            maps.svc_meta.set(svc_id, meta(p, desired), 0)?;
-            self.services.insert(
-                p.id.clone(),
-                SvcState {
-                    svc_id,
-                    tables: [None, None],
-                    active: 0,
-                    value: Service::default(),
-                },
-            );
-        }
         let backends = &self.backends;
-        let ids: Vec<u32> = p
-            .backends
-            .iter()
-            .map(|b| backends[&(b.addr, b.port)].id)
-            .collect();
-        let names: Vec<String> = p
-            .backends
-            .iter()
-            .map(|b| format!("{}:{}", b.addr, b.port))
-            .collect();
-        let svc = self.services.get_mut(&p.id).expect("inserted above");
+        let ids: Vec<u32> = p.backends.iter().map(|b| backends[&be_key(b)].id).collect();
+        let names: Vec<String> = p.backends.iter().map(BackendSpec::name).collect();
+        let svc = self.services.get_mut(&p.id).expect("admitted");
         let svc_id = svc.svc_id;
+        if svc.fresh {
+            maps.init_service(svc_id, meta(p, desired))?;
+            svc.fresh = false;
+        }
 
         let flags = if p.id.scope == Scope::Local {
             SVC_DROP_IF_EMPTY
@@ -561,46 +1060,55 @@ impl Programmer {
                 flags,
                 ..Service::default()
             };
-            if svc.value != value || maps.services.get(&svc_id, 0).is_err() {
-                maps.services.insert(svc_id, value, 0)?;
+            if svc.value != value || !maps.has_service(svc_id) {
+                maps.set_service(svc_id, value)?;
                 svc.value = value;
                 st.services_written += 1;
             }
             return Ok(svc_id);
         }
 
-        let m = maglev::choose_m(ids.len(), self.settings.min_m);
-        let table: Vec<u32> = maglev::build_table(&names, m)
-            .into_iter()
-            .map(|i| ids[i as usize])
-            .collect();
-        if let Some(active) = &svc.tables[svc.active]
-            && active.m == m
-            && active.slots == table
-            && svc.value.backend_count == ids.len() as u32
-            && svc.value.flags == flags
-            && svc.value.affinity_timeout == affinity_timeout
-        {
-            return Ok(svc_id); // nothing changed
-        }
+        let want_m = maglev::choose_m(ids.len(), self.settings.min_m);
         let inactive = 1 - svc.active;
-        if svc.tables[inactive].as_ref().is_none_or(|t| t.m != m) {
-            if let Some(old) = svc.tables[inactive].take() {
-                self.arena.free(old.off, old.m);
+        // Admission sized the inactive buffer: `want_m`, or smaller when the arena is full.
+        let next_m = svc.tables[inactive].as_ref().map(|t| t.m);
+        let build = |m: u32| -> Vec<u32> {
+            maglev::build_table(&names, m)
+                .into_iter()
+                .map(|i| ids[i as usize])
+                .collect()
+        };
+        let mut built = None;
+        if let Some(a) = &svc.tables[svc.active]
+            // A smaller table than wanted stays only while no larger buffer is at hand.
+            && (a.m == want_m || next_m != Some(want_m))
+        {
+            let table = build(a.m);
+            if a.slots == table
+                && svc.value.table_off == a.off
+                && svc.value.table_m == a.m
+                && svc.value.backend_count == ids.len() as u32
+                && svc.value.flags == flags
+                && svc.value.affinity_timeout == affinity_timeout
+            {
+                if a.m < want_m {
+                    refusals.push(small_table(&p.id, a.m, want_m));
+                }
+                return Ok(svc_id); // nothing changed
             }
-            let off = self
-                .arena
-                .alloc(m)
-                .with_context(|| format!("no room for a Maglev table of {m} slots for {}", p.id))?;
-            svc.tables[inactive] = Some(Table {
-                off,
-                m,
-                slots: vec![0; m as usize],
-            });
+            built = Some((a.m, table));
         }
-        let t = svc.tables[inactive].as_mut().expect("allocated above");
+        let Some(t) = svc.tables[inactive].as_mut() else {
+            // Admission reported it and kept the backends the active table uses.
+            return Ok(svc_id);
+        };
+        let m = t.m;
+        let table = match built {
+            Some((bm, table)) if bm == m => table,
+            _ => build(m),
+        };
         for (slot, id) in maglev::changed_slots(&t.slots, &table) {
-            maps.maglev.set(t.off + slot, id)?;
+            maps.set_slot(t.off + slot, id)?;
             st.slots_written += 1;
         }
         t.slots = table;
@@ -612,11 +1120,26 @@ impl Programmer {
             affinity_timeout,
         };
         // The flip: one hash-map update makes the fully written table visible.
-        maps.services.insert(svc_id, value, 0)?;
+        maps.set_service(svc_id, value)?;
         svc.value = value;
         svc.active = inactive;
         st.services_written += 1;
+        if m < want_m {
+            refusals.push(small_table(&p.id, m, want_m));
+        }
         Ok(svc_id)
+    }
+}
+
+fn small_table(id: &SvcPortId, m: u32, want: u32) -> Refusal {
+    Refusal {
+        id: id.clone(),
+        limit: Limit::MaglevArena,
+        whole: false,
+        message: format!(
+            "{id}: served by a Maglev table of {m} slots instead of {want} (less even spread): \
+             the Maglev arena has no room for the larger one (raise --maglev-arena)"
+        ),
     }
 }
 
@@ -639,4 +1162,505 @@ fn meta(p: &SvcPort, desired: &Desired) -> SvcMeta {
         _ => SVC_TYPE_CLUSTER_IP,
     };
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::translate::{FrontendSpec, Proto};
+
+    /// The maps as plain collections, with the kernel's limits: a hash map refuses a new
+    /// key when full, an array an index past its end.
+    struct Fake {
+        max_services: u32,
+        max_frontends: u32,
+        max_backends: u32,
+        backends: BTreeMap<u32, Backend>,
+        services: BTreeMap<u32, Service>,
+        meta: BTreeMap<u32, SvcMeta>,
+        slots: Vec<u32>,
+        frontends: BTreeMap<FrontendKey, Frontend>,
+        cluster_ips: BTreeSet<u32>,
+        ranges: BTreeSet<(u32, u32, u8)>,
+    }
+
+    impl Fake {
+        fn new(s: &Settings) -> Self {
+            Self {
+                max_services: s.max_services,
+                max_frontends: s.max_frontends,
+                max_backends: s.max_backends,
+                backends: BTreeMap::new(),
+                services: BTreeMap::new(),
+                meta: BTreeMap::new(),
+                slots: vec![0; s.arena as usize],
+                frontends: BTreeMap::new(),
+                cluster_ips: BTreeSet::new(),
+                ranges: BTreeSet::new(),
+            }
+        }
+
+        /// What the datapath could follow: every frontend leads to a service, every
+        /// service with a table to slots inside the arena naming existing backends.
+        fn check(&self) {
+            for (k, f) in &self.frontends {
+                assert!(
+                    self.services.contains_key(&f.svc_id),
+                    "frontend {k:?} points at missing service {}",
+                    f.svc_id
+                );
+            }
+            for (id, s) in &self.services {
+                assert!(*id < self.max_services);
+                if s.table_m == 0 {
+                    continue;
+                }
+                assert!(s.table_off as usize + s.table_m as usize <= self.slots.len());
+                for i in s.table_off..s.table_off + s.table_m {
+                    let b = self.slots[i as usize];
+                    assert!(b != 0, "service {id}: slot {i} unwritten");
+                    assert!(self.backends.contains_key(&b), "service {id}: backend {b}");
+                }
+            }
+        }
+
+        /// Backends (address, port) the service's table sends new flows to.
+        fn table_backends(&self, svc_id: u32) -> BTreeSet<(Ipv4Addr, u16)> {
+            let s = self.services[&svc_id];
+            (s.table_off..s.table_off + s.table_m)
+                .map(|i| {
+                    let b = self.backends[&self.slots[i as usize]];
+                    (
+                        Ipv4Addr::from(b.addr_be.to_ne_bytes()),
+                        u16::from_be(b.port_be),
+                    )
+                })
+                .collect()
+        }
+
+        fn svc_of(&self, fe: &FrontendSpec, proto: Proto) -> Option<u32> {
+            self.frontends
+                .get(&fe_key(fe.addr, fe.port, proto.number()))
+                .map(|f| f.svc_id)
+        }
+    }
+
+    fn full<K: Ord, V>(m: &BTreeMap<K, V>, k: &K, max: u32) -> Result<()> {
+        if !m.contains_key(k) && m.len() >= max as usize {
+            bail!("map full (E2BIG)");
+        }
+        Ok(())
+    }
+
+    impl MapWriter for Fake {
+        fn set_backend(&mut self, id: u32, value: Backend) -> Result<()> {
+            full(&self.backends, &id, self.max_backends)?;
+            self.backends.insert(id, value);
+            Ok(())
+        }
+        fn remove_backend(&mut self, id: u32) {
+            self.backends.remove(&id);
+        }
+        fn init_service(&mut self, svc_id: u32, meta: SvcMeta) -> Result<()> {
+            if svc_id >= self.max_services {
+                bail!("index {svc_id} out of bounds");
+            }
+            self.meta.insert(svc_id, meta);
+            Ok(())
+        }
+        fn has_service(&self, svc_id: u32) -> bool {
+            self.services.contains_key(&svc_id)
+        }
+        fn set_service(&mut self, svc_id: u32, value: Service) -> Result<()> {
+            full(&self.services, &svc_id, self.max_services)?;
+            self.services.insert(svc_id, value);
+            Ok(())
+        }
+        fn remove_service(&mut self, svc_id: u32) {
+            self.services.remove(&svc_id);
+        }
+        fn set_slot(&mut self, idx: u32, backend_id: u32) -> Result<()> {
+            *self
+                .slots
+                .get_mut(idx as usize)
+                .context("out of the arena")? = backend_id;
+            Ok(())
+        }
+        fn set_frontend(&mut self, key: FrontendKey, value: Frontend) -> Result<()> {
+            full(&self.frontends, &key, self.max_frontends)?;
+            self.frontends.insert(key, value);
+            Ok(())
+        }
+        fn remove_frontend(&mut self, key: &FrontendKey) {
+            self.frontends.remove(key);
+        }
+        fn add_cluster_ip(&mut self, addr_be: u32) -> Result<()> {
+            self.cluster_ips.insert(addr_be);
+            Ok(())
+        }
+        fn remove_cluster_ip(&mut self, addr_be: u32) {
+            self.cluster_ips.remove(&addr_be);
+        }
+        fn add_src_range(&mut self, svc_id: u32, addr_be: u32, len: u8) -> Result<()> {
+            self.ranges.insert((svc_id, addr_be, len));
+            Ok(())
+        }
+        fn remove_src_range(&mut self, svc_id: u32, addr_be: u32, len: u8) {
+            self.ranges.remove(&(svc_id, addr_be, len));
+        }
+    }
+
+    fn settings(arena: u32) -> Settings {
+        Settings {
+            min_m: maglev::DEFAULT_MIN_M,
+            drain: Duration::from_secs(30),
+            max_services: DEFAULT_MAX_SERVICES,
+            max_frontends: DEFAULT_MAX_FRONTENDS,
+            max_backends: DEFAULT_MAX_BACKENDS,
+            arena,
+        }
+    }
+
+    fn addr(n: u32) -> Ipv4Addr {
+        Ipv4Addr::from(0x0a00_0000 + n)
+    }
+
+    /// Service `i`: one TCP port, ClusterIP 10.96.x.y:80, `backends` endpoints of its own.
+    fn port(i: u32, backends: u32) -> SvcPort {
+        SvcPort {
+            id: SvcPortId {
+                namespace: "dev".into(),
+                name: format!("svc-{i:04}"),
+                port_name: String::new(),
+                proto: Proto::Tcp,
+                scope: Scope::Cluster,
+            },
+            frontends: vec![FrontendSpec {
+                addr: Ipv4Addr::from(0x0a60_0000 + i),
+                port: 80,
+                kind: FrontendKind::ClusterIp,
+            }],
+            backends: (0..backends)
+                .map(|j| BackendSpec {
+                    addr: addr(0x10_0000 + i * 64 + j),
+                    port: 8080,
+                    local: false,
+                    node_name: None,
+                })
+                .collect(),
+            draining: vec![],
+            affinity_timeout: None,
+            source_ranges: vec![],
+        }
+    }
+
+    /// `ports` with the Services created in `age` order (oldest first).
+    fn desired(ports: Vec<SvcPort>, age: impl IntoIterator<Item = u32>) -> Desired {
+        let mut ports = ports;
+        ports.sort_by(|a, b| a.id.cmp(&b.id));
+        Desired {
+            ports,
+            service_order: age
+                .into_iter()
+                .map(|i| ("dev".to_string(), format!("svc-{i:04}")))
+                .collect(),
+            ..Desired::default()
+        }
+    }
+
+    fn refused(p: &Programmer) -> Vec<String> {
+        p.refusals()
+            .iter()
+            .filter(|r| r.whole)
+            .map(|r| r.id.name.clone())
+            .collect()
+    }
+
+    fn svc_id(p: &Programmer, d: &Desired, name: &str) -> Option<u32> {
+        let port = d.ports.iter().find(|p| p.id.name == name)?;
+        p.services.get(&port.id).map(|s| s.svc_id)
+    }
+
+    #[test]
+    fn services_beyond_the_arena_are_refused_one_by_one() {
+        // Room for 2,000 service ports at M = 1021, double-buffered; 2,100 asked for. The
+        // Services were created in reverse name order, so the newest are svc-0000..0099.
+        let s = settings(2_000 * 2 * 1021);
+        let mut p = Programmer::new(s.clone());
+        let mut maps = Fake::new(&s);
+        let now = Instant::now();
+        let n = 2_100;
+        let ports = |f: &dyn Fn(u32) -> SvcPort| (0..n).map(f).collect::<Vec<_>>();
+        let d = desired(ports(&|i| port(i, 2)), (0..n).rev());
+        let st = p.apply(&d, &mut maps, now).unwrap();
+        maps.check();
+        assert_eq!(st.ports_refused, 100);
+        assert_eq!(maps.services.len(), 2_000);
+        // In admission order: oldest first.
+        let want: Vec<String> = (0..100).rev().map(|i| format!("svc-{i:04}")).collect();
+        assert_eq!(refused(&p), want);
+        let r = &p.refusals()[0];
+        assert_eq!(r.limit, Limit::MaglevArena);
+        assert_eq!(
+            r.message,
+            "dev/svc-0099/TCP: not programmed: the Maglev arena is full (needs 2042 of its \
+             4084000 slots; raise --maglev-arena)"
+        );
+        // Nothing of a refused port is in the maps: no frontend, no backend.
+        let last = &d.ports[0];
+        assert_eq!(last.id.name, "svc-0000");
+        assert_eq!(maps.svc_of(&last.frontends[0], Proto::Tcp), None);
+        assert_eq!(maps.backends.len(), 4_000);
+
+        // An endpoint change of a programmed Service still applies; a new Service (the
+        // newest of all) does not push anyone out.
+        let mut changed = ports(&|i| port(i, 2));
+        changed[2_099].backends[1].addr = addr(0x50_0000);
+        changed.push(port(n, 1));
+        let d2 = desired(changed, (0..=n).rev().skip(1).chain([n]));
+        let st = p.apply(&d2, &mut maps, now).unwrap();
+        maps.check();
+        assert_eq!(st.ports_refused, 101);
+        assert!(refused(&p).contains(&format!("svc-{n:04}")));
+        let id = svc_id(&p, &d2, "svc-2099").unwrap();
+        assert!(maps.table_backends(id).contains(&(addr(0x50_0000), 8080)));
+        assert_eq!(maps.table_backends(id).len(), 2);
+
+        // A programmed Service grows past M = 1021 with the arena full: it keeps a table
+        // of 1021 slots, with the new backends, and says so.
+        let mut grown = ports(&|i| port(i, 2));
+        grown[1_000] = port(1_000, 11);
+        let d3 = desired(grown, (0..n).rev());
+        p.apply(&d3, &mut maps, now).unwrap();
+        maps.check();
+        let id = svc_id(&p, &d3, "svc-1000").unwrap();
+        assert_eq!(maps.services[&id].table_m, 1021);
+        assert_eq!(maps.services[&id].backend_count, 11);
+        assert_eq!(maps.table_backends(id).len(), 11);
+        assert!(
+            p.refusals().iter().any(|r| !r.whole
+                && r.message.starts_with(
+                    "dev/svc-1000/TCP: served by a Maglev table of 1021 slots instead of 2039"
+                )),
+            "{:?}",
+            p.refusals()
+        );
+
+        // Deleting a Service frees its room after the writes; the agent is asked to apply
+        // again, and the oldest refused Service (svc-0099) gets in.
+        let mut fewer = ports(&|i| port(i, 2));
+        fewer.remove(1_500);
+        let d4 = desired(fewer, (0..n).rev().filter(|&i| i != 1_500));
+        p.apply(&d4, &mut maps, now).unwrap();
+        assert!(p.next_deadline().is_some_and(|t| t <= now));
+        assert_eq!(refused(&p).len(), 100);
+        p.apply(&d4, &mut maps, now).unwrap();
+        maps.check();
+        assert_eq!(refused(&p).len(), 99);
+        assert!(!refused(&p).contains(&"svc-0099".to_string()));
+        assert!(svc_id(&p, &d4, "svc-0099").is_some());
+        assert!(p.next_deadline().is_none_or(|t| t > now));
+    }
+
+    #[test]
+    fn a_fragmented_arena_refuses_only_the_port_that_does_not_fit() {
+        let mut s = settings(2_600);
+        s.min_m = 251;
+        let mut p = Programmer::new(s.clone());
+        let mut maps = Fake::new(&s);
+        let now = Instant::now();
+        // Five ports of two 251-slot tables each: 2,510 slots.
+        let d = desired((0..5).map(|i| port(i, 1)).collect(), 0..5);
+        p.apply(&d, &mut maps, now).unwrap();
+        assert!(p.refusals().is_empty());
+        // Two gone: 1,094 slots free, in runs of 502, 502 and 90.
+        let keep = [0, 2, 4];
+        let d = desired(keep.iter().map(|&i| port(i, 1)).collect(), keep);
+        p.apply(&d, &mut maps, now).unwrap();
+        assert_eq!(p.arena.free_slots(), 1_094);
+        // Three backends want M = 509: 1,018 slots, free but not in one piece. One backend
+        // (M = 251) fits.
+        let mut ports: Vec<SvcPort> = keep.iter().map(|&i| port(i, 1)).collect();
+        ports.push(port(10, 3));
+        ports.push(port(11, 1));
+        let d = desired(ports, [0, 2, 4, 10, 11]);
+        let st = p.apply(&d, &mut maps, now).unwrap();
+        maps.check();
+        assert_eq!(st.ports_refused, 1);
+        assert_eq!(
+            p.refusals()[0].message,
+            "dev/svc-0010/TCP: not programmed: the Maglev arena is fragmented (no room for two \
+             tables of 509 slots in its 2600 slots; raise --maglev-arena)"
+        );
+        assert!(svc_id(&p, &d, "svc-0011").is_some());
+        assert_eq!(maps.services.len(), 4);
+    }
+
+    #[test]
+    fn service_frontend_and_backend_limits_refuse_per_port() {
+        let mut s = settings(1 << 20);
+        s.max_services = 3;
+        s.max_frontends = 3;
+        s.max_backends = 5;
+        let now = Instant::now();
+
+        // Service ports: the fourth oldest is refused, and an id never reaches the limit.
+        let mut p = Programmer::new(s.clone());
+        let mut maps = Fake::new(&s);
+        let d = desired((0..4).map(|i| port(i, 1)).collect(), [3, 2, 1, 0]);
+        p.apply(&d, &mut maps, now).unwrap();
+        maps.check();
+        assert_eq!(refused(&p), ["svc-0000"]);
+        assert_eq!(
+            p.refusals()[0].message,
+            "dev/svc-0000/TCP: not programmed: all 3 service-port slots are in use (raise \
+             --max-services)"
+        );
+
+        // Frontends: a port with two does not fit after two ports of one.
+        s.max_services = 10;
+        let mut p = Programmer::new(s.clone());
+        let mut maps = Fake::new(&s);
+        let mut two = port(2, 1);
+        two.frontends.push(FrontendSpec {
+            addr: "203.0.113.7".parse().unwrap(),
+            port: 80,
+            kind: FrontendKind::External,
+        });
+        let d = desired(vec![port(0, 1), port(1, 1), two], [0, 1, 2]);
+        p.apply(&d, &mut maps, now).unwrap();
+        maps.check();
+        assert_eq!(refused(&p), ["svc-0002"]);
+        assert_eq!(p.refusals()[0].limit, Limit::Frontends);
+
+        // Backends: 2 + 2 fit in 5, the next 2 do not; a shared one costs nothing.
+        s.max_frontends = 10;
+        let mut p = Programmer::new(s.clone());
+        let mut maps = Fake::new(&s);
+        let mut shared = port(2, 0);
+        shared.backends = port(0, 2).backends;
+        let d = desired(vec![port(0, 2), port(1, 2), shared, port(3, 2)], 0..4);
+        p.apply(&d, &mut maps, now).unwrap();
+        maps.check();
+        assert_eq!(refused(&p), ["svc-0003"]);
+        assert_eq!(p.refusals()[0].limit, Limit::Backends);
+        assert_eq!(maps.backends.len(), 4);
+
+        // A programmed port that grows past the backend limit keeps what it had and gets
+        // what fits.
+        let mut grown = port(1, 4);
+        grown.backends[..2].clone_from_slice(&port(1, 2).backends);
+        let d = desired(vec![port(0, 2), grown, port(2, 0)], 0..3);
+        p.apply(&d, &mut maps, now).unwrap();
+        maps.check();
+        let id = svc_id(&p, &d, "svc-0001").unwrap();
+        // 4 held (2 of svc-0000, 2 of svc-0001): one new one fits.
+        assert_eq!(maps.table_backends(id).len(), 3);
+        assert!(
+            p.refusals()
+                .iter()
+                .any(|r| !r.whole && r.limit == Limit::Backends),
+            "{:?}",
+            p.refusals()
+        );
+    }
+
+    #[test]
+    fn a_port_without_endpoints_holds_its_tables() {
+        // Created before its pods: once the endpoints come, the table is there, even if a
+        // newer Service filled the arena meanwhile.
+        let s = settings(2 * 2 * 1021);
+        let mut p = Programmer::new(s.clone());
+        let mut maps = Fake::new(&s);
+        let now = Instant::now();
+        let d = desired(vec![port(0, 0)], [0]);
+        p.apply(&d, &mut maps, now).unwrap();
+        let d = desired(vec![port(0, 0), port(1, 3), port(2, 3)], 0..3);
+        p.apply(&d, &mut maps, now).unwrap();
+        assert_eq!(refused(&p), ["svc-0002"]);
+        let d = desired(vec![port(0, 3), port(1, 3), port(2, 3)], 0..3);
+        p.apply(&d, &mut maps, now).unwrap();
+        maps.check();
+        let id = svc_id(&p, &d, "svc-0000").unwrap();
+        assert_eq!(maps.table_backends(id).len(), 3);
+        assert_eq!(refused(&p), ["svc-0002"]);
+    }
+
+    #[test]
+    fn a_single_table_without_room_for_its_second_keeps_its_backends() {
+        // As adopted from an agent that kept one buffer, in an arena with no room for the
+        // other: an endpoint change cannot be written, so the table and every backend it
+        // names stay, past the drain period too.
+        let s = settings(1021);
+        let mut p = Programmer::new(s.clone());
+        let mut maps = Fake::new(&s);
+        let old = port(0, 2);
+        let names: Vec<String> = old.backends.iter().map(BackendSpec::name).collect();
+        let slots: Vec<u32> = maglev::build_table(&names, 1021)
+            .into_iter()
+            .map(|i| i + 1)
+            .collect();
+        for (i, b) in old.backends.iter().enumerate() {
+            let value = Backend {
+                addr_be: u32::from_ne_bytes(b.addr.octets()),
+                port_be: b.port.to_be(),
+                flags: 0,
+                _pad: 0,
+            };
+            let id = i as u32 + 1;
+            maps.backends.insert(id, value);
+            p.backends.insert(
+                be_key(b),
+                BackendState {
+                    id,
+                    value,
+                    drain_until: None,
+                },
+            );
+        }
+        p.next_backend_id = 3;
+        maps.slots.clone_from(&slots);
+        let value = Service {
+            table_off: 0,
+            table_m: 1021,
+            backend_count: 2,
+            flags: 0,
+            affinity_timeout: 0,
+        };
+        maps.services.insert(0, value);
+        assert!(p.arena.reserve(0, 1021));
+        p.adopted.insert(old.id.to_string(), (0, value));
+        p.adopted_tables.insert(
+            0,
+            Table {
+                off: 0,
+                m: 1021,
+                slots,
+            },
+        );
+        p.next_svc_id = 1;
+
+        let mut new = port(0, 2);
+        new.backends[1].addr = addr(0x50_0000);
+        let d = desired(vec![new], [0]);
+        let now = Instant::now();
+        p.apply(&d, &mut maps, now).unwrap();
+        maps.check();
+        assert_eq!(
+            maps.table_backends(0),
+            old.backends.iter().map(be_key).collect()
+        );
+        let r = &p.refusals()[0];
+        assert!(!r.whole);
+        assert!(
+            r.message
+                .starts_with("dev/svc-0000/TCP: endpoint changes not programmed"),
+            "{}",
+            r.message
+        );
+        p.apply(&d, &mut maps, now + Duration::from_secs(60))
+            .unwrap();
+        maps.check();
+        assert_eq!(maps.backends.len(), 2);
+    }
 }

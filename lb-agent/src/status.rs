@@ -60,7 +60,7 @@ pub fn read(pin_dir: &Path, run_dir: &Path) -> Result<Status> {
         HashMap::try_from(Map::HashMap(open(pin_dir, MAP_SERVICES)?))?;
     let backends: HashMap<_, u32, Backend> =
         HashMap::try_from(Map::HashMap(open(pin_dir, MAP_BACKENDS)?))?;
-    let maglev: Array<_, u32> = Array::try_from(Map::Array(open(pin_dir, MAP_MAGLEV)?))?;
+    let maglev: Array<_, u64> = Array::try_from(Map::Array(open(pin_dir, MAP_MAGLEV)?))?;
     let meta: Array<_, SvcMeta> = Array::try_from(Map::Array(open(pin_dir, MAP_SVC_META)?))?;
     let stats: PerCpuArray<_, SvcStats> =
         PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, MAP_SVC_STATS)?))?;
@@ -120,8 +120,10 @@ pub fn read(pin_dir: &Path, run_dir: &Path) -> Result<Status> {
         // Endpoints are whatever the active Maglev table points at.
         let mut ids = BTreeSet::new();
         for i in 0..svc.table_m {
-            if let Ok(id) = maglev.get(&(svc.table_off + i), 0) {
-                ids.insert(id);
+            let slot = svc.table_off + i;
+            if let Ok(pair) = maglev.get(&(slot / MAGLEV_SLOTS_PER_ENTRY), 0) {
+                // Two slots per element, low half first (see MAGLEV_SLOTS_PER_ENTRY).
+                ids.insert((pair >> (32 * (slot % MAGLEV_SLOTS_PER_ENTRY))) as u32);
             }
         }
         for id in ids {

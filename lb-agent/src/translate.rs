@@ -11,19 +11,35 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
+use std::ops::RangeInclusive;
 
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::jiff::Timestamp;
 
 use crate::k8s::{Objects, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
 
 /// The node the agent runs on.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeContext {
     /// Compared with `endpoints[].nodeName` to tell local backends from remote ones.
     pub node_name: String,
     /// Addresses NodePorts are served on.
     pub node_addrs: Vec<Ipv4Addr>,
+    /// Source ports the datapath uses to SNAT flows to remote backends (`--snat-port-min`
+    /// ..= `--snat-port-max`): replies to those flows come back to a node address on one of
+    /// them, so no external address may be served there.
+    pub snat_ports: RangeInclusive<u16>,
+}
+
+impl Default for NodeContext {
+    fn default() -> Self {
+        Self {
+            node_name: String::new(),
+            node_addrs: Vec::new(),
+            snat_ports: lb_common::DEFAULT_SNAT_PORT_MIN..=lb_common::DEFAULT_SNAT_PORT_MAX,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -184,7 +200,7 @@ pub struct HealthCheck {
 
 /// Something a user must be told on the Service itself (a Kubernetes Event with the kube
 /// source), besides the log line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ServiceEvent {
     pub namespace: String,
     pub name: String,
@@ -215,6 +231,9 @@ pub struct Desired {
     pub health_checks: Vec<HealthCheck>,
     /// Unsupported features, to be reported on the Service.
     pub events: Vec<ServiceEvent>,
+    /// Every service as (namespace, name), oldest first (see [`age_key`]): the order in
+    /// which contested frontends and, in the programmer, capacity are handed out.
+    pub service_order: Vec<(String, String)>,
 }
 
 /// Computes the desired datapath state. Services are expected to be unique by
@@ -229,10 +248,11 @@ pub fn translate(objs: &Objects, node: &NodeContext) -> Desired {
     let node = NodeContext {
         node_name: node.node_name.clone(),
         node_addrs,
+        snat_ports: node.snat_ports.clone(),
     };
 
     let mut out = Desired::default();
-    for svc in services {
+    for svc in &services {
         out.rows.push(row(svc));
         let owned = slices
             .get(&(namespace(svc), name(svc)))
@@ -240,10 +260,34 @@ pub fn translate(objs: &Objects, node: &NodeContext) -> Desired {
             .unwrap_or_default();
         program_service(svc, owned, &node, &mut out);
     }
+    services.sort_by_cached_key(|s| age_key(s));
+    out.service_order = services
+        .iter()
+        .map(|s| (namespace(s).to_string(), name(s).to_string()))
+        .collect();
+    let created: Vec<Option<Timestamp>> = services.iter().map(|s| created(s)).collect();
     out.ports.sort_by(|a, b| a.id.cmp(&b.id));
     out.health_checks.sort_by_key(|h| h.node_port);
-    drop_colliding_frontends(&mut out);
+    drop_colliding_frontends(&mut out, &node, &created);
     out
+}
+
+/// Orders Services as the API server saw them arrive: by `metadata.creationTimestamp`,
+/// then namespace and name (timestamps have one-second resolution). A Service without a
+/// timestamp (written by hand in a file) sorts after every timestamped one: nothing says
+/// it is older, and a real cluster's objects keep their standing against it.
+pub fn age_key(svc: &Service) -> (bool, Option<Timestamp>, String, String) {
+    let created = created(svc);
+    (
+        created.is_none(),
+        created,
+        namespace(svc).to_string(),
+        name(svc).to_string(),
+    )
+}
+
+fn created(svc: &Service) -> Option<Timestamp> {
+    svc.metadata.creation_timestamp.as_ref().map(|t| t.0)
 }
 
 fn namespace(svc: &Service) -> &str {
@@ -648,26 +692,117 @@ fn select(cands: &[&Candidate]) -> (Vec<BackendSpec>, Vec<BackendSpec>) {
     (selected, rest)
 }
 
-/// Two service ports cannot share an address:port:protocol (the datapath keys frontends on
-/// it); the first in id order keeps it, so the outcome does not depend on input order.
-fn drop_colliding_frontends(out: &mut Desired) {
-    let mut owner: HashMap<(Ipv4Addr, u16, Proto), SvcPortId> = HashMap::new();
-    for p in &mut out.ports {
-        p.frontends
-            .retain(|f| match owner.get(&(f.addr, f.port, p.id.proto)) {
-                Some(first) => {
-                    out.warnings.push(format!(
-                        "{}: frontend {}:{}/{} already used by {first}; dropped",
-                        p.id, f.addr, f.port, p.id.proto
-                    ));
-                    false
-                }
-                None => {
-                    owner.insert((f.addr, f.port, p.id.proto), p.id.clone());
-                    true
-                }
-            });
+/// Frontends the API server allocates (ClusterIPs, NodePorts) come first: it keeps them
+/// unique, while `externalIPs` and ingress IPs are free text anyone who can write a
+/// Service sets, so one must never take traffic meant for another Service's allocation.
+fn claim_class(kind: FrontendKind) -> u8 {
+    match kind {
+        FrontendKind::ClusterIp | FrontendKind::NodePort | FrontendKind::Localhost => 0,
+        FrontendKind::External | FrontendKind::LoadBalancer => 1,
     }
+}
+
+fn kind_name(kind: FrontendKind) -> &'static str {
+    match kind {
+        FrontendKind::ClusterIp => "ClusterIP",
+        FrontendKind::NodePort => "NodePort",
+        FrontendKind::Localhost => "localhost NodePort",
+        FrontendKind::External => "external IP",
+        FrontendKind::LoadBalancer => "load-balancer IP",
+    }
+}
+
+/// Two service ports cannot share an address:port:protocol (the datapath keys frontends on
+/// it). The winner is decided by [`claim_class`], then by Service age (`service_order`;
+/// `created` holds the creation times in that order), then by port id, so the outcome does
+/// not depend on input order and a new Service never takes a frontend an existing one
+/// serves. External addresses on a node address are also refused ports of the SNAT range.
+fn drop_colliding_frontends(out: &mut Desired, node: &NodeContext, created: &[Option<Timestamp>]) {
+    let mut warnings = Vec::new();
+    for p in &mut out.ports {
+        p.frontends.retain(|f| {
+            let snat = claim_class(f.kind) == 1
+                && node.node_addrs.contains(&f.addr)
+                && node.snat_ports.contains(&f.port);
+            if snat {
+                warnings.push(format!(
+                    "{}: frontend {}:{}/{} is a node address with a port of the SNAT range \
+                     {}-{} (replies of source-NATed flows arrive there); dropped",
+                    p.id,
+                    f.addr,
+                    f.port,
+                    p.id.proto,
+                    node.snat_ports.start(),
+                    node.snat_ports.end()
+                ));
+            }
+            !snat
+        });
+    }
+
+    let ages: HashMap<(&str, &str), usize> = out
+        .service_order
+        .iter()
+        .enumerate()
+        .map(|(i, (ns, name))| ((ns.as_str(), name.as_str()), i))
+        .collect();
+    let age = |id: &SvcPortId| {
+        ages.get(&(id.namespace.as_str(), id.name.as_str()))
+            .copied()
+            .unwrap_or(usize::MAX)
+    };
+    // (class, age, port index, kind); ports are sorted by id, so the index breaks ties in
+    // id order.
+    type Claim = (u8, usize, usize, FrontendKind);
+    let mut winner: HashMap<(Ipv4Addr, u16, Proto), Claim> = HashMap::new();
+    for (i, p) in out.ports.iter().enumerate() {
+        for f in &p.frontends {
+            let claim = (claim_class(f.kind), age(&p.id), i, f.kind);
+            winner
+                .entry((f.addr, f.port, p.id.proto))
+                .and_modify(|w| *w = (*w).min(claim))
+                .or_insert(claim);
+        }
+    }
+    for i in 0..out.ports.len() {
+        let frontends = std::mem::take(&mut out.ports[i].frontends);
+        let ports = &out.ports;
+        let kept = frontends
+            .into_iter()
+            .filter(|f| {
+                let p = &ports[i];
+                let (class, w_age, w, w_kind) = winner[&(f.addr, f.port, p.id.proto)];
+                if w == i {
+                    return true;
+                }
+                let why = if class < claim_class(f.kind) {
+                    format!(
+                        "its {}, which an external address never takes",
+                        kind_name(w_kind)
+                    )
+                } else if w_age == age(&p.id) {
+                    "same Service, first by port name".to_string()
+                } else if match (
+                    created.get(w_age).copied().flatten(),
+                    created.get(age(&p.id)).copied().flatten(),
+                ) {
+                    (Some(w), Some(l)) => w < l,
+                    (w, l) => w.is_some() && l.is_none(),
+                } {
+                    "an older Service".to_string()
+                } else {
+                    "same or unknown creation time, first by namespace/name".to_string()
+                };
+                warnings.push(format!(
+                    "{}: frontend {}:{}/{} already used by {} ({why}); dropped",
+                    p.id, f.addr, f.port, p.id.proto, ports[w].id
+                ));
+                false
+            })
+            .collect();
+        out.ports[i].frontends = kept;
+    }
+    out.warnings.extend(warnings);
 }
 
 fn row(svc: &Service) -> ServiceRow {
@@ -734,6 +869,7 @@ mod tests {
         NodeContext {
             node_name: "node-a".into(),
             node_addrs: vec![ip("192.168.1.11"), ip("192.168.1.10")],
+            ..Default::default()
         }
     }
 
@@ -1154,6 +1290,165 @@ mod tests {
             d.warnings[0].contains("already used by dev/a/TCP"),
             "{:?}",
             d.warnings
+        );
+    }
+
+    /// A Service in `ns` created at `created` (RFC 3339; None: no timestamp).
+    fn svc_at(ns: &str, name: &str, created: Option<&str>, spec: &str) -> String {
+        let created = created
+            .map(|t| format!(", creationTimestamp: \"{t}\""))
+            .unwrap_or_default();
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}{created}}}\nspec:\n{spec}\n"
+        )
+    }
+
+    #[test]
+    fn the_older_service_keeps_a_contested_frontend() {
+        let ingress = |created| {
+            svc_at(
+                "kube-system",
+                "ingress",
+                created,
+                "  clusterIP: 10.96.0.5\n  externalIPs: [203.0.113.7]\n  ports: [{port: 443}]",
+            )
+        };
+        let grab = |created| {
+            svc_at(
+                "default",
+                "grab",
+                created,
+                "  clusterIP: 10.96.0.6\n  externalIPs: [203.0.113.7]\n  ports: [{port: 443}]",
+            )
+        };
+        let external = |d: &Desired, id: &str| {
+            port(d, id)
+                .frontends
+                .iter()
+                .any(|f| f.kind == FrontendKind::External)
+        };
+
+        // kube-system's was there first; `default` sorts first by name but is newer.
+        let d = run(&(ingress(Some("2020-01-01T00:00:00Z")) + &grab(Some("2024-06-01T12:00:00Z"))));
+        assert!(external(&d, "kube-system/ingress/TCP"));
+        assert!(!external(&d, "default/grab/TCP"));
+        assert_eq!(
+            d.warnings,
+            [
+                "default/grab/TCP: frontend 203.0.113.7:443/TCP already used by \
+                 kube-system/ingress/TCP (an older Service); dropped"
+            ]
+        );
+        assert_eq!(
+            d.service_order,
+            [
+                ("kube-system".to_string(), "ingress".to_string()),
+                ("default".to_string(), "grab".to_string())
+            ]
+        );
+
+        // The other way round, the other way out.
+        let d = run(&(ingress(Some("2024-06-01T12:00:01Z")) + &grab(Some("2024-06-01T12:00:00Z"))));
+        assert!(external(&d, "default/grab/TCP"));
+        assert!(!external(&d, "kube-system/ingress/TCP"));
+
+        // Without a timestamp, after every timestamped Service; among themselves by
+        // namespace and name.
+        let d = run(&(ingress(Some("2024-06-01T12:00:00Z")) + &grab(None)));
+        assert!(external(&d, "kube-system/ingress/TCP"));
+        let d = run(&(ingress(None) + &grab(None)));
+        assert!(external(&d, "default/grab/TCP"));
+        assert!(d.warnings[0].contains("(same or unknown creation time, first by namespace/name)"));
+    }
+
+    #[test]
+    fn external_addresses_never_take_cluster_ips_node_ports_or_snat_ports() {
+        let older = Some("2020-01-01T00:00:00Z");
+        let newer = Some("2024-01-01T00:00:00Z");
+        let text = [
+            // (a) An old Service's externalIP is a newer Service's ClusterIP:port.
+            svc_at(
+                "a",
+                "squat",
+                older,
+                "  clusterIP: 10.96.0.50\n  externalIPs: [10.96.0.60, 10.96.0.61]\n  ports: [{port: 80}]",
+            ),
+            svc_at("a", "api", newer, "  clusterIP: 10.96.0.60\n  ports: [{port: 80}]"),
+            // (b) A node address:port that is another Service's NodePort.
+            svc_at(
+                "b",
+                "squat",
+                older,
+                "  clusterIP: 10.96.0.70\n  externalIPs: [192.168.1.10]\n  ports: [{port: 30080}]",
+            ),
+            svc_at(
+                "b",
+                "web",
+                newer,
+                "  type: NodePort\n  clusterIP: 10.96.0.71\n  ports: [{port: 80, nodePort: 30080}]",
+            ),
+            // (c) A node address with a port of the SNAT range, as externalIP and as
+            // ingress IP; the same port on another address, and another port on the node
+            // address, are fine.
+            svc_at(
+                "c",
+                "snat",
+                older,
+                "  type: LoadBalancer\n  clusterIP: 10.96.0.80\n  externalIPs: [192.168.1.11, 203.0.113.9]\n  ports: [{name: hi, port: 61001, nodePort: 30081}, {name: lo, port: 8080, nodePort: 30082}]\nstatus: {loadBalancer: {ingress: [{ip: 192.168.1.10}]}}",
+            ),
+        ]
+        .concat();
+        let d = run(&text);
+        let fes = |id: &str| {
+            port(&d, id)
+                .frontends
+                .iter()
+                .map(|f| format!("{}:{}", f.addr, f.port))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(fes("a/squat/TCP"), ["10.96.0.50:80", "10.96.0.61:80"]);
+        assert_eq!(fes("a/api/TCP"), ["10.96.0.60:80"]);
+        assert_eq!(fes("b/squat/TCP"), ["10.96.0.70:30080"]);
+        assert!(fes("b/web/TCP").contains(&"192.168.1.10:30080".to_string()));
+        assert_eq!(
+            fes("c/snat:hi/TCP"),
+            [
+                "10.96.0.80:61001",
+                "127.0.0.1:30081",
+                "192.168.1.10:30081",
+                "192.168.1.11:30081",
+                "203.0.113.9:61001"
+            ]
+        );
+        assert!(fes("c/snat:lo/TCP").contains(&"192.168.1.11:8080".to_string()));
+        assert!(fes("c/snat:lo/TCP").contains(&"192.168.1.10:8080".to_string()));
+        let mut w = d.warnings.clone();
+        w.sort();
+        assert_eq!(
+            w,
+            [
+                "a/squat/TCP: frontend 10.96.0.60:80/TCP already used by a/api/TCP (its \
+                 ClusterIP, which an external address never takes); dropped",
+                "b/squat/TCP: frontend 192.168.1.10:30080/TCP already used by b/web/TCP (its \
+                 NodePort, which an external address never takes); dropped",
+                "c/snat:hi/TCP: frontend 192.168.1.10:61001/TCP is a node address with a port \
+                 of the SNAT range 61000-65535 (replies of source-NATed flows arrive there); \
+                 dropped",
+                "c/snat:hi/TCP: frontend 192.168.1.11:61001/TCP is a node address with a port \
+                 of the SNAT range 61000-65535 (replies of source-NATed flows arrive there); \
+                 dropped",
+            ]
+        );
+
+        // The range is the node's: with another one, 61001 is free.
+        let mut n = node();
+        n.snat_ports = 40000..=40999;
+        let d = translate(&parse_objects(&text).unwrap(), &n);
+        assert!(
+            port(&d, "c/snat:hi/TCP")
+                .frontends
+                .iter()
+                .any(|f| f.addr == ip("192.168.1.10") && f.port == 61001)
         );
     }
 

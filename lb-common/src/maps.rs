@@ -34,9 +34,23 @@ pub const PROG_SOCK_GETPEERNAME4: &str = "xlb_getpeername4";
 pub const DEFAULT_MAX_SERVICES: u32 = 16_384;
 pub const DEFAULT_MAX_FRONTENDS: u32 = 65_536;
 pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
-/// Maglev arena: one array holding every service's two tables (see `Service`).
-/// 4 Mi slots = 16 MiB, enough for ~2,000 services at M = 1021 double-buffered.
-pub const DEFAULT_MAGLEV_ARENA: u32 = 1 << 22;
+/// Maglev arena: one array holding every service's two tables (see `Service`). Sized so
+/// that `DEFAULT_MAX_SERVICES` service ports each hold both buffers at the agent's default
+/// smallest table (M = 1021): 16,384 x 2 x 1021 slots. The kernel stores array elements 8
+/// bytes apart, so this is 255 MiB of kernel memory. The agent sizes the map at load time
+/// (`--maglev-arena`); this is the object's compile-time size.
+pub const DEFAULT_MAGLEV_ARENA: u32 = DEFAULT_MAX_SERVICES * 2 * 1021;
+/// Maglev slots (backend ids, u32) per `XLB_MAGLEV` element. The kernel lays array
+/// elements out 8 bytes apart, so one u32 per element would waste half the arena's memory;
+/// two per u64 element make the value area a dense array of u32 slots (slot `s` is half
+/// `s % 2`, little end first, of element `s / 2`), which is also how the agent writes it
+/// through its memory mapping.
+pub const MAGLEV_SLOTS_PER_ENTRY: u32 = 2;
+
+/// `XLB_MAGLEV` elements holding `slots` slots.
+pub const fn maglev_entries(slots: u32) -> u32 {
+    slots.div_ceil(MAGLEV_SLOTS_PER_ENTRY)
+}
 /// Confirmed flows (`XLB_CT`); reverse-NAT entries get this plus `DEFAULT_CT_NEW_ENTRIES`.
 pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
 /// Unconfirmed flows (`XLB_CT_NEW`): a SYN or a flood of them lands here and can only evict
@@ -50,11 +64,15 @@ pub const DEFAULT_SNAT_PORT_MIN: u16 = 61_000;
 pub const DEFAULT_SNAT_PORT_MAX: u16 = 65_535;
 /// How many SNAT ports the datapath probes for a new flow before giving up.
 pub const SNAT_PROBES: u32 = 16;
-/// A SNAT port whose flow closed (FIN both ways, or RST) may be handed to a new flow after
-/// this many seconds, before the closed entry's own timeout: long enough for the last ACK
-/// and retransmitted FINs to be translated, short enough that a port range of a few
-/// thousand sustains thousands of new connections per second to one backend.
-pub const SNAT_REUSE_CLOSED_S: u32 = 2;
+/// A SNAT port whose flow closed (FIN both ways, or RST) may be handed to a new flow this
+/// many milliseconds after the flow's last packet, before the closed entry's own timeout:
+/// long enough for the last ACK and a retransmitted FIN (TCP's minimum RTO is 200 ms) to
+/// be translated, short enough that the default range of 4,536 ports sustains about 4,000
+/// new connections per second to one backend.
+pub const SNAT_REUSE_CLOSED_MS: u32 = 1_000;
+/// Timeouts are capped here so that, in milliseconds, they stay comparable on the datapath's
+/// wrapping 32-bit clock (23 days).
+pub const CT_TIMEOUT_MAX_S: u32 = 2_000_000;
 
 /// Conntrack timeouts (seconds), the agent's defaults; see `Config`.
 pub const DEFAULT_CT_TCP_SYN_S: u32 = 60;
@@ -174,9 +192,9 @@ pub struct CtEntry {
     pub flags: u8,
     /// IP protocol (selects the timeouts).
     pub proto: u8,
-    /// Monotonic clock (CLOCK_MONOTONIC, `bpf_ktime_get_coarse_ns`) in seconds when a
-    /// packet of the flow was last seen in either direction.
-    pub last_seen_s: u32,
+    /// Monotonic clock (CLOCK_MONOTONIC, `bpf_ktime_get_coarse_ns`) in milliseconds,
+    /// wrapping at 2^32, when a packet of the flow was last seen in either direction.
+    pub last_seen_ms: u32,
 }
 
 /// The flow ended: RST, or FIN from both sides.
@@ -204,18 +222,31 @@ pub fn ct_timeout_s(cfg: &Config, e: &CtEntry, confirmed: bool) -> u32 {
     }
 }
 
-/// The entry's flow is over at `now_s` (the datapath treats it as absent, the agent's GC
+/// Milliseconds since the entry's last packet at `now_ms` (negative: stamped after `now_ms`
+/// was read).
+#[inline(always)]
+pub fn ct_idle_ms(e: &CtEntry, now_ms: u32) -> i32 {
+    now_ms.wrapping_sub(e.last_seen_ms) as i32
+}
+
+/// The entry's flow is over at `now_ms` (the datapath treats it as absent, the agent's GC
 /// deletes it).
 #[inline(always)]
-pub fn ct_expired(cfg: &Config, e: &CtEntry, confirmed: bool, now_s: u32) -> bool {
-    now_s.wrapping_sub(e.last_seen_s) as i32 > ct_timeout_s(cfg, e, confirmed) as i32
+pub fn ct_expired(cfg: &Config, e: &CtEntry, confirmed: bool, now_ms: u32) -> bool {
+    let timeout_s = ct_timeout_s(cfg, e, confirmed);
+    let timeout_s = if timeout_s > CT_TIMEOUT_MAX_S {
+        CT_TIMEOUT_MAX_S
+    } else {
+        timeout_s
+    };
+    ct_idle_ms(e, now_ms) > (timeout_s * 1000) as i32
 }
 
 /// The entry's SNAT port may be given to a new flow: expired, or closed long enough ago.
 #[inline(always)]
-pub fn ct_port_reusable(cfg: &Config, e: &CtEntry, confirmed: bool, now_s: u32) -> bool {
-    ct_expired(cfg, e, confirmed, now_s)
-        || (ct_closed(e) && now_s.wrapping_sub(e.last_seen_s) as i32 >= SNAT_REUSE_CLOSED_S as i32)
+pub fn ct_port_reusable(cfg: &Config, e: &CtEntry, confirmed: bool, now_ms: u32) -> bool {
+    ct_expired(cfg, e, confirmed, now_ms)
+        || (ct_closed(e) && ct_idle_ms(e, now_ms) >= SNAT_REUSE_CLOSED_MS as i32)
 }
 
 /// Reverse translation for replies, keyed by the reply's 5-tuple as it arrives
@@ -554,12 +585,12 @@ mod tests {
         let cfg = Config::DEFAULT;
         let syn = CtEntry {
             proto: crate::PROTO_TCP,
-            last_seen_s: 100,
+            last_seen_ms: 100_000,
             ..Default::default()
         };
         assert_eq!(ct_timeout_s(&cfg, &syn, false), 60);
-        assert!(!ct_expired(&cfg, &syn, false, 160));
-        assert!(ct_expired(&cfg, &syn, false, 161));
+        assert!(!ct_expired(&cfg, &syn, false, 160_000));
+        assert!(ct_expired(&cfg, &syn, false, 160_001));
         assert_eq!(ct_timeout_s(&cfg, &syn, true), 8_000);
         let fin1 = CtEntry {
             flags: CT_FIN_CLIENT,
@@ -578,8 +609,8 @@ mod tests {
         for e in [fin2, rst] {
             assert!(ct_closed(&e));
             assert_eq!(ct_timeout_s(&cfg, &e, true), 10);
-            assert!(!ct_port_reusable(&cfg, &e, true, 101));
-            assert!(ct_port_reusable(&cfg, &e, true, 102));
+            assert!(!ct_port_reusable(&cfg, &e, true, 100_999));
+            assert!(ct_port_reusable(&cfg, &e, true, 101_000));
         }
         let mid = CtEntry {
             flags: CT_MIDSTREAM,
@@ -591,13 +622,19 @@ mod tests {
             ..syn
         };
         assert_eq!(ct_timeout_s(&cfg, &udp, true), 60);
-        // The clock wraps (u32 seconds): still ordered.
+        // The clock wraps (u32 milliseconds, every 49.7 days): still ordered.
         let wrap = CtEntry {
-            last_seen_s: u32::MAX - 5,
+            last_seen_ms: u32::MAX - 5_000,
             ..syn
         };
-        assert!(!ct_expired(&cfg, &wrap, false, 10));
-        assert!(ct_expired(&cfg, &wrap, false, 60));
+        assert!(!ct_expired(&cfg, &wrap, false, 10_000));
+        assert!(ct_expired(&cfg, &wrap, false, 60_000));
+        // A huge timeout is capped, never turned negative.
+        let long = Config {
+            ct_tcp_established_s: u32::MAX,
+            ..cfg
+        };
+        assert!(!ct_expired(&long, &syn, true, 100_000 + 86_400_000));
     }
 
     #[test]

@@ -22,12 +22,13 @@ pub fn opens(tcp_flags: u8) -> bool {
     tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
-/// Monotonic seconds. The coarse clock is a plain load (no clock-source read), and
-/// seconds are all the timeouts need; the agent reads the same clock (CLOCK_MONOTONIC).
+/// Monotonic milliseconds, wrapping at 2^32. The coarse clock is a plain load (no
+/// clock-source read) with a tick's resolution, which is all the timeouts need; the agent
+/// reads the same clock (CLOCK_MONOTONIC).
 #[inline(always)]
-pub fn now_s() -> u32 {
+pub fn now_ms() -> u32 {
     // SAFETY: helper without arguments.
-    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000) as u32
 }
 
 /// A live entry: the pointer into its map value and whether it is in `XLB_CT`.
@@ -89,7 +90,7 @@ pub fn seen_forward(key: &FlowKey, live: &Live, tcp_flags: u8, now: u32) {
     if !live.confirmed && flags & CT_SEEN_REPLY != 0 && !opens(tcp_flags) {
         let mut moved = *e;
         moved.flags = flags & !CT_MIDSTREAM;
-        moved.last_seen_s = now;
+        moved.last_seen_ms = now;
         if CT.insert(key, &moved, BPF_ANY as u64).is_ok() {
             let _ = CT_NEW.remove(key);
             count(Counter::CtConfirm);
@@ -99,9 +100,10 @@ pub fn seen_forward(key: &FlowKey, live: &Live, tcp_flags: u8, now: u32) {
     if flags != e.flags {
         e.flags = flags;
     }
-    // Only when the second changes: no cache-line write per packet.
-    if e.last_seen_s != now {
-        e.last_seen_s = now;
+    // Only when the clock moved (a tick is several milliseconds): not a cache-line write
+    // per packet.
+    if e.last_seen_ms != now {
+        e.last_seen_ms = now;
     }
 }
 
@@ -111,7 +113,7 @@ pub fn seen_forward(key: &FlowKey, live: &Live, tcp_flags: u8, now: u32) {
 /// translated.
 #[inline(always)]
 pub fn seen_reply(rk: &FlowKey, rev: &RevNat, tcp_flags: u8, cfg: &Config) -> bool {
-    let now = now_s();
+    let now = now_ms();
     let key = rev.ct_key(rk.proto);
     let Some(live) = lookup(&key, cfg, now) else {
         count(Counter::ReplyStale);
@@ -141,8 +143,8 @@ pub fn seen_reply(rk: &FlowKey, rev: &RevNat, tcp_flags: u8, cfg: &Config) -> bo
     if flags != e.flags {
         e.flags = flags;
     }
-    if e.last_seen_s != now {
-        e.last_seen_s = now;
+    if e.last_seen_ms != now {
+        e.last_seen_ms = now;
     }
     true
 }

@@ -65,7 +65,7 @@ pub fn choose(ct_key: &FlowKey, tcp_flags: u8, svc_id: u32, svc: &Service, path:
     let Some(cfg) = CONFIG.get(0) else {
         return Choice::Drop;
     };
-    let now = ct::now_s();
+    let now = ct::now_ms();
     let opens = ct_key.proto != PROTO_TCP || ct::opens(tcp_flags);
     let frontend_rev = RevNat {
         src_addr_be: ct_key.dst_addr_be,
@@ -184,7 +184,7 @@ pub fn choose(ct_key: &FlowKey, tcp_flags: u8, svc_id: u32, svc: &Service, path:
         snat_port_be: target.snat_port,
         flags,
         proto: ct_key.proto,
-        last_seen_s: now,
+        last_seen_ms: now,
     };
     if CT_NEW.insert(ct_key, &entry, BPF_ANY as u64).is_err() {
         return Choice::Drop;
@@ -227,7 +227,14 @@ pub fn pick(
     };
     // checked_rem: a division by zero would be a panic path, which the verifier rejects.
     let slot = svc.table_off.wrapping_add(hash.checked_rem(svc.table_m)?);
-    let backend_id = *MAGLEV.get(slot)?;
+    // Two slots per element (see `lb_common::MAGLEV_SLOTS_PER_ENTRY`); bpfel: slot 2k is
+    // the low half of element k.
+    let pair = *MAGLEV.get(slot >> 1)?;
+    let backend_id = if slot & 1 == 0 {
+        pair as u32
+    } else {
+        (pair >> 32) as u32
+    };
     let be = *unsafe { BACKENDS.get(backend_id) }?;
     if svc.affinity_timeout != 0 && remember {
         let a = Affinity {

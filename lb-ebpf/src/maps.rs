@@ -21,7 +21,7 @@ pub static SERVICES: HashMap<u32, Service> = HashMap::pinned(DEFAULT_MAX_SERVICE
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(DEFAULT_MAX_BACKENDS, 0);
 
 #[map(name = "XLB_MAGLEV")]
-pub static MAGLEV: Array<u32> = Array::pinned(DEFAULT_MAGLEV_ARENA, BPF_F_MMAPABLE);
+pub static MAGLEV: Array<u64> = Array::pinned(maglev_entries(DEFAULT_MAGLEV_ARENA), BPF_F_MMAPABLE);
 
 /// Confirmed flows (see ct.rs).
 #[map(name = "XLB_CT")]

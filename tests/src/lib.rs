@@ -25,6 +25,7 @@ mod apiserver;
 mod cgroup;
 mod client;
 mod cluster;
+mod conntrack;
 mod guards;
 mod ipnet;
 mod netns;
@@ -43,6 +44,9 @@ pub use cluster::{
     API_SERVER_PORT, AgentProc, Cluster, DNS_NODE_PORT, DNS_PORT, ECHO_NODE_PORT, ECHO_PORT,
     METRICS_PORT, ManifestOpts, NGINX_CLUSTER_IP, NGINX_NODE_PORT, SourceMode, agent_bin,
     seed_manifests,
+};
+pub use conntrack::{
+    CtCounts, ct_counts, fetch_metrics, metric_sum, monotonic_ms, read_config, snat_ports_in_use,
 };
 pub use guards::{Netns, PIN_ROOT, PinDir, sweep_stale_pins};
 pub use ipnet::Ipv4Net;

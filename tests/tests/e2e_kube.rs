@@ -105,6 +105,7 @@ fn backends(objs: &Objects) -> BTreeSet<String> {
     let node = NodeContext {
         node_name: "n1".into(),
         node_addrs: vec![Ipv4Addr::new(172, 18, 0, 9)],
+        ..Default::default()
     };
     translate::translate(objs, &node)
         .ports

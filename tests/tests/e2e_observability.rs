@@ -202,10 +202,18 @@ fn metrics_health_and_log_level() {
             "{reason}"
         );
     }
-    for map in ["ct", "revnat"] {
+    for (map, capacity) in [
+        ("ct", lb_common::DEFAULT_CT_ENTRIES),
+        ("ct_new", lb_common::DEFAULT_CT_NEW_ENTRIES),
+        (
+            "revnat",
+            lb_common::DEFAULT_CT_ENTRIES + lb_common::DEFAULT_CT_NEW_ENTRIES,
+        ),
+    ] {
         assert_eq!(
             value(&before, "xlb_conntrack_capacity", &[("map", map)]),
-            Some(lb_common::DEFAULT_CT_ENTRIES as f64)
+            Some(capacity as f64),
+            "{map}"
         );
     }
     let sync = before

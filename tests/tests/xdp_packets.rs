@@ -1271,7 +1271,7 @@ fn entry(v: &MapsView, key: &FlowKey) -> Option<(CtEntry, bool)> {
 /// Moves the flow's last packet `secs` into the past.
 fn age(v: &mut MapsView, key: &FlowKey, secs: u32) {
     let (mut e, confirmed) = entry(v, key).expect("entry to age");
-    e.last_seen_s = e.last_seen_s.wrapping_sub(secs);
+    e.last_seen_ms = e.last_seen_ms.wrapping_sub(secs * 1000);
     if confirmed {
         v.ct.insert(key, e, 0).unwrap();
     } else {
@@ -1378,7 +1378,11 @@ fn conntrack_steps() -> Vec<Step> {
             XDP_DROP,
         ),
         check("time passes", |v| {
-            age(v, &tcp_key(41000, NODE, 30081), SNAT_REUSE_CLOSED_S + 1)
+            age(
+                v,
+                &tcp_key(41000, NODE, 30081),
+                SNAT_REUSE_CLOSED_MS / 1000 + 1,
+            )
         }),
         fwd_ok(
             "the port of a closed flow goes to a new flow",
@@ -1411,7 +1415,11 @@ fn conntrack_steps() -> Vec<Step> {
                 assert!(confirmed);
                 assert_ne!(e.flags & CT_RST, 0);
                 assert_eq!(ct_timeout_s(&cfg, &e, confirmed), DEFAULT_CT_TCP_CLOSE_S);
-                age(v, &tcp_key(41001, NODE, 30081), SNAT_REUSE_CLOSED_S + 1);
+                age(
+                    v,
+                    &tcp_key(41001, NODE, 30081),
+                    SNAT_REUSE_CLOSED_MS / 1000 + 1,
+                );
             },
         ),
         // --- A reverse entry that vanished (LRU eviction) is written again.

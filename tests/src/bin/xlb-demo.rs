@@ -61,6 +61,7 @@ fn main() -> Result<()> {
         &lb_agent::translate::NodeContext {
             node_name: node.name.clone(),
             node_addrs: vec![node.addr],
+            ..Default::default()
         },
     );
     let mut t = comfy_table::Table::new();
