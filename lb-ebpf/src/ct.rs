@@ -87,7 +87,13 @@ pub fn seen_forward(key: &FlowKey, live: &Live, tcp_flags: u8, now: u32) {
     if tcp_flags & TCP_RST != 0 {
         flags |= CT_RST;
     }
-    if !live.confirmed && flags & CT_SEEN_REPLY != 0 && !opens(tcp_flags) {
+    // A RST is no confirmation: it is how a host without the connection (the source of a
+    // spoofed SYN) answers the backend's SYN-ACK.
+    if !live.confirmed
+        && flags & CT_SEEN_REPLY != 0
+        && !opens(tcp_flags)
+        && tcp_flags & TCP_RST == 0
+    {
         let mut moved = *e;
         moved.flags = flags & !CT_MIDSTREAM;
         moved.last_seen_ms = now;

@@ -1556,6 +1556,29 @@ fn conntrack_steps() -> Vec<Step> {
         check("the leftover reverse entry is removed", |v| {
             assert!(v.revnat.get(&snat_rev_key(), 0).is_err());
         }),
+        // --- A spoofed SYN: the backend's SYN-ACK reaches a host without the connection,
+        // which answers with a RST. That RST closes the flow and does not confirm it.
+        check("the port is free again", |v| {
+            let k = tcp_key(41012, NODE, 30081);
+            assert!(entry(v, &k).is_none());
+        }),
+        fwd_ok("spoofed SYN", syn_to(41040)),
+        reply_ok("SYN-ACK to the spoofed source", from_remote(true), 41040),
+        case(
+            "the spoofed source's RST",
+            tcp_flags(ack_to(41040).bytes(), RST),
+            tcp_flags(to_remote(ack_to(41040)).bytes(), RST),
+            XDP_TX,
+        ),
+        check(
+            "a RST after the reply closes the flow unconfirmed",
+            move |v| {
+                let (e, confirmed) = entry(v, &tcp_key(41040, NODE, 30081)).unwrap();
+                assert!(!confirmed, "a RST must not confirm a flow");
+                assert!(ct_closed(&e));
+                assert_eq!(ct_timeout_s(&cfg, &e, confirmed), DEFAULT_CT_TCP_CLOSE_S);
+            },
+        ),
         // --- UDP.
         case(
             "UDP creates state",
