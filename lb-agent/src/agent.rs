@@ -50,17 +50,21 @@ pub struct RunArgs {
     /// Seconds a removed endpoint keeps serving its established flows.
     #[arg(long, default_value_t = 30)]
     pub drain_seconds: u64,
-    /// SNAT source port range for flows to backends on other nodes (inclusive). Checked at
-    /// start: outside --service-node-port-range and the node's
-    /// net.ipv4.ip_local_port_range (unless reserved in net.ipv4.ip_local_reserved_ports).
-    #[arg(long, default_value_t = DEFAULT_SNAT_PORT_MIN)]
-    pub snat_port_min: u16,
-    #[arg(long, default_value_t = DEFAULT_SNAT_PORT_MAX)]
-    pub snat_port_max: u16,
+    /// Lowest SNAT source port for flows to backends on other nodes [default: automatic].
+    /// Without --snat-port-min and --snat-port-max the agent takes the largest contiguous
+    /// range of 1024-65535 outside --service-node-port-range and the node's
+    /// net.ipv4.ip_local_port_range (1024-29999 with stock settings); with one of them the
+    /// other is 1024 or 65535. A range given is checked against the same two (ports in
+    /// net.ipv4.ip_local_reserved_ports may overlap the local range).
+    #[arg(long)]
+    pub snat_port_min: Option<u16>,
+    /// Highest SNAT source port (inclusive) [default: automatic, see --snat-port-min].
+    #[arg(long)]
+    pub snat_port_max: Option<u16>,
     /// The cluster's NodePort range, as the API server's flag of the same name (`MIN-MAX`,
     /// `BASE+OFFSET` or `PORT`); the SNAT port range must stay out of it.
     #[arg(long, value_name = "RANGE", default_value = "30000-32767")]
-    pub service_node_port_range: crate::conntrack::PortRange,
+    pub service_node_port_range: crate::ports::PortRange,
     /// Confirmed flows (`XLB_CT`, LRU): both directions seen, then the client again.
     #[arg(long, default_value_t = DEFAULT_CT_ENTRIES)]
     pub ct_entries: u32,
@@ -230,15 +234,25 @@ impl Agent {
             SourceSpec::File(path) => Source::File(path),
             SourceSpec::Kube => Source::Kube(None),
         };
-        // Before anything is attached: a SNAT range that collides with the node's own
-        // ports fails the start.
-        let (local_ports, reserved_ports) = crate::conntrack::local_port_ranges();
-        crate::conntrack::check_snat_range(
-            crate::conntrack::PortRange::new(args.snat_port_min, args.snat_port_max),
+        // Before anything is attached: the SNAT range, chosen outside the node's own ports
+        // or, given, checked against them (a collision fails the start).
+        let (local_ports, reserved_ports) = crate::ports::local_port_ranges();
+        let snat_ports = crate::ports::choose_snat_range(
+            args.snat_port_min,
+            args.snat_port_max,
             args.service_node_port_range,
             local_ports,
             &reserved_ports,
         )?;
+        log::info!(
+            "{}",
+            crate::ports::describe_snat_range(
+                snat_ports,
+                args.snat_port_min.is_some() || args.snat_port_max.is_some(),
+                args.service_node_port_range,
+                local_ports,
+            )
+        );
         if !crate::maglev::is_prime(args.maglev_min_m) || args.maglev_min_m > crate::maglev::MAX_M {
             bail!("--maglev-min-m must be a prime <= {}", crate::maglev::MAX_M);
         }
@@ -269,8 +283,8 @@ impl Agent {
             0,
             Config {
                 snat_addr_be: u32::from_ne_bytes(node_addrs[0].octets()),
-                snat_port_min: args.snat_port_min,
-                snat_port_max: args.snat_port_max,
+                snat_port_min: snat_ports.min,
+                snat_port_max: snat_ports.max,
                 ct_tcp_syn_s: args.ct_tcp_syn_timeout,
                 ct_tcp_established_s: args.ct_tcp_established_timeout,
                 ct_tcp_close_s: args.ct_tcp_close_timeout,
@@ -333,7 +347,7 @@ impl Agent {
             node: NodeContext {
                 node_name: args.node_name.clone(),
                 node_addrs,
-                snat_ports: args.snat_port_min..=args.snat_port_max,
+                snat_ports: snat_ports.min..=snat_ports.max,
             },
             args,
             source,
@@ -741,7 +755,7 @@ mod tests {
             &NodeContext {
                 node_name: "n1".into(),
                 node_addrs: vec![Ipv4Addr::new(172, 18, 0, 2)],
-                ..Default::default()
+                snat_ports: 61000..=65535,
             },
         )
     }

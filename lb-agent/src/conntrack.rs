@@ -1,5 +1,6 @@
 //! Connection tracking in user space: the garbage collector of `XLB_CT`, `XLB_CT_NEW` and
-//! `XLB_REVNAT`, the SNAT port range checks, and the conntrack flags' parsers.
+//! `XLB_REVNAT`, and the conntrack timeout flags' parser. The maps are read through
+//! [`crate::bpf_table`]; the SNAT port range is chosen and checked in [`crate::ports`].
 //!
 //! # Garbage collection
 //!
@@ -33,22 +34,21 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fmt, io,
-    marker::PhantomData,
-    mem::size_of,
     net::Ipv4Addr,
-    os::fd::{AsFd as _, AsRawFd as _},
     path::Path,
-    str::FromStr,
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use aya::maps::{MapData, PerCpuArray};
 use lb_common::*;
 use tokio::task::JoinHandle;
 
-use crate::metrics::Metrics;
+use crate::{
+    bpf_table::{BpfTable, Table},
+    metrics::Metrics,
+};
 
 /// Shortest and longest time between two sweeps.
 pub const GC_MIN_INTERVAL: Duration = Duration::from_secs(10);
@@ -65,8 +65,6 @@ pub const GC_NEAR_FULL: f64 = 0.8;
 pub const GC_CLOCK_SLACK_MS: u32 = 1_000;
 /// Time between condemning a reverse entry and re-checking it before the deletion.
 pub const GC_GRACE: Duration = Duration::from_millis(100);
-/// Entries per `BPF_MAP_LOOKUP_BATCH` call.
-const BATCH: usize = 4096;
 
 /// CLOCK_MONOTONIC in milliseconds, wrapping at 2^32: the datapath's clock
 /// (`CtEntry::last_seen_ms`).
@@ -149,324 +147,6 @@ pub fn near_full(p: &Pressure, new_flows: u64) -> bool {
         .iter()
         .zip(p.capacity)
         .any(|(&n, cap)| (n + added) as f64 >= GC_NEAR_FULL * cap as f64)
-}
-
-// ------------------------------------------------------------------ maps
-
-/// The operations a sweep needs from a map (a BPF map, or a fake in unit tests).
-pub trait Table<K, V> {
-    fn capacity(&self) -> u32;
-    /// Calls `f` on every entry. Entries added or removed meanwhile may or may not be seen.
-    fn walk(&self, f: &mut dyn FnMut(&K, &V)) -> io::Result<()>;
-    fn get(&self, key: &K) -> io::Result<Option<V>>;
-    /// `false`: the key was not there.
-    fn delete(&self, key: &K) -> io::Result<bool>;
-}
-
-const BPF_MAP_CREATE: libc::c_long = 0;
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-#[cfg(test)]
-const BPF_MAP_TYPE_ARRAY: u32 = 2;
-const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
-/// The kernel's internal "not supported", which leaks to user space from some commands.
-const ENOTSUPP: i32 = 524;
-
-/// `union bpf_attr` for the element commands.
-#[repr(C)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    /// `value`, or `next_key` for `BPF_MAP_GET_NEXT_KEY`.
-    value: u64,
-    flags: u64,
-}
-
-/// `union bpf_attr` for the batch commands.
-#[repr(C)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-/// `union bpf_attr` for `BPF_MAP_CREATE`, up to the name.
-#[repr(C)]
-struct CreateAttr {
-    map_type: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-    map_flags: u32,
-    inner_map_fd: u32,
-    numa_node: u32,
-    map_name: [u8; 16],
-}
-
-/// The bpf(2) system call; `attr` is the leading part of `union bpf_attr` that `cmd`
-/// reads (the kernel zero-fills the rest).
-fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a repr(C) prefix of union bpf_attr for `cmd`; the pointers in it
-    // are valid for the call's duration (the callers keep the buffers alive).
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut A as *mut libc::c_void,
-            size_of::<A>() as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-fn errno(e: &io::Error) -> i32 {
-    e.raw_os_error().unwrap_or(0)
-}
-
-/// A BPF hash (or array) map with fixed key and value types, through raw bpf(2) calls:
-/// aya has no batch operations.
-pub struct BpfTable<K, V> {
-    map: MapData,
-    capacity: u32,
-    /// `BPF_MAP_LOOKUP_BATCH` works on this map (cleared at the first refusal).
-    batch: std::sync::atomic::AtomicBool,
-    _types: PhantomData<fn() -> (K, V)>,
-}
-
-impl<K, V> fmt::Debug for BpfTable<K, V> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BpfTable")
-            .field("capacity", &self.capacity)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<K: aya::Pod + Default, V: aya::Pod + Default> BpfTable<K, V> {
-    /// The map pinned as `pin_dir/name`.
-    pub fn open(pin_dir: &Path, name: &str) -> Result<Self> {
-        let path = pin_dir.join(name);
-        let map = MapData::from_pin(&path)
-            .with_context(|| format!("opening pinned map {}", path.display()))?;
-        Self::new(map, name)
-    }
-
-    /// Wraps `map`, checking its key and value sizes against `K` and `V`.
-    pub fn new(map: MapData, name: &str) -> Result<Self> {
-        let info = map.info().with_context(|| format!("map {name}"))?;
-        let (k, v) = (info.key_size() as usize, info.value_size() as usize);
-        if (k, v) != (size_of::<K>(), size_of::<V>()) {
-            bail!(
-                "map {name} has key/value sizes {k}/{v}, expected {}/{}",
-                size_of::<K>(),
-                size_of::<V>()
-            );
-        }
-        Ok(Self {
-            capacity: info.max_entries(),
-            map,
-            batch: true.into(),
-            _types: PhantomData,
-        })
-    }
-
-    /// A new unpinned LRU hash map (benchmarks and tests; needs CAP_BPF).
-    pub fn create_lru(capacity: u32, name: &str) -> Result<Self> {
-        Self::create(BPF_MAP_TYPE_LRU_HASH, capacity, name)
-    }
-
-    fn create(map_type: u32, capacity: u32, name: &str) -> Result<Self> {
-        let mut map_name = [0u8; 16];
-        for (d, s) in map_name.iter_mut().zip(name.bytes().take(15)) {
-            *d = s;
-        }
-        let mut attr = CreateAttr {
-            map_type,
-            key_size: size_of::<K>() as u32,
-            value_size: size_of::<V>() as u32,
-            max_entries: capacity,
-            map_flags: 0,
-            inner_map_fd: 0,
-            numa_node: 0,
-            map_name,
-        };
-        let fd = bpf(BPF_MAP_CREATE, &mut attr).with_context(|| format!("creating map {name}"))?;
-        // SAFETY: a new fd, owned by nobody else.
-        let fd =
-            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
-        Self::new(MapData::from_fd(fd)?, name)
-    }
-
-    fn fd(&self) -> u32 {
-        self.map.fd().as_fd().as_raw_fd() as u32
-    }
-
-    /// Writes an entry (`BPF_ANY`).
-    pub fn insert(&self, key: &K, value: &V) -> io::Result<()> {
-        let mut attr = ElemAttr {
-            map_fd: self.fd(),
-            _pad: 0,
-            key: key as *const K as u64,
-            value: value as *const V as u64,
-            flags: 0,
-        };
-        bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
-    }
-
-    /// Walks with `BPF_MAP_LOOKUP_BATCH`. `Ok(false)`: the kernel refused the first call
-    /// (no batch support), nothing was walked.
-    fn walk_batch(&self, f: &mut dyn FnMut(&K, &V)) -> io::Result<bool> {
-        let mut chunk = BATCH.min(self.capacity.max(1) as usize);
-        let mut keys = vec![K::default(); chunk];
-        let mut values = vec![V::default(); chunk];
-        // Hash maps use a u32 bucket cursor; room for a key-sized one anyway.
-        let mut cursor_in = [0u8; 64];
-        let mut cursor_out = [0u8; 64];
-        let mut first = true;
-        // Each bucket is visited once; the bound only guards against a kernel surprise.
-        let limit = 2 * self.capacity as u64 + BATCH as u64;
-        let mut seen = 0u64;
-        loop {
-            let mut attr = BatchAttr {
-                in_batch: if first { 0 } else { cursor_in.as_ptr() as u64 },
-                out_batch: cursor_out.as_mut_ptr() as u64,
-                keys: keys.as_mut_ptr() as u64,
-                values: values.as_mut_ptr() as u64,
-                count: chunk as u32,
-                map_fd: self.fd(),
-                elem_flags: 0,
-                flags: 0,
-            };
-            let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-            let n = (attr.count as usize).min(chunk);
-            let done = match r {
-                Ok(_) => false,
-                Err(e) if errno(&e) == libc::ENOENT => true,
-                // One bucket holds more than `chunk` entries.
-                Err(e) if errno(&e) == libc::ENOSPC && n == 0 => {
-                    chunk *= 2;
-                    keys.resize(chunk, K::default());
-                    values.resize(chunk, V::default());
-                    continue;
-                }
-                Err(e)
-                    if first
-                        && n == 0
-                        && matches!(errno(&e), libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP) =>
-                {
-                    return Ok(false);
-                }
-                Err(e) => return Err(e),
-            };
-            for (k, v) in keys[..n].iter().zip(&values[..n]) {
-                f(k, v);
-            }
-            seen += n as u64;
-            if done || seen > limit {
-                return Ok(true);
-            }
-            cursor_in = cursor_out;
-            first = false;
-        }
-    }
-
-    /// Walks with `BPF_MAP_GET_NEXT_KEY` and a lookup per key (kernels before 5.6). A key
-    /// deleted under the walk makes the kernel restart it; the walk stops after twice the
-    /// capacity.
-    fn walk_keys(&self, f: &mut dyn FnMut(&K, &V)) -> io::Result<()> {
-        let mut prev: Option<K> = None;
-        let mut next = K::default();
-        let limit = 2 * self.capacity as u64;
-        let mut seen = 0u64;
-        loop {
-            let mut attr = ElemAttr {
-                map_fd: self.fd(),
-                _pad: 0,
-                key: prev.as_ref().map_or(0, |k| k as *const K as u64),
-                value: &mut next as *mut K as u64,
-                flags: 0,
-            };
-            match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
-                Ok(_) => {}
-                Err(e) if errno(&e) == libc::ENOENT => return Ok(()),
-                Err(e) => return Err(e),
-            }
-            if let Some(v) = self.get(&next)? {
-                f(&next, &v);
-            }
-            prev = Some(next);
-            seen += 1;
-            if seen > limit {
-                return Ok(());
-            }
-        }
-    }
-
-    /// The walk without batches, for comparison in the benchmark.
-    pub fn walk_per_key(&self, f: &mut dyn FnMut(&K, &V)) -> io::Result<()> {
-        self.walk_keys(f)
-    }
-}
-
-impl<K: aya::Pod + Default, V: aya::Pod + Default> Table<K, V> for BpfTable<K, V> {
-    fn capacity(&self) -> u32 {
-        self.capacity
-    }
-
-    fn walk(&self, f: &mut dyn FnMut(&K, &V)) -> io::Result<()> {
-        use std::sync::atomic::Ordering::Relaxed;
-        if self.batch.load(Relaxed) {
-            if self.walk_batch(f)? {
-                return Ok(());
-            }
-            log::info!("BPF_MAP_LOOKUP_BATCH unsupported; conntrack GC walks key by key");
-            self.batch.store(false, Relaxed);
-        }
-        self.walk_keys(f)
-    }
-
-    fn get(&self, key: &K) -> io::Result<Option<V>> {
-        let mut value = V::default();
-        let mut attr = ElemAttr {
-            map_fd: self.fd(),
-            _pad: 0,
-            key: key as *const K as u64,
-            value: &mut value as *mut V as u64,
-            flags: 0,
-        };
-        match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
-            Ok(_) => Ok(Some(value)),
-            Err(e) if errno(&e) == libc::ENOENT => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn delete(&self, key: &K) -> io::Result<bool> {
-        let mut attr = ElemAttr {
-            map_fd: self.fd(),
-            _pad: 0,
-            key: key as *const K as u64,
-            value: 0,
-            flags: 0,
-        };
-        match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
-            Ok(_) => Ok(true),
-            Err(e) if errno(&e) == libc::ENOENT => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
 }
 
 // ------------------------------------------------------------------ sweep
@@ -792,9 +472,9 @@ impl Gc {
     /// (`map` label, capacity) of the three maps.
     pub fn capacities(&self) -> [(&'static str, u32); 3] {
         [
-            ("ct", self.ct.capacity),
-            ("ct_new", self.ct_new.capacity),
-            ("revnat", self.revnat.capacity),
+            ("ct", self.ct.capacity()),
+            ("ct_new", self.ct_new.capacity()),
+            ("revnat", self.revnat.capacity()),
         ]
     }
 
@@ -908,72 +588,6 @@ async fn run(gc: Arc<Mutex<Gc>>, metrics: Arc<Metrics>) {
 
 // ------------------------------------------------------------------ flags
 
-/// An inclusive port range, written like the API server's `--service-node-port-range`:
-/// `MIN-MAX`, `BASE+OFFSET` (`BASE` to `BASE + OFFSET`) or `PORT`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortRange {
-    pub min: u16,
-    pub max: u16,
-}
-
-impl PortRange {
-    pub const fn new(min: u16, max: u16) -> Self {
-        Self { min, max }
-    }
-
-    pub fn contains(&self, port: u16) -> bool {
-        (self.min..=self.max).contains(&port)
-    }
-
-    pub fn overlap(&self, o: &PortRange) -> Option<PortRange> {
-        let (min, max) = (self.min.max(o.min), self.max.min(o.max));
-        (min <= max).then_some(PortRange { min, max })
-    }
-
-    pub fn len(&self) -> u32 {
-        (self.max as u32 + 1).saturating_sub(self.min as u32)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.min, self.max)
-    }
-}
-
-impl FromStr for PortRange {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        let port = |p: &str| -> Result<u32, String> {
-            p.trim()
-                .parse::<u32>()
-                .map_err(|_| format!("{s:?}: expected MIN-MAX, BASE+OFFSET or PORT"))
-        };
-        let (min, max) = if let Some((a, b)) = s.split_once('-') {
-            (port(a)?, port(b)?)
-        } else if let Some((a, b)) = s.split_once('+') {
-            let base = port(a)?;
-            (base, base.saturating_add(port(b)?))
-        } else {
-            let p = port(s)?;
-            (p, p)
-        };
-        if min > 65535 || max > 65535 {
-            return Err(format!("{s:?}: ports go up to 65535"));
-        }
-        if max < min {
-            return Err(format!("{s:?}: the end port is below the start port"));
-        }
-        Ok(PortRange::new(min as u16, max as u16))
-    }
-}
-
 /// A conntrack timeout flag: seconds (`60`), or a duration of hours, minutes and seconds
 /// (`2m`, `2h13m20s`). Between 1 s and 2^31 - 1 s (the datapath compares times as i32).
 pub fn parse_timeout(s: &str) -> Result<u32, String> {
@@ -1013,100 +627,6 @@ pub fn parse_timeout(s: &str) -> Result<u32, String> {
     Ok(total as u32)
 }
 
-/// `net.ipv4.ip_local_reserved_ports`: `PORT` or `MIN-MAX` items separated by commas.
-pub fn parse_reserved_ports(s: &str) -> Result<Vec<PortRange>, String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|i| !i.is_empty())
-        .map(|i| i.parse::<PortRange>())
-        .collect()
-}
-
-/// `net.ipv4.ip_local_port_range` ("32768\t60999").
-pub fn parse_local_port_range(s: &str) -> Result<PortRange, String> {
-    let mut it = s.split_whitespace().map(str::parse::<u16>);
-    match (it.next(), it.next(), it.next()) {
-        (Some(Ok(min)), Some(Ok(max)), None) if min <= max => Ok(PortRange::new(min, max)),
-        _ => Err(format!("{s:?}: expected two ports")),
-    }
-}
-
-/// The ephemeral port range of this network namespace and the ports reserved out of it,
-/// from /proc (None and a warning when unreadable).
-pub fn local_port_ranges() -> (Option<PortRange>, Vec<PortRange>) {
-    const RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
-    const RESERVED: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
-    let range = std::fs::read_to_string(RANGE)
-        .map_err(|e| e.to_string())
-        .and_then(|s| parse_local_port_range(&s));
-    let range = match range {
-        Ok(r) => Some(r),
-        Err(e) => {
-            log::warn!("{RANGE}: {e}; the SNAT port range is not checked against it");
-            None
-        }
-    };
-    let reserved = std::fs::read_to_string(RESERVED)
-        .map_err(|e| e.to_string())
-        .and_then(|s| parse_reserved_ports(&s))
-        .unwrap_or_else(|e| {
-            log::warn!("{RESERVED}: {e}");
-            vec![]
-        });
-    (range, reserved)
-}
-
-/// The SNAT port range must be a range of real ports outside the NodePort range (a reply
-/// to a source-NATed flow would be taken for a NodePort connection) and outside the node's
-/// ephemeral ports (`local`: the node's own connections would share ports with SNATed
-/// flows) unless those ports are reserved (`reserved`: the kernel then never picks them).
-pub fn check_snat_range(
-    snat: PortRange,
-    node_ports: PortRange,
-    local: Option<PortRange>,
-    reserved: &[PortRange],
-) -> Result<()> {
-    const FLAGS: &str = "--snat-port-min/--snat-port-max";
-    let default = PortRange::new(DEFAULT_SNAT_PORT_MIN, DEFAULT_SNAT_PORT_MAX);
-    if snat.min > snat.max {
-        bail!(
-            "--snat-port-min ({}) exceeds --snat-port-max ({})",
-            snat.min,
-            snat.max
-        );
-    }
-    if snat.min == 0 {
-        bail!("--snat-port-min must be at least 1 (port 0 is no source port)");
-    }
-    if let Some(o) = snat.overlap(&node_ports) {
-        bail!(
-            "the SNAT port range {snat} ({FLAGS}) overlaps the NodePort range {node_ports} \
-             (--service-node-port-range, which must match the API server's) on {o}: replies \
-             to source-NATed flows would be taken for NodePort connections. Change \
-             {FLAGS} (default {default}) to a range outside {node_ports}"
-        );
-    }
-    if let Some(local) = local
-        && let Some(o) = snat.overlap(&local)
-    {
-        let unreserved = (o.min..=o.max)
-            .filter(|p| !reserved.iter().any(|r| r.contains(*p)))
-            .count();
-        if unreserved > 0 {
-            bail!(
-                "the SNAT port range {snat} ({FLAGS}) overlaps the node's ephemeral port range \
-                 {local} (net.ipv4.ip_local_port_range) on {o} ({unreserved} of those ports \
-                 not in net.ipv4.ip_local_reserved_ports): the node's own connections could \
-                 use ports that xlb gives to source-NATed flows. Change {FLAGS} (default \
-                 {default}) to a range outside {local}, or narrow \
-                 net.ipv4.ip_local_port_range, or reserve {o} in \
-                 net.ipv4.ip_local_reserved_ports"
-            );
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use std::cell::RefCell;
@@ -1121,9 +641,12 @@ mod tests {
         u32::from_ne_bytes(a)
     }
 
+    /// SNAT ports 61000-65535, whatever the default range.
     fn cfg() -> Config {
         Config {
             snat_addr_be: ip([172, 18, 0, 2]),
+            snat_port_min: 61_000,
+            snat_port_max: 65_535,
             ..Config::DEFAULT
         }
     }
@@ -1443,32 +966,6 @@ mod tests {
     }
 
     #[test]
-    fn port_ranges_parse_like_the_api_server() {
-        let p = |s: &str| s.parse::<PortRange>();
-        assert_eq!(p("30000-32767"), Ok(PortRange::new(30000, 32767)));
-        assert_eq!(p(" 30000+767 "), Ok(PortRange::new(30000, 30767)));
-        assert_eq!(p("8080"), Ok(PortRange::new(8080, 8080)));
-        for bad in ["", "a-b", "5-3", "70000", "1-70000", "65000+1000", "1-2-3"] {
-            assert!(p(bad).is_err(), "{bad:?}");
-        }
-        assert_eq!(PortRange::new(30000, 32767).to_string(), "30000-32767");
-        assert_eq!(PortRange::new(5, 4).len(), 0);
-        assert_eq!(
-            parse_local_port_range("32768\t60999\n"),
-            Ok(PortRange::new(32768, 60999))
-        );
-        assert!(parse_local_port_range("32768").is_err());
-        assert_eq!(
-            parse_reserved_ports("30000-32767,40000\n"),
-            Ok(vec![
-                PortRange::new(30000, 32767),
-                PortRange::new(40000, 40000)
-            ])
-        );
-        assert_eq!(parse_reserved_ports("\n"), Ok(vec![]));
-    }
-
-    #[test]
     fn timeouts_parse_as_seconds_or_durations() {
         assert_eq!(parse_timeout("60"), Ok(60));
         assert_eq!(parse_timeout("90s"), Ok(90));
@@ -1478,51 +975,6 @@ mod tests {
         for bad in ["", "0", "0s", "5x", "m", "10m5", "-1", "3000000000", "1.5s"] {
             assert!(parse_timeout(bad).is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn snat_range_checks() {
-        let np = PortRange::new(30000, 32767);
-        let local = Some(PortRange::new(32768, 60999));
-        let default = PortRange::new(DEFAULT_SNAT_PORT_MIN, DEFAULT_SNAT_PORT_MAX);
-        check_snat_range(default, np, local, &[]).unwrap();
-        check_snat_range(default, np, None, &[]).unwrap();
-        let err = |snat, local, reserved: &[PortRange]| {
-            format!(
-                "{:#}",
-                check_snat_range(snat, np, local, reserved).unwrap_err()
-            )
-        };
-        let e = err(PortRange::new(62000, 61000), local, &[]);
-        assert!(
-            e.contains("--snat-port-min (62000) exceeds --snat-port-max (61000)"),
-            "{e}"
-        );
-        assert!(err(PortRange::new(0, 10), None, &[]).contains("at least 1"));
-        let e = err(PortRange::new(20000, 30000), local, &[]);
-        for part in [
-            "20000-30000",
-            "NodePort range 30000-32767",
-            "--service-node-port-range",
-            "on 30000-30000",
-            "Change --snat-port-min/--snat-port-max",
-        ] {
-            assert!(e.contains(part), "{part:?} in {e}");
-        }
-        let e = err(PortRange::new(60000, 65535), local, &[]);
-        for part in [
-            "60000-65535",
-            "ephemeral port range 32768-60999 (net.ipv4.ip_local_port_range)",
-            "on 60000-60999 (1000 of those ports",
-            "Change --snat-port-min/--snat-port-max",
-        ] {
-            assert!(e.contains(part), "{part:?} in {e}");
-        }
-        // Reserved ports are never picked by the kernel: an overlap inside them is fine.
-        let reserved = [PortRange::new(60000, 60999)];
-        check_snat_range(PortRange::new(60000, 65535), np, local, &reserved).unwrap();
-        let e = err(PortRange::new(59999, 65535), local, &reserved);
-        assert!(e.contains("(1 of those ports"), "{e}");
     }
 
     /// Real LRU maps, when this process may create them (root): the batch walk, the
@@ -1578,7 +1030,7 @@ mod tests {
         };
         let ct_new = BpfTable::<FlowKey, CtEntry>::create_lru(16, "xlb_gct_new").unwrap();
         let revnat = BpfTable::<FlowKey, RevNat>::create_lru(80, "xlb_gct_rev").unwrap();
-        let config = BpfTable::<u32, Config>::create(BPF_MAP_TYPE_ARRAY, 1, "xlb_gct_cfg").unwrap();
+        let config = BpfTable::<u32, Config>::create_array(1, "xlb_gct_cfg").unwrap();
         let c = cfg();
         config.insert(&0, &c).unwrap();
         let now = monotonic_ms();
@@ -1602,10 +1054,10 @@ mod tests {
             eprintln!("SKIP gc_task_sweeps_pinned_maps: no bpffs at /sys/fs/bpf");
             return;
         }
-        ct.map.pin(dir.0.join(MAP_CT)).unwrap();
-        ct_new.map.pin(dir.0.join(MAP_CT_NEW)).unwrap();
-        revnat.map.pin(dir.0.join(MAP_REVNAT)).unwrap();
-        config.map.pin(dir.0.join(MAP_CONFIG)).unwrap();
+        ct.pin(&dir.0.join(MAP_CT)).unwrap();
+        ct_new.pin(&dir.0.join(MAP_CT_NEW)).unwrap();
+        revnat.pin(&dir.0.join(MAP_REVNAT)).unwrap();
+        config.pin(&dir.0.join(MAP_CONFIG)).unwrap();
         let metrics = Arc::new(Metrics::without_maps());
         let task = spawn(&dir.0, metrics.clone()).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);

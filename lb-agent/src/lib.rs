@@ -1,5 +1,6 @@
 pub mod agent;
 pub mod arena;
+pub mod bpf_table;
 pub mod conntrack;
 pub mod datapath;
 pub mod health;
@@ -10,6 +11,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod mmap_array;
 pub mod netinfo;
+pub mod ports;
 pub mod programmer;
 pub mod status;
 pub mod translate;

@@ -869,7 +869,7 @@ mod tests {
         NodeContext {
             node_name: "node-a".into(),
             node_addrs: vec![ip("192.168.1.11"), ip("192.168.1.10")],
-            ..Default::default()
+            snat_ports: 61000..=65535,
         }
     }
 

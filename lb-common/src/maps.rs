@@ -57,11 +57,12 @@ pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
 /// other unconfirmed flows, never a confirmed one.
 pub const DEFAULT_CT_NEW_ENTRIES: u32 = 65_536;
 
-/// Source ports used for SNAT towards backends on other nodes. Above Linux's default
-/// `ip_local_port_range` (32768-60999) and the NodePort range, so they never collide with
-/// sockets of the node itself.
-pub const DEFAULT_SNAT_PORT_MIN: u16 = 61_000;
-pub const DEFAULT_SNAT_PORT_MAX: u16 = 65_535;
+/// Source ports used for SNAT towards backends on other nodes, as the agent picks them on a
+/// stock node: the largest range of 1024-65535 outside the NodePort range (30000-32767) and
+/// Linux's default `ip_local_port_range` (32768-60999), so they never collide with the
+/// node's own connections. (The agent computes the range from the node's settings.)
+pub const DEFAULT_SNAT_PORT_MIN: u16 = 1_024;
+pub const DEFAULT_SNAT_PORT_MAX: u16 = 29_999;
 /// How many SNAT ports the datapath probes for a new flow before giving up.
 pub const SNAT_PROBES: u32 = 16;
 /// A SNAT port whose flow closed (FIN both ways, or RST) may be handed to a new flow this
@@ -445,12 +446,9 @@ pub enum Counter {
     SnatReassigned,
     /// A TCP RST without state: forwarded to a local backend, dropped otherwise.
     RstNoState,
-    /// A packet to the SNAT address and range that matches no flow: dropped, so the node
-    /// never answers it with a RST of its own.
-    DropSnatNoFlow,
 }
 
-pub const COUNTER_NAMES: [&str; 39] = [
+pub const COUNTER_NAMES: [&str; 38] = [
     "packets",
     "pass_not_ipv4",
     "pass_fragment",
@@ -489,7 +487,6 @@ pub const COUNTER_NAMES: [&str; 39] = [
     "revnat_recreated",
     "snat_reassigned",
     "rst_no_state",
-    "drop_snat_no_flow",
 ];
 pub const COUNTER_COUNT: u32 = COUNTER_NAMES.len() as u32;
 
@@ -573,11 +570,8 @@ mod tests {
             COUNTER_NAMES[Counter::NeighResolve as usize],
             "neigh_resolve"
         );
-        assert_eq!(
-            COUNTER_NAMES[Counter::DropSnatNoFlow as usize],
-            "drop_snat_no_flow"
-        );
-        assert_eq!(Counter::DropSnatNoFlow as u32 + 1, COUNTER_COUNT);
+        assert_eq!(COUNTER_NAMES[Counter::RstNoState as usize], "rst_no_state");
+        assert_eq!(Counter::RstNoState as u32 + 1, COUNTER_COUNT);
     }
 
     #[test]

@@ -155,26 +155,49 @@ pub fn seen_reply(rk: &FlowKey, rev: &RevNat, tcp_flags: u8, cfg: &Config) -> bo
     true
 }
 
-/// Is the flow owning a reverse entry for SNAT port `port_be` over (or not its owner any
-/// more), so that the port may go to a new flow? A closed or expired owner is deleted.
+/// Idle time (ms) of a port whose flow is gone or expired.
+pub const IDLE_OVER: i32 = i32::MAX;
+
+/// How long the flow owning a reverse entry for SNAT port `port_be` has been over, if the
+/// port may go to a new flow: `IDLE_OVER` when the owner is gone, expired or holds another
+/// port, its idle time when it closed long enough ago (see `ct_port_reusable`), `None`
+/// while the port is in use.
 #[inline(always)]
-pub fn port_free(owner_key: &FlowKey, port_be: u16, cfg: &Config, now: u32) -> bool {
+pub fn port_idle(owner_key: &FlowKey, port_be: u16, cfg: &Config, now: u32) -> Option<i32> {
     let (e, confirmed) = if let Some(e) = CT.get_ptr_mut(owner_key) {
         (e, true)
     } else if let Some(e) = CT_NEW.get_ptr_mut(owner_key) {
         (e, false)
     } else {
         // Orphan: its owner was evicted or collected.
-        return true;
+        return Some(IDLE_OVER);
     };
     // SAFETY: see `lookup`.
     let e = unsafe { &*e };
-    if e.flags & CT_SNAT == 0 || e.snat_port_be != port_be {
-        return true;
+    if e.flags & CT_SNAT == 0 || e.snat_port_be != port_be || ct_expired(cfg, e, confirmed, now) {
+        return Some(IDLE_OVER);
     }
     if ct_port_reusable(cfg, e, confirmed, now) {
-        remove(owner_key, confirmed);
-        return true;
+        return Some(ct_idle_ms(e, now));
     }
-    false
+    None
+}
+
+/// A port is taken over from the flow that held it: that flow's entry goes with it, so a
+/// NAT mapping is never half reused.
+#[inline(always)]
+pub fn release(owner_key: &FlowKey, port_be: u16) {
+    // SAFETY: plain-data map values.
+    if let Some(e) = unsafe { CT.get(owner_key) }
+        && e.flags & CT_SNAT != 0
+        && e.snat_port_be == port_be
+    {
+        let _ = CT.remove(owner_key);
+    }
+    if let Some(e) = unsafe { CT_NEW.get(owner_key) }
+        && e.flags & CT_SNAT != 0
+        && e.snat_port_be == port_be
+    {
+        let _ = CT_NEW.remove(owner_key);
+    }
 }

@@ -85,8 +85,10 @@ pub fn keep(
 }
 
 /// Claims a SNAT port towards `be` for a new flow whose reverse entry is `rev`: random
-/// probes over the range; a free port is claimed by a NOEXIST insert, a port whose flow
-/// is over is taken over.
+/// probes over the range. A port no flow holds is claimed at once (NOEXIST insert). Only if
+/// every probe is held is a port whose flow is over taken over: a backend that closed first
+/// keeps a TIME_WAIT for (node, port) for a minute, and a SYN landing on it may be refused
+/// (PAWS) and stall a second, so rested ports come first.
 #[inline(always)]
 pub fn alloc(
     cfg: &Config,
@@ -106,12 +108,15 @@ pub fn alloc(
     // the same sequence of ports.
     // SAFETY: helper without arguments.
     let start = hash ^ unsafe { bpf_get_prandom_u32() };
+    let port_at = |i: u32| (min + (start.wrapping_add(i.wrapping_mul(0x9e37_79b9)) % range)) as u16;
+    // First a port no flow holds.
     let mut i = 0u32;
     while i < SNAT_PROBES {
-        let port = (min + (start.wrapping_add(i.wrapping_mul(0x9e37_79b9)) % range)) as u16;
-        let port_be = port.to_be();
-        let rk = snat_key(cfg, be, port_be, proto);
-        if REVNAT.insert(&rk, rev, BPF_NOEXIST as u64).is_ok() {
+        let port_be = port_at(i).to_be();
+        if REVNAT
+            .insert(&snat_key(cfg, be, port_be, proto), rev, BPF_NOEXIST as u64)
+            .is_ok()
+        {
             count(if i == 0 {
                 Counter::SnatFirst
             } else {
@@ -119,14 +124,24 @@ pub fn alloc(
             });
             return Some(port_be);
         }
+        i += 1;
+    }
+    // Then, over the same probes, a port whose flow is over. (Two plain passes rather than
+    // one that ranks candidates: the verifier walks each pass once per probe instead of
+    // once per combination of outcomes.)
+    let mut i = 0u32;
+    while i < SNAT_PROBES {
+        let port_be = port_at(i).to_be();
+        let rk = snat_key(cfg, be, port_be, proto);
         // SAFETY: plain-data map value, copied out.
         if let Some(old) = unsafe { REVNAT.get(&rk) } {
             let owner = old.ct_key(proto);
-            if ct::port_free(&owner, port_be, cfg, now)
-                && REVNAT.insert(&rk, rev, BPF_ANY as u64).is_ok()
-            {
-                count(Counter::SnatReuse);
-                return Some(port_be);
+            if ct::port_idle(&owner, port_be, cfg, now).is_some() {
+                ct::release(&owner, port_be);
+                if REVNAT.insert(&rk, rev, BPF_ANY as u64).is_ok() {
+                    count(Counter::SnatReuse);
+                    return Some(port_be);
+                }
             }
         }
         i += 1;

@@ -26,25 +26,18 @@ pub fn run(ctx: &XdpContext) -> u32 {
             return XDP_PASS;
         }
     };
+    let Some(cfg) = CONFIG.get(0) else {
+        return XDP_PASS;
+    };
     let rk = t.flow_key();
     // Reverse NAT before frontends for the node's SNAT address and range: a reply to one
-    // of our SNAT ports is ours even if a frontend claims that address and port.
-    if let Some(cfg) = CONFIG.get(0)
-        && snat_addressed(cfg, &t)
-    {
-        // SAFETY: plain-data map value, copied out.
-        if let Some(rev) = unsafe { REVNAT.get(&rk) } {
-            let rev = *rev;
-            return translate_reply(ctx, &t, &rk, &rev, cfg);
-        }
-        if t.proto == PROTO_TCP && !ct::opens(t.tcp_flags) {
-            // A segment of a flow we no longer know (its state expired or was evicted): the
-            // node has no socket on this port and would answer with a RST that kills a
-            // connection the backend still has. Dropped; the client's next packet restores
-            // the state or the flow times out.
-            count(Counter::DropSnatNoFlow);
-            return XDP_DROP;
-        }
+    // of our SNAT ports is ours even if a frontend claims that address and port. Anything
+    // else there is not ours: the node's own services may listen on ports of the range
+    // (the kernel's NAT shares its ports with them too; the 5-tuple tells them apart).
+    let to_snat = snat_addressed(cfg, &t);
+    if to_snat && let Some(rev) = unsafe { REVNAT.get(&rk) } {
+        let rev = *rev;
+        return translate_reply(ctx, &t, &rk, &rev, cfg);
     }
     let fk = t.frontend_key();
     // SAFETY: plain-data map values, see lb::choose.
@@ -58,11 +51,10 @@ pub fn run(ctx: &XdpContext) -> u32 {
             return to_backend(ctx, &t, fe.svc_id);
         }
     }
-    if let Some(rev) = unsafe { REVNAT.get(&rk) } {
+    // Replies of flows that are not source-NATed (backend -> client).
+    if !to_snat && let Some(rev) = unsafe { REVNAT.get(&rk) } {
         let rev = *rev;
-        if let Some(cfg) = CONFIG.get(0) {
-            return translate_reply(ctx, &t, &rk, &rev, cfg);
-        }
+        return translate_reply(ctx, &t, &rk, &rev, cfg);
     }
     count(Counter::PassNoMatch);
     XDP_PASS

@@ -11,16 +11,8 @@ use lb_common::{
 };
 
 /// The datapath's clock (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC) in milliseconds,
-/// wrapping, as `CtEntry::last_seen_ms` holds it.
-pub fn monotonic_ms() -> u32 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000) as u32
-}
+/// wrapping, as `CtEntry::last_seen_ms` holds it: the agent's own.
+pub use lb_agent::conntrack::monotonic_ms;
 
 /// What [`ct_counts`] found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -56,9 +56,10 @@ pub struct ControlPlane {
 }
 
 pub const METHOD: &[&str] = &[
-    "One node (no pods), one lb-agent with --source file:, --maglev-min-m 251 and an arena \
-     sized for the services (10 endpoints -> M = 1021 per service, two tables each). \
-     Endpoints are on another node (remote).",
+    "One node (no pods), one lb-agent with --source file: and its default flags, except \
+     --maglev-arena when the services' tables do not fit the default arena (11 endpoints -> \
+     M = 2039 per service, two tables each: the quick run's 1,000 services fit, the full \
+     run's 10,000 do not). Endpoints are on another node (remote).",
     "bulk: the manifest goes from no service to all N services x E endpoints in one write; \
      measured until the last service's ClusterIP frontend is in XLB_FRONTENDS and its \
      XLB_SERVICES entry has E backends. Repeated after emptying the manifest.",
@@ -193,17 +194,14 @@ pub fn run(args: &Args) -> Result<ControlPlane> {
     if let Some(note) = &limit_note {
         eprintln!("  note: {note}");
     }
-    let m = lb_agent::maglev::choose_m(e as usize + 1, 251);
-    let arena = (2 * u64::from(m) * (u64::from(n) + 8))
-        .next_power_of_two()
-        .max(u64::from(lb_common::DEFAULT_MAGLEV_ARENA));
-    let agent_args: Vec<String> = [
-        "--maglev-min-m".to_owned(),
-        "251".into(),
-        "--maglev-arena".into(),
-        arena.to_string(),
-    ]
-    .into();
+    let m = lb_agent::maglev::choose_m(e as usize + 1, lb_agent::maglev::DEFAULT_MIN_M);
+    let need = 2 * u64::from(m) * (u64::from(n) + 8);
+    // The agent's defaults; only a capacity the default arena lacks is raised.
+    let (arena, agent_args) = if need <= u64::from(lb_common::DEFAULT_MAGLEV_ARENA) {
+        (u64::from(lb_common::DEFAULT_MAGLEV_ARENA), vec![])
+    } else {
+        (need, vec!["--maglev-arena".to_owned(), need.to_string()])
+    };
     let mut out = ControlPlane {
         services: n,
         endpoints: e,
@@ -404,6 +402,7 @@ fn breakdown(full: &str, plus: &str, arena: u32, repeats: usize) -> Result<Vec<(
     let node = NodeContext {
         node_name: NODE.into(),
         node_addrs: vec![Ipv4Addr::new(172, 18, 0, 2)],
+        ..Default::default()
     };
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
     let mut steps: Vec<(String, Vec<f64>)> = [
@@ -426,7 +425,7 @@ fn breakdown(full: &str, plus: &str, arena: u32, repeats: usize) -> Result<Vec<(
         let mut dp = Datapath::load(pins.path(), &limits)?;
         let mut maps = PMaps::take(&mut dp.ebpf)?;
         let mut programmer = Programmer::new(Settings {
-            min_m: 251,
+            min_m: lb_agent::maglev::DEFAULT_MIN_M,
             drain: Duration::from_secs(30),
             max_services: limits.max_services,
             max_frontends: limits.max_frontends,

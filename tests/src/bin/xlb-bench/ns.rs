@@ -29,7 +29,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use lb_common::{CtEntry, FlowKey, MAP_CT, MAP_REVNAT, RevNat};
+use lb_common::{CtEntry, FlowKey, MAP_CT, MAP_CT_NEW, MAP_REVNAT, RevNat};
 use lb_tests::{Cluster, Network, Pod, SourceMode, TopologySpec, exec_ok};
 use serde::{Deserialize, Serialize};
 
@@ -59,8 +59,6 @@ const TCP_SERVER_THREADS: usize = 2;
 /// A run stops early after this many failed exchanges (a broken configuration must not
 /// take count x timeout).
 const MAX_ERRORS: u64 = 50;
-/// SNAT ports for ours: see METHOD.
-const SNAT_PORT_MIN: u16 = 20_000;
 /// Background pings between nodes (and to the client), seconds apart.
 const CHATTER_INTERVAL: &str = "1";
 
@@ -154,6 +152,10 @@ pub struct NorthSouth {
     /// Ours: non-zero datapath counters of each agent after each size (evidence).
     #[serde(default)]
     pub ours_counters: Vec<String>,
+    /// Ours: the lb-agent arguments beyond the harness's (node, interface, source, pins,
+    /// metrics address, cgroup, XDP mode); empty = the agent's defaults.
+    #[serde(default)]
+    pub ours_agent_args: Vec<String>,
     pub method: Vec<String>,
 }
 
@@ -194,12 +196,15 @@ pub const METHOD: &[&str] = &[
      packets traverse: remote-backend flows are masqueraded there); iptables is \
      iptables-restore of nat + filter, nftables is nft -f of table ip kube-proxy.",
     "Before every run the configuration's connection tracking is emptied too: ctnetlink flush \
-     on every node for iptables/nftables, XLB_CT + XLB_REVNAT emptied for ours.",
-    "ours runs with --snat-port-min 20000: the default SNAT range (61000-65535, 4,536 ports per \
-     remote backend) is exhausted within one run because a SNAT port is only released when its \
-     XLB_REVNAT entry is evicted (LRU), never when the connection closes; reported.",
-    "ours runs with --maglev-min-m 251 and a 16 Mi-slot arena so 10,000 services fit: the \
-     per-packet cost does not depend on the table size M (one array lookup).",
+     on every node for iptables/nftables, XLB_CT + XLB_CT_NEW + XLB_REVNAT emptied for ours.",
+    "ours runs lb-agent with its default flags: SNAT ports chosen by the agent, 1024-29999 \
+     on these nodes (28,976 per remote backend; a port no flow holds first, else one whose \
+     flow closed at least 1 s ago: lb_common::SNAT_REUSE_CLOSED_MS), Maglev \
+     M = 1021 for 3 endpoints, default conntrack sizes. The default Maglev arena holds \
+     --max-services (16,384) service ports double-buffered at M = 1021, so every size here \
+     fits; were a size not to fit, the agents would get --maglev-arena just large enough \
+     (capacity only, as an operator with that many services must set). The arguments used \
+     are recorded in the results (ours_agent_args).",
 ];
 
 /// The services programmed at size `n` (see METHOD), measured ones last.
@@ -242,19 +247,18 @@ pub fn services(n: u32, pods: &[Pod], lb_ip: Ipv4Addr) -> Vec<SvcDef> {
     v
 }
 
-/// Arguments for ours' agents.
-pub fn agent_args() -> Vec<String> {
-    [
-        "--maglev-min-m",
-        "251",
-        "--maglev-arena",
-        "16777216",
-        "--snat-port-min",
-        &SNAT_PORT_MIN.to_string(),
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect()
+/// Arguments for ours' agents when `max_services` is the largest size measured: none (the
+/// agent's defaults), except `--maglev-arena` when the default arena cannot hold that many
+/// services' tables (see METHOD).
+pub fn agent_args(max_services: u32) -> Vec<String> {
+    // The measured service has the most endpoints (3); every service gets at most two
+    // tables of that size, plus a margin for the iperf service and the free list.
+    let m = lb_agent::maglev::choose_m(3, lb_agent::maglev::DEFAULT_MIN_M);
+    let need = 2 * u64::from(m) * (u64::from(max_services) + 8);
+    if need <= u64::from(lb_common::DEFAULT_MAGLEV_ARENA) {
+        return vec![];
+    }
+    vec!["--maglev-arena".to_owned(), need.to_string()]
 }
 
 // ---------------------------------------------------------------- servers
@@ -596,7 +600,13 @@ impl Setup {
         }
     }
 
-    fn up(config: Config, spec: &TopologySpec, first: u32, ceiling_xdp: bool) -> Result<Self> {
+    fn up(
+        config: Config,
+        spec: &TopologySpec,
+        first: u32,
+        agent_args: &[String],
+        ceiling_xdp: bool,
+    ) -> Result<Self> {
         let (cluster, net) = if config == Config::Ours {
             let c = Cluster::up_with_args(
                 spec,
@@ -605,7 +615,7 @@ impl Setup {
                     rules::manifest(&services(first, net.pods(), lb))
                 },
                 SourceMode::File,
-                &agent_args(),
+                agent_args,
             )?;
             (Some(c), None)
         } else {
@@ -779,6 +789,7 @@ impl Setup {
             Config::Ours => {
                 for a in &self.cluster.as_ref().expect("cluster").agents {
                     clear_lru::<CtEntry>(&a.pin_dir, MAP_CT)?;
+                    clear_lru::<CtEntry>(&a.pin_dir, MAP_CT_NEW)?;
                     clear_lru::<RevNat>(&a.pin_dir, MAP_REVNAT)?;
                 }
             }
@@ -855,7 +866,9 @@ pub fn run(args: &Args, configs: &[Config]) -> Result<NorthSouth> {
     sizes.sort_unstable();
     sizes.dedup();
     ensure!(sizes.iter().all(|&n| n >= 1), "--ns-services must be >= 1");
+    let ours_agent_args = agent_args(sizes.last().copied().unwrap_or(1));
     let mut out = NorthSouth {
+        ours_agent_args: ours_agent_args.clone(),
         sizes: sizes.clone(),
         rounds: args.rounds,
         conns: args.conns,
@@ -866,19 +879,24 @@ pub fn run(args: &Args, configs: &[Config]) -> Result<NorthSouth> {
         ..Default::default()
     };
     eprintln!(
-        "▶ north-south: bringing up {} networks ({})…",
+        "▶ north-south: bringing up {} networks ({}); ours' lb-agent flags: {}",
         configs.len(),
         configs
             .iter()
             .map(|c| c.key())
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        if ours_agent_args.is_empty() {
+            "defaults".to_owned()
+        } else {
+            ours_agent_args.join(" ")
+        }
     );
     let mut setups = Vec::new();
     for &c in configs {
         let t0 = Instant::now();
         setups.push(
-            Setup::up(c, &spec, sizes[0], args.ceiling_xdp)
+            Setup::up(c, &spec, sizes[0], &ours_agent_args, args.ceiling_xdp)
                 .with_context(|| format!("{} setup", c.key()))?,
         );
         eprintln!("  {} up in {:.1} s", c.key(), t0.elapsed().as_secs_f64());
@@ -1078,6 +1096,9 @@ fn diagnostics(s: &Setup) -> String {
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect();
             d += &format!("\n  {} counters: {}", a.node, nz.join(" "));
+        }
+        if let Ok(ct) = lb_tests::ct_counts(&a.pin_dir) {
+            d += &format!("\n  {} conntrack: {ct}", a.node);
         }
     }
     d

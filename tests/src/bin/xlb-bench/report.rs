@@ -418,10 +418,14 @@ fn markdown(r: &Results, json: &Path, charts: &[String]) -> String {
             ]
         };
         s += &format!(
-            "\n## Control plane: {} services x {} endpoints\n\nagent arguments: `{}`; iptables: {} nat rules; nft: {} lines\n\n",
+            "\n## Control plane: {} services x {} endpoints\n\nagent arguments: {}; iptables: {} nat rules; nft: {} lines\n\n",
             c.services,
             c.endpoints,
-            c.agent_args.join(" "),
+            if c.agent_args.is_empty() {
+                "none (defaults)".to_owned()
+            } else {
+                format!("`{}`", c.agent_args.join(" "))
+            },
             c.iptables_rules,
             c.nft_lines
         );
@@ -574,6 +578,14 @@ fn markdown(r: &Results, json: &Path, charts: &[String]) -> String {
         for m in &n.method {
             s += &format!("- {m}\n");
         }
+        s += &format!(
+            "- ours' lb-agent arguments beyond the harness's: {}\n",
+            if n.ours_agent_args.is_empty() {
+                "none (defaults)".to_owned()
+            } else {
+                format!("`{}`", n.ours_agent_args.join(" "))
+            }
+        );
     }
     s
 }

@@ -161,6 +161,7 @@ struct World {
     maps: Maps,
     programmer: Programmer,
     ct: HashMap<MapData, FlowKey, CtEntry>,
+    ct_new: HashMap<MapData, FlowKey, CtEntry>,
     revnat: HashMap<MapData, FlowKey, RevNat>,
     counters: PerCpuArray<MapData, u64>,
     apply_row: ApplyRow,
@@ -190,11 +191,13 @@ impl World {
             max_backends: backends.max(DEFAULT_MAX_BACKENDS),
             maglev_arena: u32::try_from(arena).context("Maglev arena above 4 Gi slots")?,
             ct_entries: DEFAULT_CT_ENTRIES.max(4 * args.flows),
+            ..Limits::default()
         };
         let pins = PinDir::new("bench")?;
         let mut dp = Datapath::load(pins.path(), &limits)?;
         let mut maps = Maps::take(&mut dp.ebpf)?;
         let ct = take_map(&mut dp, MAP_CT)?;
+        let ct_new = take_map(&mut dp, MAP_CT_NEW)?;
         let revnat = take_map(&mut dp, MAP_REVNAT)?;
         let counters = take_map(&mut dp, MAP_COUNTERS)?;
         maps.config.set(
@@ -203,6 +206,7 @@ impl World {
                 snat_addr_be: u32::from_ne_bytes(NODE),
                 snat_port_min: SNAT_MIN,
                 snat_port_max: SNAT_MAX,
+                ..Config::DEFAULT
             },
             0,
         )?;
@@ -225,6 +229,7 @@ impl World {
             maps,
             programmer,
             ct,
+            ct_new,
             revnat,
             counters,
             apply_row: ApplyRow {
@@ -246,11 +251,14 @@ impl World {
         Ok(())
     }
 
-    /// Empties conntrack and reverse NAT, so the next packets start new flows.
+    /// Empties conntrack (confirmed and unconfirmed) and reverse NAT, so the next packets
+    /// start new flows.
     fn clear_flows(&mut self) -> Result<()> {
-        let keys: Vec<FlowKey> = self.ct.keys().collect::<Result<_, _>>()?;
-        for k in keys {
-            self.ct.remove(&k)?;
+        for ct in [&mut self.ct, &mut self.ct_new] {
+            let keys: Vec<FlowKey> = ct.keys().collect::<Result<_, _>>()?;
+            for k in keys {
+                ct.remove(&k)?;
+            }
         }
         let keys: Vec<FlowKey> = self.revnat.keys().collect::<Result<_, _>>()?;
         for k in keys {
