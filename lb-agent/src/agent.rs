@@ -13,8 +13,9 @@ use lb_common::*;
 
 use crate::{
     datapath::{Datapath, Limits, PIN_ROOT, XdpAttachMode, XdpModeChoice},
+    error::Error,
     k8s,
-    metrics::{ErrorKind, Metrics, Programmed, SyncSource},
+    metrics::{Metrics, Programmed, SyncSource},
     netinfo,
     programmer::{Maps, Programmer, Settings},
     translate::{self, Desired, NodeContext, ServiceEvent},
@@ -381,8 +382,11 @@ impl Agent {
             }
             Source::Kube(_) => return Ok(()),
         };
-        let meta =
-            std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+        let read_error = |source| Error::SourceRead {
+            path: path.clone(),
+            source,
+        };
+        let meta = std::fs::metadata(&path).map_err(read_error)?;
         let stamp = (meta.modified()?, meta.len());
         if self.last_seen == Some(stamp) && !due {
             return Ok(());
@@ -390,16 +394,17 @@ impl Agent {
         // A changed file is a source event (timed to the end of the map update); a re-read
         // only because drained backends expire is not.
         let sync = (self.last_seen != Some(stamp)).then_some(SyncSource::File);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path).map_err(read_error)?;
         self.last_seen = Some(stamp);
         let result = match k8s::parse_objects(&text) {
             Ok(objs) => self.program(&objs, now, sync),
             Err(e) => {
-                self.metrics.apply_error(ErrorKind::Parse);
-                Err(anyhow::Error::from(e))
+                let e = Error::from(e);
+                self.metrics.apply_error(e.kind());
+                Err(e)
             }
-        };
+        }
+        .map_err(anyhow::Error::from);
         match &result {
             Ok(()) => self.info.last_error = None,
             Err(e) => {
@@ -421,7 +426,7 @@ impl Agent {
     }
 
     fn program_and_record(&mut self, objs: &k8s::Objects, now: Instant, sync: Option<SyncSource>) {
-        match self.program(objs, now, sync) {
+        match self.program(objs, now, sync).map_err(anyhow::Error::from) {
             Ok(()) => self.info.last_error = None,
             Err(e) => {
                 log::error!("{e:#}; keeping the last good state");
@@ -443,53 +448,42 @@ impl Agent {
 
     /// `now` is when the snapshot was seen; `sync` names the source event being handled
     /// (None: a re-apply because drained backends expire), whose time to a complete map
-    /// update is recorded.
+    /// update is recorded. An error is counted here and logged by the caller.
     fn program(
         &mut self,
         objs: &k8s::Objects,
         now: Instant,
         sync: Option<SyncSource>,
-    ) -> Result<()> {
+    ) -> Result<(), Error> {
         let desired = translate::translate(objs, &self.node);
-        let result = self.programmer.apply(&desired, &mut self.maps, now);
+        let result = self
+            .programmer
+            .apply(&desired, &mut self.maps, now)
+            .map_err(Error::from);
         let refusals = self.programmer.refusals();
         // Warnings: the translation's and what did not fit; each is logged once while it
         // lasts.
-        let mut warnings = desired.warnings.clone();
-        warnings.extend(refusals.iter().map(|r| r.message.clone()));
+        let warnings: Vec<String> = desired
+            .warnings
+            .iter()
+            .map(ToString::to_string)
+            .chain(refusals.iter().map(|r| r.message.clone()))
+            .collect();
         {
             let before: std::collections::HashSet<&String> = self.info.warnings.iter().collect();
             for w in warnings.iter().filter(|w| !before.contains(w)) {
                 log::warn!("{w}");
             }
         }
-        // Events: the translation's, frontend collisions, what did not fit, and an apply
-        // error that names a service; each is logged and posted once while it lasts.
+        // Events: those the translation's warnings ask for, what did not fit, and an apply
+        // error about one service port; each is posted once. All of them are log lines
+        // already (warnings above, an error by the caller).
         let mut events = desired.events.clone();
-        events.extend(collision_events(&desired));
         events.extend(capacity_events(refusals));
         if let Err(e) = &result {
-            self.metrics.apply_error(ErrorKind::of_apply_error(e));
-            if let Some(ev) = apply_error_event(&desired, e) {
-                events.push(ev);
-            }
+            self.metrics.apply_error(e.kind());
+            events.extend(apply_error_event(e));
         }
-        // Most are warnings too, already logged (the event names the service, the warning
-        // also the port: `<id>: <message>`); an apply error is logged by the caller.
-        let logged: std::collections::HashSet<&str> = warnings
-            .iter()
-            .flat_map(|w| [Some(w.as_str()), w.split_once(": ").map(|(_, m)| m)])
-            .flatten()
-            .collect();
-        let unlogged: Vec<ServiceEvent> = events
-            .iter()
-            .filter(|ev| {
-                !(logged.contains(ev.message.as_str())
-                    || result.is_err() && ev.reason == APPLY_ERROR_REASON
-                    || result.is_err() && ev.reason == CAPACITY_REASON)
-            })
-            .cloned()
-            .collect();
         let fresh: Vec<ServiceEvent> = {
             let seen: std::collections::HashSet<&ServiceEvent> = self.events.iter().collect();
             merge_events(events)
@@ -497,16 +491,11 @@ impl Agent {
                 .filter(|ev| !seen.contains(ev))
                 .collect()
         };
-        for ev in &fresh {
-            let key = (&ev.namespace, &ev.name, &ev.reason);
-            for u in unlogged
-                .iter()
-                .filter(|u| (&u.namespace, &u.name, &u.reason) == key)
-            {
-                log::warn!("Service {}/{}: {}", u.namespace, u.name, u.message);
-            }
-            if matches!(self.source, Source::Kube(_)) && !self.new_events.contains(ev) {
-                self.new_events.push(ev.clone());
+        if matches!(self.source, Source::Kube(_)) {
+            for ev in &fresh {
+                if !self.new_events.contains(ev) {
+                    self.new_events.push(ev.clone());
+                }
             }
         }
         // Remembered for the agent's lifetime: a problem that flickers while objects are
@@ -598,11 +587,13 @@ impl Agent {
     }
 }
 
-/// Event reasons of what [`Programmer::apply`](crate::programmer::Programmer::apply)
-/// rejected, and of frontends lost to another service.
+/// Event reasons: what [`Programmer::apply`](crate::programmer::Programmer::apply) left
+/// out for lack of room ([`crate::programmer::Refusal`]), and an apply error about one
+/// service port ([`Error::port`]). The translation's warnings have theirs
+/// ([`translate::WarningKind::event_reason`]).
 pub const CAPACITY_REASON: &str = "CapacityExceeded";
 pub const APPLY_ERROR_REASON: &str = "ProgrammingFailed";
-pub const COLLISION_REASON: &str = "FrontendCollision";
+pub use translate::{COLLISION_REASON, UNSUPPORTED_REASON};
 
 /// What the desired state programs (all but the ports refused whole), for the
 /// `xlb_programmed_*` gauges.
@@ -662,40 +653,6 @@ fn merge_events(events: Vec<ServiceEvent>) -> Vec<ServiceEvent> {
         .collect()
 }
 
-/// The translation's warnings about a frontend a service port does not get
-/// (`<port id>: frontend <addr>:<port>/<proto> ...; dropped`: another service port has it,
-/// or it is refused outright), as Events on the service that lost it.
-fn collision_events(desired: &Desired) -> Vec<ServiceEvent> {
-    let lost: Vec<(&str, &str)> = desired
-        .warnings
-        .iter()
-        .filter_map(|w| w.split_once(": "))
-        .filter(|(_, m)| m.starts_with("frontend ") && m.ends_with("; dropped"))
-        .collect();
-    if lost.is_empty() {
-        return vec![];
-    }
-    let ports: std::collections::HashMap<String, &translate::SvcPort> = desired
-        .ports
-        .iter()
-        .map(|p| (p.id.to_string(), p))
-        .collect();
-    let mut out: Vec<ServiceEvent> = vec![];
-    for (id, message) in lost {
-        let Some(p) = ports.get(id) else { continue };
-        let ev = ServiceEvent {
-            namespace: p.id.namespace.clone(),
-            name: p.id.name.clone(),
-            reason: COLLISION_REASON.into(),
-            message: message.to_string(),
-        };
-        if !out.contains(&ev) {
-            out.push(ev);
-        }
-    }
-    out
-}
-
 /// Service ports (or parts of them) that did not fit, as Events on their Service.
 fn capacity_events(refusals: &[crate::programmer::Refusal]) -> Vec<ServiceEvent> {
     refusals
@@ -709,38 +666,15 @@ fn capacity_events(refusals: &[crate::programmer::Refusal]) -> Vec<ServiceEvent>
         .collect()
 }
 
-/// An apply error whose message names a service port of `desired` (as the programmer's
-/// Maglev allocation failure does), as an Event on that service. Errors about the whole
-/// state (the total of frontends, backends or Maglev slots over a limit) name no service
-/// and give none.
-fn apply_error_event(desired: &Desired, e: &anyhow::Error) -> Option<ServiceEvent> {
-    let msg = format!("{e:#}");
-    let p = desired
-        .ports
-        .iter()
-        .map(|p| (p, p.id.to_string()))
-        .filter(|(_, id)| names(&msg, id))
-        // "dev/a/TCP (local)" over "dev/a/TCP".
-        .max_by_key(|(_, id)| id.len())?
-        .0;
+/// An apply error about one service port, as an Event on its Service. Errors about
+/// shared state (backends, frontends) name no service and give none.
+fn apply_error_event(e: &Error) -> Option<ServiceEvent> {
+    let port = e.port()?;
     Some(ServiceEvent {
-        namespace: p.id.namespace.clone(),
-        name: p.id.name.clone(),
-        reason: match ErrorKind::of_apply_error(e) {
-            ErrorKind::Capacity => CAPACITY_REASON,
-            _ => APPLY_ERROR_REASON,
-        }
-        .into(),
-        message: msg,
-    })
-}
-
-/// `msg` mentions `id` as a whole word (not inside a longer name).
-fn names(msg: &str, id: &str) -> bool {
-    let word = |c: char| c.is_alphanumeric() || c == '-' || c == '.' || c == '_';
-    msg.match_indices(id).any(|(i, _)| {
-        !msg[..i].chars().next_back().is_some_and(word)
-            && !msg[i + id.len()..].chars().next().is_some_and(word)
+        namespace: port.namespace.clone(),
+        name: port.name.clone(),
+        reason: APPLY_ERROR_REASON.into(),
+        message: format!("{port}: {}", crate::error::chain_text(e)),
     })
 }
 
@@ -781,15 +715,18 @@ spec:
     #[test]
     fn collisions_become_events_on_the_losing_service() {
         let d = desired(TWO_NODEPORTS);
-        let evs = collision_events(&d);
-        assert!(!evs.is_empty(), "{:?}", d.warnings);
-        for ev in &evs {
+        assert!(!d.events.is_empty(), "{:?}", d.warnings);
+        for ev in &d.events {
             assert_eq!((ev.namespace.as_str(), ev.name.as_str()), ("dev", "b"));
             assert_eq!(ev.reason, COLLISION_REASON);
             assert!(ev.message.starts_with("frontend "), "{}", ev.message);
             assert!(ev.message.contains("already used by dev/a/TCP"));
-            // Logged as a warning already: the event is not logged twice.
-            assert!(d.warnings.iter().any(|w| w.contains(&ev.message)));
+            // Logged as a warning already, with the port in front.
+            assert!(
+                d.warnings
+                    .iter()
+                    .any(|w| w.to_string() == format!("dev/b/TCP: {}", ev.message))
+            );
         }
     }
 
@@ -801,9 +738,12 @@ spec:
              clusterIP: 10.96.0.3\n  externalTrafficPolicy: Local\n  externalIPs: [172.18.0.2]\n  \
              ports: [{port: 61001}]\n",
         );
-        let evs = collision_events(&d);
+        let evs = &d.events;
         assert_eq!(evs.len(), 1, "{:?}", d.warnings);
-        assert_eq!(evs[0].name, "c");
+        assert_eq!(
+            (evs[0].name.as_str(), evs[0].reason.as_str()),
+            ("c", COLLISION_REASON)
+        );
         assert!(
             evs[0]
                 .message
@@ -826,21 +766,117 @@ spec:
         assert_eq!(merged, [ev("a (x; raise --y); b")]);
     }
 
+    fn port_id(ns: &str, name: &str) -> translate::SvcPortId {
+        translate::SvcPortId {
+            namespace: ns.into(),
+            name: name.into(),
+            port_name: "http".into(),
+            proto: translate::Proto::Tcp,
+            scope: translate::Scope::Cluster,
+        }
+    }
+
+    /// Events come from a warning's kind and subject: its text may say anything.
     #[test]
-    fn apply_errors_naming_a_service_become_events() {
-        let d = desired(TWO_NODEPORTS);
-        let e = anyhow::anyhow!("arena full")
-            .context("no room for a Maglev table of 1021 slots for dev/b/TCP");
-        let ev = apply_error_event(&d, &e).unwrap();
+    fn warning_events_come_from_kind_and_subject_not_text() {
+        use translate::{Subject, Warning, WarningKind};
+        let expected = [
+            (WarningKind::OtherProxy, None),
+            (WarningKind::Unsupported, Some(UNSUPPORTED_REASON)),
+            (WarningKind::Ignored, None),
+            (WarningKind::FrontendCollision, Some(COLLISION_REASON)),
+            (WarningKind::FrontendInSnatRange, Some(COLLISION_REASON)),
+        ];
+        for (kind, reason) in expected {
+            for subject in [
+                Subject::Service {
+                    namespace: "team".into(),
+                    name: "web".into(),
+                },
+                Subject::Port(port_id("team", "web")),
+            ] {
+                let w = Warning {
+                    kind,
+                    subject,
+                    message: "a message reworded beyond recognition: already used by x".into(),
+                };
+                let ev = w.event();
+                assert_eq!(ev.as_ref().map(|e| e.reason.as_str()), reason, "{w}");
+                if let Some(ev) = ev {
+                    assert_eq!((ev.namespace.as_str(), ev.name.as_str()), ("team", "web"));
+                    assert_eq!(ev.message, w.message);
+                }
+            }
+        }
+        // The log line is the subject, then the message.
+        let w = Warning {
+            kind: WarningKind::FrontendCollision,
+            subject: Subject::Port(port_id("team", "web")),
+            message: "gone".into(),
+        };
+        assert_eq!(w.to_string(), "team/web:http/TCP: gone");
+    }
+
+    /// Events of a translation follow its warnings' kinds, whatever their messages say.
+    #[test]
+    fn translated_events_do_not_depend_on_warning_text() {
+        let mut d = desired(TWO_NODEPORTS);
+        let before = d.events.clone();
+        for w in &mut d.warnings {
+            w.message = w.message.replace("already used by", "taken by");
+        }
+        let after: Vec<ServiceEvent> = d
+            .warnings
+            .iter()
+            .filter_map(translate::Warning::event)
+            .collect();
+        assert_eq!(after.len(), before.len());
+        for (a, b) in after.iter().zip(&before) {
+            assert_eq!(
+                (&a.namespace, &a.name, &a.reason),
+                (&b.namespace, &b.name, &b.reason)
+            );
+            assert!(a.message.contains("taken by"), "{}", a.message);
+        }
+    }
+
+    #[test]
+    fn apply_errors_about_a_port_become_events() {
+        use crate::programmer::ApplyError;
+        let id = port_id("dev", "b");
+        let e = Error::from(ApplyError::new(
+            anyhow::Error::from(aya::maps::MapError::KeyNotFound).context("anything"),
+            Some(id.clone()),
+        ));
+        assert_eq!(e.metric_label(), "map_write");
+        let ev = apply_error_event(&e).unwrap();
         assert_eq!(
-            (ev.name.as_str(), ev.reason.as_str()),
-            ("b", CAPACITY_REASON)
+            (ev.namespace.as_str(), ev.name.as_str(), ev.reason.as_str()),
+            ("dev", "b", APPLY_ERROR_REASON)
         );
-        let global = anyhow::anyhow!("70000 frontends exceed the limit of 65536");
-        assert_eq!(apply_error_event(&d, &global), None);
-        assert!(names("for dev/b/TCP", "dev/b/TCP"));
-        assert!(!names("for xdev/b/TCP", "dev/b/TCP"));
-        assert!(!names("for dev/b/TCPx", "dev/b/TCP"));
+        assert!(
+            ev.message.starts_with("dev/b:http/TCP: anything: "),
+            "{}",
+            ev.message
+        );
+        // The text reads as the map writer's error (`{:#}`), whatever the variant.
+        let shared = Error::from(ApplyError::from(
+            anyhow::anyhow!("inner").context("writing dev/b:http/TCP"),
+        ));
+        assert_eq!(shared.metric_label(), "other");
+        assert_eq!(
+            format!("{:#}", anyhow::Error::from(shared)),
+            "writing dev/b:http/TCP: inner"
+        );
+        // Naming a port in the text does not make it about that port.
+        let shared = Error::from(ApplyError::from(anyhow::anyhow!("dev/b:http/TCP")));
+        assert_eq!(apply_error_event(&shared), None);
+        let read = Error::SourceRead {
+            path: "/x".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        assert_eq!(apply_error_event(&read), None);
+        assert!(format!("{:#}", anyhow::Error::from(read)).starts_with("reading /x: "));
     }
 
     #[test]
@@ -858,6 +894,10 @@ spec:
         let p = programmed(&d, std::slice::from_ref(&refused));
         assert_eq!((p.services, p.service_ports), (1, 1));
         let evs = capacity_events(&[refused]);
+        assert_eq!(
+            evs[0].message,
+            "dev/b/TCP: not programmed: the Maglev arena is full"
+        );
         assert_eq!(
             (evs[0].name.as_str(), evs[0].reason.as_str()),
             ("b", CAPACITY_REASON)

@@ -414,15 +414,6 @@ impl Datapath {
         }
         Ok(())
     }
-
-    /// Pinned links this datapath attached or adopted, for status and logs.
-    pub fn pinned_links(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = self.attached.xdp.iter().map(|(_, p)| p.clone()).collect();
-        v.extend(self.attached.tc_uplink.iter().map(|(_, p)| p.clone()));
-        v.extend(self.attached.tc_pods.values().map(|(_, p)| p.clone()));
-        v.extend(self.attached.sock.iter().cloned());
-        v
-    }
 }
 
 /// Key and value sizes of every map, from the shared types: what a pinned map must have

@@ -3,6 +3,7 @@ pub mod arena;
 pub mod bpf_table;
 pub mod conntrack;
 pub mod datapath;
+pub mod error;
 pub mod health;
 pub mod http;
 pub mod k8s;
@@ -13,5 +14,7 @@ pub mod mmap_array;
 pub mod netinfo;
 pub mod ports;
 pub mod programmer;
+#[cfg(test)]
+mod programmer_golden;
 pub mod status;
 pub mod translate;

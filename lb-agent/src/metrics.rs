@@ -22,7 +22,10 @@
 //!     near its capacity is the sign that it evicts;
 //!   - `xlb_sync_duration_seconds{source}`: from a source event (the file source seeing a
 //!     changed file, the kube source's snapshot arriving) to the map update being complete;
-//!   - `xlb_apply_errors_total{kind}`: failed attempts by [`ErrorKind`];
+//!   - `xlb_apply_errors_total{kind}`: failed attempts by [`ErrorKind`] (of a typed
+//!     [`crate::error::Error`], [`crate::error::Error::kind`]); `capacity` stays 0 (what
+//!     does not fit is refused per service port, not an error; it is logged and posted as
+//!     an Event) and is kept for dashboards;
 //!   - `xlb_programmed_{services,service_ports,frontends,backends}`: what the last
 //!     successful apply programmed; `xlb_ready` (0/1).
 //! - `/healthz`: 200 while the agent loop is alive (an iteration within [`LOOP_STALE_AFTER`]),
@@ -85,62 +88,43 @@ const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
 /// Largest `/loglevel` request body.
 const MAX_BODY: usize = 64;
 
-/// Why an attempt to program the datapath failed (`xlb_apply_errors_total{kind}`).
+/// Why an attempt to program the datapath failed: the values of the `kind` label of
+/// `xlb_apply_errors_total` (each present from the start, at 0). An error's kind is its
+/// type's ([`crate::error::Error::kind`]), never its message's text.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
     /// The source could not be read (file missing or unreadable).
     Source,
     /// The source's content is not valid (YAML, objects, fields).
     Parse,
-    /// The desired state does not fit the maps or the Maglev arena.
-    Capacity,
     /// A BPF map operation failed.
     MapWrite,
+    /// Something around a map operation failed.
     Other,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 5] = [
+    pub const ALL: [ErrorKind; 4] = [
         ErrorKind::Source,
         ErrorKind::Parse,
-        ErrorKind::Capacity,
         ErrorKind::MapWrite,
         ErrorKind::Other,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub fn metric_label(self) -> &'static str {
         match self {
             ErrorKind::Source => "source",
             ErrorKind::Parse => "parse",
-            ErrorKind::Capacity => "capacity",
             ErrorKind::MapWrite => "map_write",
             ErrorKind::Other => "other",
         }
     }
-
-    /// The kind of an error of `Programmer::apply`: a map error anywhere in the chain is a
-    /// map write; capacity is recognised by the programmer's messages (its capacity check
-    /// and the arena allocation).
-    pub fn of_apply_error(e: &anyhow::Error) -> Self {
-        if e.chain()
-            .any(|c| c.downcast_ref::<aya::maps::MapError>().is_some())
-        {
-            return ErrorKind::MapWrite;
-        }
-        let msg = format!("{e:#}");
-        if [
-            "exceed the limit",
-            "no room for a Maglev table",
-            "the arena has",
-        ]
-        .iter()
-        .any(|s| msg.contains(s))
-        {
-            return ErrorKind::Capacity;
-        }
-        ErrorKind::Other
-    }
 }
+
+/// `kind` values no error has any more, still exported at 0 so that dashboards and alerts
+/// keep their series: `capacity` (capacity became per-port refusals,
+/// [`crate::programmer::Refusal`]).
+const RETIRED_ERROR_LABELS: [&str; 1] = ["capacity"];
 
 /// Where a sync came from (`xlb_sync_duration_seconds{source}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -225,14 +209,16 @@ impl Metrics {
             sync_seconds.clone(),
         );
         let apply_errors: Family<Label, Counter> = Family::default();
-        for kind in ErrorKind::ALL {
+        let labels = ErrorKind::ALL.map(ErrorKind::metric_label);
+        for label in labels.iter().chain(&RETIRED_ERROR_LABELS) {
             // Every kind is present from the start, at 0.
-            let _ = apply_errors.get_or_create(&[("kind", kind.as_str())]);
+            let _ = apply_errors.get_or_create(&[("kind", *label)]);
         }
         registry.register(
             "xlb_apply_errors",
-            "Failed attempts to program the datapath, by kind (source, parse, capacity, \
-             map_write, other); the datapath keeps its last good state",
+            "Failed attempts to program the datapath, by kind (source, parse, map_write, other; \
+             capacity is always 0: what does not fit is refused per service port); the \
+             datapath keeps its last good state",
             apply_errors.clone(),
         );
         let programmed: [Gauge; 4] = Default::default();
@@ -306,9 +292,10 @@ impl Metrics {
         self.ready_gauge.set(1);
     }
 
+    /// Counts a failed attempt (`error.kind()` for a typed [`crate::error::Error`]).
     pub fn apply_error(&self, kind: ErrorKind) {
         self.apply_errors
-            .get_or_create(&[("kind", kind.as_str())])
+            .get_or_create(&[("kind", kind.metric_label())])
             .inc();
     }
 
@@ -784,17 +771,32 @@ mod tests {
         assert_eq!(PortLabels::parse("/x/TCP"), None);
     }
 
+    /// The label comes from the error's type: changing or dropping a message does not
+    /// move an error to another kind.
     #[test]
-    fn error_kinds() {
-        let cap = anyhow::anyhow!("70000 frontends exceed the limit of 65536");
-        assert_eq!(ErrorKind::of_apply_error(&cap), ErrorKind::Capacity);
-        let arena = anyhow::anyhow!("arena full")
-            .context("no room for a Maglev table of 1021 slots for dev/a/TCP");
-        assert_eq!(ErrorKind::of_apply_error(&arena), ErrorKind::Capacity);
-        let map = anyhow::Error::from(aya::maps::MapError::KeyNotFound).context("writing");
-        assert_eq!(ErrorKind::of_apply_error(&map), ErrorKind::MapWrite);
-        let other = anyhow::anyhow!("something else");
-        assert_eq!(ErrorKind::of_apply_error(&other), ErrorKind::Other);
+    fn error_kinds_come_from_types_not_messages() {
+        use crate::error::Error;
+        use crate::programmer::ApplyError;
+        let io = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let read = Error::SourceRead {
+            path: "/x.yaml".into(),
+            source: io(),
+        };
+        assert_eq!(read.metric_label(), "source");
+        let parse = Error::from(crate::k8s::ParseError::Document {
+            doc: 1,
+            msg: "anything at all".into(),
+        });
+        assert_eq!(parse.metric_label(), "parse");
+        // A map error anywhere among the causes, whatever the messages say.
+        let map = anyhow::Error::from(aya::maps::MapError::KeyNotFound).context("renamed");
+        assert_eq!(
+            Error::from(ApplyError::from(map)).metric_label(),
+            "map_write"
+        );
+        // Text that once meant "capacity" is just another failure now.
+        let text = anyhow::anyhow!("70000 frontends exceed the limit of 65536");
+        assert_eq!(Error::from(ApplyError::from(text)).metric_label(), "other");
     }
 
     #[test]
@@ -817,6 +819,7 @@ mod tests {
             "xlb_ready 1",
             "xlb_apply_errors_total{kind=\"parse\"} 1",
             "xlb_apply_errors_total{kind=\"capacity\"} 0",
+            "xlb_apply_errors_total{kind=\"map_write\"} 0",
             "xlb_programmed_frontends 7",
             "xlb_sync_duration_seconds_count{source=\"file\"} 1",
         ] {

@@ -243,6 +243,72 @@ pub struct Refusal {
     pub message: String,
 }
 
+/// Why [`Programmer::apply`] failed: a write to the maps did not go through. (What does
+/// not fit is not an error: see [`Refusal`].) Reads as the map writer's error, whose
+/// causes are its `source()`s.
+#[derive(Debug)]
+pub enum ApplyError {
+    /// A BPF map operation failed (an `aya::maps::MapError` among the causes).
+    MapWrite {
+        /// The service port whose own entries were being written (its counters and name,
+        /// Maglev table, service value); None for shared ones (backends, frontends,
+        /// ClusterIP addresses, source ranges).
+        port: Option<SvcPortId>,
+        error: anyhow::Error,
+    },
+    /// Something around a map operation failed (counting CPUs, the Maglev arena's
+    /// bounds).
+    Other {
+        port: Option<SvcPortId>,
+        error: anyhow::Error,
+    },
+}
+
+impl ApplyError {
+    /// Classifies what a [`MapWriter`] returned while writing `port` (see
+    /// [`ApplyError::MapWrite`]).
+    pub fn new(error: anyhow::Error, port: Option<SvcPortId>) -> Self {
+        if error.chain().any(|c| c.is::<aya::maps::MapError>()) {
+            ApplyError::MapWrite { port, error }
+        } else {
+            ApplyError::Other { port, error }
+        }
+    }
+
+    /// The service port being written, if the write was its own.
+    pub fn port(&self) -> Option<&SvcPortId> {
+        match self {
+            ApplyError::MapWrite { port, .. } | ApplyError::Other { port, .. } => port.as_ref(),
+        }
+    }
+
+    fn error(&self) -> &anyhow::Error {
+        match self {
+            ApplyError::MapWrite { error, .. } | ApplyError::Other { error, .. } => error,
+        }
+    }
+}
+
+/// Every `?` in `apply` is a [`MapWriter`] operation.
+impl From<anyhow::Error> for ApplyError {
+    fn from(error: anyhow::Error) -> Self {
+        ApplyError::new(error, None)
+    }
+}
+
+impl std::fmt::Display for ApplyError {
+    /// The map writer's own message (without `{:#}`'s causes: those are `source()`'s).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.error())
+    }
+}
+
+impl std::error::Error for ApplyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        (**self.error()).source()
+    }
+}
+
 pub struct Programmer {
     settings: Settings,
     arena: Arena,
@@ -285,12 +351,7 @@ fn range_key(svc_id: u32, addr_be: u32, len: u8) -> Key<SrcRangeKey> {
 }
 
 fn fe_key(addr: Ipv4Addr, port: u16, proto: u8) -> FrontendKey {
-    FrontendKey {
-        addr_be: u32::from_ne_bytes(addr.octets()),
-        port_be: port.to_be(),
-        proto,
-        _pad: 0,
-    }
+    FrontendKey::new(u32::from_ne_bytes(addr.octets()), port.to_be(), proto)
 }
 
 type BackendKey = (Ipv4Addr, u16);
@@ -837,7 +898,7 @@ impl Programmer {
         desired: &Desired,
         maps: &mut impl MapWriter,
         now: Instant,
-    ) -> Result<ApplyStats> {
+    ) -> Result<ApplyStats, ApplyError> {
         self.retry_at = None;
         self.refusals.clear();
         let plan = self.admit(desired);
@@ -896,7 +957,9 @@ impl Programmer {
         let mut ranges: BTreeSet<(u32, u32, u8)> = BTreeSet::new();
         for p in &ports {
             live.insert(p.id.clone());
-            let svc_id = self.write_service(p, desired, maps, &mut st, &mut refusals)?;
+            let svc_id = self
+                .write_service(p, desired, maps, &mut st, &mut refusals)
+                .map_err(|e| ApplyError::new(e, Some(p.id.clone())))?;
             for &(addr, len) in &p.source_ranges {
                 ranges.insert((svc_id, u32::from_ne_bytes(addr.octets()), len));
             }
@@ -1165,27 +1228,28 @@ fn meta(p: &SvcPort, desired: &Desired) -> SvcMeta {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::translate::{FrontendSpec, Proto};
 
     /// The maps as plain collections, with the kernel's limits: a hash map refuses a new
     /// key when full, an array an index past its end.
-    struct Fake {
+    /// Also used by the golden dumps (`crate::programmer_golden`).
+    pub(crate) struct Fake {
         max_services: u32,
         max_frontends: u32,
         max_backends: u32,
-        backends: BTreeMap<u32, Backend>,
-        services: BTreeMap<u32, Service>,
-        meta: BTreeMap<u32, SvcMeta>,
-        slots: Vec<u32>,
-        frontends: BTreeMap<FrontendKey, Frontend>,
-        cluster_ips: BTreeSet<u32>,
-        ranges: BTreeSet<(u32, u32, u8)>,
+        pub(crate) backends: BTreeMap<u32, Backend>,
+        pub(crate) services: BTreeMap<u32, Service>,
+        pub(crate) meta: BTreeMap<u32, SvcMeta>,
+        pub(crate) slots: Vec<u32>,
+        pub(crate) frontends: BTreeMap<FrontendKey, Frontend>,
+        pub(crate) cluster_ips: BTreeSet<u32>,
+        pub(crate) ranges: BTreeSet<(u32, u32, u8)>,
     }
 
     impl Fake {
-        fn new(s: &Settings) -> Self {
+        pub(crate) fn new(s: &Settings) -> Self {
             Self {
                 max_services: s.max_services,
                 max_frontends: s.max_frontends,
@@ -1202,7 +1266,7 @@ mod tests {
 
         /// What the datapath could follow: every frontend leads to a service, every
         /// service with a table to slots inside the arena naming existing backends.
-        fn check(&self) {
+        pub(crate) fn check(&self) {
             for (k, f) in &self.frontends {
                 assert!(
                     self.services.contains_key(&f.svc_id),
@@ -1243,6 +1307,94 @@ mod tests {
                 .get(&fe_key(fe.addr, fe.port, proto.number()))
                 .map(|f| f.svc_id)
         }
+    }
+
+    /// [`Programmer::adopt`] over the in-memory maps: `adopt` reads the pinned maps
+    /// through aya, so this repeats its steps (keep the two in step) for tests that
+    /// restart an agent on what a previous one wrote.
+    pub(crate) fn adopt_fake(p: &mut Programmer, maps: &Fake) -> Result<Adopted> {
+        let entries = maps.slots.len() as u32;
+        if entries != p.settings.arena {
+            p.settings.arena = entries;
+            p.arena = Arena::new(entries);
+        }
+        let mut out = Adopted::default();
+        for (&id, &b) in &maps.backends {
+            let key = (
+                Ipv4Addr::from(b.addr_be.to_ne_bytes()),
+                u16::from_be(b.port_be),
+            );
+            p.backends.insert(
+                key,
+                BackendState {
+                    id,
+                    value: b,
+                    drain_until: None,
+                },
+            );
+            p.next_backend_id = p.next_backend_id.max(id.wrapping_add(1).max(1));
+            out.backends += 1;
+        }
+        for (&svc_id, &svc) in &maps.services {
+            let meta = maps.meta.get(&svc_id).copied().unwrap_or_default();
+            let end = meta
+                .name
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(meta.name.len());
+            let name = String::from_utf8_lossy(&meta.name[..end]).into_owned();
+            if svc.table_m > 0 {
+                if !p.arena.reserve(svc.table_off, svc.table_m) {
+                    bail!("pinned Maglev table of {name} overlaps another");
+                }
+                let range = svc.table_off as usize..(svc.table_off + svc.table_m) as usize;
+                let slots = maps
+                    .slots
+                    .get(range)
+                    .context("pinned table out of the arena")?
+                    .to_vec();
+                p.adopted_tables.insert(
+                    svc_id,
+                    Table {
+                        off: svc.table_off,
+                        m: svc.table_m,
+                        slots,
+                    },
+                );
+            }
+            p.next_svc_id = p.next_svc_id.max(svc_id + 1);
+            p.adopted.insert(name, (svc_id, svc));
+            out.services += 1;
+        }
+        let used: BTreeSet<u32> = p.adopted.values().map(|(id, _)| *id).collect();
+        p.free_svc_ids = (0..p.next_svc_id).filter(|id| !used.contains(id)).collect();
+        for (&k, &v) in &maps.frontends {
+            p.frontends.insert(k, v);
+            out.frontends += 1;
+        }
+        p.cluster_ips.clone_from(&maps.cluster_ips);
+        p.ranges.clone_from(&maps.ranges);
+        Ok(out)
+    }
+
+    /// The programmer's view of each service port's two Maglev buffers, one line each:
+    /// `<port> id=<svc_id> A@<off>/<m> B@<off>/<m>`, the active one marked with `*`.
+    pub(crate) fn buffers(p: &Programmer) -> Vec<String> {
+        p.services
+            .iter()
+            .map(|(id, s)| {
+                let mut line = format!("{id} id={}", s.svc_id);
+                for (i, t) in s.tables.iter().enumerate() {
+                    let name = ["A", "B"][i];
+                    let mark = if i == s.active { "*" } else { "" };
+                    match t {
+                        Some(t) => line += &format!(" {mark}{name}@{}/{}", t.off, t.m),
+                        None => line += &format!(" {mark}{name}=none"),
+                    }
+                }
+                line
+            })
+            .collect()
     }
 
     fn full<K: Ord, V>(m: &BTreeMap<K, V>, k: &K, max: u32) -> Result<()> {

@@ -208,6 +208,112 @@ pub struct ServiceEvent {
     pub message: String,
 }
 
+/// Event reasons of the translation's warnings ([`WarningKind::event_reason`]).
+pub const UNSUPPORTED_REASON: &str = "Unsupported";
+pub const COLLISION_REASON: &str = "FrontendCollision";
+
+/// What a [`Warning`] is about; decides whether it is also posted on the Service, and with
+/// which reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WarningKind {
+    /// Labelled for another proxy (`service.kubernetes.io/service-proxy-name`): left to it.
+    OtherProxy,
+    /// A feature xlb does not serve (IPv6 addresses, SCTP).
+    Unsupported,
+    /// A value that cannot be used (not an IP, not a CIDR, an IPv6 source range, an invalid
+    /// port number), or a port without a nodePort or anything to serve on: skipped.
+    Ignored,
+    /// A frontend another service port has (see `drop_colliding_frontends`).
+    FrontendCollision,
+    /// An external address on a node address with a port of the SNAT range: refused.
+    FrontendInSnatRange,
+}
+
+impl WarningKind {
+    /// The reason of the Event posted on the Service; None: the warning is only logged.
+    pub fn event_reason(self) -> Option<&'static str> {
+        match self {
+            WarningKind::Unsupported => Some(UNSUPPORTED_REASON),
+            WarningKind::FrontendCollision | WarningKind::FrontendInSnatRange => {
+                Some(COLLISION_REASON)
+            }
+            WarningKind::OtherProxy | WarningKind::Ignored => None,
+        }
+    }
+}
+
+/// What a [`Warning`] concerns: a Service, or one of its service ports.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Subject {
+    Service { namespace: String, name: String },
+    Port(SvcPortId),
+}
+
+impl Subject {
+    pub fn namespace(&self) -> &str {
+        match self {
+            Subject::Service { namespace, .. } => namespace,
+            Subject::Port(id) => &id.namespace,
+        }
+    }
+
+    /// The Service's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Subject::Service { name, .. } => name,
+            Subject::Port(id) => &id.name,
+        }
+    }
+}
+
+impl fmt::Display for Subject {
+    /// `ns/name`, or the port's id.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Subject::Service { namespace, name } => write!(f, "{namespace}/{name}"),
+            Subject::Port(id) => id.fmt(f),
+        }
+    }
+}
+
+/// Something the translation skipped or changed, and why. Logged as its Display,
+/// `<subject>: <message>`; a kind with an [`WarningKind::event_reason`] is also an Event on
+/// the Service ([`Warning::event`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Warning {
+    pub kind: WarningKind,
+    pub subject: Subject,
+    /// What happened, without the subject (the Event's message).
+    pub message: String,
+}
+
+impl Warning {
+    /// The Event this warning asks for: on its Service, with its kind's reason.
+    pub fn event(&self) -> Option<ServiceEvent> {
+        Some(ServiceEvent {
+            namespace: self.subject.namespace().to_string(),
+            name: self.subject.name().to_string(),
+            reason: self.kind.event_reason()?.into(),
+            message: self.message.clone(),
+        })
+    }
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.subject, self.message)
+    }
+}
+
+/// Tests compare warnings with their text.
+#[cfg(test)]
+impl PartialEq<&str> for Warning {
+    fn eq(&self, other: &&str) -> bool {
+        let text = self.to_string();
+        text == *other
+    }
+}
+
 /// One line of `kubectl get svc` (columns as kubectl prints them, without truncation).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceRow {
@@ -225,11 +331,11 @@ pub struct Desired {
     pub ports: Vec<SvcPort>,
     /// Every service, sorted by (namespace, name), including those not programmed.
     pub rows: Vec<ServiceRow>,
-    /// Human-readable notes about what was skipped and why, each naming its service.
-    pub warnings: Vec<String>,
+    /// What was skipped and why, each naming its service.
+    pub warnings: Vec<Warning>,
     /// Health-check node ports to serve, sorted by port.
     pub health_checks: Vec<HealthCheck>,
-    /// Unsupported features, to be reported on the Service.
+    /// The Events the warnings ask for ([`Warning::event`]), in the same order.
     pub events: Vec<ServiceEvent>,
     /// Every service as (namespace, name), oldest first (see [`age_key`]): the order in
     /// which contested frontends and, in the programmer, capacity are handed out.
@@ -269,6 +375,7 @@ pub fn translate(objs: &Objects, node: &NodeContext) -> Desired {
     out.ports.sort_by(|a, b| a.id.cmp(&b.id));
     out.health_checks.sort_by_key(|h| h.node_port);
     drop_colliding_frontends(&mut out, &node, &created);
+    out.events = out.warnings.iter().filter_map(Warning::event).collect();
     out
 }
 
@@ -339,7 +446,16 @@ fn program_service(
     out: &mut Desired,
 ) {
     let (ns, name) = (namespace(svc), name(svc));
-    let mut warn = |msg: String| out.warnings.push(format!("{ns}/{name}: {msg}"));
+    let mut warn = |kind: WarningKind, message: String| {
+        out.warnings.push(Warning {
+            kind,
+            subject: Subject::Service {
+                namespace: ns.to_string(),
+                name: name.to_string(),
+            },
+            message,
+        })
+    };
 
     if let Some(proxy) = svc
         .metadata
@@ -347,9 +463,10 @@ fn program_service(
         .as_ref()
         .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))
     {
-        warn(format!(
-            "labelled {SERVICE_PROXY_NAME_LABEL}={proxy}; left to that proxy"
-        ));
+        warn(
+            WarningKind::OtherProxy,
+            format!("labelled {SERVICE_PROXY_NAME_LABEL}={proxy}; left to that proxy"),
+        );
         return;
     }
     let default_spec = ServiceSpec::default();
@@ -378,27 +495,13 @@ fn program_service(
         .chain(spec.cluster_ips.iter().flatten().map(String::as_str))
         .find_map(|s| s.parse::<Ipv4Addr>().ok());
     if !primary.is_empty() && cluster_ip.is_none() {
-        let msg =
-            format!("ClusterIP {primary} is not IPv4; service skipped (xlb serves IPv4 only)");
-        warn(msg.clone());
-        out.events.push(ServiceEvent {
-            namespace: ns.to_string(),
-            name: name.to_string(),
-            reason: "Unsupported".into(),
-            message: msg,
-        });
+        warn(
+            WarningKind::Unsupported,
+            format!("ClusterIP {primary} is not IPv4; service skipped (xlb serves IPv4 only)"),
+        );
         return;
     }
 
-    let mut events = Vec::new();
-    let mut unsupported = |message: String| {
-        events.push(ServiceEvent {
-            namespace: ns.to_string(),
-            name: name.to_string(),
-            reason: "Unsupported".into(),
-            message,
-        })
-    };
     let mut external: Vec<(Ipv4Addr, FrontendKind)> = Vec::new();
     let ingress = svc
         .status
@@ -420,13 +523,14 @@ fn program_service(
     {
         match ip.parse::<IpAddr>() {
             Ok(IpAddr::V4(a)) => external.push((a, kind)),
-            Ok(IpAddr::V6(_)) => {
-                let msg =
-                    format!("external address {ip} is IPv6; not served (xlb serves IPv4 only)");
-                warn(msg.clone());
-                unsupported(msg);
-            }
-            Err(_) => warn(format!("external address {ip:?} is not an IP; ignored")),
+            Ok(IpAddr::V6(_)) => warn(
+                WarningKind::Unsupported,
+                format!("external address {ip} is IPv6; not served (xlb serves IPv4 only)"),
+            ),
+            Err(_) => warn(
+                WarningKind::Ignored,
+                format!("external address {ip:?} is not an IP; ignored"),
+            ),
         }
     }
     let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
@@ -441,12 +545,14 @@ fn program_service(
     for r in spec.load_balancer_source_ranges.iter().flatten() {
         match parse_cidr(r) {
             Some(c) => source_ranges.push(c),
-            None if r.contains(':') => {
-                warn(format!("loadBalancerSourceRange {r} is IPv6; ignored"))
-            }
-            None => warn(format!(
-                "loadBalancerSourceRange {r:?} is not a CIDR; ignored"
-            )),
+            None if r.contains(':') => warn(
+                WarningKind::Ignored,
+                format!("loadBalancerSourceRange {r} is IPv6; ignored"),
+            ),
+            None => warn(
+                WarningKind::Ignored,
+                format!("loadBalancerSourceRange {r:?} is not a CIDR; ignored"),
+            ),
         }
     }
 
@@ -466,14 +572,18 @@ fn program_service(
         let proto = match Proto::from_k8s(sp.protocol.as_deref()) {
             Ok(p) => p,
             Err(p) => {
-                let msg = format!("port {shown}/{p} skipped: {p} is not supported");
-                warn(msg.clone());
-                unsupported(msg);
+                warn(
+                    WarningKind::Unsupported,
+                    format!("port {shown}/{p} skipped: {p} is not supported"),
+                );
                 continue;
             }
         };
         let Some(port) = valid_port(sp.port) else {
-            warn(format!("port {shown} skipped: invalid port number"));
+            warn(
+                WarningKind::Ignored,
+                format!("port {shown} skipped: invalid port number"),
+            );
             continue;
         };
 
@@ -500,9 +610,10 @@ fn program_service(
                     });
                 }
                 None if node_ports_disabled => {}
-                None => warn(format!(
-                    "port {shown}/{proto} has no nodePort; not served as a NodePort"
-                )),
+                None => warn(
+                    WarningKind::Ignored,
+                    format!("port {shown}/{proto} has no nodePort; not served as a NodePort"),
+                ),
             }
         }
         frontends.extend(
@@ -511,9 +622,12 @@ fn program_service(
                 .map(|&(addr, kind)| FrontendSpec { addr, port, kind }),
         );
         if frontends.is_empty() {
-            warn(format!(
-                "port {shown}/{proto} has no ClusterIP, NodePort or external address; nothing to serve"
-            ));
+            warn(
+                WarningKind::Ignored,
+                format!(
+                    "port {shown}/{proto} has no ClusterIP, NodePort or external address; nothing to serve"
+                ),
+            );
             continue;
         }
         // Same address twice (e.g. an externalIP equal to a node address): keep the most
@@ -587,7 +701,6 @@ fn program_service(
             local_endpoints: local_endpoints.len(),
         });
     }
-    out.events.extend(events);
 }
 
 /// sessionAffinityConfig.clientIP.timeoutSeconds default (3 hours), as in the API.
@@ -725,16 +838,19 @@ fn drop_colliding_frontends(out: &mut Desired, node: &NodeContext, created: &[Op
                 && node.node_addrs.contains(&f.addr)
                 && node.snat_ports.contains(&f.port);
             if snat {
-                warnings.push(format!(
-                    "{}: frontend {}:{}/{} is a node address with a port of the SNAT range \
-                     {}-{} (replies of source-NATed flows arrive there); dropped",
-                    p.id,
-                    f.addr,
-                    f.port,
-                    p.id.proto,
-                    node.snat_ports.start(),
-                    node.snat_ports.end()
-                ));
+                warnings.push(Warning {
+                    kind: WarningKind::FrontendInSnatRange,
+                    subject: Subject::Port(p.id.clone()),
+                    message: format!(
+                        "frontend {}:{}/{} is a node address with a port of the SNAT range \
+                         {}-{} (replies of source-NATed flows arrive there); dropped",
+                        f.addr,
+                        f.port,
+                        p.id.proto,
+                        node.snat_ports.start(),
+                        node.snat_ports.end()
+                    ),
+                });
             }
             !snat
         });
@@ -793,10 +909,14 @@ fn drop_colliding_frontends(out: &mut Desired, node: &NodeContext, created: &[Op
                 } else {
                     "same or unknown creation time, first by namespace/name".to_string()
                 };
-                warnings.push(format!(
-                    "{}: frontend {}:{}/{} already used by {} ({why}); dropped",
-                    p.id, f.addr, f.port, p.id.proto, ports[w].id
-                ));
+                warnings.push(Warning {
+                    kind: WarningKind::FrontendCollision,
+                    subject: Subject::Port(p.id.clone()),
+                    message: format!(
+                        "frontend {}:{}/{} already used by {} ({why}); dropped",
+                        f.addr, f.port, p.id.proto, ports[w].id
+                    ),
+                });
                 false
             })
             .collect();
@@ -1219,6 +1339,7 @@ mod tests {
         assert_eq!(d.rows.len(), 1);
         assert!(
             d.warnings[0]
+                .to_string()
                 .starts_with("dev/web: labelled service.kubernetes.io/service-proxy-name=other")
         );
     }
@@ -1246,6 +1367,32 @@ mod tests {
                 "dev/mixed: port b (9000)/SCTP skipped: SCTP is not supported",
                 "dev/v6: ClusterIP fd00::20 is not IPv4; service skipped (xlb serves IPv4 only)",
             ]
+        );
+        // Both are Events on their Service, with the warning's message.
+        let evs: Vec<(&str, &str, &str)> = d
+            .events
+            .iter()
+            .map(|e| (e.name.as_str(), e.reason.as_str(), e.message.as_str()))
+            .collect();
+        assert_eq!(
+            evs,
+            [
+                (
+                    "mixed",
+                    UNSUPPORTED_REASON,
+                    "port b (9000)/SCTP skipped: SCTP is not supported"
+                ),
+                (
+                    "v6",
+                    UNSUPPORTED_REASON,
+                    "ClusterIP fd00::20 is not IPv4; service skipped (xlb serves IPv4 only)"
+                ),
+            ]
+        );
+        assert!(
+            d.warnings
+                .iter()
+                .all(|w| w.kind == WarningKind::Unsupported)
         );
         assert_eq!(d.rows.len(), 3);
     }
@@ -1287,7 +1434,9 @@ mod tests {
         // Two node addresses and localhost collide.
         assert_eq!(d.warnings.len(), 3);
         assert!(
-            d.warnings[0].contains("already used by dev/a/TCP"),
+            d.warnings[0]
+                .to_string()
+                .contains("already used by dev/a/TCP"),
             "{:?}",
             d.warnings
         );
@@ -1358,7 +1507,11 @@ mod tests {
         assert!(external(&d, "kube-system/ingress/TCP"));
         let d = run(&(ingress(None) + &grab(None)));
         assert!(external(&d, "default/grab/TCP"));
-        assert!(d.warnings[0].contains("(same or unknown creation time, first by namespace/name)"));
+        assert!(
+            d.warnings[0]
+                .to_string()
+                .contains("(same or unknown creation time, first by namespace/name)")
+        );
     }
 
     #[test]
@@ -1422,7 +1575,7 @@ mod tests {
         );
         assert!(fes("c/snat:lo/TCP").contains(&"192.168.1.11:8080".to_string()));
         assert!(fes("c/snat:lo/TCP").contains(&"192.168.1.10:8080".to_string()));
-        let mut w = d.warnings.clone();
+        let mut w: Vec<String> = d.warnings.iter().map(ToString::to_string).collect();
         w.sort();
         assert_eq!(
             w,

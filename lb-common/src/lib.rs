@@ -11,9 +11,6 @@ pub mod maps;
 
 pub use maps::*;
 
-/// The project's name: pin directory under bpffs, namespace prefix in tests, log target.
-pub const PROJECT: &str = "xlb";
-
 /// IP protocol numbers as they appear in the IPv4 header.
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;

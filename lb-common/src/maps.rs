@@ -83,12 +83,37 @@ pub const DEFAULT_CT_UDP_S: u32 = 60;
 
 /// Frontend: what a packet is addressed to.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone,
+    Copy,
+    bytemuck::Pod,
+    bytemuck::Zeroable,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+)]
 pub struct FrontendKey {
     pub addr_be: u32,
     pub port_be: u16,
     pub proto: u8,
     pub _pad: u8,
+}
+
+impl FrontendKey {
+    /// The one way to build a frontend key: address and port as they are in the packet.
+    #[inline(always)]
+    pub const fn new(addr_be: u32, port_be: u16, proto: u8) -> Self {
+        Self {
+            addr_be,
+            port_be,
+            proto,
+            _pad: 0,
+        }
+    }
 }
 
 /// The frontend is a NodePort on one of the node's addresses.
@@ -98,12 +123,14 @@ pub const FE_EXTERNAL: u32 = 1 << 1;
 /// The frontend is a ClusterIP (tc path; XDP passes it on).
 pub const FE_CLUSTER_IP: u32 = 1 << 2;
 /// A NodePort on 127.0.0.1, reachable only from the node's own sockets (socket hooks).
+/// The datapath never reads it (the socket hooks treat every frontend alike; XDP and tc act
+/// only on the kinds above): it labels the entry for readers of the map.
 pub const FE_LOCALHOST: u32 = 1 << 3;
 /// Only sources in the service's `loadBalancerSourceRanges` (`XLB_SRC_RANGES`) may use it.
 pub const FE_SOURCE_RANGES: u32 = 1 << 4;
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Debug, Default, PartialEq, Eq)]
 pub struct Frontend {
     /// Index of the service port in `XLB_SERVICES` and `XLB_SVC_STATS`.
     pub svc_id: u32,
@@ -116,7 +143,7 @@ pub struct Frontend {
 /// hash-map value (the kernel swaps hash values atomically), so a packet sees either the old
 /// or the new table, never a mix.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Debug, Default, PartialEq, Eq)]
 pub struct Service {
     pub table_off: u32,
     /// Prime table size M (0 when the service has no serving backend).
@@ -140,7 +167,7 @@ pub const BE_LOCAL: u8 = 1 << 0;
 pub const BE_DRAINING: u8 = 1 << 1;
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
     pub addr_be: u32,
     pub port_be: u16,
@@ -150,7 +177,7 @@ pub struct Backend {
 
 /// A unidirectional 5-tuple, as read from a packet.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub src_addr_be: u32,
     pub dst_addr_be: u32,
@@ -158,6 +185,27 @@ pub struct FlowKey {
     pub dst_port_be: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// The one way to build a flow key: addresses and ports as they are in the packet.
+    #[inline(always)]
+    pub const fn new(
+        src_addr_be: u32,
+        dst_addr_be: u32,
+        src_port_be: u16,
+        dst_port_be: u16,
+        proto: u8,
+    ) -> Self {
+        Self {
+            src_addr_be,
+            dst_addr_be,
+            src_port_be,
+            dst_port_be,
+            proto,
+            _pad: [0; 3],
+        }
+    }
 }
 
 /// The flow was source-NATed (backend on another node).
@@ -183,7 +231,7 @@ pub const CT_MIDSTREAM: u8 = 1 << 5;
 /// on either is checked against the other, so a half left behind by an eviction is never
 /// taken for a live flow.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Debug, Default, PartialEq, Eq)]
 pub struct CtEntry {
     pub backend_id: u32,
     pub svc_id: u32,
@@ -256,7 +304,7 @@ pub fn ct_port_reusable(cfg: &Config, e: &CtEntry, confirmed: bool, now_ms: u32)
 /// Its owner, the flow's `CtEntry`, is keyed by (client = `dst`, frontend = `src`, ports
 /// likewise, same protocol): see `RevNat::ct_key`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Debug, Default, PartialEq, Eq)]
 pub struct RevNat {
     /// New source: the frontend address and port the client used.
     pub src_addr_be: u32,
@@ -275,27 +323,26 @@ impl RevNat {
     /// The conntrack key of the flow this reverse entry belongs to.
     #[inline(always)]
     pub fn ct_key(&self, proto: u8) -> FlowKey {
-        FlowKey {
-            src_addr_be: self.dst_addr_be,
-            dst_addr_be: self.src_addr_be,
-            src_port_be: self.dst_port_be,
-            dst_port_be: self.src_port_be,
+        FlowKey::new(
+            self.dst_addr_be,
+            self.src_addr_be,
+            self.dst_port_be,
+            self.src_port_be,
             proto,
-            _pad: [0; 3],
-        }
+        )
     }
 }
 
 /// Session affinity: which backend a client IP was last sent to for a service port.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Debug, Default, PartialEq, Eq)]
 pub struct AffinityKey {
     pub svc_id: u32,
     pub client_addr_be: u32,
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Debug, Default, PartialEq, Eq)]
 pub struct Affinity {
     pub backend_id: u32,
     pub _pad: u32,
@@ -306,7 +353,7 @@ pub struct Affinity {
 /// `XLB_SRC_RANGES` LPM key data: service port id (big-endian, so it forms the leading 32
 /// bits of every prefix) followed by the source address (network order).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Debug, Default, PartialEq, Eq)]
 pub struct SrcRangeKey {
     pub svc_id_be: u32,
     pub addr_be: u32,
@@ -315,7 +362,7 @@ pub struct SrcRangeKey {
 /// Socket-level translation (host-originated traffic), keyed by socket and backend, so that
 /// `recvmsg`/`getpeername` can show the service address the application asked for.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Debug, Default, PartialEq, Eq)]
 pub struct SockRevKey {
     pub cookie: u64,
     pub backend_addr_be: u32,
@@ -324,7 +371,7 @@ pub struct SockRevKey {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Debug, Default, PartialEq, Eq)]
 pub struct SockRev {
     pub addr_be: u32,
     pub port_be: u16,
@@ -333,7 +380,7 @@ pub struct SockRev {
 
 /// `XLB_CONFIG[0]`: per-node settings written by the agent before it attaches.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     /// Node address used as the source of SNATed flows (network order).
     pub snat_addr_be: u32,
@@ -364,7 +411,7 @@ impl Config {
 
 /// Per-service-port counters (`XLB_SVC_STATS[svc_id]`, per CPU).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Debug, Default, PartialEq, Eq)]
 pub struct SvcStats {
     pub packets: u64,
     pub bytes: u64,
@@ -375,7 +422,7 @@ pub struct SvcStats {
 /// `XLB_SVC_META[svc_id]`: the service port's name, written by the agent and read only by
 /// `lb-agent status`, so that what is programmed can be shown from the pins alone.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Debug, PartialEq, Eq)]
 pub struct SvcMeta {
     /// `namespace/name:port-name`, NUL-padded UTF-8.
     pub name: [u8; 124],
@@ -396,99 +443,71 @@ pub const SVC_TYPE_CLUSTER_IP: u32 = 0;
 pub const SVC_TYPE_NODE_PORT: u32 = 1;
 pub const SVC_TYPE_LOAD_BALANCER: u32 = 2;
 
-/// Global counters: index into the per-CPU array `XLB_COUNTERS`.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Counter {
-    Packets = 0,
-    PassNotIpv4,
-    PassFragment,
-    PassIpOptions,
-    PassNotTcpUdp,
-    PassNoMatch,
-    Truncated,
-    FwdLocal,
-    FwdRemote,
-    Reply,
-    RejectRst,
-    RejectIcmp,
-    CtHit,
-    CtMiss,
-    CtRebalance,
-    SnatExhausted,
-    FibFail,
-    TcReply,
-    TcPass,
-    TcClusterIp,
-    RejectUnknownPort,
-    DropNoLocal,
-    SockLb,
-    SockReject,
-    Hairpin,
-    PassToTc,
-    DropSourceRange,
-    AffinityHit,
-    NeighResolve,
-    /// A flow confirmed by both directions moved from `XLB_CT_NEW` to `XLB_CT`.
-    CtConfirm,
-    /// A conntrack entry past its timeout was found (and replaced) by the datapath.
-    CtExpired,
-    /// A reply whose flow is gone (its conntrack half missing, expired or another flow's).
-    ReplyStale,
-    /// A SNAT port taken at the first probe / after more probes / from a closed, expired or
-    /// orphaned flow.
-    SnatFirst,
-    SnatRetry,
-    SnatReuse,
-    /// A flow's reverse entry had vanished and was written again with the same port.
-    RevnatRecreated,
-    /// A flow's SNAT port had been given to another flow: the flow got a new port.
-    SnatReassigned,
-    /// A TCP RST without state: forwarded to a local backend, dropped otherwise.
-    RstNoState,
+/// Defines `Counter`, `COUNTER_NAMES` and `COUNTER_COUNT` from one list of
+/// `Variant => "name"` pairs, so a counter's index and its name cannot drift apart.
+macro_rules! counters {
+    ($($(#[$attr:meta])* $variant:ident => $name:literal,)*) => {
+        /// Global counters: index into the per-CPU array `XLB_COUNTERS`.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Counter {
+            $($(#[$attr])* $variant,)*
+        }
+
+        /// `Counter` names in index order (`lb-agent status`, the metrics' `reason` label).
+        pub const COUNTER_NAMES: [&str; [$($name),*].len()] = [$($name),*];
+        pub const COUNTER_COUNT: u32 = COUNTER_NAMES.len() as u32;
+    };
 }
 
-pub const COUNTER_NAMES: [&str; 38] = [
-    "packets",
-    "pass_not_ipv4",
-    "pass_fragment",
-    "pass_ip_options",
-    "pass_not_tcp_udp",
-    "pass_no_match",
-    "truncated",
-    "fwd_local",
-    "fwd_remote",
-    "reply",
-    "reject_rst",
-    "reject_icmp",
-    "ct_hit",
-    "ct_miss",
-    "ct_rebalance",
-    "snat_exhausted",
-    "fib_fail",
-    "tc_reply",
-    "tc_pass",
-    "tc_cluster_ip",
-    "reject_unknown_port",
-    "drop_no_local",
-    "sock_lb",
-    "sock_reject",
-    "hairpin",
-    "pass_to_tc",
-    "drop_source_range",
-    "affinity_hit",
-    "neigh_resolve",
-    "ct_confirm",
-    "ct_expired",
-    "reply_stale",
-    "snat_first",
-    "snat_retry",
-    "snat_reuse",
-    "revnat_recreated",
-    "snat_reassigned",
-    "rst_no_state",
-];
-pub const COUNTER_COUNT: u32 = COUNTER_NAMES.len() as u32;
+counters! {
+    Packets => "packets",
+    PassNotIpv4 => "pass_not_ipv4",
+    PassFragment => "pass_fragment",
+    PassIpOptions => "pass_ip_options",
+    PassNotTcpUdp => "pass_not_tcp_udp",
+    PassNoMatch => "pass_no_match",
+    Truncated => "truncated",
+    FwdLocal => "fwd_local",
+    FwdRemote => "fwd_remote",
+    Reply => "reply",
+    RejectRst => "reject_rst",
+    RejectIcmp => "reject_icmp",
+    CtHit => "ct_hit",
+    CtMiss => "ct_miss",
+    CtRebalance => "ct_rebalance",
+    SnatExhausted => "snat_exhausted",
+    FibFail => "fib_fail",
+    TcReply => "tc_reply",
+    TcPass => "tc_pass",
+    TcClusterIp => "tc_cluster_ip",
+    RejectUnknownPort => "reject_unknown_port",
+    DropNoLocal => "drop_no_local",
+    SockLb => "sock_lb",
+    SockReject => "sock_reject",
+    Hairpin => "hairpin",
+    PassToTc => "pass_to_tc",
+    DropSourceRange => "drop_source_range",
+    AffinityHit => "affinity_hit",
+    NeighResolve => "neigh_resolve",
+    /// A flow confirmed by both directions moved from `XLB_CT_NEW` to `XLB_CT`.
+    CtConfirm => "ct_confirm",
+    /// A conntrack entry past its timeout was found (and replaced) by the datapath.
+    CtExpired => "ct_expired",
+    /// A reply whose flow is gone (its conntrack half missing, expired or another flow's).
+    ReplyStale => "reply_stale",
+    /// A SNAT port taken at the first probe / after more probes / from a closed, expired or
+    /// orphaned flow.
+    SnatFirst => "snat_first",
+    SnatRetry => "snat_retry",
+    SnatReuse => "snat_reuse",
+    /// A flow's reverse entry had vanished and was written again with the same port.
+    RevnatRecreated => "revnat_recreated",
+    /// A flow's SNAT port had been given to another flow: the flow got a new port.
+    SnatReassigned => "snat_reassigned",
+    /// A TCP RST without state: forwarded to a local backend, dropped otherwise.
+    RstNoState => "rst_no_state",
+}
 
 /// Hash of a flow used to index a Maglev table. Deterministic and seedless on purpose:
 /// every node must pick the same slot for the same flow.
@@ -522,22 +541,39 @@ pub fn flow_hash(k: &FlowKey) -> u32 {
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    // SAFETY: all of these are repr(C), Copy, with explicit padding and no pointers.
-    unsafe impl aya::Pod for FrontendKey {}
-    unsafe impl aya::Pod for Frontend {}
-    unsafe impl aya::Pod for Service {}
-    unsafe impl aya::Pod for Backend {}
-    unsafe impl aya::Pod for FlowKey {}
-    unsafe impl aya::Pod for CtEntry {}
-    unsafe impl aya::Pod for RevNat {}
-    unsafe impl aya::Pod for Config {}
-    unsafe impl aya::Pod for SvcStats {}
-    unsafe impl aya::Pod for SvcMeta {}
-    unsafe impl aya::Pod for SockRevKey {}
-    unsafe impl aya::Pod for SockRev {}
-    unsafe impl aya::Pod for AffinityKey {}
-    unsafe impl aya::Pod for Affinity {}
-    unsafe impl aya::Pod for SrcRangeKey {}
+
+    /// aya's `Pod` is an unsafe promise of no padding and no invalid bit patterns, which is
+    /// what bytemuck's derived `Pod` checks at compile time: each type must pass that check
+    /// before it gets aya's. (aya's trait cannot be implemented for every `bytemuck::Pod` at
+    /// once: both traits are foreign here.)
+    macro_rules! aya_pod {
+        ($($t:ty),* $(,)?) => {$(
+            const _: () = {
+                const fn checked<T: bytemuck::Pod>() {}
+                checked::<$t>()
+            };
+            // SAFETY: `$t: bytemuck::Pod` (asserted above): repr(C), no padding, plain data.
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+
+    aya_pod!(
+        FrontendKey,
+        Frontend,
+        Service,
+        Backend,
+        FlowKey,
+        CtEntry,
+        RevNat,
+        Config,
+        SvcStats,
+        SvcMeta,
+        SockRevKey,
+        SockRev,
+        AffinityKey,
+        Affinity,
+        SrcRangeKey,
+    );
 }
 
 #[cfg(test)]
@@ -572,6 +608,30 @@ mod tests {
         );
         assert_eq!(COUNTER_NAMES[Counter::RstNoState as usize], "rst_no_state");
         assert_eq!(Counter::RstNoState as u32 + 1, COUNTER_COUNT);
+    }
+
+    #[test]
+    fn key_constructors_fill_every_field() {
+        assert_eq!(
+            FrontendKey::new(1, 2, 6),
+            FrontendKey {
+                addr_be: 1,
+                port_be: 2,
+                proto: 6,
+                _pad: 0,
+            }
+        );
+        assert_eq!(
+            FlowKey::new(1, 2, 3, 4, 17),
+            FlowKey {
+                src_addr_be: 1,
+                dst_addr_be: 2,
+                src_port_be: 3,
+                dst_port_be: 4,
+                proto: 17,
+                _pad: [0; 3],
+            }
+        );
     }
 
     #[test]
@@ -633,14 +693,7 @@ mod tests {
 
     #[test]
     fn flow_hash_depends_on_every_field() {
-        let base = FlowKey {
-            src_addr_be: 1,
-            dst_addr_be: 2,
-            src_port_be: 3,
-            dst_port_be: 4,
-            proto: 6,
-            _pad: [0; 3],
-        };
+        let base = FlowKey::new(1, 2, 3, 4, 6);
         let h = flow_hash(&base);
         for k in [
             FlowKey {

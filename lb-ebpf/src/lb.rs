@@ -46,18 +46,6 @@ impl Path {
     };
 }
 
-#[inline(always)]
-pub fn flow_key(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> FlowKey {
-    FlowKey {
-        src_addr_be: src,
-        dst_addr_be: dst,
-        src_port_be: sport,
-        dst_port_be: dport,
-        proto,
-        _pad: [0; 3],
-    }
-}
-
 /// Picks the backend for the client flow `ct_key` (client -> frontend) of service `svc`.
 /// `tcp_flags`: the segment's flags (0 for UDP).
 #[inline(always)]
@@ -94,16 +82,25 @@ pub fn choose(ct_key: &FlowKey, tcp_flags: u8, svc_id: u32, svc: &Service, path:
                 snat_addr: 0,
                 new_flow: false,
             };
+            // The reverse entry is checked once per clock tick of the flow (a few ms), not
+            // per packet: it only goes missing through an LRU eviction, and a burst of
+            // packets within one tick needs no second look.
+            let check = e.last_seen_ms != now || syn;
             if e.flags & CT_SNAT != 0 {
-                let Some(port) = snat::keep(cfg, &be, ct_key, &e, &frontend_rev, now) else {
-                    count(Counter::SnatExhausted);
-                    return Choice::Drop;
+                let port = if check {
+                    let Some(port) = snat::keep(cfg, &be, ct_key, &e, &frontend_rev, now) else {
+                        count(Counter::SnatExhausted);
+                        return Choice::Drop;
+                    };
+                    // SAFETY: see `ct::lookup`.
+                    unsafe { (*live.entry).snat_port_be = port };
+                    port
+                } else {
+                    e.snat_port_be
                 };
-                // SAFETY: see `ct::lookup`.
-                unsafe { (*live.entry).snat_port_be = port };
                 target.snat_port = port;
                 target.snat_addr = cfg.snat_addr_be;
-            } else if !snat::keep_direct(&be, ct_key, &frontend_rev) {
+            } else if check && !snat::keep_direct(&be, ct_key, &frontend_rev) {
                 return Choice::Drop;
             }
             count(Counter::CtHit);
@@ -117,12 +114,8 @@ pub fn choose(ct_key: &FlowKey, tcp_flags: u8, svc_id: u32, svc: &Service, path:
     } else {
         count(Counter::CtMiss);
     }
-    if svc.backend_count == 0 || svc.table_m == 0 {
-        if svc.flags & SVC_DROP_IF_EMPTY != 0 {
-            count(Counter::DropNoLocal);
-            return Choice::Drop;
-        }
-        return Choice::Reject;
+    if let Some(refused) = no_backend(svc) {
+        return refused;
     }
     let hash = flow_hash(ct_key);
     let rst = ct_key.proto == PROTO_TCP && tcp_flags & ct::TCP_RST != 0;
@@ -194,6 +187,22 @@ pub fn choose(ct_key: &FlowKey, tcp_flags: u8, svc_id: u32, svc: &Service, path:
     Choice::Go(target)
 }
 
+/// A new flow to a service without a serving backend is refused: rejected, as kube-proxy
+/// does, or dropped under the Local traffic policies (`SVC_DROP_IF_EMPTY`: no local
+/// endpoint means drop). `None` while the service has a backend. Used by the packet paths
+/// (`choose`) and the socket hooks alike.
+#[inline(always)]
+pub fn no_backend(svc: &Service) -> Option<Choice> {
+    if svc.backend_count != 0 && svc.table_m != 0 {
+        return None;
+    }
+    if svc.flags & SVC_DROP_IF_EMPTY != 0 {
+        count(Counter::DropNoLocal);
+        return Some(Choice::Drop);
+    }
+    Some(Choice::Reject)
+}
+
 /// The backend for a new connection: the client's affinity entry while it is fresh (and
 /// refreshed by this connection), else the Maglev slot for `hash`.
 #[inline(always)]
@@ -245,10 +254,4 @@ pub fn pick(
         let _ = AFFINITY.insert(&key, &a, BPF_ANY as u64);
     }
     Some((backend_id, be))
-}
-
-/// Reply lookup: the 5-tuple as it arrives from a backend.
-#[inline(always)]
-pub fn reply_key(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> FlowKey {
-    flow_key(src, dst, sport, dport, proto)
 }

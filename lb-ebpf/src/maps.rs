@@ -53,10 +53,38 @@ pub fn count(c: Counter) {
     }
 }
 
+/// What became of a packet (or, in the socket hooks, a connect/sendmsg) addressed to a
+/// service port, for its `XLB_SVC_STATS` entry.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Sent to a backend; `new_flow`: it started a flow.
+    Forward { new_flow: bool },
+    /// Refused (RST, ICMP port unreachable, ECONNREFUSED): the service has no serving
+    /// backend.
+    Reject,
+}
+
+/// The one place per-service statistics are kept, the same for XDP, tc and the socket
+/// hooks: `packets` and `bytes` on every forward and reject, `new_flows` on a new flow,
+/// `rejects` on a reject. Drops are not recorded here (their global counters tell why).
+/// `bytes`: the frame's length (0 in the socket hooks, which see no packet).
 #[inline(always)]
-pub fn svc_stats(svc_id: u32) -> Option<&'static mut SvcStats> {
+pub fn record(svc_id: u32, bytes: u64, outcome: Outcome) {
+    let Some(p) = SVC_STATS.get_ptr_mut(svc_id) else {
+        return;
+    };
     // SAFETY: per-CPU slot, see `count`.
-    SVC_STATS.get_ptr_mut(svc_id).map(|p| unsafe { &mut *p })
+    let s = unsafe { &mut *p };
+    s.packets += 1;
+    s.bytes += bytes;
+    match outcome {
+        Outcome::Forward { new_flow } => {
+            if new_flow {
+                s.new_flows += 1;
+            }
+        }
+        Outcome::Reject => s.rejects += 1,
+    }
 }
 
 /// Names for `lb-agent status`; never read by the programs.

@@ -1,8 +1,8 @@
 //! Bounds-checked header access. Every header read goes through `ptr_at`, which the verifier
 //! can follow: the check against `data_end` sits right next to the pointer it guards.
-use core::mem::size_of;
+use core::mem::{offset_of, size_of};
 
-use lb_common::{Counter, PROTO_TCP, PROTO_UDP};
+use lb_common::{Counter, FlowKey, FrontendKey, PROTO_TCP, PROTO_UDP};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 pub const ETH_LEN: usize = size_of::<EthHdr>();
@@ -11,6 +11,8 @@ pub const IP_LEN: usize = size_of::<Ipv4Hdr>();
 /// Packets with IP options are passed on, so L4 always starts here.
 pub const L4_OFF: usize = IP_OFF + IP_LEN;
 pub const ETH_P_IP: u16 = 0x0800;
+/// The TCP flags byte: the one after the data offset.
+const TCP_FLAGS_OFF: usize = offset_of!(TcpHdr, _bitfield_1) + 1;
 
 #[inline(always)]
 pub fn ptr_at<T>(data: usize, data_end: usize, off: usize) -> Option<*mut T> {
@@ -35,19 +37,14 @@ pub struct Tuple {
 impl Tuple {
     /// The frontend this packet is addressed to.
     #[inline(always)]
-    pub fn frontend_key(&self) -> lb_common::FrontendKey {
-        lb_common::FrontendKey {
-            addr_be: self.dst,
-            port_be: self.dport,
-            proto: self.proto,
-            _pad: 0,
-        }
+    pub fn frontend_key(&self) -> FrontendKey {
+        FrontendKey::new(self.dst, self.dport, self.proto)
     }
 
     /// The packet's 5-tuple as a conntrack / reverse-NAT key.
     #[inline(always)]
-    pub fn flow_key(&self) -> lb_common::FlowKey {
-        crate::lb::reply_key(self.src, self.dst, self.sport, self.dport, self.proto)
+    pub fn flow_key(&self) -> FlowKey {
+        FlowKey::new(self.src, self.dst, self.sport, self.dport, self.proto)
     }
 }
 
@@ -89,8 +86,7 @@ pub fn parse(data: usize, data_end: usize, whole_frame: bool) -> Result<Tuple, N
         PROTO_TCP => {
             let tcp: *const TcpHdr = ptr_at(data, data_end, L4_OFF).ok_or(Counter::Truncated)?;
             let tcp = unsafe { &*tcp };
-            // Flags byte (offset 13).
-            let flags = unsafe { *(tcp as *const TcpHdr as *const u8).add(13) };
+            let flags = unsafe { *(tcp as *const TcpHdr as *const u8).add(TCP_FLAGS_OFF) };
             (
                 u16::from_ne_bytes(tcp.source),
                 u16::from_ne_bytes(tcp.dest),

@@ -8,20 +8,56 @@ use aya_ebpf::{
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{PROTO_ICMP, PROTO_TCP, csum};
+use core::mem::{offset_of, size_of};
 
-use crate::parse::ptr_at;
+use lb_common::{PROTO_ICMP, PROTO_TCP, csum};
+use network_types::{eth::EthHdr, icmp::Icmpv4Hdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+
+use crate::parse::{ETH_P_IP, IP_LEN, IP_OFF, L4_OFF, ptr_at};
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
+
+/// Offsets in the frame (Ethernet, IPv4 without options, then TCP or ICMP), from the header
+/// types.
+const ETH_DST: usize = offset_of!(EthHdr, dst_addr);
+const ETH_SRC: usize = offset_of!(EthHdr, src_addr);
+const ETH_TYPE: usize = offset_of!(EthHdr, ether_type);
+const IP_VIHL: usize = IP_OFF + offset_of!(Ipv4Hdr, vihl);
+const IP_TOS: usize = IP_OFF + offset_of!(Ipv4Hdr, tos);
+const IP_TOT_LEN: usize = IP_OFF + offset_of!(Ipv4Hdr, tot_len);
+/// Identification, then flags and fragment offset.
+const IP_ID: usize = IP_OFF + offset_of!(Ipv4Hdr, id);
+const IP_TTL: usize = IP_OFF + offset_of!(Ipv4Hdr, ttl);
+const IP_PROTO: usize = IP_OFF + offset_of!(Ipv4Hdr, proto);
+const IP_CHECK: usize = IP_OFF + offset_of!(Ipv4Hdr, check);
+const IP_SRC: usize = IP_OFF + offset_of!(Ipv4Hdr, src_addr);
+const IP_DST: usize = IP_OFF + offset_of!(Ipv4Hdr, dst_addr);
+const TCP_SPORT: usize = L4_OFF + offset_of!(TcpHdr, source);
+const TCP_DPORT: usize = L4_OFF + offset_of!(TcpHdr, dest);
+const TCP_SEQ: usize = L4_OFF + offset_of!(TcpHdr, seq);
+const TCP_ACK_SEQ: usize = L4_OFF + offset_of!(TcpHdr, ack_seq);
+/// Data offset (high nibble), then the flags byte.
+const TCP_DOFF: usize = L4_OFF + offset_of!(TcpHdr, _bitfield_1);
+const TCP_FLAGS: usize = TCP_DOFF + 1;
+/// Window, checksum and urgent pointer, up to the end of the header.
+const TCP_WINDOW: usize = L4_OFF + offset_of!(TcpHdr, window);
+const TCP_CHECK: usize = L4_OFF + offset_of!(TcpHdr, check);
+const TCP_HDR_LEN: usize = size_of::<TcpHdr>();
+const ICMP_TYPE: usize = L4_OFF + offset_of!(Icmpv4Hdr, type_);
+const ICMP_CODE: usize = L4_OFF + offset_of!(Icmpv4Hdr, code);
+/// Checksum, then the four bytes of type-specific data (unused for port unreachable).
+const ICMP_CHECK: usize = L4_OFF + offset_of!(Icmpv4Hdr, check);
+const ICMP_HDR_LEN: usize = size_of::<Icmpv4Hdr>();
+
 /// Ethernet + IPv4 + TCP without options.
-pub const RST_LEN: usize = 54;
+pub const RST_LEN: usize = L4_OFF + TCP_HDR_LEN;
 /// Ethernet + IPv4 + UDP: what an ICMP error quotes (IP header + 8 bytes).
-pub const QUOTE_END: usize = 42;
+pub const QUOTE_END: usize = L4_OFF + size_of::<UdpHdr>();
 /// IPv4 + ICMP header inserted between the Ethernet header and the quote.
-pub const ICMP_GROW: usize = 28;
+pub const ICMP_GROW: usize = IP_LEN + ICMP_HDR_LEN;
 pub const ICMP_LEN: usize = QUOTE_END + ICMP_GROW;
 
 #[inline(always)]
@@ -33,19 +69,31 @@ fn swap<const N: usize>(b: &mut [u8], a: usize, c: usize) {
     }
 }
 
+/// The `N` bytes of `b` at `off`.
+#[inline(always)]
+fn read<const N: usize>(b: &[u8], off: usize) -> [u8; N] {
+    let mut v = [0u8; N];
+    let mut i = 0;
+    while i < N {
+        v[i] = b[off + i];
+        i += 1;
+    }
+    v
+}
+
 #[inline(always)]
 fn ipv4_header(b: &mut [u8], tot_len: u16, proto: u8, src: [u8; 4], dst: [u8; 4]) {
-    b[14] = 0x45;
-    b[15] = 0;
-    b[16..18].copy_from_slice(&tot_len.to_be_bytes());
-    b[18..22].copy_from_slice(&[0, 0, 0, 0]);
-    b[22] = 64;
-    b[23] = proto;
-    b[24..26].copy_from_slice(&[0, 0]);
-    b[26..30].copy_from_slice(&src);
-    b[30..34].copy_from_slice(&dst);
-    let c = csum::checksum(&b[14..34], 0);
-    b[24..26].copy_from_slice(&c.to_ne_bytes());
+    b[IP_VIHL] = 0x45;
+    b[IP_TOS] = 0;
+    b[IP_TOT_LEN..IP_TOT_LEN + 2].copy_from_slice(&tot_len.to_be_bytes());
+    b[IP_ID..IP_TTL].copy_from_slice(&[0, 0, 0, 0]);
+    b[IP_TTL] = 64;
+    b[IP_PROTO] = proto;
+    b[IP_CHECK..IP_CHECK + 2].copy_from_slice(&[0, 0]);
+    b[IP_SRC..IP_SRC + 4].copy_from_slice(&src);
+    b[IP_DST..IP_DST + 4].copy_from_slice(&dst);
+    let c = csum::checksum(&b[IP_OFF..L4_OFF], 0);
+    b[IP_CHECK..IP_CHECK + 2].copy_from_slice(&c.to_ne_bytes());
 }
 
 /// Rewrites the first 54 bytes of a TCP segment into the RST the closed port would have
@@ -53,21 +101,21 @@ fn ipv4_header(b: &mut [u8], tot_len: u16, proto: u8, src: [u8; 4], dst: [u8; 4]
 /// an incoming RST, which is never answered.
 #[inline(always)]
 pub fn build_rst(b: &mut [u8; RST_LEN]) -> bool {
-    let flags = b[47];
+    let flags = b[TCP_FLAGS];
     if flags & TCP_RST != 0 {
         return false;
     }
-    let doff = ((b[46] >> 4) as u32) * 4;
-    let tot = u16::from_be_bytes([b[16], b[17]]) as u32;
-    let payload = tot.saturating_sub(20 + doff);
-    let seq = u32::from_be_bytes([b[38], b[39], b[40], b[41]]);
-    let ack = u32::from_be_bytes([b[42], b[43], b[44], b[45]]);
-    let src = [b[26], b[27], b[28], b[29]];
-    let dst = [b[30], b[31], b[32], b[33]];
+    let doff = ((b[TCP_DOFF] >> 4) as u32) * 4;
+    let tot = u16::from_be_bytes(read(b, IP_TOT_LEN)) as u32;
+    let payload = tot.saturating_sub(IP_LEN as u32 + doff);
+    let seq = u32::from_be_bytes(read(b, TCP_SEQ));
+    let ack = u32::from_be_bytes(read(b, TCP_ACK_SEQ));
+    let src: [u8; 4] = read(b, IP_SRC);
+    let dst: [u8; 4] = read(b, IP_DST);
 
-    swap::<6>(b, 0, 6);
-    ipv4_header(b, 40, PROTO_TCP, dst, src);
-    swap::<2>(b, 34, 36);
+    swap::<6>(b, ETH_DST, ETH_SRC);
+    ipv4_header(b, (IP_LEN + TCP_HDR_LEN) as u16, PROTO_TCP, dst, src);
+    swap::<2>(b, TCP_SPORT, TCP_DPORT);
     let (new_seq, new_ack, new_flags) = if flags & TCP_ACK != 0 {
         (ack, 0, TCP_RST)
     } else {
@@ -80,19 +128,19 @@ pub fn build_rst(b: &mut [u8; RST_LEN]) -> bool {
         }
         (0, a, TCP_RST | TCP_ACK)
     };
-    b[38..42].copy_from_slice(&new_seq.to_be_bytes());
-    b[42..46].copy_from_slice(&new_ack.to_be_bytes());
-    b[46] = 5 << 4;
-    b[47] = new_flags;
-    b[48..54].copy_from_slice(&[0; 6]); // window, checksum, urgent pointer
+    b[TCP_SEQ..TCP_SEQ + 4].copy_from_slice(&new_seq.to_be_bytes());
+    b[TCP_ACK_SEQ..TCP_ACK_SEQ + 4].copy_from_slice(&new_ack.to_be_bytes());
+    b[TCP_DOFF] = ((TCP_HDR_LEN / 4) as u8) << 4;
+    b[TCP_FLAGS] = new_flags;
+    b[TCP_WINDOW..RST_LEN].copy_from_slice(&[0; 6]); // window, checksum, urgent pointer
     let pseudo = csum::pseudo_header(
         u32::from_ne_bytes(dst),
         u32::from_ne_bytes(src),
         PROTO_TCP,
-        20,
+        TCP_HDR_LEN as u16,
     );
-    let c = csum::checksum(&b[34..54], pseudo);
-    b[50..52].copy_from_slice(&c.to_ne_bytes());
+    let c = csum::checksum(&b[L4_OFF..RST_LEN], pseudo);
+    b[TCP_CHECK..TCP_CHECK + 2].copy_from_slice(&c.to_ne_bytes());
     true
 }
 
@@ -108,25 +156,32 @@ pub struct Origin {
 #[inline(always)]
 pub fn origin(b: &[u8; QUOTE_END]) -> Origin {
     Origin {
-        client_mac: [b[6], b[7], b[8], b[9], b[10], b[11]],
-        our_mac: [b[0], b[1], b[2], b[3], b[4], b[5]],
-        client: [b[26], b[27], b[28], b[29]],
-        frontend: [b[30], b[31], b[32], b[33]],
+        client_mac: read(b, ETH_SRC),
+        our_mac: read(b, ETH_DST),
+        client: read(b, IP_SRC),
+        frontend: read(b, IP_DST),
     }
 }
 
-/// Fills in Ethernet, IPv4 and ICMP headers in front of the quote already at `b[42..70]`.
+/// Fills in Ethernet, IPv4 and ICMP headers in front of the quote already at
+/// `b[QUOTE_END..ICMP_LEN]` (the original IPv4 header and 8 bytes, moved by `ICMP_GROW`).
 #[inline(always)]
 pub fn build_icmp_unreachable(b: &mut [u8; ICMP_LEN], o: &Origin) {
-    b[0..6].copy_from_slice(&o.client_mac);
-    b[6..12].copy_from_slice(&o.our_mac);
-    b[12..14].copy_from_slice(&[0x08, 0x00]);
-    ipv4_header(b, (20 + 8 + 28) as u16, PROTO_ICMP, o.frontend, o.client);
-    b[34] = 3; // destination unreachable
-    b[35] = 3; // port unreachable
-    b[36..42].copy_from_slice(&[0; 6]);
-    let c = csum::checksum(&b[34..70], 0);
-    b[36..38].copy_from_slice(&c.to_ne_bytes());
+    b[ETH_DST..ETH_DST + 6].copy_from_slice(&o.client_mac);
+    b[ETH_SRC..ETH_SRC + 6].copy_from_slice(&o.our_mac);
+    b[ETH_TYPE..ETH_TYPE + 2].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    ipv4_header(
+        b,
+        (ICMP_LEN - IP_OFF) as u16,
+        PROTO_ICMP,
+        o.frontend,
+        o.client,
+    );
+    b[ICMP_TYPE] = 3; // destination unreachable
+    b[ICMP_CODE] = 3; // port unreachable
+    b[ICMP_CHECK..L4_OFF + ICMP_HDR_LEN].copy_from_slice(&[0; 6]);
+    let c = csum::checksum(&b[L4_OFF..ICMP_LEN], 0);
+    b[ICMP_CHECK..ICMP_CHECK + 2].copy_from_slice(&c.to_ne_bytes());
 }
 
 /// XDP: answer a TCP segment with a RST out of the interface it came in on.

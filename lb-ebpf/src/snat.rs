@@ -15,14 +15,13 @@ use lb_common::*;
 
 use crate::{
     ct,
-    lb::flow_key,
     maps::{REVNAT, count},
 };
 
 /// The reply key of a flow that is not source-NATed: backend -> client.
 #[inline(always)]
 pub fn direct_key(be: &Backend, ct_key: &FlowKey) -> FlowKey {
-    flow_key(
+    FlowKey::new(
         be.addr_be,
         ct_key.src_addr_be,
         be.port_be,
@@ -34,7 +33,7 @@ pub fn direct_key(be: &Backend, ct_key: &FlowKey) -> FlowKey {
 /// The reply key of a source-NATed flow: backend -> SNAT address:port.
 #[inline(always)]
 fn snat_key(cfg: &Config, be: &Backend, port_be: u16, proto: u8) -> FlowKey {
-    flow_key(be.addr_be, cfg.snat_addr_be, be.port_be, port_be, proto)
+    FlowKey::new(be.addr_be, cfg.snat_addr_be, be.port_be, port_be, proto)
 }
 
 /// The reverse entry of a flow that is not source-NATed is there (written again if an

@@ -13,7 +13,10 @@ use aya_ebpf::{
 };
 use lb_common::*;
 
-use crate::maps::{CLUSTER_IPS, CONFIG, FRONTENDS, SERVICES, SOCK_REVNAT, count, svc_stats};
+use crate::{
+    lb::{self, Choice},
+    maps::{CLUSTER_IPS, CONFIG, FRONTENDS, Outcome, SERVICES, SOCK_REVNAT, count, record},
+};
 
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
@@ -37,12 +40,7 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return ALLOW;
     }
-    let fk = FrontendKey {
-        addr_be: addr,
-        port_be: port,
-        proto,
-        _pad: 0,
-    };
+    let fk = FrontendKey::new(addr, port, proto);
     let Some(fe) = (unsafe { FRONTENDS.get(&fk) }) else {
         if unsafe { CLUSTER_IPS.get(&addr) }.is_some() {
             return refuse(Counter::RejectUnknownPort);
@@ -53,16 +51,13 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
     let Some(&svc) = (unsafe { SERVICES.get(svc_id) }) else {
         return ALLOW;
     };
-    let stats = svc_stats(svc_id);
-    if svc.backend_count == 0 || svc.table_m == 0 {
-        if let Some(s) = stats {
-            s.rejects += 1;
+    match lb::no_backend(&svc) {
+        None => {}
+        Some(Choice::Reject) => {
+            record(svc_id, 0, Outcome::Reject);
+            return refuse(Counter::SockReject);
         }
-        if svc.flags & SVC_DROP_IF_EMPTY != 0 {
-            count(Counter::DropNoLocal);
-            return DENY;
-        }
-        return refuse(Counter::SockReject);
+        Some(_) => return DENY,
     }
     // One socket, one backend: every datagram of an unconnected UDP socket goes to the same
     // backend, so request/response protocols keep their peer.
@@ -71,7 +66,7 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
     // The node itself is the client for session affinity (msg_src_ip4 exists only in
     // sendmsg hooks, and the source is not chosen yet at connect time).
     let client = CONFIG.get(0).map(|c| c.snat_addr_be).unwrap_or(0);
-    let Some((_, be)) = crate::lb::pick(svc_id, &svc, client, h, true) else {
+    let Some((_, be)) = lb::pick(svc_id, &svc, client, h, true) else {
         return ALLOW;
     };
     let key = SockRevKey {
@@ -90,9 +85,7 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
         (*sa).user_ip4 = be.addr_be;
         (*sa).user_port = be.port_be as u32;
     }
-    if let Some(s) = stats {
-        s.new_flows += 1;
-    }
+    record(svc_id, 0, Outcome::Forward { new_flow: true });
     count(Counter::SockLb);
     ALLOW
 }

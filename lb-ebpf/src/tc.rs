@@ -22,25 +22,35 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
+use core::mem::offset_of;
+
 use lb_common::*;
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
     ct,
     lb::{self, Choice, Path},
-    maps::{CLUSTER_IPS, CONFIG, FRONTENDS, REVNAT, SERVICES, count, svc_stats},
-    parse::{self, IP_OFF, L4_OFF, Tuple, ptr_at},
+    maps::{CLUSTER_IPS, CONFIG, FRONTENDS, Outcome, REVNAT, SERVICES, count, record},
+    parse::{self, ETH_LEN, IP_OFF, L4_OFF, Tuple, ptr_at},
     reject,
 };
 
-/// Offsets inside the IPv4 header and the L4 headers.
-const IP_CHECK: usize = IP_OFF + 10;
-const IP_TTL: usize = IP_OFF + 8;
-const IP_SRC: usize = IP_OFF + 12;
-const IP_DST: usize = IP_OFF + 16;
-const TCP_CHECK: usize = L4_OFF + 16;
-const UDP_CHECK: usize = L4_OFF + 6;
-const L4_SPORT: usize = L4_OFF;
-const L4_DPORT: usize = L4_OFF + 2;
+/// Offsets in the frame of the fields rewritten here, from the header types.
+const ETH_DST: usize = offset_of!(EthHdr, dst_addr);
+const ETH_SRC: usize = offset_of!(EthHdr, src_addr);
+const IP_CHECK: usize = IP_OFF + offset_of!(Ipv4Hdr, check);
+const IP_TTL: usize = IP_OFF + offset_of!(Ipv4Hdr, ttl);
+const IP_SRC: usize = IP_OFF + offset_of!(Ipv4Hdr, src_addr);
+const IP_DST: usize = IP_OFF + offset_of!(Ipv4Hdr, dst_addr);
+const TCP_CHECK: usize = L4_OFF + offset_of!(TcpHdr, check);
+const UDP_CHECK: usize = L4_OFF + offset_of!(UdpHdr, check);
+/// TCP and UDP keep their ports at the same place.
+const L4_SPORT: usize = L4_OFF + offset_of!(TcpHdr, source);
+const L4_DPORT: usize = L4_OFF + offset_of!(TcpHdr, dest);
+const _: () = assert!(
+    offset_of!(TcpHdr, source) == offset_of!(UdpHdr, src)
+        && offset_of!(TcpHdr, dest) == offset_of!(UdpHdr, dst)
+);
 
 #[inline(always)]
 pub fn run(ctx: &TcContext) -> i32 {
@@ -140,12 +150,7 @@ pub fn run_uplink(ctx: &TcContext) -> i32 {
 /// The frontend a translated reply comes from (its source address and port).
 #[inline(always)]
 fn reverse_frontend(t: &Tuple) -> FrontendKey {
-    FrontendKey {
-        addr_be: t.src,
-        port_be: t.sport,
-        proto: t.proto,
-        _pad: 0,
-    }
+    FrontendKey::new(t.src, t.sport, t.proto)
 }
 
 #[inline(always)]
@@ -173,26 +178,23 @@ fn to_backend(ctx: &TcContext, t: &Tuple, svc_id: u32, path: Path) -> i32 {
         return TC_ACT_OK as i32;
     };
     let svc = *svc;
-    let stats = svc_stats(svc_id);
+    let len = ctx.len() as u64;
     let ct_key = t.flow_key();
     let target = match lb::choose(&ct_key, t.tcp_flags, svc_id, &svc, path) {
         Choice::Go(target) => target,
         Choice::Reject => {
-            if let Some(s) = stats {
-                s.packets += 1;
-                s.rejects += 1;
-            }
+            record(svc_id, len, Outcome::Reject);
             return reject(ctx, t);
         }
         Choice::Drop => return TC_ACT_SHOT as i32,
     };
-    if let Some(s) = stats {
-        s.packets += 1;
-        s.bytes += ctx.len() as u64;
-        if target.new_flow {
-            s.new_flows += 1;
-        }
-    }
+    record(
+        svc_id,
+        len,
+        Outcome::Forward {
+            new_flow: target.new_flow,
+        },
+    );
     count(Counter::TcClusterIp);
     let be = target.backend;
     if rewrite(ctx, t, be.addr_be, be.port_be, false).is_err() {
@@ -262,7 +264,7 @@ fn forward(ctx: &TcContext, t: &Tuple) -> i32 {
     p.l4_protocol = t.proto;
     p.sport = t.sport;
     p.dport = t.dport;
-    p.__bindgen_anon_1.tot_len = (ctx.len() as u16).saturating_sub(14);
+    p.__bindgen_anon_1.tot_len = (ctx.len() as u16).saturating_sub(ETH_LEN as u16);
     // SAFETY: reading the skb's ifindex, a plain field of the context.
     p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     p.__bindgen_anon_3.ipv4_src = t.src;
@@ -291,7 +293,7 @@ fn forward(ctx: &TcContext, t: &Tuple) -> i32 {
     }
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            if ctx.store(0, &p.dmac, 0).is_err() || ctx.store(6, &p.smac, 0).is_err() {
+            if ctx.store(ETH_DST, &p.dmac, 0).is_err() || ctx.store(ETH_SRC, &p.smac, 0).is_err() {
                 return TC_ACT_SHOT as i32;
             }
             unsafe { bpf_redirect(p.ifindex, 0) as i32 }

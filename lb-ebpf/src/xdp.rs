@@ -10,7 +10,7 @@ use lb_common::*;
 use crate::{
     ct, fib,
     lb::{self, Choice},
-    maps::{CONFIG, FRONTENDS, REVNAT, SERVICES, SRC_RANGES, count, svc_stats},
+    maps::{CONFIG, FRONTENDS, Outcome, REVNAT, SERVICES, SRC_RANGES, count, record},
     nat::{Side, rewrite},
     parse::{self, Tuple},
     reject,
@@ -104,16 +104,11 @@ fn to_backend(ctx: &XdpContext, t: &Tuple, svc_id: u32) -> u32 {
     };
     let svc = *svc;
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let stats = svc_stats(svc_id);
     let ct_key = t.flow_key();
     let target = match lb::choose(&ct_key, t.tcp_flags, svc_id, &svc, lb::Path::NORTH_SOUTH) {
         Choice::Go(target) => target,
         Choice::Reject => {
-            if let Some(s) = stats {
-                s.packets += 1;
-                s.bytes += len;
-                s.rejects += 1;
-            }
+            record(svc_id, len, Outcome::Reject);
             return if t.proto == PROTO_TCP {
                 count(Counter::RejectRst);
                 reject::tcp_rst(ctx)
@@ -124,13 +119,13 @@ fn to_backend(ctx: &XdpContext, t: &Tuple, svc_id: u32) -> u32 {
         }
         Choice::Drop => return XDP_DROP,
     };
-    if let Some(s) = stats {
-        s.packets += 1;
-        s.bytes += len;
-        if target.new_flow {
-            s.new_flows += 1;
-        }
-    }
+    record(
+        svc_id,
+        len,
+        Outcome::Forward {
+            new_flow: target.new_flow,
+        },
+    );
     let (data, end) = (ctx.data(), ctx.data_end());
     let be = target.backend;
     if rewrite(data, end, t.proto, Side::Dst, be.addr_be, be.port_be).is_none() {

@@ -14,10 +14,9 @@
 //! Privileged tests start with:
 //!
 //! ```no_run
-//! if !lb_tests::require_privileged() {
+//! let Some(_guard) = lb_tests::privileged() else {
 //!     return;
-//! }
-//! let _lock = lb_tests::net_lock();
+//! };
 //! let net = lb_tests::Network::up(&lb_tests::TopologySpec::seed()).unwrap();
 //! ```
 
@@ -56,7 +55,7 @@ pub use netns::{
 };
 pub use network::{BRIDGE_NAME, CLIENT_KIND_IFACE, Network, Node, Pod, UPLINK};
 pub use privileged::{
-    REQUIRE_PRIVILEGED_ENV, net_lock, privileged_unavailable_reason, require_privileged,
+    PrivilegedGuard, REQUIRE_PRIVILEGED_ENV, privileged, privileged_unavailable_reason,
 };
 pub use server::{POD_ECHO_PORT, POD_HTTP_PORT, POD_SERVER_PY, POD_UDP_PORT};
 pub use topology::{NodeSpec, TopologySpec};

@@ -1,4 +1,15 @@
-//! Gatekeeping for tests that need root and system tools.
+//! Gatekeeping for tests that need root and system tools: every privileged test
+//! starts with
+//!
+//! ```no_run
+//! let Some(_guard) = lb_tests::privileged() else {
+//!     return;
+//! };
+//! ```
+//!
+//! which skips the test (a `SKIP` line, and the test passes) where it cannot run,
+//! fails it instead when `XLB_REQUIRE_PRIVILEGED=1`, and otherwise serialises it
+//! with the other privileged tests of its binary until `_guard` is dropped.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -35,9 +46,9 @@ pub fn privileged_unavailable_reason() -> Option<String> {
     None
 }
 
-/// Call first in every test that needs root. Returns `true` if the test can
-/// run. Otherwise: panics if `XLB_REQUIRE_PRIVILEGED=1`, else prints a skip
-/// line naming the test and returns `false` (the test should just return).
+/// Whether a privileged test can run here. Returns `true` if it can. Otherwise:
+/// panics if `XLB_REQUIRE_PRIVILEGED=1`, else prints a skip line naming the test
+/// and returns `false`. Tests use [`privileged`], which also takes [`net_lock`].
 pub fn require_privileged() -> bool {
     let Some(reason) = privileged_unavailable_reason() else {
         return true;
@@ -60,4 +71,31 @@ static NET_LOCK: Mutex<()> = Mutex::new(());
 /// others (its Network was still torn down by Drop).
 pub fn net_lock() -> MutexGuard<'static, ()> {
     NET_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Held by a privileged test while it runs: the proof that it may run (root and
+/// the tools are there) and its turn under `net_lock`. Dropping it lets the next
+/// privileged test of the binary start.
+#[must_use = "the net lock is released when the guard is dropped: bind it to `_guard`, not `_`"]
+pub struct PrivilegedGuard {
+    _lock: MutexGuard<'static, ()>,
+}
+
+impl std::fmt::Debug for PrivilegedGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PrivilegedGuard")
+    }
+}
+
+/// The start of every test that needs root: `let Some(_guard) = privileged() else {
+/// return; };`. `None` when the test cannot run here: it printed
+/// `SKIP <test>: <reason>` and the test should return (and so pass). Panics instead
+/// when `XLB_REQUIRE_PRIVILEGED=1`, so a prepared machine cannot skip silently.
+/// `Some`: the test holds `net_lock` until the guard is dropped (bind it to a
+/// name such as `_guard`; `let Some(_) = ...` would release the lock at once).
+pub fn privileged() -> Option<PrivilegedGuard> {
+    if !require_privileged() {
+        return None;
+    }
+    Some(PrivilegedGuard { _lock: net_lock() })
 }

@@ -78,10 +78,9 @@ fn refused_fast(pod: &Pod, addr: SocketAddrV4) {
 
 #[test]
 fn pods_and_nodes_reach_cluster_ips_and_node_ports() {
-    if !require_privileged() {
+    let Some(_guard) = privileged() else {
         return;
-    }
-    let _lock = net_lock();
+    };
     let spec = TopologySpec::seed();
     let mut endpoints = vec![];
     let mut c = Cluster::up(&spec, |net| {

@@ -196,10 +196,9 @@ fn echo_exchange(addr: SocketAddrV4, line: &str) -> std::io::Result<String> {
 
 #[test]
 fn sequential_connections_to_a_remote_endpoint_give_ports_back() {
-    if !require_privileged() {
+    let Some(_guard) = privileged() else {
         return;
-    }
-    let _lock = net_lock();
+    };
     let t_test = Instant::now();
     let Setup { c, entry, remote } = setup();
     let addr = SocketAddrV4::new(entry.addr, ECHO_NODE_PORT);
@@ -488,10 +487,9 @@ fn keep_exchanging(conn: &TcpStream, pod: &str, stop: &AtomicBool) -> Pings {
 
 #[test]
 fn syn_flood_does_not_break_an_established_connection() {
-    if !require_privileged() {
+    let Some(_guard) = privileged() else {
         return;
-    }
-    let _lock = net_lock();
+    };
     let t_test = Instant::now();
     let Setup { c, entry, remote } = setup();
     let echo = SocketAddrV4::new(entry.addr, ECHO_NODE_PORT);

@@ -293,10 +293,9 @@ fn kube_cluster() -> Cluster {
 
 #[test]
 fn api_objects_reach_the_maps_and_the_traffic() {
-    if !require_privileged() {
+    let Some(_guard) = privileged() else {
         return;
-    }
-    let _lock = net_lock();
+    };
     let mut c = kube_cluster();
     let pods: Vec<String> = c.net.pods().iter().map(|p| p.name.clone()).collect();
     let lb = SocketAddrV4::new(c.net.lb_ips()[0].0, 80);
@@ -352,10 +351,9 @@ fn api_objects_reach_the_maps_and_the_traffic() {
 
 #[test]
 fn endpoint_churn_settles_on_the_final_state() {
-    if !require_privileged() {
+    let Some(_guard) = privileged() else {
         return;
-    }
-    let _lock = net_lock();
+    };
     let mut c = kube_cluster();
     let pods: Vec<String> = c.net.pods().iter().map(|p| p.name.clone()).collect();
     // 60 rewrites of the EndpointSlice as fast as they can be made (a rollout's churn).
@@ -394,10 +392,9 @@ fn endpoint_churn_settles_on_the_final_state() {
 
 #[test]
 fn restart_and_410_relist_leave_nothing_stale() {
-    if !require_privileged() {
+    let Some(_guard) = privileged() else {
         return;
-    }
-    let _lock = net_lock();
+    };
     let mut c = kube_cluster();
     let pods: Vec<String> = c.net.pods().iter().map(|p| p.name.clone()).collect();
     let lb = SocketAddrV4::new(c.net.lb_ips()[0].0, 80);
@@ -449,10 +446,9 @@ fn restart_and_410_relist_leave_nothing_stale() {
 
 #[test]
 fn outage_keeps_serving_and_changes_apply_afterwards() {
-    if !require_privileged() {
+    let Some(_guard) = privileged() else {
         return;
-    }
-    let _lock = net_lock();
+    };
     let mut c = kube_cluster();
     let pods: Vec<String> = c.net.pods().iter().map(|p| p.name.clone()).collect();
     let lb = SocketAddrV4::new(c.net.lb_ips()[0].0, 80);
@@ -499,10 +495,9 @@ fn outage_keeps_serving_and_changes_apply_afterwards() {
 
 #[test]
 fn unsupported_sctp_port_is_posted_once_as_an_event() {
-    if !require_privileged() {
+    let Some(_guard) = privileged() else {
         return;
-    }
-    let _lock = net_lock();
+    };
     let mut c = kube_cluster();
     // The seed's objects plus a Service with a TCP and an SCTP port.
     let with_mixed = |c: &Cluster, endpoints: Option<Vec<String>>| {

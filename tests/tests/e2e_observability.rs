@@ -144,10 +144,9 @@ fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn metrics_health_and_log_level() {
-    if !require_privileged() {
+    let Some(_guard) = privileged() else {
         return;
-    }
-    let _lock = net_lock();
+    };
     let mut c = Cluster::up(&TopologySpec::seed(), |net| {
         seed_manifests(net, &ManifestOpts::default())
     })
@@ -310,10 +309,9 @@ fn metrics_health_and_log_level() {
 
 #[test]
 fn readyz_turns_ready_after_the_first_sync() {
-    if !require_privileged() {
+    let Some(_guard) = privileged() else {
         return;
-    }
-    let _lock = net_lock();
+    };
     // The agents start on an invalid file: nothing to program.
     let c = Cluster::up(&TopologySpec::seed(), |_| "items: [not: valid".to_string())
         .expect("cluster up");
@@ -374,10 +372,9 @@ fn readyz_turns_ready_after_the_first_sync() {
 
 #[test]
 fn frontend_collisions_are_posted_once_as_events() {
-    if !require_privileged() {
+    let Some(_guard) = privileged() else {
         return;
-    }
-    let _lock = net_lock();
+    };
     // A second Service wants nginx-service's NodePort: nginx-service (first in id order)
     // keeps it, zz-dup loses its NodePort frontends.
     let manifest = |net: &Network, endpoints: Option<Vec<String>>| {

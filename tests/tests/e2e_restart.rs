@@ -18,10 +18,9 @@ const T: Duration = Duration::from_secs(3);
 
 #[test]
 fn agent_restart_loses_no_connection_and_cleanup_removes_everything() {
-    if !require_privileged() {
+    let Some(_guard) = privileged() else {
         return;
-    }
-    let _lock = net_lock();
+    };
     let spec = TopologySpec::seed();
     let opts = ManifestOpts {
         echo: true,

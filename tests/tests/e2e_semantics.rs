@@ -69,10 +69,9 @@ fn settle(c: &Cluster, addr: SocketAddrV4, want_ok: bool) {
 
 #[test]
 fn kube_proxy_semantics_with_real_traffic() {
-    if !require_privileged() {
+    let Some(_guard) = privileged() else {
         return;
-    }
-    let _lock = net_lock();
+    };
     let spec = TopologySpec::seed();
     let lb_spec = format!(
         "    type: LoadBalancer\n    sessionAffinity: ClientIP\n    sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 2}}}}\n    ports: [{{name: http, port: 80, targetPort: 80, protocol: TCP, nodePort: {NP}}}]"

@@ -49,10 +49,9 @@ fn assert_even(what: &str, seen: &BTreeMap<String, usize>, pods: &[String], n: u
 
 #[test]
 fn nodeport_and_lb_ip_spread_over_all_pods_and_follow_the_file() {
-    if !require_privileged() {
+    let Some(_guard) = privileged() else {
         return;
-    }
-    let _lock = net_lock();
+    };
     let spec = TopologySpec::seed();
     let opts = ManifestOpts {
         echo: true,
@@ -186,10 +185,9 @@ fn nodeport_and_lb_ip_spread_over_all_pods_and_follow_the_file() {
 
 #[test]
 fn invalid_manifest_is_reported_and_the_last_good_state_keeps_serving() {
-    if !require_privileged() {
+    let Some(_guard) = privileged() else {
         return;
-    }
-    let _lock = net_lock();
+    };
     let spec = TopologySpec::seed();
     let mut c = Cluster::up(&spec, |net| seed_manifests(net, &ManifestOpts::default()))
         .expect("cluster up");

@@ -7,11 +7,12 @@
 //! drop) fails here. Then the invariants the agent depends on are checked one by one.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
 };
 
+use clap::Parser as _;
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment, ReplicaSet},
@@ -21,6 +22,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
+use lb_agent::agent::{RunArgs, SourceSpec, parse_source};
 use serde_yaml::Value;
 
 fn root() -> PathBuf {
@@ -37,10 +39,6 @@ fn deploy() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("deploy"))
 }
-
-/// The metrics port `lb-agent run` listens on when `--metrics-addr` is not given (the
-/// announced default of the operability work; used while the flag does not exist yet).
-const DEFAULT_METRICS_PORT: u16 = 9464;
 
 // ---------------------------------------------------------------------------------------
 // Loading
@@ -267,161 +265,51 @@ fn args(c: &Container) -> Vec<String> {
     a
 }
 
-/// The value following `flag` (`--flag value` or `--flag=value`).
-fn flag_value(args: &[String], flag: &str) -> Option<String> {
-    args.iter().enumerate().find_map(|(i, a)| {
-        if a == flag {
-            args.get(i + 1).cloned()
-        } else {
-            a.strip_prefix(&format!("{flag}=")).map(str::to_string)
-        }
-    })
-}
-
-// ---------------------------------------------------------------------------------------
-// Flags of `lb-agent run`, from its source
-
-#[derive(Debug, Default)]
-struct Flags {
-    /// `--name` -> takes a value.
-    takes_value: BTreeMap<String, bool>,
-    /// Default of `--metrics-addr`, when written as a string literal or a const.
-    metrics_default: Option<String>,
-}
-
-fn kebab(field: &str) -> String {
-    field.replace('_', "-")
-}
-
-fn agent_sources() -> String {
-    let mut text = String::new();
-    let dir = root().join("lb-agent/src");
-    let mut files = Vec::new();
-    fn walk(d: &Path, out: &mut Vec<PathBuf>) {
-        for e in std::fs::read_dir(d).expect("lb-agent/src") {
-            let p = e.expect("entry").path();
-            if p.is_dir() {
-                walk(&p, out);
-            } else if p.extension().is_some_and(|x| x == "rs") {
-                out.push(p);
-            }
-        }
-    }
-    walk(&dir, &mut files);
-    files.sort();
-    for f in files {
-        text.push_str(&std::fs::read_to_string(f).expect("read source"));
-        text.push('\n');
-    }
-    text
-}
-
-/// The body of `struct <name> { ... }` in `src`.
-fn struct_body<'a>(src: &'a str, name: &str) -> Option<&'a str> {
-    let start = src
-        .find(&format!("pub struct {name} {{"))
-        .or_else(|| src.find(&format!("struct {name} {{")))?;
-    let body = &src[start..];
-    let open = body.find('{')?;
-    let mut depth = 0usize;
-    for (i, ch) in body[open..].char_indices() {
-        match ch {
-            '{' => depth += 1,
-            '}' => {
-                depth -= 1;
-                if depth == 0 {
-                    return Some(&body[open + 1..open + i]);
-                }
-            }
-            _ => {}
-        }
-    }
-    None
-}
-
 fn string_literal(s: &str) -> Option<String> {
     let a = s.find('"')?;
     let b = s[a + 1..].find('"')?;
     Some(s[a + 1..a + 1 + b].to_string())
 }
 
-/// Reads the clap fields of `struct <name>` (following `#[command(flatten)]` fields).
-fn collect_flags(src: &str, name: &str, flags: &mut Flags) {
-    let body =
-        struct_body(src, name).unwrap_or_else(|| panic!("struct {name} not found in lb-agent/src"));
-    let mut attr = String::new();
-    let mut attrs: Vec<String> = Vec::new();
-    for line in body.lines().map(str::trim) {
-        if line.starts_with("//") || line.is_empty() {
-            continue;
-        }
-        if !attr.is_empty() || line.starts_with("#[") {
-            attr.push_str(line);
-            attr.push(' ');
-            let opens = attr.matches('[').count();
-            let closes = attr.matches(']').count();
-            if opens <= closes {
-                attrs.push(std::mem::take(&mut attr));
-            }
-            continue;
-        }
-        // A field: `pub name: Type,`
-        let Some((field, ty)) = line.trim_start_matches("pub ").split_once(':') else {
-            attrs.clear();
-            continue;
-        };
-        let field = field.trim();
-        let ty = ty.trim().trim_end_matches(',').trim();
-        for a in attrs.drain(..) {
-            if a.starts_with("#[command(") && a.contains("flatten") {
-                collect_flags(src, ty, flags);
-            } else if a.starts_with("#[arg(") || a.starts_with("#[clap(") {
-                let long = a
-                    .split(['(', ',', ')'])
-                    .map(str::trim)
-                    .find(|p| *p == "long" || p.starts_with("long ") || p.starts_with("long="));
-                let Some(long) = long else { continue };
-                let flag = match long.split_once('=') {
-                    Some((_, n)) => format!("--{}", n.trim().trim_matches('"')),
-                    None => format!("--{}", kebab(field)),
-                };
-                flags.takes_value.insert(flag.clone(), ty != "bool");
-                if flag == "--metrics-addr" {
-                    flags.metrics_default = metrics_default(src, &a);
-                }
-            }
-        }
-    }
+// ---------------------------------------------------------------------------------------
+// `lb-agent run`'s command line, parsed by the agent's own clap parser
+
+/// `lb-agent run` as the agent's binary defines it: its [`RunArgs`]. The DaemonSet's args
+/// go through this parser, so a flag the agent does not have, a value it rejects or a
+/// missing required flag fails with clap's message, and the checks compare parsed values.
+/// (`lb-agent`'s own global flags, such as `--log-format`, are not in `RunArgs`: add them
+/// here if the DaemonSet ever passes one.)
+#[derive(Debug, clap::Parser)]
+#[command(name = "lb-agent run")]
+struct AgentRun {
+    #[command(flatten)]
+    run: RunArgs,
 }
 
-fn metrics_default(src: &str, attr: &str) -> Option<String> {
-    let (_, after) = attr.split_once("default_value")?;
-    let after = after
-        .trim_start_matches("_t")
-        .trim_start()
-        .strip_prefix('=')?;
-    let expr = after.split([',', ')']).next()?.trim();
-    if expr.starts_with('"') {
-        return string_literal(expr);
-    }
-    // A const: `const NAME: &str = "...";`
-    let name = expr.rsplit("::").next()?.trim();
-    let at = src.find(&format!("const {name}:"))?;
-    let line = src[at..].lines().next()?;
-    string_literal(line)
+/// Parses `run <flags>...` as `lb-agent` would. `$(VAR)` references (expanded by the
+/// kubelet at start) stay as they are: plain strings to the parser.
+fn parse_run(args: &[String]) -> Result<RunArgs, clap::Error> {
+    let flags = args.strip_prefix(&["run".to_string()]).unwrap_or(args);
+    AgentRun::try_parse_from(
+        std::iter::once("lb-agent run").chain(flags.iter().map(String::as_str)),
+    )
+    .map(|a| a.run)
 }
 
-fn run_flags() -> Flags {
-    let src = agent_sources();
-    let mut flags = Flags::default();
-    collect_flags(&src, "RunArgs", &mut flags);
-    for required in ["--source", "--node-name", "--iface", "--cgroup"] {
-        assert!(
-            flags.takes_value.contains_key(required),
-            "the flag parser of this test lost {required}: {flags:?}"
-        );
-    }
-    flags
+/// The agent container's args (which start with `run`), parsed.
+fn run_args(c: &Container) -> RunArgs {
+    let a = args(c);
+    assert_eq!(
+        a.first().map(String::as_str),
+        Some("run"),
+        "args start with `run`: {a:?}"
+    );
+    parse_run(&a).unwrap_or_else(|e| {
+        panic!(
+            "the DaemonSet runs `lb-agent {}`, which `lb-agent run` does not accept:\n{e}",
+            a.join(" ")
+        )
+    })
 }
 
 /// The built agent, when it is newer than every source file (a stale binary proves nothing).
@@ -660,7 +548,7 @@ fn daemonset_mounts_bpffs_cgroup_and_run_dir() {
          elsewhere"
     );
     assert_eq!(
-        flag_value(&args(&c), "--cgroup").as_deref(),
+        run_args(&c).cgroup.as_deref(),
         Some(cg.mount_path.as_str()),
         "--cgroup must name the host cgroup2 mount"
     );
@@ -676,17 +564,16 @@ fn daemonset_mounts_bpffs_cgroup_and_run_dir() {
 fn daemonset_probes_use_the_metrics_port() {
     let ds = the_daemonset();
     let c = agent_container(&ds);
-    let flags = run_flags();
-    let a = args(&c);
-    let addr = flag_value(&a, "--metrics-addr");
-    let expected: u16 = match (flags.takes_value.contains_key("--metrics-addr"), addr) {
-        (_, Some(addr)) => port_of(&addr),
-        (true, None) => port_of(flags.metrics_default.as_deref().expect(
-            "lb-agent run has --metrics-addr with a default this test cannot read: pass \
-             --metrics-addr in the DaemonSet's args",
-        )),
-        (false, None) => DEFAULT_METRICS_PORT,
-    };
+    // Given or the agent's default: the parsed value is what the agent listens on.
+    let addr = run_args(&c).metrics_addr;
+    assert_ne!(
+        addr, "none",
+        "the probes need the metrics server: --metrics-addr none turns it off"
+    );
+    let expected = addr
+        .parse::<SocketAddr>()
+        .unwrap_or_else(|e| panic!("--metrics-addr {addr:?}: not ADDR:PORT ({e})"))
+        .port();
     let port_number = |p: &IntOrString| match p {
         IntOrString::Int(n) => *n,
         IntOrString::String(name) => {
@@ -718,55 +605,20 @@ fn daemonset_probes_use_the_metrics_port() {
     check("readinessProbe", &c.readiness_probe, "/readyz");
 }
 
-fn port_of(addr: &str) -> u16 {
-    addr.rsplit_once(':')
-        .and_then(|(_, p)| p.parse().ok())
-        .unwrap_or_else(|| panic!("metrics address {addr:?} has no port"))
-}
-
 #[test]
 fn daemonset_args_are_flags_lb_agent_run_accepts() {
     let ds = the_daemonset();
     let c = agent_container(&ds);
     let a = args(&c);
+    // Unknown or repeated flags, values the agent rejects and missing required flags fail
+    // here, with clap's message.
+    let run = run_args(&c);
     assert_eq!(
-        a.first().map(String::as_str),
-        Some("run"),
-        "args start with `run`"
+        parse_source(&run.source).unwrap_or_else(|e| panic!("{e}")),
+        SourceSpec::Kube
     );
-    let flags = run_flags();
-    let mut i = 1;
-    let mut used = Vec::new();
-    while i < a.len() {
-        let arg = &a[i];
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) => (f.to_string(), Some(v)),
-            None => (arg.clone(), None),
-        };
-        let takes = *flags
-            .takes_value
-            .get(&flag)
-            .unwrap_or_else(|| panic!("`lb-agent run` has no flag {flag} ({arg:?} in the args)"));
-        if takes && inline.is_none() {
-            let v = a
-                .get(i + 1)
-                .unwrap_or_else(|| panic!("{flag} without value"));
-            assert!(!v.starts_with("--"), "{flag} without value");
-            i += 1;
-        }
-        used.push(flag);
-        i += 1;
-    }
-    assert_eq!(flag_value(&a, "--source").as_deref(), Some("kube"));
-    assert_eq!(
-        flag_value(&a, "--iface").as_deref(),
-        Some("eth0"),
-        "a kind node's uplink"
-    );
-    assert_eq!(
-        flag_value(&a, "--node-name").as_deref(),
-        Some("$(NODE_NAME)")
-    );
+    assert_eq!(run.iface, "eth0", "a kind node's uplink");
+    assert_eq!(run.node_name, "$(NODE_NAME)");
     let node_name = c
         .env
         .iter()
@@ -785,7 +637,11 @@ fn daemonset_args_are_flags_lb_agent_run_accepts() {
             .expect("lb-agent run --help");
         assert!(out.status.success(), "lb-agent run --help failed");
         let help = String::from_utf8_lossy(&out.stdout);
-        for f in &used {
+        let used = a
+            .iter()
+            .filter(|w| w.starts_with("--"))
+            .map(|w| w.split_once('=').map_or(w.as_str(), |(f, _)| f));
+        for f in used {
             assert!(
                 help.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
                     .any(|w| w == f),
@@ -794,6 +650,41 @@ fn daemonset_args_are_flags_lb_agent_run_accepts() {
             );
         }
     }
+}
+
+/// What the parse above catches, shown on the DaemonSet's own args: the check is only as
+/// good as its failures.
+#[test]
+fn args_check_rejects_unknown_flags_bad_values_and_missing_flags() {
+    use clap::error::ErrorKind;
+    let a = args(&agent_container(&the_daemonset()));
+    let with = |extra: &[&str]| {
+        let mut v = a.clone();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let kind = |v: &[String]| parse_run(v).err().map(|e| e.kind());
+    assert_eq!(kind(&a), None, "the DaemonSet's args parse");
+    assert_eq!(
+        kind(&with(&["--metrics-adr", "0.0.0.0:1"])),
+        Some(ErrorKind::UnknownArgument)
+    );
+    assert_eq!(
+        kind(&with(&["--drain-seconds", "ten"])),
+        Some(ErrorKind::ValueValidation)
+    );
+    assert_eq!(
+        kind(&with(&["--xdp-mode", "fast"])),
+        Some(ErrorKind::InvalidValue)
+    );
+    assert_eq!(
+        kind(&with(&["--iface", "eth1"])),
+        Some(ErrorKind::ArgumentConflict)
+    );
+    let i = a.iter().position(|w| w == "--iface").expect("--iface");
+    let mut without = a.clone();
+    without.drain(i..i + 2);
+    assert_eq!(kind(&without), Some(ErrorKind::MissingRequiredArgument));
 }
 
 #[test]

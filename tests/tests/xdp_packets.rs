@@ -19,7 +19,7 @@ use lb_agent::{
     translate::{self, NodeContext},
 };
 use lb_common::*;
-use lb_tests::{Netns, PinDir, in_netns, net_lock, require_privileged};
+use lb_tests::{Netns, PinDir, in_netns, privileged};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -471,20 +471,7 @@ fn table() -> Vec<Step> {
             .set_src(NODE, SNAT_PORT)
             .routed(MAC_NODE, MAC_NODE_B)
     };
-    let remote_reply = Pkt {
-        smac: MAC_NODE_B,
-        dmac: MAC_NODE,
-        src: POD_REMOTE,
-        dst: NODE,
-        ttl: 63,
-        l4: L4::Tcp {
-            sport: 8080,
-            dport: SNAT_PORT,
-            seq: 5000,
-            ack: Some(1001),
-            syn: true,
-        },
-    };
+    let remote_reply = from_remote(true);
     let remote_dns_reply = Pkt {
         src: POD_REMOTE_DNS,
         l4: L4::Udp {
@@ -1037,9 +1024,9 @@ fn program(programmer: &mut Programmer, maps: &mut Maps, ct_backend: [u8; 4], no
 
 #[test]
 fn packet_table() {
-    if !require_privileged() {
+    let Some(_guard) = privileged() else {
         return;
-    }
+    };
     let steps = table();
     let cases = steps
         .iter()
@@ -1055,7 +1042,6 @@ fn packet_table() {
 /// Loads the programs in a throwaway namespace, programs the world and runs `steps`.
 /// `snat_port_max`: the SNAT range is `SNAT_PORT..=snat_port_max`.
 fn run_table(steps: Vec<Step>, snat_port_max: u16) {
-    let _lock = net_lock();
     let ns = Netns::new("pkt").expect("netns");
     setup_netns(&ns);
     let pins = PinDir::new("pkt").expect("pin dir");
@@ -1187,9 +1173,9 @@ fn hex(b: &[u8]) -> String {
 /// visible in the packets.
 #[test]
 fn conntrack_table() {
-    if !require_privileged() {
+    let Some(_guard) = privileged() else {
         return;
-    }
+    };
     run_table(conntrack_steps(), SNAT_PORT);
 }
 
@@ -1428,6 +1414,9 @@ fn conntrack_steps() -> Vec<Step> {
         fwd_ok("third client's ACK: confirmed", ack_to(41002)),
         check("the reverse entry is evicted", |v| {
             v.revnat.remove(&snat_rev_key()).unwrap();
+            // The flow's next packet comes in a later clock tick (the check runs once per
+            // tick of the flow).
+            age(v, &tcp_key(41002, NODE, 30081), 1);
         }),
         fwd_ok(
             "next segment: same port, reverse entry recreated",
@@ -1438,6 +1427,7 @@ fn conntrack_steps() -> Vec<Step> {
             assert_eq!(rev.ct_key(PROTO_TCP), tcp_key(41002, NODE, 30081));
             // Evicted again, and this time another flow takes the port first.
             v.revnat.remove(&snat_rev_key()).unwrap();
+            age(v, &tcp_key(41002, NODE, 30081), 1);
         }),
         fwd_ok("a new flow claims the free port", syn_to(41003)),
         xdp(
