@@ -177,9 +177,10 @@ fn main() -> Result<()> {
     ensure!(args.ew_seconds > 0.0, "--ew-seconds must be positive");
     let started = Instant::now();
     // Before any thread exists: the agents of the east-west cluster get a larger Maglev
-    // arena (through XLB_AGENT_BIN, see `agent_wrapper`).
+    // arena (through XLB_AGENT_BIN, see `agent_wrapper`) only if the default cannot hold
+    // the largest world.
     let wrapper = if args.runs(Part::EastWest) {
-        Some(agent_wrapper(&args)?)
+        agent_wrapper(&args)?
     } else {
         None
     };
@@ -336,22 +337,25 @@ const EW_METHOD: &[&str] = &[
      service sits in the middle of KUBE-SERVICES (half the dummy services are walked before \
      it). Node conntrack tables are flushed (ctnetlink) before every iptables repeat.",
     "Extra services: N dummy ClusterIP services with the same three endpoints, in the agents' \
-     manifest for ours and as KUBE-SVC/KUBE-SEP chains for iptables. The agents run with \
-     --maglev-arena sized for the largest N (default arena holds ~2,000 services at M=1021).",
+     manifest for ours and as KUBE-SVC/KUBE-SEP chains for iptables. The agents run with their \
+     default flags (the default Maglev arena holds 16,384 services at M=1021; only a larger N \
+     gets --maglev-arena).",
     "answered_by counts which pod answered, to show both local and remote backends are used.",
 ];
 
-/// A shell script that runs the real agent with a Maglev arena large enough for the largest
-/// east-west world (2 tables of M = 1021 per service), handed to `Cluster::up` through
-/// `XLB_AGENT_BIN`. Must run before any other thread exists (it sets an environment
-/// variable).
-fn agent_wrapper(args: &Args) -> Result<PathBuf> {
+/// When the largest east-west world (2 tables of M = 1021 per service) does not fit the
+/// agent's default Maglev arena: a shell script that runs the real agent with one large
+/// enough, handed to `Cluster::up` through `XLB_AGENT_BIN`. Must run before any other
+/// thread exists (it sets an environment variable).
+fn agent_wrapper(args: &Args) -> Result<Option<PathBuf>> {
     use std::os::unix::fs::PermissionsExt as _;
-    let real = agent_bin()?;
     let max = u64::from(args.ew_services.iter().copied().max().unwrap_or(0)) + 16;
-    let slots = (2 * u64::from(lb_agent::maglev::DEFAULT_MIN_M) * max)
-        .next_power_of_two()
-        .max(u64::from(DEFAULT_MAGLEV_ARENA));
+    let need = 2 * u64::from(lb_agent::maglev::DEFAULT_MIN_M) * max;
+    if need <= u64::from(DEFAULT_MAGLEV_ARENA) {
+        return Ok(None);
+    }
+    let real = agent_bin()?;
+    let slots = need.next_power_of_two();
     let path = std::env::temp_dir().join(format!("xlb-bench-{}-agent.sh", std::process::id()));
     std::fs::write(
         &path,
@@ -363,7 +367,7 @@ fn agent_wrapper(args: &Args) -> Result<PathBuf> {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
     // SAFETY: called from main before any other thread is started.
     unsafe { std::env::set_var("XLB_AGENT_BIN", &path) };
-    Ok(path)
+    Ok(Some(path))
 }
 
 /// One service as both setups program it.
