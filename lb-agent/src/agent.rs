@@ -302,7 +302,7 @@ impl Agent {
             arena: limits.maglev_arena,
         });
         // Whatever a previous run left keeps serving until the first apply replaces it.
-        let adopted = programmer.adopt(&mut maps)?;
+        let adopted = programmer.adopt(&maps)?;
         if adopted != Default::default() {
             log::info!("adopted the previous run's state from the pins: {adopted:?}");
         }

@@ -148,6 +148,61 @@ impl MapWriter for Maps {
     }
 }
 
+/// The map reads [`Programmer::adopt`] makes: implemented by [`Maps`], and by the map-less
+/// stand-in of the unit tests so that the golden dumps adopt what a previous run wrote.
+/// The listings are in the maps' own order (`adopt` processes them in that order).
+pub trait MapReader {
+    /// Slots in the Maglev arena.
+    fn arena_entries(&self) -> u32;
+    /// Every backend, as (id, value).
+    fn backends(&self) -> impl Iterator<Item = Result<(u32, Backend)>> + '_;
+    /// Every service, as (svc_id, value).
+    fn services(&self) -> impl Iterator<Item = Result<(u32, Service)>> + '_;
+    /// The metadata of a service id, if it can be read.
+    fn service_meta(&self, svc_id: u32) -> Option<SvcMeta>;
+    /// The backend id in a Maglev slot; `None` past the arena's end.
+    fn slot(&self, idx: u32) -> Option<u32>;
+    fn frontends(&self) -> impl Iterator<Item = Result<(FrontendKey, Frontend)>> + '_;
+    fn cluster_ips(&self) -> impl Iterator<Item = Result<u32>> + '_;
+    /// Every loadBalancerSourceRange, as (svc_id, address, prefix length).
+    fn src_ranges(&self) -> impl Iterator<Item = Result<(u32, u32, u8)>> + '_;
+}
+
+impl MapReader for Maps {
+    fn arena_entries(&self) -> u32 {
+        self.maglev.entries()
+    }
+    fn backends(&self) -> impl Iterator<Item = Result<(u32, Backend)>> + '_ {
+        self.backends.iter().map(|r| Ok(r?))
+    }
+    fn services(&self) -> impl Iterator<Item = Result<(u32, Service)>> + '_ {
+        self.services.iter().map(|r| Ok(r?))
+    }
+    fn service_meta(&self, svc_id: u32) -> Option<SvcMeta> {
+        self.svc_meta.get(&svc_id, 0).ok()
+    }
+    fn slot(&self, idx: u32) -> Option<u32> {
+        self.maglev.get(idx)
+    }
+    fn frontends(&self) -> impl Iterator<Item = Result<(FrontendKey, Frontend)>> + '_ {
+        self.frontends.iter().map(|r| Ok(r?))
+    }
+    fn cluster_ips(&self) -> impl Iterator<Item = Result<u32>> + '_ {
+        self.cluster_ips.keys().map(|r| Ok(r?))
+    }
+    fn src_ranges(&self) -> impl Iterator<Item = Result<(u32, u32, u8)>> + '_ {
+        self.src_ranges.keys().map(|k| {
+            let k = k?;
+            let d = k.data();
+            Ok((
+                u32::from_be(d.svc_id_be),
+                d.addr_be,
+                (k.prefix_len() - 32) as u8,
+            ))
+        })
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// Smallest Maglev table size (prime, see `maglev::choose_m`).
@@ -402,9 +457,9 @@ impl Programmer {
     /// their active Maglev tables are kept until the first apply replaces them, and the
     /// first apply then removes whatever the new desired state no longer has. Until that
     /// apply the datapath keeps serving the old state untouched.
-    pub fn adopt(&mut self, maps: &mut Maps) -> Result<Adopted> {
+    pub fn adopt(&mut self, maps: &impl MapReader) -> Result<Adopted> {
         // A pinned arena keeps the size it was created with, whatever this run asked for.
-        let entries = maps.maglev.entries();
+        let entries = maps.arena_entries();
         if entries != self.settings.arena {
             log::info!(
                 "the pinned Maglev arena has {entries} slots (not {}): using that",
@@ -414,7 +469,7 @@ impl Programmer {
             self.arena = Arena::new(entries);
         }
         let mut out = Adopted::default();
-        for item in maps.backends.iter() {
+        for item in maps.backends() {
             let (id, b) = item?;
             let key = (
                 Ipv4Addr::from(b.addr_be.to_ne_bytes()),
@@ -431,9 +486,9 @@ impl Programmer {
             self.next_backend_id = self.next_backend_id.max(id.wrapping_add(1).max(1));
             out.backends += 1;
         }
-        for item in maps.services.iter() {
+        for item in maps.services() {
             let (svc_id, svc) = item?;
-            let meta = maps.svc_meta.get(&svc_id, 0).unwrap_or_default();
+            let meta = maps.service_meta(svc_id).unwrap_or_default();
             let end = meta
                 .name
                 .iter()
@@ -446,14 +501,10 @@ impl Programmer {
                         "pinned Maglev table of {name} overlaps another; remove the pins to start afresh"
                     );
                 }
-                let mut slots = Vec::with_capacity(svc.table_m as usize);
-                for i in 0..svc.table_m {
-                    slots.push(
-                        maps.maglev
-                            .get(svc.table_off + i)
-                            .context("pinned table out of the arena")?,
-                    );
-                }
+                let slots = (svc.table_off..svc.table_off + svc.table_m)
+                    .map(|i| maps.slot(i))
+                    .collect::<Option<Vec<u32>>>()
+                    .context("pinned table out of the arena")?;
                 self.adopted_tables.insert(
                     svc_id,
                     Table {
@@ -471,22 +522,16 @@ impl Programmer {
         self.free_svc_ids = (0..self.next_svc_id)
             .filter(|id| !used.contains(id))
             .collect();
-        for item in maps.frontends.iter() {
+        for item in maps.frontends() {
             let (k, v) = item?;
             self.frontends.insert(k, v);
             out.frontends += 1;
         }
-        for k in maps.cluster_ips.keys() {
+        for k in maps.cluster_ips() {
             self.cluster_ips.insert(k?);
         }
-        for k in maps.src_ranges.keys() {
-            let k = k?;
-            let d = k.data();
-            self.ranges.insert((
-                u32::from_be(d.svc_id_be),
-                d.addr_be,
-                (k.prefix_len() - 32) as u8,
-            ));
+        for k in maps.src_ranges() {
+            self.ranges.insert(k?);
         }
         Ok(out)
     }
@@ -1309,74 +1354,6 @@ pub(crate) mod tests {
         }
     }
 
-    /// [`Programmer::adopt`] over the in-memory maps: `adopt` reads the pinned maps
-    /// through aya, so this repeats its steps (keep the two in step) for tests that
-    /// restart an agent on what a previous one wrote.
-    pub(crate) fn adopt_fake(p: &mut Programmer, maps: &Fake) -> Result<Adopted> {
-        let entries = maps.slots.len() as u32;
-        if entries != p.settings.arena {
-            p.settings.arena = entries;
-            p.arena = Arena::new(entries);
-        }
-        let mut out = Adopted::default();
-        for (&id, &b) in &maps.backends {
-            let key = (
-                Ipv4Addr::from(b.addr_be.to_ne_bytes()),
-                u16::from_be(b.port_be),
-            );
-            p.backends.insert(
-                key,
-                BackendState {
-                    id,
-                    value: b,
-                    drain_until: None,
-                },
-            );
-            p.next_backend_id = p.next_backend_id.max(id.wrapping_add(1).max(1));
-            out.backends += 1;
-        }
-        for (&svc_id, &svc) in &maps.services {
-            let meta = maps.meta.get(&svc_id).copied().unwrap_or_default();
-            let end = meta
-                .name
-                .iter()
-                .position(|&b| b == 0)
-                .unwrap_or(meta.name.len());
-            let name = String::from_utf8_lossy(&meta.name[..end]).into_owned();
-            if svc.table_m > 0 {
-                if !p.arena.reserve(svc.table_off, svc.table_m) {
-                    bail!("pinned Maglev table of {name} overlaps another");
-                }
-                let range = svc.table_off as usize..(svc.table_off + svc.table_m) as usize;
-                let slots = maps
-                    .slots
-                    .get(range)
-                    .context("pinned table out of the arena")?
-                    .to_vec();
-                p.adopted_tables.insert(
-                    svc_id,
-                    Table {
-                        off: svc.table_off,
-                        m: svc.table_m,
-                        slots,
-                    },
-                );
-            }
-            p.next_svc_id = p.next_svc_id.max(svc_id + 1);
-            p.adopted.insert(name, (svc_id, svc));
-            out.services += 1;
-        }
-        let used: BTreeSet<u32> = p.adopted.values().map(|(id, _)| *id).collect();
-        p.free_svc_ids = (0..p.next_svc_id).filter(|id| !used.contains(id)).collect();
-        for (&k, &v) in &maps.frontends {
-            p.frontends.insert(k, v);
-            out.frontends += 1;
-        }
-        p.cluster_ips.clone_from(&maps.cluster_ips);
-        p.ranges.clone_from(&maps.ranges);
-        Ok(out)
-    }
-
     /// The programmer's view of each service port's two Maglev buffers, one line each:
     /// `<port> id=<svc_id> A@<off>/<m> B@<off>/<m>`, the active one marked with `*`.
     pub(crate) fn buffers(p: &Programmer) -> Vec<String> {
@@ -1402,6 +1379,33 @@ pub(crate) mod tests {
             bail!("map full (E2BIG)");
         }
         Ok(())
+    }
+
+    impl MapReader for Fake {
+        fn arena_entries(&self) -> u32 {
+            self.slots.len() as u32
+        }
+        fn backends(&self) -> impl Iterator<Item = Result<(u32, Backend)>> + '_ {
+            self.backends.iter().map(|(&k, &v)| Ok((k, v)))
+        }
+        fn services(&self) -> impl Iterator<Item = Result<(u32, Service)>> + '_ {
+            self.services.iter().map(|(&k, &v)| Ok((k, v)))
+        }
+        fn service_meta(&self, svc_id: u32) -> Option<SvcMeta> {
+            self.meta.get(&svc_id).copied()
+        }
+        fn slot(&self, idx: u32) -> Option<u32> {
+            self.slots.get(idx as usize).copied()
+        }
+        fn frontends(&self) -> impl Iterator<Item = Result<(FrontendKey, Frontend)>> + '_ {
+            self.frontends.iter().map(|(&k, &v)| Ok((k, v)))
+        }
+        fn cluster_ips(&self) -> impl Iterator<Item = Result<u32>> + '_ {
+            self.cluster_ips.iter().map(|&a| Ok(a))
+        }
+        fn src_ranges(&self) -> impl Iterator<Item = Result<(u32, u32, u8)>> + '_ {
+            self.ranges.iter().map(|&r| Ok(r))
+        }
     }
 
     impl MapWriter for Fake {

@@ -13,8 +13,8 @@
 //!
 //! (A file no step writes any more fails the test: delete it by hand.)
 //!
-//! The restart step adopts the maps with `programmer::tests::adopt_fake`, a copy of
-//! [`Programmer::adopt`] for the in-memory maps (`adopt` itself reads aya maps).
+//! The restart step adopts the in-memory maps with [`Programmer::adopt`] itself (they
+//! implement `programmer::MapReader`).
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -30,7 +30,7 @@ use crate::{
     k8s,
     programmer::{
         ApplyStats, MapWriter, Programmer, Settings,
-        tests::{Fake, adopt_fake, buffers},
+        tests::{Fake, buffers},
     },
     translate::{self, Desired, NodeContext},
 };
@@ -613,7 +613,7 @@ fn golden_lifecycle_dumps() {
     let (d, secs, before) = last.unwrap();
     let before_maps = before.split_once("\n\n").unwrap().1;
     let mut p = Programmer::new(s.clone());
-    let adopted = adopt_fake(&mut p, &maps).unwrap();
+    let adopted = p.adopt(&maps).unwrap();
     let (st, head) = apply(&mut p, &mut maps, &d, at(secs + 5));
     assert_eq!(st, ApplyStats::default(), "a restart rewrote the maps");
     assert!(head.ends_with("nothing written or removed"), "{head}");

@@ -9,12 +9,14 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use lb_tests::*;
 
 const T: Duration = Duration::from_secs(3);
+/// The agent's log line once its first full sync is in the maps.
+const READY: &str = "ready: the first full sync is in the maps";
 
 #[test]
 fn agent_restart_loses_no_connection_and_cleanup_removes_everything() {
@@ -97,10 +99,20 @@ fn agent_restart_loses_no_connection_and_cleanup_removes_everything() {
     std::thread::sleep(Duration::from_millis(500));
     for round in 0..2 {
         let before = ok.load(Ordering::Relaxed);
+        // The agents' log is appended to across restarts: the new agent is ready when its
+        // own "ready" line appears (the status file still holds the previous agent's).
+        let readies = |c: &Cluster| c.agent(&worker.name).log_text().matches(READY).count();
+        let ready_before = readies(&c);
         c.agent_mut(&worker.name).restart().expect("restart");
-        // Wait until the new agent has programmed (its status file is rewritten), then let
-        // traffic run on it for a while.
-        std::thread::sleep(Duration::from_millis(300));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while readies(&c) == ready_before {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the restarted agent never became ready:\n{}",
+                c.agent(&worker.name).log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         c.wait_for("the restarted agent", Duration::from_secs(20), |s| {
             s.services.iter().filter(|x| x.endpoints.len() == 3).count() >= 2
         })

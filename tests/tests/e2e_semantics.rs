@@ -1,9 +1,10 @@
 //! kube-proxy's Service semantics with real traffic on the built-in network: session
-//! affinity, externalTrafficPolicy Local, loadBalancerSourceRanges, the terminating
-//! fallback, and services changing type, port or protocol.
+//! affinity, externalTrafficPolicy Local and its health check node port,
+//! loadBalancerSourceRanges, the terminating fallback, and services changing type, port or
+//! protocol. One test per behaviour, each on its own cluster with only the `web` service.
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddrV4,
     time::{Duration, Instant},
 };
 
@@ -13,11 +14,14 @@ const T: Duration = Duration::from_secs(3);
 const NP: u16 = 30500;
 const NP2: u16 = 30501;
 const HC: u16 = 32100;
+const CONTROL_PLANE: &str = "service-demo-control-plane";
+const WORKER: &str = "service-demo-worker";
 
 /// One service `web` (80 -> pods:80) with `spec` lines spliced in, and one EndpointSlice
-/// listing `pods` with the given conditions.
-fn web(net: &Network, spec: &str, status: &str, pods: &[&Pod], conditions: &str) -> String {
-    let eps: String = pods
+/// listing every pod with the given conditions.
+fn web(net: &Network, spec: &str, status: &str, conditions: &str) -> String {
+    let eps: String = net
+        .pods()
         .iter()
         .map(|p| {
             format!(
@@ -41,7 +45,65 @@ fn web(net: &Network, spec: &str, status: &str, pods: &[&Pod], conditions: &str)
 }
 
 const READY: &str = "{ready: true, serving: true, terminating: false}";
+const SERVING_TERMINATING: &str = "{ready: false, serving: true, terminating: true}";
+const NOT_SERVING_TERMINATING: &str = "{ready: false, serving: false, terminating: true}";
 const LB_STATUS: &str = "  status: {loadBalancer: {ingress: [{ip: LB}]}}\n";
+
+/// The `ports:` line of a TCP service 80 -> pods:80 on NodePort `np`.
+fn tcp_port(np: u16) -> String {
+    format!("    ports: [{{name: http, port: 80, targetPort: 80, protocol: TCP, nodePort: {np}}}]")
+}
+
+/// `type: LoadBalancer` with `extra` spec lines (each ending in a newline) on NodePort `np`.
+fn lb_spec(extra: &str, np: u16) -> String {
+    format!("    type: LoadBalancer\n{extra}{}", tcp_port(np))
+}
+
+/// `type: NodePort` on NodePort `np`.
+fn np_spec(np: u16) -> String {
+    format!("    type: NodePort\n{}", tcp_port(np))
+}
+
+/// `type: LoadBalancer`, `externalTrafficPolicy: Local` with the health check node port.
+fn local_spec() -> String {
+    lb_spec(
+        &format!("    externalTrafficPolicy: Local\n    healthCheckNodePort: {HC}\n"),
+        NP,
+    )
+}
+
+/// `type: LoadBalancer` accepting only sources in `cidr`.
+fn ranges_spec(cidr: &str) -> String {
+    lb_spec(&format!("    loadBalancerSourceRanges: [\"{cidr}\"]\n"), NP)
+}
+
+/// A cluster on the seed topology whose only service is `web` with `spec` (given the
+/// network, for specs that name its addresses), `status`, and every pod as an endpoint
+/// with `conditions`.
+fn up(spec: impl FnOnce(&Network) -> String, status: &str, conditions: &str) -> Cluster {
+    Cluster::up(&TopologySpec::seed(), |net| {
+        web(net, &spec(net), status, conditions)
+    })
+    .expect("cluster up")
+}
+
+/// Replaces `web` with `spec`, `status`, and every pod as an endpoint with `conditions`.
+fn rewrite(c: &Cluster, spec: &str, status: &str, conditions: &str) {
+    c.write_manifest(&web(&c.net, spec, status, conditions))
+        .unwrap();
+}
+
+fn node(c: &Cluster, name: &str) -> Node {
+    c.net.node(name).clone()
+}
+
+fn lb_addr(c: &Cluster) -> SocketAddrV4 {
+    SocketAddrV4::new(c.net.lb_ips()[0].0, 80)
+}
+
+fn node_port(c: &Cluster, name: &str, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(c.net.node(name).addr, port)
+}
 
 fn get(c: &Cluster, addr: SocketAddrV4) -> anyhow::Result<HttpResponse> {
     http_request(c.net.client_netns(), addr, "/", T)
@@ -49,6 +111,20 @@ fn get(c: &Cluster, addr: SocketAddrV4) -> anyhow::Result<HttpResponse> {
 
 fn wait_programmed(c: &mut Cluster, what: &str, ok: impl Fn(&lb_agent::status::Status) -> bool) {
     c.wait_for(what, Duration::from_secs(20), ok).unwrap();
+}
+
+/// Waits until every agent has `web` with all three pods.
+fn wait_all_endpoints(c: &mut Cluster, what: &str) {
+    wait_programmed(c, what, |s| {
+        s.services.iter().any(|x| x.endpoints.len() == 3)
+    });
+}
+
+/// Waits until every agent has `web` under the Local policy.
+fn wait_local(c: &mut Cluster) {
+    wait_programmed(c, "Local policy", |s| {
+        s.services.iter().any(|x| x.name.ends_with("(local)"))
+    });
 }
 
 fn settle(c: &Cluster, addr: SocketAddrV4, want_ok: bool) {
@@ -67,30 +143,21 @@ fn settle(c: &Cluster, addr: SocketAddrV4, want_ok: bool) {
     }
 }
 
+/// sessionAffinity: ClientIP keeps one client on one pod, across the service's addresses
+/// (LB IP and every NodePort of the node it arrives at), until the timeout.
 #[test]
-fn kube_proxy_semantics_with_real_traffic() {
-    let Some(_guard) = privileged() else {
+fn session_affinity_client_ip_sticks_across_addresses_until_timeout() {
+    let Some(_guard) = lb_tests::privileged() else {
         return;
     };
-    let spec = TopologySpec::seed();
-    let lb_spec = format!(
-        "    type: LoadBalancer\n    sessionAffinity: ClientIP\n    sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 2}}}}\n    ports: [{{name: http, port: 80, targetPort: 80, protocol: TCP, nodePort: {NP}}}]"
+    let affinity = lb_spec(
+        "    sessionAffinity: ClientIP\n    sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}\n",
+        NP,
     );
-    let mut c = Cluster::up(&spec, |net| {
-        let pods: Vec<&Pod> = net.pods().iter().collect();
-        web(net, &lb_spec, LB_STATUS, &pods, READY)
-    })
-    .expect("cluster up");
-    wait_programmed(&mut c, "web programmed", |s| {
-        s.services.iter().any(|x| x.endpoints.len() == 3)
-    });
-    let all: Vec<Pod> = c.net.pods().to_vec();
-    let lb = SocketAddrV4::new(c.net.lb_ips()[0].0, 80);
-    let cp = c.net.node("service-demo-control-plane").clone();
-    let worker = c.net.node("service-demo-worker").clone();
+    let mut c = up(|_| affinity, LB_STATUS, READY);
+    wait_all_endpoints(&mut c, "web programmed");
+    let lb = lb_addr(&c);
 
-    // --- sessionAffinity: ClientIP keeps one client on one pod, across the service's
-    // addresses (LB IP and every NodePort of the node it arrives at), until the timeout.
     let first = get(&c, lb).unwrap().body;
     for i in 0..20 {
         assert_eq!(
@@ -99,9 +166,8 @@ fn kube_proxy_semantics_with_real_traffic() {
             "affinity broke at request {i}"
         );
     }
-    let np_worker = SocketAddrV4::new(worker.addr, NP);
     assert_eq!(
-        get(&c, np_worker).unwrap().body,
+        get(&c, node_port(&c, WORKER, NP)).unwrap().body,
         first,
         "affinity spans the service's addresses on a node"
     );
@@ -117,21 +183,21 @@ fn kube_proxy_semantics_with_real_traffic() {
         seen.insert(b);
     }
     assert!(seen.len() > 1, "affinity never expired: {seen:?}");
+}
 
-    // --- externalTrafficPolicy: Local: only local pods, client address preserved, and
-    // a node without a local endpoint drops.
-    let etp = format!(
-        "    type: LoadBalancer\n    externalTrafficPolicy: Local\n    healthCheckNodePort: {HC}\n    ports: [{{name: http, port: 80, targetPort: 80, protocol: TCP, nodePort: {NP}}}]"
-    );
-    let pods: Vec<&Pod> = all.iter().collect();
-    c.write_manifest(&web(&c.net, &etp, LB_STATUS, &pods, READY))
-        .unwrap();
-    wait_programmed(&mut c, "Local policy", |s| {
-        s.services.iter().any(|x| x.name.ends_with("(local)"))
-    });
+/// externalTrafficPolicy: Local: only local pods, client address preserved, and a node
+/// without a local endpoint drops.
+#[test]
+fn external_traffic_policy_local_keeps_client_ip_and_drops_without_local_endpoint() {
+    let Some(_guard) = lb_tests::privileged() else {
+        return;
+    };
+    let mut c = up(|_| local_spec(), LB_STATUS, READY);
+    wait_local(&mut c);
+    let lb = lb_addr(&c);
     let on_worker: BTreeSet<String> = c
         .net
-        .pods_on(&worker.name)
+        .pods_on(WORKER)
         .iter()
         .map(|p| p.expected_reply())
         .collect();
@@ -149,11 +215,20 @@ fn kube_proxy_semantics_with_real_traffic() {
         );
     }
     assert!(
-        get(&c, SocketAddrV4::new(cp.addr, NP)).is_err(),
+        get(&c, node_port(&c, CONTROL_PLANE, NP)).is_err(),
         "a node without local endpoints must drop under Local policy"
     );
-    // The healthCheckNodePort answers as kube-proxy's: 200 with the local endpoint count
-    // where there are local endpoints, 503 where there are none.
+}
+
+/// The healthCheckNodePort answers as kube-proxy's: 200 with the local endpoint count
+/// where there are local endpoints, 503 where there are none.
+#[test]
+fn health_check_node_port_answers_200_with_local_endpoints_and_503_without() {
+    let Some(_guard) = lb_tests::privileged() else {
+        return;
+    };
+    let mut c = up(|_| local_spec(), LB_STATUS, READY);
+    wait_local(&mut c);
     let hc = |node: &Node| {
         http_request(
             c.net.client_netns(),
@@ -162,7 +237,7 @@ fn kube_proxy_semantics_with_real_traffic() {
             T,
         )
     };
-    let ok = hc(&worker).expect("health check on the worker");
+    let ok = hc(&node(&c, WORKER)).expect("health check on the worker");
     assert_eq!(ok.status, 200, "{}", ok.body);
     assert!(
         ok.body.contains(r#""localEndpoints":2"#) && ok.body.contains(r#""name":"web""#),
@@ -170,68 +245,52 @@ fn kube_proxy_semantics_with_real_traffic() {
         ok.body
     );
     assert_eq!(ok.header("Content-Type"), Some("application/json"));
-    let none = hc(&cp);
+    let none = hc(&node(&c, CONTROL_PLANE));
     let status = match &none {
         Ok(r) => r.status,
         Err(e) => panic!("health check on the control plane: {e:#}"),
     };
     assert_eq!(status, 503, "no local endpoint must answer 503");
+}
 
-    // --- loadBalancerSourceRanges: the client's own /32 is allowed; another range drops it.
-    let ranges = |cidr: &str| {
-        format!(
-            "    type: LoadBalancer\n    loadBalancerSourceRanges: [\"{cidr}\"]\n    ports: [{{name: http, port: 80, targetPort: 80, protocol: TCP, nodePort: {NP}}}]"
-        )
+/// loadBalancerSourceRanges: the client's own /32 is allowed; another range drops it at
+/// the LB IP, but not at the NodePort.
+#[test]
+fn load_balancer_source_ranges_filter_the_lb_ip_but_not_node_ports() {
+    let Some(_guard) = lb_tests::privileged() else {
+        return;
     };
-    let me = format!("{}/32", c.net.client_addr());
-    c.write_manifest(&web(&c.net, &ranges(&me), LB_STATUS, &pods, READY))
-        .unwrap();
-    wait_programmed(&mut c, "source ranges (allowed)", |s| {
-        s.services.iter().any(|x| !x.name.ends_with("(local)"))
-    });
+    let mut c = up(
+        |net| ranges_spec(&format!("{}/32", net.client_addr())),
+        LB_STATUS,
+        READY,
+    );
+    wait_all_endpoints(&mut c, "source ranges (allowed)");
+    let lb = lb_addr(&c);
     settle(&c, lb, true);
     for _ in 0..5 {
         get(&c, lb).expect("allowed source");
     }
-    c.write_manifest(&web(
-        &c.net,
-        &ranges("192.0.2.0/24"),
-        LB_STATUS,
-        &pods,
-        READY,
-    ))
-    .unwrap();
+    rewrite(&c, &ranges_spec("192.0.2.0/24"), LB_STATUS, READY);
     settle(&c, lb, false);
     // The NodePort is not an LB address: source ranges do not apply there.
-    get(&c, np_worker).expect("NodePort ignores loadBalancerSourceRanges");
+    get(&c, node_port(&c, WORKER, NP)).expect("NodePort ignores loadBalancerSourceRanges");
+}
 
-    // --- Terminating fallback: no ready endpoint, but serving+terminating ones still take
-    // traffic; non-serving terminating ones never do (rejected at once).
-    let np_spec = format!(
-        "    type: NodePort\n    ports: [{{name: http, port: 80, targetPort: 80, protocol: TCP, nodePort: {NP}}}]"
-    );
-    c.write_manifest(&web(
-        &c.net,
-        &np_spec,
-        "",
-        &pods,
-        "{ready: false, serving: true, terminating: true}",
-    ))
-    .unwrap();
-    wait_programmed(&mut c, "terminating fallback", |s| {
-        s.services.iter().any(|x| x.endpoints.len() == 3)
-    });
+/// Terminating fallback: no ready endpoint, but serving+terminating ones still take
+/// traffic; non-serving terminating ones never do (rejected at once).
+#[test]
+fn terminating_endpoints_serve_only_while_serving() {
+    let Some(_guard) = lb_tests::privileged() else {
+        return;
+    };
+    let mut c = up(|_| np_spec(NP), "", SERVING_TERMINATING);
+    wait_all_endpoints(&mut c, "terminating fallback");
+    let np_worker = node_port(&c, WORKER, NP);
     for _ in 0..10 {
         get(&c, np_worker).expect("serving terminating endpoints still serve");
     }
-    c.write_manifest(&web(
-        &c.net,
-        &np_spec,
-        "",
-        &pods,
-        "{ready: false, serving: false, terminating: true}",
-    ))
-    .unwrap();
+    rewrite(&c, &np_spec(NP), "", NOT_SERVING_TERMINATING);
     wait_programmed(&mut c, "no serving endpoint", |s| {
         s.services.iter().any(|x| x.endpoints.is_empty())
     });
@@ -240,38 +299,62 @@ fn kube_proxy_semantics_with_real_traffic() {
         format!("{err:#}").to_lowercase().contains("refused"),
         "{err:#}"
     );
+}
 
-    // --- Type, port and protocol changes re-program with nothing stale left.
-    c.write_manifest(&web(
-        &c.net,
-        &lb_spec.replace(&NP.to_string(), &NP2.to_string()),
-        LB_STATUS,
-        &pods,
-        READY,
-    ))
-    .unwrap();
-    settle(&c, SocketAddrV4::new(worker.addr, NP2), true);
-    settle(&c, lb, true);
+/// A NodePort change re-programs: the new port answers, the LB IP still does, the old port
+/// is gone.
+#[test]
+fn node_port_change_leaves_no_stale_port() {
+    let Some(_guard) = lb_tests::privileged() else {
+        return;
+    };
+    let c = up(|_| lb_spec("", NP), LB_STATUS, READY);
+    let np_worker = node_port(&c, WORKER, NP);
+    settle(&c, np_worker, true);
+    rewrite(&c, &lb_spec("", NP2), LB_STATUS, READY);
+    settle(&c, node_port(&c, WORKER, NP2), true);
+    settle(&c, lb_addr(&c), true);
     assert!(get(&c, np_worker).is_err(), "old NodePort still answers");
-    // LoadBalancer -> ClusterIP: the LB IP and the NodePort go away.
-    c.write_manifest(&web(
-        &c.net,
+}
+
+/// LoadBalancer -> ClusterIP: the LB IP and the NodePort go away.
+#[test]
+fn load_balancer_to_cluster_ip_removes_lb_ip_and_node_port() {
+    let Some(_guard) = lb_tests::privileged() else {
+        return;
+    };
+    let c = up(|_| lb_spec("", NP), LB_STATUS, READY);
+    let lb = lb_addr(&c);
+    let np_worker = node_port(&c, WORKER, NP);
+    settle(&c, lb, true);
+    settle(&c, np_worker, true);
+    rewrite(
+        &c,
         "    type: ClusterIP\n    ports: [{name: http, port: 80, targetPort: 80, protocol: TCP}]",
         "",
-        &pods,
         READY,
-    ))
-    .unwrap();
+    );
     settle(&c, lb, false);
     assert!(
-        get(&c, SocketAddrV4::new(worker.addr, NP2)).is_err(),
+        get(&c, np_worker).is_err(),
         "NodePort left after type change"
     );
-    // NodePort on the same port with another protocol (UDP to the pods' UDP port).
+}
+
+/// NodePort on the same port with another protocol (TCP to pods:80, then UDP to the pods'
+/// UDP port): the UDP port answers, the TCP one is gone.
+#[test]
+fn node_port_protocol_change_leaves_no_stale_tcp_port() {
+    let Some(_guard) = lb_tests::privileged() else {
+        return;
+    };
+    let c = up(|_| np_spec(NP), "", READY);
+    let np_worker = node_port(&c, WORKER, NP);
+    settle(&c, np_worker, true);
     let udp_spec = format!(
         "    type: NodePort\n    ports: [{{name: http, port: 80, targetPort: {POD_UDP_PORT}, protocol: UDP, nodePort: {NP}}}]"
     );
-    let udp_slice = web(&c.net, &udp_spec, "", &pods, READY).replace(
+    let udp_slice = web(&c.net, &udp_spec, "", READY).replace(
         "ports: [{name: http, port: 80, protocol: TCP}]",
         &format!("ports: [{{name: http, port: {POD_UDP_PORT}, protocol: UDP}}]"),
     );
@@ -294,5 +377,4 @@ fn kube_proxy_semantics_with_real_traffic() {
         get(&c, np_worker).is_err(),
         "the TCP NodePort must be gone after the protocol change"
     );
-    let _ = Ipv4Addr::LOCALHOST;
 }
