@@ -12,13 +12,15 @@ use anyhow::{Context as _, Result, bail};
 use lb_common::*;
 
 use crate::{
-    datapath::{Datapath, Limits, PIN_ROOT, XdpAttachMode, XdpModeChoice},
+    dataplane::{
+        datapath::{Datapath, Limits, PIN_ROOT, XdpAttachMode, XdpModeChoice},
+        netinfo,
+        programmer::{Maps, Programmer, Settings},
+    },
     error::Error,
-    k8s,
-    metrics::{Metrics, Programmed, SyncSource},
-    netinfo,
-    programmer::{Maps, Programmer, Settings},
-    translate::{self, Desired, NodeContext, ServiceEvent},
+    model::translate::{self, Desired, NodeContext, ServiceEvent},
+    serve::metrics::{Metrics, Programmed, SyncSource},
+    source::yaml,
 };
 
 #[derive(Clone, Debug, clap::Args)]
@@ -41,7 +43,7 @@ pub struct RunArgs {
     pub xdp_mode: XdpModeChoice,
     /// Smallest Maglev table size; larger services get the next prime of the ladder >= 100 x
     /// backends (see maglev.rs for the bounds).
-    #[arg(long, default_value_t = crate::maglev::DEFAULT_MIN_M)]
+    #[arg(long, default_value_t = crate::dataplane::maglev::DEFAULT_MIN_M)]
     pub maglev_min_m: u32,
     /// Slots in the Maglev arena shared by all services (4 bytes each) [default:
     /// --max-services x 2 x the smallest table, so every service port fits double-buffered
@@ -65,7 +67,7 @@ pub struct RunArgs {
     /// The cluster's NodePort range, as the API server's flag of the same name (`MIN-MAX`,
     /// `BASE+OFFSET` or `PORT`); the SNAT port range must stay out of it.
     #[arg(long, value_name = "RANGE", default_value = "30000-32767")]
-    pub service_node_port_range: crate::ports::PortRange,
+    pub service_node_port_range: crate::model::ports::PortRange,
     /// Confirmed flows (`XLB_CT`, LRU): both directions seen, then the client again.
     #[arg(long, default_value_t = DEFAULT_CT_ENTRIES)]
     pub ct_entries: u32,
@@ -76,20 +78,20 @@ pub struct RunArgs {
     /// Conntrack timeout of a TCP flow not yet confirmed by both directions (seconds, or
     /// a duration like 90s, 10m, 2h13m20s).
     #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_CT_TCP_SYN_S,
-          value_parser = crate::conntrack::parse_timeout)]
+          value_parser = crate::dataplane::conntrack::parse_timeout)]
     pub ct_tcp_syn_timeout: u32,
     /// Conntrack timeout of a confirmed TCP flow without packets.
     #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_CT_TCP_ESTABLISHED_S,
-          value_parser = crate::conntrack::parse_timeout)]
+          value_parser = crate::dataplane::conntrack::parse_timeout)]
     pub ct_tcp_established_timeout: u32,
     /// Conntrack timeout of a TCP flow after RST or FIN both ways (and of a flow first seen
     /// mid-stream, until both directions confirm it).
     #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_CT_TCP_CLOSE_S,
-          value_parser = crate::conntrack::parse_timeout)]
+          value_parser = crate::dataplane::conntrack::parse_timeout)]
     pub ct_tcp_close_timeout: u32,
     /// Conntrack timeout of a UDP flow without packets.
     #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_CT_UDP_S,
-          value_parser = crate::conntrack::parse_timeout)]
+          value_parser = crate::dataplane::conntrack::parse_timeout)]
     pub ct_udp_timeout: u32,
     /// Capacity of the service-port map (and its stats): raise for large clusters.
     #[arg(long, default_value_t = DEFAULT_MAX_SERVICES)]
@@ -110,7 +112,7 @@ pub struct RunArgs {
     pub cgroup: Option<String>,
     /// Address of the HTTP server for `/metrics` (Prometheus), `/healthz`, `/readyz` and
     /// `/loglevel`, or `none`.
-    #[arg(long, value_name = "ADDR:PORT|none", default_value = crate::metrics::DEFAULT_METRICS_ADDR)]
+    #[arg(long, value_name = "ADDR:PORT|none", default_value = crate::serve::metrics::DEFAULT_METRICS_ADDR)]
     pub metrics_addr: String,
 }
 
@@ -165,7 +167,7 @@ enum Source {
     File(PathBuf),
     /// Snapshots are pushed in ([`Agent::apply_objects`]); the last one is kept for
     /// re-programming when drained backends expire.
-    Kube(Option<Arc<k8s::Objects>>),
+    Kube(Option<Arc<yaml::Objects>>),
 }
 
 /// Where the socket programs go: `--cgroup`, or by default the cgroup2 mount point.
@@ -198,7 +200,7 @@ fn resolve_cgroup(arg: Option<&str>) -> Option<PathBuf> {
         return None;
     }
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let found = crate::datapath::cgroup2_mount(&mounts);
+    let found = crate::dataplane::datapath::cgroup2_mount(&mounts);
     if found.is_none() {
         log::warn!("socket load balancing off: no cgroup2 file system is mounted");
     }
@@ -223,7 +225,7 @@ pub struct Agent {
     /// New events not yet taken by the source (kube: posted as Kubernetes Events).
     new_events: Vec<translate::ServiceEvent>,
     /// kube-proxy's per-service `healthCheckNodePort` servers.
-    health: crate::health::HealthServer,
+    health: crate::serve::health::HealthServer,
     metrics: Arc<Metrics>,
 }
 
@@ -237,8 +239,8 @@ impl Agent {
         };
         // Before anything is attached: the SNAT range, chosen outside the node's own ports
         // or, given, checked against them (a collision fails the start).
-        let (local_ports, reserved_ports) = crate::ports::local_port_ranges();
-        let snat_ports = crate::ports::choose_snat_range(
+        let (local_ports, reserved_ports) = crate::model::ports::local_port_ranges();
+        let snat_ports = crate::model::ports::choose_snat_range(
             args.snat_port_min,
             args.snat_port_max,
             args.service_node_port_range,
@@ -247,15 +249,20 @@ impl Agent {
         )?;
         log::info!(
             "{}",
-            crate::ports::describe_snat_range(
+            crate::model::ports::describe_snat_range(
                 snat_ports,
                 args.snat_port_min.is_some() || args.snat_port_max.is_some(),
                 args.service_node_port_range,
                 local_ports,
             )
         );
-        if !crate::maglev::is_prime(args.maglev_min_m) || args.maglev_min_m > crate::maglev::MAX_M {
-            bail!("--maglev-min-m must be a prime <= {}", crate::maglev::MAX_M);
+        if !crate::dataplane::maglev::is_prime(args.maglev_min_m)
+            || args.maglev_min_m > crate::dataplane::maglev::MAX_M
+        {
+            bail!(
+                "--maglev-min-m must be a prime <= {}",
+                crate::dataplane::maglev::MAX_M
+            );
         }
         let node_addrs = netinfo::iface_addrs(&args.iface)?;
         let pin_dir = args
@@ -271,7 +278,7 @@ impl Agent {
             max_frontends: args.max_frontends,
             max_backends: args.max_backends,
             maglev_arena: args.maglev_arena.unwrap_or_else(|| {
-                crate::arena::default_slots(args.max_services, args.maglev_min_m)
+                crate::dataplane::arena::default_slots(args.max_services, args.maglev_min_m)
             }),
             ct_entries: args.ct_entries,
             ct_new_entries: args.ct_new_entries,
@@ -325,7 +332,7 @@ impl Agent {
             dp.attach_cgroup(path)?;
             log::info!(
                 "socket programs ({}) attached to cgroup {}",
-                crate::datapath::SOCK_PROGRAMS.join(", "),
+                crate::dataplane::datapath::SOCK_PROGRAMS.join(", "),
                 path.display()
             );
         }
@@ -361,7 +368,7 @@ impl Agent {
             last_seen: None,
             events: vec![],
             new_events: vec![],
-            health: crate::health::HealthServer::new(Ipv4Addr::UNSPECIFIED),
+            health: crate::serve::health::HealthServer::new(Ipv4Addr::UNSPECIFIED),
             metrics,
         };
         agent.sync_pod_ifaces(links);
@@ -396,7 +403,7 @@ impl Agent {
         let sync = (self.last_seen != Some(stamp)).then_some(SyncSource::File);
         let text = std::fs::read_to_string(&path).map_err(read_error)?;
         self.last_seen = Some(stamp);
-        let result = match k8s::parse_objects(&text) {
+        let result = match yaml::parse_objects(&text) {
             Ok(objs) => self.program(&objs, now, sync),
             Err(e) => {
                 let e = Error::from(e);
@@ -418,14 +425,14 @@ impl Agent {
 
     /// Programs a snapshot of the kube source (complete: both initial lists are done).
     /// An error is logged and kept in the status; the datapath keeps its last good state.
-    pub fn apply_objects(&mut self, objs: Arc<k8s::Objects>, now: Instant) {
+    pub fn apply_objects(&mut self, objs: Arc<yaml::Objects>, now: Instant) {
         if let Source::Kube(last) = &mut self.source {
             *last = Some(objs.clone());
         }
         self.program_and_record(&objs, now, Some(SyncSource::Kube));
     }
 
-    fn program_and_record(&mut self, objs: &k8s::Objects, now: Instant, sync: Option<SyncSource>) {
+    fn program_and_record(&mut self, objs: &yaml::Objects, now: Instant, sync: Option<SyncSource>) {
         match self.program(objs, now, sync).map_err(anyhow::Error::from) {
             Ok(()) => self.info.last_error = None,
             Err(e) => {
@@ -451,7 +458,7 @@ impl Agent {
     /// update is recorded. An error is counted here and logged by the caller.
     fn program(
         &mut self,
-        objs: &k8s::Objects,
+        objs: &yaml::Objects,
         now: Instant,
         sync: Option<SyncSource>,
     ) -> Result<(), Error> {
@@ -587,9 +594,9 @@ impl Agent {
     }
 }
 
-/// Event reasons: what [`Programmer::apply`](crate::programmer::Programmer::apply) left
-/// out for lack of room ([`crate::programmer::Refusal`]), and an apply error about one
-/// service port ([`Error::port`]). The translation's warnings have theirs
+/// Event reasons: what [`Programmer::apply`](crate::dataplane::programmer::Programmer::apply)
+/// left out for lack of room ([`crate::dataplane::programmer::Refusal`]), and an apply error
+/// about one service port ([`Error::port`]). The translation's warnings have theirs
 /// ([`translate::WarningKind::event_reason`]).
 pub const CAPACITY_REASON: &str = "CapacityExceeded";
 pub const APPLY_ERROR_REASON: &str = "ProgrammingFailed";
@@ -597,7 +604,7 @@ pub use translate::{COLLISION_REASON, UNSUPPORTED_REASON};
 
 /// What the desired state programs (all but the ports refused whole), for the
 /// `xlb_programmed_*` gauges.
-fn programmed(desired: &Desired, refusals: &[crate::programmer::Refusal]) -> Programmed {
+fn programmed(desired: &Desired, refusals: &[crate::dataplane::programmer::Refusal]) -> Programmed {
     let refused: std::collections::HashSet<&translate::SvcPortId> =
         refusals.iter().filter(|r| r.whole).map(|r| &r.id).collect();
     let ports: Vec<&translate::SvcPort> = desired
@@ -654,7 +661,7 @@ fn merge_events(events: Vec<ServiceEvent>) -> Vec<ServiceEvent> {
 }
 
 /// Service ports (or parts of them) that did not fit, as Events on their Service.
-fn capacity_events(refusals: &[crate::programmer::Refusal]) -> Vec<ServiceEvent> {
+fn capacity_events(refusals: &[crate::dataplane::programmer::Refusal]) -> Vec<ServiceEvent> {
     refusals
         .iter()
         .map(|r| ServiceEvent {
@@ -683,7 +690,7 @@ mod tests {
     use super::*;
 
     fn desired(yaml: &str) -> Desired {
-        let objs = k8s::parse_objects(yaml).unwrap();
+        let objs = yaml::parse_objects(yaml).unwrap();
         translate::translate(
             &objs,
             &NodeContext {
@@ -842,7 +849,7 @@ spec:
 
     #[test]
     fn apply_errors_about_a_port_become_events() {
-        use crate::programmer::ApplyError;
+        use crate::dataplane::programmer::ApplyError;
         let id = port_id("dev", "b");
         let e = Error::from(ApplyError::new(
             anyhow::Error::from(aya::maps::MapError::KeyNotFound).context("anything"),
@@ -885,9 +892,9 @@ spec:
         let p = programmed(&d, &[]);
         assert_eq!((p.services, p.service_ports, p.backends), (2, 2, 0));
         assert!(p.frontends >= 2);
-        let refused = crate::programmer::Refusal {
+        let refused = crate::dataplane::programmer::Refusal {
             id: d.ports[1].id.clone(),
-            limit: crate::programmer::Limit::MaglevArena,
+            limit: crate::dataplane::programmer::Limit::MaglevArena,
             whole: true,
             message: "dev/b/TCP: not programmed: the Maglev arena is full".into(),
         };

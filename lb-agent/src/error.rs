@@ -4,7 +4,10 @@
 //! Service ([`Error::port`]); neither is ever read from the message's text.
 use std::path::PathBuf;
 
-use crate::{k8s::ParseError, metrics::ErrorKind, programmer::ApplyError, translate::SvcPortId};
+use crate::{
+    dataplane::programmer::ApplyError, model::translate::SvcPortId, serve::metrics::ErrorKind,
+    source::yaml::ParseError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -18,7 +21,8 @@ pub enum Error {
     /// The source's content is not valid (YAML, objects, fields).
     #[error(transparent)]
     Parse(#[from] ParseError),
-    /// Writing the maps failed ([`Programmer::apply`](crate::programmer::Programmer::apply)).
+    /// Writing the maps failed
+    /// ([`Programmer::apply`](crate::dataplane::programmer::Programmer::apply)).
     #[error(transparent)]
     Apply(#[from] ApplyError),
 }

@@ -5,7 +5,13 @@ use std::{
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
-use lb_agent::{agent, conntrack, kube_source::KubeSource, metrics, netinfo, status};
+use lb_agent::{
+    agent,
+    dataplane::{conntrack, netinfo},
+    serve::metrics,
+    source::kube::KubeSource,
+    status,
+};
 
 #[derive(Parser)]
 #[command(
@@ -173,7 +179,7 @@ fn main() -> Result<()> {
             run_dir,
         } => {
             let (pin_dir, run_dir) = dirs(node_name, pin_dir, run_dir)?;
-            let report = lb_agent::datapath::cleanup(&pin_dir, &run_dir)?;
+            let report = lb_agent::dataplane::datapath::cleanup(&pin_dir, &run_dir)?;
             println!("{report:?}");
             Ok(())
         }
@@ -196,7 +202,7 @@ fn main() -> Result<()> {
 }
 
 fn only_node() -> Result<String> {
-    let dirs: Vec<String> = std::fs::read_dir(lb_agent::datapath::PIN_ROOT)
+    let dirs: Vec<String> = std::fs::read_dir(lb_agent::dataplane::datapath::PIN_ROOT)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -207,7 +213,7 @@ fn only_node() -> Result<String> {
         [one] => Ok(one.clone()),
         [] => bail!(
             "nothing pinned under {}: is the agent running?",
-            lb_agent::datapath::PIN_ROOT
+            lb_agent::dataplane::datapath::PIN_ROOT
         ),
         many => bail!(
             "several nodes pinned ({}); pass --node-name",
@@ -224,7 +230,7 @@ async fn run(args: agent::RunArgs) -> Result<()> {
     // Bound before anything is attached: a taken port fails the start early.
     let metrics_listener = metrics::bind(&args.metrics_addr)?;
     // The API client's configuration is checked before anything is attached; nothing is
-    // programmed until both initial lists are complete (see kube_source).
+    // programmed until both initial lists are complete (see source::kube).
     let mut kube = match agent::parse_source(&args.source)? {
         agent::SourceSpec::Kube => Some(KubeSource::start(
             KubeSource::client().await?,
@@ -316,7 +322,7 @@ async fn run(args: agent::RunArgs) -> Result<()> {
 /// The kube source's next snapshot; never ready with the file source.
 async fn next_snapshot(
     kube: &mut Option<KubeSource>,
-) -> Option<std::sync::Arc<lb_agent::k8s::Objects>> {
+) -> Option<std::sync::Arc<lb_agent::source::yaml::Objects>> {
     match kube {
         Some(k) => k.next().await,
         None => std::future::pending().await,

@@ -316,11 +316,24 @@ fn run_args(c: &Container) -> RunArgs {
 fn fresh_agent_binary() -> Option<PathBuf> {
     let bin = root().join("target/debug/lb-agent");
     let built = bin.metadata().and_then(|m| m.modified()).ok()?;
-    let newest_src = std::fs::read_dir(root().join("lb-agent/src"))
-        .ok()?
-        .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
-        .max()?;
+    let newest_src = newest_modified(&root().join("lb-agent/src"))?;
     (built >= newest_src).then_some(bin)
+}
+
+/// The latest modification time of any file below `dir` (module folders included).
+fn newest_modified(dir: &Path) -> Option<std::time::SystemTime> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let meta = e.metadata().ok()?;
+            if meta.is_dir() {
+                newest_modified(&e.path())
+            } else {
+                meta.modified().ok()
+            }
+        })
+        .max()
 }
 
 // ---------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 /// never refuses a port for the arena before the service-port limit, unless ports have
 /// more than `min_m / 100` backends. Saturates at `u32::MAX`.
 pub fn default_slots(max_services: u32, min_m: u32) -> u32 {
-    let m = crate::maglev::choose_m(0, min_m);
+    let m = crate::dataplane::maglev::choose_m(0, min_m);
     u32::try_from(u64::from(max_services) * 2 * u64::from(m)).unwrap_or(u32::MAX)
 }
 
@@ -108,7 +108,7 @@ mod tests {
 
     #[test]
     fn default_size_holds_every_service_port_double_buffered() {
-        use crate::maglev::DEFAULT_MIN_M;
+        use crate::dataplane::maglev::DEFAULT_MIN_M;
         assert_eq!(
             default_slots(lb_common::DEFAULT_MAX_SERVICES, DEFAULT_MIN_M),
             33_456_128

@@ -1,6 +1,7 @@
 //! Connection tracking in user space: the garbage collector of `XLB_CT`, `XLB_CT_NEW` and
 //! `XLB_REVNAT`, and the conntrack timeout flags' parser. The maps are read through
-//! [`crate::bpf_table`]; the SNAT port range is chosen and checked in [`crate::ports`].
+//! [`crate::dataplane::bpf_table`]; the SNAT port range is chosen and checked in
+//! [`crate::model::ports`].
 //!
 //! # Garbage collection
 //!
@@ -46,8 +47,8 @@ use lb_common::*;
 use tokio::task::JoinHandle;
 
 use crate::{
-    bpf_table::{BpfTable, Table},
-    metrics::Metrics,
+    dataplane::bpf_table::{BpfTable, Table},
+    serve::metrics::Metrics,
 };
 
 /// Shortest and longest time between two sweeps.

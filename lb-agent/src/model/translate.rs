@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
 
-use crate::k8s::{Objects, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
+use crate::source::yaml::{Objects, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
 
 /// The node the agent runs on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -343,7 +343,7 @@ pub struct Desired {
 }
 
 /// Computes the desired datapath state. Services are expected to be unique by
-/// (namespace, name), as [`crate::k8s::parse_objects`] guarantees.
+/// (namespace, name), as [`crate::source::yaml::parse_objects`] guarantees.
 pub fn translate(objs: &Objects, node: &NodeContext) -> Desired {
     let slices = index_slices(&objs.slices);
     let mut services: Vec<&Service> = objs.services.iter().collect();
@@ -983,7 +983,7 @@ fn row(svc: &Service) -> ServiceRow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::k8s::parse_objects;
+    use crate::source::yaml::parse_objects;
 
     fn node() -> NodeContext {
         NodeContext {
@@ -1661,7 +1661,7 @@ mod tests {
 
     #[test]
     fn kubectl_fixture_translates() {
-        let objs = parse_objects(include_str!("../tests/fixtures/kubectl-list.yaml")).unwrap();
+        let objs = parse_objects(include_str!("../../tests/fixtures/kubectl-list.yaml")).unwrap();
         let d = translate(&objs, &node());
         let ids: Vec<_> = d.ports.iter().map(|p| p.id.to_string()).collect();
         assert_eq!(

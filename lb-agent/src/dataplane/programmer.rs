@@ -28,9 +28,8 @@ use aya::maps::{
 use lb_common::*;
 
 use crate::{
-    arena::Arena,
-    maglev,
-    translate::{BackendSpec, Desired, FrontendKind, Scope, SvcPort, SvcPortId},
+    dataplane::{arena::Arena, maglev},
+    model::translate::{BackendSpec, Desired, FrontendKind, Scope, SvcPort, SvcPortId},
 };
 
 /// Handles on the pinned maps the agent writes.
@@ -38,7 +37,7 @@ pub struct Maps {
     pub frontends: HashMap<MapData, FrontendKey, Frontend>,
     pub services: HashMap<MapData, u32, Service>,
     pub backends: HashMap<MapData, u32, Backend>,
-    pub maglev: crate::mmap_array::MmapArray,
+    pub maglev: crate::dataplane::mmap_array::MmapArray,
     pub config: Array<MapData, Config>,
     pub svc_stats: PerCpuArray<MapData, SvcStats>,
     pub svc_meta: Array<MapData, SvcMeta>,
@@ -68,7 +67,7 @@ impl Maps {
                 let aya::maps::Map::Array(data) = map else {
                     bail!("{MAP_MAGLEV} is not an array");
                 };
-                crate::mmap_array::MmapArray::new(data)?
+                crate::dataplane::mmap_array::MmapArray::new(data)?
             },
             config: t(ebpf, MAP_CONFIG)?,
             svc_stats: t(ebpf, MAP_SVC_STATS)?,
@@ -771,7 +770,7 @@ impl Programmer {
 
         // Frontends: the ones it has first, then new ones while they fit.
         let proto = p.id.proto.number();
-        let key = |f: &crate::translate::FrontendSpec| fe_key(f.addr, f.port, proto);
+        let key = |f: &crate::model::translate::FrontendSpec| fe_key(f.addr, f.port, proto);
         let wanted = p
             .frontends
             .iter()
@@ -779,7 +778,7 @@ impl Programmer {
             .count();
         let mut fe_free = (s.max_frontends as usize).saturating_sub(budget.frontends.len());
         if wanted > fe_free {
-            let has = |f: &crate::translate::FrontendSpec| {
+            let has = |f: &crate::model::translate::FrontendSpec| {
                 self.frontends.get(&key(f)).map(|v| v.svc_id) == Some(svc_id)
             };
             let mut keep = BTreeSet::new();
@@ -1275,11 +1274,11 @@ fn meta(p: &SvcPort, desired: &Desired) -> SvcMeta {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::translate::{FrontendSpec, Proto};
+    use crate::model::translate::{FrontendSpec, Proto};
 
     /// The maps as plain collections, with the kernel's limits: a hash map refuses a new
     /// key when full, an array an index past its end.
-    /// Also used by the golden dumps (`crate::programmer_golden`).
+    /// Also used by the golden dumps (`crate::dataplane::programmer_golden`).
     pub(crate) struct Fake {
         max_services: u32,
         max_frontends: u32,

@@ -37,8 +37,8 @@ use kube::{
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
-    k8s::{Objects, SERVICE_NAME_LABEL},
-    translate::ServiceEvent,
+    model::translate::ServiceEvent,
+    source::yaml::{Objects, SERVICE_NAME_LABEL},
 };
 
 /// Quiet period after a change before a snapshot is published.

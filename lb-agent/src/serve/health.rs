@@ -24,7 +24,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::translate::HealthCheck;
+use crate::model::translate::HealthCheck;
 
 /// Connections served at once on one port; more are closed on accept. Probes are short,
 /// and the port is open to anyone who reaches the node.
@@ -245,7 +245,7 @@ impl HealthServer {
 }
 
 async fn serve(listener: TcpListener, target: watch::Receiver<Target>) {
-    crate::http::accept_loop(listener, MAX_CONNECTIONS, "health check", move |s| {
+    crate::serve::http::accept_loop(listener, MAX_CONNECTIONS, "health check", move |s| {
         serve_connection(s, target.clone())
     })
     .await

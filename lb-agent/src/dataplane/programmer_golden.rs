@@ -2,7 +2,7 @@
 //! `programmer::tests` (no BPF, no root: they run with the lib unit tests).
 //!
 //! A scenario is a list of steps; each step applies a desired state (built from YAML by
-//! `k8s::parse_objects` and `translate::translate`) at a fixed time, then dumps every map
+//! `yaml::parse_objects` and `translate::translate`) at a fixed time, then dumps every map
 //! as text and compares it with `lb-agent/tests/golden/<scenario>/<NN-step>.txt`.
 //!
 //! To accept a change in the dumps, rewrite the files and review the diff:
@@ -27,12 +27,12 @@ use anyhow::Result;
 use lb_common::*;
 
 use crate::{
-    k8s,
-    programmer::{
+    dataplane::programmer::{
         ApplyStats, MapWriter, Programmer, Settings,
         tests::{Fake, buffers},
     },
-    translate::{self, Desired, NodeContext},
+    model::translate::{self, Desired, NodeContext},
+    source::yaml,
 };
 
 /// Set to rewrite the golden files instead of comparing with them.
@@ -50,7 +50,7 @@ fn node() -> NodeContext {
 }
 
 fn desired(yaml: &str) -> Desired {
-    let objs = k8s::parse_objects(yaml).unwrap_or_else(|e| panic!("scenario YAML: {e}"));
+    let objs = yaml::parse_objects(yaml).unwrap_or_else(|e| panic!("scenario YAML: {e}"));
     translate::translate(&objs, &node())
 }
 
@@ -58,7 +58,7 @@ fn desired(yaml: &str) -> Desired {
 /// stay short.
 fn settings() -> Settings {
     Settings {
-        min_m: crate::maglev::M_LADDER[0],
+        min_m: crate::dataplane::maglev::M_LADDER[0],
         drain: Duration::from_secs(30),
         max_services: 8,
         max_frontends: 64,

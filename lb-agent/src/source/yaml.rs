@@ -545,7 +545,7 @@ endpoints:
 
     #[test]
     fn kubectl_list_output() {
-        let text = include_str!("../tests/fixtures/kubectl-list.yaml");
+        let text = include_str!("../../tests/fixtures/kubectl-list.yaml");
         let objs = parse_objects(text).unwrap();
         let names: Vec<_> = objs
             .services

@@ -10,9 +10,10 @@
 //!     again from zero (a counter reset, as Prometheus expects after a restart);
 //!   - `xlb_datapath_events_total{reason}`: the global `XLB_COUNTERS`, one series per name
 //!     of `lb_common::COUNTER_NAMES` (the names `lb-agent status` shows);
-//!   - connection tracking, from the GC's sweeps ([`crate::conntrack`]; label `map` is
-//!     `ct` (`XLB_CT`, confirmed flows), `ct_new` (`XLB_CT_NEW`, unconfirmed) or `revnat`):
-//!     `xlb_conntrack_entries{map}` (left by the last sweep; absent before the first),
+//!   - connection tracking, from the GC's sweeps ([`crate::dataplane::conntrack`]; label
+//!     `map` is `ct` (`XLB_CT`, confirmed flows), `ct_new` (`XLB_CT_NEW`, unconfirmed) or
+//!     `revnat`): `xlb_conntrack_entries{map}` (left by the last sweep; absent before the
+//!     first),
 //!     `xlb_conntrack_capacity{map}`, `xlb_conntrack_gc_deleted_total{map}`,
 //!     `xlb_conntrack_gc_runs_total`, `xlb_conntrack_gc_duration_seconds` (histogram),
 //!     `xlb_conntrack_gc_interval_seconds` (until the next sweep) and
@@ -49,7 +50,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::conntrack::SweepReport;
+use crate::dataplane::conntrack::SweepReport;
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use http_body_util::{BodyExt as _, Full, Limited};
@@ -123,7 +124,7 @@ impl ErrorKind {
 
 /// `kind` values no error has any more, still exported at 0 so that dashboards and alerts
 /// keep their series: `capacity` (capacity became per-port refusals,
-/// [`crate::programmer::Refusal`]).
+/// [`crate::dataplane::programmer::Refusal`]).
 const RETIRED_ERROR_LABELS: [&str; 1] = ["capacity"];
 
 /// Where a sync came from (`xlb_sync_duration_seconds{source}`).
@@ -311,7 +312,7 @@ impl Metrics {
         out
     }
 
-    /// The connection-tracking GC's metrics (written by [`crate::conntrack`]).
+    /// The connection-tracking GC's metrics (written by [`crate::dataplane::conntrack`]).
     pub fn conntrack(&self) -> &ConntrackMetrics {
         &self.conntrack
     }
@@ -625,7 +626,7 @@ pub fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) -> Result<J
 }
 
 async fn accept_loop(listener: TcpListener, metrics: Arc<Metrics>) {
-    crate::http::accept_loop(listener, MAX_CONNECTIONS, "metrics", move |s| {
+    crate::serve::http::accept_loop(listener, MAX_CONNECTIONS, "metrics", move |s| {
         serve_connection(s, metrics.clone())
     })
     .await
@@ -775,15 +776,15 @@ mod tests {
     /// move an error to another kind.
     #[test]
     fn error_kinds_come_from_types_not_messages() {
+        use crate::dataplane::programmer::ApplyError;
         use crate::error::Error;
-        use crate::programmer::ApplyError;
         let io = || std::io::Error::from(std::io::ErrorKind::NotFound);
         let read = Error::SourceRead {
             path: "/x.yaml".into(),
             source: io(),
         };
         assert_eq!(read.metric_label(), "source");
-        let parse = Error::from(crate::k8s::ParseError::Document {
+        let parse = Error::from(crate::source::yaml::ParseError::Document {
             doc: 1,
             msg: "anything at all".into(),
         });
@@ -832,7 +833,7 @@ mod tests {
 
     #[test]
     fn conntrack_series() {
-        use crate::conntrack::{MapSweep, SnatBackend};
+        use crate::dataplane::conntrack::{MapSweep, SnatBackend};
         use std::net::Ipv4Addr;
         let m = Metrics::without_maps();
         m.conntrack().set_capacity("ct", 262_144);

@@ -1,0 +1,5 @@
+//! Where the Services and EndpointSlices come from: YAML text ([`yaml`],
+//! `--source file:<PATH>`) or the Kubernetes API ([`kube`], `--source kube`). Both produce
+//! the same [`yaml::Objects`] snapshot.
+pub mod kube;
+pub mod yaml;
