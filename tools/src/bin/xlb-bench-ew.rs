@@ -11,7 +11,7 @@ use std::{
     fs::File,
     io::{ErrorKind, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
-    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
     sync::{
         Arc, Barrier,
@@ -30,6 +30,13 @@ use lb_tests::{
     agent_bin, exec_in, exec_ok, privileged_unavailable_reason, seed_manifests, try_in_netns,
 };
 use serde::{Deserialize, Serialize};
+
+/// xlb-bench's small helpers (conntrack flush and the like), shared rather than copied; this
+/// binary uses only some of them.
+#[path = "xlb-bench/util.rs"]
+#[allow(dead_code)]
+mod util;
+use util::flush_conntrack;
 
 #[derive(Parser, Clone)]
 #[command(
@@ -658,61 +665,6 @@ fn load_iptables(net: &Network, rules: &str, nat_rules: usize) -> Result<()> {
         node.netns
     );
     Ok(())
-}
-
-/// Deletes every conntrack entry of `netns` (ctnetlink IPCTNL_MSG_CT_DELETE without
-/// attributes = flush), so repeats of the iptables setup start from the same table size.
-fn flush_conntrack(netns: &str) -> Result<()> {
-    try_in_netns(netns, || -> Result<()> {
-        // SAFETY: plain socket(2); the descriptor is owned right away.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_NETFILTER,
-            )
-        };
-        ensure!(
-            fd >= 0,
-            "netlink socket: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: fd is a fresh, valid descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        const NFNL_SUBSYS_CTNETLINK: u16 = 1;
-        const IPCTNL_MSG_CT_DELETE: u16 = 2;
-        let mut msg = Vec::with_capacity(20);
-        msg.extend(20u32.to_ne_bytes()); // nlmsg_len
-        msg.extend(((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE).to_ne_bytes());
-        msg.extend(((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
-        msg.extend(1u32.to_ne_bytes()); // seq
-        msg.extend(0u32.to_ne_bytes()); // pid
-        msg.extend([libc::AF_INET as u8, 0, 0, 0]); // nfgenmsg: family, version, res_id
-        // SAFETY: msg is a valid buffer of msg.len() bytes.
-        let n = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-        ensure!(
-            n == msg.len() as isize,
-            "netlink send: {}",
-            std::io::Error::last_os_error()
-        );
-        let mut buf = [0u8; 256];
-        // SAFETY: buf is a valid writable buffer.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        ensure!(n >= 20, "netlink recv: {}", std::io::Error::last_os_error());
-        let ty = u16::from_ne_bytes([buf[4], buf[5]]);
-        ensure!(
-            ty == libc::NLMSG_ERROR as u16,
-            "netlink: unexpected reply type {ty}"
-        );
-        let err = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
-        ensure!(
-            err == 0,
-            "conntrack flush: {}",
-            std::io::Error::from_raw_os_error(-err)
-        );
-        let _ = fd.as_fd();
-        Ok(())
-    })?
 }
 
 /// Rust responders in the pods' namespaces; stopped (and joined) on drop.
