@@ -216,9 +216,11 @@ fn main() -> Result<()> {
         !args.runs(Part::Xdp) && !args.runs(Part::Maglev),
         "xlb-bench-ew measures east-west only (run xlb-bench for the other parts)"
     );
-    if let Some(wrapper) = &wrapper {
+    if args.runs(Part::EastWest) {
         let ew = east_west(&args);
-        let _ = std::fs::remove_file(wrapper);
+        if let Some(wrapper) = &wrapper {
+            let _ = std::fs::remove_file(wrapper);
+        }
         results.east_west = Some(ew?);
         results.parts.insert("east-west".into(), stamp.clone());
     }
