@@ -397,6 +397,17 @@ pub struct Config {
 }
 
 impl Config {
+    /// `addr_be:port_be` is one of the node's SNAT address and ports: a reply there belongs
+    /// to a source-NATed flow (reverse NAT is looked up before any frontend).
+    #[inline(always)]
+    pub fn is_snat_endpoint(&self, addr_be: u32, port_be: u16) -> bool {
+        let port = u16::from_be(port_be);
+        self.snat_addr_be != 0
+            && addr_be == self.snat_addr_be
+            && port >= self.snat_port_min
+            && port <= self.snat_port_max
+    }
+
     /// The agent's defaults with no SNAT address.
     pub const DEFAULT: Config = Config {
         snat_addr_be: 0,

@@ -155,49 +155,28 @@ pub fn seen_reply(rk: &FlowKey, rev: &RevNat, tcp_flags: u8, cfg: &Config) -> bo
     true
 }
 
-/// Idle time (ms) of a port whose flow is gone or expired.
-pub const IDLE_OVER: i32 = i32::MAX;
-
-/// How long the flow owning a reverse entry for SNAT port `port_be` has been over, if the
-/// port may go to a new flow: `IDLE_OVER` when the owner is gone, expired or holds another
-/// port, its idle time when it closed long enough ago (see `ct_port_reusable`), `None`
-/// while the port is in use.
+/// Takes SNAT port `port_be` away from the flow that owns its reverse entry if that flow is
+/// over (gone, expired, holding another port, or closed long enough ago; see
+/// `ct_port_reusable`): a closed or expired owner's entry goes with the port, so a NAT
+/// mapping is never half reused. `false` while the port is in use.
 #[inline(always)]
-pub fn port_idle(owner_key: &FlowKey, port_be: u16, cfg: &Config, now: u32) -> Option<i32> {
+pub fn take_over(owner_key: &FlowKey, port_be: u16, cfg: &Config, now: u32) -> bool {
     let (e, confirmed) = if let Some(e) = CT.get_ptr_mut(owner_key) {
         (e, true)
     } else if let Some(e) = CT_NEW.get_ptr_mut(owner_key) {
         (e, false)
     } else {
         // Orphan: its owner was evicted or collected.
-        return Some(IDLE_OVER);
+        return true;
     };
     // SAFETY: see `lookup`.
     let e = unsafe { &*e };
-    if e.flags & CT_SNAT == 0 || e.snat_port_be != port_be || ct_expired(cfg, e, confirmed, now) {
-        return Some(IDLE_OVER);
+    if e.flags & CT_SNAT == 0 || e.snat_port_be != port_be {
+        return true;
     }
-    if ct_port_reusable(cfg, e, confirmed, now) {
-        return Some(ct_idle_ms(e, now));
+    if !ct_port_reusable(cfg, e, confirmed, now) {
+        return false;
     }
-    None
-}
-
-/// A port is taken over from the flow that held it: that flow's entry goes with it, so a
-/// NAT mapping is never half reused.
-#[inline(always)]
-pub fn release(owner_key: &FlowKey, port_be: u16) {
-    // SAFETY: plain-data map values.
-    if let Some(e) = unsafe { CT.get(owner_key) }
-        && e.flags & CT_SNAT != 0
-        && e.snat_port_be == port_be
-    {
-        let _ = CT.remove(owner_key);
-    }
-    if let Some(e) = unsafe { CT_NEW.get(owner_key) }
-        && e.flags & CT_SNAT != 0
-        && e.snat_port_be == port_be
-    {
-        let _ = CT_NEW.remove(owner_key);
-    }
+    remove(owner_key, confirmed);
+    true
 }

@@ -135,12 +135,11 @@ pub fn alloc(
         // SAFETY: plain-data map value, copied out.
         if let Some(old) = unsafe { REVNAT.get(&rk) } {
             let owner = old.ct_key(proto);
-            if ct::port_idle(&owner, port_be, cfg, now).is_some() {
-                ct::release(&owner, port_be);
-                if REVNAT.insert(&rk, rev, BPF_ANY as u64).is_ok() {
-                    count(Counter::SnatReuse);
-                    return Some(port_be);
-                }
+            if ct::take_over(&owner, port_be, cfg, now)
+                && REVNAT.insert(&rk, rev, BPF_ANY as u64).is_ok()
+            {
+                count(Counter::SnatReuse);
+                return Some(port_be);
             }
         }
         i += 1;

@@ -69,9 +69,7 @@ pub fn run(ctx: &TcContext) -> i32 {
     };
     // A reply of a local backend to a hairpin flow goes to the SNAT address: reverse NAT
     // first there, as on the uplink (a frontend must not capture it).
-    let to_snat = t.dst == cfg.snat_addr_be
-        && u16::from_be(t.dport) >= cfg.snat_port_min
-        && u16::from_be(t.dport) <= cfg.snat_port_max;
+    let to_snat = cfg.is_snat_endpoint(t.dst, t.dport);
     if to_snat && let Some(rev) = unsafe { REVNAT.get(&rk) } {
         let rev = *rev;
         return checked_reply(ctx, &t, &rk, &rev, cfg);

@@ -34,7 +34,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
     // of our SNAT ports is ours even if a frontend claims that address and port. Anything
     // else there is not ours: the node's own services may listen on ports of the range
     // (the kernel's NAT shares its ports with them too; the 5-tuple tells them apart).
-    let to_snat = snat_addressed(cfg, &t);
+    let to_snat = cfg.is_snat_endpoint(t.dst, t.dport);
     if to_snat && let Some(rev) = unsafe { REVNAT.get(&rk) } {
         let rev = *rev;
         return translate_reply(ctx, &t, &rk, &rev, cfg);
@@ -58,13 +58,6 @@ pub fn run(ctx: &XdpContext) -> u32 {
     }
     count(Counter::PassNoMatch);
     XDP_PASS
-}
-
-/// Addressed to the node's SNAT address, on a port of its SNAT range.
-#[inline(always)]
-fn snat_addressed(cfg: &Config, t: &Tuple) -> bool {
-    let port = u16::from_be(t.dport);
-    t.dst == cfg.snat_addr_be && port >= cfg.snat_port_min && port <= cfg.snat_port_max
 }
 
 /// A reply matched a reverse entry: translated here, or handed to the uplink's tc hook

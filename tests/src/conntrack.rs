@@ -106,7 +106,7 @@ pub fn ct_counts(pin_dir: &Path) -> Result<CtCounts> {
         ..Default::default()
     };
     for rk in &rev_keys {
-        if rk.dst_addr_be != cfg.snat_addr_be {
+        if !cfg.is_snat_endpoint(rk.dst_addr_be, rk.dst_port_be) {
             continue;
         }
         let Ok(rev) = revnat.get(rk, 0) else {

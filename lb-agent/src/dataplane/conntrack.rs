@@ -273,11 +273,7 @@ impl fmt::Display for SweepReport {
 
 /// A live reverse entry under `key`: counted when it holds a SNAT port.
 fn count_snat(ports: &mut BTreeMap<SnatBackend, u64>, cfg: &Config, key: &FlowKey) {
-    let port = u16::from_be(key.dst_port_be);
-    if cfg.snat_addr_be != 0
-        && key.dst_addr_be == cfg.snat_addr_be
-        && (cfg.snat_port_min..=cfg.snat_port_max).contains(&port)
-    {
+    if cfg.is_snat_endpoint(key.dst_addr_be, key.dst_port_be) {
         let b = SnatBackend {
             addr: Ipv4Addr::from(key.src_addr_be.to_ne_bytes()),
             port: u16::from_be(key.src_port_be),
