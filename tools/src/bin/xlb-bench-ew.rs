@@ -27,7 +27,7 @@ use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use lb_common::*;
 use lb_tests::{
     Cluster, ManifestOpts, NGINX_CLUSTER_IP, NGINX_NODE_PORT, Network, Pod, TopologySpec,
-    agent_bin, exec_in, exec_ok, privileged_unavailable_reason, seed_manifests, try_in_netns,
+    agent_bin, exec_in, exec_ok, privileged_unavailable_reason, seed_manifests,
 };
 use serde::{Deserialize, Serialize};
 
@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 #[path = "xlb-bench/util.rs"]
 #[allow(dead_code)]
 mod util;
-use util::flush_conntrack;
+use util::{command_line, cpu_model, flush_conntrack, median, sh, sysctl_in};
 
 #[derive(Parser, Clone)]
 #[command(
@@ -246,15 +246,6 @@ fn previous_results(dir: &Path) -> Results {
 
 fn addr(v: u32) -> Ipv4Addr {
     Ipv4Addr::from(v)
-}
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 const EW_TCP_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 200, 1);
@@ -940,13 +931,6 @@ struct EwSetup {
     runs: Vec<LoadRun>,
 }
 
-fn sysctl_in(netns: &str, key: &str, value: &str) -> Result<()> {
-    try_in_netns(netns, || {
-        std::fs::write(Path::new("/proc/sys").join(key), value)
-            .with_context(|| format!("sysctl {key} in {netns}"))
-    })?
-}
-
 /// Medians over the repeats of one (setup, size, proto).
 fn ew_row(extra: u32, nat_rules: usize, proto: Proto4, setup: &str, runs: &[LoadRun]) -> EwRow {
     let mut sum = LoadRun::default();
@@ -1509,35 +1493,4 @@ fn write_results(r: &Results, dir: &Path) -> Result<()> {
     std::fs::write(&json, serde_json::to_string_pretty(r)? + "\n")
         .with_context(|| json.display().to_string())?;
     Ok(())
-}
-
-fn command_line() -> String {
-    std::env::args()
-        .map(|a| {
-            if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '\'') {
-                format!("'{}'", a.replace('\'', r"'\''"))
-            } else {
-                a
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn sh(program: &str, args: &[&str]) -> String {
-    std::process::Command::new(program)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, m)| m.trim().to_owned())
-        .unwrap_or_else(|| "unknown".into())
 }

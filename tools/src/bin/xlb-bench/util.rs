@@ -101,7 +101,7 @@ pub fn flush_conntrack(netns: &str) -> Result<()> {
     })?
 }
 
-/// Rust responders in the pods' namespaces; stopped (and joined) on drop.
+/// This process's command line, shell-quoted, for the results.
 pub fn command_line() -> String {
     std::env::args()
         .map(|a| {
