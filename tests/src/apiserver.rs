@@ -360,7 +360,7 @@ impl ApiServer {
 
     /// Makes the stored Services and EndpointSlices equal to `objs` (creates, updates only
     /// what differs, deletes the rest), one change at a time as controllers would.
-    pub fn sync_objects(&self, objs: &lb_agent::k8s::Objects) -> Result<()> {
+    pub fn sync_objects(&self, objs: &lb_agent::source::yaml::Objects) -> Result<()> {
         let mut want: BTreeMap<ResKey, BTreeMap<(String, String), Value>> = BTreeMap::new();
         for v in objs
             .services

@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{Xdp, XdpMode};
 use lb_agent::{
-    datapath::{Datapath, Limits},
+    dataplane::datapath::{Datapath, Limits},
     status::{self, Status},
 };
 use lb_common::PROG_XDP_PASS;
@@ -423,7 +423,7 @@ impl Cluster {
     /// objects are written).
     pub fn write_manifest(&self, yaml: &str) -> Result<()> {
         if let Some(api) = &self.api {
-            let objs = lb_agent::k8s::parse_objects(yaml)?;
+            let objs = lb_agent::source::yaml::parse_objects(yaml)?;
             return api.sync_objects(&objs);
         }
         let tmp = self.manifest.with_extension("tmp");

@@ -12,7 +12,7 @@ use lb_common::{
 
 /// The datapath's clock (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC) in milliseconds,
 /// wrapping, as `CtEntry::last_seen_ms` holds it: the agent's own.
-pub use lb_agent::conntrack::monotonic_ms;
+pub use lb_agent::dataplane::conntrack::monotonic_ms;
 
 /// What [`ct_counts`] found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

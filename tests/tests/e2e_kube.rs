@@ -19,10 +19,9 @@ use std::{
 };
 
 use lb_agent::{
-    k8s::Objects,
-    kube_source::KubeSource,
+    model::translate::{self, NodeContext, ServiceEvent},
+    source::{kube::KubeSource, yaml::Objects},
     status::Status,
-    translate::{self, NodeContext, ServiceEvent},
 };
 use lb_tests::*;
 use serde_json::{Value, json};

@@ -18,10 +18,12 @@ use etherparse::{
     IpHeaders, IpNumber, Ipv4Header, PacketBuilder, TcpHeader, icmpv4::DestUnreachableHeader,
 };
 use lb_agent::{
-    datapath::{Datapath, Limits},
-    k8s,
-    programmer::{Maps, Programmer, Settings},
-    translate::{self, NodeContext},
+    dataplane::{
+        datapath::{Datapath, Limits},
+        programmer::{Maps, Programmer, Settings},
+    },
+    model::translate::{self, NodeContext},
+    source::yaml as k8s,
 };
 use lb_common::*;
 use lb_tests::{Netns, PinDir, in_netns, privileged};

@@ -350,7 +350,7 @@ const EW_METHOD: &[&str] = &[
 fn agent_wrapper(args: &Args) -> Result<Option<PathBuf>> {
     use std::os::unix::fs::PermissionsExt as _;
     let max = u64::from(args.ew_services.iter().copied().max().unwrap_or(0)) + 16;
-    let need = 2 * u64::from(lb_agent::maglev::DEFAULT_MIN_M) * max;
+    let need = 2 * u64::from(lb_agent::dataplane::maglev::DEFAULT_MIN_M) * max;
     if need <= u64::from(DEFAULT_MAGLEV_ARENA) {
         return Ok(None);
     }

@@ -54,11 +54,11 @@ fn main() -> Result<()> {
 
     println!("\n$ kubectl get svc -n dev");
     let text = std::fs::read_to_string(&c.manifest)?;
-    let objs = lb_agent::k8s::parse_objects(&text)?;
+    let objs = lb_agent::source::yaml::parse_objects(&text)?;
     let node = c.net.nodes()[0].clone();
-    let desired = lb_agent::translate::translate(
+    let desired = lb_agent::model::translate::translate(
         &objs,
-        &lb_agent::translate::NodeContext {
+        &lb_agent::model::translate::NodeContext {
             node_name: node.name.clone(),
             node_addrs: vec![node.addr],
             ..Default::default()

@@ -194,7 +194,10 @@ pub fn run(args: &Args) -> Result<ControlPlane> {
     if let Some(note) = &limit_note {
         eprintln!("  note: {note}");
     }
-    let m = lb_agent::maglev::choose_m(e as usize + 1, lb_agent::maglev::DEFAULT_MIN_M);
+    let m = lb_agent::dataplane::maglev::choose_m(
+        e as usize + 1,
+        lb_agent::dataplane::maglev::DEFAULT_MIN_M,
+    );
     let need = 2 * u64::from(m) * (u64::from(n) + 8);
     // The agent's defaults; only a capacity the default arena lacks is raised.
     let (arena, agent_args) = if need <= u64::from(lb_common::DEFAULT_MAGLEV_ARENA) {
@@ -394,10 +397,12 @@ fn write_tmp(what: &str, text: &str) -> Result<String> {
 /// manifest with one endpoint added. Medians of `repeats` (ms).
 fn breakdown(full: &str, plus: &str, arena: u32, repeats: usize) -> Result<Vec<(String, f64)>> {
     use lb_agent::{
-        datapath::{Datapath, Limits},
-        k8s::parse_objects,
-        programmer::{Maps as PMaps, Programmer, Settings},
-        translate::{NodeContext, translate},
+        dataplane::{
+            datapath::{Datapath, Limits},
+            programmer::{Maps as PMaps, Programmer, Settings},
+        },
+        model::translate::{NodeContext, translate},
+        source::yaml::parse_objects,
     };
     let node = NodeContext {
         node_name: NODE.into(),
@@ -425,7 +430,7 @@ fn breakdown(full: &str, plus: &str, arena: u32, repeats: usize) -> Result<Vec<(
         let mut dp = Datapath::load(pins.path(), &limits)?;
         let mut maps = PMaps::take(&mut dp.ebpf)?;
         let mut programmer = Programmer::new(Settings {
-            min_m: lb_agent::maglev::DEFAULT_MIN_M,
+            min_m: lb_agent::dataplane::maglev::DEFAULT_MIN_M,
             drain: Duration::from_secs(30),
             max_services: limits.max_services,
             max_frontends: limits.max_frontends,

@@ -253,7 +253,7 @@ pub fn services(n: u32, pods: &[Pod], lb_ip: Ipv4Addr) -> Vec<SvcDef> {
 pub fn agent_args(max_services: u32) -> Vec<String> {
     // The measured service has the most endpoints (3); every service gets at most two
     // tables of that size, plus a margin for the iperf service and the free list.
-    let m = lb_agent::maglev::choose_m(3, lb_agent::maglev::DEFAULT_MIN_M);
+    let m = lb_agent::dataplane::maglev::choose_m(3, lb_agent::dataplane::maglev::DEFAULT_MIN_M);
     let need = 2 * u64::from(m) * (u64::from(max_services) + 8);
     if need <= u64::from(lb_common::DEFAULT_MAGLEV_ARENA) {
         return vec![];
@@ -574,7 +574,7 @@ struct Setup {
     _iperf: IperfServer,
     _responders: Responders,
     /// `--ceiling-xdp`: the pass program on both ends of the entry node's uplink.
-    _pass: Option<(lb_agent::datapath::Datapath, lb_tests::PinDir)>,
+    _pass: Option<(lb_agent::dataplane::datapath::Datapath, lb_tests::PinDir)>,
     cluster: Option<Cluster>,
     net: Option<Network>,
     client_ns: String,
@@ -806,9 +806,9 @@ impl Setup {
 fn attach_pass(
     net: &Network,
     entry: &lb_tests::Node,
-) -> Result<(lb_agent::datapath::Datapath, lb_tests::PinDir)> {
+) -> Result<(lb_agent::dataplane::datapath::Datapath, lb_tests::PinDir)> {
     use aya::programs::XdpMode;
-    use lb_agent::datapath::{Datapath, Limits};
+    use lb_agent::dataplane::datapath::{Datapath, Limits};
     let pins = lb_tests::PinDir::new("ceilxdp")?;
     let mut dp = Datapath::load(
         pins.path(),

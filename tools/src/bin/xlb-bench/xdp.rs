@@ -38,10 +38,12 @@ use aya::{
     programs::{TestRun, TestRunOptions},
 };
 use lb_agent::{
-    datapath::{Datapath, Limits},
-    maglev,
-    programmer::{Maps, Programmer, Settings},
-    translate::{
+    dataplane::{
+        datapath::{Datapath, Limits},
+        maglev,
+        programmer::{Maps, Programmer, Settings},
+    },
+    model::translate::{
         BackendSpec, Desired, FrontendKind, FrontendSpec, Proto, Scope, SvcPort, SvcPortId,
     },
 };
