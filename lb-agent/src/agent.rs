@@ -114,6 +114,11 @@ pub struct RunArgs {
     /// `/loglevel`, or `none`.
     #[arg(long, value_name = "ADDR:PORT|none", default_value = crate::serve::metrics::DEFAULT_METRICS_ADDR)]
     pub metrics_addr: String,
+    /// Start with datapath debug events on: the programs log why a packet was passed,
+    /// rejected or dropped, and each new flow (also switched at run time with
+    /// `PUT /datapath-debug` on the metrics address). Off by default.
+    #[arg(long)]
+    pub datapath_debug: bool,
 }
 
 pub fn default_pin_dir(node: &str) -> PathBuf {
@@ -227,6 +232,17 @@ pub struct Agent {
     /// kube-proxy's per-service `healthCheckNodePort` servers.
     health: crate::serve::health::HealthServer,
     metrics: Arc<Metrics>,
+    /// Reads the datapath's debug events into the log while the agent runs.
+    _datapath_events: Option<AbortOnDrop>,
+}
+
+/// A task that stops with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Agent {
@@ -287,6 +303,13 @@ impl Agent {
         // Its own handles on the pins: scrapes never touch the agent's.
         let metrics = Arc::new(Metrics::new(&pin_dir)?);
         let mut maps = Maps::take(&mut dp.ebpf)?;
+        let datapath_events = match aya_log::EbpfLogger::init(&mut dp.ebpf) {
+            Ok(logger) => Some(AbortOnDrop(crate::serve::debug::spawn_reader(logger)?)),
+            Err(e) => {
+                log::warn!("datapath debug events unavailable: {e}");
+                None
+            }
+        };
         maps.config.set(
             0,
             Config {
@@ -297,6 +320,7 @@ impl Agent {
                 ct_tcp_established_s: args.ct_tcp_established_timeout,
                 ct_tcp_close_s: args.ct_tcp_close_timeout,
                 ct_udp_s: args.ct_udp_timeout,
+                flags: crate::serve::debug::with_debug(0, args.datapath_debug),
             },
             0,
         )?;
@@ -370,6 +394,7 @@ impl Agent {
             new_events: vec![],
             health: crate::serve::health::HealthServer::new(Ipv4Addr::UNSPECIFIED),
             metrics,
+            _datapath_events: datapath_events,
         };
         agent.sync_pod_ifaces(links);
         agent.save_info();

@@ -76,16 +76,15 @@ pub fn read(pin_dir: &Path, run_dir: &Path) -> Result<Status> {
     for item in services.iter() {
         let (svc_id, svc) = item?;
         let m = meta.get(&svc_id, 0).unwrap_or_default();
-        let end = m.name.iter().position(|&b| b == 0).unwrap_or(m.name.len());
-        let name = String::from_utf8_lossy(&m.name[..end]).into_owned();
         let mut st = SvcStatus {
-            name,
-            svc_type: match m.svc_type {
-                SVC_TYPE_NODE_PORT => "NodePort",
-                SVC_TYPE_LOAD_BALANCER => "LoadBalancer",
-                _ => "ClusterIP",
-            }
-            .to_string(),
+            // `ns/name[:port]/PROTO[ (local)]`, as the agent names the port; empty for an
+            // entry not written by this layout version.
+            name: if m.is_current() {
+                m.to_string()
+            } else {
+                String::new()
+            },
+            svc_type: m.service_type().unwrap_or_default().as_str().to_string(),
             cluster_ip: None,
             external_ips: vec![],
             port: None,

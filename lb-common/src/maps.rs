@@ -394,7 +394,14 @@ pub struct Config {
     pub ct_tcp_established_s: u32,
     pub ct_tcp_close_s: u32,
     pub ct_udp_s: u32,
+    /// `CFG_*` bits, switched at run time by the agent.
+    pub flags: u32,
 }
+
+/// `Config::flags`: the programs log debug events (aya-log) — why a packet was passed,
+/// rejected or dropped, and each new flow. Off by default; off, an event costs one test of
+/// this word, which the programs have loaded anyway.
+pub const CFG_DEBUG_EVENTS: u32 = 1 << 0;
 
 impl Config {
     /// `addr_be:port_be` is one of the node's SNAT address and ports: a reply there belongs
@@ -417,6 +424,7 @@ impl Config {
         ct_tcp_established_s: DEFAULT_CT_TCP_ESTABLISHED_S,
         ct_tcp_close_s: DEFAULT_CT_TCP_CLOSE_S,
         ct_udp_s: DEFAULT_CT_UDP_S,
+        flags: 0,
     };
 }
 
@@ -430,29 +438,240 @@ pub struct SvcStats {
     pub rejects: u64,
 }
 
-/// `XLB_SVC_META[svc_id]`: the service port's name, written by the agent and read only by
-/// `lb-agent status`, so that what is programmed can be shown from the pins alone.
+/// `XLB_SVC_META[svc_id]`: who a service port is, written by the agent and read only by
+/// user space (`lb-agent status`, the metrics, and the agent itself when it adopts the
+/// pinned state after a restart), so that what is programmed can be named from the pins
+/// alone. The datapath never reads it.
+///
+/// Structured, not a display string: each part of the identity has its own field. Every
+/// field is a single byte, a byte string, or (`port`) host byte order. Strings are UTF-8,
+/// NUL-padded to the array's length, and not NUL-terminated when they fill it; their sizes
+/// are Kubernetes' own limits, so a valid object always fits (see [`SvcMeta::new`]).
+///
+/// An all-zero value (an id never initialised) has `version` 0; a value whose `version` is
+/// not [`SVC_META_VERSION`] must not be taken for an identity.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Debug, PartialEq, Eq)]
 pub struct SvcMeta {
-    /// `namespace/name:port-name`, NUL-padded UTF-8.
-    pub name: [u8; 124],
-    /// Service type code: see `SVC_TYPE_*`.
-    pub svc_type: u32,
+    /// Layout version, [`SVC_META_VERSION`] when written by this code (one byte).
+    pub version: u8,
+    /// [`ServiceType`] as its `u8` discriminant (one byte).
+    pub svc_type: u8,
+    /// IP protocol number, `PROTO_TCP` or `PROTO_UDP` (one byte).
+    pub proto: u8,
+    /// `SVC_SCOPE_CLUSTER` or `SVC_SCOPE_LOCAL` (one byte): which endpoints the port may
+    /// use (a Local traffic policy makes a second, node-local unit of the same port).
+    pub scope: u8,
+    /// The Service's `port` (not a nodePort), host byte order.
+    pub port: u16,
+    /// `metadata.namespace` (a DNS label: at most 63 bytes), NUL-padded UTF-8.
+    pub namespace: [u8; SVC_META_NAMESPACE_LEN],
+    /// `metadata.name` (a DNS label: at most 63 bytes), NUL-padded UTF-8.
+    pub name: [u8; SVC_META_NAME_LEN],
+    /// The port's `name` (an IANA_SVC_NAME: at most 15 bytes), NUL-padded UTF-8; empty for
+    /// the unnamed port of a single-port service.
+    pub port_name: [u8; SVC_META_PORT_NAME_LEN],
+    /// Explicit padding to the 2-byte alignment of `port`; always 0.
+    pub _pad: u8,
 }
 
-impl Default for SvcMeta {
-    fn default() -> Self {
-        Self {
-            name: [0; 124],
-            svc_type: 0,
+/// `SvcMeta::version` of the layout above.
+pub const SVC_META_VERSION: u8 = 1;
+/// Longest namespace and service name: a Kubernetes DNS label (RFC 1123), 63 bytes.
+pub const SVC_META_NAMESPACE_LEN: usize = 63;
+pub const SVC_META_NAME_LEN: usize = 63;
+/// Longest port name: an IANA_SVC_NAME, 15 bytes.
+pub const SVC_META_PORT_NAME_LEN: usize = 15;
+
+/// `SvcMeta::scope`: every ready endpoint in the cluster.
+pub const SVC_SCOPE_CLUSTER: u8 = 0;
+/// `SvcMeta::scope`: only endpoints on this node (`internalTrafficPolicy` or
+/// `externalTrafficPolicy` Local); shown as ` (local)`.
+pub const SVC_SCOPE_LOCAL: u8 = 1;
+
+/// A Service's `spec.type`, for the types the datapath serves (ExternalName never is).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP = 0,
+    NodePort = 1,
+    LoadBalancer = 2,
+}
+
+impl ServiceType {
+    /// As `kubectl get svc` prints it in the TYPE column (and as spelled in the API).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+
+    /// From its discriminant (`SvcMeta::svc_type`); `None` for an unknown code.
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(ServiceType::ClusterIP),
+            1 => Some(ServiceType::NodePort),
+            2 => Some(ServiceType::LoadBalancer),
+            _ => None,
         }
     }
 }
 
-pub const SVC_TYPE_CLUSTER_IP: u32 = 0;
-pub const SVC_TYPE_NODE_PORT: u32 = 1;
-pub const SVC_TYPE_LOAD_BALANCER: u32 = 2;
+impl core::fmt::Display for ServiceType {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Default for SvcMeta {
+    fn default() -> Self {
+        bytemuck::Zeroable::zeroed()
+    }
+}
+
+/// Copies `s` into a NUL-padded array; `None` if it does not fit.
+fn fixed<const N: usize>(s: &str) -> Option<[u8; N]> {
+    let mut out = [0; N];
+    out.get_mut(..s.len())?.copy_from_slice(s.as_bytes());
+    Some(out)
+}
+
+/// Copies the longest prefix of `s` that fits and ends on a character boundary.
+fn fixed_truncated<const N: usize>(s: &str) -> [u8; N] {
+    let mut end = s.len().min(N);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = [0; N];
+    out[..end].copy_from_slice(&s.as_bytes()[..end]);
+    out
+}
+
+/// The UTF-8 text before the first NUL; its longest valid prefix if the bytes are not
+/// UTF-8 (only a value not written by [`SvcMeta::new`] can be).
+fn text(bytes: &[u8]) -> &str {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    match core::str::from_utf8(&bytes[..end]) {
+        Ok(s) => s,
+        // `valid_up_to` is a character boundary of valid UTF-8, so this cannot fail.
+        Err(e) => core::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default(),
+    }
+}
+
+impl SvcMeta {
+    /// The identity of one service port; `None` if a string is longer than its field
+    /// (never for objects the API server accepted).
+    pub fn new(
+        namespace: &str,
+        name: &str,
+        port_name: &str,
+        svc_type: ServiceType,
+        proto: u8,
+        scope: u8,
+        port: u16,
+    ) -> Option<Self> {
+        Some(Self {
+            version: SVC_META_VERSION,
+            svc_type: svc_type as u8,
+            proto,
+            scope,
+            port,
+            namespace: fixed(namespace)?,
+            name: fixed(name)?,
+            port_name: fixed(port_name)?,
+            _pad: 0,
+        })
+    }
+
+    /// As [`SvcMeta::new`], cutting each string that is too long at the last character
+    /// boundary that fits. The result no longer names the port exactly: compare it with
+    /// [`SvcMeta::is_exact`] before relying on it.
+    pub fn new_truncated(
+        namespace: &str,
+        name: &str,
+        port_name: &str,
+        svc_type: ServiceType,
+        proto: u8,
+        scope: u8,
+        port: u16,
+    ) -> Self {
+        Self {
+            version: SVC_META_VERSION,
+            svc_type: svc_type as u8,
+            proto,
+            scope,
+            port,
+            namespace: fixed_truncated(namespace),
+            name: fixed_truncated(name),
+            port_name: fixed_truncated(port_name),
+            _pad: 0,
+        }
+    }
+
+    /// Written by this layout version (an uninitialised id is not).
+    pub fn is_current(&self) -> bool {
+        self.version == SVC_META_VERSION
+    }
+
+    /// Whether this names exactly the given parts (no part truncated, same layout version).
+    pub fn is_exact(&self, namespace: &str, name: &str, port_name: &str) -> bool {
+        self.is_current()
+            && self.namespace() == namespace
+            && self.name() == name
+            && self.port_name() == port_name
+    }
+
+    pub fn namespace(&self) -> &str {
+        text(&self.namespace)
+    }
+
+    pub fn name(&self) -> &str {
+        text(&self.name)
+    }
+
+    /// Empty for an unnamed port.
+    pub fn port_name(&self) -> &str {
+        text(&self.port_name)
+    }
+
+    /// `None` for a code this version does not know.
+    pub fn service_type(&self) -> Option<ServiceType> {
+        ServiceType::from_u8(self.svc_type)
+    }
+
+    pub fn is_local(&self) -> bool {
+        self.scope == SVC_SCOPE_LOCAL
+    }
+
+    /// `TCP`, `UDP`, or the protocol number.
+    fn write_proto(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.proto {
+            crate::PROTO_TCP => f.write_str("TCP"),
+            crate::PROTO_UDP => f.write_str("UDP"),
+            p => write!(f, "{p}"),
+        }
+    }
+}
+
+impl core::fmt::Display for SvcMeta {
+    /// The agent's name for a service port: `ns/name:port_name/TCP`, or `ns/name/TCP` for
+    /// an unnamed port, with ` (local)` appended for the node-local scope.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}/{}", self.namespace(), self.name())?;
+        if !self.port_name().is_empty() {
+            write!(f, ":{}", self.port_name())?;
+        }
+        f.write_str("/")?;
+        self.write_proto(f)?;
+        if self.is_local() {
+            f.write_str(" (local)")?;
+        }
+        Ok(())
+    }
+}
 
 /// Defines `Counter`, `COUNTER_NAMES` and `COUNTER_COUNT` from one list of
 /// `Variant => "name"` pairs, so a counter's index and its name cannot drift apart.
@@ -606,9 +825,11 @@ mod tests {
         assert_eq!(size_of::<RevNat>(), 16);
         assert_eq!(size_of::<SockRevKey>(), 16);
         assert_eq!(size_of::<SockRev>(), 8);
-        assert_eq!(size_of::<Config>(), 24);
+        assert_eq!(size_of::<SvcMeta>(), 148);
+        assert_eq!(core::mem::offset_of!(SvcMeta, port), 4);
+        assert_eq!(core::mem::offset_of!(SvcMeta, _pad), 147);
+        assert_eq!(size_of::<Config>(), 28);
         assert_eq!(size_of::<SvcStats>(), 32);
-        assert_eq!(size_of::<SvcMeta>(), 128);
     }
 
     #[test]
@@ -727,5 +948,111 @@ mod tests {
         ] {
             assert_ne!(flow_hash(&k), h, "{k:?}");
         }
+    }
+
+    #[test]
+    fn svc_meta_round_trips() {
+        let m = SvcMeta::new(
+            "dev",
+            "nginx-service",
+            "http",
+            ServiceType::NodePort,
+            crate::PROTO_TCP,
+            SVC_SCOPE_CLUSTER,
+            80,
+        )
+        .unwrap();
+        assert!(m.is_current());
+        assert_eq!(
+            (m.namespace(), m.name(), m.port_name()),
+            ("dev", "nginx-service", "http")
+        );
+        assert_eq!(m.service_type(), Some(ServiceType::NodePort));
+        assert_eq!(
+            (m.proto, m.port, m.is_local()),
+            (crate::PROTO_TCP, 80, false)
+        );
+        assert!(m.is_exact("dev", "nginx-service", "http"));
+        assert!(!m.is_exact("dev", "nginx-service", ""));
+        // Through the bytes the map holds.
+        let back: SvcMeta = bytemuck::pod_read_unaligned(bytemuck::bytes_of(&m));
+        assert_eq!(back, m);
+        assert_eq!(bytemuck::bytes_of(&m)[4..6], 80u16.to_ne_bytes());
+
+        // Fields exactly as long as their arrays: no NUL, read back whole.
+        let (ns, port) = (ascii::<63>(b'n'), ascii::<15>(b'p'));
+        let m = SvcMeta::new(
+            text(&ns),
+            text(&ns),
+            text(&port),
+            ServiceType::LoadBalancer,
+            crate::PROTO_UDP,
+            SVC_SCOPE_LOCAL,
+            65535,
+        )
+        .unwrap();
+        let (ns, port) = (text(&ns), text(&port));
+        assert_eq!((ns.len(), port.len()), (63, 15));
+        assert_eq!((m.namespace(), m.name(), m.port_name()), (ns, ns, port));
+        assert!(m.is_local());
+        assert_eq!(m.port, 65535);
+    }
+
+    #[test]
+    fn svc_meta_refuses_or_truncates_what_does_not_fit() {
+        let long = ascii::<64>(b'x');
+        let long = text(&long);
+        let tcp = crate::PROTO_TCP;
+        let ct = ServiceType::ClusterIP;
+        assert_eq!(SvcMeta::new(long, "a", "", ct, tcp, 0, 1), None);
+        assert_eq!(SvcMeta::new("a", long, "", ct, tcp, 0, 1), None);
+        assert_eq!(
+            SvcMeta::new("a", "b", text(&ascii::<16>(b'p')), ct, tcp, 0, 1),
+            None
+        );
+
+        let m = SvcMeta::new_truncated(long, "b", "", ct, tcp, 0, 1);
+        assert_eq!(m.namespace(), &long[..63]);
+        assert!(!m.is_exact(long, "b", ""));
+        // Cut on a character boundary: 62 ASCII bytes, then a 2-byte character.
+        let s = alloc_free_concat();
+        let m = SvcMeta::new_truncated(s, "b", "", ct, tcp, 0, 1);
+        assert_eq!(m.namespace(), &s[..62]);
+    }
+
+    /// `N` copies of an ASCII byte (the crate has no `alloc` for `str::repeat`).
+    fn ascii<const N: usize>(b: u8) -> [u8; N] {
+        [b; N]
+    }
+
+    /// 62 ASCII bytes followed by `é` (2 bytes), without `alloc`.
+    fn alloc_free_concat() -> &'static str {
+        "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\u{e9}"
+    }
+
+    #[test]
+    fn svc_meta_reads_garbage_safely() {
+        let mut m = SvcMeta::default();
+        assert!(!m.is_current());
+        assert_eq!((m.namespace(), m.name(), m.port_name()), ("", "", ""));
+        m.name[..3].copy_from_slice(&[b'a', 0xff, b'b']);
+        assert_eq!(m.name(), "a");
+        m.svc_type = 9;
+        assert_eq!(m.service_type(), None);
+    }
+
+    #[test]
+    fn service_type_codes() {
+        for t in [
+            ServiceType::ClusterIP,
+            ServiceType::NodePort,
+            ServiceType::LoadBalancer,
+        ] {
+            assert_eq!(ServiceType::from_u8(t as u8), Some(t));
+        }
+        assert_eq!(ServiceType::from_u8(3), None);
+        assert_eq!(ServiceType::ClusterIP.as_str(), "ClusterIP");
+        assert_eq!(ServiceType::NodePort.as_str(), "NodePort");
+        assert_eq!(ServiceType::LoadBalancer.as_str(), "LoadBalancer");
     }
 }

@@ -6,16 +6,19 @@
 #![no_main]
 
 mod ct;
+mod event;
 mod fib;
 mod lb;
 mod maps;
-mod nat;
-mod parse;
-mod reject;
 mod snat;
 mod sock;
 mod tc;
 mod xdp;
+mod xdp_reject;
+
+// The pure packet functions live in the library part (lib.rs), tested on the host; the
+// programs' modules reach them as `crate::parse` and so on.
+use lb_ebpf::{nat, parse, reject};
 
 use aya_ebpf::{
     bindings::xdp_action::XDP_PASS,

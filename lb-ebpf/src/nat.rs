@@ -82,3 +82,91 @@ pub fn dec_ttl(data: usize, data_end: usize) -> Option<bool> {
     ip.check = csum::replace16(u16::from_ne_bytes(ip.check), old, new).to_ne_bytes();
     Some(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use etherparse::{SlicedPacket, TransportSlice};
+
+    use super::*;
+    use crate::parse::tests::{tcp, udp};
+
+    /// The checksums of the frame's IPv4 header and TCP/UDP segment, recomputed from
+    /// scratch, equal the ones in the frame.
+    fn assert_checksums(f: &[u8]) {
+        let p = SlicedPacket::from_ethernet(f).unwrap();
+        let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+            panic!("not IPv4")
+        };
+        let h = ip.header().to_header();
+        assert_eq!(h.header_checksum, h.calc_header_checksum(), "IPv4 checksum");
+        let payload = ip.payload().payload;
+        match p.transport {
+            Some(TransportSlice::Tcp(t)) => {
+                let want = t.to_header().calc_checksum_ipv4(&h, t.payload()).unwrap();
+                assert_eq!(t.checksum(), want, "TCP checksum");
+            }
+            Some(TransportSlice::Udp(u)) => {
+                let want = u.to_header().calc_checksum_ipv4(&h, &payload[8..]).unwrap();
+                assert_eq!(u.checksum(), want, "UDP checksum");
+            }
+            _ => panic!("not TCP/UDP"),
+        }
+    }
+
+    fn rewrite_frame(f: &mut [u8], proto: u8, side: Side, addr: [u8; 4], port: u16) {
+        let d = f.as_mut_ptr() as usize;
+        rewrite(
+            d,
+            d + f.len(),
+            proto,
+            side,
+            u32::from_ne_bytes(addr),
+            port.to_be(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn dnat_then_snat_keeps_checksums_valid() {
+        for mut f in [tcp(true, b"hello"), tcp(false, &[]), udp(b"query")] {
+            let proto = f[IP_OFF + 9];
+            rewrite_frame(&mut f, proto, Side::Dst, [10, 244, 1, 5], 8080);
+            assert_checksums(&f);
+            rewrite_frame(&mut f, proto, Side::Src, [172, 18, 0, 2], 20001);
+            assert_checksums(&f);
+            assert_eq!(
+                &f[IP_OFF + 12..IP_OFF + 20],
+                &[172, 18, 0, 2, 10, 244, 1, 5]
+            );
+            assert_eq!(&f[L4_OFF..L4_OFF + 4], &[0x4e, 0x21, 0x1f, 0x90]);
+        }
+    }
+
+    #[test]
+    fn udp_without_checksum_stays_without() {
+        let mut f = udp(b"query");
+        f[L4_OFF + 6..L4_OFF + 8].copy_from_slice(&[0, 0]);
+        rewrite_frame(&mut f, PROTO_UDP, Side::Dst, [10, 244, 1, 5], 5353);
+        assert_eq!(&f[L4_OFF + 6..L4_OFF + 8], &[0, 0]);
+    }
+
+    #[test]
+    fn other_protocols_and_short_frames_are_refused() {
+        let mut f = tcp(true, &[]);
+        let d = f.as_mut_ptr() as usize;
+        assert!(rewrite(d, d + f.len(), 1, Side::Dst, 0, 0).is_none());
+        assert!(rewrite(d, d + L4_OFF + 4, PROTO_TCP, Side::Dst, 0, 0).is_none());
+    }
+
+    #[test]
+    fn ttl_decrement_keeps_checksum_and_stops_at_one() {
+        let mut f = udp(b"x");
+        let d = f.as_mut_ptr() as usize;
+        assert_eq!(dec_ttl(d, d + f.len()), Some(true));
+        assert_eq!(f[IP_OFF + 8], 63);
+        assert_checksums(&f);
+        f[IP_OFF + 8] = 1;
+        assert_eq!(dec_ttl(d, d + f.len()), Some(false));
+        assert_eq!(f[IP_OFF + 8], 1);
+    }
+}

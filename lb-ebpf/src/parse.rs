@@ -109,3 +109,85 @@ pub fn parse(data: usize, data_end: usize, whole_frame: bool) -> Result<Tuple, N
         tcp_flags,
     })
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use etherparse::{IpNumber, PacketBuilder};
+
+    use super::*;
+
+    pub const CLIENT: [u8; 4] = [192, 0, 2, 1];
+    pub const FRONTEND: [u8; 4] = [198, 51, 100, 7];
+
+    pub fn tcp(flags_syn: bool, payload: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4(CLIENT, FRONTEND, 64)
+            .tcp(40000, 80, 1000, 64240);
+        let b = if flags_syn { b.syn() } else { b.ack(5000) };
+        let mut v = vec![];
+        b.write(&mut v, payload).unwrap();
+        v
+    }
+
+    pub fn udp(payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![];
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4(CLIENT, FRONTEND, 64)
+            .udp(40001, 53)
+            .write(&mut v, payload)
+            .unwrap();
+        v
+    }
+
+    pub fn run(f: &[u8]) -> Result<Tuple, NotOurs> {
+        let d = f.as_ptr() as usize;
+        parse(d, d + f.len(), true)
+    }
+
+    #[test]
+    fn tcp_and_udp_tuples_in_network_order() {
+        let t = run(&tcp(true, &[])).unwrap();
+        assert_eq!(t.src, u32::from_ne_bytes(CLIENT));
+        assert_eq!(t.dst, u32::from_ne_bytes(FRONTEND));
+        assert_eq!((u16::from_be(t.sport), u16::from_be(t.dport)), (40000, 80));
+        assert_eq!((t.proto, t.tcp_flags), (PROTO_TCP, 0x02));
+        let u = run(&udp(b"q")).unwrap();
+        assert_eq!((u16::from_be(u.sport), u16::from_be(u.dport)), (40001, 53));
+        assert_eq!((u.proto, u.tcp_flags), (PROTO_UDP, 0));
+    }
+
+    #[test]
+    fn what_is_not_ours_says_why() {
+        let mut arp = tcp(true, &[]);
+        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        assert_eq!(run(&arp).err(), Some(Counter::PassNotIpv4));
+
+        let mut frag = udp(b"x");
+        frag[IP_OFF + 6] = 0x20; // more fragments
+        assert_eq!(run(&frag).err(), Some(Counter::PassFragment));
+        let mut later = udp(b"x");
+        later[IP_OFF + 7] = 0x01; // offset 8
+        assert_eq!(run(&later).err(), Some(Counter::PassFragment));
+
+        let mut opts = tcp(true, &[]);
+        opts[IP_OFF] = 0x46;
+        assert_eq!(run(&opts).err(), Some(Counter::PassIpOptions));
+
+        let mut icmp = udp(b"x");
+        icmp[IP_OFF + 9] = u8::from(IpNumber::ICMP);
+        assert_eq!(run(&icmp).err(), Some(Counter::PassNotTcpUdp));
+
+        let whole = tcp(true, &[]);
+        assert_eq!(run(&whole[..L4_OFF + 10]).err(), Some(Counter::Truncated));
+        let mut long = tcp(true, &[]);
+        long[IP_OFF + 2..IP_OFF + 4].copy_from_slice(&1500u16.to_be_bytes());
+        assert_eq!(run(&long).err(), Some(Counter::Truncated));
+        // tc: the payload may sit beyond the linear part, so only the headers must fit.
+        let d = long.as_ptr() as usize;
+        assert!(parse(d, d + long.len(), false).is_ok());
+        assert_eq!(run(&[0u8; 10]).err(), Some(Counter::Truncated));
+        let mut short_ihl = tcp(true, &[]);
+        short_ihl[IP_OFF] = 0x44;
+        assert_eq!(run(&short_ihl).err(), Some(Counter::Truncated));
+    }
+}

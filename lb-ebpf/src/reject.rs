@@ -2,18 +2,14 @@
 //! port), as kube-proxy does: the client gets "connection refused" at once instead of
 //! retrying into a black hole. TCP gets a RST, UDP an ICMP port unreachable; both are built
 //! in place over the offending packet and sent back the way it came. The builders work on
-//! plain byte arrays so the XDP and tc programs share them; only resizing differs.
-use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_TX},
-    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
-    programs::XdpContext,
-};
+//! plain byte arrays so the XDP and tc programs share them (and host tests check them);
+//! only resizing differs (`xdp_reject.rs`, tc.rs).
 use core::mem::{offset_of, size_of};
 
 use lb_common::{PROTO_ICMP, PROTO_TCP, csum};
 use network_types::{eth::EthHdr, icmp::Icmpv4Hdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
-use crate::parse::{ETH_P_IP, IP_LEN, IP_OFF, L4_OFF, ptr_at};
+use crate::parse::{ETH_P_IP, IP_LEN, IP_OFF, L4_OFF};
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -184,44 +180,80 @@ pub fn build_icmp_unreachable(b: &mut [u8; ICMP_LEN], o: &Origin) {
     b[ICMP_CHECK..ICMP_CHECK + 2].copy_from_slice(&c.to_ne_bytes());
 }
 
-/// XDP: answer a TCP segment with a RST out of the interface it came in on.
-#[inline(always)]
-pub fn tcp_rst(ctx: &XdpContext) -> u32 {
-    let len = ctx.data_end() - ctx.data();
-    let Some(p) = ptr_at::<[u8; RST_LEN]>(ctx.data(), ctx.data_end(), 0) else {
-        return XDP_DROP;
-    };
-    // SAFETY: 54 bytes checked by ptr_at; XDP owns the frame.
-    if !build_rst(unsafe { &mut *p }) {
-        return XDP_DROP;
-    }
-    // SAFETY: shrinking within the frame; pointers are not used afterwards.
-    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, RST_LEN as i32 - len as i32) } != 0 {
-        return XDP_DROP;
-    }
-    XDP_TX
-}
+#[cfg(test)]
+mod tests {
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
-/// XDP: answer a UDP datagram with an ICMP port unreachable quoting its IP header and 8
-/// bytes: cut the frame to the quote, then grow room for the new headers in front of it.
-#[inline(always)]
-pub fn icmp_port_unreachable(ctx: &XdpContext) -> u32 {
-    let len = ctx.data_end() - ctx.data();
-    let Some(p) = ptr_at::<[u8; QUOTE_END]>(ctx.data(), ctx.data_end(), 0) else {
-        return XDP_DROP;
-    };
-    let o = origin(unsafe { &*p });
-    unsafe {
-        if bpf_xdp_adjust_tail(ctx.ctx, QUOTE_END as i32 - len as i32) != 0 {
-            return XDP_DROP;
-        }
-        if bpf_xdp_adjust_head(ctx.ctx, -(ICMP_GROW as i32)) != 0 {
-            return XDP_DROP;
-        }
+    use super::*;
+    use crate::parse::tests::{CLIENT, FRONTEND, tcp, udp};
+
+    fn rst_of(mut f: Vec<u8>) -> Option<Vec<u8>> {
+        let b: &mut [u8; RST_LEN] = (&mut f[..RST_LEN]).try_into().unwrap();
+        build_rst(b).then(|| f[..RST_LEN].to_vec())
     }
-    let Some(p) = ptr_at::<[u8; ICMP_LEN]>(ctx.data(), ctx.data_end(), 0) else {
-        return XDP_DROP;
-    };
-    build_icmp_unreachable(unsafe { &mut *p }, &o);
-    XDP_TX
+
+    fn tcp_of(f: &[u8]) -> (etherparse::Ipv4Header, etherparse::TcpHeader) {
+        let p = SlicedPacket::from_ethernet(f).unwrap();
+        let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Tcp(t))) = (p.net, p.transport) else {
+            panic!("not TCP/IPv4")
+        };
+        let (h, t) = (ip.header().to_header(), t.to_header());
+        assert_eq!(h.header_checksum, h.calc_header_checksum());
+        assert_eq!(t.checksum, t.calc_checksum_ipv4(&h, &[]).unwrap());
+        (h, t)
+    }
+
+    #[test]
+    fn syn_with_payload_gets_rst_ack_acking_all_of_it() {
+        let r = rst_of(tcp(true, b"abc")).unwrap();
+        let (h, t) = tcp_of(&r);
+        assert_eq!((h.source, h.destination), (FRONTEND, CLIENT));
+        assert_eq!((t.source_port, t.destination_port), (80, 40000));
+        assert!(t.rst && t.ack && !t.syn);
+        assert_eq!(
+            (t.sequence_number, t.acknowledgment_number),
+            (0, 1000 + 3 + 1)
+        );
+        // Back to the client's MAC, from ours.
+        assert_eq!(&r[0..12], &[2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2]);
+    }
+
+    #[test]
+    fn ack_gets_rst_with_its_ack_as_seq() {
+        let (_, t) = tcp_of(&rst_of(tcp(false, &[])).unwrap());
+        assert!(t.rst && !t.ack);
+        assert_eq!(t.sequence_number, 5000);
+    }
+
+    #[test]
+    fn rst_is_never_answered() {
+        let mut f = tcp(false, &[]);
+        f[TCP_FLAGS] |= TCP_RST;
+        assert!(rst_of(f).is_none());
+    }
+
+    #[test]
+    fn icmp_port_unreachable_quotes_the_datagram() {
+        let f = udp(b"query");
+        let o = origin((&f[..QUOTE_END]).try_into().unwrap());
+        let mut b = [0u8; ICMP_LEN];
+        b[ICMP_LEN - (QUOTE_END - IP_OFF)..].copy_from_slice(&f[IP_OFF..QUOTE_END]);
+        build_icmp_unreachable(&mut b, &o);
+        let p = SlicedPacket::from_ethernet(&b).unwrap();
+        let Some(NetSlice::Ipv4(ip)) = p.net else {
+            panic!("not IPv4")
+        };
+        let h = ip.header().to_header();
+        assert_eq!(h.header_checksum, h.calc_header_checksum());
+        assert_eq!((h.source, h.destination), (FRONTEND, CLIENT));
+        let icmp = &b[L4_OFF..];
+        assert_eq!((icmp[0], icmp[1]), (3, 3));
+        // Summed with its checksum, a valid ICMP message folds to 0.
+        assert_eq!(csum::checksum(icmp, 0), 0, "ICMP checksum");
+        assert_eq!(
+            &icmp[8..],
+            &f[IP_OFF..QUOTE_END],
+            "quote: IP header + 8 bytes"
+        );
+    }
 }

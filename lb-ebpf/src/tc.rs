@@ -29,6 +29,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
     ct,
+    event::event,
     lb::{self, Choice, Path},
     maps::{CLUSTER_IPS, CONFIG, FRONTENDS, Outcome, REVNAT, SERVICES, count, record},
     parse::{self, ETH_LEN, IP_OFF, L4_OFF, Tuple, ptr_at},
@@ -84,13 +85,14 @@ pub fn run(ctx: &TcContext) -> i32 {
                 snat_remote: fe.flags & FE_CLUSTER_IP == 0,
                 from_pod: true,
             };
-            return to_backend(ctx, &t, fe.svc_id, path);
+            return to_backend(ctx, &t, fe.svc_id, path, cfg);
         }
     }
     // SAFETY: plain-data map value.
     if unsafe { CLUSTER_IPS.get(&t.dst) }.is_some() {
         // A ClusterIP on a port no service uses: refused, as kube-proxy does.
         count(Counter::RejectUnknownPort);
+        event(ctx, cfg, &t, "rejected: ClusterIP port no service uses");
         return reject(ctx, &t);
     }
     let Some(rev) = (unsafe { REVNAT.get(&rk) }) else {
@@ -106,6 +108,7 @@ pub fn run(ctx: &TcContext) -> i32 {
 #[inline(always)]
 fn checked_reply(ctx: &TcContext, t: &Tuple, rk: &FlowKey, rev: &RevNat, cfg: &Config) -> i32 {
     if !ct::seen_reply(rk, rev, t.tcp_flags, cfg) {
+        event(ctx, cfg, t, "dropped: reply of a flow that is over");
         return TC_ACT_SHOT as i32;
     }
     reply(ctx, t, rev)
@@ -171,7 +174,7 @@ fn reply(ctx: &TcContext, t: &Tuple, rev: &RevNat) -> i32 {
 }
 
 #[inline(always)]
-fn to_backend(ctx: &TcContext, t: &Tuple, svc_id: u32, path: Path) -> i32 {
+fn to_backend(ctx: &TcContext, t: &Tuple, svc_id: u32, path: Path, cfg: &Config) -> i32 {
     let Some(svc) = (unsafe { SERVICES.get(svc_id) }) else {
         return TC_ACT_OK as i32;
     };
@@ -182,10 +185,22 @@ fn to_backend(ctx: &TcContext, t: &Tuple, svc_id: u32, path: Path) -> i32 {
         Choice::Go(target) => target,
         Choice::Reject => {
             record(svc_id, len, Outcome::Reject);
+            event(ctx, cfg, t, "rejected: service has no serving endpoint");
             return reject(ctx, t);
         }
-        Choice::Drop => return TC_ACT_SHOT as i32,
+        Choice::Drop => {
+            event(
+                ctx,
+                cfg,
+                t,
+                "dropped: no endpoint for this node or no SNAT port",
+            );
+            return TC_ACT_SHOT as i32;
+        }
     };
+    if target.new_flow {
+        event(ctx, cfg, t, "new flow");
+    }
     record(
         svc_id,
         len,

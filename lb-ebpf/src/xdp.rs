@@ -8,12 +8,14 @@ use aya_ebpf::{
 use lb_common::*;
 
 use crate::{
-    ct, fib,
+    ct,
+    event::event,
+    fib,
     lb::{self, Choice},
     maps::{CONFIG, FRONTENDS, Outcome, REVNAT, SERVICES, SRC_RANGES, count, record},
     nat::{Side, rewrite},
     parse::{self, Tuple},
-    reject,
+    xdp_reject,
 };
 
 #[inline(always)]
@@ -46,9 +48,15 @@ pub fn run(ctx: &XdpContext) -> u32 {
         if fe.flags & (FE_NODEPORT | FE_EXTERNAL) != 0 {
             if fe.flags & FE_SOURCE_RANGES != 0 && !source_allowed(fe.svc_id, t.src) {
                 count(Counter::DropSourceRange);
+                event(
+                    ctx,
+                    cfg,
+                    &t,
+                    "dropped: client not in loadBalancerSourceRanges",
+                );
                 return XDP_DROP;
             }
-            return to_backend(ctx, &t, fe.svc_id);
+            return to_backend(ctx, &t, fe.svc_id, cfg);
         }
     }
     // Replies of flows that are not source-NATed (backend -> client).
@@ -57,6 +65,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
         return translate_reply(ctx, &t, &rk, &rev, cfg);
     }
     count(Counter::PassNoMatch);
+    event(ctx, cfg, &t, "passed: no service or flow");
     XDP_PASS
 }
 
@@ -70,6 +79,7 @@ fn translate_reply(ctx: &XdpContext, t: &Tuple, rk: &FlowKey, rev: &RevNat, cfg:
     }
     if !ct::seen_reply(rk, rev, t.tcp_flags, cfg) {
         // Its flow is gone: nothing to translate it to.
+        event(ctx, cfg, t, "dropped: reply of a flow that is over");
         return XDP_DROP;
     }
     reply(ctx, t, rev)
@@ -90,7 +100,7 @@ fn source_allowed(svc_id: u32, src_be: u32) -> bool {
 }
 
 #[inline(always)]
-fn to_backend(ctx: &XdpContext, t: &Tuple, svc_id: u32) -> u32 {
+fn to_backend(ctx: &XdpContext, t: &Tuple, svc_id: u32, cfg: &Config) -> u32 {
     let Some(svc) = (unsafe { SERVICES.get(svc_id) }) else {
         count(Counter::PassNoMatch);
         return XDP_PASS;
@@ -102,16 +112,28 @@ fn to_backend(ctx: &XdpContext, t: &Tuple, svc_id: u32) -> u32 {
         Choice::Go(target) => target,
         Choice::Reject => {
             record(svc_id, len, Outcome::Reject);
+            event(ctx, cfg, t, "rejected: service has no serving endpoint");
             return if t.proto == PROTO_TCP {
                 count(Counter::RejectRst);
-                reject::tcp_rst(ctx)
+                xdp_reject::tcp_rst(ctx)
             } else {
                 count(Counter::RejectIcmp);
-                reject::icmp_port_unreachable(ctx)
+                xdp_reject::icmp_port_unreachable(ctx)
             };
         }
-        Choice::Drop => return XDP_DROP,
+        Choice::Drop => {
+            event(
+                ctx,
+                cfg,
+                t,
+                "dropped: no endpoint for this node or no SNAT port",
+            );
+            return XDP_DROP;
+        }
     };
+    if target.new_flow {
+        event(ctx, cfg, t, "new flow");
+    }
     record(
         svc_id,
         len,
@@ -119,73 +141,65 @@ fn to_backend(ctx: &XdpContext, t: &Tuple, svc_id: u32) -> u32 {
             new_flow: target.new_flow,
         },
     );
-    let (data, end) = (ctx.data(), ctx.data_end());
     let be = target.backend;
-    if rewrite(data, end, t.proto, Side::Dst, be.addr_be, be.port_be).is_none() {
-        return XDP_DROP;
-    }
     if target.snat_port == 0 {
         // Local pod: the node's own forwarding delivers it through the pod's veth, and the
         // tc hook there translates the reply.
+        if rewrite(
+            ctx.data(),
+            ctx.data_end(),
+            t.proto,
+            Side::Dst,
+            be.addr_be,
+            be.port_be,
+        )
+        .is_none()
+        {
+            return XDP_DROP;
+        }
         count(Counter::FwdLocal);
         return XDP_PASS;
     }
-    if rewrite(
-        data,
-        end,
+    let from = (target.snat_addr, target.snat_port);
+    forward(
+        ctx,
         t.proto,
-        Side::Src,
-        target.snat_addr,
-        target.snat_port,
+        from,
+        (be.addr_be, be.port_be),
+        Counter::FwdRemote,
     )
-    .is_none()
-    {
-        return XDP_DROP;
-    }
-    count(Counter::FwdRemote);
-    let out = Tuple {
-        src: target.snat_addr,
-        dst: be.addr_be,
-        sport: target.snat_port,
-        dport: be.port_be,
-        proto: t.proto,
-        tcp_flags: 0,
-    };
-    fib::forward(ctx, &out, ip_tot_len(ctx))
 }
 
 /// A backend on another node answers our SNAT address: give the client back the frontend.
 #[inline(always)]
 fn reply(ctx: &XdpContext, t: &Tuple, rev: &RevNat) -> u32 {
-    let (data, end) = (ctx.data(), ctx.data_end());
-    if rewrite(
-        data,
-        end,
+    let from = (rev.src_addr_be, rev.src_port_be);
+    forward(
+        ctx,
         t.proto,
-        Side::Src,
-        rev.src_addr_be,
-        rev.src_port_be,
+        from,
+        (rev.dst_addr_be, rev.dst_port_be),
+        Counter::Reply,
     )
-    .is_none()
-        || rewrite(
-            data,
-            end,
-            t.proto,
-            Side::Dst,
-            rev.dst_addr_be,
-            rev.dst_port_be,
-        )
-        .is_none()
+}
+
+/// Rewrites source and destination to `from` and `to` (address, port; network order) and
+/// sends the frame out towards `to` (see fib.rs), counting it as `what`.
+#[inline(always)]
+fn forward(ctx: &XdpContext, proto: u8, from: (u32, u16), to: (u32, u16), what: Counter) -> u32 {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if rewrite(data, end, proto, Side::Src, from.0, from.1).is_none()
+        || rewrite(data, end, proto, Side::Dst, to.0, to.1).is_none()
     {
         return XDP_DROP;
     }
-    count(Counter::Reply);
+    count(what);
     let out = Tuple {
-        src: rev.src_addr_be,
-        dst: rev.dst_addr_be,
-        sport: rev.src_port_be,
-        dport: rev.dst_port_be,
-        proto: t.proto,
+        src: from.0,
+        dst: to.0,
+        sport: from.1,
+        dport: to.1,
+        proto,
         tcp_flags: 0,
     };
     fib::forward(ctx, &out, ip_tot_len(ctx))

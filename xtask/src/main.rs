@@ -77,6 +77,11 @@ fn main() -> Result<()> {
         Cmd::Test { args } => {
             setup::run()?;
             build(false)?;
+            // The eBPF crate's pure part (packet parsing, rewriting, reject builders) on the
+            // host; its programs are tested in the kernel by the tests crate.
+            let mut lib = cargo();
+            lib.args(["test", "-p", "lb-ebpf", "--lib"]);
+            run_visible(lib, "cargo test -p lb-ebpf --lib")?;
             let mut cmd = cargo();
             cmd.args(["test", "--workspace", "--exclude", "lb-ebpf"]);
             cmd.args(&args);

@@ -29,7 +29,7 @@ use lb_common::*;
 
 use crate::{
     dataplane::{arena::Arena, maglev},
-    model::translate::{BackendSpec, Desired, FrontendKind, Scope, SvcPort, SvcPortId},
+    model::translate::{BackendSpec, Desired, FrontendKind, Proto, Scope, SvcPort, SvcPortId},
 };
 
 /// Handles on the pinned maps the agent writes.
@@ -375,8 +375,9 @@ pub struct Programmer {
     cluster_ips: BTreeSet<u32>,
     /// (svc_id, address, prefix length) of every loadBalancerSourceRange written.
     ranges: BTreeSet<(u32, u32, u8)>,
-    /// Services found in the pins at start, by name, not yet claimed by an apply.
-    adopted: BTreeMap<String, (u32, Service)>,
+    /// Services found in the pins at start, by the port their metadata names, not yet
+    /// claimed by an apply.
+    adopted: BTreeMap<AdoptKey, (u32, Service)>,
     /// Their active tables (reserved in the arena).
     adopted_tables: BTreeMap<u32, Table>,
     /// What the last apply left out.
@@ -488,14 +489,13 @@ impl Programmer {
         for item in maps.services() {
             let (svc_id, svc) = item?;
             let meta = maps.service_meta(svc_id).unwrap_or_default();
-            let end = meta
-                .name
-                .iter()
-                .position(|&b| b == 0)
-                .unwrap_or(meta.name.len());
-            let name = String::from_utf8_lossy(&meta.name[..end]).into_owned();
+            let key = meta_id(&meta).map_or(AdoptKey::Unnamed(svc_id), AdoptKey::Port);
             if svc.table_m > 0 {
                 if !self.arena.reserve(svc.table_off, svc.table_m) {
+                    let name = match &key {
+                        AdoptKey::Port(id) => id.to_string(),
+                        AdoptKey::Unnamed(id) => format!("service id {id}"),
+                    };
                     bail!(
                         "pinned Maglev table of {name} overlaps another; remove the pins to start afresh"
                     );
@@ -514,7 +514,7 @@ impl Programmer {
                 );
             }
             self.next_svc_id = self.next_svc_id.max(svc_id + 1);
-            self.adopted.insert(name, (svc_id, svc));
+            self.adopted.insert(key, (svc_id, svc));
             out.services += 1;
         }
         let used: BTreeSet<u32> = self.adopted.values().map(|(id, _)| *id).collect();
@@ -548,7 +548,7 @@ impl Programmer {
         let adopting = !self.adopted.is_empty();
         for p in desired.ports.iter().filter(|_| adopting) {
             if !self.services.contains_key(&p.id)
-                && let Some((svc_id, value)) = self.adopted.remove(&p.id.to_string())
+                && let Some((svc_id, value)) = self.adopted.remove(&AdoptKey::Port(p.id.clone()))
             {
                 // Same id (frontends already point at it); its live table becomes the
                 // active buffer, the next one goes to the other.
@@ -1002,7 +1002,7 @@ impl Programmer {
         for p in &ports {
             live.insert(p.id.clone());
             let svc_id = self
-                .write_service(p, desired, maps, &mut st, &mut refusals)
+                .write_service(p, maps, &mut st, &mut refusals)
                 .map_err(|e| ApplyError::new(e, Some(p.id.clone())))?;
             for &(addr, len) in &p.source_ranges {
                 ranges.insert((svc_id, u32::from_ne_bytes(addr.octets()), len));
@@ -1141,7 +1141,6 @@ impl Programmer {
     fn write_service(
         &mut self,
         p: &SvcPort,
-        desired: &Desired,
         maps: &mut impl MapWriter,
         st: &mut ApplyStats,
         refusals: &mut Vec<Refusal>,
@@ -1152,7 +1151,7 @@ impl Programmer {
         let svc = self.services.get_mut(&p.id).expect("admitted");
         let svc_id = svc.svc_id;
         if svc.fresh {
-            maps.init_service(svc_id, meta(p, desired))?;
+            maps.init_service(svc_id, meta(p))?;
             svc.fresh = false;
         }
 
@@ -1250,31 +1249,78 @@ fn small_table(id: &SvcPortId, m: u32, want: u32) -> Refusal {
     }
 }
 
-fn meta(p: &SvcPort, desired: &Desired) -> SvcMeta {
-    let mut m = SvcMeta::default();
-    let name = p.id.to_string();
-    let n = name.len().min(m.name.len());
-    m.name[..n].copy_from_slice(&name.as_bytes()[..n]);
-    // Rows are sorted by (namespace, name): a binary search keeps programming 100k
-    // services from turning quadratic.
-    let key = (p.id.namespace.as_str(), p.id.name.as_str());
-    let row = desired
-        .rows
-        .binary_search_by(|r| (r.namespace.as_str(), r.name.as_str()).cmp(&key))
-        .ok()
-        .map(|i| &desired.rows[i]);
-    m.svc_type = match row.map(|r| r.svc_type.as_str()) {
-        Some("NodePort") => SVC_TYPE_NODE_PORT,
-        Some("LoadBalancer") => SVC_TYPE_LOAD_BALANCER,
-        _ => SVC_TYPE_CLUSTER_IP,
+/// How [`Programmer::adopt`] files a service found in the pins: by the port its
+/// `XLB_SVC_META` entry names, or, when that entry cannot be read (never written, or by an
+/// agent with another layout), by its id alone: never claimed, so the first apply removes it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum AdoptKey {
+    Port(SvcPortId),
+    Unnamed(u32),
+}
+
+/// `XLB_SVC_META` for a service port: its structured identity, type and port.
+fn meta(p: &SvcPort) -> SvcMeta {
+    let id = &p.id;
+    let scope = match id.scope {
+        Scope::Cluster => SVC_SCOPE_CLUSTER,
+        Scope::Local => SVC_SCOPE_LOCAL,
     };
-    m
+    let proto = id.proto.number();
+    SvcMeta::new(
+        &id.namespace,
+        &id.name,
+        &id.port_name,
+        p.svc_type,
+        proto,
+        scope,
+        p.port,
+    )
+    // Longer than Kubernetes allows (only a YAML source can say so): the entry names the
+    // port only in part, and adoption after a restart will not recognise it (it is then
+    // removed and programmed afresh).
+    .unwrap_or_else(|| {
+        SvcMeta::new_truncated(
+            &id.namespace,
+            &id.name,
+            &id.port_name,
+            p.svc_type,
+            proto,
+            scope,
+            p.port,
+        )
+    })
+}
+
+/// The service port a pinned `XLB_SVC_META` entry names (the identity adoption compares:
+/// namespace, name, port name, protocol, scope); `None` if the entry was not written by
+/// this layout version or holds codes it does not know.
+fn meta_id(m: &SvcMeta) -> Option<SvcPortId> {
+    if !m.is_current() {
+        return None;
+    }
+    let proto = match m.proto {
+        PROTO_TCP => Proto::Tcp,
+        PROTO_UDP => Proto::Udp,
+        _ => return None,
+    };
+    let scope = match m.scope {
+        SVC_SCOPE_CLUSTER => Scope::Cluster,
+        SVC_SCOPE_LOCAL => Scope::Local,
+        _ => return None,
+    };
+    Some(SvcPortId {
+        namespace: m.namespace().to_string(),
+        name: m.name().to_string(),
+        port_name: m.port_name().to_string(),
+        proto,
+        scope,
+    })
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::model::translate::{FrontendSpec, Proto};
+    use crate::model::translate::FrontendSpec;
 
     /// The maps as plain collections, with the kernel's limits: a hash map refuses a new
     /// key when full, an array an index past its end.
@@ -1480,6 +1526,35 @@ pub(crate) mod tests {
         Ipv4Addr::from(0x0a00_0000 + n)
     }
 
+    #[test]
+    fn meta_names_the_port_as_its_id_does() {
+        let mut p = port(3, 1);
+        p.id.port_name = "dns".into();
+        p.id.proto = Proto::Udp;
+        p.id.scope = Scope::Local;
+        p.svc_type = ServiceType::LoadBalancer;
+        let m = meta(&p);
+        assert_eq!(m.to_string(), p.id.to_string());
+        assert_eq!(m.to_string(), "dev/svc-0003:dns/UDP (local)");
+        assert_eq!(meta_id(&m), Some(p.id.clone()));
+        assert_eq!(
+            (m.port, m.service_type(), m.proto, m.scope),
+            (
+                80,
+                Some(ServiceType::LoadBalancer),
+                PROTO_UDP,
+                SVC_SCOPE_LOCAL
+            )
+        );
+        // Longer than Kubernetes allows: written cut short, and never taken for the port.
+        p.id.name = "x".repeat(70);
+        let m = meta(&p);
+        assert_eq!(m.name(), "x".repeat(63));
+        assert_ne!(meta_id(&m), Some(p.id.clone()));
+        // Never initialised: names nothing.
+        assert_eq!(meta_id(&SvcMeta::default()), None);
+    }
+
     /// Service `i`: one TCP port, ClusterIP 10.96.x.y:80, `backends` endpoints of its own.
     fn port(i: u32, backends: u32) -> SvcPort {
         SvcPort {
@@ -1490,6 +1565,8 @@ pub(crate) mod tests {
                 proto: Proto::Tcp,
                 scope: Scope::Cluster,
             },
+            port: 80,
+            svc_type: ServiceType::ClusterIP,
             frontends: vec![FrontendSpec {
                 addr: Ipv4Addr::from(0x0a60_0000 + i),
                 port: 80,
@@ -1784,7 +1861,7 @@ pub(crate) mod tests {
         };
         maps.services.insert(0, value);
         assert!(p.arena.reserve(0, 1021));
-        p.adopted.insert(old.id.to_string(), (0, value));
+        p.adopted.insert(AdoptKey::Port(old.id.clone()), (0, value));
         p.adopted_tables.insert(
             0,
             Table {

@@ -144,19 +144,31 @@ fn dump(maps: &Fake, p: &Programmer) -> String {
         );
     }
 
-    s += "\n[svc_meta] XLB_SVC_META: svc_id name type (ids ever initialised)\n";
+    s += "\n[svc_meta] XLB_SVC_META: svc_id version type proto scope port namespace name \
+          port_name (ids ever initialised)\n";
     for (id, m) in &maps.meta {
-        let end = m.name.iter().position(|&b| b == 0).unwrap_or(m.name.len());
-        let ty = match m.svc_type {
-            SVC_TYPE_CLUSTER_IP => "ClusterIP".to_string(),
-            SVC_TYPE_NODE_PORT => "NodePort".to_string(),
-            SVC_TYPE_LOAD_BALANCER => "LoadBalancer".to_string(),
-            n => format!("type{n}"),
+        let ty = match m.service_type() {
+            Some(t) => t.as_str().to_string(),
+            None => format!("type{}", m.svc_type),
+        };
+        let proto = match m.proto {
+            PROTO_TCP => "TCP".to_string(),
+            PROTO_UDP => "UDP".to_string(),
+            n => format!("proto{n}"),
+        };
+        let scope = match m.scope {
+            SVC_SCOPE_CLUSTER => "cluster".to_string(),
+            SVC_SCOPE_LOCAL => "local".to_string(),
+            n => format!("scope{n}"),
         };
         let _ = writeln!(
             s,
-            "  svc {id} {:?} {ty}",
-            String::from_utf8_lossy(&m.name[..end])
+            "  svc {id} v{} {ty} {proto} {scope} port={} ns={:?} name={:?} port_name={:?}",
+            m.version,
+            m.port,
+            m.namespace(),
+            m.name(),
+            m.port_name(),
         );
     }
 
@@ -659,14 +671,13 @@ fn backend(maps: &Fake, addr: Ipv4Addr) -> Option<(u32, Backend)> {
         .map(|(&id, &b)| (id, b))
 }
 
-/// The id of the programmed service port named `name` (as in `XLB_SVC_META`).
+/// The id of the programmed service port named `name` (`SvcPortId`'s display, which is
+/// `SvcMeta`'s).
 fn svc_id(maps: &Fake, name: &str) -> Option<u32> {
-    maps.services.keys().copied().find(|id| {
-        maps.meta.get(id).is_some_and(|m| {
-            let end = m.name.iter().position(|&b| b == 0).unwrap_or(m.name.len());
-            &m.name[..end] == name.as_bytes()
-        })
-    })
+    maps.services
+        .keys()
+        .copied()
+        .find(|id| maps.meta.get(id).is_some_and(|m| m.to_string() == name))
 }
 
 /// The backend ids in a service's active Maglev table.

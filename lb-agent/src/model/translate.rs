@@ -16,6 +16,7 @@ use std::ops::RangeInclusive;
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
+pub use lb_common::ServiceType;
 
 use crate::source::yaml::{Objects, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
 
@@ -174,6 +175,9 @@ pub struct FrontendSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SvcPort {
     pub id: SvcPortId,
+    /// The Service's `port` (the ClusterIP and external addresses' port; not a nodePort).
+    pub port: u16,
+    pub svc_type: ServiceType,
     /// Sorted, unique by (addr, port); may be empty after a collision with another service.
     pub frontends: Vec<FrontendSpec>,
     /// Backends for new flows, sorted, unique by (addr, port). Empty means "reject" (or
@@ -314,12 +318,47 @@ impl PartialEq<&str> for Warning {
     }
 }
 
+/// A Service's `spec.type` as the model reads it: one of the types the datapath serves, or
+/// ExternalName, which is only listed (a DNS alias: nothing to program).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SvcType {
+    Proxied(ServiceType),
+    ExternalName,
+}
+
+impl SvcType {
+    /// `spec.type`; unset means ClusterIP. The API server and the YAML source accept no
+    /// other value; one would be served as ClusterIP, as before.
+    fn from_k8s(t: Option<&str>) -> SvcType {
+        match t.unwrap_or("ClusterIP") {
+            "ExternalName" => SvcType::ExternalName,
+            "NodePort" => SvcType::Proxied(ServiceType::NodePort),
+            "LoadBalancer" => SvcType::Proxied(ServiceType::LoadBalancer),
+            _ => SvcType::Proxied(ServiceType::ClusterIP),
+        }
+    }
+
+    /// As `kubectl get svc` prints it in the TYPE column.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SvcType::Proxied(t) => t.as_str(),
+            SvcType::ExternalName => "ExternalName",
+        }
+    }
+}
+
+impl fmt::Display for SvcType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One line of `kubectl get svc` (columns as kubectl prints them, without truncation).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceRow {
     pub namespace: String,
     pub name: String,
-    pub svc_type: String,
+    pub svc_type: SvcType,
     pub cluster_ip: String,
     pub external_ip: String,
     pub ports: String,
@@ -409,8 +448,8 @@ fn name(svc: &Service) -> &str {
     svc.metadata.name.as_deref().unwrap_or("")
 }
 
-fn svc_type(spec: &ServiceSpec) -> &str {
-    spec.type_.as_deref().unwrap_or("ClusterIP")
+fn svc_type(spec: &ServiceSpec) -> SvcType {
+    SvcType::from_k8s(spec.type_.as_deref())
 }
 
 /// Slices by (namespace, owning service name).
@@ -471,10 +510,9 @@ fn program_service(
     }
     let default_spec = ServiceSpec::default();
     let spec = svc.spec.as_ref().unwrap_or(&default_spec);
-    let ty = svc_type(spec);
-    if ty == "ExternalName" {
-        return;
-    }
+    let SvcType::Proxied(ty) = svc_type(spec) else {
+        return; // ExternalName: listed only
+    };
 
     // Dual-stack services list both families in clusterIPs; the primary one may be IPv6.
     let primary = spec
@@ -508,7 +546,7 @@ fn program_service(
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref())
-        .filter(|_| ty == "LoadBalancer");
+        .filter(|_| ty == ServiceType::LoadBalancer);
     let ingress_ips = ingress
         .into_iter()
         .flatten()
@@ -556,10 +594,10 @@ fn program_service(
         }
     }
 
-    let wants_node_ports = matches!(ty, "NodePort" | "LoadBalancer");
+    let wants_node_ports = matches!(ty, ServiceType::NodePort | ServiceType::LoadBalancer);
     // An explicit opt-out is not worth a warning on every sync.
     let node_ports_disabled =
-        ty == "LoadBalancer" && spec.allocate_load_balancer_node_ports == Some(false);
+        ty == ServiceType::LoadBalancer && spec.allocate_load_balancer_node_ports == Some(false);
 
     let mut local_endpoints = std::collections::BTreeSet::new();
     for sp in spec.ports.iter().flatten() {
@@ -668,6 +706,8 @@ fn program_service(
                     proto,
                     scope,
                 },
+                port,
+                svc_type: ty,
                 frontends,
                 backends: if scope == Scope::Local {
                     local.0.clone()
@@ -690,7 +730,7 @@ fn program_service(
     }
     // kube-proxy's health check server answers for LoadBalancer services with
     // externalTrafficPolicy Local, so cloud load balancers skip nodes without endpoints.
-    if ty == "LoadBalancer"
+    if ty == ServiceType::LoadBalancer
         && spec.external_traffic_policy.as_deref() == Some("Local")
         && let Some(port) = spec.health_check_node_port.and_then(valid_port)
     {
@@ -715,8 +755,8 @@ fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
 }
 
 /// `externalTrafficPolicy` applies to services with node ports or external addresses.
-fn wants_node_ports_or_external(ty: &str, external: &[(Ipv4Addr, FrontendKind)]) -> bool {
-    matches!(ty, "NodePort" | "LoadBalancer") || !external.is_empty()
+fn wants_node_ports_or_external(ty: ServiceType, external: &[(Ipv4Addr, FrontendKind)]) -> bool {
+    matches!(ty, ServiceType::NodePort | ServiceType::LoadBalancer) || !external.is_empty()
 }
 
 /// An endpoint of a service port with the conditions kube-proxy looks at.
@@ -930,7 +970,7 @@ fn row(svc: &Service) -> ServiceRow {
     let spec = svc.spec.as_ref().unwrap_or(&default_spec);
     let ty = svc_type(spec);
     let cluster_ip = match spec.cluster_ip.as_deref() {
-        _ if ty == "ExternalName" => "<none>".to_string(),
+        _ if ty == SvcType::ExternalName => "<none>".to_string(),
         None | Some("") => "<none>".to_string(),
         Some(ip) => ip.to_string(),
     };
@@ -945,10 +985,11 @@ fn row(svc: &Service) -> ServiceRow {
         .flatten()
         .filter_map(|i| i.ip.clone().or_else(|| i.hostname.clone()))
         .collect();
+    const LB: SvcType = SvcType::Proxied(ServiceType::LoadBalancer);
     let external_ip = match ty {
-        "ExternalName" => spec.external_name.clone().unwrap_or_default(),
-        "LoadBalancer" if ingress.is_empty() && external_ips.is_empty() => "<pending>".into(),
-        "LoadBalancer" => [ingress, external_ips].concat().join(","),
+        SvcType::ExternalName => spec.external_name.clone().unwrap_or_default(),
+        LB if ingress.is_empty() && external_ips.is_empty() => "<pending>".into(),
+        LB => [ingress, external_ips].concat().join(","),
         _ if external_ips.is_empty() => "<none>".into(),
         _ => external_ips.join(","),
     };
@@ -969,7 +1010,7 @@ fn row(svc: &Service) -> ServiceRow {
     ServiceRow {
         namespace: namespace(svc).to_string(),
         name: name(svc).to_string(),
-        svc_type: ty.to_string(),
+        svc_type: ty,
         cluster_ip,
         external_ip,
         ports: if ports.is_empty() {
@@ -1072,7 +1113,7 @@ mod tests {
             [ServiceRow {
                 namespace: "dev".into(),
                 name: "web".into(),
-                svc_type: "ClusterIP".into(),
+                svc_type: SvcType::Proxied(ServiceType::ClusterIP),
                 cluster_ip: "10.96.0.10".into(),
                 external_ip: "<none>".into(),
                 ports: "80/TCP".into(),
@@ -1097,7 +1138,10 @@ mod tests {
             ]
         );
         assert_eq!(p.backends.len(), 2);
-        assert_eq!(d.rows[0].svc_type, "NodePort");
+        // The Service's port, not the nodePort, and its type, for XLB_SVC_META.
+        assert_eq!((p.port, p.svc_type), (80, ServiceType::NodePort));
+        assert_eq!(d.rows[0].svc_type, SvcType::Proxied(ServiceType::NodePort));
+        assert_eq!(d.rows[0].svc_type.to_string(), "NodePort");
         assert_eq!(d.rows[0].ports, "80:30080/TCP");
     }
 
@@ -1159,7 +1203,7 @@ mod tests {
             [ServiceRow {
                 namespace: "dev".into(),
                 name: "db".into(),
-                svc_type: "ExternalName".into(),
+                svc_type: SvcType::ExternalName,
                 cluster_ip: "<none>".into(),
                 external_ip: "db.example.com".into(),
                 ports: "<none>".into(),

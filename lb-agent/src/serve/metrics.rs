@@ -32,6 +32,8 @@
 //! - `/healthz`: 200 while the agent loop is alive (an iteration within [`LOOP_STALE_AFTER`]),
 //!   500 otherwise.
 //! - `/readyz`: 200 once the first full sync has been programmed, 503 before.
+//! - `/datapath-debug`: GET shows whether the datapath logs debug events; PUT or POST with
+//!   `on` or `off` switches them (see [`crate::serve::debug`]).
 //! - `/loglevel`: GET shows the level; PUT or POST with a body of
 //!   `error|warn|info|debug|trace|off` sets it (`log::set_max_level`).
 //!
@@ -172,6 +174,8 @@ pub struct Metrics {
     apply_errors: Family<Label, Counter>,
     programmed: [Gauge; 4],
     conntrack: ConntrackMetrics,
+    /// The agent's pin directory (None: no maps), for `/datapath-debug`.
+    pin_dir: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -185,7 +189,9 @@ impl std::fmt::Debug for Metrics {
 impl Metrics {
     /// Metrics of the agent whose maps are pinned in `pin_dir` (opened here, once).
     pub fn new(pin_dir: &Path) -> Result<Self> {
-        Ok(Self::build(Some(MapCollector::open(pin_dir)?)))
+        let mut m = Self::build(Some(MapCollector::open(pin_dir)?));
+        m.pin_dir = Some(pin_dir.to_path_buf());
+        Ok(m)
     }
 
     /// Metrics without map-derived series (unit tests, or no pins).
@@ -254,6 +260,7 @@ impl Metrics {
             apply_errors,
             programmed,
             conntrack,
+            pin_dir: None,
         }
     }
 
@@ -479,7 +486,7 @@ impl MapCollector {
             let Ok(meta) = self.meta.get(&svc_id, 0) else {
                 continue;
             };
-            let Some(labels) = PortLabels::parse(&meta_name(&meta)) else {
+            let Some(labels) = PortLabels::from_meta(&meta) else {
                 continue;
             };
             let mut sum = SvcStats::default();
@@ -501,40 +508,41 @@ impl MapCollector {
     }
 }
 
-fn meta_name(m: &SvcMeta) -> String {
-    let end = m.name.iter().position(|&b| b == 0).unwrap_or(m.name.len());
-    String::from_utf8_lossy(&m.name[..end]).into_owned()
-}
-
-/// Labels of one service port, from its `XLB_SVC_META` name (`SvcPortId`'s display:
-/// `ns/name[:port]/PROTO[ (local)]`; namespaces, names and port names are DNS labels, so
-/// neither `/` nor `:` occurs inside them).
+/// Labels of one service port, from the fields of its `XLB_SVC_META` entry.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PortLabels {
     pub namespace: String,
     pub name: String,
+    /// The port's name; empty for an unnamed port.
     pub port: String,
-    pub protocol: String,
+    /// `TCP` or `UDP`.
+    pub protocol: &'static str,
+    /// `cluster` or `local`.
     pub scope: &'static str,
 }
 
 impl PortLabels {
-    pub fn parse(s: &str) -> Option<Self> {
-        let (s, scope) = match s.strip_suffix(" (local)") {
-            Some(rest) => (rest, "local"),
-            None => (s, "cluster"),
-        };
-        let (namespace, rest) = s.split_once('/')?;
-        let (name_port, protocol) = rest.rsplit_once('/')?;
-        let (name, port) = name_port.split_once(':').unwrap_or((name_port, ""));
-        if namespace.is_empty() || name.is_empty() || protocol.is_empty() {
+    /// `None` for an entry that names no port this agent wrote (never initialised, another
+    /// layout version, unknown codes, empty names).
+    pub fn from_meta(m: &SvcMeta) -> Option<Self> {
+        if !m.is_current() || m.namespace().is_empty() || m.name().is_empty() {
             return None;
         }
+        let protocol = match m.proto {
+            PROTO_TCP => "TCP",
+            PROTO_UDP => "UDP",
+            _ => return None,
+        };
+        let scope = match m.scope {
+            SVC_SCOPE_CLUSTER => "cluster",
+            SVC_SCOPE_LOCAL => "local",
+            _ => return None,
+        };
         Some(Self {
-            namespace: namespace.into(),
-            name: name.into(),
-            port: port.into(),
-            protocol: protocol.into(),
+            namespace: m.namespace().into(),
+            name: m.name().into(),
+            port: m.port_name().into(),
+            protocol,
             scope,
         })
     }
@@ -544,7 +552,7 @@ impl PortLabels {
             ("namespace", &self.namespace),
             ("name", &self.name),
             ("port", &self.port),
-            ("protocol", &self.protocol),
+            ("protocol", self.protocol),
             ("scope", self.scope),
         ]
     }
@@ -699,6 +707,7 @@ async fn handle(
                 )
             }
         }
+        "/datapath-debug" => datapath_debug(parts.method, body, &metrics).await,
         "/loglevel" if read => text(
             StatusCode::OK,
             format!("{}\n", log::max_level().as_str().to_lowercase()),
@@ -742,34 +751,95 @@ async fn handle(
     })
 }
 
+/// `GET /datapath-debug`: `on` or `off`; `PUT`/`POST` with `on` or `off` switches the
+/// datapath's debug events (see `serve::debug`).
+async fn datapath_debug(
+    method: Method,
+    body: Incoming,
+    metrics: &Metrics,
+) -> hyper::Response<Full<Bytes>> {
+    use crate::serve::debug::{DebugSwitch, parse_switch};
+    let Some(pin_dir) = metrics.pin_dir.clone() else {
+        return text(StatusCode::NOT_FOUND, "no datapath\n");
+    };
+    let wanted = match method {
+        Method::GET | Method::HEAD => None,
+        Method::PUT | Method::POST => {
+            let bytes = match Limited::new(body, MAX_BODY).collect().await {
+                Ok(c) => c.to_bytes(),
+                Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            };
+            match parse_switch(&String::from_utf8_lossy(&bytes)) {
+                Some(on) => Some(on),
+                None => return text(StatusCode::BAD_REQUEST, "send `on` or `off`\n"),
+            }
+        }
+        _ => return text(StatusCode::METHOD_NOT_ALLOWED, "GET, PUT or POST\n"),
+    };
+    let result = tokio::task::spawn_blocking(move || -> anyhow::Result<bool> {
+        let mut switch = DebugSwitch::open(&pin_dir)?;
+        if let Some(on) = wanted {
+            switch.set(on)?;
+            // Logged at warn so that the change itself shows at most levels.
+            log::warn!(
+                "datapath debug events switched {} through /datapath-debug",
+                if on { "on" } else { "off" }
+            );
+        }
+        switch.is_on()
+    })
+    .await;
+    match result {
+        Ok(Ok(on)) => text(StatusCode::OK, if on { "on\n" } else { "off\n" }),
+        Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn port_labels_from_meta_names() {
+    fn port_labels_from_meta() {
+        let meta = |ns: &str, name: &str, port: &str, proto, scope| {
+            SvcMeta::new(ns, name, port, ServiceType::NodePort, proto, scope, 80).unwrap()
+        };
         assert_eq!(
-            PortLabels::parse("dev/nginx-service:http/TCP"),
+            PortLabels::from_meta(&meta(
+                "dev",
+                "nginx-service",
+                "http",
+                PROTO_TCP,
+                SVC_SCOPE_CLUSTER
+            )),
             Some(PortLabels {
                 namespace: "dev".into(),
                 name: "nginx-service".into(),
                 port: "http".into(),
-                protocol: "TCP".into(),
+                protocol: "TCP",
                 scope: "cluster",
             })
         );
-        let l = PortLabels::parse("kube-system/dns/UDP (local)").unwrap();
+        let l = PortLabels::from_meta(&meta("kube-system", "dns", "", PROTO_UDP, SVC_SCOPE_LOCAL))
+            .unwrap();
         assert_eq!(
-            (
-                l.name.as_str(),
-                l.port.as_str(),
-                l.protocol.as_str(),
-                l.scope
-            ),
+            (l.name.as_str(), l.port.as_str(), l.protocol, l.scope),
             ("dns", "", "UDP", "local")
         );
-        assert_eq!(PortLabels::parse("garbage"), None);
-        assert_eq!(PortLabels::parse("/x/TCP"), None);
+        // Never initialised, unreadable, or nameless: no series.
+        assert_eq!(PortLabels::from_meta(&SvcMeta::default()), None);
+        let mut old = meta("dev", "x", "", PROTO_TCP, SVC_SCOPE_CLUSTER);
+        old.version = 0;
+        assert_eq!(PortLabels::from_meta(&old), None);
+        assert_eq!(
+            PortLabels::from_meta(&meta("", "x", "", PROTO_TCP, SVC_SCOPE_CLUSTER)),
+            None
+        );
+        assert_eq!(
+            PortLabels::from_meta(&meta("dev", "x", "", PROTO_ICMP, SVC_SCOPE_CLUSTER)),
+            None
+        );
     }
 
     /// The label comes from the error's type: changing or dropping a message does not

@@ -43,6 +43,7 @@ macro_rules! packet_test {
 
 mod clusterip;
 mod conntrack;
+mod debug_events;
 mod nodeport;
 mod not_ours;
 mod reject;
@@ -507,6 +508,25 @@ enum Step {
     /// Look at or change the maps between packets (conntrack state, simulated evictions,
     /// the passing of time).
     Maps(&'static str, Box<dyn FnOnce(&mut MapsView) + Send>),
+    /// The debug events (aya-log) the programs sent since the last such step.
+    Events(&'static str, EventCheck),
+}
+
+/// What a `Step::Events` asserts about the events it collected.
+type EventCheck = Box<dyn FnOnce(&[String]) + Send>;
+
+/// Collects what the programs log, for `Step::Events`.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for Captured {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        self.0.lock().unwrap().push(record.args().to_string());
+    }
+    fn flush(&self) {}
 }
 
 /// The maps a `Step::Maps` sees: the agent's handles and the conntrack maps.
@@ -581,6 +601,9 @@ fn run_table(steps: Vec<Step>, snat_port_max: u16) {
     let pins = PinDir::new("pkt").expect("pin dir");
     let mut dp = Datapath::load(pins.path(), &Limits::default()).expect("load");
     let mut maps = Maps::take(&mut dp.ebpf).expect("maps");
+    let captured = Captured::default();
+    let mut events =
+        aya_log::EbpfLogger::init_with_logger(&mut dp.ebpf, captured.clone()).expect("aya-log");
     maps.config
         .set(
             0,
@@ -627,6 +650,12 @@ fn run_table(steps: Vec<Step>, snat_port_max: u16) {
                         revnat: aya::maps::HashMap::try_from(revnat).unwrap(),
                     };
                     f(&mut view);
+                }
+                Step::Events(what, f) => {
+                    events.flush();
+                    let got = std::mem::take(&mut *captured.0.lock().unwrap());
+                    eprintln!("{what}: {got:?}");
+                    f(&got);
                 }
                 Step::Case {
                     desc,

@@ -8,16 +8,9 @@
 //! `<out-dir>/results.json`.
 use std::{
     collections::BTreeMap,
-    fs::File,
-    io::{ErrorKind, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
-    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
-    sync::{
-        Arc, Barrier,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::JoinHandle,
+    sync::{Barrier, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -36,7 +29,23 @@ use serde::{Deserialize, Serialize};
 #[path = "xlb-bench/util.rs"]
 #[allow(dead_code)]
 mod util;
-use util::{command_line, cpu_model, flush_conntrack, median, sh, sysctl_in};
+use util::{command_line, cpu_model, enter_netns, flush_conntrack, median, sh, sysctl_in};
+
+/// The same kube-proxy imitation as xlb-bench's north-south rules (chain names, the
+/// iptables-restore skeleton), so both benches measure against the same rule set.
+#[path = "xlb-bench/kube_proxy.rs"]
+mod kube_proxy;
+use kube_proxy::{IptService, ipt_service, iptables_restore_input};
+
+/// The same HTTP exchange (responders and client) as xlb-bench's north-south part.
+#[path = "xlb-bench/http.rs"]
+mod http;
+use http::Responders;
+
+/// xlb-bench's XDP/Maglev result rows: this bench's results.json carries them over.
+#[path = "xlb-bench/xdp_rows.rs"]
+mod xdp_rows;
+use xdp_rows::{ApplyRow, MaglevRow, PacketRow};
 
 #[derive(Parser, Clone)]
 #[command(
@@ -99,34 +108,6 @@ impl Args {
 }
 
 // ---------------------------------------------------------------- results
-
-#[derive(Serialize, Deserialize, Clone)]
-struct PacketRow {
-    scenario: String,
-    services: u32,
-    /// How the figure was taken: "repeat=1 x <flows> packets" or "repeat=<n> loop".
-    method: String,
-    ours_ns: f64,
-    floor_ns: f64,
-    ratio: f64,
-    net_ns: f64,
-}
-
-#[derive(Serialize, Deserialize, Clone)]
-struct ApplyRow {
-    services: u32,
-    backends_per_service: u32,
-    table_m: u32,
-    slots_written: usize,
-    apply_ms: f64,
-}
-
-#[derive(Serialize, Deserialize, Clone)]
-struct MaglevRow {
-    m: u32,
-    backends: u32,
-    build_ms: f64,
-}
 
 #[derive(Serialize, Deserialize, Default)]
 #[serde(default)]
@@ -260,7 +241,6 @@ const EW_CLIENT_POD: &str = "bench-client";
 const EW_CLIENT_NODE: &str = "service-demo-worker";
 /// kind's pod network (kube-proxy's --cluster-cidr).
 const EW_CLUSTER_CIDR: &str = "10.244.0.0/16";
-const EW_REQUEST: &[u8] = b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n";
 const EW_IO_TIMEOUT: Duration = Duration::from_secs(1);
 /// Responder threads per pod for TCP (accept + read + write + close each).
 const EW_TCP_SERVER_THREADS: usize = 2;
@@ -465,26 +445,9 @@ fn ew_manifest(net: &Network, backends: &[Pod], extra: u32) -> String {
     y
 }
 
-/// kube-proxy-style chain suffix: 16 characters of base32 over a hash of `key`.
-fn chain_suffix(key: &str) -> String {
-    let fnv = |salt: u8| {
-        key.bytes()
-            .chain([salt])
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-            })
-    };
-    let bits = (u128::from(fnv(1)) << 64) | u128::from(fnv(2));
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    (0..16)
-        .map(|i| ALPHABET[((bits >> (i * 5)) & 31) as usize] as char)
-        .collect()
-}
-
 /// iptables-restore input shaped like kube-proxy's iptables mode for `svcs` (plus the
 /// seed's nginx-service). Returns the text and the number of nat rules.
 fn kube_proxy_rules(svcs: &[SvcDef], backends: &[Pod], lb_ip: Option<Ipv4Addr>) -> (String, usize) {
-    use std::fmt::Write as _;
     let nginx = SvcDef {
         name: "nginx-service".into(),
         cluster_ip: NGINX_CLUSTER_IP.parse().expect("constant"),
@@ -499,143 +462,38 @@ fn kube_proxy_rules(svcs: &[SvcDef], backends: &[Pod], lb_ip: Option<Ipv4Addr>) 
         lb_ip,
     };
     let mut chains = String::new();
-    let mut rules = String::new();
-    let mut nodeports = String::new();
-    let mut n_rules = 0usize;
-    let mut rule = |out: &mut String, r: String| {
-        n_rules += 1;
-        out.push_str(&r);
-        out.push('\n');
-    };
+    // One nat rule an entry; each service's KUBE-SERVICES entry points ahead of its own
+    // chains' rules (the order within every chain is kube-proxy's).
+    let (mut rules, mut nodeports) = (vec![], vec![]);
     for (ns, s) in [("dev", &nginx)]
         .into_iter()
         .chain(svcs.iter().map(|s| (EW_NAMESPACE, s)))
     {
-        let p = s.proto.to_ascii_lowercase();
-        let port_name = format!("{ns}/{}:p", s.name);
-        let svc_chain = format!("KUBE-SVC-{}", chain_suffix(&format!("{port_name}/{p}")));
-        let _ = writeln!(chains, ":{svc_chain} - [0:0]");
-        rule(
-            &mut rules,
-            format!(
-                "-A KUBE-SERVICES -d {}/32 -p {p} -m comment --comment \"{port_name} cluster IP\" -m {p} --dport {} -j {svc_chain}",
-                s.cluster_ip, s.port
-            ),
+        let svc = ipt_service(
+            &IptService {
+                port_name: &format!("{ns}/{}:p", s.name),
+                proto: &s.proto.to_ascii_lowercase(),
+                cluster_ip: s.cluster_ip,
+                port: s.port,
+                node_port: s.node_port,
+                lb_ip: s.lb_ip,
+                endpoints: s
+                    .endpoints
+                    .iter()
+                    .map(|(_, ip, _)| (*ip, s.target_port))
+                    .collect(),
+            },
+            EW_CLUSTER_CIDR,
         );
-        if s.node_port.is_some() || s.lb_ip.is_some() {
-            let ext = format!("KUBE-EXT-{}", chain_suffix(&format!("{port_name}/{p}")));
-            let _ = writeln!(chains, ":{ext} - [0:0]");
-            rule(
-                &mut rules,
-                format!(
-                    "-A {ext} -m comment --comment \"masquerade traffic for {port_name} external destinations\" -j KUBE-MARK-MASQ"
-                ),
-            );
-            rule(&mut rules, format!("-A {ext} -j {svc_chain}"));
-            if let Some(ip) = s.lb_ip {
-                rule(
-                    &mut rules,
-                    format!(
-                        "-A KUBE-SERVICES -d {ip}/32 -p {p} -m comment --comment \"{port_name} loadbalancer IP\" -m {p} --dport {} -j {ext}",
-                        s.port
-                    ),
-                );
-            }
-            if let Some(np) = s.node_port {
-                rule(
-                    &mut nodeports,
-                    format!(
-                        "-A KUBE-NODEPORTS -p {p} -m comment --comment \"{port_name}\" -m {p} --dport {np} -j {ext}"
-                    ),
-                );
-            }
-        }
-        rule(
-            &mut rules,
-            format!(
-                "-A {svc_chain} ! -s {EW_CLUSTER_CIDR} -d {}/32 -p {p} -m comment --comment \"{port_name} cluster IP\" -m {p} --dport {} -j KUBE-MARK-MASQ",
-                s.cluster_ip, s.port
-            ),
-        );
-        let n = s.endpoints.len();
-        for (k, (_, ip, _)) in s.endpoints.iter().enumerate() {
-            let dest = format!("{ip}:{}", s.target_port);
-            let sep = format!(
-                "KUBE-SEP-{}",
-                chain_suffix(&format!("{port_name}/{p}/{dest}"))
-            );
-            let _ = writeln!(chains, ":{sep} - [0:0]");
-            let left = n - k;
-            let stat = if left > 1 {
-                format!(
-                    " -m statistic --mode random --probability {:.11}",
-                    1.0 / left as f64
-                )
-            } else {
-                String::new()
-            };
-            rule(
-                &mut rules,
-                format!(
-                    "-A {svc_chain} -m comment --comment \"{port_name} -> {dest}\"{stat} -j {sep}"
-                ),
-            );
-            rule(
-                &mut rules,
-                format!(
-                    "-A {sep} -s {ip}/32 -m comment --comment \"{port_name}\" -j KUBE-MARK-MASQ"
-                ),
-            );
-            rule(
-                &mut rules,
-                format!(
-                    "-A {sep} -p {p} -m comment --comment \"{port_name}\" -m {p} -j DNAT --to-destination {dest}"
-                ),
-            );
-        }
+        chains += &svc.chains;
+        rules.extend(svc.entry);
+        rules.extend(svc.rules);
+        nodeports.extend(svc.nodeports);
     }
-    rule(
-        &mut rules,
+    rules.push(
         "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS".into(),
     );
-    let fixed = [
-        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
-        "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
-        "-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING",
-        "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000",
-        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
-        "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000",
-        "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully",
-    ];
-    let mut t = String::from(
-        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n",
-    );
-    t += &chains;
-    for f in fixed {
-        t += f;
-        t.push('\n');
-    }
-    let n_rules = n_rules + fixed.len();
-    t += &nodeports;
-    t += &rules;
-    t += "COMMIT\n";
-    t += "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
-          :KUBE-FORWARD - [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-EXTERNAL-SERVICES - [0:0]\n\
-          :KUBE-NODEPORTS - [0:0]\n:KUBE-PROXY-FIREWALL - [0:0]\n\
-          -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
-          -A INPUT -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS\n\
-          -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
-          -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
-          -A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD\n\
-          -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
-          -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
-          -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
-          -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
-          -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n\
-          -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n\
-          -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
-          COMMIT\n";
-    (t, n_rules)
+    iptables_restore_input(&chains, nodeports.into_iter().chain(rules))
 }
 
 /// Loads `rules` into every node namespace of `net` (a full replace of nat and filter, as
@@ -660,33 +518,8 @@ fn load_iptables(net: &Network, rules: &str, nat_rules: usize) -> Result<()> {
     Ok(())
 }
 
-/// Rust responders in the pods' namespaces; stopped (and joined) on drop.
-struct Responders {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Drop for Responders {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-fn enter_netns(netns: &str) -> Result<()> {
-    let f = File::open(Path::new("/run/netns").join(netns))
-        .with_context(|| format!("opening netns {netns}"))?;
-    nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-        .with_context(|| format!("setns into {netns}"))
-}
-
 fn start_responders(pods: &[Pod]) -> Result<Responders> {
-    let mut r = Responders {
-        stop: Arc::new(AtomicBool::new(false)),
-        threads: Vec::new(),
-    };
+    let mut r = Responders::new();
     for pod in pods {
         let (netns, name) = (pod.netns.clone(), pod.name.clone());
         let (tx, rx) = std::sync::mpsc::channel::<Result<(TcpListener, UdpSocket)>>();
@@ -710,23 +543,9 @@ fn start_responders(pods: &[Pod]) -> Result<Responders> {
         let (listener, udp) = rx
             .recv()?
             .with_context(|| format!("responder in pod {name}"))?;
-        let body = format!("{name}\n");
-        let response = Arc::new(
-            format!(
-                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            )
-            .into_bytes(),
-        );
-        for i in 0..EW_TCP_SERVER_THREADS {
-            let (l, stop, resp) = (listener.try_clone()?, r.stop.clone(), response.clone());
-            r.threads.push(
-                std::thread::Builder::new()
-                    .name(format!("tcp{i}:{name}"))
-                    .spawn(move || tcp_responder(&l, &stop, &resp))?,
-            );
-        }
-        let (stop, reply) = (r.stop.clone(), body.into_bytes());
+        r.serve_http(&listener, &name, EW_TCP_SERVER_THREADS, EW_IO_TIMEOUT)?;
+        // The UDP answer is the TCP response's body: the pod's name.
+        let (stop, reply) = (r.stop.clone(), format!("{name}\n").into_bytes());
         r.threads.push(
             std::thread::Builder::new()
                 .name(format!("udp:{name}"))
@@ -741,39 +560,6 @@ fn start_responders(pods: &[Pod]) -> Result<Responders> {
         );
     }
     Ok(r)
-}
-
-fn tcp_responder(listener: &TcpListener, stop: &AtomicBool, response: &[u8]) {
-    let mut buf = [0u8; 1024];
-    while !stop.load(Ordering::Relaxed) {
-        let mut pfd = libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
-            continue;
-        }
-        let Ok((mut s, _)) = listener.accept() else {
-            continue; // the other thread took it
-        };
-        let _ = (|| -> std::io::Result<()> {
-            s.set_nonblocking(false)?;
-            s.set_nodelay(true)?;
-            s.set_read_timeout(Some(EW_IO_TIMEOUT))?;
-            let mut n = 0;
-            while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") && n < buf.len() {
-                match s.read(&mut buf[n..]) {
-                    Ok(0) => return Ok(()),
-                    Ok(k) => n += k,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            s.write_all(response)
-        })();
-    }
 }
 
 /// What one load run saw.
@@ -895,24 +681,8 @@ fn load(netns: &str, proto: Proto4, threads: usize, dur: Duration, pods: &[Strin
 
 fn tcp_exchange(buf: &mut [u8]) -> std::io::Result<usize> {
     let to = SocketAddr::V4(SocketAddrV4::new(EW_TCP_IP, EW_TCP_PORT));
-    let mut s = TcpStream::connect_timeout(&to, EW_IO_TIMEOUT)?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(EW_IO_TIMEOUT))?;
-    s.write_all(EW_REQUEST)?;
-    let mut n = 0;
-    loop {
-        match s.read(&mut buf[n..]) {
-            Ok(0) => return Ok(n),
-            Ok(k) => {
-                n += k;
-                if n == buf.len() {
-                    return Ok(n);
-                }
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+    let s = TcpStream::connect_timeout(&to, EW_IO_TIMEOUT)?;
+    http::exchange(s, buf, EW_IO_TIMEOUT)
 }
 
 fn udp_exchange(buf: &mut [u8]) -> std::io::Result<usize> {
@@ -1231,123 +1001,94 @@ fn east_west(args: &Args) -> Result<EastWest> {
 
 // ---------------------------------------------------------------- output
 
-fn packet_table(r: &Results) -> Table {
+/// A table in the condensed preset (as printed; `markdown_table` re-presets it).
+fn table(header: Vec<&str>, rows: impl IntoIterator<Item = Vec<String>>) -> Table {
     let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
-        "scenario",
-        "services",
-        "method",
-        "ours ns/pkt",
-        "floor ns/pkt",
-        "ours/floor",
-        "net ns",
-    ]);
-    for p in &r.packets {
-        t.add_row(vec![
-            p.scenario.clone(),
-            p.services.to_string(),
-            p.method.clone(),
-            format!("{:.1}", p.ours_ns),
-            format!("{:.1}", p.floor_ns),
-            format!("{:.1}x", p.ratio),
-            format!("{:.1}", p.net_ns),
-        ]);
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(header);
+    for row in rows {
+        t.add_row(row);
     }
     t
+}
+
+fn packet_table(r: &Results) -> Table {
+    table(
+        PacketRow::HEADER.to_vec(),
+        r.packets.iter().map(PacketRow::cells),
+    )
 }
 
 fn apply_table(r: &Results) -> Table {
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
-        "services",
-        "backends/svc",
-        "Maglev M",
-        "slots written",
-        "apply ms",
-    ]);
-    for a in &r.apply {
-        t.add_row(vec![
-            a.services.to_string(),
-            a.backends_per_service.to_string(),
-            a.table_m.to_string(),
-            a.slots_written.to_string(),
-            format!("{:.1}", a.apply_ms),
-        ]);
-    }
-    t
+    table(
+        ApplyRow::HEADER.to_vec(),
+        r.apply.iter().map(ApplyRow::cells),
+    )
 }
 
 fn maglev_table(r: &Results) -> Table {
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED)
-        .set_header(vec!["M", "backends", "build ms"]);
-    for m in &r.maglev {
-        t.add_row(vec![
-            m.m.to_string(),
-            m.backends.to_string(),
-            format!("{:.2}", m.build_ms),
-        ]);
-    }
-    t
+    table(
+        vec!["M", "backends", "build ms"],
+        r.maglev.iter().map(MaglevRow::cells),
+    )
 }
 
 fn ew_table(e: &EastWest) -> Table {
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
-        "extra services",
-        "proto",
-        "setup",
-        "nat rules",
-        "conns/s",
-        "p50 µs",
-        "p99 µs",
-        "errors",
-        "answered by (local+local/remote)",
-    ]);
-    for r in &e.rows {
-        let by: Vec<String> = e
-            .backends
-            .iter()
-            .map(|(pod, _, _)| r.answered_by.get(pod).copied().unwrap_or(0).to_string())
-            .collect();
-        t.add_row(vec![
-            r.extra_services.to_string(),
-            r.proto.clone(),
-            r.setup.clone(),
-            if r.nat_rules > 0 {
-                r.nat_rules.to_string()
-            } else {
-                "-".into()
-            },
-            format!("{:.0}", r.per_second),
-            format!("{:.1}", r.p50_us),
-            format!("{:.1}", r.p99_us),
-            format!("{} / {}", r.errors, r.ok + r.errors),
-            by.join(" / "),
-        ]);
-    }
-    t
+    table(
+        vec![
+            "extra services",
+            "proto",
+            "setup",
+            "nat rules",
+            "conns/s",
+            "p50 µs",
+            "p99 µs",
+            "errors",
+            "answered by (local+local/remote)",
+        ],
+        e.rows.iter().map(|r| {
+            let by: Vec<String> = e
+                .backends
+                .iter()
+                .map(|(pod, _, _)| r.answered_by.get(pod).copied().unwrap_or(0).to_string())
+                .collect();
+            vec![
+                r.extra_services.to_string(),
+                r.proto.clone(),
+                r.setup.clone(),
+                if r.nat_rules > 0 {
+                    r.nat_rules.to_string()
+                } else {
+                    "-".into()
+                },
+                format!("{:.0}", r.per_second),
+                format!("{:.1}", r.p50_us),
+                format!("{:.1}", r.p99_us),
+                format!("{} / {}", r.errors, r.ok + r.errors),
+                by.join(" / "),
+            ]
+        }),
+    )
 }
 
 fn ew_ratio_table(e: &EastWest) -> Table {
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
-        "extra services",
-        "proto",
-        "conns/s ours/iptables",
-        "p50 ours/iptables",
-        "p99 ours/iptables",
-    ]);
-    for r in &e.ratios {
-        t.add_row(vec![
-            r.extra_services.to_string(),
-            r.proto.clone(),
-            format!("{:.2}x", r.rate),
-            format!("{:.2}x", r.p50),
-            format!("{:.2}x", r.p99),
-        ]);
-    }
-    t
+    table(
+        vec![
+            "extra services",
+            "proto",
+            "conns/s ours/iptables",
+            "p50 ours/iptables",
+            "p99 ours/iptables",
+        ],
+        e.ratios.iter().map(|r| {
+            vec![
+                r.extra_services.to_string(),
+                r.proto.clone(),
+                format!("{:.2}x", r.rate),
+                format!("{:.2}x", r.p50),
+                format!("{:.2}x", r.p99),
+            ]
+        }),
+    )
 }
 
 fn ew_header(e: &EastWest) -> Vec<String> {

@@ -70,7 +70,7 @@ fn main() -> Result<()> {
     for r in &desired.rows {
         t.add_row([
             &r.name,
-            &r.svc_type,
+            &r.svc_type.to_string(),
             &r.cluster_ip,
             &r.external_ip,
             &r.ports,

@@ -9,11 +9,14 @@
 //! full run it exits non-zero when a configuration fails functionally. Times are never
 //! asserted.
 mod ctl;
+mod http;
+mod kube_proxy;
 mod ns;
 mod report;
 mod rules;
 mod util;
 mod xdp;
+mod xdp_rows;
 
 use std::{collections::BTreeMap, path::Path, time::Instant};
 
@@ -160,15 +163,15 @@ pub struct XdpPart {
     pub repeats: usize,
     pub flows: u32,
     pub loop_repeat: u32,
-    pub packets: Vec<xdp::PacketRow>,
-    pub apply: Vec<xdp::ApplyRow>,
+    pub packets: Vec<xdp_rows::PacketRow>,
+    pub apply: Vec<xdp_rows::ApplyRow>,
     pub method: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Default)]
 #[serde(default)]
 pub struct MaglevPart {
-    pub builds: Vec<xdp::MaglevRow>,
+    pub builds: Vec<xdp_rows::MaglevRow>,
     pub disruption: Vec<xdp::MaglevDisruption>,
 }
 

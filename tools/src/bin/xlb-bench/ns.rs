@@ -14,16 +14,10 @@
 //! rounds (forward, then reverse order), connection tracking of every configuration emptied
 //! before each of its runs.
 use std::{
-    io::{ErrorKind, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
     path::Path,
     process::{Child, Command, Stdio},
-    sync::{
-        Arc, Barrier,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::JoinHandle,
+    sync::Barrier,
     time::{Duration, Instant},
 };
 
@@ -35,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     Args,
+    http::{self, Responders},
     rules::{self, SvcDef},
     util::{enter_netns, flush_conntrack, median, pct, sh, sysctl_in},
 };
@@ -53,7 +48,6 @@ const IPERF_POD: &str = "nginx-replicaset-4kq7x";
 const DUMMY_BASE: u32 = u32::from_be_bytes([10, 100, 0, 1]);
 /// The node whose address the client uses for NodePorts and that receives the LB IP.
 pub const ENTRY_NODE: &str = "service-demo-worker";
-const REQUEST: &[u8] = b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n";
 const IO_TIMEOUT: Duration = Duration::from_secs(1);
 const TCP_SERVER_THREADS: usize = 2;
 /// A run stops early after this many failed exchanges (a broken configuration must not
@@ -263,26 +257,8 @@ pub fn agent_args(max_services: u32) -> Vec<String> {
 
 // ---------------------------------------------------------------- servers
 
-/// Rust responders in the pods' namespaces; stopped (and joined) on drop.
-pub struct Responders {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Drop for Responders {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
 pub fn start_responders(pods: &[Pod]) -> Result<Responders> {
-    let mut r = Responders {
-        stop: Arc::new(AtomicBool::new(false)),
-        threads: Vec::new(),
-    };
+    let mut r = Responders::new();
     for pod in pods {
         let netns = pod.netns.clone();
         let listener = std::thread::spawn(move || -> Result<TcpListener> {
@@ -294,104 +270,48 @@ pub fn start_responders(pods: &[Pod]) -> Result<Responders> {
         .join()
         .map_err(|_| anyhow::anyhow!("bind thread panicked"))?
         .with_context(|| format!("responder in pod {}", pod.name))?;
-        // Sockets keep the namespace they were created in: serving threads need no setns.
-        let body = format!("{}\n", pod.name);
-        let response = Arc::new(
-            format!(
-                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            )
-            .into_bytes(),
-        );
-        for i in 0..TCP_SERVER_THREADS {
-            let (l, stop, resp) = (listener.try_clone()?, r.stop.clone(), response.clone());
-            r.threads.push(
-                std::thread::Builder::new()
-                    .name(format!("tcp{i}:{}", pod.name))
-                    .spawn(move || tcp_responder(&l, &stop, &resp))?,
-            );
-        }
+        r.serve_http(&listener, &pod.name, TCP_SERVER_THREADS, IO_TIMEOUT)?;
     }
     Ok(r)
 }
 
-fn tcp_responder(listener: &TcpListener, stop: &AtomicBool, response: &[u8]) {
-    let mut buf = [0u8; 1024];
-    while !stop.load(Ordering::Relaxed) {
-        let mut pfd = libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
-            continue;
-        }
-        let Ok((mut s, _)) = listener.accept() else {
-            continue; // the other thread took it
-        };
-        let _ = (|| -> std::io::Result<()> {
-            s.set_nonblocking(false)?;
-            s.set_nodelay(true)?;
-            s.set_read_timeout(Some(IO_TIMEOUT))?;
-            let mut n = 0;
-            while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") && n < buf.len() {
-                match s.read(&mut buf[n..]) {
-                    Ok(0) => return Ok(()),
-                    Ok(k) => n += k,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            s.write_all(response)
-        })();
-    }
-}
+/// A program started in a namespace with `ip netns exec`, its output discarded, for as long
+/// as it lives; killed on drop. (`ip netns exec` execs the program: the child's pid is the
+/// program's, so killing the child stops it.)
+pub struct NetnsProcess(Child);
 
-/// `ping -i 1` from a namespace to a peer for as long as it lives; killed on drop.
-pub struct Pinger(Child);
-
-impl Pinger {
-    fn start(netns: &str, peer: Ipv4Addr) -> Result<Self> {
+impl NetnsProcess {
+    fn start(netns: &str, argv: &[&str], what: &str) -> Result<Self> {
         let child = Command::new("ip")
-            .args(["netns", "exec", netns, "ping", "-q", "-i", CHATTER_INTERVAL])
-            .arg(peer.to_string())
+            .args(["netns", "exec", netns])
+            .args(argv)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting ping")?;
+            .with_context(|| format!("starting {what}"))?;
         Ok(Self(child))
     }
-}
 
-impl Drop for Pinger {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+    /// `ping -i 1` from a namespace to a peer.
+    fn pinger(netns: &str, peer: Ipv4Addr) -> Result<Self> {
+        let peer = peer.to_string();
+        Self::start(
+            netns,
+            &["ping", "-q", "-i", CHATTER_INTERVAL, &peer],
+            "ping",
+        )
+    }
+
+    /// `iperf3 -s` in a pod.
+    pub fn iperf_server(pod_netns: &str) -> Result<Self> {
+        let port = IPERF_PORT.to_string();
+        Self::start(pod_netns, &["iperf3", "-s", "-p", &port], "iperf3 -s")
     }
 }
 
-/// `iperf3 -s` in a pod (started with `ip netns exec`); killed on drop.
-pub struct IperfServer(Child);
-
-impl IperfServer {
-    pub fn start(pod_netns: &str) -> Result<Self> {
-        let child = Command::new("ip")
-            .args(["netns", "exec", pod_netns, "iperf3", "-s", "-p"])
-            .arg(IPERF_PORT.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting iperf3 -s")?;
-        Ok(Self(child))
-    }
-}
-
-impl Drop for IperfServer {
+impl Drop for NetnsProcess {
     fn drop(&mut self) {
-        // `ip netns exec` execs iperf3: the child's pid is iperf3's.
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -424,24 +344,7 @@ fn tcp_exchange(src: Ipv4Addr, to: SocketAddrV4, buf: &mut [u8]) -> std::io::Res
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     sock.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
     sock.connect_timeout(&SocketAddr::V4(to).into(), IO_TIMEOUT)?;
-    let mut s = TcpStream::from(sock);
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.write_all(REQUEST)?;
-    let mut n = 0;
-    loop {
-        match s.read(&mut buf[n..]) {
-            Ok(0) => return Ok(n),
-            Ok(k) => {
-                n += k;
-                if n == buf.len() {
-                    return Ok(n);
-                }
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+    http::exchange(TcpStream::from(sock), buf, IO_TIMEOUT)
 }
 
 /// `count` connections from `threads` threads in `netns`, rotating over `targets`.
@@ -571,7 +474,7 @@ pub fn iperf_run(netns: &str, to: SocketAddrV4, streams: u32, seconds: f64) -> R
 struct Setup {
     config: Config,
     // Drop order: servers, then XDP pass programs, then agents, then the network.
-    _iperf: IperfServer,
+    _iperf: NetnsProcess,
     _responders: Responders,
     /// `--ceiling-xdp`: the pass program on both ends of the entry node's uplink.
     _pass: Option<(lb_agent::dataplane::datapath::Datapath, lb_tests::PinDir)>,
@@ -584,7 +487,7 @@ struct Setup {
     pods: Vec<Pod>,
     conn_targets: Vec<(&'static str, Vec<SocketAddrV4>)>,
     client_addr: Ipv4Addr,
-    _chatter: Vec<Pinger>,
+    _chatter: Vec<NetnsProcess>,
     iperf_targets: Vec<(&'static str, SocketAddrV4)>,
 }
 
@@ -685,7 +588,7 @@ impl Setup {
                 .map(|o| o.addr)
                 .chain([nw.client_addr()]);
             for peer in peers {
-                chatter.push(Pinger::start(&n.netns, peer)?);
+                chatter.push(NetnsProcess::pinger(&n.netns, peer)?);
             }
         }
         let pass = if config == Config::Ceiling && ceiling_xdp {
@@ -694,7 +597,7 @@ impl Setup {
             None
         };
         let responders = start_responders(&pods)?;
-        let iperf = IperfServer::start(&iperf_pod.netns)?;
+        let iperf = NetnsProcess::iperf_server(&iperf_pod.netns)?;
         let node_ns = nw.nodes().iter().map(|n| n.netns.clone()).collect();
         let client_addr = nw.client_addr();
         Ok(Self {

@@ -9,6 +9,7 @@ use crate::{
     Results,
     ctl::summary,
     ns::{CONFIGS, Config, NorthSouth, med},
+    xdp_rows::{ApplyRow, MaglevRow, PacketRow},
 };
 
 /// The newest results/*.json of `dir`.
@@ -479,51 +480,13 @@ fn markdown(r: &Results, json: &Path, charts: &[String]) -> String {
             xd.repeats, xd.flows, xd.loop_repeat
         );
         s += &table(
-            vec![
-                "scenario",
-                "services",
-                "method",
-                "ours ns/pkt",
-                "floor ns/pkt",
-                "ours/floor",
-                "net ns",
-            ],
-            xd.packets
-                .iter()
-                .map(|p| {
-                    vec![
-                        p.scenario.clone(),
-                        p.services.to_string(),
-                        p.method.clone(),
-                        format!("{:.1}", p.ours_ns),
-                        format!("{:.1}", p.floor_ns),
-                        format!("{:.1}x", p.ratio),
-                        format!("{:.1}", p.net_ns),
-                    ]
-                })
-                .collect(),
+            PacketRow::HEADER.to_vec(),
+            xd.packets.iter().map(PacketRow::cells).collect(),
         );
         s += "\n\nIn-process programming (Programmer::apply, first programming):\n\n";
         s += &table(
-            vec![
-                "services",
-                "backends/svc",
-                "Maglev M",
-                "slots written",
-                "apply ms",
-            ],
-            xd.apply
-                .iter()
-                .map(|a| {
-                    vec![
-                        a.services.to_string(),
-                        a.backends_per_service.to_string(),
-                        a.table_m.to_string(),
-                        a.slots_written.to_string(),
-                        format!("{:.1}", a.apply_ms),
-                    ]
-                })
-                .collect(),
+            ApplyRow::HEADER.to_vec(),
+            xd.apply.iter().map(ApplyRow::cells).collect(),
         );
         s += "\n\nMethod:\n\n";
         for m in &xd.method {
@@ -534,16 +497,7 @@ fn markdown(r: &Results, json: &Path, charts: &[String]) -> String {
         s += "\n## Maglev\n\n";
         s += &table(
             vec!["M", "backends", "build ms (median)"],
-            m.builds
-                .iter()
-                .map(|b| {
-                    vec![
-                        b.m.to_string(),
-                        b.backends.to_string(),
-                        format!("{:.2}", b.build_ms),
-                    ]
-                })
-                .collect(),
+            m.builds.iter().map(MaglevRow::cells).collect(),
         );
         s += "\n\nOne backend of N removed (slots moved vs the ideal M/N) and balance (slots per backend):\n\n";
         s += &table(

@@ -5,6 +5,8 @@
 //! service port), not byte-identical.
 use std::{fmt::Write as _, net::Ipv4Addr};
 
+use crate::kube_proxy::{self, IptRules, IptService, chain_suffix, iptables_restore_input};
+
 /// kind's pod network (kube-proxy's `--cluster-cidr`).
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// kube-proxy's `--service-cluster-ip-range` as kind sets it.
@@ -29,22 +31,6 @@ impl SvcDef {
     fn port_name(&self) -> String {
         format!("{NAMESPACE}/{}:p", self.name)
     }
-}
-
-/// kube-proxy-style chain suffix: 16 characters of base32 over a hash of `key`.
-pub fn chain_suffix(key: &str) -> String {
-    let fnv = |salt: u8| {
-        key.bytes()
-            .chain([salt])
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-            })
-    };
-    let bits = (u128::from(fnv(1)) << 64) | u128::from(fnv(2));
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    (0..16)
-        .map(|i| ALPHABET[((bits >> (i * 5)) & 31) as usize] as char)
-        .collect()
 }
 
 // ---------------------------------------------------------------- the agent's manifest
@@ -100,65 +86,20 @@ pub fn manifest(svcs: &[SvcDef]) -> String {
 // ---------------------------------------------------------------- iptables mode
 
 /// The nat-table chains and rules of one service port (KUBE-SVC, KUBE-EXT, KUBE-SEP) plus
-/// its KUBE-SERVICES / KUBE-NODEPORTS entry points: (chain declarations, service rules,
-/// entry rules, nodeport rules).
-fn ipt_service(s: &SvcDef) -> (String, Vec<String>, Vec<String>, Vec<String>) {
-    let pn = s.port_name();
-    let svc_chain = format!("KUBE-SVC-{}", chain_suffix(&format!("{pn}/tcp")));
-    let mut chains = format!(":{svc_chain} - [0:0]\n");
-    let (mut rules, mut entry, mut nodeports) = (vec![], vec![], vec![]);
-    entry.push(format!(
-        "-A KUBE-SERVICES -d {}/32 -p tcp -m comment --comment \"{pn} cluster IP\" -m tcp --dport {} -j {svc_chain}",
-        s.cluster_ip, s.port
-    ));
-    if s.node_port.is_some() || s.lb_ip.is_some() {
-        let ext = format!("KUBE-EXT-{}", chain_suffix(&format!("{pn}/tcp")));
-        let _ = writeln!(chains, ":{ext} - [0:0]");
-        rules.push(format!(
-            "-A {ext} -m comment --comment \"masquerade traffic for {pn} external destinations\" -j KUBE-MARK-MASQ"
-        ));
-        rules.push(format!("-A {ext} -j {svc_chain}"));
-        if let Some(ip) = s.lb_ip {
-            entry.push(format!(
-                "-A KUBE-SERVICES -d {ip}/32 -p tcp -m comment --comment \"{pn} loadbalancer IP\" -m tcp --dport {} -j {ext}",
-                s.port
-            ));
-        }
-        if let Some(np) = s.node_port {
-            nodeports.push(format!(
-                "-A KUBE-NODEPORTS -p tcp -m comment --comment \"{pn}\" -m tcp --dport {np} -j {ext}"
-            ));
-        }
-    }
-    rules.push(format!(
-        "-A {svc_chain} ! -s {CLUSTER_CIDR} -d {}/32 -p tcp -m comment --comment \"{pn} cluster IP\" -m tcp --dport {} -j KUBE-MARK-MASQ",
-        s.cluster_ip, s.port
-    ));
-    let n = s.endpoints.len();
-    for (k, (ip, tp, _)) in s.endpoints.iter().enumerate() {
-        let dest = format!("{ip}:{tp}");
-        let sep = format!("KUBE-SEP-{}", chain_suffix(&format!("{pn}/tcp/{dest}")));
-        let _ = writeln!(chains, ":{sep} - [0:0]");
-        let left = n - k;
-        let stat = if left > 1 {
-            format!(
-                " -m statistic --mode random --probability {:.11}",
-                1.0 / left as f64
-            )
-        } else {
-            String::new()
-        };
-        rules.push(format!(
-            "-A {svc_chain} -m comment --comment \"{pn} -> {dest}\"{stat} -j {sep}"
-        ));
-        rules.push(format!(
-            "-A {sep} -s {ip}/32 -m comment --comment \"{pn}\" -j KUBE-MARK-MASQ"
-        ));
-        rules.push(format!(
-            "-A {sep} -p tcp -m comment --comment \"{pn}\" -m tcp -j DNAT --to-destination {dest}"
-        ));
-    }
-    (chains, rules, entry, nodeports)
+/// its KUBE-SERVICES / KUBE-NODEPORTS entry points.
+fn ipt_service(s: &SvcDef) -> IptRules {
+    kube_proxy::ipt_service(
+        &IptService {
+            port_name: &s.port_name(),
+            proto: "tcp",
+            cluster_ip: s.cluster_ip,
+            port: s.port,
+            node_port: s.node_port,
+            lb_ip: s.lb_ip,
+            endpoints: s.endpoints.iter().map(|(ip, tp, _)| (*ip, *tp)).collect(),
+        },
+        CLUSTER_CIDR,
+    )
 }
 
 /// iptables-restore input shaped like kube-proxy's iptables mode (nat + filter), services in
@@ -168,63 +109,23 @@ pub fn iptables_full(svcs: &[SvcDef]) -> (String, usize) {
     let mut chains = String::new();
     let (mut rules, mut entry, mut nodeports) = (vec![], vec![], vec![]);
     for s in svcs {
-        let (c, r, e, n) = ipt_service(s);
-        chains += &c;
-        rules.extend(r);
-        entry.extend(e);
-        nodeports.extend(n);
+        let svc = ipt_service(s);
+        chains += &svc.chains;
+        rules.extend(svc.rules);
+        entry.extend(svc.entry);
+        nodeports.extend(svc.nodeports);
     }
     entry.push(
         "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS".into(),
     );
-    let fixed = [
-        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
-        "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
-        "-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING",
-        "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000",
-        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
-        "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000",
-        "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully",
-    ];
-    let n_rules = fixed.len() + rules.len() + entry.len() + nodeports.len();
-    let mut t = String::with_capacity(n_rules * 160);
-    t += "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n";
-    t += &chains;
-    for r in fixed
-        .iter()
-        .map(|s| (*s).to_owned())
-        .chain(nodeports)
-        .chain(rules)
-        .chain(entry)
-    {
-        t += &r;
-        t.push('\n');
-    }
-    t += "COMMIT\n";
-    t += "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
-          :KUBE-FORWARD - [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-EXTERNAL-SERVICES - [0:0]\n\
-          :KUBE-NODEPORTS - [0:0]\n:KUBE-PROXY-FIREWALL - [0:0]\n\
-          -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
-          -A INPUT -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS\n\
-          -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
-          -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
-          -A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD\n\
-          -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
-          -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
-          -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
-          -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
-          -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n\
-          -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n\
-          -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
-          COMMIT\n";
-    (t, n_rules)
+    iptables_restore_input(&chains, nodeports.into_iter().chain(rules).chain(entry))
 }
 
 /// kube-proxy's partial sync for one changed service (`iptables-restore --noflush`): its
 /// KUBE-SVC / KUBE-EXT / KUBE-SEP chains declared again (which flushes them) and rewritten;
 /// `gone` lists endpoint chains to delete.
 pub fn iptables_partial(s: &SvcDef, gone: &[(Ipv4Addr, u16)]) -> String {
-    let (chains, rules, _, _) = ipt_service(s);
+    let IptRules { chains, rules, .. } = ipt_service(s);
     let mut t = String::from("*nat\n");
     t += &chains;
     let pn = s.port_name();
@@ -272,6 +173,23 @@ fn nft_ep_chain(s: &SvcDef, ip: Ipv4Addr, tp: u16) -> String {
     )
 }
 
+/// Adds one endpoint's chain (masquerade hairpin traffic, DNAT to the endpoint) as `nft`
+/// commands; returns the chain's name. The full and the incremental sync write the same.
+fn nft_endpoint(out: &mut String, s: &SvcDef, ip: Ipv4Addr, tp: u16) -> String {
+    let t = NFT_TABLE;
+    let ep = nft_ep_chain(s, ip, tp);
+    let _ = writeln!(out, "add chain ip {t} {ep}");
+    let _ = writeln!(
+        out,
+        "add rule ip {t} {ep} ip saddr {ip} jump mark-for-masquerade"
+    );
+    let _ = writeln!(
+        out,
+        "add rule ip {t} {ep} meta l4proto tcp dnat to {ip}:{tp}"
+    );
+    ep
+}
+
 /// The service, external and endpoint chains of one service port, as `nft` commands
 /// (`add chain` + `add rule`), and its `service-ips` / `service-nodeports` elements.
 fn nft_service(s: &SvcDef, out: &mut String, ips: &mut Vec<String>, nodeports: &mut Vec<String>) {
@@ -285,16 +203,7 @@ fn nft_service(s: &SvcDef, out: &mut String, ips: &mut Vec<String>, nodeports: &
     );
     let mut vmap = Vec::new();
     for (k, (ip, tp, _)) in s.endpoints.iter().enumerate() {
-        let ep = nft_ep_chain(s, *ip, *tp);
-        let _ = writeln!(out, "add chain ip {t} {ep}");
-        let _ = writeln!(
-            out,
-            "add rule ip {t} {ep} ip saddr {ip} jump mark-for-masquerade"
-        );
-        let _ = writeln!(
-            out,
-            "add rule ip {t} {ep} meta l4proto tcp dnat to {ip}:{tp}"
-        );
+        let ep = nft_endpoint(out, s, *ip, *tp);
         vmap.push(format!("{k} : goto {ep}"));
     }
     if !vmap.is_empty() {
@@ -413,16 +322,7 @@ pub fn nft_partial(s: &SvcDef, added: &[(Ipv4Addr, u16)], gone: &[(Ipv4Addr, u16
     let svc = nft_svc_chain(s);
     let mut out = String::new();
     for (ip, tp) in added {
-        let ep = nft_ep_chain(s, *ip, *tp);
-        let _ = writeln!(out, "add chain ip {t} {ep}");
-        let _ = writeln!(
-            out,
-            "add rule ip {t} {ep} ip saddr {ip} jump mark-for-masquerade"
-        );
-        let _ = writeln!(
-            out,
-            "add rule ip {t} {ep} meta l4proto tcp dnat to {ip}:{tp}"
-        );
+        nft_endpoint(&mut out, s, *ip, *tp);
     }
     let _ = writeln!(out, "flush chain ip {t} {svc}");
     let _ = writeln!(

@@ -54,6 +54,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     Args,
     util::{median, ms},
+    xdp_rows::{ApplyRow, MaglevRow, PacketRow},
 };
 
 const XDP_PASS: u32 = 2;
@@ -88,34 +89,6 @@ const FLOW_STRIDE: u64 = 7919;
 /// as they do on a real node).
 const SNAT_MIN: u16 = DEFAULT_SNAT_PORT_MIN;
 const SNAT_MAX: u16 = DEFAULT_SNAT_PORT_MAX;
-
-#[derive(Serialize, Deserialize, Clone)]
-pub struct PacketRow {
-    pub scenario: String,
-    pub services: u32,
-    /// How the figure was taken: "repeat=1 x <flows> packets" or "repeat=<n> loop".
-    pub method: String,
-    pub ours_ns: f64,
-    pub floor_ns: f64,
-    pub ratio: f64,
-    pub net_ns: f64,
-}
-
-#[derive(Serialize, Deserialize, Clone)]
-pub struct ApplyRow {
-    pub services: u32,
-    pub backends_per_service: u32,
-    pub table_m: u32,
-    pub slots_written: usize,
-    pub apply_ms: f64,
-}
-
-#[derive(Serialize, Deserialize, Clone)]
-pub struct MaglevRow {
-    pub m: u32,
-    pub backends: u32,
-    pub build_ms: f64,
-}
 
 pub const METHOD: &[&str] = &[
     "All packet figures come from BPF_PROG_TEST_RUN; medians over the repeats.",
@@ -348,6 +321,8 @@ fn desired(services: u32, backends: u32, local: bool) -> Desired {
             proto: Proto::Tcp,
             scope: Scope::Cluster,
         },
+        port: fe.1,
+        svc_type: ServiceType::NodePort,
         frontends: vec![FrontendSpec {
             addr: fe.0,
             port: fe.1,
