@@ -20,6 +20,7 @@ use crate::{
     error::Error,
     model::translate::{self, Desired, NodeContext, ServiceEvent},
     serve::metrics::{Metrics, Programmed, SyncSource},
+    serve::node_health::{NodeHealth, node_eligible},
     source::yaml,
 };
 
@@ -68,6 +69,19 @@ pub struct RunArgs {
     /// `BASE+OFFSET` or `PORT`); the SNAT port range must stay out of it.
     #[arg(long, value_name = "RANGE", default_value = "30000-32767")]
     pub service_node_port_range: crate::model::ports::PortRange,
+    /// Which node addresses serve NodePorts, as kube-proxy's flag: comma-separated IPv4
+    /// CIDRs and/or `primary` (the uplink's first address); 127.0.0.0/8 among them keeps
+    /// `localhost:<NodePort>` for the node's processes [default: every address of the
+    /// uplink, and localhost].
+    #[arg(long, value_name = "CIDR|primary", value_delimiter = ',')]
+    pub nodeport_addresses: Vec<crate::model::addresses::NodePortAddress>,
+    /// The cluster's service address ranges (comma-separated IPv4 CIDRs, as the API
+    /// server's `--service-cluster-ip-range`), in addition to the ServiceCIDR objects of
+    /// the kube source. An address inside them that no Service holds is dropped, whoever
+    /// sends to it (kube-proxy's nftables mode), instead of being routed towards the
+    /// default gateway.
+    #[arg(long, value_name = "CIDR", value_delimiter = ',')]
+    pub service_cidr: Vec<crate::model::addresses::Cidr4>,
     /// Confirmed flows (`XLB_CT`, LRU): both directions seen, then the client again.
     #[arg(long, default_value_t = DEFAULT_CT_ENTRIES)]
     pub ct_entries: u32,
@@ -119,6 +133,10 @@ pub struct RunArgs {
     /// `PUT /datapath-debug` on the metrics address). Off by default.
     #[arg(long)]
     pub datapath_debug: bool,
+    /// Address of kube-proxy's node health server (`/healthz`, `/livez`, probed by cloud
+    /// load balancers for `externalTrafficPolicy: Cluster` Services), or `none`.
+    #[arg(long, value_name = "ADDR:PORT|none", default_value = crate::serve::node_health::DEFAULT_HEALTHZ_BIND_ADDRESS)]
+    pub healthz_bind_address: String,
 }
 
 pub fn default_pin_dir(node: &str) -> PathBuf {
@@ -232,6 +250,8 @@ pub struct Agent {
     /// kube-proxy's per-service `healthCheckNodePort` servers.
     health: crate::serve::health::HealthServer,
     metrics: Arc<Metrics>,
+    /// kube-proxy's node health state (served by `node_health::serve`).
+    node_health: Arc<NodeHealth>,
     /// Reads the datapath's debug events into the log while the agent runs.
     _datapath_events: Option<AbortOnDrop>,
 }
@@ -281,6 +301,9 @@ impl Agent {
             );
         }
         let node_addrs = netinfo::iface_addrs(&args.iface)?;
+        let (node_port_addrs, localhost_node_ports) =
+            crate::model::addresses::node_port_addresses(&args.nodeport_addresses, &node_addrs)
+                .map_err(anyhow::Error::msg)?;
         let pin_dir = args
             .pin_dir
             .clone()
@@ -378,8 +401,11 @@ impl Agent {
         let mut agent = Self {
             node: NodeContext {
                 node_name: args.node_name.clone(),
-                node_addrs,
+                node_addrs: node_port_addrs,
                 snat_ports: snat_ports.min..=snat_ports.max,
+                localhost_node_ports,
+                service_cidrs: args.service_cidr.iter().map(|c| c.network()).collect(),
+                zone: None,
             },
             args,
             source,
@@ -394,6 +420,7 @@ impl Agent {
             new_events: vec![],
             health: crate::serve::health::HealthServer::new(Ipv4Addr::UNSPECIFIED),
             metrics,
+            node_health: Arc::new(NodeHealth::new()),
             _datapath_events: datapath_events,
         };
         agent.sync_pod_ifaces(links);
@@ -478,6 +505,11 @@ impl Agent {
         self.metrics.clone()
     }
 
+    /// kube-proxy's node health state of this agent (served by `node_health::serve`).
+    pub fn node_health(&self) -> Arc<NodeHealth> {
+        self.node_health.clone()
+    }
+
     /// `now` is when the snapshot was seen; `sync` names the source event being handled
     /// (None: a re-apply because drained backends expire), whose time to a complete map
     /// update is recorded. An error is counted here and logged by the caller.
@@ -487,6 +519,12 @@ impl Agent {
         now: Instant,
         sync: Option<SyncSource>,
     ) -> Result<(), Error> {
+        let node_name = Some(self.node.node_name.as_str());
+        let node = objs
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == node_name);
+        self.node_health.set_node_eligible(node_eligible(node));
         let desired = translate::translate(objs, &self.node);
         let result = self
             .programmer
@@ -556,6 +594,7 @@ impl Agent {
             .collect();
         self.health.update(&checks);
         self.metrics.synced(sync.map(|s| (s, now)), gauges);
+        self.node_health.synced(SystemTime::now());
         if !self.info.ready {
             log::info!("ready: the first full sync is in the maps");
             self.info.ready = true;
@@ -609,6 +648,7 @@ impl Agent {
     /// The agent loop completed an iteration (for `/healthz`).
     pub fn loop_alive(&self) {
         self.metrics.loop_alive();
+        self.node_health.loop_alive();
     }
 
     fn save_info(&self) {
@@ -722,6 +762,7 @@ mod tests {
                 node_name: "n1".into(),
                 node_addrs: vec![Ipv4Addr::new(172, 18, 0, 2)],
                 snat_ports: 61000..=65535,
+                ..NodeContext::default()
             },
         )
     }

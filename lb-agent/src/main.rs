@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use lb_agent::{
     agent,
     dataplane::{conntrack, netinfo},
-    serve::metrics,
+    serve::{metrics, node_health},
     source::kube::KubeSource,
     status,
 };
@@ -38,7 +38,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Cmd {
     /// Load and attach the datapath, then follow the source.
-    Run(agent::RunArgs),
+    Run(Box<agent::RunArgs>),
     /// Show what is programmed, read from the pinned maps.
     Status {
         /// Node whose pins to read [default: the only node pinned under /sys/fs/bpf/xlb].
@@ -172,7 +172,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.cmd {
-        Cmd::Run(args) => run(args),
+        Cmd::Run(args) => run(*args),
         Cmd::Cleanup {
             node_name,
             pin_dir,
@@ -229,6 +229,7 @@ fn only_node() -> Result<String> {
 async fn run(args: agent::RunArgs) -> Result<()> {
     // Bound before anything is attached: a taken port fails the start early.
     let metrics_listener = metrics::bind(&args.metrics_addr)?;
+    let healthz_listener = node_health::bind(&args.healthz_bind_address)?;
     // The API client's configuration is checked before anything is attached; nothing is
     // programmed until both initial lists are complete (see source::kube).
     let mut kube = match agent::parse_source(&args.source)? {
@@ -249,6 +250,10 @@ async fn run(args: agent::RunArgs) -> Result<()> {
     let metrics = agent.metrics();
     let _metrics_server = match metrics_listener {
         Some(l) => Some(AbortOnDrop(metrics::serve(l, metrics.clone())?)),
+        None => None,
+    };
+    let _node_health_server = match healthz_listener {
+        Some(l) => Some(AbortOnDrop(node_health::serve(l, agent.node_health())?)),
         None => None,
     };
     // Connection-tracking GC, on its own handles on the pins (see conntrack.rs).

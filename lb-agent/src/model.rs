@@ -1,5 +1,8 @@
 //! What the datapath should hold, worked out without touching it: Services and
 //! EndpointSlices translated into service ports ([`translate`]), and port ranges — node
-//! ports, the node's ephemeral ports, the SNAT range ([`ports`]).
+//! ports, the node's ephemeral ports, the SNAT range ([`ports`]) — and the endpoints a node
+//! uses by policy and topology ([`topology`]); operator-given address ranges ([`addresses`]).
+pub mod addresses;
 pub mod ports;
+pub mod topology;
 pub mod translate;

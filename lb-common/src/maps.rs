@@ -19,6 +19,11 @@ pub const MAP_CLUSTER_IPS: &str = "XLB_CLUSTER_IPS";
 pub const MAP_SOCK_REVNAT: &str = "XLB_SOCK_REVNAT";
 pub const MAP_AFFINITY: &str = "XLB_AFFINITY";
 pub const MAP_SRC_RANGES: &str = "XLB_SRC_RANGES";
+pub const MAP_SERVICE_CIDRS: &str = "XLB_SERVICE_CIDRS";
+
+/// Capacity of `XLB_SERVICE_CIDRS` (a cluster has one or two service ranges; the
+/// ServiceCIDR API lets it add a few).
+pub const MAX_SERVICE_CIDRS: u32 = 256;
 
 /// Program names in the eBPF object.
 pub const PROG_XDP: &str = "xlb_xdp";
@@ -128,13 +133,22 @@ pub const FE_CLUSTER_IP: u32 = 1 << 2;
 pub const FE_LOCALHOST: u32 = 1 << 3;
 /// Only sources in the service's `loadBalancerSourceRanges` (`XLB_SRC_RANGES`) may use it.
 pub const FE_SOURCE_RANGES: u32 = 1 << 4;
+/// Traffic from inside the cluster goes to `inside_svc_id` with the pod's address kept, as
+/// kube-proxy short-circuits in-cluster traffic to an externalTrafficPolicy Local service's
+/// external addresses.
+pub const FE_SHORT_CIRCUIT: u32 = 1 << 5;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Debug, Default, PartialEq, Eq)]
 pub struct Frontend {
-    /// Index of the service port in `XLB_SERVICES` and `XLB_SVC_STATS`.
+    /// Index of the service port in `XLB_SERVICES` and `XLB_SVC_STATS`, for traffic from
+    /// outside the cluster (XDP on the uplink).
     pub svc_id: u32,
     pub flags: u32,
+    /// The service port for traffic from inside the cluster (pods: tc; the node's own
+    /// processes: socket hooks). Equal to `svc_id` except under `externalTrafficPolicy:
+    /// Local`, where it names the port with all endpoints (`FE_SHORT_CIRCUIT`).
+    pub inside_svc_id: u32,
 }
 
 /// One service port: its Maglev table lives at `XLB_MAGLEV[table_off .. table_off + table_m]`.
@@ -737,6 +751,10 @@ counters! {
     SnatReassigned => "snat_reassigned",
     /// A TCP RST without state: forwarded to a local backend, dropped otherwise.
     RstNoState => "rst_no_state",
+    /// To an address of the service CIDRs that no Service holds: dropped.
+    DropServiceCidr => "drop_service_cidr",
+    /// From a pod or the node to a LoadBalancer IP outside its loadBalancerSourceRanges.
+    DropSourceRangeInside => "drop_source_range_inside",
 }
 
 /// Hash of a flow used to index a Maglev table. Deterministic and seedless on purpose:
@@ -814,7 +832,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<FrontendKey>(), 8);
-        assert_eq!(size_of::<Frontend>(), 8);
+        assert_eq!(size_of::<Frontend>(), 12);
         assert_eq!(size_of::<Service>(), 20);
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<Affinity>(), 16);
@@ -839,7 +857,7 @@ mod tests {
             "neigh_resolve"
         );
         assert_eq!(COUNTER_NAMES[Counter::RstNoState as usize], "rst_no_state");
-        assert_eq!(Counter::RstNoState as u32 + 1, COUNTER_COUNT);
+        assert_eq!(Counter::DropSourceRangeInside as u32 + 1, COUNTER_COUNT);
     }
 
     #[test]

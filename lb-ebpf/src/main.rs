@@ -10,6 +10,7 @@ mod event;
 mod fib;
 mod lb;
 mod maps;
+mod policy;
 mod snat;
 mod sock;
 mod tc;

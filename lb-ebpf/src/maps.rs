@@ -106,3 +106,8 @@ pub static AFFINITY: LruHashMap<AffinityKey, Affinity> = LruHashMap::pinned(DEFA
 /// loadBalancerSourceRanges per service port. (aya adds the BPF_F_NO_PREALLOC LPM tries need.)
 #[map(name = "XLB_SRC_RANGES")]
 pub static SRC_RANGES: LpmTrie<SrcRangeKey, u8> = LpmTrie::pinned(DEFAULT_MAX_FRONTENDS, 0);
+
+/// The service CIDRs (key: network-order address; value unused): an address inside them
+/// that no frontend holds is dropped.
+#[map(name = "XLB_SERVICE_CIDRS")]
+pub static SERVICE_CIDRS: LpmTrie<u32, u8> = LpmTrie::pinned(MAX_SERVICE_CIDRS, 0);

@@ -16,6 +16,7 @@ use lb_common::*;
 use crate::{
     lb::{self, Choice},
     maps::{CLUSTER_IPS, CONFIG, FRONTENDS, Outcome, SERVICES, SOCK_REVNAT, count, record},
+    policy::{in_service_cidr, source_allowed},
 };
 
 const ALLOW: i32 = 1;
@@ -45,9 +46,25 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
         if unsafe { CLUSTER_IPS.get(&addr) }.is_some() {
             return refuse(Counter::RejectUnknownPort);
         }
+        if in_service_cidr(addr) {
+            // kube-proxy's nftables mode drops it in the output path, which the sender
+            // sees as EPERM; so does this.
+            count(Counter::DropServiceCidr);
+            return DENY;
+        }
         return ALLOW;
     };
-    let svc_id = fe.svc_id;
+    // The node's processes are inside the cluster: externalTrafficPolicy Local does not
+    // restrict them (`inside_svc_id`), loadBalancerSourceRanges does, with the node's
+    // address as the source the connection will have.
+    if fe.flags & FE_SOURCE_RANGES != 0 {
+        let node = CONFIG.get(0).map(|c| c.snat_addr_be).unwrap_or(0);
+        if !source_allowed(fe.svc_id, node) {
+            count(Counter::DropSourceRangeInside);
+            return DENY;
+        }
+    }
+    let svc_id = fe.inside_svc_id;
     let Some(&svc) = (unsafe { SERVICES.get(svc_id) }) else {
         return ALLOW;
     };

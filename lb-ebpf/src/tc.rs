@@ -33,6 +33,7 @@ use crate::{
     lb::{self, Choice, Path},
     maps::{CLUSTER_IPS, CONFIG, FRONTENDS, Outcome, REVNAT, SERVICES, count, record},
     parse::{self, ETH_LEN, IP_OFF, L4_OFF, Tuple, ptr_at},
+    policy::{in_service_cidr, source_allowed},
     reject,
 };
 
@@ -79,13 +80,20 @@ pub fn run(ctx: &TcContext) -> i32 {
     // SAFETY: plain-data map values, see lb::choose.
     if let Some(fe) = unsafe { FRONTENDS.get(&fk) } {
         // Pods reach NodePorts and external IPs too (kube-proxy serves those to pods as
-        // well, masqueraded); ClusterIPs keep the pod's address.
+        // well, masqueraded); ClusterIPs keep the pod's address, and so do the external
+        // addresses of an externalTrafficPolicy Local service, which kube-proxy
+        // short-circuits to all endpoints (`inside_svc_id`).
         if fe.flags & (FE_CLUSTER_IP | FE_NODEPORT | FE_EXTERNAL) != 0 {
+            if fe.flags & FE_SOURCE_RANGES != 0 && !source_allowed(fe.svc_id, t.src) {
+                count(Counter::DropSourceRangeInside);
+                event(ctx, cfg, &t, "dropped: pod not in loadBalancerSourceRanges");
+                return TC_ACT_SHOT as i32;
+            }
             let path = Path {
-                snat_remote: fe.flags & FE_CLUSTER_IP == 0,
+                snat_remote: fe.flags & (FE_CLUSTER_IP | FE_SHORT_CIRCUIT) == 0,
                 from_pod: true,
             };
-            return to_backend(ctx, &t, fe.svc_id, path, cfg);
+            return to_backend(ctx, &t, fe.inside_svc_id, path, cfg);
         }
     }
     // SAFETY: plain-data map value.
@@ -94,6 +102,16 @@ pub fn run(ctx: &TcContext) -> i32 {
         count(Counter::RejectUnknownPort);
         event(ctx, cfg, &t, "rejected: ClusterIP port no service uses");
         return reject(ctx, &t);
+    }
+    if in_service_cidr(t.dst) {
+        count(Counter::DropServiceCidr);
+        event(
+            ctx,
+            cfg,
+            &t,
+            "dropped: service CIDR address no Service holds",
+        );
+        return TC_ACT_SHOT as i32;
     }
     let Some(rev) = (unsafe { REVNAT.get(&rk) }) else {
         count(Counter::TcPass);

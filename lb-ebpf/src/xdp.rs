@@ -2,7 +2,6 @@
 //! DNATed to a Maglev-chosen backend; replies of SNATed flows are translated back.
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    maps::lpm_trie::Key,
     programs::XdpContext,
 };
 use lb_common::*;
@@ -12,9 +11,10 @@ use crate::{
     event::event,
     fib,
     lb::{self, Choice},
-    maps::{CONFIG, FRONTENDS, Outcome, REVNAT, SERVICES, SRC_RANGES, count, record},
+    maps::{CONFIG, FRONTENDS, Outcome, REVNAT, SERVICES, count, record},
     nat::{Side, rewrite},
     parse::{self, Tuple},
+    policy::{in_service_cidr, source_allowed},
     xdp_reject,
 };
 
@@ -44,25 +44,35 @@ pub fn run(ctx: &XdpContext) -> u32 {
     let fk = t.frontend_key();
     // SAFETY: plain-data map values, see lb::choose.
     if let Some(fe) = unsafe { FRONTENDS.get(&fk) } {
-        // ClusterIPs belong to the tc programs: pass them on untouched.
-        if fe.flags & (FE_NODEPORT | FE_EXTERNAL) != 0 {
-            if fe.flags & FE_SOURCE_RANGES != 0 && !source_allowed(fe.svc_id, t.src) {
-                count(Counter::DropSourceRange);
-                event(
-                    ctx,
-                    cfg,
-                    &t,
-                    "dropped: client not in loadBalancerSourceRanges",
-                );
-                return XDP_DROP;
-            }
-            return to_backend(ctx, &t, fe.svc_id, cfg);
+        // Everything arriving here comes from outside the node, ClusterIPs included (a
+        // router or another host sending service-CIDR traffic to this node): kube-proxy
+        // DNATs that too, masquerading it towards backends on other nodes.
+        if fe.flags & FE_SOURCE_RANGES != 0 && !source_allowed(fe.svc_id, t.src) {
+            count(Counter::DropSourceRange);
+            event(
+                ctx,
+                cfg,
+                &t,
+                "dropped: client not in loadBalancerSourceRanges",
+            );
+            return XDP_DROP;
         }
+        return to_backend(ctx, &t, fe.svc_id, cfg);
     }
     // Replies of flows that are not source-NATed (backend -> client).
     if !to_snat && let Some(rev) = unsafe { REVNAT.get(&rk) } {
         let rev = *rev;
         return translate_reply(ctx, &t, &rk, &rev, cfg);
+    }
+    if in_service_cidr(t.dst) {
+        count(Counter::DropServiceCidr);
+        event(
+            ctx,
+            cfg,
+            &t,
+            "dropped: service CIDR address no Service holds",
+        );
+        return XDP_DROP;
     }
     count(Counter::PassNoMatch);
     event(ctx, cfg, &t, "passed: no service or flow");
@@ -83,20 +93,6 @@ fn translate_reply(ctx: &XdpContext, t: &Tuple, rk: &FlowKey, rev: &RevNat, cfg:
         return XDP_DROP;
     }
     reply(ctx, t, rev)
-}
-
-/// loadBalancerSourceRanges: the longest prefix under this service port that covers the
-/// client, if any.
-#[inline(always)]
-fn source_allowed(svc_id: u32, src_be: u32) -> bool {
-    let key = Key::new(
-        64,
-        SrcRangeKey {
-            svc_id_be: svc_id.to_be(),
-            addr_be: src_be,
-        },
-    );
-    SRC_RANGES.get(&key).is_some()
 }
 
 #[inline(always)]

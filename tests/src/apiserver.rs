@@ -15,7 +15,11 @@
 //!   `/apis/discovery.k8s.io/v1/endpointslices`, …, any group/version/resource), returning a
 //!   `<Kind>List` with `metadata.resourceVersion`; `limit` + `continue` pagination served from
 //!   a consistent snapshot (a `continue` token becomes `410 Gone` after [`ApiServer::compact`],
-//!   as an expired one does on a real server); equality `labelSelector`s (`a=b`, `a!=b`, `a`).
+//!   as an expired one does on a real server); equality `labelSelector`s (`a=b`, `a!=b`, `a`)
+//!   and `fieldSelector`s on `metadata.name` / `metadata.namespace` (`=`, `==`, `!=`; what
+//!   the agent uses to follow its own Node), on lists and watches alike.
+//! - Cluster-scoped resources (`nodes`, `namespaces`, `networking.k8s.io/v1`
+//!   `servicecidrs`, …; see `cluster_scoped`): stored and served without a namespace.
 //! - `GET` of one object; `POST` (create, with `generateName`), `PUT`, `PATCH` (JSON merge
 //!   patch) and `DELETE` of objects (what kube's `events::Recorder` needs for Events).
 //! - `watch=true` (`watch=1`) with `resourceVersion`, `allowWatchBookmarks` and
@@ -35,12 +39,14 @@
 //! forgotten: older watches get 410), [`drop_watches`](ApiServer::drop_watches) (open
 //! streams end), [`stop`](ApiServer::stop) / [`start`](ApiServer::start) on the same address
 //! (restart or outage: every connection is cut, nothing answers meanwhile; the stored
-//! objects survive, as they do in etcd), and the posted [`events`](ApiServer::events).
+//! objects survive, as they do in etcd), [`set_refused`](ApiServer::set_refused) (one
+//! resource answers 404 as on an API server that does not serve it, 403 as without RBAC,
+//! or 503), and the posted [`events`](ApiServer::events).
 //!
 //! **What it does NOT implement:** authentication and authorisation (no TLS, anyone may do
 //! anything), admission and validation (objects are stored as given; only `metadata` is
 //! managed: name, namespace, uid, resourceVersion, creationTimestamp), defaulting,
-//! `fieldSelector`s, set-based label selectors, `resourceVersionMatch` (lists are always
+//! field selectors on other fields, set-based label selectors, `resourceVersionMatch` (lists are always
 //! served at the latest version), streaming lists (`sendInitialEvents`), server-side apply,
 //! strategic-merge and JSON patches, subresources (`/status`), deletion grace periods,
 //! finalizers and garbage collection, discovery (`/api`, `/apis`), HTTP/2, protobuf, and any
@@ -87,6 +93,7 @@ struct Watch {
     res: ResKey,
     namespace: Option<String>,
     selector: Vec<LabelReq>,
+    fields: Vec<LabelReq>,
     bookmarks: bool,
     tx: mpsc::UnboundedSender<Bytes>,
 }
@@ -106,8 +113,8 @@ struct State {
     next_page_id: u64,
     /// Requests served, by "METHOD path?query" (for tests that check what the client did).
     requests: Vec<String>,
-    /// Resources that answer 503 (see `set_unavailable`).
-    unavailable: Vec<ResKey>,
+    /// Resources that answer with an error status (see `set_refused`).
+    refused: Vec<(ResKey, StatusCode)>,
 }
 
 struct Shared {
@@ -274,12 +281,22 @@ impl ApiServer {
     /// "endpointslices")`) answer `503 Service Unavailable` (or work again), as an
     /// aggregated or overloaded API would; open watches on it end.
     pub fn set_unavailable(&self, api_version: &str, resource: &str, unavailable: bool) {
+        self.set_refused(api_version, resource, unavailable.then_some(503));
+    }
+
+    /// Makes every request on one resource answer `code` with the Status a real server
+    /// sends (`None`: served again): 404 as an API server that does not serve the resource
+    /// (e.g. `networking.k8s.io/v1` `servicecidrs` before Kubernetes 1.33), 403 as a
+    /// ClusterRole that does not grant it, 503 as [`set_unavailable`](Self::set_unavailable).
+    /// Open watches on it end.
+    pub fn set_refused(&self, api_version: &str, resource: &str, code: Option<u16>) {
         let res = (api_version.to_string(), resource.to_string());
         let mut st = self.shared.state.lock().unwrap();
-        st.unavailable.retain(|r| *r != res);
-        if unavailable {
+        st.refused.retain(|(r, _)| *r != res);
+        if let Some(code) = code {
+            let code = StatusCode::from_u16(code).expect("an HTTP status code");
             st.watches.retain(|w| w.res != res);
-            st.unavailable.push(res);
+            st.refused.push((res, code));
         }
     }
 
@@ -358,8 +375,9 @@ impl ApiServer {
         out
     }
 
-    /// Makes the stored Services and EndpointSlices equal to `objs` (creates, updates only
-    /// what differs, deletes the rest), one change at a time as controllers would.
+    /// Makes the stored Services, EndpointSlices, Nodes and ServiceCIDRs equal to `objs`
+    /// (creates, updates only what differs, deletes the rest), one change at a time as
+    /// controllers would.
     pub fn sync_objects(&self, objs: &lb_agent::source::yaml::Objects) -> Result<()> {
         let mut want: BTreeMap<ResKey, BTreeMap<(String, String), Value>> = BTreeMap::new();
         for v in objs
@@ -367,6 +385,8 @@ impl ApiServer {
             .iter()
             .map(serde_json::to_value)
             .chain(objs.slices.iter().map(serde_json::to_value))
+            .chain(objs.nodes.iter().map(serde_json::to_value))
+            .chain(objs.service_cidrs.iter().map(serde_json::to_value))
         {
             let (res, ns, name, v) = locate(&v?)?;
             want.entry(res).or_default().insert((ns, name), v);
@@ -375,6 +395,8 @@ impl ApiServer {
         for res in [
             ("v1".to_string(), "services".to_string()),
             ("discovery.k8s.io/v1".into(), "endpointslices".into()),
+            ("v1".into(), "nodes".into()),
+            ("networking.k8s.io/v1".into(), "servicecidrs".into()),
         ] {
             let have: Vec<(String, String)> = st
                 .objects
@@ -424,7 +446,8 @@ fn same_content(stored: &Value, new: &Value) -> bool {
     strip(stored) == strip(new)
 }
 
-/// Resource, namespace, name and JSON of a serialisable object.
+/// Resource, namespace (`""` for cluster-scoped ones, `default` when a namespaced object
+/// names none) name and JSON of a serialisable object.
 fn locate(obj: &impl serde::Serialize) -> Result<(ResKey, String, String, Value)> {
     let v = serde_json::to_value(obj)?;
     let api_version = v["apiVersion"]
@@ -434,9 +457,27 @@ fn locate(obj: &impl serde::Serialize) -> Result<(ResKey, String, String, Value)
     let name = v["metadata"]["name"]
         .as_str()
         .context("object has no metadata.name")?;
-    let ns = v["metadata"]["namespace"].as_str().unwrap_or("default");
     let res = (api_version.to_string(), plural(kind));
+    let ns = if cluster_scoped(&res.1) {
+        ""
+    } else {
+        v["metadata"]["namespace"].as_str().unwrap_or("default")
+    };
     Ok((res, ns.to_string(), name.to_string(), v))
+}
+
+/// Resources without namespaces (those the tests may use): stored under namespace `""`,
+/// served without `metadata.namespace`.
+fn cluster_scoped(resource: &str) -> bool {
+    matches!(
+        resource,
+        "nodes"
+            | "namespaces"
+            | "servicecidrs"
+            | "ipaddresses"
+            | "clusterroles"
+            | "clusterrolebindings"
+    )
 }
 
 fn plural(kind: &str) -> String {
@@ -455,6 +496,10 @@ fn kind_of(resource: &str) -> String {
         "endpointslices" => "EndpointSlice".into(),
         "events" => "Event".into(),
         "endpoints" => "Endpoints".into(),
+        "nodes" => "Node".into(),
+        "namespaces" => "Namespace".into(),
+        "servicecidrs" => "ServiceCIDR".into(),
+        "ipaddresses" => "IPAddress".into(),
         other => {
             let s = other.strip_suffix('s').unwrap_or(other);
             let mut c = s.chars();
@@ -490,6 +535,38 @@ fn parse_selector(s: &str) -> std::result::Result<Vec<LabelReq>, String> {
             }
         })
         .collect()
+}
+
+/// A `fieldSelector`: the equality forms of [`parse_selector`] on the fields every object has.
+fn parse_field_selector(s: &str) -> std::result::Result<Vec<LabelReq>, String> {
+    let reqs = parse_selector(s).map_err(|_| format!("fieldSelector {s:?}: not supported"))?;
+    for r in &reqs {
+        match r {
+            LabelReq::Eq(k, _) | LabelReq::Ne(k, _)
+                if k == "metadata.name" || k == "metadata.namespace" => {}
+            // A real server answers 400 too (field label not supported).
+            _ => {
+                return Err(format!(
+                    "fieldSelector {s:?}: only metadata.name and metadata.namespace with =, == \
+                     or != are implemented by the stand-in"
+                ));
+            }
+        }
+    }
+    Ok(reqs)
+}
+
+fn fields_selected(obj: &Value, sel: &[LabelReq]) -> bool {
+    let field = |k: &str| {
+        let key = k.strip_prefix("metadata.").unwrap_or(k);
+        // Cluster-scoped objects have no namespace: it matches "".
+        obj["metadata"][key].as_str().unwrap_or("").to_string()
+    };
+    sel.iter().all(|r| match r {
+        LabelReq::Eq(k, v) => field(k) == *v,
+        LabelReq::Ne(k, v) => field(k) != *v,
+        LabelReq::Exists(_) => false,
+    })
 }
 
 fn selected(obj: &Value, sel: &[LabelReq]) -> bool {
@@ -551,7 +628,13 @@ impl State {
             .entry("metadata")
             .or_insert_with(|| json!({}));
         meta["name"] = json!(name);
-        meta["namespace"] = json!(ns);
+        if ns.is_empty() {
+            if let Some(m) = meta.as_object_mut() {
+                m.remove("namespace");
+            }
+        } else {
+            meta["namespace"] = json!(ns);
+        }
         meta["resourceVersion"] = json!(rv.to_string());
         meta["uid"] = json!(format!("00000000-0000-4000-8000-{:012x}", self.next_uid));
         meta["creationTimestamp"] = json!("2024-01-01T00:00:00Z");
@@ -586,7 +669,13 @@ impl State {
             obj["metadata"][k] = old["metadata"][k].clone();
         }
         obj["metadata"]["name"] = json!(name);
-        obj["metadata"]["namespace"] = json!(ns);
+        if ns.is_empty() {
+            if let Some(m) = obj["metadata"].as_object_mut() {
+                m.remove("namespace");
+            }
+        } else {
+            obj["metadata"]["namespace"] = json!(ns);
+        }
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         obj["apiVersion"] = json!(res.0);
         obj["kind"] = json!(kind_of(&res.1));
@@ -627,6 +716,7 @@ impl State {
             if w.res != res
                 || w.namespace.as_deref().is_some_and(|n| n != ns)
                 || !selected(obj, &w.selector)
+                || !fields_selected(obj, &w.fields)
             {
                 return !w.tx.is_closed();
             }
@@ -665,6 +755,7 @@ fn event_line(kind: &str, obj: &Value) -> Bytes {
 
 fn status(code: StatusCode, message: &str) -> Value {
     let reason = match code.as_u16() {
+        403 => "Forbidden",
         404 => "NotFound",
         409 => "AlreadyExists",
         410 => "Expired",
@@ -783,11 +874,32 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             format!("the server could not find {path}"),
         ));
     };
-    if shared.state.lock().unwrap().unavailable.contains(&t.res) {
-        return fail((
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("{} is unavailable (stand-in control)", t.res.1),
-        ));
+    let refused = {
+        let st = shared.state.lock().unwrap();
+        st.refused
+            .iter()
+            .find(|(r, _)| *r == t.res)
+            .map(|(_, code)| *code)
+    };
+    if let Some(code) = refused {
+        // The messages of a real server.
+        let (group, _) = t.res.0.rsplit_once('/').unwrap_or(("", &t.res.0));
+        let msg = match code {
+            StatusCode::NOT_FOUND => "the server could not find the requested resource".into(),
+            StatusCode::FORBIDDEN => format!(
+                "{res}{dot}{group} is forbidden: User \"system:anonymous\" cannot {verb} \
+                 resource \"{res}\" in API group \"{group}\" at the cluster scope",
+                res = t.res.1,
+                dot = if group.is_empty() { "" } else { "." },
+                verb = match (&method, q.get("watch").map(String::as_str)) {
+                    (&Method::GET, Some("true" | "1")) => "watch",
+                    (&Method::GET, _) => "list",
+                    _ => "access",
+                },
+            ),
+            _ => format!("{} is unavailable (stand-in control)", t.res.1),
+        };
+        return fail((code, msg));
     }
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
@@ -796,7 +908,11 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let json_body = || -> std::result::Result<Value, Failure> {
         serde_json::from_slice(&body).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))
     };
-    let ns = t.namespace.clone().unwrap_or_else(|| "default".into());
+    let ns = match &t.namespace {
+        Some(ns) => ns.clone(),
+        None if cluster_scoped(&t.res.1) => String::new(),
+        None => "default".into(),
+    };
     let is_watch = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
     match (&method, &t.name) {
         (&Method::GET, None) if is_watch => watch(shared, &t, &q),
@@ -890,6 +1006,10 @@ fn list(shared: &Shared, t: &Target, q: &HashMap<String, String>) -> Response<Bo
         Ok(s) => s,
         Err(m) => return fail((StatusCode::BAD_REQUEST, m)),
     };
+    let fields = match parse_field_selector(q.get("fieldSelector").map_or("", String::as_str)) {
+        Ok(s) => s,
+        Err(m) => return fail((StatusCode::BAD_REQUEST, m)),
+    };
     let limit = q
         .get("limit")
         .and_then(|l| l.parse::<usize>().ok())
@@ -923,7 +1043,7 @@ fn list(shared: &Shared, t: &Target, q: &HashMap<String, String>) -> Response<Bo
                     m.iter()
                         .filter(|((ns, _), _)| t.namespace.as_ref().is_none_or(|n| n == ns))
                         .map(|(_, v)| v.clone())
-                        .filter(|v| selected(v, &selector))
+                        .filter(|v| selected(v, &selector) && fields_selected(v, &fields))
                         .collect()
                 })
                 .unwrap_or_default();
@@ -956,6 +1076,10 @@ fn watch(shared: &Shared, t: &Target, q: &HashMap<String, String>) -> Response<B
         Ok(s) => s,
         Err(m) => return fail((StatusCode::BAD_REQUEST, m)),
     };
+    let fields = match parse_field_selector(q.get("fieldSelector").map_or("", String::as_str)) {
+        Ok(s) => s,
+        Err(m) => return fail((StatusCode::BAD_REQUEST, m)),
+    };
     let timeout = q
         .get("timeoutSeconds")
         .and_then(|s| s.parse::<u64>().ok())
@@ -971,6 +1095,7 @@ fn watch(shared: &Shared, t: &Target, q: &HashMap<String, String>) -> Response<B
             *res == t.res
                 && t.namespace.as_deref().is_none_or(|n| n == ns)
                 && selected(obj, &selector)
+                && fields_selected(obj, &fields)
         };
         match from {
             Some(rv) => {
@@ -1005,6 +1130,7 @@ fn watch(shared: &Shared, t: &Target, q: &HashMap<String, String>) -> Response<B
             res: t.res.clone(),
             namespace: t.namespace.clone(),
             selector,
+            fields,
             bookmarks,
             tx,
         });
@@ -1334,6 +1460,72 @@ mod tests {
             .count();
         assert_eq!(lists, 1, "{:?}", srv.requests());
         task.abort();
+    }
+
+    #[test]
+    fn cluster_scoped_objects_field_selectors_and_refusals() {
+        use k8s_openapi::api::{core::v1::Node, networking::v1::ServiceCIDR};
+        let node = |name: &str, zone: &str| -> Node {
+            serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
+            }))
+            .unwrap()
+        };
+        let srv = ApiServer::start_local().unwrap();
+        srv.create(&node("n1", "a")).unwrap();
+        srv.create(&node("n2", "b")).unwrap();
+        let stored = srv.list("v1", "nodes");
+        assert_eq!(stored.len(), 2);
+        assert!(
+            stored[0]["metadata"].get("namespace").is_none(),
+            "{stored:?}"
+        );
+        let rt = rt();
+        let nodes: Api<Node> = Api::all(client(&srv, &rt));
+        let lp = ListParams::default().fields("metadata.name=n2");
+        let got = rt.block_on(nodes.list(&lp)).unwrap();
+        assert_eq!(got.items.len(), 1);
+        assert_eq!(got.items[0].metadata.name.as_deref(), Some("n2"));
+        assert_eq!(got.items[0].metadata.namespace, None);
+        assert_eq!(
+            rt.block_on(nodes.get("n1")).unwrap().metadata.name.unwrap(),
+            "n1"
+        );
+        let bad = rt
+            .block_on(nodes.list(&ListParams::default().fields("spec.unschedulable=true")))
+            .unwrap_err();
+        assert!(
+            matches!(&bad, kube::Error::Api(s) if s.code == 400),
+            "{bad:?}"
+        );
+        // A watch with the selector sees only its node.
+        let rv = got.metadata.resource_version.unwrap();
+        let wp = WatchParams::default().fields("metadata.name=n2");
+        let mut stream = rt.block_on(nodes.watch(&wp, &rv)).unwrap().boxed();
+        srv.update(&node("n1", "c")).unwrap();
+        srv.update(&node("n2", "c")).unwrap();
+        match rt.block_on(stream.try_next()).unwrap() {
+            Some(WatchEvent::Modified(n)) => assert_eq!(n.metadata.name.unwrap(), "n2"),
+            other => panic!("{other:?}"),
+        }
+        // ServiceCIDRs: the kind is served under its real name; 404 and 403 on request.
+        let cidr: ServiceCIDR = serde_json::from_value(json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+            "metadata": {"name": "kubernetes"}, "spec": {"cidrs": ["10.96.0.0/12"]},
+        }))
+        .unwrap();
+        srv.create(&cidr).unwrap();
+        let cidrs: Api<ServiceCIDR> = Api::all(client(&srv, &rt));
+        let list = rt.block_on(cidrs.list(&ListParams::default())).unwrap();
+        assert_eq!(list.items.len(), 1);
+        for code in [404, 403] {
+            srv.set_refused("networking.k8s.io/v1", "servicecidrs", Some(code));
+            let e = rt.block_on(cidrs.list(&ListParams::default())).unwrap_err();
+            assert!(matches!(&e, kube::Error::Api(s) if s.code == code), "{e:?}");
+        }
+        srv.set_refused("networking.k8s.io/v1", "servicecidrs", None);
+        rt.block_on(cidrs.list(&ListParams::default())).unwrap();
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! `lb-agent --source kube`: Services and EndpointSlices through the Kubernetes API.
 //!
 //! - The kube source itself (`KubeSource` with the real kube client) against the API server
-//!   stand-in: complete snapshots only, debouncing, outages, filtering, Events. Unprivileged.
+//!   stand-in: complete snapshots only, debouncing, outages, filtering, the agent's own Node
+//!   and the ServiceCIDRs (a 404/403 on those does not block), Events. Unprivileged.
 //! - Real agents on the built-in network (`Cluster::up_kube`: every agent runs with `--source
 //!   kube` and a kubeconfig pointing at the stand-in on the control plane's address, port
 //!   6443): create/update/delete reach the maps and the traffic, endpoint churn, API server
@@ -227,6 +228,169 @@ fn kube_source_publishes_only_complete_debounced_snapshots() {
             .is_some_and(|u| !u.is_empty())
     );
     assert_eq!(evs[0]["reportingInstance"], "lb-agent-n1");
+}
+
+fn node(name: &str, zone: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": {"topology.kubernetes.io/zone": zone, "kubernetes.io/hostname": name},
+            "annotations": {"node.alpha.kubernetes.io/ttl": "0"},
+            "managedFields": [{"manager": "kubelet", "operation": "Update"}],
+        },
+        "spec": {"podCIDR": "10.244.1.0/24"},
+    })
+}
+
+fn service_cidr(name: &str, cidrs: &[&str]) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+        "metadata": {"name": name},
+        "spec": {"cidrs": cidrs},
+    })
+}
+
+fn zone(objs: &Objects) -> Option<String> {
+    let n = objs.nodes.first()?;
+    n.metadata
+        .labels
+        .as_ref()?
+        .get("topology.kubernetes.io/zone")
+        .cloned()
+}
+
+fn cidrs(objs: &Objects) -> BTreeSet<String> {
+    objs.service_cidrs
+        .iter()
+        .flat_map(|c| {
+            c.spec
+                .iter()
+                .flat_map(|s| s.cidrs.iter().flatten().cloned())
+        })
+        .collect()
+}
+
+/// The agent's own Node (only it: field selector) and the ServiceCIDRs are in the snapshots,
+/// trimmed; their first lists gate the first snapshot as the Services' do; a label change on
+/// the Node or a new ServiceCIDR produces a new snapshot.
+#[test]
+fn kube_source_follows_its_node_and_the_service_cidrs() {
+    let srv = ApiServer::start_local().unwrap();
+    let http = json!([{"name": "http", "port": 80, "targetPort": 8080}]);
+    srv.create(&service("dev", "web", http)).unwrap();
+    srv.create(&slice("dev", "web-a", "web", "IPv4", &["10.244.1.2"]))
+        .unwrap();
+    srv.create(&node("n1", "zone-a")).unwrap();
+    srv.create(&node("n2", "zone-b")).unwrap();
+    srv.create(&service_cidr(
+        "kubernetes",
+        &["10.96.0.0/12", "fd00:10:96::/112"],
+    ))
+    .unwrap();
+    // Neither the Node nor the ServiceCIDRs can be listed yet (503: not a refusal).
+    srv.set_unavailable("v1", "nodes", true);
+    srv.set_unavailable("networking.k8s.io/v1", "servicecidrs", true);
+    let rt = rt();
+    let client = local_client(&srv, &rt);
+    let mut src = {
+        let _g = rt.enter();
+        KubeSource::start(client, "n1")
+    };
+    assert!(
+        next_snapshot(&rt, &mut src, Duration::from_secs(2)).is_none(),
+        "a snapshot was published before the Node and ServiceCIDR lists completed"
+    );
+    srv.set_unavailable("v1", "nodes", false);
+    assert!(
+        next_snapshot(&rt, &mut src, Duration::from_secs(2)).is_none(),
+        "a snapshot was published before the ServiceCIDR list completed"
+    );
+    srv.set_unavailable("networking.k8s.io/v1", "servicecidrs", false);
+    let first = next_snapshot(&rt, &mut src, RECOVER).expect("first snapshot");
+    assert_eq!(first.services.len(), 1);
+    assert_eq!(first.slices.len(), 1);
+    let names: Vec<_> = first
+        .nodes
+        .iter()
+        .map(|n| n.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(names, ["n1"], "only the agent's own Node");
+    assert_eq!(zone(&first).as_deref(), Some("zone-a"));
+    let n1 = &first.nodes[0];
+    assert!(n1.metadata.annotations.is_none() && n1.metadata.managed_fields.is_none());
+    assert_eq!(n1.metadata.namespace, None);
+    assert_eq!(
+        cidrs(&first),
+        BTreeSet::from(["10.96.0.0/12".into(), "fd00:10:96::/112".into()])
+    );
+    assert!(
+        srv.requests()
+            .iter()
+            .any(|r| r.starts_with("GET /api/v1/nodes?")
+                && r.contains("fieldSelector=metadata.name%3Dn1")),
+        "{:?}",
+        srv.requests()
+    );
+
+    // The Node's labels change: a new snapshot carries them. Another Node's do not matter.
+    srv.update(&node("n1", "zone-c")).unwrap();
+    snapshot_until(&rt, &mut src, "the Node's new zone", |s| {
+        zone(s).as_deref() == Some("zone-c")
+    });
+    srv.update(&node("n2", "zone-d")).unwrap();
+    assert!(
+        next_snapshot(&rt, &mut src, Duration::from_secs(1)).is_none(),
+        "another Node's change produced a snapshot"
+    );
+    // A second range, then the Node goes away.
+    srv.create(&service_cidr("extra", &["10.100.0.0/16"]))
+        .unwrap();
+    snapshot_until(&rt, &mut src, "the new ServiceCIDR", |s| {
+        cidrs(s).contains("10.100.0.0/16") && s.service_cidrs.len() == 2
+    });
+    srv.delete(&node("n1", "")).unwrap();
+    let s = snapshot_until(&rt, &mut src, "the Node deleted", |s| s.nodes.is_empty());
+    assert_eq!(s.services.len(), 1);
+}
+
+/// An API server that does not serve ServiceCIDRs (404, before Kubernetes 1.33) or forbids
+/// them (403, RBAC): snapshots come anyway, without ServiceCIDRs, and follow changes; once
+/// they can be read they show up. A missing Node is an empty list too.
+#[test]
+fn kube_source_publishes_without_service_cidrs_when_refused() {
+    for code in [404, 403] {
+        let srv = ApiServer::start_local().unwrap();
+        let http = json!([{"name": "http", "port": 80, "targetPort": 8080}]);
+        srv.create(&service("dev", "web", http.clone())).unwrap();
+        srv.create(&slice("dev", "web-a", "web", "IPv4", &["10.244.1.2"]))
+            .unwrap();
+        srv.create(&service_cidr("kubernetes", &["10.96.0.0/12"]))
+            .unwrap();
+        srv.set_refused("networking.k8s.io/v1", "servicecidrs", Some(code));
+        let rt = rt();
+        let client = local_client(&srv, &rt);
+        let mut src = {
+            let _g = rt.enter();
+            // No Node of that name exists: an empty, complete list.
+            KubeSource::start(client, "n1")
+        };
+        let first = next_snapshot(&rt, &mut src, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("{code}: no snapshot"));
+        assert_eq!(first.services.len(), 1, "{code}");
+        assert!(first.service_cidrs.is_empty(), "{code}");
+        assert!(first.nodes.is_empty(), "{code}");
+        srv.create(&service("dev", "api", http)).unwrap();
+        snapshot_until(&rt, &mut src, "a change after the refusal", |s| {
+            s.services.len() == 2
+        });
+        // Readable again (upgrade, RBAC fixed): the watcher's retries pick them up.
+        srv.set_refused("networking.k8s.io/v1", "servicecidrs", None);
+        let s = snapshot_until(&rt, &mut src, "ServiceCIDRs after the refusal ended", |s| {
+            !s.service_cidrs.is_empty()
+        });
+        assert_eq!(cidrs(&s), BTreeSet::from(["10.96.0.0/12".into()]), "{code}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -664,6 +828,7 @@ fn real_cluster_source_follows_services_and_slices() {
                 .filter(|s| s.metadata.namespace.as_deref() == Some(ns_name.as_str()))
                 .cloned()
                 .collect(),
+            ..Default::default()
         };
         backends(&only)
     };

@@ -734,6 +734,7 @@ fn cluster_role_grants_exactly_what_the_agent_uses() {
             "endpointslices",
             &["get", "list", "watch"],
         ),
+        ("networking.k8s.io", "servicecidrs", &["list", "watch"]),
         ("", "events", &["create", "patch"]),
         ("events.k8s.io", "events", &["create", "patch"]),
     ] {

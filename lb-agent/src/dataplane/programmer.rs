@@ -43,6 +43,7 @@ pub struct Maps {
     pub svc_meta: Array<MapData, SvcMeta>,
     pub cluster_ips: HashMap<MapData, u32, u32>,
     pub src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
+    pub service_cidrs: LpmTrie<MapData, u32, u8>,
 }
 
 impl Maps {
@@ -74,6 +75,7 @@ impl Maps {
             svc_meta: t(ebpf, MAP_SVC_META)?,
             cluster_ips: t(ebpf, MAP_CLUSTER_IPS)?,
             src_ranges: t(ebpf, MAP_SRC_RANGES)?,
+            service_cidrs: t(ebpf, MAP_SERVICE_CIDRS)?,
         })
     }
 }
@@ -95,6 +97,8 @@ pub trait MapWriter {
     fn remove_cluster_ip(&mut self, addr_be: u32);
     fn add_src_range(&mut self, svc_id: u32, addr_be: u32, len: u8) -> Result<()>;
     fn remove_src_range(&mut self, svc_id: u32, addr_be: u32, len: u8);
+    fn add_service_cidr(&mut self, addr_be: u32, len: u8) -> Result<()>;
+    fn remove_service_cidr(&mut self, addr_be: u32, len: u8);
 }
 
 impl MapWriter for Maps {
@@ -145,6 +149,16 @@ impl MapWriter for Maps {
     fn remove_src_range(&mut self, svc_id: u32, addr_be: u32, len: u8) {
         let _ = self.src_ranges.remove(&range_key(svc_id, addr_be, len));
     }
+    fn add_service_cidr(&mut self, addr_be: u32, len: u8) -> Result<()> {
+        Ok(self
+            .service_cidrs
+            .insert(&aya::maps::lpm_trie::Key::new(len as u32, addr_be), 1, 0)?)
+    }
+    fn remove_service_cidr(&mut self, addr_be: u32, len: u8) {
+        let _ = self
+            .service_cidrs
+            .remove(&aya::maps::lpm_trie::Key::new(len as u32, addr_be));
+    }
 }
 
 /// The map reads [`Programmer::adopt`] makes: implemented by [`Maps`], and by the map-less
@@ -165,6 +179,8 @@ pub trait MapReader {
     fn cluster_ips(&self) -> impl Iterator<Item = Result<u32>> + '_;
     /// Every loadBalancerSourceRange, as (svc_id, address, prefix length).
     fn src_ranges(&self) -> impl Iterator<Item = Result<(u32, u32, u8)>> + '_;
+    /// Every service CIDR, as (network address, prefix length).
+    fn service_cidrs(&self) -> impl Iterator<Item = Result<(u32, u8)>> + '_;
 }
 
 impl MapReader for Maps {
@@ -198,6 +214,12 @@ impl MapReader for Maps {
                 d.addr_be,
                 (k.prefix_len() - 32) as u8,
             ))
+        })
+    }
+    fn service_cidrs(&self) -> impl Iterator<Item = Result<(u32, u8)>> + '_ {
+        self.service_cidrs.keys().map(|k| {
+            let k = k?;
+            Ok((k.data(), k.prefix_len() as u8))
         })
     }
 }
@@ -375,6 +397,8 @@ pub struct Programmer {
     cluster_ips: BTreeSet<u32>,
     /// (svc_id, address, prefix length) of every loadBalancerSourceRange written.
     ranges: BTreeSet<(u32, u32, u8)>,
+    /// (network address, prefix length) of every service CIDR written.
+    service_cidrs: BTreeSet<(u32, u8)>,
     /// Services found in the pins at start, by the port their metadata names, not yet
     /// claimed by an apply.
     adopted: BTreeMap<AdoptKey, (u32, Service)>,
@@ -445,6 +469,7 @@ impl Programmer {
             frontends: BTreeMap::new(),
             cluster_ips: BTreeSet::new(),
             ranges: BTreeSet::new(),
+            service_cidrs: BTreeSet::new(),
             adopted: BTreeMap::new(),
             adopted_tables: BTreeMap::new(),
             refusals: Vec::new(),
@@ -528,6 +553,9 @@ impl Programmer {
         }
         for k in maps.cluster_ips() {
             self.cluster_ips.insert(k?);
+        }
+        for k in maps.service_cidrs() {
+            self.service_cidrs.insert(k?);
         }
         for k in maps.src_ranges() {
             self.ranges.insert(k?);
@@ -999,6 +1027,7 @@ impl Programmer {
         let mut fe_wanted: BTreeMap<FrontendKey, Frontend> = BTreeMap::new();
         let mut cluster_ips: BTreeSet<u32> = BTreeSet::new();
         let mut ranges: BTreeSet<(u32, u32, u8)> = BTreeSet::new();
+        let mut inside: Vec<(u32, &SvcPort)> = Vec::new();
         for p in &ports {
             live.insert(p.id.clone());
             let svc_id = self
@@ -1017,8 +1046,24 @@ impl Programmer {
                 }
                 fe_wanted.insert(
                     fe_key(f.addr, f.port, p.id.proto.number()),
-                    Frontend { svc_id, flags },
+                    Frontend {
+                        svc_id,
+                        flags,
+                        inside_svc_id: svc_id,
+                    },
                 );
+            }
+            inside.push((svc_id, p));
+        }
+        // externalTrafficPolicy Local: the external frontends' traffic from inside the
+        // cluster goes to the port with all endpoints. Only frontends that were admitted
+        // (written for their own port) are touched.
+        for (svc_id, p) in inside {
+            for f in &p.inside_frontends {
+                if let Some(fe) = fe_wanted.get_mut(&fe_key(f.addr, f.port, p.id.proto.number())) {
+                    fe.inside_svc_id = svc_id;
+                    fe.flags |= FE_SHORT_CIRCUIT;
+                }
             }
         }
 
@@ -1063,6 +1108,20 @@ impl Programmer {
             maps.remove_src_range(svc_id, addr, len);
         }
         self.ranges = ranges;
+        // Service CIDRs after every frontend and ClusterIP: a new range must not drop a
+        // new service's address before its frontends are in.
+        let cidrs: BTreeSet<(u32, u8)> = desired
+            .service_cidrs
+            .iter()
+            .map(|&(a, len)| (u32::from_ne_bytes(a.octets()), len))
+            .collect();
+        for &(a, len) in self.service_cidrs.difference(&cidrs) {
+            maps.remove_service_cidr(a, len);
+        }
+        for &(a, len) in cidrs.difference(&self.service_cidrs) {
+            maps.add_service_cidr(a, len)?;
+        }
+        self.service_cidrs = cidrs;
 
         // 4. Services that are gone.
         let gone: Vec<_> = self
@@ -1155,7 +1214,7 @@ impl Programmer {
             svc.fresh = false;
         }
 
-        let flags = if p.id.scope == Scope::Local {
+        let flags = if p.drop_if_empty {
             SVC_DROP_IF_EMPTY
         } else {
             0
@@ -1336,6 +1395,7 @@ pub(crate) mod tests {
         pub(crate) frontends: BTreeMap<FrontendKey, Frontend>,
         pub(crate) cluster_ips: BTreeSet<u32>,
         pub(crate) ranges: BTreeSet<(u32, u32, u8)>,
+        pub(crate) service_cidrs: BTreeSet<(u32, u8)>,
     }
 
     impl Fake {
@@ -1351,6 +1411,7 @@ pub(crate) mod tests {
                 frontends: BTreeMap::new(),
                 cluster_ips: BTreeSet::new(),
                 ranges: BTreeSet::new(),
+                service_cidrs: BTreeSet::new(),
             }
         }
 
@@ -1451,6 +1512,9 @@ pub(crate) mod tests {
         fn src_ranges(&self) -> impl Iterator<Item = Result<(u32, u32, u8)>> + '_ {
             self.ranges.iter().map(|&r| Ok(r))
         }
+        fn service_cidrs(&self) -> impl Iterator<Item = Result<(u32, u8)>> + '_ {
+            self.service_cidrs.iter().map(|&r| Ok(r))
+        }
     }
 
     impl MapWriter for Fake {
@@ -1508,6 +1572,13 @@ pub(crate) mod tests {
         }
         fn remove_src_range(&mut self, svc_id: u32, addr_be: u32, len: u8) {
             self.ranges.remove(&(svc_id, addr_be, len));
+        }
+        fn add_service_cidr(&mut self, addr_be: u32, len: u8) -> Result<()> {
+            self.service_cidrs.insert((addr_be, len));
+            Ok(())
+        }
+        fn remove_service_cidr(&mut self, addr_be: u32, len: u8) {
+            self.service_cidrs.remove(&(addr_be, len));
         }
     }
 
@@ -1583,6 +1654,8 @@ pub(crate) mod tests {
             draining: vec![],
             affinity_timeout: None,
             source_ranges: vec![],
+            drop_if_empty: false,
+            inside_frontends: vec![],
         }
     }
 

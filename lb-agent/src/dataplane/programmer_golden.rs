@@ -46,6 +46,7 @@ fn node() -> NodeContext {
         node_name: "node-a".into(),
         node_addrs: vec![Ipv4Addr::new(192, 168, 1, 10)],
         snat_ports: 61000..=65535,
+        ..NodeContext::default()
     }
 }
 
@@ -326,6 +327,14 @@ impl MapWriter for Counting<'_> {
     fn remove_cluster_ip(&mut self, addr_be: u32) {
         self.count("remove_cluster_ip");
         self.maps.remove_cluster_ip(addr_be)
+    }
+    fn add_service_cidr(&mut self, addr_be: u32, len: u8) -> Result<()> {
+        self.count("add_service_cidr");
+        self.maps.add_service_cidr(addr_be, len)
+    }
+    fn remove_service_cidr(&mut self, addr_be: u32, len: u8) {
+        self.count("remove_service_cidr");
+        self.maps.remove_service_cidr(addr_be, len)
     }
     fn add_src_range(&mut self, svc_id: u32, addr_be: u32, len: u8) -> Result<()> {
         self.count("add_src_range");

@@ -18,6 +18,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
 pub use lb_common::ServiceType;
 
+use crate::model::addresses::Cidr4;
+use crate::model::topology::{self, Candidate, Place};
 use crate::source::yaml::{Objects, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
 
 /// The node the agent runs on.
@@ -31,6 +33,14 @@ pub struct NodeContext {
     /// ..= `--snat-port-max`): replies to those flows come back to a node address on one of
     /// them, so no external address may be served there.
     pub snat_ports: RangeInclusive<u16>,
+    /// NodePorts are also served on 127.0.0.1 to the node's own processes (kube-proxy's
+    /// iptables mode does, unless `--nodeport-addresses` leaves out 127.0.0.0/8).
+    pub localhost_node_ports: bool,
+    /// `--service-cidr`: service address ranges besides the ServiceCIDR objects.
+    pub service_cidrs: Vec<(Ipv4Addr, u8)>,
+    /// The Node's `topology.kubernetes.io/zone` label; `translate` fills it from the Node
+    /// object named `node_name`, when the source has it.
+    pub zone: Option<String>,
 }
 
 impl Default for NodeContext {
@@ -39,9 +49,15 @@ impl Default for NodeContext {
             node_name: String::new(),
             node_addrs: Vec::new(),
             snat_ports: lb_common::DEFAULT_SNAT_PORT_MIN..=lb_common::DEFAULT_SNAT_PORT_MAX,
+            localhost_node_ports: true,
+            service_cidrs: Vec::new(),
+            zone: None,
         }
     }
 }
+
+/// The label kube-proxy reads a node's zone from.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
@@ -190,6 +206,15 @@ pub struct SvcPort {
     pub affinity_timeout: Option<u32>,
     /// `loadBalancerSourceRanges`, applied to the LoadBalancer ingress frontends.
     pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    /// With no backend for new flows: drop them (true) or reject them. kube-proxy drops
+    /// only under a Local policy while the service has endpoints on other nodes; with no
+    /// endpoint anywhere it rejects.
+    pub drop_if_empty: bool,
+    /// Frontends of another port of the same service (its Local scope, for
+    /// `externalTrafficPolicy: Local`) whose traffic from inside the cluster — pods and
+    /// the node's own processes — this port serves: kube-proxy restricts only traffic from
+    /// outside to local endpoints, and short-circuits pods' traffic (keeping their address).
+    pub inside_frontends: Vec<FrontendSpec>,
 }
 
 /// A `healthCheckNodePort` to serve (LoadBalancer with `externalTrafficPolicy: Local`).
@@ -379,6 +404,9 @@ pub struct Desired {
     /// Every service as (namespace, name), oldest first (see [`age_key`]): the order in
     /// which contested frontends and, in the programmer, capacity are handed out.
     pub service_order: Vec<(String, String)>,
+    /// Service address ranges (`--service-cidr` and the IPv4 ServiceCIDR objects), sorted,
+    /// host bits cleared: an address inside them that no Service holds is dropped.
+    pub service_cidrs: Vec<(Ipv4Addr, u8)>,
 }
 
 /// Computes the desired datapath state. Services are expected to be unique by
@@ -390,13 +418,26 @@ pub fn translate(objs: &Objects, node: &NodeContext) -> Desired {
     let mut node_addrs = node.node_addrs.clone();
     node_addrs.sort();
     node_addrs.dedup();
+    let this_node = objs
+        .nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(node.node_name.as_str()));
+    let zone = this_node
+        .and_then(|n| n.metadata.labels.as_ref())
+        .and_then(|l| l.get(ZONE_LABEL))
+        .filter(|z| !z.is_empty())
+        .cloned()
+        .or_else(|| node.zone.clone());
     let node = NodeContext {
-        node_name: node.node_name.clone(),
         node_addrs,
-        snat_ports: node.snat_ports.clone(),
+        zone,
+        ..node.clone()
     };
 
-    let mut out = Desired::default();
+    let mut out = Desired {
+        service_cidrs: service_cidrs(objs, &node),
+        ..Desired::default()
+    };
     for svc in &services {
         out.rows.push(row(svc));
         let owned = slices
@@ -415,6 +456,25 @@ pub fn translate(objs: &Objects, node: &NodeContext) -> Desired {
     out.health_checks.sort_by_key(|h| h.node_port);
     drop_colliding_frontends(&mut out, &node, &created);
     out.events = out.warnings.iter().filter_map(Warning::event).collect();
+    out
+}
+
+/// `--service-cidr` and the IPv4 `spec.cidrs` of the ServiceCIDR objects.
+fn service_cidrs(objs: &Objects, node: &NodeContext) -> Vec<(Ipv4Addr, u8)> {
+    let from_objects = objs
+        .service_cidrs
+        .iter()
+        .flat_map(|c| c.spec.iter().flat_map(|s| s.cidrs.iter().flatten()))
+        .filter_map(|c| c.parse::<Cidr4>().ok())
+        .map(|c| c.network());
+    let mut out: Vec<(Ipv4Addr, u8)> = node
+        .service_cidrs
+        .iter()
+        .copied()
+        .chain(from_objects)
+        .collect();
+    out.sort();
+    out.dedup();
     out
 }
 
@@ -455,7 +515,7 @@ fn svc_type(spec: &ServiceSpec) -> SvcType {
 /// Slices by (namespace, owning service name).
 fn index_slices(slices: &[EndpointSlice]) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
     let mut by_svc: BTreeMap<_, Vec<_>> = BTreeMap::new();
-    for s in slices {
+    for s in slices.iter().filter(|s| !is_headless_labelled(&s.metadata)) {
         let owner = s
             .metadata
             .labels
@@ -473,6 +533,17 @@ fn index_slices(slices: &[EndpointSlice]) -> BTreeMap<(&str, &str), Vec<&Endpoin
     }
     by_svc
 }
+
+/// Objects labelled `service.kubernetes.io/headless` (the EndpointSlice controller marks the
+/// slices of headless Services so) are left out, as kube-proxy's informers select them out.
+fn is_headless_labelled(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
+    meta.labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(HEADLESS_LABEL))
+}
+
+/// See [`is_headless_labelled`].
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 
 fn valid_port(p: i32) -> Option<u16> {
     u16::try_from(p).ok().filter(|&p| p != 0)
@@ -496,6 +567,9 @@ fn program_service(
         })
     };
 
+    if is_headless_labelled(&svc.metadata) {
+        return; // as kube-proxy's informers, which never see it
+    }
     if let Some(proxy) = svc
         .metadata
         .labels
@@ -547,9 +621,12 @@ fn program_service(
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref())
         .filter(|_| ty == ServiceType::LoadBalancer);
+    // `ipMode: Proxy`: the load balancer proxies (it does not keep the destination), so
+    // kube-proxy does not program that address at all and in-cluster clients go out to it.
     let ingress_ips = ingress
         .into_iter()
         .flatten()
+        .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
         .filter_map(|i| i.ip.as_deref())
         .map(|ip| (ip, FrontendKind::LoadBalancer));
     for (ip, kind) in spec
@@ -641,11 +718,13 @@ fn program_service(
                         port: np,
                         kind: FrontendKind::NodePort,
                     }));
-                    frontends.push(FrontendSpec {
-                        addr: Ipv4Addr::LOCALHOST,
-                        port: np,
-                        kind: FrontendKind::Localhost,
-                    });
+                    if node.localhost_node_ports {
+                        frontends.push(FrontendSpec {
+                            addr: Ipv4Addr::LOCALHOST,
+                            port: np,
+                            kind: FrontendKind::Localhost,
+                        });
+                    }
                 }
                 None if node_ports_disabled => {}
                 None => warn(
@@ -674,30 +753,50 @@ fn program_service(
         frontends.dedup_by(|b, a| (a.addr, a.port) == (b.addr, b.port));
 
         let cands = candidates(slices, &port_name, proto, node);
-        // Decided separately for each scope, as kube-proxy does: a node whose local
-        // endpoints are all terminating falls back to them even if others are ready.
-        let all = select(&cands.iter().collect::<Vec<_>>());
-        let local = select(&cands.iter().filter(|c| c.spec.local).collect::<Vec<_>>());
+        // Decided separately for each policy, as kube-proxy does (topology.rs).
+        let chosen = topology::choose(
+            &cands,
+            Place {
+                node: &node.node_name,
+                zone: node.zone.as_deref(),
+            },
+        );
+        let (all, local) = (&chosen.cluster, &chosen.local);
         let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
         let external_local = wants_node_ports_or_external(ty, &external)
             && spec.external_traffic_policy.as_deref() == Some("Local");
-        let scope = |local: bool| if local { Scope::Local } else { Scope::Cluster };
         let (internal, external_fes): (Vec<_>, Vec<_>) = frontends
             .into_iter()
             .partition(|f| f.kind == FrontendKind::ClusterIp);
-        let groups = if internal_local == external_local {
-            vec![(scope(internal_local), [internal, external_fes].concat())]
+        // (scope, frontends, frontends it serves only for traffic from inside the cluster):
+        // under externalTrafficPolicy Local the external frontends' in-cluster traffic
+        // goes to all endpoints (the cluster scope), as kube-proxy short-circuits it.
+        let inside = if external_local {
+            external_fes.clone()
         } else {
-            vec![
-                (scope(internal_local), internal),
-                (scope(external_local), external_fes),
-            ]
+            vec![]
         };
-        for (scope, mut frontends) in groups {
-            if frontends.is_empty() {
+        let groups = match (internal_local, external_local) {
+            (false, false) => vec![(Scope::Cluster, [internal, external_fes].concat(), vec![])],
+            (true, true) => vec![
+                (Scope::Local, [internal, external_fes].concat(), vec![]),
+                (Scope::Cluster, vec![], inside),
+            ],
+            (false, true) => vec![
+                (Scope::Cluster, internal, inside),
+                (Scope::Local, external_fes, vec![]),
+            ],
+            (true, false) => vec![
+                (Scope::Local, internal, vec![]),
+                (Scope::Cluster, external_fes, vec![]),
+            ],
+        };
+        for (scope, mut frontends, mut inside_frontends) in groups {
+            if frontends.is_empty() && inside_frontends.is_empty() {
                 continue;
             }
             frontends.sort();
+            inside_frontends.sort();
             out.ports.push(SvcPort {
                 id: SvcPortId {
                     namespace: ns.to_string(),
@@ -722,6 +821,8 @@ fn program_service(
                 },
                 affinity_timeout,
                 source_ranges: source_ranges.clone(),
+                drop_if_empty: scope == Scope::Local && chosen.has_any,
+                inside_frontends,
             });
         }
         if external_local {
@@ -759,15 +860,6 @@ fn wants_node_ports_or_external(ty: ServiceType, external: &[(Ipv4Addr, Frontend
     matches!(ty, ServiceType::NodePort | ServiceType::LoadBalancer) || !external.is_empty()
 }
 
-/// An endpoint of a service port with the conditions kube-proxy looks at.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Candidate {
-    spec: BackendSpec,
-    ready: bool,
-    serving: bool,
-    terminating: bool,
-}
-
 fn candidates(
     slices: &[&EndpointSlice],
     port_name: &str,
@@ -803,6 +895,7 @@ fn candidates(
             let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
             let node_name = ep.node_name.clone();
             let local = !node.node_name.is_empty() && node_name.as_deref() == Some(&node.node_name);
+            let hints = ep.hints.as_ref();
             out.push(Candidate {
                 spec: BackendSpec {
                     addr,
@@ -813,36 +906,24 @@ fn candidates(
                 ready,
                 serving,
                 terminating,
+                zone_hints: hints
+                    .and_then(|h| h.for_zones.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|z| z.name.clone())
+                    .collect(),
+                node_hints: hints
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n.name.clone())
+                    .collect(),
             });
         }
     }
     out.sort_by(|a, b| a.spec.cmp(&b.spec));
     out.dedup_by(|b, a| (a.spec.addr, a.spec.port) == (b.spec.addr, b.spec.port));
     out
-}
-
-/// kube-proxy's endpoint choice (pkg/proxy/topology.go): the ready endpoints; if there is
-/// none, the serving-and-terminating ones, so a rolling update never drops a service on the
-/// floor; never an endpoint that is neither. Returns (selected, the rest), both sorted; the
-/// rest stays resolvable for flows already established to it.
-fn select(cands: &[&Candidate]) -> (Vec<BackendSpec>, Vec<BackendSpec>) {
-    let ready: Vec<&Candidate> = cands.iter().copied().filter(|c| c.ready).collect();
-    let chosen: Vec<&Candidate> = if ready.is_empty() {
-        cands
-            .iter()
-            .copied()
-            .filter(|c| c.serving && c.terminating)
-            .collect()
-    } else {
-        ready
-    };
-    let selected: Vec<BackendSpec> = chosen.iter().map(|c| c.spec.clone()).collect();
-    let rest = cands
-        .iter()
-        .filter(|c| !selected.contains(&c.spec))
-        .map(|c| c.spec.clone())
-        .collect();
-    (selected, rest)
 }
 
 /// Frontends the API server allocates (ClusterIPs, NodePorts) come first: it keeps them
@@ -1031,6 +1112,7 @@ mod tests {
             node_name: "node-a".into(),
             node_addrs: vec![ip("192.168.1.11"), ip("192.168.1.10")],
             snat_ports: 61000..=65535,
+            ..NodeContext::default()
         }
     }
 
@@ -1763,8 +1845,151 @@ mod tests {
         let d = run(&web(
             "  type: NodePort\n  clusterIP: 10.96.0.10\n  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\n  ports: [{name: http, port: 80, nodePort: 30080}]",
         ));
-        assert_eq!(d.ports.len(), 1);
-        assert_eq!(d.ports[0].id.scope, Scope::Local);
-        assert_eq!(d.ports[0].frontends.len(), 4);
+        let local = port(&d, "dev/web:http/TCP (local)");
+        assert_eq!(local.frontends.len(), 4);
+        // In-cluster traffic to the NodePorts still reaches every endpoint (kube-proxy's
+        // short-circuit), through a cluster-scope port with no frontend of its own.
+        let cluster = port(&d, "dev/web:http/TCP");
+        assert!(cluster.frontends.is_empty());
+        assert_eq!(cluster.inside_frontends.len(), 3);
+        assert_eq!(cluster.backends.len(), 2);
+    }
+
+    #[test]
+    fn external_policy_local_short_circuits_in_cluster_traffic() {
+        let d = run(&web(
+            "  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  externalTrafficPolicy: Local\n  ports: [{name: http, port: 80, nodePort: 30080}]\nstatus: {loadBalancer: {ingress: [{ip: 172.18.255.200}]}}",
+        ));
+        let cluster = port(&d, "dev/web:http/TCP");
+        assert_eq!(
+            cluster.frontends,
+            [fe("10.96.0.10", 80, FrontendKind::ClusterIp)]
+        );
+        assert_eq!(
+            cluster.inside_frontends,
+            port(&d, "dev/web:http/TCP (local)").frontends
+        );
+        assert!(cluster.inside_frontends.contains(&fe(
+            "172.18.255.200",
+            80,
+            FrontendKind::LoadBalancer
+        )));
+        // eTP Cluster: nothing to short-circuit.
+        let d = run(&web(
+            "  type: NodePort\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80, nodePort: 30080}]",
+        ));
+        assert!(d.ports.iter().all(|p| p.inside_frontends.is_empty()));
+    }
+
+    #[test]
+    fn local_policy_drops_only_when_endpoints_exist_elsewhere() {
+        let spec = "  clusterIP: 10.96.0.10\n  internalTrafficPolicy: Local\n  ports: [{name: http, port: 80}]";
+        // Endpoints on another node only: drop.
+        let elsewhere = service("web", spec)
+            + &slice(
+                "web-1",
+                "web",
+                WEB_SLICE,
+                "[{addresses: [10.244.2.9], nodeName: node-b}]",
+            );
+        let p = run(&elsewhere);
+        let p = port(&p, "dev/web:http/TCP (local)");
+        assert!(p.backends.is_empty() && p.drop_if_empty);
+        // No endpoint at all, or none ready or serving: reject.
+        for eps in [
+            "[]",
+            "[{addresses: [10.244.2.9], nodeName: node-b, conditions: {ready: false, serving: false, terminating: true}}]",
+        ] {
+            let d = run(&(service("web", spec) + &slice("web-1", "web", WEB_SLICE, eps)));
+            let p = port(&d, "dev/web:http/TCP (local)");
+            assert!(p.backends.is_empty() && !p.drop_if_empty, "{eps}");
+        }
+        // Cluster policy never drops.
+        let d = run(&service(
+            "web",
+            "  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]",
+        ));
+        assert!(!port(&d, "dev/web:http/TCP").drop_if_empty);
+    }
+
+    #[test]
+    fn proxy_ip_mode_ingress_is_not_programmed() {
+        let d = run(&web(
+            "  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80, nodePort: 30080}]\nstatus: {loadBalancer: {ingress: [{ip: 172.18.255.200, ipMode: Proxy}, {ip: 172.18.255.201, ipMode: VIP}]}}",
+        ));
+        let fes = &port(&d, "dev/web:http/TCP").frontends;
+        assert!(!fes.iter().any(|f| f.addr == ip("172.18.255.200")));
+        assert!(fes.contains(&fe("172.18.255.201", 80, FrontendKind::LoadBalancer)));
+    }
+
+    #[test]
+    fn headless_label_is_skipped_like_kube_proxy() {
+        let labelled = "---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: dev, labels: {service.kubernetes.io/headless: ''}}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]\n"
+            .to_string()
+            + &slice("web-1", "web", WEB_SLICE, TWO_PODS);
+        assert!(run(&labelled).ports.is_empty());
+        let slice_labelled = service(
+            "web",
+            "  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]",
+        ) + "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: dev\n  labels: {kubernetes.io/service-name: web, service.kubernetes.io/headless: ''}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.244.1.5], nodeName: node-a}]\n";
+        assert!(run(&slice_labelled).ports[0].backends.is_empty());
+    }
+
+    #[test]
+    fn zone_hints_follow_the_nodes_zone_label() {
+        let eps = "[{addresses: [10.244.1.5], nodeName: node-a, hints: {forZones: [{name: zone-a}]}}, {addresses: [10.244.2.9], nodeName: node-b, hints: {forZones: [{name: zone-b}]}}]";
+        let text = service(
+            "web",
+            "  clusterIP: 10.96.0.10\n  trafficDistribution: PreferClose\n  ports: [{name: http, port: 80}]",
+        ) + &slice("web-1", "web", WEB_SLICE, eps);
+        // No Node object: the zone is unknown and hints are ignored.
+        assert_eq!(run(&text).ports[0].backends.len(), 2);
+        let node = "---\napiVersion: v1\nkind: Node\nmetadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-b}}\n";
+        let d = run(&(text + node));
+        assert_eq!(d.ports[0].backends, [be("10.244.2.9", 8080, "node-b")]);
+        assert_eq!(d.ports[0].draining, [be("10.244.1.5", 8080, "node-a")]);
+    }
+
+    #[test]
+    fn service_cidrs_from_flag_and_objects() {
+        let text = "---\napiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: kubernetes}\nspec: {cidrs: [10.96.0.0/16, 'fd00:10:96::/112']}\n";
+        let objs = parse_objects(text).unwrap();
+        let d = translate(
+            &objs,
+            &NodeContext {
+                service_cidrs: vec![(ip("10.200.0.0"), 24), (ip("10.96.0.0"), 16)],
+                ..node()
+            },
+        );
+        assert_eq!(
+            d.service_cidrs,
+            [(ip("10.96.0.0"), 16), (ip("10.200.0.0"), 24)]
+        );
+    }
+
+    #[test]
+    fn localhost_node_ports_follow_the_node_context() {
+        let spec = "  type: NodePort\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80, nodePort: 30080}]";
+        let objs = parse_objects(&web(spec)).unwrap();
+        let off = translate(
+            &objs,
+            &NodeContext {
+                localhost_node_ports: false,
+                ..node()
+            },
+        );
+        assert!(
+            off.ports[0]
+                .frontends
+                .iter()
+                .all(|f| f.kind != FrontendKind::Localhost)
+        );
+        let on = translate(&objs, &node());
+        assert!(
+            on.ports[0]
+                .frontends
+                .iter()
+                .any(|f| f.kind == FrontendKind::Localhost)
+        );
     }
 }

@@ -1,15 +1,24 @@
-//! `--source kube`: Services and EndpointSlices followed through the Kubernetes API.
+//! `--source kube`: Services and EndpointSlices (plus the agent's own Node and the
+//! ServiceCIDRs) followed through the Kubernetes API.
 //!
-//! Two kube-runtime watchers (all namespaces) feed two reflector stores, holding trimmed
-//! objects (no `managedFields`, no annotations: nothing here reads them, and on a large
-//! cluster they are most of the bytes). The watchers do the protocol work: paginated lists
-//! (500 per page), watches resumed from the last resourceVersion or bookmark, a full relist
-//! after `410 Gone`, and reconnects with kube's default backoff (client-go's: 0.8 s doubling
-//! to 30 s, jittered) when the API server cannot be reached.
+//! Four kube-runtime watchers feed four reflector stores, holding trimmed objects (no
+//! `managedFields`, no annotations: nothing here reads them, and on a large cluster they are
+//! most of the bytes): Services and EndpointSlices in all namespaces, the agent's own Node
+//! only (field selector `metadata.name=<node name>`: its zone label and deletion), and the
+//! cluster-scoped `networking.k8s.io/v1` ServiceCIDRs (the service address ranges). The
+//! watchers do the protocol work: paginated lists (500 per page), watches resumed from the
+//! last resourceVersion or bookmark, a full relist after `410 Gone`, and reconnects with
+//! kube's default backoff (client-go's: 0.8 s doubling to 30 s, jittered) when the API server
+//! cannot be reached.
 //!
 //! A snapshot ([`Objects`], the same input the file source produces) is published only
-//! after BOTH stores have completed their first list, so an agent that starts while the API
-//! server is slow never programs an empty cluster. After that, every change is followed by a
+//! after ALL FOUR stores have completed their first list, so an agent that starts while the
+//! API server is slow never programs an empty cluster. A Node list with no object (the node
+//! is not registered yet, or `--node-name` is wrong) is a complete, empty list. ServiceCIDRs
+//! are served from Kubernetes 1.33 on; an API server that answers their list with `404`
+//! (older) or `403` (the ClusterRole lacks them) counts as an empty, complete list, logged
+//! once at warn, so the agent still starts; the watcher keeps retrying with its backoff and
+//! fills the store if they become readable. After that, every change is followed by a
 //! short quiet period ([`DEBOUNCE`]) so that a burst (a rollout rewriting many
 //! EndpointSlices) becomes one snapshot. While the API server is away no snapshot comes: the
 //! datapath keeps its last state, and a relist replaces a store's content in one step
@@ -22,8 +31,9 @@ use std::{sync::Arc, time::Duration};
 use anyhow::{Context as _, Result};
 use futures_util::StreamExt as _;
 use k8s_openapi::api::{
-    core::v1::{ObjectReference, Service},
+    core::v1::{Node, ObjectReference, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 use kube::{
     Api, Client, Resource, ResourceExt as _,
@@ -69,8 +79,8 @@ impl KubeSource {
         )
     }
 
-    /// Starts the watchers on `client` (on the current tokio runtime); `node_name` tags the
-    /// Events this agent posts.
+    /// Starts the watchers on `client` (on the current tokio runtime); `node_name` selects the
+    /// Node that is followed and tags the Events this agent posts.
     pub fn start(client: Client, node_name: &str) -> Self {
         Self::start_with(client, node_name, DEBOUNCE)
     }
@@ -78,25 +88,55 @@ impl KubeSource {
     pub fn start_with(client: Client, node_name: &str, debounce: Duration) -> Self {
         let (svc_reader, svc_writer) = reflector::store::<Service>();
         let (slice_reader, slice_writer) = reflector::store::<EndpointSlice>();
-        // A generation counter bumped after each change to either store.
+        let (node_reader, node_writer) = reflector::store::<Node>();
+        let (cidr_reader, cidr_writer) = reflector::store::<ServiceCIDR>();
+        // A generation counter bumped after each change to any store.
         let (changes, changes_rx) = watch::channel(0u64);
+        // Set when the ServiceCIDR list is refused (404/403): listed, as empty.
+        let (cidrs_refused, cidrs_refused_rx) = watch::channel(false);
         let (snap_tx, snapshots) = watch::channel(None);
+        let all = watcher::Config::default;
         let tasks = vec![
             tokio::spawn(follow(
                 Api::<Service>::all(client.clone()),
+                all(),
                 svc_writer,
                 "Services",
                 changes.clone(),
+                None,
             )),
             tokio::spawn(follow(
                 Api::<EndpointSlice>::all(client.clone()),
+                all(),
                 slice_writer,
                 "EndpointSlices",
+                changes.clone(),
+                None,
+            )),
+            tokio::spawn(follow(
+                Api::<Node>::all(client.clone()),
+                all().fields(&format!("metadata.name={node_name}")),
+                node_writer,
+                "Node",
+                changes.clone(),
+                None,
+            )),
+            tokio::spawn(follow(
+                Api::<ServiceCIDR>::all(client.clone()),
+                all(),
+                cidr_writer,
+                "ServiceCIDRs",
                 changes,
+                Some(cidrs_refused),
             )),
             tokio::spawn(publish(
-                svc_reader.clone(),
-                slice_reader,
+                Stores {
+                    services: svc_reader.clone(),
+                    slices: slice_reader,
+                    nodes: node_reader,
+                    service_cidrs: cidr_reader,
+                },
+                cidrs_refused_rx,
                 changes_rx,
                 snap_tx,
                 debounce,
@@ -118,7 +158,7 @@ impl KubeSource {
         }
     }
 
-    /// The next snapshot: the first one once both initial lists are complete, then one per
+    /// The next snapshot: the first one once all initial lists are complete, then one per
     /// burst of changes. `None` if the watchers stopped (they do not, short of a panic).
     pub async fn next(&mut self) -> Option<Arc<Objects>> {
         loop {
@@ -202,13 +242,32 @@ fn trim<K: Resource>(obj: &mut K) {
     meta.annotations = None;
 }
 
+/// `404` (the API server does not serve the resource) or `403` (RBAC does not grant it) on
+/// the list or the watch.
+fn refused(e: &watcher::Error) -> Option<u16> {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+            if matches!(s.code, 403 | 404) =>
+        {
+            Some(s.code)
+        }
+        watcher::Error::WatchError(s) if matches!(s.code, 403 | 404) => Some(s.code),
+        _ => None,
+    }
+}
+
 /// Runs one watcher into its store for ever; bumps `changes` after each change the store
-/// saw, logs trouble once per distinct error and the recovery.
+/// saw, logs trouble once per distinct error and the recovery. With `refused_ok`, a
+/// [`refused`] list is logged once at warn and sets the flag (the gate in [`publish`] then
+/// takes the store as listed and empty); the watcher keeps retrying.
 async fn follow<K>(
     api: Api<K>,
+    config: watcher::Config,
     writer: reflector::store::Writer<K>,
     what: &'static str,
     changes: watch::Sender<u64>,
+    refused_ok: Option<watch::Sender<bool>>,
 ) where
     K: Resource<DynamicType = ()>
         + Clone
@@ -218,13 +277,14 @@ async fn follow<K>(
         + Sync
         + 'static,
 {
-    let stream = watcher(api, watcher::Config::default())
+    let stream = watcher(api, config)
         .default_backoff()
         .modify(trim::<K>)
         .reflect(writer);
     let mut stream = std::pin::pin!(stream);
     let mut failing: Option<String> = None;
     let mut listed = false;
+    let mut refusal_logged = false;
     while let Some(item) = stream.next().await {
         match item {
             Ok(ev) => {
@@ -257,6 +317,25 @@ async fn follow<K>(
                     }
                     e => format!("{e}"),
                 };
+                if let (Some(flag), Some(code)) = (&refused_ok, refused(&e)) {
+                    if !refusal_logged {
+                        let why = if code == 404 {
+                            "not served by this API server (Kubernetes before 1.33)"
+                        } else {
+                            "forbidden (the ClusterRole does not grant list/watch)"
+                        };
+                        log::warn!(
+                            "{what}: {why}: {msg}; taken as none (--service-cidr only); \
+                             retrying with backoff"
+                        );
+                        refusal_logged = true;
+                    }
+                    if !flag.send_replace(true) {
+                        changes.send_modify(|g| *g += 1);
+                    }
+                    failing = Some(msg);
+                    continue;
+                }
                 if failing.as_deref() != Some(msg.as_str()) {
                     log::warn!(
                         "{what}: {msg}; retrying with backoff, the datapath keeps its last state"
@@ -268,25 +347,47 @@ async fn follow<K>(
     }
 }
 
-/// Publishes snapshots: the first when both stores are listed, then one per quiet period
-/// after changes.
+/// The reflector stores the snapshots are taken from.
+#[derive(Clone)]
+pub struct Stores {
+    pub services: Store<Service>,
+    pub slices: Store<EndpointSlice>,
+    /// The agent's own Node (none or one).
+    pub nodes: Store<Node>,
+    pub service_cidrs: Store<ServiceCIDR>,
+}
+
+/// Publishes snapshots: the first when every store is listed (the ServiceCIDRs' also when
+/// their list was refused, see [`refused`]), then one per quiet period after changes.
 async fn publish(
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
+    stores: Stores,
+    mut cidrs_refused: watch::Receiver<bool>,
     mut changes: watch::Receiver<u64>,
     out: watch::Sender<Option<Arc<Objects>>>,
     debounce: Duration,
 ) {
-    if services.wait_until_ready().await.is_err() || slices.wait_until_ready().await.is_err() {
+    let cidrs_listed = async {
+        tokio::select! {
+            r = stores.service_cidrs.wait_until_ready() => r.is_ok(),
+            r = cidrs_refused.wait_for(|refused| *refused) => r.is_ok(),
+        }
+    };
+    if stores.services.wait_until_ready().await.is_err()
+        || stores.slices.wait_until_ready().await.is_err()
+        || stores.nodes.wait_until_ready().await.is_err()
+        || !cidrs_listed.await
+    {
         return;
     }
     loop {
         changes.borrow_and_update();
-        let objs = snapshot(&services, &slices);
+        let objs = snapshot(&stores);
         log::debug!(
-            "snapshot: {} services, {} IPv4 endpoint slices",
+            "snapshot: {} services, {} IPv4 endpoint slices, {} node, {} service CIDRs",
             objs.services.len(),
-            objs.slices.len()
+            objs.slices.len(),
+            objs.nodes.len(),
+            objs.service_cidrs.len()
         );
         if out.send(Some(Arc::new(objs))).is_err() {
             return;
@@ -300,10 +401,9 @@ async fn publish(
 
 /// The stores' content in the shape `translate` takes, sorted by namespace and name (the
 /// translation does not depend on order; logs and diffs read better).
-pub fn snapshot(services: &Store<Service>, slices: &Store<EndpointSlice>) -> Objects {
-    let mut svcs: Vec<Service> = services.state().iter().map(|s| (**s).clone()).collect();
-    svcs.sort_by_key(key);
-    let mut sl: Vec<EndpointSlice> = slices
+pub fn snapshot(stores: &Stores) -> Objects {
+    let mut sl: Vec<EndpointSlice> = stores
+        .slices
         .state()
         .iter()
         .filter(|s| usable_slice(s))
@@ -311,9 +411,20 @@ pub fn snapshot(services: &Store<Service>, slices: &Store<EndpointSlice>) -> Obj
         .collect();
     sl.sort_by_key(key);
     Objects {
-        services: svcs,
+        services: sorted(&stores.services),
         slices: sl,
+        nodes: sorted(&stores.nodes),
+        service_cidrs: sorted(&stores.service_cidrs),
     }
+}
+
+fn sorted<K: Resource + Clone>(store: &Store<K>) -> Vec<K>
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    let mut v: Vec<K> = store.state().iter().map(|o| (**o).clone()).collect();
+    v.sort_by_key(key);
+    v
 }
 
 fn key<K: Resource>(o: &K) -> (String, String) {
@@ -367,6 +478,82 @@ mod tests {
         assert!(s.metadata.annotations.is_none());
         assert!(s.metadata.managed_fields.is_none());
         assert!(s.metadata.labels.is_some());
+    }
+
+    #[test]
+    fn only_404_and_403_count_as_refused() {
+        let api = |code: u16| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                ..Default::default()
+            }))
+        };
+        use watcher::Error as E;
+        assert_eq!(refused(&E::InitialListFailed(api(404))), Some(404));
+        assert_eq!(refused(&E::InitialListFailed(api(403))), Some(403));
+        assert_eq!(refused(&E::WatchStartFailed(api(403))), Some(403));
+        assert_eq!(refused(&E::InitialListFailed(api(503))), None);
+        assert_eq!(refused(&E::InitialListFailed(api(410))), None);
+        assert_eq!(refused(&E::NoResourceVersion), None);
+    }
+
+    #[test]
+    fn snapshot_fills_every_kind_sorted() {
+        use kube::runtime::watcher::Event;
+        let named = |name: &str| ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        };
+        let (services, mut w) = reflector::store::<Service>();
+        w.apply_watcher_event(&Event::Apply(Service {
+            metadata: named("b"),
+            ..Default::default()
+        }));
+        w.apply_watcher_event(&Event::Apply(Service {
+            metadata: named("a"),
+            ..Default::default()
+        }));
+        let (slices, mut w) = reflector::store::<EndpointSlice>();
+        w.apply_watcher_event(&Event::Apply(slice("IPv4", Some("a"))));
+        let mut v6 = slice("IPv6", Some("a"));
+        v6.metadata.name = Some("s-v6".into());
+        w.apply_watcher_event(&Event::Apply(v6));
+        let (nodes, mut w) = reflector::store::<Node>();
+        w.apply_watcher_event(&Event::Apply(Node {
+            metadata: named("n1"),
+            ..Default::default()
+        }));
+        let (service_cidrs, mut w) = reflector::store::<ServiceCIDR>();
+        for n in ["z", "kubernetes"] {
+            w.apply_watcher_event(&Event::Apply(ServiceCIDR {
+                metadata: named(n),
+                ..Default::default()
+            }));
+        }
+        let objs = snapshot(&Stores {
+            services,
+            slices,
+            nodes,
+            service_cidrs,
+        });
+        let names = |v: Vec<&ObjectMeta>| {
+            v.into_iter()
+                .map(|m| m.name.clone().unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(objs.services.iter().map(|s| &s.metadata).collect()),
+            ["a", "b"]
+        );
+        assert_eq!(objs.slices.len(), 1);
+        assert_eq!(
+            names(objs.nodes.iter().map(|s| &s.metadata).collect()),
+            ["n1"]
+        );
+        assert_eq!(
+            names(objs.service_cidrs.iter().map(|s| &s.metadata).collect()),
+            ["kubernetes", "z"]
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Reading Services and EndpointSlices from YAML text.
+//! Reading Services and EndpointSlices (and the Nodes and ServiceCIDRs the translation
+//! consults) from YAML text.
 //!
 //! Accepts what people actually have at hand: a multi-document manifest set (`---`
 //! separated, other kinds mixed in) or the output of
@@ -11,8 +12,9 @@
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use serde_yaml::{Mapping, Value};
 
 /// Label tying an EndpointSlice to its Service (same namespace).
@@ -22,13 +24,22 @@ pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-
 
 pub const SERVICE_API_VERSION: &str = "v1";
 pub const ENDPOINT_SLICE_API_VERSION: &str = "discovery.k8s.io/v1";
+pub const NODE_API_VERSION: &str = "v1";
+pub const SERVICE_CIDR_API_VERSION: &str = "networking.k8s.io/v1";
 
-/// Services and EndpointSlices in file order. Namespaces are filled in (`default` when the
-/// manifest has none), and EndpointSlices of address types other than IPv4 are dropped.
+/// Objects in file order. Namespaces of Services and EndpointSlices are filled in (`default`
+/// when the manifest has none), and EndpointSlices of address types other than IPv4 are
+/// dropped. Nodes and ServiceCIDRs are cluster-scoped: they carry no namespace.
 #[derive(Debug, Clone, Default)]
 pub struct Objects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    /// Node objects (the agent uses its own: zone label for topology, deletion for
+    /// `/healthz` on the node health port).
+    pub nodes: Vec<Node>,
+    /// ServiceCIDR objects (`networking.k8s.io/v1`): the service address ranges, next to
+    /// `--service-cidr`; addresses inside them that no Service holds are dropped.
+    pub service_cidrs: Vec<ServiceCIDR>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -47,7 +58,8 @@ pub enum ParseError {
     },
 }
 
-/// Parses every YAML document of `text` and validates the Services and EndpointSlices in it.
+/// Parses every YAML document of `text` and validates the Services, EndpointSlices, Nodes and
+/// ServiceCIDRs in it (other kinds are skipped).
 pub fn parse_objects(text: &str) -> Result<Objects, ParseError> {
     let mut p = Parser::default();
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -66,6 +78,8 @@ struct Parser {
     out: Objects,
     seen_services: HashSet<(String, String)>,
     seen_slices: HashSet<(String, String)>,
+    seen_nodes: HashSet<String>,
+    seen_service_cidrs: HashSet<String>,
 }
 
 /// `apiVersion` and `kind` a typed list (`ServiceList`) implies for items that omit them.
@@ -124,6 +138,8 @@ impl Parser {
         match kind.as_str() {
             "Service" => self.service(map, api_version.as_deref()),
             "EndpointSlice" => self.slice(map, api_version.as_deref()),
+            "Node" => self.node(map, api_version.as_deref()),
+            "ServiceCIDR" => self.service_cidr(map, api_version.as_deref()),
             _ => Ok(()),
         }
     }
@@ -199,6 +215,63 @@ impl Parser {
             ));
         }
         self.out.slices.push(slice);
+        Ok(())
+    }
+
+    fn node(&mut self, map: Mapping, api_version: Option<&str>) -> Result<(), ParseError> {
+        let (_, name) = meta_names(&map);
+        let object = format!("Node {}", name.as_deref().unwrap_or("<unnamed>"));
+        let err = |field: &str, msg: String| ParseError::Invalid {
+            object: object.clone(),
+            field: field.into(),
+            msg,
+        };
+        check_api_version(api_version, NODE_API_VERSION).map_err(|m| err("apiVersion", m))?;
+        let Some(name) = name else {
+            return Err(err("metadata.name", "required".into()));
+        };
+        let mut node: Node = deserialize(&map).map_err(|m| {
+            let (f, m) = blame_node(&map).unwrap_or(("(object)".into(), m));
+            err(&f, m)
+        })?;
+        // Cluster-scoped: a namespace in the manifest means nothing (kubectl ignores it).
+        node.metadata.namespace = None;
+        if !self.seen_nodes.insert(name) {
+            return Err(err(
+                "metadata.name",
+                "defined more than once in this file".into(),
+            ));
+        }
+        self.out.nodes.push(node);
+        Ok(())
+    }
+
+    fn service_cidr(&mut self, map: Mapping, api_version: Option<&str>) -> Result<(), ParseError> {
+        let (_, name) = meta_names(&map);
+        let object = format!("ServiceCIDR {}", name.as_deref().unwrap_or("<unnamed>"));
+        let err = |field: &str, msg: String| ParseError::Invalid {
+            object: object.clone(),
+            field: field.into(),
+            msg,
+        };
+        check_api_version(api_version, SERVICE_CIDR_API_VERSION)
+            .map_err(|m| err("apiVersion", m))?;
+        let Some(name) = name else {
+            return Err(err("metadata.name", "required".into()));
+        };
+        let mut cidr: ServiceCIDR = deserialize(&map).map_err(|m| {
+            let (f, m) = blame_service_cidr(&map).unwrap_or(("(object)".into(), m));
+            err(&f, m)
+        })?;
+        cidr.metadata.namespace = None;
+        validate_service_cidr(&cidr).map_err(|(f, m)| err(&f, m))?;
+        if !self.seen_service_cidrs.insert(name) {
+            return Err(err(
+                "metadata.name",
+                "defined more than once in this file".into(),
+            ));
+        }
+        self.out.service_cidrs.push(cidr);
         Ok(())
     }
 }
@@ -291,6 +364,24 @@ fn blame_slice(map: &Mapping) -> Option<FieldError> {
     blame::<ObjectMeta>(map, "metadata", "metadata")
         .or_else(|| blame_each::<EndpointPort>(map, "ports", "ports"))
         .or_else(|| blame_each::<Endpoint>(map, "endpoints", "endpoints"))
+}
+
+fn blame_node(map: &Mapping) -> Option<FieldError> {
+    use k8s_openapi::api::core::v1::{NodeSpec, NodeStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    blame::<ObjectMeta>(map, "metadata", "metadata")
+        .or_else(|| blame::<NodeSpec>(map, "spec", "spec"))
+        .or_else(|| blame::<NodeStatus>(map, "status", "status"))
+}
+
+fn blame_service_cidr(map: &Mapping) -> Option<FieldError> {
+    use k8s_openapi::api::networking::v1::{ServiceCIDRSpec, ServiceCIDRStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    let spec = map.get("spec").and_then(Value::as_mapping);
+    blame::<ObjectMeta>(map, "metadata", "metadata")
+        .or_else(|| spec.and_then(|s| blame_each::<String>(s, "cidrs", "spec.cidrs")))
+        .or_else(|| blame::<ServiceCIDRSpec>(map, "spec", "spec"))
+        .or_else(|| blame::<ServiceCIDRStatus>(map, "status", "status"))
 }
 
 fn value_kind(v: &Value) -> &'static str {
@@ -400,6 +491,58 @@ fn validate_service(svc: &Service) -> Result<(), FieldError> {
     for (i, ing) in ingress.into_iter().flatten().enumerate() {
         if let Some(ip) = &ing.ip {
             check_ip(format!("status.loadBalancer.ingress[{i}].ip"), ip)?;
+        }
+    }
+    Ok(())
+}
+
+/// `addr/len` with an IPv4 or IPv6 address and a prefix length that fits it.
+fn check_cidr(field: String, s: &str) -> Result<IpAddr, FieldError> {
+    let bad = || {
+        (
+            field.clone(),
+            format!("{s:?} is not a CIDR (such as 10.96.0.0/12 or fd00:10:96::/112)"),
+        )
+    };
+    let (addr, len) = s.split_once('/').ok_or_else(bad)?;
+    let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    // Digits only: `u8::from_str` would take "+8".
+    if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    match len.parse::<u8>() {
+        Ok(l) if l <= max => Ok(addr),
+        _ => Err((field, format!("{s:?}: prefix length must be 0-{max}"))),
+    }
+}
+
+/// As the API server: one or two CIDRs, at most one per IP family. IPv6 ones are kept here
+/// (the translation uses the IPv4 ones).
+fn validate_service_cidr(cidr: &ServiceCIDR) -> Result<(), FieldError> {
+    let cidrs = cidr
+        .spec
+        .as_ref()
+        .and_then(|s| s.cidrs.as_deref())
+        .unwrap_or_default();
+    if cidrs.is_empty() {
+        return Err(("spec.cidrs".into(), "at least one CIDR is required".into()));
+    }
+    if cidrs.len() > 2 {
+        return Err((
+            "spec.cidrs".into(),
+            format!(
+                "{} CIDRs: at most 2 are allowed (one per IP family)",
+                cidrs.len()
+            ),
+        ));
+    }
+    let mut families = HashSet::new();
+    for (i, c) in cidrs.iter().enumerate() {
+        let field = format!("spec.cidrs[{i}]");
+        let addr = check_cidr(field.clone(), c)?;
+        if !families.insert(addr.is_ipv4()) {
+            return Err((field, "only one CIDR per IP family is allowed".into()));
         }
     }
     Ok(())
@@ -741,6 +884,203 @@ items:
                 .replace("addressType: IPv4", &format!("addressType: {ty}"))
                 .replace("[10.0.0.1]", "[\"fd00::1\"]");
             assert!(parse_objects(&text).unwrap().slices.is_empty());
+        }
+    }
+
+    const NODE: &str = "
+apiVersion: v1
+kind: Node
+metadata:
+  name: node-a
+  labels: {topology.kubernetes.io/zone: zone-1, kubernetes.io/hostname: node-a}
+spec: {podCIDR: 10.244.1.0/24}
+status:
+  addresses: [{type: InternalIP, address: 172.18.0.2}]
+";
+
+    const SCIDR: &str = "
+apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {name: kubernetes}
+spec:
+  cidrs: [10.96.0.0/12, fd00:10:96::/112]
+";
+
+    #[test]
+    fn nodes_and_service_cidrs() {
+        let text = format!("{SVC}---{NODE}---{SCIDR}");
+        let objs = parse_objects(&text).unwrap();
+        assert_eq!(objs.services.len(), 1);
+        assert_eq!(objs.nodes.len(), 1);
+        let node = &objs.nodes[0];
+        assert_eq!(node.metadata.name.as_deref(), Some("node-a"));
+        assert_eq!(node.metadata.namespace, None, "cluster-scoped");
+        assert_eq!(
+            node.metadata.labels.as_ref().unwrap()["topology.kubernetes.io/zone"],
+            "zone-1"
+        );
+        assert_eq!(objs.service_cidrs.len(), 1);
+        let cidr = &objs.service_cidrs[0];
+        assert_eq!(cidr.metadata.name.as_deref(), Some("kubernetes"));
+        assert_eq!(cidr.metadata.namespace, None);
+        // The IPv6 range is kept; the translation picks the IPv4 ones.
+        assert_eq!(
+            cidr.spec.as_ref().unwrap().cidrs.as_deref().unwrap(),
+            ["10.96.0.0/12", "fd00:10:96::/112"]
+        );
+        // A namespace written on a cluster-scoped object is dropped.
+        let with_ns = NODE.replace("name: node-a\n", "name: node-a\n  namespace: dev\n");
+        assert_ne!(with_ns, NODE);
+        assert_eq!(
+            parse_objects(&with_ns).unwrap().nodes[0].metadata.namespace,
+            None
+        );
+    }
+
+    #[test]
+    fn nodes_and_service_cidrs_in_lists() {
+        let text = "
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: NodeList
+  items:
+  - metadata: {name: n1, labels: {topology.kubernetes.io/zone: a}}
+  - metadata: {name: n2}
+- apiVersion: networking.k8s.io/v1
+  kind: ServiceCIDRList
+  items:
+  - metadata: {name: kubernetes}
+    spec: {cidrs: [10.96.0.0/12]}
+  - metadata: {name: extra}
+    spec: {cidrs: [\"10.100.0.0/16\"]}
+- apiVersion: networking.k8s.io/v1
+  kind: ServiceCIDR
+  metadata: {name: v6-only}
+  spec: {cidrs: [\"fd00:10:96::/112\"]}
+";
+        let objs = parse_objects(text).unwrap();
+        let names = |v: Vec<Option<String>>| v.into_iter().map(Option::unwrap).collect::<Vec<_>>();
+        assert_eq!(
+            names(objs.nodes.iter().map(|n| n.metadata.name.clone()).collect()),
+            ["n1", "n2"]
+        );
+        assert_eq!(
+            names(
+                objs.service_cidrs
+                    .iter()
+                    .map(|c| c.metadata.name.clone())
+                    .collect()
+            ),
+            ["kubernetes", "extra", "v6-only"]
+        );
+    }
+
+    #[test]
+    fn node_validation() {
+        assert_eq!(
+            err(&NODE.replace("name: node-a\n", "")),
+            "Node <unnamed>: metadata.name: required"
+        );
+        assert_eq!(
+            err(&format!("{NODE}---{NODE}")),
+            "Node node-a: metadata.name: defined more than once in this file"
+        );
+        assert!(
+            err(&NODE.replace("apiVersion: v1", "apiVersion: v2"))
+                .starts_with("Node node-a: apiVersion: \"v2\" is not supported")
+        );
+        let e = err(&NODE.replace("{podCIDR: 10.244.1.0/24}", "{unschedulable: maybe}"));
+        assert!(e.starts_with("Node node-a: spec: "), "{e}");
+        let e = err(&NODE.replace(
+            "labels: {topology.kubernetes.io/zone: zone-1, kubernetes.io/hostname: node-a}",
+            "labels: [zone-1]",
+        ));
+        assert!(e.starts_with("Node node-a: metadata: "), "{e}");
+    }
+
+    #[test]
+    fn service_cidr_validation() {
+        let cases = [
+            (
+                "[10.96.0.0/12, fd00:10:96::/112]",
+                "[10.96.0.0]",
+                "ServiceCIDR kubernetes: spec.cidrs[0]: \"10.96.0.0\" is not a CIDR",
+            ),
+            (
+                "[10.96.0.0/12, fd00:10:96::/112]",
+                "[10.96.0.0/12, 10.300.0.0/16]",
+                "ServiceCIDR kubernetes: spec.cidrs[1]: \"10.300.0.0/16\" is not a CIDR",
+            ),
+            (
+                "[10.96.0.0/12, fd00:10:96::/112]",
+                "[10.96.0.0/33]",
+                "spec.cidrs[0]: \"10.96.0.0/33\": prefix length must be 0-32",
+            ),
+            (
+                "[10.96.0.0/12, fd00:10:96::/112]",
+                "[\"fd00::/129\"]",
+                "spec.cidrs[0]: \"fd00::/129\": prefix length must be 0-128",
+            ),
+            (
+                "[10.96.0.0/12, fd00:10:96::/112]",
+                "[10.96.0.0/+8]",
+                "spec.cidrs[0]: \"10.96.0.0/+8\" is not a CIDR",
+            ),
+            (
+                "[10.96.0.0/12, fd00:10:96::/112]",
+                "[10.96.0.0/12, 10.100.0.0/16]",
+                "spec.cidrs[1]: only one CIDR per IP family",
+            ),
+            (
+                "[10.96.0.0/12, fd00:10:96::/112]",
+                "[10.96.0.0/12, fd00:10:96::/112, 10.100.0.0/16]",
+                "ServiceCIDR kubernetes: spec.cidrs: 3 CIDRs: at most 2 are allowed",
+            ),
+            (
+                "[10.96.0.0/12, fd00:10:96::/112]",
+                "[]",
+                "ServiceCIDR kubernetes: spec.cidrs: at least one CIDR is required",
+            ),
+            (
+                "[10.96.0.0/12, fd00:10:96::/112]",
+                "[10.96.0.0/12, {a: b}]",
+                "ServiceCIDR kubernetes: spec.cidrs[1]: invalid type",
+            ),
+            (
+                "networking.k8s.io/v1",
+                "networking.k8s.io/v1beta1",
+                "ServiceCIDR kubernetes: apiVersion: \"networking.k8s.io/v1beta1\" is not supported",
+            ),
+            (
+                "{name: kubernetes}",
+                "{}",
+                "ServiceCIDR <unnamed>: metadata.name: required",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let text = SCIDR.replace(from, to);
+            assert_ne!(text, SCIDR, "{from}");
+            let got = err(&text);
+            assert!(got.contains(want), "{to}: {got}");
+        }
+        assert_eq!(
+            err(&SCIDR.replace("  cidrs: [10.96.0.0/12, fd00:10:96::/112]\n", "  {}\n")),
+            "ServiceCIDR kubernetes: spec.cidrs: at least one CIDR is required"
+        );
+        assert_eq!(
+            err(&format!("{SCIDR}---{SCIDR}")),
+            "ServiceCIDR kubernetes: metadata.name: defined more than once in this file"
+        );
+        // Accepted: one family only, either one; a /0 and a host route.
+        for ok in [
+            "[10.96.0.0/12]",
+            "[\"fd00::/108\"]",
+            "[0.0.0.0/0, \"::1/128\"]",
+        ] {
+            let text = SCIDR.replace("[10.96.0.0/12, fd00:10:96::/112]", ok);
+            parse_objects(&text).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
     }
 

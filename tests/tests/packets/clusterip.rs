@@ -161,7 +161,7 @@ fn hairpin_flow_and_its_reply() {
     run_table(steps, SNAT_PORT);
 }
 
-fn tc(desc: &'static str, input: Vec<u8>, output: Option<Vec<u8>>, action: u32) -> Step {
+pub(super) fn tc(desc: &'static str, input: Vec<u8>, output: Option<Vec<u8>>, action: u32) -> Step {
     Step::Case {
         desc,
         prog: Prog::TcPod,
@@ -172,7 +172,7 @@ fn tc(desc: &'static str, input: Vec<u8>, output: Option<Vec<u8>>, action: u32) 
 }
 
 /// A TCP SYN from the local client pod, as it leaves the pod.
-fn from_pod(sport: u16, dst: [u8; 4], dport: u16) -> Pkt {
+pub(super) fn from_pod(sport: u16, dst: [u8; 4], dport: u16) -> Pkt {
     Pkt {
         smac: MAC_POD_CLIENT,
         dmac: MAC_POD_IF,

@@ -46,6 +46,7 @@ mod conntrack;
 mod debug_events;
 mod nodeport;
 mod not_ours;
+mod parity;
 mod reject;
 mod remote;
 
@@ -59,6 +60,8 @@ const NODE: [u8; 4] = [172, 30, 0, 2];
 
 const CLIENT: [u8; 4] = [172, 30, 0, 100];
 const LB_IP: [u8; 4] = [172, 30, 255, 200];
+/// LoadBalancer IP of a service with loadBalancerSourceRanges 172.30.0.0/24.
+const LB_IP_RANGED: [u8; 4] = [172, 30, 255, 201];
 const EXT_IP: [u8; 4] = [172, 30, 9, 9];
 const CLUSTER_IP: [u8; 4] = [10, 96, 0, 20];
 const POD_LOCAL: [u8; 4] = [10, 250, 1, 5];
@@ -201,7 +204,47 @@ metadata: {{name: itp-local-1, namespace: t, labels: {{kubernetes.io/service-nam
 addressType: IPv4
 ports: [{{name: http, port: 8080, protocol: TCP}}]
 endpoints: [{{addresses: ["{pr}"], nodeName: node-b}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {{name: kubernetes}}
+spec: {{cidrs: [10.96.0.0/16]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: ranged, namespace: t}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.30
+  loadBalancerSourceRanges: [172.30.0.0/24]
+  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30120, protocol: TCP}}]
+status:
+  loadBalancer: {{ingress: [{{ip: {lbr}}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: ranged-1, namespace: t, labels: {{kubernetes.io/service-name: ranged}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints: [{{addresses: ["{pl}"], nodeName: node-a}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: etp-local, namespace: t}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.31
+  externalTrafficPolicy: Local
+  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30110, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: etp-local-1, namespace: t, labels: {{kubernetes.io/service-name: etp-local}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints: [{{addresses: ["{pr}"], nodeName: node-b}}]
 "#,
+        lbr = ip(LB_IP_RANGED),
         lb = ip(LB_IP),
         ext = ip(EXT_IP),
         cip = ip(CLUSTER_IP),

@@ -4,14 +4,6 @@
 use super::*;
 
 packet_test!(
-    cluster_ip_is_left_to_tc,
-    untouched(
-        "ClusterIP traffic is left to tc",
-        syn(40040, CLUSTER_IP, 80).bytes(),
-    )
-);
-
-packet_test!(
     node_address_port_without_service,
     untouched(
         "node address, port without a service",

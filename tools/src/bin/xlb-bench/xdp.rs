@@ -332,6 +332,8 @@ fn desired(services: u32, backends: u32, local: bool) -> Desired {
         draining: vec![],
         affinity_timeout: None,
         source_ranges: vec![],
+        drop_if_empty: false,
+        inside_frontends: vec![],
     };
     let mut ports: Vec<SvcPort> = (0..services)
         .map(|i| {
