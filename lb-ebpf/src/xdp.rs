@@ -11,7 +11,7 @@ use crate::{
     event::event,
     fib,
     lb::{self, Choice},
-    maps::{CONFIG, FRONTENDS, Outcome, REVNAT, SERVICES, count, record},
+    maps::{CLUSTER_IPS, CONFIG, FRONTENDS, Outcome, REVNAT, SERVICES, count, record},
     nat::{Side, rewrite},
     parse::{self, Tuple},
     policy::{in_service_cidr, source_allowed},
@@ -64,6 +64,13 @@ pub fn run(ctx: &XdpContext) -> u32 {
         let rev = *rev;
         return translate_reply(ctx, &t, &rk, &rev, cfg);
     }
+    // SAFETY: plain-data map value.
+    if unsafe { CLUSTER_IPS.get(&t.dst) }.is_some() {
+        // A ClusterIP on a port no service uses, from outside: refused, as kube-proxy does.
+        count(Counter::RejectUnknownPort);
+        event(ctx, cfg, &t, "rejected: ClusterIP port no service uses");
+        return refuse(ctx, &t);
+    }
     if in_service_cidr(t.dst) {
         count(Counter::DropServiceCidr);
         event(
@@ -109,13 +116,7 @@ fn to_backend(ctx: &XdpContext, t: &Tuple, svc_id: u32, cfg: &Config) -> u32 {
         Choice::Reject => {
             record(svc_id, len, Outcome::Reject);
             event(ctx, cfg, t, "rejected: service has no serving endpoint");
-            return if t.proto == PROTO_TCP {
-                count(Counter::RejectRst);
-                xdp_reject::tcp_rst(ctx)
-            } else {
-                count(Counter::RejectIcmp);
-                xdp_reject::icmp_port_unreachable(ctx)
-            };
+            return refuse(ctx, t);
         }
         Choice::Drop => {
             event(
@@ -199,6 +200,18 @@ fn forward(ctx: &XdpContext, proto: u8, from: (u32, u16), to: (u32, u16), what: 
         tcp_flags: 0,
     };
     fib::forward(ctx, &out, ip_tot_len(ctx))
+}
+
+/// "Connection refused" back to the client: a RST for TCP, ICMP port unreachable for UDP.
+#[inline(always)]
+fn refuse(ctx: &XdpContext, t: &Tuple) -> u32 {
+    if t.proto == PROTO_TCP {
+        count(Counter::RejectRst);
+        xdp_reject::tcp_rst(ctx)
+    } else {
+        count(Counter::RejectIcmp);
+        xdp_reject::icmp_port_unreachable(ctx)
+    }
 }
 
 #[inline(always)]

@@ -42,6 +42,16 @@ packet_test!(
 );
 
 packet_test!(
+    cluster_ip_unused_port_from_outside_is_refused,
+    case(
+        "ClusterIP from outside, port no service uses -> RST",
+        syn(40046, CLUSTER_IP, 81).bytes(),
+        rst_for(&syn(40046, CLUSTER_IP, 81)),
+        XDP_TX,
+    )
+);
+
+packet_test!(
     address_outside_the_service_cidrs_is_not_ours,
     untouched(
         "an address outside the service CIDRs is passed on",
