@@ -123,11 +123,18 @@ fn dump(maps: &Fake, p: &Programmer) -> String {
                 (FE_CLUSTER_IP, "cluster_ip"),
                 (FE_LOCALHOST, "localhost"),
                 (FE_SOURCE_RANGES, "source_ranges"),
+                (FE_SHORT_CIRCUIT, "short_circuit"),
             ],
         );
+        // The inside service port only when it differs (externalTrafficPolicy Local).
+        let inside = if f.inside_svc_id != f.svc_id {
+            format!(" inside svc {}", f.inside_svc_id)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             s,
-            "  {}:{}/{} -> svc {} {flags}",
+            "  {}:{}/{} -> svc {}{inside} {flags}",
             ip(k.addr_be),
             u16::from_be(k.port_be),
             proto_name(k.proto),
@@ -234,6 +241,17 @@ fn dump(maps: &Fake, p: &Programmer) -> String {
     ranges.sort();
     for (id, a, len) in ranges {
         let _ = writeln!(s, "  svc {id} {a}/{len}");
+    }
+
+    s += "\n[service_cidrs] XLB_SERVICE_CIDRS: cidr\n";
+    let mut cidrs: Vec<(Ipv4Addr, u8)> = maps
+        .service_cidrs
+        .iter()
+        .map(|&(a, len)| (ip(a), len))
+        .collect();
+    cidrs.sort();
+    for (a, len) in cidrs {
+        let _ = writeln!(s, "  {a}/{len}");
     }
 
     s += "\n[buffers] programmer state: each port's two Maglev buffers (@off/m), * = active\n";
@@ -669,6 +687,73 @@ fn golden_lifecycle_dumps() {
         dump(&maps, &p)
     );
     g.check(step, &text);
+    g.finish();
+}
+
+/// kube-proxy's policies in the maps: an externalTrafficPolicy Local service whose
+/// external frontends point in-cluster traffic at its cluster-scope port, an
+/// internalTrafficPolicy Local service with endpoints elsewhere only (drop) and one with no
+/// endpoint at all (reject), and the service CIDR.
+#[test]
+fn golden_policy_dumps() {
+    let s = settings();
+    let mut maps = Fake::new(&s);
+    let mut p = Programmer::new(s.clone());
+    let mut g = Golden::new("policy");
+    let yaml = service(
+        "edge",
+        "2024-01-01T00:00:00Z",
+        "  type: NodePort\n  clusterIP: 10.96.0.40\n  externalTrafficPolicy: Local\n  \
+         ports: [{name: http, port: 80, nodePort: 30040}]",
+    ) + &slice(
+        "edge",
+        "[{name: http, port: 8080}]",
+        "[{addresses: [10.244.2.40], nodeName: node-b}]",
+    ) + &service(
+        "elsewhere",
+        "2024-01-02T00:00:00Z",
+        "  clusterIP: 10.96.0.41\n  internalTrafficPolicy: Local\n  ports: [{name: http, port: 80}]",
+    ) + &slice(
+        "elsewhere",
+        "[{name: http, port: 8080}]",
+        "[{addresses: [10.244.2.41], nodeName: node-b}]",
+    ) + &service(
+        "nowhere",
+        "2024-01-03T00:00:00Z",
+        "  clusterIP: 10.96.0.42\n  internalTrafficPolicy: Local\n  ports: [{name: http, port: 80}]",
+    ) + "---\napiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: kubernetes}\n\
+         spec: {cidrs: [10.96.0.0/16]}\n";
+    let d = desired(&yaml);
+    assert!(d.warnings.is_empty(), "{:?}", d.warnings);
+    let (_, head) = apply(&mut p, &mut maps, &d, Instant::now());
+    let step = "01-local-policies";
+    g.check(
+        step,
+        &format!(
+            "# {step}: edge (NodePort, eTP Local, its endpoint on node-b): its NodePorts serve \
+             the local-scope port (no endpoint here: drop) from outside and the cluster-scope \
+             port from inside; elsewhere (iTP Local, endpoint on node-b): drop_if_empty; \
+             nowhere (iTP Local, no endpoint): reject; the service CIDR\n{head}\n\n{}",
+            dump(&maps, &p)
+        ),
+    );
+    let edge_local = svc_id(&maps, "dev/edge:http/TCP (local)").unwrap();
+    let edge_cluster = svc_id(&maps, "dev/edge:http/TCP").unwrap();
+    let np = maps
+        .frontends
+        .iter()
+        .find(|(k, _)| u16::from_be(k.port_be) == 30040 && ip(k.addr_be) != Ipv4Addr::LOCALHOST)
+        .map(|(_, f)| *f)
+        .unwrap();
+    assert_eq!((np.svc_id, np.inside_svc_id), (edge_local, edge_cluster));
+    assert_ne!(np.flags & FE_SHORT_CIRCUIT, 0);
+    let flags = |name: &str| maps.services[&svc_id(&maps, name).unwrap()].flags;
+    assert_ne!(
+        flags("dev/elsewhere:http/TCP (local)") & SVC_DROP_IF_EMPTY,
+        0
+    );
+    assert_eq!(flags("dev/nowhere:http/TCP (local)") & SVC_DROP_IF_EMPTY, 0);
+    assert_eq!(maps.service_cidrs.len(), 1);
     g.finish();
 }
 
