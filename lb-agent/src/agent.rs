@@ -344,6 +344,13 @@ impl Agent {
                 ct_tcp_close_s: args.ct_tcp_close_timeout,
                 ct_udp_s: args.ct_udp_timeout,
                 flags: crate::serve::debug::with_debug(0, args.datapath_debug),
+                mac: netinfo::iface_mac(&args.iface).unwrap_or_else(|e| {
+                    log::warn!("{e:#}; ARP for LoadBalancer addresses will not be answered");
+                    [0; 6]
+                }),
+                _pad: 0,
+                // Nothing is announced until the announcer renews the lease.
+                announce_until_ms: 0,
             },
             0,
         )?;

@@ -20,6 +20,10 @@ pub const MAP_SOCK_REVNAT: &str = "XLB_SOCK_REVNAT";
 pub const MAP_AFFINITY: &str = "XLB_AFFINITY";
 pub const MAP_SRC_RANGES: &str = "XLB_SRC_RANGES";
 pub const MAP_SERVICE_CIDRS: &str = "XLB_SERVICE_CIDRS";
+pub const MAP_ARP: &str = "XLB_ARP";
+
+/// Capacity of `XLB_ARP`: LoadBalancer addresses this node announces.
+pub const MAX_ANNOUNCED: u32 = 16_384;
 
 /// Capacity of `XLB_SERVICE_CIDRS` (a cluster has one or two service ranges; the
 /// ServiceCIDR API lets it add a few).
@@ -410,7 +414,18 @@ pub struct Config {
     pub ct_udp_s: u32,
     /// `CFG_*` bits, switched at run time by the agent.
     pub flags: u32,
+    /// The uplink's MAC address: the source of ARP replies for announced addresses.
+    pub mac: [u8; 6],
+    pub _pad: u16,
+    /// ARP for `XLB_ARP`'s addresses is answered only while the datapath clock
+    /// (`bpf_ktime_get_coarse_ns` in ms, wrapping) is before this stamp: the agent moves it
+    /// forward while it runs, so a node whose agent is gone stops answering after a bounded
+    /// time (`ANNOUNCE_LEASE_MS`) and another node can take the addresses over.
+    pub announce_until_ms: u32,
 }
+
+/// How far ahead the agent sets `Config::announce_until_ms` each time it refreshes it.
+pub const ANNOUNCE_LEASE_MS: u32 = 3_000;
 
 /// `Config::flags`: the programs log debug events (aya-log) — why a packet was passed,
 /// rejected or dropped, and each new flow. Off by default; off, an event costs one test of
@@ -418,6 +433,12 @@ pub struct Config {
 pub const CFG_DEBUG_EVENTS: u32 = 1 << 0;
 
 impl Config {
+    /// The datapath may answer ARP at `now_ms` (wrapping comparison).
+    #[inline(always)]
+    pub fn announcing(&self, now_ms: u32) -> bool {
+        (self.announce_until_ms.wrapping_sub(now_ms) as i32) > 0
+    }
+
     /// `addr_be:port_be` is one of the node's SNAT address and ports: a reply there belongs
     /// to a source-NATed flow (reverse NAT is looked up before any frontend).
     #[inline(always)]
@@ -439,6 +460,9 @@ impl Config {
         ct_tcp_close_s: DEFAULT_CT_TCP_CLOSE_S,
         ct_udp_s: DEFAULT_CT_UDP_S,
         flags: 0,
+        mac: [0; 6],
+        _pad: 0,
+        announce_until_ms: 0,
     };
 }
 
@@ -755,6 +779,10 @@ counters! {
     DropServiceCidr => "drop_service_cidr",
     /// From a pod or the node to a LoadBalancer IP outside its loadBalancerSourceRanges.
     DropSourceRangeInside => "drop_source_range_inside",
+    /// An ARP request for an address this node announces, answered.
+    ArpReply => "arp_reply",
+    /// An ARP request for an announced address while the agent's lease had run out.
+    ArpLeaseExpired => "arp_lease_expired",
 }
 
 /// Hash of a flow used to index a Maglev table. Deterministic and seedless on purpose:
@@ -846,7 +874,7 @@ mod tests {
         assert_eq!(size_of::<SvcMeta>(), 148);
         assert_eq!(core::mem::offset_of!(SvcMeta, port), 4);
         assert_eq!(core::mem::offset_of!(SvcMeta, _pad), 147);
-        assert_eq!(size_of::<Config>(), 28);
+        assert_eq!(size_of::<Config>(), 40);
         assert_eq!(size_of::<SvcStats>(), 32);
     }
 
@@ -857,7 +885,7 @@ mod tests {
             "neigh_resolve"
         );
         assert_eq!(COUNTER_NAMES[Counter::RstNoState as usize], "rst_no_state");
-        assert_eq!(Counter::DropSourceRangeInside as u32 + 1, COUNTER_COUNT);
+        assert_eq!(Counter::ArpLeaseExpired as u32 + 1, COUNTER_COUNT);
     }
 
     #[test]

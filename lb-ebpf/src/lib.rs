@@ -4,6 +4,7 @@
 //! (main.rs and its modules) use them from here.
 #![cfg_attr(not(test), no_std)]
 
+pub mod arp;
 pub mod nat;
 pub mod parse;
 pub mod reject;

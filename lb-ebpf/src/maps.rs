@@ -109,5 +109,10 @@ pub static SRC_RANGES: LpmTrie<SrcRangeKey, u8> = LpmTrie::pinned(DEFAULT_MAX_FR
 
 /// The service CIDRs (key: network-order address; value unused): an address inside them
 /// that no frontend holds is dropped.
+/// LoadBalancer addresses this node announces (key: network-order address; value unused):
+/// ARP requests for them are answered by XDP (arp.rs) while `Config::announcing`.
+#[map(name = "XLB_ARP")]
+pub static ARP: HashMap<u32, u32> = HashMap::pinned(MAX_ANNOUNCED, 0);
+
 #[map(name = "XLB_SERVICE_CIDRS")]
 pub static SERVICE_CIDRS: LpmTrie<u32, u8> = LpmTrie::pinned(MAX_SERVICE_CIDRS, 0);

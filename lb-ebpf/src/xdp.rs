@@ -1,17 +1,17 @@
 //! The north-south path on a node's uplink: NodePort and external/LoadBalancer IPs are
 //! DNATed to a Maglev-chosen backend; replies of SNATed flows are translated back.
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     programs::XdpContext,
 };
 use lb_common::*;
 
 use crate::{
-    ct,
+    arp, ct,
     event::event,
     fib,
     lb::{self, Choice},
-    maps::{CLUSTER_IPS, CONFIG, FRONTENDS, Outcome, REVNAT, SERVICES, count, record},
+    maps::{ARP, CLUSTER_IPS, CONFIG, FRONTENDS, Outcome, REVNAT, SERVICES, count, record},
     nat::{Side, rewrite},
     parse::{self, Tuple},
     policy::{in_service_cidr, source_allowed},
@@ -24,6 +24,11 @@ pub fn run(ctx: &XdpContext) -> u32 {
     let t = match parse::parse(ctx.data(), ctx.data_end(), true) {
         Ok(t) => t,
         Err(reason) => {
+            if reason == Counter::PassNotIpv4
+                && let Some(action) = answer_arp(ctx)
+            {
+                return action;
+            }
             count(reason);
             return XDP_PASS;
         }
@@ -200,6 +205,26 @@ fn forward(ctx: &XdpContext, proto: u8, from: (u32, u16), to: (u32, u16), what: 
         tcp_flags: 0,
     };
     fib::forward(ctx, &out, ip_tot_len(ctx))
+}
+
+/// An ARP request for an address this node announces, while the agent's lease holds:
+/// answered in place (XDP_TX). `None`: not ours, left to the kernel.
+#[inline(always)]
+fn answer_arp(ctx: &XdpContext) -> Option<u32> {
+    let frame = parse::ptr_at::<[u8; arp::ARP_FRAME_LEN]>(ctx.data(), ctx.data_end(), 0)?;
+    // SAFETY: bounds checked by ptr_at; XDP owns the frame.
+    let frame = unsafe { &mut *frame };
+    let target = arp::request_target(frame)?;
+    // SAFETY: plain-data map value.
+    unsafe { ARP.get(&target) }?;
+    let cfg = CONFIG.get(0)?;
+    if !cfg.announcing(ct::now_ms()) {
+        count(Counter::ArpLeaseExpired);
+        return None;
+    }
+    arp::make_reply(frame, &cfg.mac);
+    count(Counter::ArpReply);
+    Some(XDP_TX)
 }
 
 /// "Connection refused" back to the client: a RST for TCP, ICMP port unreachable for UDP.

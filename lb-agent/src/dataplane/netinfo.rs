@@ -29,6 +29,24 @@ pub fn iface_addrs(iface: &str) -> Result<Vec<Ipv4Addr>> {
     Ok(out)
 }
 
+/// The MAC address of `iface` (the source of the datapath's ARP replies).
+pub fn iface_mac(iface: &str) -> Result<[u8; 6]> {
+    for ifa in nix::ifaddrs::getifaddrs().context("getifaddrs")? {
+        if ifa.interface_name != iface {
+            continue;
+        }
+        if let Some(mac) = ifa
+            .address
+            .as_ref()
+            .and_then(|a| a.as_link_addr())
+            .and_then(|l| l.addr())
+        {
+            return Ok(mac);
+        }
+    }
+    bail!("interface {iface} has no MAC address")
+}
+
 /// One network interface, as rtnetlink describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LinkFacts {

@@ -41,6 +41,7 @@ macro_rules! packet_test {
     };
 }
 
+mod arp;
 mod clusterip;
 mod conntrack;
 mod debug_events;
@@ -578,6 +579,8 @@ struct MapsView<'a> {
     ct: aya::maps::HashMap<&'a mut aya::maps::MapData, FlowKey, CtEntry>,
     ct_new: aya::maps::HashMap<&'a mut aya::maps::MapData, FlowKey, CtEntry>,
     revnat: aya::maps::HashMap<&'a mut aya::maps::MapData, FlowKey, RevNat>,
+    /// Addresses this node announces (ARP).
+    arp: aya::maps::HashMap<&'a mut aya::maps::MapData, u32, u32>,
 }
 
 fn case(desc: &'static str, input: Vec<u8>, output: Vec<u8>, action: u32) -> Step {
@@ -682,15 +685,16 @@ fn run_table(steps: Vec<Step>, snat_port_max: u16) {
                     program(&mut programmer, &mut maps, ct_backend, t0 + after)
                 }
                 Step::Maps(what, f) => {
-                    let [ct, ct_new, revnat] = dp
+                    let [ct, ct_new, revnat, arp] = dp
                         .ebpf
-                        .maps_disjoint_mut([MAP_CT, MAP_CT_NEW, MAP_REVNAT])
+                        .maps_disjoint_mut([MAP_CT, MAP_CT_NEW, MAP_REVNAT, MAP_ARP])
                         .map(|m| m.unwrap_or_else(|| panic!("{what}: conntrack maps")));
                     let mut view = MapsView {
                         agent: &mut maps,
                         ct: aya::maps::HashMap::try_from(ct).unwrap(),
                         ct_new: aya::maps::HashMap::try_from(ct_new).unwrap(),
                         revnat: aya::maps::HashMap::try_from(revnat).unwrap(),
+                        arp: aya::maps::HashMap::try_from(arp).unwrap(),
                     };
                     f(&mut view);
                 }
