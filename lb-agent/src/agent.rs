@@ -349,8 +349,6 @@ impl Agent {
                     [0; 6]
                 }),
                 _pad: 0,
-                // Nothing is announced until the announcer renews the lease.
-                announce_until_ms: 0,
             },
             0,
         )?;

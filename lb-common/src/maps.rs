@@ -21,6 +21,7 @@ pub const MAP_AFFINITY: &str = "XLB_AFFINITY";
 pub const MAP_SRC_RANGES: &str = "XLB_SRC_RANGES";
 pub const MAP_SERVICE_CIDRS: &str = "XLB_SERVICE_CIDRS";
 pub const MAP_ARP: &str = "XLB_ARP";
+pub const MAP_ANNOUNCE_LEASE: &str = "XLB_ANNOUNCE_LEASE";
 
 /// Capacity of `XLB_ARP`: LoadBalancer addresses this node announces.
 pub const MAX_ANNOUNCED: u32 = 16_384;
@@ -417,15 +418,20 @@ pub struct Config {
     /// The uplink's MAC address: the source of ARP replies for announced addresses.
     pub mac: [u8; 6],
     pub _pad: u16,
-    /// ARP for `XLB_ARP`'s addresses is answered only while the datapath clock
-    /// (`bpf_ktime_get_coarse_ns` in ms, wrapping) is before this stamp: the agent moves it
-    /// forward while it runs, so a node whose agent is gone stops answering after a bounded
-    /// time (`ANNOUNCE_LEASE_MS`) and another node can take the addresses over.
-    pub announce_until_ms: u32,
 }
 
-/// How far ahead the agent sets `Config::announce_until_ms` each time it refreshes it.
+/// `XLB_ANNOUNCE_LEASE[0]`: ARP for `XLB_ARP`'s addresses is answered only while the
+/// datapath clock (`bpf_ktime_get_coarse_ns` in ms, wrapping) is before this stamp. The
+/// agent's announcer moves it forward while it runs (its own map, so no read-modify-write
+/// of `XLB_CONFIG` races with it), so a node whose agent is gone stops answering after at
+/// most this long and another node can take the addresses over.
 pub const ANNOUNCE_LEASE_MS: u32 = 3_000;
+
+/// The announce lease at `now_ms` is still running (wrapping comparison).
+#[inline(always)]
+pub fn lease_running(until_ms: u32, now_ms: u32) -> bool {
+    (until_ms.wrapping_sub(now_ms) as i32) > 0
+}
 
 /// `Config::flags`: the programs log debug events (aya-log) — why a packet was passed,
 /// rejected or dropped, and each new flow. Off by default; off, an event costs one test of
@@ -433,12 +439,6 @@ pub const ANNOUNCE_LEASE_MS: u32 = 3_000;
 pub const CFG_DEBUG_EVENTS: u32 = 1 << 0;
 
 impl Config {
-    /// The datapath may answer ARP at `now_ms` (wrapping comparison).
-    #[inline(always)]
-    pub fn announcing(&self, now_ms: u32) -> bool {
-        (self.announce_until_ms.wrapping_sub(now_ms) as i32) > 0
-    }
-
     /// `addr_be:port_be` is one of the node's SNAT address and ports: a reply there belongs
     /// to a source-NATed flow (reverse NAT is looked up before any frontend).
     #[inline(always)]
@@ -462,7 +462,6 @@ impl Config {
         flags: 0,
         mac: [0; 6],
         _pad: 0,
-        announce_until_ms: 0,
     };
 }
 
@@ -874,7 +873,7 @@ mod tests {
         assert_eq!(size_of::<SvcMeta>(), 148);
         assert_eq!(core::mem::offset_of!(SvcMeta, port), 4);
         assert_eq!(core::mem::offset_of!(SvcMeta, _pad), 147);
-        assert_eq!(size_of::<Config>(), 40);
+        assert_eq!(size_of::<Config>(), 36);
         assert_eq!(size_of::<SvcStats>(), 32);
     }
 

@@ -114,5 +114,9 @@ pub static SRC_RANGES: LpmTrie<SrcRangeKey, u8> = LpmTrie::pinned(DEFAULT_MAX_FR
 #[map(name = "XLB_ARP")]
 pub static ARP: HashMap<u32, u32> = HashMap::pinned(MAX_ANNOUNCED, 0);
 
+/// `[0]`: the announcer's lease (see `lb_common::ANNOUNCE_LEASE_MS`).
+#[map(name = "XLB_ANNOUNCE_LEASE")]
+pub static ANNOUNCE_LEASE: Array<u32> = Array::pinned(1, 0);
+
 #[map(name = "XLB_SERVICE_CIDRS")]
 pub static SERVICE_CIDRS: LpmTrie<u32, u8> = LpmTrie::pinned(MAX_SERVICE_CIDRS, 0);

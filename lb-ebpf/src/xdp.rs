@@ -11,7 +11,10 @@ use crate::{
     event::event,
     fib,
     lb::{self, Choice},
-    maps::{ARP, CLUSTER_IPS, CONFIG, FRONTENDS, Outcome, REVNAT, SERVICES, count, record},
+    maps::{
+        ANNOUNCE_LEASE, ARP, CLUSTER_IPS, CONFIG, FRONTENDS, Outcome, REVNAT, SERVICES, count,
+        record,
+    },
     nat::{Side, rewrite},
     parse::{self, Tuple},
     policy::{in_service_cidr, source_allowed},
@@ -218,7 +221,7 @@ fn answer_arp(ctx: &XdpContext) -> Option<u32> {
     // SAFETY: plain-data map value.
     unsafe { ARP.get(&target) }?;
     let cfg = CONFIG.get(0)?;
-    if !cfg.announcing(ct::now_ms()) {
+    if !lease_running(*ANNOUNCE_LEASE.get(0)?, ct::now_ms()) {
         count(Counter::ArpLeaseExpired);
         return None;
     }

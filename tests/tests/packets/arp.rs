@@ -1,6 +1,6 @@
 //! The ARP responder for announced LoadBalancer addresses (MetalLB's L2 mode in the
 //! datapath): a request for an address in `XLB_ARP` is answered by XDP_TX with the uplink's
-//! MAC while the agent's lease (`Config::announce_until_ms`) holds; anything else is left to
+//! MAC while the agent's lease (`XLB_ANNOUNCE_LEASE`) holds; anything else is left to
 //! the kernel.
 use lb_agent::dataplane::conntrack::monotonic_ms;
 
@@ -46,8 +46,9 @@ fn announce(lease_ms: i64) -> Step {
             v.arp.insert(u32::from_ne_bytes(LB_IP), 1, 0).unwrap();
             let mut c = v.agent.config.get(&0, 0).unwrap();
             c.mac = MAC_NODE;
-            c.announce_until_ms = (monotonic_ms() as i64 + lease_ms) as u32;
             v.agent.config.set(0, c, 0).unwrap();
+            let until = (monotonic_ms() as i64 + lease_ms) as u32;
+            v.lease.set(0, until, 0).unwrap();
         }),
     )
 }

@@ -581,6 +581,7 @@ struct MapsView<'a> {
     revnat: aya::maps::HashMap<&'a mut aya::maps::MapData, FlowKey, RevNat>,
     /// Addresses this node announces (ARP).
     arp: aya::maps::HashMap<&'a mut aya::maps::MapData, u32, u32>,
+    lease: aya::maps::Array<&'a mut aya::maps::MapData, u32>,
 }
 
 fn case(desc: &'static str, input: Vec<u8>, output: Vec<u8>, action: u32) -> Step {
@@ -685,9 +686,15 @@ fn run_table(steps: Vec<Step>, snat_port_max: u16) {
                     program(&mut programmer, &mut maps, ct_backend, t0 + after)
                 }
                 Step::Maps(what, f) => {
-                    let [ct, ct_new, revnat, arp] = dp
+                    let [ct, ct_new, revnat, arp, lease] = dp
                         .ebpf
-                        .maps_disjoint_mut([MAP_CT, MAP_CT_NEW, MAP_REVNAT, MAP_ARP])
+                        .maps_disjoint_mut([
+                            MAP_CT,
+                            MAP_CT_NEW,
+                            MAP_REVNAT,
+                            MAP_ARP,
+                            MAP_ANNOUNCE_LEASE,
+                        ])
                         .map(|m| m.unwrap_or_else(|| panic!("{what}: conntrack maps")));
                     let mut view = MapsView {
                         agent: &mut maps,
@@ -695,6 +702,7 @@ fn run_table(steps: Vec<Step>, snat_port_max: u16) {
                         ct_new: aya::maps::HashMap::try_from(ct_new).unwrap(),
                         revnat: aya::maps::HashMap::try_from(revnat).unwrap(),
                         arp: aya::maps::HashMap::try_from(arp).unwrap(),
+                        lease: aya::maps::Array::try_from(lease).unwrap(),
                     };
                     f(&mut view);
                 }
