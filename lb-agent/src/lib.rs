@@ -3,6 +3,7 @@
 //! loop that ties them together, [`serve`] its HTTP servers, [`status`] what
 //! `lb-agent status` reads back, [`error`] why an attempt failed.
 pub mod agent;
+pub mod announce;
 pub mod dataplane;
 pub mod error;
 pub mod model;

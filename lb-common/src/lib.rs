@@ -6,6 +6,7 @@
 //! suffix are host byte order and never touch a packet.
 #![no_std]
 
+pub mod arp;
 pub mod csum;
 pub mod maps;
 

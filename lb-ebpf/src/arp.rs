@@ -1,30 +1,13 @@
 //! ARP for the LoadBalancer addresses this node announces (MetalLB's L2 mode, answered by
 //! the datapath): a request for an announced address is turned into the reply in place and
 //! sent back out of the interface it came in on. Pure functions over the frame's bytes, so
-//! the host tests check them; the XDP glue is in `xdp.rs`.
-use core::mem::size_of;
-
-use network_types::eth::EthHdr;
-
-/// Ethernet + ARP for IPv4 over Ethernet (28 bytes): the whole of a request or reply.
-pub const ARP_FRAME_LEN: usize = size_of::<EthHdr>() + 28;
-pub const ETH_P_ARP: u16 = 0x0806;
-
-const ETH_DST: usize = 0;
-const ETH_SRC: usize = 6;
-const ARP: usize = size_of::<EthHdr>();
-/// Hardware type, protocol type, their lengths, operation.
-const HTYPE: usize = ARP;
-const OPER: usize = ARP + 6;
-/// Sender hardware and protocol address, target hardware and protocol address.
-const SHA: usize = ARP + 8;
-const SPA: usize = ARP + 14;
-const THA: usize = ARP + 18;
-const TPA: usize = ARP + 24;
-/// htype Ethernet (1), ptype IPv4 (0x0800), hlen 6, plen 4.
-const IPV4_OVER_ETHERNET: [u8; 6] = [0, 1, 0x08, 0x00, 6, 4];
-const OP_REQUEST: u16 = 1;
-const OP_REPLY: u16 = 2;
+//! the host tests check them; the XDP glue is in `xdp.rs`, the layout and the gratuitous
+//! ARP the agent sends in `lb_common::arp`.
+use lb_common::arp::{
+    ARP, ETH_DST, ETH_SRC, HTYPE, IPV4_OVER_ETHERNET, OP_REPLY, OP_REQUEST, OPER, SHA, SPA, THA,
+    TPA,
+};
+pub use lb_common::arp::{ARP_FRAME_LEN, ETH_P_ARP};
 
 #[inline(always)]
 fn copy<const N: usize>(b: &mut [u8], to: usize, from: usize) {
@@ -83,22 +66,6 @@ pub fn make_reply(b: &mut [u8; ARP_FRAME_LEN], mac: &[u8; 6]) {
     copy::<4>(b, TPA, SPA);
     put(b, SHA, mac);
     put(b, SPA, &asked);
-}
-
-/// A gratuitous ARP (a request for `addr` from `addr`, broadcast) announcing that `addr`
-/// is at `mac`: what a node sends when it takes an address over, so neighbours' caches
-/// move at once.
-pub fn gratuitous(mac: &[u8; 6], addr: [u8; 4]) -> [u8; ARP_FRAME_LEN] {
-    let mut b = [0u8; ARP_FRAME_LEN];
-    put(&mut b, ETH_DST, &[0xff; 6]);
-    put(&mut b, ETH_SRC, mac);
-    put(&mut b, 12, &ETH_P_ARP.to_be_bytes());
-    put(&mut b, HTYPE, &IPV4_OVER_ETHERNET);
-    put(&mut b, OPER, &OP_REQUEST.to_be_bytes());
-    put(&mut b, SHA, mac);
-    put(&mut b, SPA, &addr);
-    put(&mut b, TPA, &addr);
-    b
 }
 
 #[cfg(test)]
@@ -171,7 +138,7 @@ mod tests {
 
     #[test]
     fn gratuitous_arp_shape() {
-        let b = gratuitous(&OUR_MAC, LB);
+        let b = lb_common::arp::gratuitous(&OUR_MAC, LB);
         let (eth, rest) = Ethernet2Header::from_slice(&b).unwrap();
         assert_eq!((eth.destination, eth.source), ([0xff; 6], OUR_MAC));
         let arp = ArpPacket::from_slice(rest).unwrap();

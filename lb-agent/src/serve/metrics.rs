@@ -174,6 +174,7 @@ pub struct Metrics {
     apply_errors: Family<Label, Counter>,
     programmed: [Gauge; 4],
     conntrack: ConntrackMetrics,
+    announce: AnnounceMetrics,
     /// The agent's pin directory (None: no maps), for `/datapath-debug`.
     pin_dir: Option<std::path::PathBuf>,
 }
@@ -247,6 +248,7 @@ impl Metrics {
             registry.register(name, help, g.clone());
         }
         let conntrack = ConntrackMetrics::register(&mut registry);
+        let announce = AnnounceMetrics::register(&mut registry);
         if let Some(maps) = maps {
             registry.register_collector(Box::new(maps));
         }
@@ -260,6 +262,7 @@ impl Metrics {
             apply_errors,
             programmed,
             conntrack,
+            announce,
             pin_dir: None,
         }
     }
@@ -322,6 +325,47 @@ impl Metrics {
     /// The connection-tracking GC's metrics (written by [`crate::dataplane::conntrack`]).
     pub fn conntrack(&self) -> &ConntrackMetrics {
         &self.conntrack
+    }
+
+    /// The announcer's metrics (written by [`crate::announce`]).
+    pub fn announce(&self) -> &AnnounceMetrics {
+        &self.announce
+    }
+}
+
+/// LoadBalancer address announcement (ARP) and the heartbeats behind it.
+#[derive(Debug, Default)]
+pub struct AnnounceMetrics {
+    pub owned: Gauge,
+    pub takeovers: Counter,
+    pub peers: Gauge,
+    pub peers_lost: Counter,
+}
+
+impl AnnounceMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "xlb_announce_owned_addresses",
+            "LoadBalancer addresses this node answers ARP for",
+            m.owned.clone(),
+        );
+        registry.register(
+            "xlb_announce_takeovers",
+            "Addresses this node took over (each announced with a gratuitous ARP)",
+            m.takeovers.clone(),
+        );
+        registry.register(
+            "xlb_announce_peers",
+            "Other agents heard on the node network within the heartbeat timeout",
+            m.peers.clone(),
+        );
+        registry.register(
+            "xlb_announce_peers_lost",
+            "Peers declared gone after their heartbeats stopped (missed heartbeats)",
+            m.peers_lost.clone(),
+        );
+        m
     }
 }
 

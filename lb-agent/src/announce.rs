@@ -1,0 +1,204 @@
+//! Announcing LoadBalancer addresses on the node network (MetalLB's L2 mode, done by the
+//! agents themselves): one node answers ARP for each address, from its XDP program.
+//!
+//! Every agent broadcasts a heartbeat on its uplink every [`INTERVAL`] saying which
+//! addresses it may announce and which it announces ([`heartbeat`]); a peer not heard for
+//! [`DEAD_AFTER`] is gone. From the heartbeats each agent decides alone which addresses are
+//! its own ([`owner`]: sticky, then rendezvous hashing), writes them to `XLB_ARP`, keeps the
+//! datapath's lease running ([`arp`]), and sends a gratuitous ARP for each address it
+//! takes over. An owner whose node or uplink goes down is replaced within
+//! `DEAD_AFTER` + one interval; a node whose agent is gone stops answering when its lease
+//! (`lb_common::ANNOUNCE_LEASE_MS`) runs out, while its peers have taken its addresses over
+//! already (its XDP still forwards what reaches it meanwhile). No API server is involved, so
+//! there is no API load and the file source works the same.
+//!
+//! The heartbeats are not authenticated: anything on the node network that can send UDP
+//! broadcasts to the heartbeat port can claim addresses, as with ARP itself.
+pub mod arp;
+pub mod heartbeat;
+pub mod owner;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+
+use crate::serve::metrics::Metrics;
+
+/// Heartbeat period.
+pub const INTERVAL: Duration = Duration::from_millis(100);
+/// A peer not heard for this long is gone (three heartbeats lost, and a margin).
+pub const DEAD_AFTER: Duration = Duration::from_millis(350);
+/// After start, nothing is announced until the peers have been heard for this long, so a
+/// restarting agent does not claim addresses others hold.
+pub const SETTLE: Duration = Duration::from_millis(350);
+
+/// The running announcer; dropping it stops the heartbeats and the ARP answers.
+pub struct Announce {
+    eligible: Arc<Mutex<BTreeSet<Ipv4Addr>>>,
+    announced: Arc<Mutex<BTreeSet<Ipv4Addr>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Announce {
+    pub fn start(
+        node: String,
+        link: heartbeat::Link,
+        announcer: arp::Announcer,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
+        let eligible = Arc::new(Mutex::new(BTreeSet::new()));
+        let announced = Arc::new(Mutex::new(BTreeSet::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let state = Loop {
+            node,
+            link,
+            announcer,
+            metrics,
+            eligible: eligible.clone(),
+            announced: announced.clone(),
+            stop: stop.clone(),
+            peers: BTreeMap::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("xlb-announce".into())
+            .spawn(move || state.run())?;
+        Ok(Self {
+            eligible,
+            announced,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The addresses this node may announce (from the last programmed state).
+    pub fn set_eligible(&self, set: BTreeSet<Ipv4Addr>) {
+        *self.eligible.lock().unwrap_or_else(|e| e.into_inner()) = set;
+    }
+
+    /// The addresses this node announces now.
+    pub fn announced(&self) -> BTreeSet<Ipv4Addr> {
+        self.announced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for Announce {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Loop {
+    node: String,
+    link: heartbeat::Link,
+    announcer: arp::Announcer,
+    metrics: Arc<Metrics>,
+    eligible: Arc<Mutex<BTreeSet<Ipv4Addr>>>,
+    announced: Arc<Mutex<BTreeSet<Ipv4Addr>>>,
+    stop: Arc<AtomicBool>,
+    /// Live peers: when last heard, and what they said.
+    peers: BTreeMap<String, (Instant, owner::PeerView)>,
+}
+
+impl Loop {
+    fn run(mut self) {
+        let started = Instant::now();
+        let mut next = started;
+        let mut mine: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        while !self.stop.load(Ordering::Relaxed) {
+            let eligible = self
+                .eligible
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if Instant::now() >= next {
+                let hb = heartbeat::Heartbeat {
+                    v: heartbeat::VERSION,
+                    node: self.node.clone(),
+                    eligible: eligible.clone(),
+                    announcing: mine.clone(),
+                };
+                if let Err(e) = self.link.send(&hb) {
+                    log::debug!("heartbeat send: {e:#}");
+                }
+                next += INTERVAL;
+                if next < Instant::now() {
+                    next = Instant::now() + INTERVAL;
+                }
+            }
+            match self
+                .link
+                .recv(next.saturating_duration_since(Instant::now()))
+            {
+                Ok(Some(hb)) if hb.node != self.node => {
+                    let fresh = !self.peers.contains_key(&hb.node);
+                    if fresh {
+                        log::info!("announce: peer {} heard", hb.node);
+                    }
+                    self.peers
+                        .insert(hb.node.clone(), (Instant::now(), hb.view()));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    log::warn!("heartbeat receive: {e:#}");
+                    std::thread::sleep(INTERVAL);
+                }
+            }
+            let now = Instant::now();
+            let before = self.peers.len();
+            self.peers.retain(|node, (seen, _)| {
+                let live = now.duration_since(*seen) < DEAD_AFTER;
+                if !live {
+                    log::warn!("announce: peer {node} silent for {DEAD_AFTER:?}: gone");
+                }
+                live
+            });
+            let lost = before - self.peers.len();
+            let m = self.metrics.announce();
+            m.peers_lost.inc_by(lost as u64);
+            m.peers.set(self.peers.len() as i64);
+            if now.duration_since(started) < SETTLE {
+                continue;
+            }
+            let peers: Vec<owner::PeerView> = self.peers.values().map(|(_, v)| v.clone()).collect();
+            let want = owner::decide(&self.node, &eligible, &mine, &peers);
+            if want != mine {
+                match self.announcer.set(&want) {
+                    Ok(new) => {
+                        for a in new {
+                            log::warn!("announce: taking over {a}");
+                            m.takeovers.inc();
+                            if let Err(e) = self.announcer.gratuitous(a) {
+                                log::warn!("{e:#}");
+                            }
+                        }
+                        mine = want;
+                        m.owned.set(mine.len() as i64);
+                        *self.announced.lock().unwrap_or_else(|e| e.into_inner()) = mine.clone();
+                    }
+                    Err(e) => log::warn!("announce: writing XLB_ARP: {e:#}"),
+                }
+            }
+            if let Err(e) = self.announcer.renew() {
+                log::warn!("announce: renewing the ARP lease: {e:#}");
+            }
+        }
+        self.announcer.expire();
+        let _ = self.announcer.set(&BTreeSet::new());
+    }
+}
