@@ -137,6 +137,11 @@ pub struct RunArgs {
     /// load balancers for `externalTrafficPolicy: Cluster` Services), or `none`.
     #[arg(long, value_name = "ADDR:PORT|none", default_value = crate::serve::node_health::DEFAULT_HEALTHZ_BIND_ADDRESS)]
     pub healthz_bind_address: String,
+    /// UDP port of the agents' heartbeats on the uplink, which decide which node answers
+    /// ARP for each LoadBalancer address of an L2-advertised pool; `none` turns
+    /// announcing off (another component, e.g. MetalLB, answers ARP).
+    #[arg(long, value_name = "PORT|none", default_value = "7947")]
+    pub announce_port: String,
 }
 
 pub fn default_pin_dir(node: &str) -> PathBuf {
@@ -169,6 +174,19 @@ pub struct AgentInfo {
     /// Where `/metrics`, `/healthz`, `/readyz` and `/loglevel` are served (None: off).
     #[serde(default)]
     pub metrics_addr: Option<String>,
+    /// LoadBalancer addresses from the pools, by Service, and whether this node announces
+    /// them (answers ARP) as of the last save.
+    #[serde(default)]
+    pub lb_addresses: Vec<LbAddressInfo>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct LbAddressInfo {
+    pub namespace: String,
+    pub name: String,
+    pub addr: Ipv4Addr,
+    pub pool: String,
+    pub announced_here: bool,
 }
 
 /// `--source`, parsed.
@@ -254,6 +272,23 @@ pub struct Agent {
     node_health: Arc<NodeHealth>,
     /// Reads the datapath's debug events into the log while the agent runs.
     _datapath_events: Option<AbortOnDrop>,
+    /// Answers ARP for the LoadBalancer addresses this node owns (None: `--announce-port
+    /// none`).
+    announce: Option<crate::announce::Announce>,
+    /// Pool settings not honoured, as last logged.
+    lb_notes: Vec<String>,
+}
+
+/// This agent's record of the LoadBalancer addresses it assigned, in its run directory.
+const LB_ADDRESSES_FILE: &str = "lb-addresses.json";
+
+/// The record left by a previous run, if any.
+fn load_lb_addresses(run_dir: &Path) -> BTreeMap<(String, String), Vec<Ipv4Addr>> {
+    std::fs::read_to_string(run_dir.join(LB_ADDRESSES_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Vec<((String, String), Vec<Ipv4Addr>)>>(&t).ok())
+        .map(|v| v.into_iter().collect())
+        .unwrap_or_default()
 }
 
 /// A task that stops with its owner.
@@ -333,6 +368,10 @@ impl Agent {
                 None
             }
         };
+        let mac = netinfo::iface_mac(&args.iface).unwrap_or_else(|e| {
+            log::warn!("{e:#}; ARP for LoadBalancer addresses will not be answered");
+            [0; 6]
+        });
         maps.config.set(
             0,
             Config {
@@ -344,10 +383,7 @@ impl Agent {
                 ct_tcp_close_s: args.ct_tcp_close_timeout,
                 ct_udp_s: args.ct_udp_timeout,
                 flags: crate::serve::debug::with_debug(0, args.datapath_debug),
-                mac: netinfo::iface_mac(&args.iface).unwrap_or_else(|e| {
-                    log::warn!("{e:#}; ARP for LoadBalancer addresses will not be answered");
-                    [0; 6]
-                }),
+                mac,
                 _pad: 0,
             },
             0,
@@ -402,6 +438,23 @@ impl Agent {
             warnings: vec![],
             ready: false,
             metrics_addr: (args.metrics_addr != "none").then(|| args.metrics_addr.clone()),
+            lb_addresses: vec![],
+        };
+        let announce = match args.announce_port.as_str() {
+            "none" => None,
+            p => {
+                let port: u16 = p
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--announce-port: {p:?} is not a port or none"))?;
+                let link = crate::announce::heartbeat::Link::open(&args.iface, port)?;
+                let announcer = crate::announce::arp::Announcer::open(&pin_dir, &args.iface, mac)?;
+                Some(crate::announce::Announce::start(
+                    args.node_name.clone(),
+                    link,
+                    announcer,
+                    metrics.clone(),
+                )?)
+            }
         };
         let mut agent = Self {
             node: NodeContext {
@@ -411,6 +464,8 @@ impl Agent {
                 localhost_node_ports,
                 service_cidrs: args.service_cidr.iter().map(|c| c.network()).collect(),
                 zone: None,
+                uplink: args.iface.clone(),
+                held_lb_addresses: load_lb_addresses(&run_dir),
             },
             args,
             source,
@@ -427,6 +482,8 @@ impl Agent {
             metrics,
             node_health: Arc::new(NodeHealth::new()),
             _datapath_events: datapath_events,
+            announce,
+            lb_notes: vec![],
         };
         agent.sync_pod_ifaces(links);
         agent.save_info();
@@ -498,6 +555,37 @@ impl Agent {
             }
         }
         self.save_info();
+    }
+
+    /// Keeps the LoadBalancer addresses assigned from the pools as this agent's record
+    /// (sticky for the next translations, and across restarts through the run directory),
+    /// and logs pool settings xlb does not honour when they change.
+    fn hold_lb_addresses(&mut self, desired: &translate::Desired) {
+        let mut held: BTreeMap<(String, String), Vec<Ipv4Addr>> = BTreeMap::new();
+        for a in &desired.lb_addresses {
+            held.entry((a.namespace.clone(), a.name.clone()))
+                .or_default()
+                .push(a.addr);
+        }
+        if held != self.node.held_lb_addresses {
+            self.node.held_lb_addresses = held;
+            let list: Vec<_> = self.node.held_lb_addresses.iter().collect();
+            if let Ok(text) = serde_json::to_string(&list)
+                && let Err(e) = std::fs::write(self.run_dir.join(LB_ADDRESSES_FILE), text)
+            {
+                log::warn!("saving the LoadBalancer address record: {e}");
+            }
+        }
+        if desired.lb_notes != self.lb_notes {
+            for n in desired
+                .lb_notes
+                .iter()
+                .filter(|n| !self.lb_notes.contains(n))
+            {
+                log::warn!("{n}");
+            }
+            self.lb_notes = desired.lb_notes.clone();
+        }
     }
 
     /// Events that appeared since the last call (each once per agent lifetime).
@@ -598,6 +686,21 @@ impl Agent {
             .cloned()
             .collect();
         self.health.update(&checks);
+        self.hold_lb_addresses(&desired);
+        self.info.lb_addresses = desired
+            .lb_addresses
+            .iter()
+            .map(|a| LbAddressInfo {
+                namespace: a.namespace.clone(),
+                name: a.name.clone(),
+                addr: a.addr,
+                pool: a.pool.clone(),
+                announced_here: false,
+            })
+            .collect();
+        if let Some(a) = &self.announce {
+            a.set_eligible(desired.announce_eligible.clone());
+        }
         self.metrics.synced(sync.map(|s| (s, now)), gauges);
         self.node_health.synced(SystemTime::now());
         if !self.info.ready {
@@ -656,7 +759,15 @@ impl Agent {
         self.node_health.loop_alive();
     }
 
-    fn save_info(&self) {
+    fn save_info(&mut self) {
+        let announced = self
+            .announce
+            .as_ref()
+            .map(|a| a.announced())
+            .unwrap_or_default();
+        for a in &mut self.info.lb_addresses {
+            a.announced_here = announced.contains(&a.addr);
+        }
         let path = self.run_dir.join("agent.json");
         if let Ok(s) = serde_json::to_string_pretty(&self.info) {
             let _ = std::fs::write(path, s);

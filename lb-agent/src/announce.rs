@@ -126,7 +126,9 @@ impl Loop {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
-            if Instant::now() >= next {
+            // A node with nothing to announce stays quiet: a cluster without L2 pools sees
+            // no heartbeats at all.
+            if Instant::now() >= next && (!eligible.is_empty() || !mine.is_empty()) {
                 let hb = heartbeat::Heartbeat {
                     v: heartbeat::VERSION,
                     node: self.node.clone(),
@@ -136,6 +138,8 @@ impl Loop {
                 if let Err(e) = self.link.send(&hb) {
                     log::debug!("heartbeat send: {e:#}");
                 }
+            }
+            if Instant::now() >= next {
                 next += INTERVAL;
                 if next < Instant::now() {
                     next = Instant::now() + INTERVAL;

@@ -1,5 +1,7 @@
 //! Where the Services and EndpointSlices come from: YAML text ([`yaml`],
 //! `--source file:<PATH>`) or the Kubernetes API ([`kube`], `--source kube`). Both produce
-//! the same [`yaml::Objects`] snapshot.
+//! the same [`yaml::Objects`] snapshot. MetalLB's `IPAddressPool`/`L2Advertisement` types are
+//! in [`metallb`].
 pub mod kube;
+pub mod metallb;
 pub mod yaml;

@@ -8,7 +8,7 @@
 //!
 //! Output is sorted throughout so it does not depend on the order of the input objects.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::RangeInclusive;
@@ -19,6 +19,8 @@ use k8s_openapi::jiff::Timestamp;
 pub use lb_common::ServiceType;
 
 use crate::model::addresses::Cidr4;
+use crate::model::lb_addresses::{self, LbAddress};
+use crate::model::lbipam;
 use crate::model::topology::{self, Candidate, Place};
 use crate::source::yaml::{Objects, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
 
@@ -41,6 +43,11 @@ pub struct NodeContext {
     /// The Node's `topology.kubernetes.io/zone` label; `translate` fills it from the Node
     /// object named `node_name`, when the source has it.
     pub zone: Option<String>,
+    /// The uplink's name (L2Advertisement `interfaces`).
+    pub uplink: String,
+    /// LoadBalancer addresses this agent assigned before (its record, see
+    /// `lb_addresses`), by Service (namespace, name).
+    pub held_lb_addresses: BTreeMap<(String, String), Vec<Ipv4Addr>>,
 }
 
 impl Default for NodeContext {
@@ -52,6 +59,8 @@ impl Default for NodeContext {
             localhost_node_ports: true,
             service_cidrs: Vec::new(),
             zone: None,
+            uplink: String::new(),
+            held_lb_addresses: BTreeMap::new(),
         }
     }
 }
@@ -256,7 +265,12 @@ pub enum WarningKind {
     FrontendCollision,
     /// An external address on a node address with a port of the SNAT range: refused.
     FrontendInSnatRange,
+    /// No LoadBalancer address could be assigned from the pools.
+    LbAddress,
 }
+
+/// Event reason for [`WarningKind::LbAddress`] (MetalLB's).
+pub const ALLOCATION_FAILED_REASON: &str = "AllocationFailed";
 
 impl WarningKind {
     /// The reason of the Event posted on the Service; None: the warning is only logged.
@@ -266,6 +280,7 @@ impl WarningKind {
             WarningKind::FrontendCollision | WarningKind::FrontendInSnatRange => {
                 Some(COLLISION_REASON)
             }
+            WarningKind::LbAddress => Some(ALLOCATION_FAILED_REASON),
             WarningKind::OtherProxy | WarningKind::Ignored => None,
         }
     }
@@ -407,6 +422,13 @@ pub struct Desired {
     /// Service address ranges (`--service-cidr` and the IPv4 ServiceCIDR objects), sorted,
     /// host bits cleared: an address inside them that no Service holds is dropped.
     pub service_cidrs: Vec<(Ipv4Addr, u8)>,
+    /// LoadBalancer addresses assigned from the pools (every node computes the same).
+    pub lb_addresses: Vec<LbAddress>,
+    /// Of those, the ones this node may announce (ARP): its L2Advertisement selects this
+    /// node, and under `externalTrafficPolicy: Local` the node has a ready local endpoint.
+    pub announce_eligible: BTreeSet<Ipv4Addr>,
+    /// Pool and advertisement settings xlb does not honour (logged).
+    pub lb_notes: Vec<String>,
 }
 
 /// Computes the desired datapath state. Services are expected to be unique by
@@ -434,8 +456,10 @@ pub fn translate(objs: &Objects, node: &NodeContext) -> Desired {
         ..node.clone()
     };
 
+    let assignment = lb_addresses::assign(objs, &node.held_lb_addresses);
     let mut out = Desired {
         service_cidrs: service_cidrs(objs, &node),
+        lb_notes: assignment.warnings.clone(),
         ..Desired::default()
     };
     for svc in &services {
@@ -444,7 +468,11 @@ pub fn translate(objs: &Objects, node: &NodeContext) -> Desired {
             .get(&(namespace(svc), name(svc)))
             .map(Vec::as_slice)
             .unwrap_or_default();
-        program_service(svc, owned, &node, &mut out);
+        let granted: Vec<Ipv4Addr> = match assignment.get(namespace(svc), name(svc)) {
+            Some(lbipam::Outcome::Granted(g)) => g.addresses.clone(),
+            _ => vec![],
+        };
+        program_service(svc, owned, &node, &granted, &mut out);
     }
     services.sort_by_cached_key(|s| age_key(s));
     out.service_order = services
@@ -455,8 +483,43 @@ pub fn translate(objs: &Objects, node: &NodeContext) -> Desired {
     out.ports.sort_by(|a, b| a.id.cmp(&b.id));
     out.health_checks.sort_by_key(|h| h.node_port);
     drop_colliding_frontends(&mut out, &node, &created);
+    let labels = this_node
+        .and_then(|n| n.metadata.labels.clone())
+        .unwrap_or_default();
+    out.lb_addresses = lb_addresses::addresses(&assignment, &objs.services, &labels, &node.uplink);
+    out.announce_eligible = announce_eligible(&out);
+    for ((ns, name), why) in lb_addresses::refusals(&assignment) {
+        out.warnings.push(Warning {
+            kind: WarningKind::LbAddress,
+            subject: Subject::Service {
+                namespace: ns.clone(),
+                name: name.clone(),
+            },
+            message: format!("no LoadBalancer address: {why}"),
+        });
+    }
     out.events = out.warnings.iter().filter_map(Warning::event).collect();
     out
+}
+
+/// The pool addresses this node may announce: L2-selected here, and under
+/// externalTrafficPolicy Local only with a ready local endpoint (a local-scope port of the
+/// Service with backends), as MetalLB announces such Services.
+fn announce_eligible(d: &Desired) -> BTreeSet<Ipv4Addr> {
+    d.lb_addresses
+        .iter()
+        .filter(|a| a.l2_here)
+        .filter(|a| {
+            !a.local_only
+                || d.ports.iter().any(|p| {
+                    p.id.namespace == a.namespace
+                        && p.id.name == a.name
+                        && p.id.scope == Scope::Local
+                        && !p.backends.is_empty()
+                })
+        })
+        .map(|a| a.addr)
+        .collect()
 }
 
 /// `--service-cidr` and the IPv4 `spec.cidrs` of the ServiceCIDR objects.
@@ -553,6 +616,7 @@ fn program_service(
     svc: &Service,
     slices: &[&EndpointSlice],
     node: &NodeContext,
+    granted: &[Ipv4Addr],
     out: &mut Desired,
 ) {
     let (ns, name) = (namespace(svc), name(svc));
@@ -627,13 +691,20 @@ fn program_service(
         .into_iter()
         .flatten()
         .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
-        .filter_map(|i| i.ip.as_deref())
+        .filter_map(|i| i.ip.clone())
+        // Addresses from the pools serve at once, before (or without) a status.
+        .chain(
+            granted
+                .iter()
+                .filter(|_| ty == ServiceType::LoadBalancer)
+                .map(|a| a.to_string()),
+        )
         .map(|ip| (ip, FrontendKind::LoadBalancer));
     for (ip, kind) in spec
         .external_ips
         .iter()
         .flatten()
-        .map(|ip| (ip.as_str(), FrontendKind::External))
+        .map(|ip| (ip.clone(), FrontendKind::External))
         .chain(ingress_ips)
     {
         match ip.parse::<IpAddr>() {
@@ -1991,5 +2062,73 @@ mod tests {
                 .iter()
                 .any(|f| f.kind == FrontendKind::Localhost)
         );
+    }
+
+    const POOL: &str = "---\napiVersion: metallb.io/v1beta1\nkind: IPAddressPool\nmetadata: {name: example, namespace: metallb-system}\nspec: {addresses: [172.18.255.200-172.18.255.250]}\n---\napiVersion: metallb.io/v1beta1\nkind: L2Advertisement\nmetadata: {name: empty, namespace: metallb-system}\n";
+
+    #[test]
+    fn pool_addresses_become_load_balancer_frontends() {
+        let d = run(&(web(
+            "  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80, nodePort: 30080}]",
+        ) + POOL));
+        let lb = ip("172.18.255.200");
+        assert!(port(&d, "dev/web:http/TCP").frontends.contains(&fe(
+            "172.18.255.200",
+            80,
+            FrontendKind::LoadBalancer
+        )));
+        assert_eq!(d.lb_addresses.len(), 1);
+        assert_eq!(d.lb_addresses[0].addr, lb);
+        // The empty L2Advertisement announces the pool everywhere: eligible here.
+        assert_eq!(d.announce_eligible, [lb].into());
+    }
+
+    #[test]
+    fn local_policy_announces_only_with_a_local_endpoint() {
+        let spec = "  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  externalTrafficPolicy: Local\n  ports: [{name: http, port: 80, nodePort: 30080}]";
+        let elsewhere = service("web", spec)
+            + &slice(
+                "web-1",
+                "web",
+                WEB_SLICE,
+                "[{addresses: [10.244.2.9], nodeName: node-b}]",
+            )
+            + POOL;
+        let d = run(&elsewhere);
+        assert_eq!(d.lb_addresses.len(), 1);
+        assert!(d.announce_eligible.is_empty());
+        let here = run(&(web(spec) + POOL));
+        assert_eq!(here.announce_eligible.len(), 1);
+    }
+
+    #[test]
+    fn no_pools_means_no_address_management() {
+        let d = run(&web(
+            "  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80, nodePort: 30080}]",
+        ));
+        assert!(d.lb_addresses.is_empty() && d.warnings.is_empty());
+    }
+
+    #[test]
+    fn held_addresses_stay_when_an_older_service_goes() {
+        let svc = |name: &str, created: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: dev, creationTimestamp: '{created}'}}\nspec:\n  type: LoadBalancer\n  clusterIP: None\n  ports: [{{name: http, port: 80, nodePort: 30080}}]\n"
+            )
+        };
+        let both = svc("a", "2024-01-01T00:00:00Z") + &svc("b", "2024-01-02T00:00:00Z") + POOL;
+        let d = run(&both);
+        let b_addr = d.lb_addresses.iter().find(|a| a.name == "b").unwrap().addr;
+        assert_eq!(b_addr, ip("172.18.255.201"));
+        let held = [(("dev".to_string(), "b".to_string()), vec![b_addr])].into();
+        let only_b = parse_objects(&(svc("b", "2024-01-02T00:00:00Z") + POOL)).unwrap();
+        let d = translate(
+            &only_b,
+            &NodeContext {
+                held_lb_addresses: held,
+                ..node()
+            },
+        );
+        assert_eq!(d.lb_addresses[0].addr, b_addr, "b moved when a went");
     }
 }

@@ -415,6 +415,9 @@ pub fn snapshot(stores: &Stores) -> Objects {
         slices: sl,
         nodes: sorted(&stores.nodes),
         service_cidrs: sorted(&stores.service_cidrs),
+        // MetalLB pools/advertisements are not watched yet (file source only for now).
+        ip_pools: Vec::new(),
+        l2_adverts: Vec::new(),
     }
 }
 

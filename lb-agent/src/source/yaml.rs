@@ -1,5 +1,6 @@
 //! Reading Services and EndpointSlices (and the Nodes and ServiceCIDRs the translation
-//! consults) from YAML text.
+//! consults, and MetalLB's `IPAddressPool`s and `L2Advertisement`s the LoadBalancer address
+//! assignment uses) from YAML text.
 //!
 //! Accepts what people actually have at hand: a multi-document manifest set (`---`
 //! separated, other kinds mixed in) or the output of
@@ -9,13 +10,15 @@
 //! Parsing a file is all-or-nothing: the first problem is returned and the caller keeps its
 //! previous state, so a half-edited file never leaves a half-programmed datapath.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use serde_yaml::{Mapping, Value};
+
+use super::metallb::{self, AddrRange, IpAddressPool, L2Advertisement, METALLB_API_VERSION};
 
 /// Label tying an EndpointSlice to its Service (same namespace).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -40,6 +43,11 @@ pub struct Objects {
     /// ServiceCIDR objects (`networking.k8s.io/v1`): the service address ranges, next to
     /// `--service-cidr`; addresses inside them that no Service holds are dropped.
     pub service_cidrs: Vec<ServiceCIDR>,
+    /// MetalLB `IPAddressPool`s (`metallb.io/v1beta1`), addresses validated: every entry a
+    /// CIDR or range, none overlapping another (in this pool or another), names unique.
+    pub ip_pools: Vec<IpAddressPool>,
+    /// MetalLB `L2Advertisement`s (`metallb.io/v1beta1`), selectors validated.
+    pub l2_adverts: Vec<L2Advertisement>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -58,8 +66,9 @@ pub enum ParseError {
     },
 }
 
-/// Parses every YAML document of `text` and validates the Services, EndpointSlices, Nodes and
-/// ServiceCIDRs in it (other kinds are skipped).
+/// Parses every YAML document of `text` and validates the Services, EndpointSlices, Nodes,
+/// ServiceCIDRs, IPAddressPools and L2Advertisements in it (other kinds are skipped, as are
+/// `IPAddressPool`/`L2Advertisement` kinds of API groups other than `metallb.io`).
 pub fn parse_objects(text: &str) -> Result<Objects, ParseError> {
     let mut p = Parser::default();
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -80,6 +89,11 @@ struct Parser {
     seen_slices: HashSet<(String, String)>,
     seen_nodes: HashSet<String>,
     seen_service_cidrs: HashSet<String>,
+    /// Pool name -> namespace: Services name pools without a namespace.
+    seen_pools: HashMap<String, String>,
+    /// Every pool's address entries so far: (pool, index in spec.addresses, range).
+    pool_ranges: Vec<(String, usize, AddrRange)>,
+    seen_l2: HashSet<(String, String)>,
 }
 
 /// `apiVersion` and `kind` a typed list (`ServiceList`) implies for items that omit them.
@@ -140,6 +154,12 @@ impl Parser {
             "EndpointSlice" => self.slice(map, api_version.as_deref()),
             "Node" => self.node(map, api_version.as_deref()),
             "ServiceCIDR" => self.service_cidr(map, api_version.as_deref()),
+            "IPAddressPool" if is_metallb(api_version.as_deref()) => {
+                self.ip_pool(map, api_version.as_deref())
+            }
+            "L2Advertisement" if is_metallb(api_version.as_deref()) => {
+                self.l2_advert(map, api_version.as_deref())
+            }
             _ => Ok(()),
         }
     }
@@ -274,6 +294,106 @@ impl Parser {
         self.out.service_cidrs.push(cidr);
         Ok(())
     }
+
+    fn ip_pool(&mut self, map: Mapping, api_version: Option<&str>) -> Result<(), ParseError> {
+        let (namespace, name) = meta_names(&map);
+        let object = format!(
+            "IPAddressPool {namespace}/{}",
+            name.as_deref().unwrap_or("<unnamed>")
+        );
+        let err = |field: &str, msg: String| ParseError::Invalid {
+            object: object.clone(),
+            field: field.into(),
+            msg,
+        };
+        check_api_version(api_version, METALLB_API_VERSION).map_err(|m| err("apiVersion", m))?;
+        let Some(name) = name else {
+            return Err(err("metadata.name", "required".into()));
+        };
+        let mut pool: IpAddressPool = deserialize(&map).map_err(|m| {
+            let (f, m) = blame_ip_pool(&map).unwrap_or(("(object)".into(), m));
+            err(&f, m)
+        })?;
+        pool.metadata.namespace = Some(namespace.clone());
+        let ranges = metallb::validate_pool(&pool).map_err(|(f, m)| err(&f, m))?;
+        match self.seen_pools.get(&name) {
+            Some(ns) if *ns == namespace => {
+                return Err(err(
+                    "metadata.name",
+                    "defined more than once in this file".into(),
+                ));
+            }
+            Some(ns) => {
+                return Err(err(
+                    "metadata.name",
+                    format!(
+                        "an IPAddressPool of this name is in namespace {ns:?}: pool names must \
+                         be unique (Services name pools without a namespace)"
+                    ),
+                ));
+            }
+            None => {}
+        }
+        // As MetalLB's webhook: no address in two pools.
+        for (i, r) in ranges.iter().enumerate() {
+            if let Some((other, j, _)) = self.pool_ranges.iter().find(|(_, _, o)| o.overlaps(r)) {
+                return Err(err(
+                    &format!("spec.addresses[{i}]"),
+                    format!(
+                        "{:?} overlaps spec.addresses[{j}] of IPAddressPool {other}",
+                        pool.spec.addresses[i]
+                    ),
+                ));
+            }
+        }
+        self.pool_ranges.extend(
+            ranges
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| (name.clone(), i, r)),
+        );
+        self.seen_pools.insert(name, namespace);
+        self.out.ip_pools.push(pool);
+        Ok(())
+    }
+
+    fn l2_advert(&mut self, map: Mapping, api_version: Option<&str>) -> Result<(), ParseError> {
+        let (namespace, name) = meta_names(&map);
+        let object = format!(
+            "L2Advertisement {namespace}/{}",
+            name.as_deref().unwrap_or("<unnamed>")
+        );
+        let err = |field: &str, msg: String| ParseError::Invalid {
+            object: object.clone(),
+            field: field.into(),
+            msg,
+        };
+        check_api_version(api_version, METALLB_API_VERSION).map_err(|m| err("apiVersion", m))?;
+        let Some(name) = name else {
+            return Err(err("metadata.name", "required".into()));
+        };
+        let mut l2: L2Advertisement = deserialize(&map).map_err(|m| {
+            let (f, m) = blame_l2(&map).unwrap_or(("(object)".into(), m));
+            err(&f, m)
+        })?;
+        l2.metadata.namespace = Some(namespace.clone());
+        metallb::validate_l2(&l2).map_err(|(f, m)| err(&f, m))?;
+        if !self.seen_l2.insert((namespace, name)) {
+            return Err(err(
+                "metadata.name",
+                "defined more than once in this file".into(),
+            ));
+        }
+        self.out.l2_adverts.push(l2);
+        Ok(())
+    }
+}
+
+/// `IPAddressPool` and `L2Advertisement` are MetalLB's when their group is `metallb.io` (or
+/// the apiVersion is missing, which [`check_api_version`] then reports); other groups' kinds
+/// of the same name are not ours.
+fn is_metallb(api_version: Option<&str>) -> bool {
+    api_version.is_none_or(|v| v.split('/').next() == Some("metallb.io"))
 }
 
 /// The `items` of a list object: `kind: List` or any `...List` kind that has `items`.
@@ -382,6 +502,68 @@ fn blame_service_cidr(map: &Mapping) -> Option<FieldError> {
         .or_else(|| spec.and_then(|s| blame_each::<String>(s, "cidrs", "spec.cidrs")))
         .or_else(|| blame::<ServiceCIDRSpec>(map, "spec", "spec"))
         .or_else(|| blame::<ServiceCIDRStatus>(map, "status", "status"))
+}
+
+fn blame_selectors(parent: &Mapping, key: &str, path: &str) -> Option<FieldError> {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+    blame_list::<LabelSelector>(parent, key, path)
+}
+
+/// Like [`blame_each`], the list itself first (a scalar where a list belongs).
+fn blame_list<T: serde::de::DeserializeOwned>(
+    parent: &Mapping,
+    key: &str,
+    path: &str,
+) -> Option<FieldError> {
+    blame::<Vec<Value>>(parent, key, path).or_else(|| blame_each::<T>(parent, key, path))
+}
+
+fn blame_ip_pool(map: &Mapping) -> Option<FieldError> {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use metallb::{IpAddressPoolSpec, ServiceAllocation};
+    let spec = map.get("spec").and_then(Value::as_mapping);
+    let alloc = spec
+        .and_then(|s| s.get("serviceAllocation"))
+        .and_then(Value::as_mapping);
+    let a = "spec.serviceAllocation";
+    blame::<ObjectMeta>(map, "metadata", "metadata")
+        .or_else(|| spec.and_then(|s| blame_list::<String>(s, "addresses", "spec.addresses")))
+        .or_else(|| spec.and_then(|s| blame::<bool>(s, "autoAssign", "spec.autoAssign")))
+        .or_else(|| spec.and_then(|s| blame::<bool>(s, "avoidBuggyIPs", "spec.avoidBuggyIPs")))
+        .or_else(|| alloc.and_then(|m| blame::<i32>(m, "priority", &format!("{a}.priority"))))
+        .or_else(|| {
+            alloc.and_then(|m| blame_list::<String>(m, "namespaces", &format!("{a}.namespaces")))
+        })
+        .or_else(|| {
+            alloc.and_then(|m| {
+                blame_selectors(m, "namespaceSelectors", &format!("{a}.namespaceSelectors"))
+            })
+        })
+        .or_else(|| {
+            alloc.and_then(|m| {
+                blame_selectors(m, "serviceSelectors", &format!("{a}.serviceSelectors"))
+            })
+        })
+        .or_else(|| spec.and_then(|s| blame::<ServiceAllocation>(s, "serviceAllocation", a)))
+        .or_else(|| blame::<IpAddressPoolSpec>(map, "spec", "spec"))
+}
+
+fn blame_l2(map: &Mapping) -> Option<FieldError> {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use metallb::L2AdvertisementSpec;
+    let spec = map.get("spec").and_then(Value::as_mapping);
+    blame::<ObjectMeta>(map, "metadata", "metadata")
+        .or_else(|| {
+            spec.and_then(|s| blame_list::<String>(s, "ipAddressPools", "spec.ipAddressPools"))
+        })
+        .or_else(|| {
+            spec.and_then(|s| {
+                blame_selectors(s, "ipAddressPoolSelectors", "spec.ipAddressPoolSelectors")
+            })
+        })
+        .or_else(|| spec.and_then(|s| blame_selectors(s, "nodeSelectors", "spec.nodeSelectors")))
+        .or_else(|| spec.and_then(|s| blame_list::<String>(s, "interfaces", "spec.interfaces")))
+        .or_else(|| blame::<L2AdvertisementSpec>(map, "spec", "spec"))
 }
 
 fn value_kind(v: &Value) -> &'static str {
@@ -1102,5 +1284,281 @@ items:
             err("apiVersion: v1\nkind: List\nitems: 3\n"),
             "document 1: List.items: expected a list, found a number"
         );
+    }
+    /// `manifests/metallb-config.yaml` of the seed article, verbatim (comment included).
+    const SEED_METALLB: &str = "apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata:
+  name: example
+  namespace: metallb-system
+spec:
+  addresses:
+  - 172.18.255.200-172.18.255.250  # kind ネットワーク内の未使用 IP 範囲（要調整）
+---
+apiVersion: metallb.io/v1beta1
+kind: L2Advertisement
+metadata:
+  name: empty
+  namespace: metallb-system
+";
+
+    fn check_seed_metallb(objs: &Objects) {
+        assert_eq!(objs.ip_pools.len(), 1);
+        let pool = &objs.ip_pools[0];
+        assert_eq!(pool.metadata.name.as_deref(), Some("example"));
+        assert_eq!(pool.metadata.namespace.as_deref(), Some("metallb-system"));
+        assert_eq!(pool.spec.addresses, ["172.18.255.200-172.18.255.250"]);
+        assert!(pool.auto_assign() && !pool.spec.avoid_buggy_ips);
+        assert_eq!(objs.l2_adverts.len(), 1);
+        let l2 = &objs.l2_adverts[0];
+        assert_eq!(l2.metadata.name.as_deref(), Some("empty"));
+        assert_eq!(l2.spec, Default::default());
+        assert!(l2.covers(pool));
+    }
+
+    #[test]
+    fn seed_metallb_manifests() {
+        check_seed_metallb(&parse_objects(SEED_METALLB).unwrap());
+        let text = include_str!("../../../deploy/examples/metallb/metallb-config.yaml");
+        check_seed_metallb(&parse_objects(text).unwrap());
+        // The kustomization next to it is another kind: skipped.
+        let kust = include_str!("../../../deploy/examples/metallb/kustomization.yaml");
+        let objs = parse_objects(kust).unwrap();
+        assert!(objs.ip_pools.is_empty() && objs.l2_adverts.is_empty());
+        // Mixed with Services, in a list.
+        let text = format!("{SVC}---\n{SEED_METALLB}");
+        let objs = parse_objects(&text).unwrap();
+        assert_eq!(objs.services.len(), 1);
+        check_seed_metallb(&objs);
+    }
+
+    #[test]
+    fn metallb_lists_and_all_fields() {
+        let text = "
+apiVersion: v1
+kind: List
+items:
+- apiVersion: metallb.io/v1beta1
+  kind: IPAddressPoolList
+  items:
+  - metadata: {name: a, labels: {announce: 'yes'}}
+    spec:
+      addresses: [10.0.0.0/24, '10.0.1.1 - 10.0.1.9', 'fd00::/64']
+      autoAssign: false
+      avoidBuggyIPs: true
+      serviceAllocation:
+        priority: 10
+        namespaces: [dev]
+        serviceSelectors:
+        - matchLabels: {tier: gold}
+          matchExpressions: [{key: app, operator: Exists}]
+  - metadata: {name: b}
+    spec: {addresses: [10.0.2.0/24]}
+- apiVersion: metallb.io/v1beta1
+  kind: L2AdvertisementList
+  items:
+  - metadata: {name: l2}
+    spec:
+      ipAddressPools: [b]
+      ipAddressPoolSelectors: [{matchLabels: {announce: 'yes'}}]
+      nodeSelectors: [{matchExpressions: [{key: node-role, operator: NotIn, values: [edge]}]}]
+      interfaces: [eth0, eth1]
+";
+        let objs = parse_objects(text).unwrap();
+        assert_eq!(objs.ip_pools.len(), 2);
+        let a = &objs.ip_pools[0];
+        assert_eq!(a.metadata.namespace.as_deref(), Some("default"));
+        assert!(!a.auto_assign() && a.spec.avoid_buggy_ips);
+        assert_eq!(a.priority(), Some(10));
+        assert_eq!(a.ranges().len(), 3);
+        let alloc = a.spec.service_allocation.as_ref().unwrap();
+        assert_eq!(alloc.namespaces, ["dev"]);
+        assert_eq!(alloc.service_selectors.len(), 1);
+        let l2 = &objs.l2_adverts[0];
+        assert_eq!(l2.spec.ip_address_pools, ["b"]);
+        assert_eq!(l2.spec.interfaces, ["eth0", "eth1"]);
+        assert_eq!(l2.spec.node_selectors.len(), 1);
+        assert!(l2.covers(a) && l2.covers(&objs.ip_pools[1]));
+    }
+
+    #[test]
+    fn metallb_validation() {
+        let pool = "
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata: {name: p, namespace: metallb-system}
+spec:
+  addresses: [10.0.0.0/24, 10.0.1.1-10.0.1.9]
+  serviceAllocation:
+    serviceSelectors: [{matchLabels: {tier: gold}}]
+";
+        parse_objects(pool).unwrap();
+        let cases = [
+            (
+                "10.0.1.1-10.0.1.9]",
+                "10.0.1.9-10.0.1.1]",
+                "IPAddressPool metallb-system/p: spec.addresses[1]: \"10.0.1.9-10.0.1.1\": the range's first address is after its last",
+            ),
+            (
+                "10.0.1.1-10.0.1.9]",
+                "10.0.1.1-10.0.1.x]",
+                "IPAddressPool metallb-system/p: spec.addresses[1]: \"10.0.1.1-10.0.1.x\": \"10.0.1.x\" is not an IP address",
+            ),
+            (
+                "[10.0.0.0/24,",
+                "[10.0.0.0/33,",
+                "spec.addresses[0]: \"10.0.0.0/33\": prefix length must be 0-32",
+            ),
+            (
+                "[10.0.0.0/24,",
+                "[10.0.0.7,",
+                "spec.addresses[0]: \"10.0.0.7\" is neither a CIDR",
+            ),
+            (
+                "10.0.1.1-10.0.1.9]",
+                "10.0.0.200-10.0.1.9]",
+                "spec.addresses[1]: \"10.0.0.200-10.0.1.9\" overlaps spec.addresses[0]",
+            ),
+            (
+                "[10.0.0.0/24, 10.0.1.1-10.0.1.9]",
+                "[]",
+                "IPAddressPool metallb-system/p: spec.addresses: at least one CIDR or range is required",
+            ),
+            (
+                "[10.0.0.0/24,",
+                "[{a: 1},",
+                "IPAddressPool metallb-system/p: spec.addresses[0]: invalid type",
+            ),
+            (
+                "{matchLabels: {tier: gold}}",
+                "{matchExpressions: [{key: tier, operator: Like, values: [g]}]}",
+                "spec.serviceAllocation.serviceSelectors[0].matchExpressions[0].operator: \"Like\" is not one of In, NotIn, Exists, DoesNotExist",
+            ),
+            (
+                "{matchLabels: {tier: gold}}",
+                "{matchExpressions: [{key: tier, operator: In}]}",
+                "spec.serviceAllocation.serviceSelectors[0].matchExpressions[0].values: required with operator In",
+            ),
+            (
+                "{matchLabels: {tier: gold}}",
+                "{matchLabels: [tier]}",
+                "IPAddressPool metallb-system/p: spec.serviceAllocation.serviceSelectors[0]: invalid type",
+            ),
+            (
+                "serviceSelectors: [{matchLabels: {tier: gold}}]",
+                "priority: high",
+                "IPAddressPool metallb-system/p: spec.serviceAllocation.priority: invalid type",
+            ),
+            (
+                "  serviceAllocation:",
+                "  autoAssign: maybe\n  serviceAllocation:",
+                "IPAddressPool metallb-system/p: spec.autoAssign: invalid type",
+            ),
+            (
+                "metallb.io/v1beta1",
+                "metallb.io/v1alpha1",
+                "IPAddressPool metallb-system/p: apiVersion: \"metallb.io/v1alpha1\" is not supported",
+            ),
+            (
+                "{name: p, namespace: metallb-system}",
+                "{namespace: metallb-system}",
+                "IPAddressPool metallb-system/<unnamed>: metadata.name: required",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let text = pool.replace(from, to);
+            assert_ne!(text, pool, "{from}");
+            let got = err(&text);
+            assert!(got.contains(want), "{to}: {got}");
+        }
+        // Across pools: no overlap, unique names (even across namespaces).
+        let other = pool.replace("name: p,", "name: q,").replace(
+            "[10.0.0.0/24, 10.0.1.1-10.0.1.9]",
+            "[10.0.2.0/24, 10.0.1.9/32]",
+        );
+        assert_eq!(
+            err(&format!("{pool}---{other}")),
+            "IPAddressPool metallb-system/q: spec.addresses[1]: \"10.0.1.9/32\" overlaps spec.addresses[1] of IPAddressPool p"
+        );
+        assert_eq!(
+            err(&format!("{pool}---{pool}")),
+            "IPAddressPool metallb-system/p: metadata.name: defined more than once in this file"
+        );
+        let elsewhere = pool
+            .replace("namespace: metallb-system", "namespace: other")
+            .replace("[10.0.0.0/24, 10.0.1.1-10.0.1.9]", "[10.0.3.0/24]");
+        assert!(
+            err(&format!("{pool}---{elsewhere}"))
+                .contains("an IPAddressPool of this name is in namespace \"metallb-system\"")
+        );
+        // IPv6 entries overlap only IPv6 ones.
+        let v6 = pool
+            .replace("name: p,", "name: v6,")
+            .replace("[10.0.0.0/24, 10.0.1.1-10.0.1.9]", "[\"::/0\"]");
+        assert_eq!(
+            parse_objects(&format!("{pool}---{v6}"))
+                .unwrap()
+                .ip_pools
+                .len(),
+            2
+        );
+
+        let l2 = "
+apiVersion: metallb.io/v1beta1
+kind: L2Advertisement
+metadata: {name: l2, namespace: metallb-system}
+spec:
+  ipAddressPools: [p]
+  nodeSelectors: [{matchLabels: {kubernetes.io/hostname: n1}}]
+  interfaces: [eth0]
+";
+        parse_objects(l2).unwrap();
+        let cases = [
+            (
+                "{matchLabels: {kubernetes.io/hostname: n1}}",
+                "{matchExpressions: [{key: a, operator: Exists, values: [x]}]}",
+                "L2Advertisement metallb-system/l2: spec.nodeSelectors[0].matchExpressions[0].values: must be empty with operator Exists",
+            ),
+            (
+                "{matchLabels: {kubernetes.io/hostname: n1}}",
+                "7",
+                "L2Advertisement metallb-system/l2: spec.nodeSelectors[0]: invalid type",
+            ),
+            (
+                "interfaces: [eth0]",
+                "interfaces: eth0",
+                "L2Advertisement metallb-system/l2: spec.interfaces: invalid type",
+            ),
+            (
+                "interfaces: [eth0]",
+                "interfaces: [\"\"]",
+                "spec.interfaces[0]: must not be empty",
+            ),
+            (
+                "ipAddressPools: [p]",
+                "ipAddressPools: [[p]]",
+                "L2Advertisement metallb-system/l2: spec.ipAddressPools[0]: invalid type",
+            ),
+            (
+                "metallb.io/v1beta1",
+                "metallb.io/v1beta2",
+                "L2Advertisement metallb-system/l2: apiVersion: \"metallb.io/v1beta2\" is not supported",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let text = l2.replace(from, to);
+            assert_ne!(text, l2, "{from}");
+            let got = err(&text);
+            assert!(got.contains(want), "{to}: {got}");
+        }
+        assert!(err(&format!("{l2}---{l2}")).contains("defined more than once"));
+        // Same kind names in other API groups are not MetalLB's: skipped.
+        let foreign = pool.replace("metallb.io/v1beta1", "ipam.example.com/v1");
+        let objs =
+            parse_objects(&format!("{foreign}---{}", l2.replace("metallb.io", "x.io"))).unwrap();
+        assert!(objs.ip_pools.is_empty() && objs.l2_adverts.is_empty());
+        // All-or-nothing: a bad pool fails the whole file, Services included.
+        let bad = pool.replace("10.0.1.1-10.0.1.9", "10.0.1.9-10.0.1.1");
+        assert!(parse_objects(&format!("{SVC}---{bad}")).is_err());
     }
 }
