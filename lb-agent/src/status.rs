@@ -241,6 +241,20 @@ pub fn render(st: &Status) -> String {
         if let Some(e) = &a.last_error {
             out.push_str(&format!("last error (previous state kept): {e}\n"));
         }
+        for l in &a.lb_addresses {
+            out.push_str(&format!(
+                "LoadBalancer address {} of {}/{} (pool {}): {}\n",
+                l.addr,
+                l.namespace,
+                l.name,
+                l.pool,
+                if l.announced_here {
+                    format!("announced by this node ({})", a.node_name)
+                } else {
+                    "announced by another node".to_string()
+                }
+            ));
+        }
     }
     out.push_str(&t.to_string());
     out.push_str("\n\ncounters: ");
