@@ -1,7 +1,7 @@
 //! `lb-agent run`: load and attach the datapath on this node, then keep the maps equal to
 //! what the source says.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -277,7 +277,12 @@ pub struct Agent {
     announce: Option<crate::announce::Announce>,
     /// Pool settings not honoured, as last logged.
     lb_notes: Vec<String>,
+    /// The addresses the announcer announced at the last look (for takeover Events).
+    announced_seen: BTreeSet<Ipv4Addr>,
 }
+
+/// Event reason when this node starts announcing a Service's address (MetalLB's).
+pub const NODE_ASSIGNED_REASON: &str = "nodeAssigned";
 
 /// This agent's record of the LoadBalancer addresses it assigned, in its run directory.
 const LB_ADDRESSES_FILE: &str = "lb-addresses.json";
@@ -484,6 +489,7 @@ impl Agent {
             _datapath_events: datapath_events,
             announce,
             lb_notes: vec![],
+            announced_seen: BTreeSet::new(),
         };
         agent.sync_pod_ifaces(links);
         agent.save_info();
@@ -493,6 +499,7 @@ impl Agent {
     /// One pass: re-read the source if it changed, program the maps, expire drained
     /// backends. (Pod interfaces follow link notifications: `sync_pod_ifaces`.)
     pub fn tick(&mut self, now: Instant) -> Result<()> {
+        self.note_takeovers();
         let due = self.programmer.next_deadline().is_some_and(|d| d <= now);
         let path = match &self.source {
             Source::File(path) => path.clone(),
@@ -554,6 +561,33 @@ impl Agent {
                 self.info.last_error = Some(format!("{e:#}"));
             }
         }
+        self.save_info();
+    }
+
+    /// An Event on the Service for each address this node has started announcing since the
+    /// last look (with the kube source), and the status file brought up to date.
+    fn note_takeovers(&mut self) {
+        let Some(a) = &self.announce else {
+            return;
+        };
+        let now = a.announced();
+        if now == self.announced_seen {
+            return;
+        }
+        for addr in now.difference(&self.announced_seen) {
+            let Some(l) = self.info.lb_addresses.iter().find(|l| l.addr == *addr) else {
+                continue;
+            };
+            if matches!(self.source, Source::Kube(_)) {
+                self.new_events.push(ServiceEvent {
+                    namespace: l.namespace.clone(),
+                    name: l.name.clone(),
+                    reason: NODE_ASSIGNED_REASON.into(),
+                    message: format!("announcing {addr} from node {}", self.node.node_name),
+                });
+            }
+        }
+        self.announced_seen = now;
         self.save_info();
     }
 
