@@ -47,8 +47,9 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
             return refuse(Counter::RejectUnknownPort);
         }
         if in_service_cidr(addr) {
-            // kube-proxy's nftables mode drops it in the output path, which the sender
-            // sees as EPERM; so does this.
+            // kube-proxy's nftables mode drops it in the output path. A socket hook can
+            // only let the connect go or fail it: EPERM at once (a UDP sender sees EPERM
+            // under kube-proxy too; a TCP connect there would time out instead).
             count(Counter::DropServiceCidr);
             return DENY;
         }
