@@ -9,38 +9,23 @@
 //! balancer's open connections see new counts without a restart.
 use std::{
     collections::{BTreeMap, BTreeSet, btree_map::Entry},
-    convert::Infallible,
     net::{Ipv4Addr, SocketAddrV4},
-    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
-use http_body_util::Full;
-use hyper::{body::Bytes, server::conn::http1, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
-    net::{TcpListener, TcpSocket, TcpStream},
+    net::{TcpListener, TcpSocket},
     sync::watch,
     task::JoinHandle,
 };
 
-use crate::model::translate::HealthCheck;
+use crate::{model::translate::HealthCheck, serve::http};
 
 /// Connections served at once on one port; more are closed on accept. Probes are short,
 /// and the port is open to anyone who reaches the node.
 const MAX_CONNECTIONS: usize = 64;
-/// Time a client gets to send a request's headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest life of one connection (keep-alive included); the client reconnects.
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
 
-/// One HTTP answer, independent of the HTTP library.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Response {
-    pub status: u16,
-    pub headers: Vec<(&'static str, String)>,
-    pub body: String,
-}
+pub use crate::serve::http::Response;
 
 #[derive(serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -66,19 +51,14 @@ pub fn response(namespace: &str, name: &str, local_endpoints: usize) -> Response
         local_endpoints,
         service_proxy_healthy: true,
     };
-    Response {
-        status: if local_endpoints > 0 { 200 } else { 503 },
-        headers: vec![
-            ("Content-Type", "application/json".to_string()),
-            ("X-Content-Type-Options", "nosniff".to_string()),
-            (
-                "X-Load-Balancing-Endpoint-Weight",
-                local_endpoints.to_string(),
-            ),
-        ],
-        // Serializing strings and numbers cannot fail.
-        body: serde_json::to_string(&body).unwrap_or_default(),
-    }
+    // Serializing strings and numbers cannot fail.
+    let body = serde_json::to_string(&body).unwrap_or_default();
+    let mut r = Response::json(if local_endpoints > 0 { 200 } else { 503 }, body);
+    r.headers.push((
+        "X-Load-Balancing-Endpoint-Weight",
+        local_endpoints.to_string(),
+    ));
+    r
 }
 
 /// What one port answers for.
@@ -245,45 +225,21 @@ impl HealthServer {
 }
 
 async fn serve(listener: TcpListener, target: watch::Receiver<Target>) {
-    crate::serve::http::accept_loop(listener, MAX_CONNECTIONS, "health check", move |s| {
-        serve_connection(s, target.clone())
+    http::run(listener, "health check", MAX_CONNECTIONS, move |_req| {
+        // Any method and path, as kube-proxy.
+        let t = target.borrow();
+        let answer = response(&t.namespace, &t.name, t.local_endpoints).to_http();
+        std::future::ready(answer)
     })
     .await
 }
 
-async fn serve_connection(stream: TcpStream, target: watch::Receiver<Target>) {
-    let service = service_fn(move |_req| {
-        // Any method and path, as kube-proxy.
-        let t = target.borrow();
-        let answer = to_http(response(&t.namespace, &t.name, t.local_endpoints));
-        std::future::ready(Ok::<_, Infallible>(answer))
-    });
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT);
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
-    // Past its lifetime the connection is dropped: the client reconnects.
-    if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
-        log::debug!("health check connection: {e}");
-    }
-}
-
-fn to_http(r: Response) -> hyper::Response<Full<Bytes>> {
-    let mut out = hyper::Response::new(Full::new(Bytes::from(r.body)));
-    *out.status_mut() =
-        hyper::StatusCode::from_u16(r.status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
-    for (name, value) in r.headers {
-        if let Ok(value) = hyper::header::HeaderValue::try_from(value) {
-            out.headers_mut().insert(name, value);
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+    use tokio::net::TcpStream;
 
     use super::*;
 

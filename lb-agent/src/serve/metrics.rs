@@ -41,8 +41,6 @@
 //! so no lock is shared with the agent loop; scrapes and GC sweeps run on blocking threads.
 use std::{
     collections::BTreeSet,
-    convert::Infallible,
-    net::SocketAddr,
     path::Path,
     str::FromStr as _,
     sync::{
@@ -53,14 +51,11 @@ use std::{
 };
 
 use crate::dataplane::conntrack::SweepReport;
+use crate::serve::http::{self, HttpResponse, reply, text};
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
-use http_body_util::{BodyExt as _, Full, Limited};
-use hyper::{
-    Method, Request, StatusCode, body::Bytes, body::Incoming, server::conn::http1,
-    service::service_fn,
-};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use http_body_util::{BodyExt as _, Limited};
+use hyper::{Method, Request, StatusCode, body::Incoming};
 use lb_common::*;
 use prometheus_client::{
     collector::Collector,
@@ -74,10 +69,7 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use tokio::{
-    net::{TcpListener, TcpStream},
-    task::JoinHandle,
-};
+use tokio::task::JoinHandle;
 
 /// `--metrics-addr` default (`none` disables the server).
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9464";
@@ -86,8 +78,6 @@ pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9464";
 pub const LOOP_STALE_AFTER: Duration = Duration::from_secs(10);
 
 const MAX_CONNECTIONS: usize = 16;
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
 /// Largest `/loglevel` request body.
 const MAX_BODY: usize = 64;
 
@@ -156,6 +146,14 @@ pub struct Programmed {
 
 type Label = [(&'static str, &'static str); 1];
 
+/// Registers each `name, metric, help;` in `registry` (a clone of the metric: the same
+/// series), in order.
+macro_rules! register {
+    ($registry:expr; $($name:literal, $metric:expr, $help:literal;)+) => {
+        $($registry.register($name, $help, $metric.clone());)+
+    };
+}
+
 fn sync_histogram() -> Histogram {
     // 0.5 ms .. ~16 s.
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
@@ -203,50 +201,34 @@ impl Metrics {
     fn build(maps: Option<MapCollector>) -> Self {
         let mut registry = Registry::default();
         let ready_gauge = Gauge::default();
-        registry.register(
-            "xlb_ready",
-            "1 once the first full sync has been programmed",
-            ready_gauge.clone(),
-        );
         let sync_seconds: Family<Label, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(sync_histogram);
-        registry.register(
-            "xlb_sync_duration_seconds",
-            "Time from a source event (file change seen, kube snapshot received) to the map \
-             update being complete",
-            sync_seconds.clone(),
-        );
         let apply_errors: Family<Label, Counter> = Family::default();
         let labels = ErrorKind::ALL.map(ErrorKind::metric_label);
         for label in labels.iter().chain(&RETIRED_ERROR_LABELS) {
             // Every kind is present from the start, at 0.
             let _ = apply_errors.get_or_create(&[("kind", *label)]);
         }
-        registry.register(
-            "xlb_apply_errors",
-            "Failed attempts to program the datapath, by kind (source, parse, map_write, other; \
-             capacity is always 0: what does not fit is refused per service port); the \
-             datapath keeps its last good state",
-            apply_errors.clone(),
-        );
         let programmed: [Gauge; 4] = Default::default();
-        for (g, (name, help)) in programmed.iter().zip([
-            (
-                "xlb_programmed_services",
-                "Services with at least one programmed port",
-            ),
-            (
-                "xlb_programmed_service_ports",
-                "Programmed service ports (each scope of a port counts once)",
-            ),
-            ("xlb_programmed_frontends", "Programmed frontends"),
-            (
-                "xlb_programmed_backends",
-                "Programmed backends (serving or draining), by address and port",
-            ),
-        ]) {
-            registry.register(name, help, g.clone());
-        }
+        register!(registry;
+            "xlb_ready", ready_gauge,
+                "1 once the first full sync has been programmed";
+            "xlb_sync_duration_seconds", sync_seconds,
+                "Time from a source event (file change seen, kube snapshot received) to the map \
+                 update being complete";
+            "xlb_apply_errors", apply_errors,
+                "Failed attempts to program the datapath, by kind (source, parse, map_write, \
+                 other; capacity is always 0: what does not fit is refused per service port); \
+                 the datapath keeps its last good state";
+            "xlb_programmed_services", programmed[0],
+                "Services with at least one programmed port";
+            "xlb_programmed_service_ports", programmed[1],
+                "Programmed service ports (each scope of a port counts once)";
+            "xlb_programmed_frontends", programmed[2],
+                "Programmed frontends";
+            "xlb_programmed_backends", programmed[3],
+                "Programmed backends (serving or draining), by address and port";
+        );
         let conntrack = ConntrackMetrics::register(&mut registry);
         let announce = AnnounceMetrics::register(&mut registry);
         if let Some(maps) = maps {
@@ -345,25 +327,15 @@ pub struct AnnounceMetrics {
 impl AnnounceMetrics {
     fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
-        registry.register(
-            "xlb_announce_owned_addresses",
-            "LoadBalancer addresses this node answers ARP for",
-            m.owned.clone(),
-        );
-        registry.register(
-            "xlb_announce_takeovers",
-            "Addresses this node took over (each announced with a gratuitous ARP)",
-            m.takeovers.clone(),
-        );
-        registry.register(
-            "xlb_announce_peers",
-            "Other agents heard on the node network within the heartbeat timeout",
-            m.peers.clone(),
-        );
-        registry.register(
-            "xlb_announce_peers_lost",
-            "Peers declared gone after their heartbeats stopped (missed heartbeats)",
-            m.peers_lost.clone(),
+        register!(registry;
+            "xlb_announce_owned_addresses", m.owned,
+                "LoadBalancer addresses this node answers ARP for";
+            "xlb_announce_takeovers", m.takeovers,
+                "Addresses this node took over (each announced with a gratuitous ARP)";
+            "xlb_announce_peers", m.peers,
+                "Other agents heard on the node network within the heartbeat timeout";
+            "xlb_announce_peers_lost", m.peers_lost,
+                "Peers declared gone after their heartbeats stopped (missed heartbeats)";
         );
         m
     }
@@ -408,43 +380,24 @@ impl ConntrackMetrics {
             snat_ports: Family::default(),
             snat_series: Mutex::new(BTreeSet::new()),
         };
-        registry.register(
-            "xlb_conntrack_entries",
-            "Entries of the connection-tracking maps (ct: XLB_CT, confirmed flows; ct_new: \
-             XLB_CT_NEW, unconfirmed flows; revnat: XLB_REVNAT) left by the last GC sweep",
-            m.entries.clone(),
-        );
-        registry.register(
-            "xlb_conntrack_capacity",
-            "Capacity (max_entries) of the LRU connection-tracking maps; a map near it evicts",
-            m.capacity.clone(),
-        );
-        registry.register(
-            "xlb_conntrack_gc_deleted",
-            "Entries deleted by the conntrack GC: expired flows, and reverse-NAT entries whose \
-             flow is gone, expired or uses another port",
-            m.deleted.clone(),
-        );
-        registry.register(
-            "xlb_conntrack_gc_runs",
-            "Conntrack GC sweeps",
-            m.runs.clone(),
-        );
-        registry.register(
-            "xlb_conntrack_gc_duration_seconds",
-            "Time a conntrack GC sweep took (walks, deletions; the 100 ms grace excluded)",
-            m.duration.clone(),
-        );
-        registry.register(
-            "xlb_conntrack_gc_interval_seconds",
-            "Time from the last conntrack GC sweep to the next (adaptive, 10 s to 10 min)",
-            m.interval.clone(),
-        );
-        registry.register(
-            "xlb_snat_ports_in_use",
-            "SNAT ports held by live flows towards a backend (reverse-NAT entries to the node's \
-             SNAT address whose flow is live), counted by the last GC sweep",
-            m.snat_ports.clone(),
+        register!(registry;
+            "xlb_conntrack_entries", m.entries,
+                "Entries of the connection-tracking maps (ct: XLB_CT, confirmed flows; ct_new: \
+                 XLB_CT_NEW, unconfirmed flows; revnat: XLB_REVNAT) left by the last GC sweep";
+            "xlb_conntrack_capacity", m.capacity,
+                "Capacity (max_entries) of the LRU connection-tracking maps; a map near it evicts";
+            "xlb_conntrack_gc_deleted", m.deleted,
+                "Entries deleted by the conntrack GC: expired flows, and reverse-NAT entries whose \
+                 flow is gone, expired or uses another port";
+            "xlb_conntrack_gc_runs", m.runs,
+                "Conntrack GC sweeps";
+            "xlb_conntrack_gc_duration_seconds", m.duration,
+                "Time a conntrack GC sweep took (walks, deletions; the 100 ms grace excluded)";
+            "xlb_conntrack_gc_interval_seconds", m.interval,
+                "Time from the last conntrack GC sweep to the next (adaptive, 10 s to 10 min)";
+            "xlb_snat_ports_in_use", m.snat_ports,
+                "SNAT ports held by live flows towards a backend (reverse-NAT entries to the \
+                 node's SNAT address whose flow is live), counted by the last GC sweep";
         );
         m
     }
@@ -656,66 +609,25 @@ impl Collector for MapCollector {
 /// Binds the observability server's socket; done before anything is attached, so that a
 /// taken port fails the start early. `None` for `none`.
 pub fn bind(addr: &str) -> Result<Option<std::net::TcpListener>> {
-    if addr == "none" {
-        return Ok(None);
-    }
-    let sa: SocketAddr = addr
-        .parse()
-        .with_context(|| format!("--metrics-addr {addr:?}: expected ADDR:PORT or none"))?;
-    let l = std::net::TcpListener::bind(sa).with_context(|| format!("listening on {sa}"))?;
-    l.set_nonblocking(true)?;
-    Ok(Some(l))
+    http::bind(addr, "--metrics-addr")
 }
 
 /// Serves `/metrics`, `/healthz`, `/readyz` and `/loglevel` on `listener` until the task is
 /// aborted. Must run inside a tokio runtime.
 pub fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) -> Result<JoinHandle<()>> {
-    let listener = TcpListener::from_std(listener)?;
-    if let Ok(a) = listener.local_addr() {
-        log::info!("metrics, health and log level served on http://{a}");
-    }
-    Ok(tokio::spawn(accept_loop(listener, metrics)))
+    http::serve(
+        listener,
+        "metrics",
+        "metrics, health and log level",
+        MAX_CONNECTIONS,
+        move |req| handle(req, metrics.clone()),
+    )
 }
 
-async fn accept_loop(listener: TcpListener, metrics: Arc<Metrics>) {
-    crate::serve::http::accept_loop(listener, MAX_CONNECTIONS, "metrics", move |s| {
-        serve_connection(s, metrics.clone())
-    })
-    .await
-}
-
-async fn serve_connection(stream: TcpStream, metrics: Arc<Metrics>) {
-    let service = service_fn(move |req| handle(req, metrics.clone()));
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT);
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
-    if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
-        log::debug!("metrics connection: {e}");
-    }
-}
-
-fn reply(status: StatusCode, content_type: &str, body: String) -> hyper::Response<Full<Bytes>> {
-    let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
-        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-    }
-    r
-}
-
-fn text(status: StatusCode, body: impl Into<String>) -> hyper::Response<Full<Bytes>> {
-    reply(status, "text/plain; charset=utf-8", body.into())
-}
-
-async fn handle(
-    req: Request<Incoming>,
-    metrics: Arc<Metrics>,
-) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
+async fn handle(req: Request<Incoming>, metrics: Arc<Metrics>) -> HttpResponse {
     let (parts, body) = req.into_parts();
     let read = matches!(parts.method, Method::GET | Method::HEAD);
-    Ok(match parts.uri.path() {
+    match parts.uri.path() {
         "/metrics" if read => {
             let m = metrics.clone();
             match tokio::task::spawn_blocking(move || m.render()).await {
@@ -759,7 +671,7 @@ async fn handle(
         "/loglevel" if matches!(parts.method, Method::PUT | Method::POST) => {
             let bytes = match Limited::new(body, MAX_BODY).collect().await {
                 Ok(c) => c.to_bytes(),
-                Err(e) => return Ok(text(StatusCode::BAD_REQUEST, format!("{e}\n"))),
+                Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
             };
             let wanted = String::from_utf8_lossy(&bytes).trim().to_string();
             match log::LevelFilter::from_str(&wanted) {
@@ -792,16 +704,12 @@ async fn handle(
             StatusCode::NOT_FOUND,
             "not found: /metrics, /healthz, /readyz, /loglevel\n",
         ),
-    })
+    }
 }
 
 /// `GET /datapath-debug`: `on` or `off`; `PUT`/`POST` with `on` or `off` switches the
 /// datapath's debug events (see `serve::debug`).
-async fn datapath_debug(
-    method: Method,
-    body: Incoming,
-    metrics: &Metrics,
-) -> hyper::Response<Full<Bytes>> {
+async fn datapath_debug(method: Method, body: Incoming, metrics: &Metrics) -> HttpResponse {
     use crate::serve::debug::{DebugSwitch, parse_switch};
     let Some(pin_dir) = metrics.pin_dir.clone() else {
         return text(StatusCode::NOT_FOUND, "no datapath\n");
@@ -843,6 +751,16 @@ async fn datapath_debug(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each of `lines` is a line of `text`.
+    fn assert_lines(text: &str, lines: &[&str]) {
+        for line in lines {
+            assert!(
+                text.lines().any(|l| l == *line),
+                "{line:?} missing in\n{text}"
+            );
+        }
+    }
 
     #[test]
     fn port_labels_from_meta() {
@@ -930,19 +848,17 @@ mod tests {
         );
         assert!(m.is_ready());
         let text = m.render();
-        for line in [
-            "xlb_ready 1",
-            "xlb_apply_errors_total{kind=\"parse\"} 1",
-            "xlb_apply_errors_total{kind=\"capacity\"} 0",
-            "xlb_apply_errors_total{kind=\"map_write\"} 0",
-            "xlb_programmed_frontends 7",
-            "xlb_sync_duration_seconds_count{source=\"file\"} 1",
-        ] {
-            assert!(
-                text.lines().any(|l| l == line),
-                "{line:?} missing in\n{text}"
-            );
-        }
+        assert_lines(
+            &text,
+            &[
+                "xlb_ready 1",
+                "xlb_apply_errors_total{kind=\"parse\"} 1",
+                "xlb_apply_errors_total{kind=\"capacity\"} 0",
+                "xlb_apply_errors_total{kind=\"map_write\"} 0",
+                "xlb_programmed_frontends 7",
+                "xlb_sync_duration_seconds_count{source=\"file\"} 1",
+            ],
+        );
     }
 
     #[test]
@@ -970,21 +886,19 @@ mod tests {
         r.snat_ports.remove(&be(6));
         m.conntrack().sweep_done(&r, Duration::from_secs(40));
         let text = m.render();
-        for line in [
-            "xlb_conntrack_entries{map=\"ct\"} 100",
-            "xlb_conntrack_entries{map=\"ct_new\"} 0",
-            "xlb_conntrack_capacity{map=\"ct\"} 262144",
-            "xlb_conntrack_gc_deleted_total{map=\"ct\"} 40",
-            "xlb_conntrack_gc_runs_total 2",
-            "xlb_conntrack_gc_duration_seconds_count 2",
-            "xlb_conntrack_gc_interval_seconds 40",
-            "xlb_snat_ports_in_use{backend=\"10.244.2.5:80\",proto=\"tcp\"} 3",
-        ] {
-            assert!(
-                text.lines().any(|l| l == line),
-                "{line:?} missing in\n{text}"
-            );
-        }
+        assert_lines(
+            &text,
+            &[
+                "xlb_conntrack_entries{map=\"ct\"} 100",
+                "xlb_conntrack_entries{map=\"ct_new\"} 0",
+                "xlb_conntrack_capacity{map=\"ct\"} 262144",
+                "xlb_conntrack_gc_deleted_total{map=\"ct\"} 40",
+                "xlb_conntrack_gc_runs_total 2",
+                "xlb_conntrack_gc_duration_seconds_count 2",
+                "xlb_conntrack_gc_interval_seconds 40",
+                "xlb_snat_ports_in_use{backend=\"10.244.2.5:80\",proto=\"tcp\"} 3",
+            ],
+        );
         // A backend without SNAT ports any more has no series.
         assert!(!text.contains("10.244.2.6:80"), "{text}");
     }

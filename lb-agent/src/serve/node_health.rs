@@ -17,8 +17,6 @@
 //! The state ([`NodeHealth`]) is written by the agent loop and read by the server's tasks;
 //! it shares no lock with anything else.
 use std::{
-    convert::Infallible,
-    net::SocketAddr,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -26,19 +24,15 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context as _, Result};
-use http_body_util::Full;
-use hyper::{
-    Request, StatusCode, body::Bytes, body::Incoming, server::conn::http1, service::service_fn,
-};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use anyhow::Result;
+use hyper::{Request, body::Incoming};
 use k8s_openapi::api::core::v1::Node;
-use tokio::{
-    net::{TcpListener, TcpStream},
-    task::JoinHandle,
-};
+use tokio::task::JoinHandle;
 
-use crate::serve::{health::Response, metrics::LOOP_STALE_AFTER};
+use crate::serve::{
+    http::{self, Response},
+    metrics::LOOP_STALE_AFTER,
+};
 
 /// `--healthz-bind-address` default, kube-proxy's (`none` disables the server).
 pub const DEFAULT_HEALTHZ_BIND_ADDRESS: &str = "0.0.0.0:10256";
@@ -49,8 +43,6 @@ const NEVER: &str = "0001-01-01T00:00:00Z";
 
 /// Load balancers of many sources probe every node.
 const MAX_CONNECTIONS: usize = 64;
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
 
 /// Whether `node` (this node's Node object; None: not known) may get load balancer
 /// traffic: not being deleted and not tainted [`TO_BE_DELETED_TAINT`]. Unknown counts as
@@ -179,14 +171,7 @@ pub fn response(path: &str, state: &State, now: SystemTime) -> Response {
         "/healthz" => true,
         "/livez" => false,
         _ => {
-            return Response {
-                status: 404,
-                headers: vec![
-                    ("Content-Type", "text/plain; charset=utf-8".to_string()),
-                    ("X-Content-Type-Options", "nosniff".to_string()),
-                ],
-                body: "404 page not found\n".to_string(),
-            };
+            return Response::text(404, "404 page not found\n");
         }
     };
     let healthy = state.healthy() && (!with_node || state.node_eligible);
@@ -202,73 +187,30 @@ pub fn response(path: &str, state: &State, now: SystemTime) -> Response {
         current_time: rfc3339(now),
         node_eligible: with_node.then_some(state.node_eligible),
     };
-    Response {
-        status: if healthy { 200 } else { 503 },
-        headers: vec![
-            ("Content-Type", "application/json".to_string()),
-            ("X-Content-Type-Options", "nosniff".to_string()),
-        ],
-        // Serializing strings and booleans cannot fail.
-        body: serde_json::to_string(&body).unwrap_or_default(),
-    }
+    // Serializing strings and booleans cannot fail.
+    let body = serde_json::to_string(&body).unwrap_or_default();
+    Response::json(if healthy { 200 } else { 503 }, body)
 }
 
 /// Binds the node health server's socket; done before anything is attached, so that a
 /// taken port fails the start early. `None` for `none`.
 pub fn bind(addr: &str) -> Result<Option<std::net::TcpListener>> {
-    if addr == "none" {
-        return Ok(None);
-    }
-    let sa: SocketAddr = addr
-        .parse()
-        .with_context(|| format!("--healthz-bind-address {addr:?}: expected ADDR:PORT or none"))?;
-    let l = std::net::TcpListener::bind(sa).with_context(|| format!("listening on {sa}"))?;
-    l.set_nonblocking(true)?;
-    Ok(Some(l))
+    http::bind(addr, "--healthz-bind-address")
 }
 
 /// Serves `/healthz` and `/livez` on `listener` until the task is aborted. Must run inside
 /// a tokio runtime.
 pub fn serve(listener: std::net::TcpListener, health: Arc<NodeHealth>) -> Result<JoinHandle<()>> {
-    let listener = TcpListener::from_std(listener)?;
-    if let Ok(a) = listener.local_addr() {
-        log::info!("node health (kube-proxy's /healthz, /livez) served on http://{a}");
-    }
-    Ok(tokio::spawn(accept_loop(listener, health)))
-}
-
-async fn accept_loop(listener: TcpListener, health: Arc<NodeHealth>) {
-    crate::serve::http::accept_loop(listener, MAX_CONNECTIONS, "node health", move |s| {
-        serve_connection(s, health.clone())
-    })
-    .await
-}
-
-async fn serve_connection(stream: TcpStream, health: Arc<NodeHealth>) {
-    let service = service_fn(move |req| handle(req, health.clone()));
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT);
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
-    if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
-        log::debug!("node health connection: {e}");
-    }
-}
-
-async fn handle(
-    req: Request<Incoming>,
-    health: Arc<NodeHealth>,
-) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
-    let r = response(req.uri().path(), &health.state(), SystemTime::now());
-    let mut out = hyper::Response::new(Full::new(Bytes::from(r.body)));
-    *out.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    for (name, value) in r.headers {
-        if let Ok(v) = hyper::header::HeaderValue::from_str(&value) {
-            out.headers_mut().insert(name, v);
-        }
-    }
-    Ok(out)
+    http::serve(
+        listener,
+        "node health",
+        "node health (kube-proxy's /healthz, /livez)",
+        MAX_CONNECTIONS,
+        move |req: Request<Incoming>| {
+            let r = response(req.uri().path(), &health.state(), SystemTime::now());
+            std::future::ready(r.to_http())
+        },
+    )
 }
 
 #[cfg(test)]
@@ -278,6 +220,8 @@ mod tests {
         api::core::v1::{NodeSpec, Taint},
         apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
     };
+    use std::net::SocketAddr;
+    use tokio::net::TcpStream;
 
     fn node(deleting: bool, taints: &[&str]) -> Node {
         Node {

@@ -16,6 +16,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_yaml::{Mapping, Value};
 
 use super::metallb::{self, AddrRange, IpAddressPool, L2Advertisement, METALLB_API_VERSION};
@@ -57,7 +58,7 @@ pub enum ParseError {
     /// The document is not shaped like a Kubernetes object or list.
     #[error("document {doc}: {msg}")]
     Document { doc: usize, msg: String },
-    /// `object` is e.g. "Service dev/nginx"; `field` a path such as "spec.ports[0].port".
+    /// `object` is e.g. "Service dev/nginx"; `field` a path such as `spec.ports[0].port`.
     #[error("{object}: {field}: {msg}")]
     Invalid {
         object: String,
@@ -85,15 +86,21 @@ pub fn parse_objects(text: &str) -> Result<Objects, ParseError> {
 #[derive(Default)]
 struct Parser {
     out: Objects,
-    seen_services: HashSet<(String, String)>,
-    seen_slices: HashSet<(String, String)>,
-    seen_nodes: HashSet<String>,
-    seen_service_cidrs: HashSet<String>,
+    seen: Seen,
     /// Pool name -> namespace: Services name pools without a namespace.
     seen_pools: HashMap<String, String>,
     /// Every pool's address entries so far: (pool, index in spec.addresses, range).
     pool_ranges: Vec<(String, usize, AddrRange)>,
-    seen_l2: HashSet<(String, String)>,
+}
+
+/// Names seen per kind, as [`Doc::once`] records them.
+#[derive(Default)]
+struct Seen {
+    services: HashSet<(String, String)>,
+    slices: HashSet<(String, String)>,
+    nodes: HashSet<(String, String)>,
+    cidrs: HashSet<(String, String)>,
+    l2: HashSet<(String, String)>,
 }
 
 /// `apiVersion` and `kind` a typed list (`ServiceList`) implies for items that omit them.
@@ -149,182 +156,49 @@ impl Parser {
             };
         }
 
+        let (v, out, seen) = (api_version.as_deref(), &mut self.out, &mut self.seen);
         match kind.as_str() {
-            "Service" => self.service(map, api_version.as_deref()),
-            "EndpointSlice" => self.slice(map, api_version.as_deref()),
-            "Node" => self.node(map, api_version.as_deref()),
-            "ServiceCIDR" => self.service_cidr(map, api_version.as_deref()),
-            "IPAddressPool" if is_metallb(api_version.as_deref()) => {
-                self.ip_pool(map, api_version.as_deref())
-            }
-            "L2Advertisement" if is_metallb(api_version.as_deref()) => {
-                self.l2_advert(map, api_version.as_deref())
+            "Service" => keep(&SERVICE, &map, v, &mut seen.services, &mut out.services),
+            "EndpointSlice" => self.slice(&map, v),
+            "Node" => keep(&NODE, &map, v, &mut seen.nodes, &mut out.nodes),
+            "ServiceCIDR" => keep(&CIDR, &map, v, &mut seen.cidrs, &mut out.service_cidrs),
+            "IPAddressPool" if is_metallb(v) => self.ip_pool(&map, v),
+            "L2Advertisement" if is_metallb(v) => {
+                keep(&L2_ADVERT, &map, v, &mut seen.l2, &mut out.l2_adverts)
             }
             _ => Ok(()),
         }
     }
 
-    fn service(&mut self, map: Mapping, api_version: Option<&str>) -> Result<(), ParseError> {
-        let (namespace, name) = meta_names(&map);
-        let object = format!(
-            "Service {namespace}/{}",
-            name.as_deref().unwrap_or("<unnamed>")
-        );
-        let err = |field: &str, msg: String| ParseError::Invalid {
-            object: object.clone(),
-            field: field.into(),
-            msg,
-        };
-        check_api_version(api_version, SERVICE_API_VERSION).map_err(|m| err("apiVersion", m))?;
-        let Some(name) = name else {
-            return Err(err("metadata.name", "required".into()));
-        };
-        let mut svc: Service = deserialize(&map).map_err(|m| {
-            let (f, m) = blame_service(&map).unwrap_or(("(object)".into(), m));
-            err(&f, m)
-        })?;
-        svc.metadata.namespace = Some(namespace.clone());
-        validate_service(&svc).map_err(|(f, m)| err(&f, m))?;
-        if !self.seen_services.insert((namespace, name)) {
-            return Err(err(
-                "metadata.name",
-                "defined more than once in this file".into(),
-            ));
-        }
-        self.out.services.push(svc);
-        Ok(())
-    }
-
-    fn slice(&mut self, map: Mapping, api_version: Option<&str>) -> Result<(), ParseError> {
-        let (namespace, name) = meta_names(&map);
-        let object = format!(
-            "EndpointSlice {namespace}/{}",
-            name.as_deref().unwrap_or("<unnamed>")
-        );
-        let err = |field: &str, msg: String| ParseError::Invalid {
-            object: object.clone(),
-            field: field.into(),
-            msg,
-        };
-        check_api_version(api_version, ENDPOINT_SLICE_API_VERSION)
-            .map_err(|m| err("apiVersion", m))?;
-        let mut slice: EndpointSlice = deserialize(&map).map_err(|m| {
-            let (f, m) = blame_slice(&map).unwrap_or(("(object)".into(), m));
-            err(&f, m)
-        })?;
-        slice.metadata.namespace = Some(namespace.clone());
+    fn slice(&mut self, map: &Mapping, api_version: Option<&str>) -> Result<(), ParseError> {
+        let (doc, slice) = read(&ENDPOINT_SLICE, map, api_version)?;
         match slice.address_type.as_str() {
             "IPv4" => {}
             // Not errors: dual-stack clusters have them, and we only serve IPv4.
             "IPv6" | "FQDN" => return Ok(()),
             other => {
-                return Err(err(
+                return Err(doc.err(
                     "addressType",
                     format!("{other:?} is not one of IPv4, IPv6, FQDN"),
                 ));
             }
         }
-        validate_slice(&slice).map_err(|(f, m)| err(&f, m))?;
+        (ENDPOINT_SLICE.validate)(&slice).map_err(|e| doc.invalid(e))?;
         // Slices created from a manifest may have only generateName; those cannot collide.
-        if let Some(name) = name
-            && !self.seen_slices.insert((namespace, name))
-        {
-            return Err(err(
-                "metadata.name",
-                "defined more than once in this file".into(),
-            ));
-        }
+        doc.once(&mut self.seen.slices)?;
         self.out.slices.push(slice);
         Ok(())
     }
 
-    fn node(&mut self, map: Mapping, api_version: Option<&str>) -> Result<(), ParseError> {
-        let (_, name) = meta_names(&map);
-        let object = format!("Node {}", name.as_deref().unwrap_or("<unnamed>"));
-        let err = |field: &str, msg: String| ParseError::Invalid {
-            object: object.clone(),
-            field: field.into(),
-            msg,
-        };
-        check_api_version(api_version, NODE_API_VERSION).map_err(|m| err("apiVersion", m))?;
-        let Some(name) = name else {
-            return Err(err("metadata.name", "required".into()));
-        };
-        let mut node: Node = deserialize(&map).map_err(|m| {
-            let (f, m) = blame_node(&map).unwrap_or(("(object)".into(), m));
-            err(&f, m)
-        })?;
-        // Cluster-scoped: a namespace in the manifest means nothing (kubectl ignores it).
-        node.metadata.namespace = None;
-        if !self.seen_nodes.insert(name) {
-            return Err(err(
-                "metadata.name",
-                "defined more than once in this file".into(),
-            ));
-        }
-        self.out.nodes.push(node);
-        Ok(())
-    }
-
-    fn service_cidr(&mut self, map: Mapping, api_version: Option<&str>) -> Result<(), ParseError> {
-        let (_, name) = meta_names(&map);
-        let object = format!("ServiceCIDR {}", name.as_deref().unwrap_or("<unnamed>"));
-        let err = |field: &str, msg: String| ParseError::Invalid {
-            object: object.clone(),
-            field: field.into(),
-            msg,
-        };
-        check_api_version(api_version, SERVICE_CIDR_API_VERSION)
-            .map_err(|m| err("apiVersion", m))?;
-        let Some(name) = name else {
-            return Err(err("metadata.name", "required".into()));
-        };
-        let mut cidr: ServiceCIDR = deserialize(&map).map_err(|m| {
-            let (f, m) = blame_service_cidr(&map).unwrap_or(("(object)".into(), m));
-            err(&f, m)
-        })?;
-        cidr.metadata.namespace = None;
-        validate_service_cidr(&cidr).map_err(|(f, m)| err(&f, m))?;
-        if !self.seen_service_cidrs.insert(name) {
-            return Err(err(
-                "metadata.name",
-                "defined more than once in this file".into(),
-            ));
-        }
-        self.out.service_cidrs.push(cidr);
-        Ok(())
-    }
-
-    fn ip_pool(&mut self, map: Mapping, api_version: Option<&str>) -> Result<(), ParseError> {
-        let (namespace, name) = meta_names(&map);
-        let object = format!(
-            "IPAddressPool {namespace}/{}",
-            name.as_deref().unwrap_or("<unnamed>")
-        );
-        let err = |field: &str, msg: String| ParseError::Invalid {
-            object: object.clone(),
-            field: field.into(),
-            msg,
-        };
-        check_api_version(api_version, METALLB_API_VERSION).map_err(|m| err("apiVersion", m))?;
-        let Some(name) = name else {
-            return Err(err("metadata.name", "required".into()));
-        };
-        let mut pool: IpAddressPool = deserialize(&map).map_err(|m| {
-            let (f, m) = blame_ip_pool(&map).unwrap_or(("(object)".into(), m));
-            err(&f, m)
-        })?;
-        pool.metadata.namespace = Some(namespace.clone());
-        let ranges = metallb::validate_pool(&pool).map_err(|(f, m)| err(&f, m))?;
+    fn ip_pool(&mut self, map: &Mapping, api_version: Option<&str>) -> Result<(), ParseError> {
+        let (doc, pool) = read(&IP_POOL, map, api_version)?;
+        let ranges = metallb::validate_pool(&pool).map_err(|e| doc.invalid(e))?;
+        // Never empty: `read` requires the name of this kind.
+        let name = doc.name.clone().unwrap_or_default();
         match self.seen_pools.get(&name) {
-            Some(ns) if *ns == namespace => {
-                return Err(err(
-                    "metadata.name",
-                    "defined more than once in this file".into(),
-                ));
-            }
+            Some(ns) if *ns == doc.namespace => return Err(doc.twice()),
             Some(ns) => {
-                return Err(err(
+                return Err(doc.err(
                     "metadata.name",
                     format!(
                         "an IPAddressPool of this name is in namespace {ns:?}: pool names must \
@@ -337,7 +211,7 @@ impl Parser {
         // As MetalLB's webhook: no address in two pools.
         for (i, r) in ranges.iter().enumerate() {
             if let Some((other, j, _)) = self.pool_ranges.iter().find(|(_, _, o)| o.overlaps(r)) {
-                return Err(err(
+                return Err(doc.err(
                     &format!("spec.addresses[{i}]"),
                     format!(
                         "{:?} overlaps spec.addresses[{j}] of IPAddressPool {other}",
@@ -352,41 +226,200 @@ impl Parser {
                 .enumerate()
                 .map(|(i, r)| (name.clone(), i, r)),
         );
-        self.seen_pools.insert(name, namespace);
+        self.seen_pools.insert(name, doc.namespace);
         self.out.ip_pools.push(pool);
         Ok(())
     }
+}
 
-    fn l2_advert(&mut self, map: Mapping, api_version: Option<&str>) -> Result<(), ParseError> {
-        let (namespace, name) = meta_names(&map);
-        let object = format!(
-            "L2Advertisement {namespace}/{}",
-            name.as_deref().unwrap_or("<unnamed>")
-        );
-        let err = |field: &str, msg: String| ParseError::Invalid {
-            object: object.clone(),
+/// Reads `map` as a `kind` object ([`read`]), checks it with its `validate` and adds it to
+/// `out`, unless its name is in `seen` already (an error).
+fn keep<T: Object>(
+    kind: &Kind<T>,
+    map: &Mapping,
+    api_version: Option<&str>,
+    seen: &mut HashSet<(String, String)>,
+    out: &mut Vec<T>,
+) -> Result<(), ParseError> {
+    let (doc, object) = read(kind, map, api_version)?;
+    (kind.validate)(&object).map_err(|e| doc.invalid(e))?;
+    doc.once(seen)?;
+    out.push(object);
+    Ok(())
+}
+
+/// The kinds read here: deserialisable, with metadata whose namespace [`read`] sets.
+trait Object: serde::de::DeserializeOwned {
+    fn metadata_mut(&mut self) -> &mut ObjectMeta;
+}
+
+macro_rules! impl_object {
+    ($($t:ty),+) => {
+        $(impl Object for $t {
+            fn metadata_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        })+
+    };
+}
+
+impl_object!(
+    Service,
+    EndpointSlice,
+    Node,
+    ServiceCIDR,
+    IpAddressPool,
+    L2Advertisement
+);
+
+/// What reading an object of one kind needs to know of the kind.
+struct Kind<T> {
+    /// The kind, first word of the objects' names in errors ("Service dev/nginx").
+    name: &'static str,
+    api_version: &'static str,
+    /// Namespaced kinds get their namespace (`default` when the manifest has none);
+    /// cluster-scoped ones lose any the manifest gives.
+    namespaced: bool,
+    /// `metadata.name` is required (EndpointSlices may have only `generateName`).
+    name_required: bool,
+    /// Names the field that broke a failed deserialisation.
+    blame: Blame,
+    /// Checks the fields the agent relies on (after deserialisation).
+    validate: fn(&T) -> Result<(), FieldError>,
+}
+
+impl<T> Kind<T> {
+    /// A namespaced kind whose objects need a name.
+    const fn namespaced(name: &'static str, api_version: &'static str, blame: Blame) -> Self {
+        Self {
+            name,
+            api_version,
+            namespaced: true,
+            name_required: true,
+            blame,
+            validate: |_| Ok(()),
+        }
+    }
+
+    /// A cluster-scoped kind whose objects need a name.
+    const fn cluster(name: &'static str, api_version: &'static str, blame: Blame) -> Self {
+        Self {
+            namespaced: false,
+            ..Self::namespaced(name, api_version, blame)
+        }
+    }
+
+    /// The kind with `validate` as its check.
+    const fn validated(self, validate: fn(&T) -> Result<(), FieldError>) -> Self {
+        Self { validate, ..self }
+    }
+}
+
+type Blame = fn(&Mapping) -> Option<FieldError>;
+
+const SERVICE: Kind<Service> =
+    Kind::namespaced("Service", SERVICE_API_VERSION, blame_service).validated(validate_service);
+const ENDPOINT_SLICE: Kind<EndpointSlice> = Kind {
+    name_required: false,
+    ..Kind::namespaced("EndpointSlice", ENDPOINT_SLICE_API_VERSION, blame_slice)
+        .validated(validate_slice)
+};
+const NODE: Kind<Node> = Kind::cluster("Node", NODE_API_VERSION, blame_node);
+const CIDR: Kind<ServiceCIDR> =
+    Kind::cluster("ServiceCIDR", SERVICE_CIDR_API_VERSION, blame_service_cidr)
+        .validated(validate_service_cidr);
+/// Validated by [`Parser::ip_pool`] (which needs the ranges).
+const IP_POOL: Kind<IpAddressPool> =
+    Kind::namespaced("IPAddressPool", METALLB_API_VERSION, blame_ip_pool);
+const L2_ADVERT: Kind<L2Advertisement> =
+    Kind::namespaced("L2Advertisement", METALLB_API_VERSION, blame_l2)
+        .validated(metallb::validate_l2);
+
+/// The object being read: its names, and how its errors name it.
+struct Doc {
+    /// Such as "Service dev/nginx" or "Node n1" (`<unnamed>` without a name).
+    object: String,
+    namespaced: bool,
+    /// `metadata.namespace`, `default` when none (even for cluster-scoped kinds).
+    namespace: String,
+    name: Option<String>,
+}
+
+impl Doc {
+    fn new<T>(kind: &Kind<T>, map: &Mapping) -> Self {
+        let (namespace, name) = meta_names(map);
+        let shown = name.as_deref().unwrap_or("<unnamed>");
+        let object = if kind.namespaced {
+            format!("{} {namespace}/{shown}", kind.name)
+        } else {
+            format!("{} {shown}", kind.name)
+        };
+        Self {
+            object,
+            namespaced: kind.namespaced,
+            namespace,
+            name,
+        }
+    }
+
+    fn err(&self, field: &str, msg: String) -> ParseError {
+        ParseError::Invalid {
+            object: self.object.clone(),
             field: field.into(),
             msg,
-        };
-        check_api_version(api_version, METALLB_API_VERSION).map_err(|m| err("apiVersion", m))?;
-        let Some(name) = name else {
-            return Err(err("metadata.name", "required".into()));
-        };
-        let mut l2: L2Advertisement = deserialize(&map).map_err(|m| {
-            let (f, m) = blame_l2(&map).unwrap_or(("(object)".into(), m));
-            err(&f, m)
-        })?;
-        l2.metadata.namespace = Some(namespace.clone());
-        metallb::validate_l2(&l2).map_err(|(f, m)| err(&f, m))?;
-        if !self.seen_l2.insert((namespace, name)) {
-            return Err(err(
-                "metadata.name",
-                "defined more than once in this file".into(),
-            ));
         }
-        self.out.l2_adverts.push(l2);
-        Ok(())
     }
+
+    fn invalid(&self, (field, msg): FieldError) -> ParseError {
+        self.err(&field, msg)
+    }
+
+    fn twice(&self) -> ParseError {
+        self.err(
+            "metadata.name",
+            "defined more than once in this file".into(),
+        )
+    }
+
+    /// What the object's `metadata.namespace` becomes: None for cluster-scoped kinds.
+    fn meta_namespace(&self) -> Option<String> {
+        self.namespaced.then(|| self.namespace.clone())
+    }
+
+    /// Records the object in `seen` (namespace, empty for cluster-scoped kinds, and name);
+    /// an error if it is there already. An object without a name cannot collide.
+    fn once(&self, seen: &mut HashSet<(String, String)>) -> Result<(), ParseError> {
+        let Some(name) = &self.name else {
+            return Ok(());
+        };
+        let namespace = self.meta_namespace().unwrap_or_default();
+        if seen.insert((namespace, name.clone())) {
+            Ok(())
+        } else {
+            Err(self.twice())
+        }
+    }
+}
+
+/// Reads `map` as an object of `kind`: the apiVersion checked, then the name when required,
+/// then deserialised (a failure blamed on the field that caused it) and the namespace set
+/// ([`Doc::meta_namespace`]).
+fn read<T: Object>(
+    kind: &Kind<T>,
+    map: &Mapping,
+    api_version: Option<&str>,
+) -> Result<(Doc, T), ParseError> {
+    let doc = Doc::new(kind, map);
+    check_api_version(api_version, kind.api_version).map_err(|m| doc.err("apiVersion", m))?;
+    if kind.name_required && doc.name.is_none() {
+        return Err(doc.err("metadata.name", "required".into()));
+    }
+    let mut object: T = deserialize(map).map_err(|m| {
+        let (f, m) = (kind.blame)(map).unwrap_or(("(object)".into(), m));
+        doc.err(&f, m)
+    })?;
+    object.metadata_mut().namespace = doc.meta_namespace();
+    Ok((doc, object))
 }
 
 /// `IPAddressPool` and `L2Advertisement` are MetalLB's when their group is `metallb.io` (or
