@@ -279,7 +279,17 @@ pub struct Agent {
     lb_notes: Vec<String>,
     /// The addresses the announcer announced at the last look (for takeover Events).
     announced_seen: BTreeSet<Ipv4Addr>,
+    /// Since when each address announced here has been (kube source: the Service's status
+    /// is written once the announcement has settled, see [`Agent::take_lb_status`]).
+    announced_since: BTreeMap<Ipv4Addr, Instant>,
+    /// The LoadBalancer status last handed out by [`Agent::take_lb_status`], by Service.
+    lb_status_asked: BTreeMap<(String, String), Vec<Ipv4Addr>>,
 }
+
+/// How long an address must have been announced here before this agent writes it into
+/// its Service's status: two agents that took it at once (each before hearing the other)
+/// settle it within a heartbeat or two, so only the one that keeps it writes.
+pub const LB_STATUS_SETTLE: Duration = Duration::from_millis(500);
 
 /// Event reason when this node starts announcing a Service's address (MetalLB's).
 pub const NODE_ASSIGNED_REASON: &str = "nodeAssigned";
@@ -490,6 +500,8 @@ impl Agent {
             announce,
             lb_notes: vec![],
             announced_seen: BTreeSet::new(),
+            announced_since: BTreeMap::new(),
+            lb_status_asked: BTreeMap::new(),
         };
         agent.sync_pod_ifaces(links);
         agent.save_info();
@@ -551,6 +563,46 @@ impl Agent {
             *last = Some(objs.clone());
         }
         self.program_and_record(&objs, now, Some(SyncSource::Kube));
+        // Asked again after each snapshot: a write that gave up (API server away), or a
+        // status someone else changed, is made good (the source skips what is already so).
+        self.lb_status_asked.clear();
+    }
+
+    /// With the kube source: the LoadBalancer status (`status.loadBalancer.ingress`) to
+    /// write, by Service (namespace, name), for the Services whose pool address this node
+    /// announces, as of the last successful program, and has announced for at least
+    /// [`LB_STATUS_SETTLE`]; only what changed since the last call (and everything again
+    /// after a snapshot). The caller hands them to `KubeSource::write_lb_status`. Only the
+    /// announcing agent writes a Service's status; none clears it (see there).
+    pub fn take_lb_status(&mut self, now: Instant) -> Vec<((String, String), Vec<Ipv4Addr>)> {
+        let (Source::Kube(_), Some(a)) = (&self.source, &self.announce) else {
+            return Vec::new();
+        };
+        let announced = a.announced();
+        self.announced_since
+            .retain(|addr, _| announced.contains(addr));
+        for addr in &announced {
+            self.announced_since.entry(*addr).or_insert(now);
+        }
+        let mut want: BTreeMap<(String, String), Vec<Ipv4Addr>> = BTreeMap::new();
+        for l in &self.info.lb_addresses {
+            if self
+                .announced_since
+                .get(&l.addr)
+                .is_some_and(|since| now.duration_since(*since) >= LB_STATUS_SETTLE)
+            {
+                want.entry((l.namespace.clone(), l.name.clone()))
+                    .or_default()
+                    .push(l.addr);
+            }
+        }
+        let out = want
+            .iter()
+            .filter(|(k, ips)| self.lb_status_asked.get(*k) != Some(*ips))
+            .map(|(k, ips)| (k.clone(), ips.clone()))
+            .collect();
+        self.lb_status_asked = want;
+        out
     }
 
     fn program_and_record(&mut self, objs: &yaml::Objects, now: Instant, sync: Option<SyncSource>) {

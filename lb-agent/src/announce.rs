@@ -60,6 +60,7 @@ impl Announce {
         let announced = Arc::new(Mutex::new(BTreeSet::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let state = Loop {
+            iface: link.iface().to_string(),
             node,
             link,
             announcer,
@@ -105,6 +106,9 @@ impl Drop for Announce {
 
 struct Loop {
     node: String,
+    /// The uplink, whose carrier is watched: a node cut off the network hears no peers and
+    /// must not go on claiming every address (see `run`).
+    iface: String,
     link: heartbeat::Link,
     announcer: arp::Announcer,
     metrics: Arc<Metrics>,
@@ -117,10 +121,32 @@ struct Loop {
 
 impl Loop {
     fn run(mut self) {
-        let started = Instant::now();
+        let mut started = Instant::now();
         let mut next = started;
         let mut mine: BTreeSet<Ipv4Addr> = BTreeSet::new();
         while !self.stop.load(Ordering::Relaxed) {
+            // Uplink down: this node hears no peer and would believe itself alone, claim
+            // every address, and win some back by score when the link returns — moving
+            // them away from the node that served them meanwhile (and its tracked flows).
+            // So it announces nothing while the link is down, and settles again (claiming
+            // nothing until its peers have been heard) when it comes back, as after a
+            // restart.
+            if !carrier(&self.iface) {
+                if !mine.is_empty() {
+                    log::warn!(
+                        "announce: {} has no carrier: announcing nothing",
+                        self.iface
+                    );
+                    mine.clear();
+                    let _ = self.announcer.set(&mine);
+                    self.metrics.announce().owned.set(0);
+                    *self.announced.lock().unwrap_or_else(|e| e.into_inner()) = mine.clone();
+                }
+                self.peers.clear();
+                started = Instant::now();
+                std::thread::sleep(INTERVAL);
+                continue;
+            }
             let eligible = self
                 .eligible
                 .lock()
@@ -205,4 +231,19 @@ impl Loop {
         self.announcer.expire();
         let _ = self.announcer.set(&BTreeSet::new());
     }
+}
+
+/// `iface` is up with a carrier (IFF_RUNNING), as seen from this network namespace.
+fn carrier(iface: &str) -> bool {
+    use nix::net::if_::InterfaceFlags;
+    nix::ifaddrs::getifaddrs()
+        .map(|mut all| {
+            all.any(|i| {
+                i.interface_name == iface
+                    && i.flags
+                        .contains(InterfaceFlags::IFF_UP | InterfaceFlags::IFF_RUNNING)
+            })
+        })
+        // Unknown: keep going rather than drop every address.
+        .unwrap_or(true)
 }

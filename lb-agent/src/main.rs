@@ -314,6 +314,10 @@ async fn run(args: agent::RunArgs) -> Result<()> {
             for ev in agent.take_new_events() {
                 k.post_event(&ev);
             }
+            // The status of the Services whose address this node announces.
+            for ((ns, name), ips) in agent.take_lb_status(Instant::now()) {
+                k.write_lb_status(&ns, &name, &ips);
+            }
         }
     }
     log::info!(

@@ -782,6 +782,8 @@ counters! {
     ArpReply => "arp_reply",
     /// An ARP request for an announced address while the agent's lease had run out.
     ArpLeaseExpired => "arp_lease_expired",
+    /// IPv4 for another host's MAC address (flooded by a switch): left to the kernel.
+    PassOtherHost => "pass_other_host",
 }
 
 /// Hash of a flow used to index a Maglev table. Deterministic and seedless on purpose:
@@ -884,7 +886,7 @@ mod tests {
             "neigh_resolve"
         );
         assert_eq!(COUNTER_NAMES[Counter::RstNoState as usize], "rst_no_state");
-        assert_eq!(Counter::ArpLeaseExpired as u32 + 1, COUNTER_COUNT);
+        assert_eq!(Counter::PassOtherHost as u32 + 1, COUNTER_COUNT);
     }
 
     #[test]

@@ -39,6 +39,13 @@ pub fn run(ctx: &XdpContext) -> u32 {
     let Some(cfg) = CONFIG.get(0) else {
         return XDP_PASS;
     };
+    if !for_this_host(ctx, cfg) {
+        // A frame for another host's MAC (a switch floods unknown unicast, e.g. right
+        // after an LB address moved): the kernel would drop it; load-balancing it here
+        // could serve one connection from several nodes.
+        count(Counter::PassOtherHost);
+        return XDP_PASS;
+    }
     let rk = t.flow_key();
     // Reverse NAT before frontends for the node's SNAT address and range: a reply to one
     // of our SNAT ports is ours even if a frontend claims that address and port. Anything
@@ -208,6 +215,18 @@ fn forward(ctx: &XdpContext, proto: u8, from: (u32, u16), to: (u32, u16), what: 
         tcp_flags: 0,
     };
     fib::forward(ctx, &out, ip_tot_len(ctx))
+}
+
+/// The frame's destination is this node's MAC (or a group address); always true while
+/// the agent has not written the MAC (`Config::mac` all zero).
+#[inline(always)]
+fn for_this_host(ctx: &XdpContext, cfg: &Config) -> bool {
+    let Some(eth) = parse::ptr_at::<[u8; 6]>(ctx.data(), ctx.data_end(), 0) else {
+        return false;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let dst = unsafe { *eth };
+    cfg.mac == [0; 6] || dst == cfg.mac || dst[0] & 1 != 0
 }
 
 /// An ARP request for an address this node announces, while the agent's lease holds:

@@ -22,6 +22,15 @@
 //!   `servicecidrs`, …; see `cluster_scoped`): stored and served without a namespace.
 //! - `GET` of one object; `POST` (create, with `generateName`), `PUT`, `PATCH` (JSON merge
 //!   patch) and `DELETE` of objects (what kube's `events::Recorder` needs for Events).
+//! - The `status` subresource (`.../{name}/status`): `GET`, and `PATCH` (JSON merge patch)
+//!   that, as on a real server, changes only the object's `status` (the rest of the patch is
+//!   ignored), bumps the resourceVersion and sends a MODIFIED event. Each status PATCH is
+//!   recorded with its `fieldManager` and `User-Agent` ([`ApiServer::status_patches`]), so
+//!   that a test can tell who wrote a status.
+//! - MetalLB's `metallb.io/v1beta1` `ipaddresspools` and `l2advertisements` (namespaced;
+//!   kinds `IPAddressPool`, `L2Advertisement`), as any other resource: their CRDs are taken
+//!   as installed (make them answer 404 with [`set_refused`](ApiServer::set_refused) for a
+//!   cluster without them).
 //! - `watch=true` (`watch=1`) with `resourceVersion`, `allowWatchBookmarks` and
 //!   `timeoutSeconds`: a chunked stream of JSON lines `{"type": ADDED|MODIFIED|DELETED|BOOKMARK|
 //!   ERROR, "object": …}`. A watch from resourceVersion R replays every change after R from
@@ -48,7 +57,9 @@
 //! managed: name, namespace, uid, resourceVersion, creationTimestamp), defaulting,
 //! field selectors on other fields, set-based label selectors, `resourceVersionMatch` (lists are always
 //! served at the latest version), streaming lists (`sendInitialEvents`), server-side apply,
-//! strategic-merge and JSON patches, subresources (`/status`), deletion grace periods,
+//! strategic-merge and JSON patches, subresources other than `/status` (and `PUT` on it;
+//! a `PUT` or `PATCH` of the object itself stores its `status` as given, where a real server
+//! keeps the old one), deletion grace periods,
 //! finalizers and garbage collection, discovery (`/api`, `/apis`), HTTP/2, protobuf, and any
 //! object kind the tests do not post (kinds are derived from the resource name). Compaction
 //! is explicit, never automatic, and bumps the resourceVersion (on a real cluster other
@@ -115,6 +126,25 @@ struct State {
     requests: Vec<String>,
     /// Resources that answer with an error status (see `set_refused`).
     refused: Vec<(ResKey, StatusCode)>,
+    /// `PATCH`es of the `status` subresource, in order.
+    status_patches: Vec<StatusPatch>,
+}
+
+/// One `PATCH` of an object's `status` subresource (see [`ApiServer::status_patches`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusPatch {
+    /// Plural resource name, e.g. `services`.
+    pub resource: String,
+    pub namespace: String,
+    pub name: String,
+    /// The `fieldManager` query parameter (kube's `PatchParams::field_manager`).
+    pub field_manager: Option<String>,
+    /// The `User-Agent` header, if any (kube-rs sends none unless configured).
+    pub user_agent: Option<String>,
+    /// The request body.
+    pub patch: Value,
+    /// Whether the object existed and was patched (else 404).
+    pub applied: bool,
 }
 
 struct Shared {
@@ -322,6 +352,11 @@ impl ApiServer {
         self.shared.state.lock().unwrap().requests.clone()
     }
 
+    /// The `PATCH`es of `status` subresources so far, in order (who wrote which status).
+    pub fn status_patches(&self) -> Vec<StatusPatch> {
+        self.shared.state.lock().unwrap().status_patches.clone()
+    }
+
     /// Creates an object (typed k8s-openapi objects serialise with `apiVersion`/`kind`).
     pub fn create(&self, obj: &impl serde::Serialize) -> Result<Value> {
         let (res, ns, name, obj) = locate(obj)?;
@@ -375,10 +410,19 @@ impl ApiServer {
         out
     }
 
-    /// Makes the stored Services, EndpointSlices, Nodes and ServiceCIDRs equal to `objs`
-    /// (creates, updates only what differs, deletes the rest), one change at a time as
-    /// controllers would.
+    /// Makes the stored Services, EndpointSlices, Nodes, ServiceCIDRs and MetalLB
+    /// IPAddressPools and L2Advertisements equal to `objs` (creates, updates only what
+    /// differs, deletes the rest), one change at a time as controllers would.
     pub fn sync_objects(&self, objs: &lb_agent::source::yaml::Objects) -> Result<()> {
+        use lb_agent::source::metallb::METALLB_API_VERSION;
+        // MetalLB's types carry no apiVersion/kind of their own.
+        let typed = |v: serde_json::Result<Value>, kind: &str| {
+            v.map(|mut v| {
+                v["apiVersion"] = json!(METALLB_API_VERSION);
+                v["kind"] = json!(kind);
+                v
+            })
+        };
         let mut want: BTreeMap<ResKey, BTreeMap<(String, String), Value>> = BTreeMap::new();
         for v in objs
             .services
@@ -387,6 +431,16 @@ impl ApiServer {
             .chain(objs.slices.iter().map(serde_json::to_value))
             .chain(objs.nodes.iter().map(serde_json::to_value))
             .chain(objs.service_cidrs.iter().map(serde_json::to_value))
+            .chain(
+                objs.ip_pools
+                    .iter()
+                    .map(|p| typed(serde_json::to_value(p), "IPAddressPool")),
+            )
+            .chain(
+                objs.l2_adverts
+                    .iter()
+                    .map(|l| typed(serde_json::to_value(l), "L2Advertisement")),
+            )
         {
             let (res, ns, name, v) = locate(&v?)?;
             want.entry(res).or_default().insert((ns, name), v);
@@ -397,6 +451,8 @@ impl ApiServer {
             ("discovery.k8s.io/v1".into(), "endpointslices".into()),
             ("v1".into(), "nodes".into()),
             ("networking.k8s.io/v1".into(), "servicecidrs".into()),
+            (METALLB_API_VERSION.into(), "ipaddresspools".into()),
+            (METALLB_API_VERSION.into(), "l2advertisements".into()),
         ] {
             let have: Vec<(String, String)> = st
                 .objects
@@ -500,6 +556,8 @@ fn kind_of(resource: &str) -> String {
         "namespaces" => "Namespace".into(),
         "servicecidrs" => "ServiceCIDR".into(),
         "ipaddresses" => "IPAddress".into(),
+        "ipaddresspools" => "IPAddressPool".into(),
+        "l2advertisements" => "L2Advertisement".into(),
         other => {
             let s = other.strip_suffix('s').unwrap_or(other);
             let mut c = s.chars();
@@ -794,6 +852,8 @@ struct Target {
     res: ResKey,
     namespace: Option<String>,
     name: Option<String>,
+    /// `status` in `.../{name}/status`.
+    subresource: Option<String>,
 }
 
 fn parse_path(path: &str) -> Option<Target> {
@@ -807,15 +867,17 @@ fn parse_path(path: &str) -> Option<Target> {
         ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
         _ => (None, rest),
     };
-    let (resource, name) = match rest {
-        [r] => (r.to_string(), None),
-        [r, n] => (r.to_string(), Some(n.to_string())),
+    let (resource, name, subresource) = match rest {
+        [r] => (r.to_string(), None, None),
+        [r, n] => (r.to_string(), Some(n.to_string()), None),
+        [r, n, sub] => (r.to_string(), Some(n.to_string()), Some(sub.to_string())),
         _ => return None,
     };
     Some(Target {
         res: (gv, resource),
         namespace,
         name,
+        subresource,
     })
 }
 
@@ -861,6 +923,11 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let q = query(&req);
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let user_agent = req
+        .headers()
+        .get(hyper::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     shared.state.lock().unwrap().requests.push(format!(
         "{method} {path}{}",
         req.uri()
@@ -914,6 +981,61 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         None => "default".into(),
     };
     let is_watch = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
+    if let Some(sub) = &t.subresource {
+        let name = t.name.as_deref().unwrap_or_default();
+        return match (&method, sub.as_str()) {
+            (&Method::GET, "status") => {
+                let st = shared.state.lock().unwrap();
+                match st.get(&t.res, &ns, name) {
+                    Some(o) => reply(StatusCode::OK, o),
+                    None => fail((
+                        StatusCode::NOT_FOUND,
+                        format!("{} \"{name}\" not found", t.res.1),
+                    )),
+                }
+            }
+            (&Method::PATCH, "status") => {
+                let r = json_body().and_then(|patch| {
+                    let mut st = shared.state.lock().unwrap();
+                    let existing = st.get(&t.res, &ns, name).cloned();
+                    st.status_patches.push(StatusPatch {
+                        resource: t.res.1.clone(),
+                        namespace: ns.clone(),
+                        name: name.to_string(),
+                        field_manager: q.get("fieldManager").cloned(),
+                        user_agent: user_agent.clone(),
+                        patch: patch.clone(),
+                        applied: existing.is_some(),
+                    });
+                    let Some(mut obj) = existing else {
+                        return Err((
+                            StatusCode::NOT_FOUND,
+                            format!("{} \"{name}\" not found", t.res.1),
+                        ));
+                    };
+                    // Only the status: a real server ignores the rest on this subresource.
+                    if let Some(status) = patch.get("status") {
+                        merge_patch(
+                            obj.as_object_mut()
+                                .expect("stored objects are objects")
+                                .entry("status")
+                                .or_insert(Value::Null),
+                            status,
+                        );
+                    }
+                    st.replace(t.res.clone(), &ns, name, obj)
+                });
+                match r {
+                    Ok(o) => reply(StatusCode::OK, &o),
+                    Err(f) => fail(f),
+                }
+            }
+            _ => fail((
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} {path} is not implemented by the stand-in"),
+            )),
+        };
+    }
     match (&method, &t.name) {
         (&Method::GET, None) if is_watch => watch(shared, &t, &q),
         (&Method::GET, None) => list(shared, &t, &q),
@@ -1526,6 +1648,112 @@ mod tests {
         }
         srv.set_refused("networking.k8s.io/v1", "servicecidrs", None);
         rt.block_on(cidrs.list(&ListParams::default())).unwrap();
+    }
+
+    #[test]
+    fn status_patches_change_only_the_status_and_are_recorded() {
+        use kube::api::{Patch, PatchParams};
+        let srv = ApiServer::start_local().unwrap();
+        let created = srv.create(&svc("web", 80)).unwrap();
+        let rt = rt();
+        let api: Api<Service> = Api::namespaced(client(&srv, &rt), "dev");
+        let rv = created["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let mut stream = rt
+            .block_on(api.watch(&WatchParams::default(), &rv))
+            .unwrap()
+            .boxed();
+        let pp = PatchParams {
+            field_manager: Some("lb-agent-n1".into()),
+            ..Default::default()
+        };
+        let patch = json!({
+            "spec": {"clusterIP": "10.96.9.9"},
+            "status": {"loadBalancer": {"ingress": [{"ip": "172.18.255.200", "ipMode": "VIP"}]}},
+        });
+        let got = rt
+            .block_on(api.patch_status("web", &pp, &Patch::Merge(&patch)))
+            .unwrap();
+        let ingress = got.status.unwrap().load_balancer.unwrap().ingress.unwrap();
+        assert_eq!(ingress[0].ip.as_deref(), Some("172.18.255.200"));
+        assert_eq!(ingress[0].ip_mode.as_deref(), Some("VIP"));
+        assert_eq!(
+            got.spec.unwrap().cluster_ip.as_deref(),
+            Some("10.96.0.10"),
+            "the spec is not changed through /status"
+        );
+        assert_ne!(got.metadata.resource_version.as_deref(), Some(rv.as_str()));
+        match rt.block_on(stream.try_next()).unwrap() {
+            Some(WatchEvent::Modified(s)) => assert!(s.status.is_some()),
+            other => panic!("{other:?}"),
+        }
+        let fetched = rt.block_on(api.get_status("web")).unwrap();
+        assert!(fetched.status.unwrap().load_balancer.is_some());
+        let e = rt
+            .block_on(api.patch_status("nope", &pp, &Patch::Merge(&patch)))
+            .unwrap_err();
+        assert!(matches!(&e, kube::Error::Api(s) if s.code == 404), "{e:?}");
+        let patches = srv.status_patches();
+        assert_eq!(patches.len(), 2, "{patches:?}");
+        assert_eq!(
+            (
+                patches[0].resource.as_str(),
+                patches[0].namespace.as_str(),
+                patches[0].name.as_str(),
+                patches[0].field_manager.as_deref(),
+                patches[0].applied
+            ),
+            ("services", "dev", "web", Some("lb-agent-n1"), true)
+        );
+        assert!(!patches[1].applied);
+    }
+
+    #[test]
+    fn metallb_kinds_are_served_namespaced() {
+        use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+        let srv = ApiServer::start_local().unwrap();
+        for (kind, name, spec) in [
+            (
+                "IPAddressPool",
+                "example",
+                json!({"addresses": ["172.18.255.200-172.18.255.250"]}),
+            ),
+            ("L2Advertisement", "empty", json!({})),
+        ] {
+            srv.create(&json!({
+                "apiVersion": "metallb.io/v1beta1", "kind": kind,
+                "metadata": {"name": name, "namespace": "metallb-system"},
+                "spec": spec,
+            }))
+            .unwrap();
+        }
+        assert_eq!(srv.list("metallb.io/v1beta1", "ipaddresspools").len(), 1);
+        let rt = rt();
+        let ar = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("metallb.io", "v1beta1", "IPAddressPool"),
+            "ipaddresspools",
+        );
+        let all: Api<DynamicObject> = Api::all_with(client(&srv, &rt), &ar);
+        let list = rt.block_on(all.list(&ListParams::default())).unwrap();
+        assert_eq!(list.items.len(), 1);
+        let pool = &list.items[0];
+        assert_eq!(pool.types.as_ref().unwrap().kind, "IPAddressPool");
+        assert_eq!(pool.metadata.namespace.as_deref(), Some("metallb-system"));
+        assert_eq!(
+            pool.data["spec"]["addresses"][0],
+            "172.18.255.200-172.18.255.250"
+        );
+        let other: Api<DynamicObject> = Api::namespaced_with(client(&srv, &rt), "dev", &ar);
+        assert!(
+            rt.block_on(other.list(&ListParams::default()))
+                .unwrap()
+                .items
+                .is_empty()
+        );
+        let l2 = srv.list("metallb.io/v1beta1", "l2advertisements");
+        assert_eq!(l2[0]["kind"], "L2Advertisement");
     }
 
     #[test]

@@ -544,6 +544,35 @@ impl Network {
         self.discard_pod_netns(&pod);
     }
 
+    /// Takes a node's uplink (`eth0`) down or brings it back up, from inside the
+    /// node's namespace, as a pulled cable or a failed NIC would. Taking the link down
+    /// makes the kernel drop the routes through it, so bringing it up also restores
+    /// the kindnet routes to the other nodes' pod CIDRs.
+    pub fn set_uplink(&self, node: &str, up: bool) -> Result<()> {
+        let node = self.node(node).clone();
+        ip_in(
+            &node.netns,
+            &["link", "set", UPLINK, if up { "up" } else { "down" }],
+        )?;
+        if up {
+            for other in self.nodes.iter().filter(|o| o.name != node.name) {
+                ip_in(
+                    &node.netns,
+                    &[
+                        "route",
+                        "replace",
+                        &other.pod_cidr.to_string(),
+                        "via",
+                        &other.addr.to_string(),
+                        "dev",
+                        UPLINK,
+                    ],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
     /// `<pid>x<counter>`: every namespace of this network starts with
     /// `xlb-<tag>-`.
     pub fn tag(&self) -> &str {

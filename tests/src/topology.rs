@@ -76,6 +76,17 @@ impl TopologySpec {
         }
     }
 
+    /// The seed's cluster with MetalLB in L2 mode instead of static routes: no
+    /// `lb_ips`, so the client holds only its on-link route for the kind subnet and
+    /// reaches a LoadBalancer address of the seed's pool (172.18.255.200-250, inside
+    /// 172.18.0.0/16) by ARP on the bridge, answered by whichever node announces it.
+    pub fn seed_l2() -> Self {
+        Self {
+            lb_ips: Vec::new(),
+            ..Self::seed()
+        }
+    }
+
     pub fn node(&self, name: &str) -> Option<&NodeSpec> {
         self.nodes.iter().find(|n| n.name == name)
     }
@@ -173,6 +184,14 @@ mod tests {
                 .pods
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn seed_l2_has_no_lb_routes() {
+        let spec = TopologySpec::seed_l2();
+        spec.validate().unwrap();
+        assert!(spec.lb_ips.is_empty());
+        assert_eq!(spec.nodes, TopologySpec::seed().nodes);
     }
 
     #[test]

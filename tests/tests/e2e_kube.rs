@@ -895,3 +895,273 @@ fn real_cluster_source_follows_services_and_slices() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// MetalLB's pools through the API, and the LoadBalancer status written by one agent.
+
+const METALLB: &str = "metallb.io/v1beta1";
+/// The seed's pool (deploy/examples/metallb) and its first address.
+const POOL_RANGE: &str = "172.18.255.200-172.18.255.250";
+const POOL_FIRST: Ipv4Addr = Ipv4Addr::new(172, 18, 255, 200);
+
+fn metallb_object(kind: &str, name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": METALLB, "kind": kind,
+        "metadata": {"name": name, "namespace": "metallb-system"},
+        "spec": spec,
+    })
+}
+
+fn lb_service(ns: &str, name: &str, cluster_ip: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "type": "LoadBalancer", "clusterIP": cluster_ip,
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
+        },
+    })
+}
+
+/// The stored Service's `status.loadBalancer.ingress` (Null when unset).
+fn stored_ingress(srv: &ApiServer, ns: &str, name: &str) -> Value {
+    srv.list("v1", "services")
+        .into_iter()
+        .find(|s| s["metadata"]["namespace"] == ns && s["metadata"]["name"] == name)
+        .map(|s| s["status"]["loadBalancer"]["ingress"].clone())
+        .unwrap_or(Value::Null)
+}
+
+fn wait_until(what: &str, within: Duration, ok: impl Fn() -> bool) {
+    let deadline = Instant::now() + within;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// MetalLB's CRDs are optional: refused (404, not installed), snapshots come anyway without
+/// pools; once served, the pools and advertisements are in the snapshots (a pool that
+/// overlaps an older one is left out), the translation assigns the pool's first address,
+/// and `write_lb_status` writes it into the Service's status once (PATCH of `/status`,
+/// fieldManager `lb-agent-<node>`), not again when the status already says so.
+#[test]
+fn kube_source_follows_metallb_pools_and_writes_the_lb_status() {
+    let srv = ApiServer::start_local().unwrap();
+    srv.create(&lb_service("dev", "web", "10.96.100.20"))
+        .unwrap();
+    srv.create(&slice("dev", "web-a", "web", "IPv4", &["10.244.1.2"]))
+        .unwrap();
+    srv.set_refused(METALLB, "ipaddresspools", Some(404));
+    srv.set_refused(METALLB, "l2advertisements", Some(404));
+    let rt = rt();
+    let client = local_client(&srv, &rt);
+    let mut src = {
+        let _g = rt.enter();
+        KubeSource::start(client, "n1")
+    };
+    let first = next_snapshot(&rt, &mut src, Duration::from_secs(10))
+        .expect("a snapshot while MetalLB's CRDs are not served");
+    assert_eq!(first.services.len(), 1);
+    assert!(first.ip_pools.is_empty() && first.l2_adverts.is_empty());
+
+    // The CRDs installed, then the seed's pool and advertisement.
+    srv.set_refused(METALLB, "ipaddresspools", None);
+    srv.set_refused(METALLB, "l2advertisements", None);
+    srv.create(&metallb_object(
+        "IPAddressPool",
+        "example",
+        json!({"addresses": [POOL_RANGE]}),
+    ))
+    .unwrap();
+    srv.create(&metallb_object("L2Advertisement", "empty", json!({})))
+        .unwrap();
+    let s = snapshot_until(&rt, &mut src, "the pool and the advertisement", |s| {
+        s.ip_pools.len() == 1 && s.l2_adverts.len() == 1
+    });
+    let pool = &s.ip_pools[0];
+    assert_eq!(pool.metadata.name.as_deref(), Some("example"));
+    assert_eq!(pool.metadata.namespace.as_deref(), Some("metallb-system"));
+    assert_eq!(pool.spec.addresses, [POOL_RANGE]);
+    assert_eq!(s.l2_adverts[0].metadata.name.as_deref(), Some("empty"));
+    let node = NodeContext {
+        node_name: "n1".into(),
+        node_addrs: vec![Ipv4Addr::new(172, 18, 0, 9)],
+        uplink: "eth0".into(),
+        ..Default::default()
+    };
+    let desired = translate::translate(&s, &node);
+    let lb: Vec<(String, Ipv4Addr, bool)> = desired
+        .lb_addresses
+        .iter()
+        .map(|a| (format!("{}/{}", a.namespace, a.name), a.addr, a.l2_here))
+        .collect();
+    assert_eq!(lb, [("dev/web".to_string(), POOL_FIRST, true)]);
+
+    // A second pool overlapping the first: left out (MetalLB's webhook would refuse it).
+    srv.create(&metallb_object(
+        "IPAddressPool",
+        "overlapping",
+        json!({"addresses": ["172.18.255.250/32"]}),
+    ))
+    .unwrap();
+    let s = next_snapshot(&rt, &mut src, T).expect("a snapshot after the second pool");
+    let names: Vec<_> = s
+        .ip_pools
+        .iter()
+        .map(|p| p.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(names, ["example"]);
+
+    // The status: written once.
+    src.write_lb_status("dev", "web", &[POOL_FIRST]);
+    wait_until("the status written", T, || {
+        stored_ingress(&srv, "dev", "web") == json!([{"ip": "172.18.255.200", "ipMode": "VIP"}])
+    });
+    snapshot_until(&rt, &mut src, "the written status in a snapshot", |s| {
+        s.services[0]
+            .status
+            .as_ref()
+            .and_then(|st| st.load_balancer.as_ref())
+            .is_some_and(|lb| lb.ingress.is_some())
+    });
+    // Asked again (every agent loop does, after each snapshot): nothing more is written.
+    src.write_lb_status("dev", "web", &[POOL_FIRST]);
+    // A Service the source does not know: nothing.
+    src.write_lb_status("dev", "missing", &[POOL_FIRST]);
+    std::thread::sleep(Duration::from_millis(500));
+    let patches = srv.status_patches();
+    assert_eq!(patches.len(), 1, "{patches:#?}");
+    assert_eq!(
+        (
+            patches[0].namespace.as_str(),
+            patches[0].name.as_str(),
+            patches[0].field_manager.as_deref()
+        ),
+        ("dev", "web", Some("lb-agent-n1"))
+    );
+    // Someone else changes it: the next ask writes it back.
+    let mut svc = srv
+        .list("v1", "services")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "web")
+        .unwrap();
+    svc["status"] = json!({"loadBalancer": {"ingress": [{"ip": "172.18.255.201"}]}});
+    srv.update(&svc).unwrap();
+    snapshot_until(&rt, &mut src, "the changed status", |s| {
+        s.services[0]
+            .status
+            .as_ref()
+            .and_then(|st| st.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .is_some_and(|i| i[0].ip.as_deref() == Some("172.18.255.201"))
+    });
+    src.write_lb_status("dev", "web", &[POOL_FIRST]);
+    wait_until("the status written back", T, || {
+        stored_ingress(&srv, "dev", "web") == json!([{"ip": "172.18.255.200", "ipMode": "VIP"}])
+    });
+    assert_eq!(srv.status_patches().len(), 2);
+}
+
+/// The seed's MetalLB configuration and a LoadBalancer Service `web` over every pod that
+/// asks for nothing (so it gets the pool's first address); its status starts empty.
+fn lb_status_manifest(net: &Network) -> String {
+    let mut eps = String::new();
+    for p in net.pods() {
+        eps.push_str(&format!(
+            "- addresses: [\"{}\"]\n  nodeName: {}\n  conditions: {{ready: true, serving: true, terminating: false}}\n",
+            p.addr, p.node
+        ));
+    }
+    format!(
+        "apiVersion: {METALLB}\nkind: IPAddressPool\nmetadata: {{name: example, namespace: metallb-system}}\nspec:\n  addresses: [\"{POOL_RANGE}\"]\n---\napiVersion: {METALLB}\nkind: L2Advertisement\nmetadata: {{name: empty, namespace: metallb-system}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: dev}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.100.20\n  ports:\n  - {{name: http, port: 80, protocol: TCP, targetPort: {POD_HTTP_PORT}, nodePort: 31240}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-abcde\n  namespace: dev\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports:\n- {{name: http, port: {POD_HTTP_PORT}, protocol: TCP}}\nendpoints:\n{eps}"
+    )
+}
+
+/// Three agents with the kube source, the pool, an L2Advertisement and a LoadBalancer
+/// Service in the API: the Service's status gets the pool's first address (`ipMode: VIP`),
+/// written by exactly one agent (one PATCH of `/status` in all), the one that announces it.
+#[test]
+fn lb_status_is_written_once_by_the_announcing_agent() {
+    let Some(_guard) = privileged() else {
+        return;
+    };
+    let mut c = Cluster::up_kube(&TopologySpec::seed(), lb_status_manifest).expect("cluster up");
+    c.wait_for(
+        "web has the pool's first address on every agent",
+        Duration::from_secs(30),
+        |s| {
+            s.agent.as_ref().is_some_and(|a| {
+                a.lb_addresses
+                    .iter()
+                    .any(|l| l.name == "web" && l.addr == POOL_FIRST)
+            })
+        },
+    )
+    .unwrap();
+    let want = json!([{"ip": "172.18.255.200", "ipMode": "VIP"}]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stored_ingress(c.api(), "dev", "web") != want {
+        assert!(
+            Instant::now() < deadline,
+            "status not written: {}; patches {:#?}",
+            stored_ingress(c.api(), "dev", "web"),
+            c.api().status_patches()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Who announces it (announced_here in agent.json: exactly one agent).
+    let owners = || -> Vec<String> {
+        c.agents
+            .iter()
+            .filter(|a| {
+                a.status().ok().and_then(|s| s.agent).is_some_and(|i| {
+                    i.lb_addresses
+                        .iter()
+                        .any(|l| l.addr == POOL_FIRST && l.announced_here)
+                })
+            })
+            .map(|a| a.node.clone())
+            .collect()
+    };
+    wait_until("one announcing agent", Duration::from_secs(10), || {
+        owners().len() == 1
+    });
+    // Later snapshots (the write itself is one on every agent) and heartbeats change nothing.
+    std::thread::sleep(Duration::from_secs(3));
+    let owner = owners();
+    assert_eq!(owner.len(), 1, "{owner:?}");
+    let patches: Vec<_> = c
+        .api()
+        .status_patches()
+        .into_iter()
+        .filter(|p| p.resource == "services")
+        .collect();
+    assert_eq!(patches.len(), 1, "exactly one write: {patches:#?}");
+    assert_eq!(
+        (patches[0].namespace.as_str(), patches[0].name.as_str()),
+        ("dev", "web")
+    );
+    assert_eq!(
+        patches[0].field_manager.as_deref(),
+        Some(format!("lb-agent-{}", owner[0]).as_str()),
+        "written by the announcing agent"
+    );
+    assert_eq!(stored_ingress(c.api(), "dev", "web"), want);
+    let log = c.agent(&owner[0]).log_text();
+    assert!(
+        log.contains("wrote status.loadBalancer of Service dev/web (172.18.255.200)"),
+        "{log}"
+    );
+    for a in &c.agents {
+        let log = a.log_text();
+        assert!(
+            log.contains("IPAddressPools: initial list complete"),
+            "{log}"
+        );
+        assert!(
+            log.contains("L2Advertisements: initial list complete"),
+            "{log}"
+        );
+    }
+}

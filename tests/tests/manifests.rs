@@ -728,6 +728,7 @@ fn cluster_role_grants_exactly_what_the_agent_uses() {
     let mut want = BTreeSet::new();
     for (g, res, verbs) in [
         ("", "services", &["get", "list", "watch"][..]),
+        ("", "services/status", &["patch"]),
         ("", "nodes", &["get", "list", "watch"]),
         (
             "discovery.k8s.io",
@@ -735,6 +736,8 @@ fn cluster_role_grants_exactly_what_the_agent_uses() {
             &["get", "list", "watch"],
         ),
         ("networking.k8s.io", "servicecidrs", &["list", "watch"]),
+        ("metallb.io", "ipaddresspools", &["list", "watch"]),
+        ("metallb.io", "l2advertisements", &["list", "watch"]),
         ("", "events", &["create", "patch"]),
         ("events.k8s.io", "events", &["create", "patch"]),
     ] {

@@ -53,6 +53,7 @@ impl Heartbeat {
 pub struct Link {
     sock: UdpSocket,
     port: u16,
+    iface: String,
 }
 
 impl Link {
@@ -66,7 +67,15 @@ impl Link {
             .with_context(|| format!("binding the heartbeat socket to UDP port {port}"))?;
         let sock: UdpSocket = s.into();
         sock.set_nonblocking(false)?;
-        Ok(Self { sock, port })
+        Ok(Self {
+            sock,
+            port,
+            iface: iface.to_string(),
+        })
+    }
+
+    pub fn iface(&self) -> &str {
+        &self.iface
     }
 
     pub fn send(&self, hb: &Heartbeat) -> Result<()> {

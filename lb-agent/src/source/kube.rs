@@ -1,42 +1,66 @@
-//! `--source kube`: Services and EndpointSlices (plus the agent's own Node and the
-//! ServiceCIDRs) followed through the Kubernetes API.
+//! `--source kube`: Services and EndpointSlices (plus the agent's own Node, the
+//! ServiceCIDRs and MetalLB's address pools) followed through the Kubernetes API.
 //!
-//! Four kube-runtime watchers feed four reflector stores, holding trimmed objects (no
+//! Six kube-runtime watchers feed six reflector stores, holding trimmed objects (no
 //! `managedFields`, no annotations: nothing here reads them, and on a large cluster they are
 //! most of the bytes): Services and EndpointSlices in all namespaces, the agent's own Node
-//! only (field selector `metadata.name=<node name>`: its zone label and deletion), and the
-//! cluster-scoped `networking.k8s.io/v1` ServiceCIDRs (the service address ranges). The
-//! watchers do the protocol work: paginated lists (500 per page), watches resumed from the
-//! last resourceVersion or bookmark, a full relist after `410 Gone`, and reconnects with
-//! kube's default backoff (client-go's: 0.8 s doubling to 30 s, jittered) when the API server
-//! cannot be reached.
+//! only (field selector `metadata.name=<node name>`: its zone label and deletion), the
+//! cluster-scoped `networking.k8s.io/v1` ServiceCIDRs (the service address ranges), and
+//! MetalLB's `metallb.io/v1beta1` `IPAddressPool`s and `L2Advertisement`s in all namespaces
+//! (kept as [`DynamicObject`]s: no Kubernetes crate has their types; each is converted into
+//! [`IpAddressPool`] / [`L2Advertisement`] when a snapshot is taken, so one object that does
+//! not read leaves the others usable). The watchers do the protocol work: paginated lists
+//! (500 per page), watches resumed from the last resourceVersion or bookmark, a full relist
+//! after `410 Gone`, and reconnects with kube's default backoff (client-go's: 0.8 s doubling
+//! to 30 s, jittered) when the API server cannot be reached.
 //!
 //! A snapshot ([`Objects`], the same input the file source produces) is published only
-//! after ALL FOUR stores have completed their first list, so an agent that starts while the
+//! after ALL SIX stores have completed their first list, so an agent that starts while the
 //! API server is slow never programs an empty cluster. A Node list with no object (the node
-//! is not registered yet, or `--node-name` is wrong) is a complete, empty list. ServiceCIDRs
-//! are served from Kubernetes 1.33 on; an API server that answers their list with `404`
-//! (older) or `403` (the ClusterRole lacks them) counts as an empty, complete list, logged
-//! once at warn, so the agent still starts; the watcher keeps retrying with its backoff and
-//! fills the store if they become readable. After that, every change is followed by a
-//! short quiet period ([`DEBOUNCE`]) so that a burst (a rollout rewriting many
-//! EndpointSlices) becomes one snapshot. While the API server is away no snapshot comes: the
-//! datapath keeps its last state, and a relist replaces a store's content in one step
-//! (reflector semantics), so nothing half-listed is ever published.
+//! is not registered yet, or `--node-name` is wrong) is a complete, empty list. Three kinds
+//! are optional: an API server that answers their list with `404` (not served) or `403` (the
+//! ClusterRole lacks them) counts as an empty, complete list, logged once, so the agent
+//! still starts; the watcher keeps retrying with its backoff and fills the store if they
+//! become readable. ServiceCIDRs are served from Kubernetes 1.33 on (a refusal is logged at
+//! warn); MetalLB's CRDs exist only where MetalLB's manifests (or xlb's copy of its CRDs)
+//! were applied (logged at info: without pools xlb assigns no LoadBalancer address).
+//! After that, every change is followed by a short quiet period ([`DEBOUNCE`]) so that a
+//! burst (a rollout rewriting many EndpointSlices) becomes one snapshot. While the API
+//! server is away no snapshot comes: the datapath keeps its last state, and a relist
+//! replaces a store's content in one step (reflector semantics), so nothing half-listed is
+//! ever published.
+//!
+//! Pools and advertisements are checked as the file source checks them (MetalLB's webhook
+//! is gone with MetalLB): one that does not read or does not validate
+//! ([`metallb::validate_pool`], [`metallb::validate_l2`]), a pool whose addresses overlap an
+//! older pool's, or a pool whose name an older pool in another namespace has, is left out,
+//! with a warning logged once while it lasts. Every agent sees the same objects and so
+//! leaves out the same ones.
 //!
 //! Warnings about unsupported features (`translate::ServiceEvent`) are posted as
 //! `events.k8s.io/v1` Events of type Warning on the Service ([`KubeSource::post_event`]).
-use std::{sync::Arc, time::Duration};
+//!
+//! The Services' `status.loadBalancer.ingress` is written by the agent that announces the
+//! address ([`KubeSource::write_lb_status`]; the caller decides which), so exactly one agent
+//! writes each Service's status.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use futures_util::StreamExt as _;
 use k8s_openapi::api::{
-    core::v1::{Node, ObjectReference, Service},
+    core::v1::{LoadBalancerIngress, Node, ObjectReference, Service},
     discovery::v1::EndpointSlice,
     networking::v1::ServiceCIDR,
 };
 use kube::{
     Api, Client, Resource, ResourceExt as _,
+    api::{Patch, PatchParams},
+    core::{ApiResource, DynamicObject, GroupVersionKind},
     runtime::{
         WatchStreamExt as _,
         events::{Event as KubeEvent, EventType, Recorder, Reporter},
@@ -48,7 +72,10 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
     model::translate::ServiceEvent,
-    source::yaml::{Objects, SERVICE_NAME_LABEL},
+    source::{
+        metallb::{self, IpAddressPool, L2Advertisement},
+        yaml::{Objects, SERVICE_NAME_LABEL},
+    },
 };
 
 /// Quiet period after a change before a snapshot is published.
@@ -60,13 +87,61 @@ pub const EVENT_CONTROLLER: &str = "xlb.dev/lb-agent";
 /// Attempts to post one Event (the API server may be away for a while).
 const EVENT_ATTEMPTS: u32 = 6;
 
+/// Attempts to write one Service's status (as many as for an Event).
+const STATUS_ATTEMPTS: u32 = EVENT_ATTEMPTS;
+
+/// MetalLB's group and version (`metallb.io/v1beta1`).
+pub const METALLB_GROUP: &str = "metallb.io";
+pub const METALLB_VERSION: &str = "v1beta1";
+
+/// `ipMode` of the ingress entries written: traffic reaches the address itself (kube-proxy
+/// keeps it in its rules; `Proxy` would tell it the load balancer rewrites it).
+pub const LB_IP_MODE: &str = "VIP";
+
+/// The `IPAddressPool` resource (`metallb.io/v1beta1`, plural `ipaddresspools`).
+pub fn ip_pool_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(METALLB_GROUP, METALLB_VERSION, "IPAddressPool"),
+        "ipaddresspools",
+    )
+}
+
+/// The `L2Advertisement` resource (`metallb.io/v1beta1`, plural `l2advertisements`).
+pub fn l2_advert_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(METALLB_GROUP, METALLB_VERSION, "L2Advertisement"),
+        "l2advertisements",
+    )
+}
+
 /// The running watchers and the snapshots they produce. Dropping it stops them.
 pub struct KubeSource {
     snapshots: watch::Receiver<Option<Arc<Objects>>>,
     services: Store<Service>,
     recorder: Recorder,
+    client: Client,
+    /// `fieldManager` of the status writes: `lb-agent-<node>`.
+    field_manager: String,
+    /// Status writes by Service (see [`KubeSource::write_lb_status`]).
+    status_writes: Arc<Mutex<StatusWrites>>,
     runtime: tokio::runtime::Handle,
     tasks: Vec<JoinHandle<()>>,
+}
+
+/// The status writes in flight or done, so that a Service's status is written once per
+/// change even while the store has not seen the write yet.
+#[derive(Default)]
+struct StatusWrites {
+    next: u64,
+    by_service: HashMap<(String, String), StatusWrite>,
+}
+
+struct StatusWrite {
+    /// Identifies the write: a later one for the same Service supersedes it.
+    id: u64,
+    ips: Vec<Ipv4Addr>,
+    /// The resourceVersion the API server gave the written object (None: in flight).
+    written_rv: Option<String>,
 }
 
 impl KubeSource {
@@ -90,10 +165,16 @@ impl KubeSource {
         let (slice_reader, slice_writer) = reflector::store::<EndpointSlice>();
         let (node_reader, node_writer) = reflector::store::<Node>();
         let (cidr_reader, cidr_writer) = reflector::store::<ServiceCIDR>();
+        let pool_writer = reflector::store::Writer::new(ip_pool_resource());
+        let pool_reader = pool_writer.as_reader();
+        let l2_writer = reflector::store::Writer::new(l2_advert_resource());
+        let l2_reader = l2_writer.as_reader();
         // A generation counter bumped after each change to any store.
         let (changes, changes_rx) = watch::channel(0u64);
-        // Set when the ServiceCIDR list is refused (404/403): listed, as empty.
+        // Set when an optional kind's list is refused (404/403): listed, as empty.
         let (cidrs_refused, cidrs_refused_rx) = watch::channel(false);
+        let (pools_refused, pools_refused_rx) = watch::channel(false);
+        let (l2_refused, l2_refused_rx) = watch::channel(false);
         let (snap_tx, snapshots) = watch::channel(None);
         let all = watcher::Config::default;
         let tasks = vec![
@@ -126,8 +207,39 @@ impl KubeSource {
                 all(),
                 cidr_writer,
                 "ServiceCIDRs",
+                changes.clone(),
+                Some(Optional {
+                    refused: cidrs_refused,
+                    not_served: "not served by this API server (Kubernetes before 1.33)",
+                    without: "taken as none (--service-cidr only)",
+                    level: log::Level::Warn,
+                }),
+            )),
+            tokio::spawn(follow(
+                Api::<DynamicObject>::all_with(client.clone(), &ip_pool_resource()),
+                all(),
+                pool_writer,
+                "IPAddressPools",
+                changes.clone(),
+                Some(Optional {
+                    refused: pools_refused,
+                    not_served: METALLB_NOT_SERVED,
+                    without: "taken as none (no LoadBalancer address is assigned from pools)",
+                    level: log::Level::Info,
+                }),
+            )),
+            tokio::spawn(follow(
+                Api::<DynamicObject>::all_with(client.clone(), &l2_advert_resource()),
+                all(),
+                l2_writer,
+                "L2Advertisements",
                 changes,
-                Some(cidrs_refused),
+                Some(Optional {
+                    refused: l2_refused,
+                    not_served: METALLB_NOT_SERVED,
+                    without: "taken as none (pool addresses are not announced)",
+                    level: log::Level::Info,
+                }),
             )),
             tokio::spawn(publish(
                 Stores {
@@ -135,15 +247,21 @@ impl KubeSource {
                     slices: slice_reader,
                     nodes: node_reader,
                     service_cidrs: cidr_reader,
+                    ip_pools: pool_reader,
+                    l2_adverts: l2_reader,
                 },
-                cidrs_refused_rx,
+                Refusals {
+                    service_cidrs: cidrs_refused_rx,
+                    ip_pools: pools_refused_rx,
+                    l2_adverts: l2_refused_rx,
+                },
                 changes_rx,
                 snap_tx,
                 debounce,
             )),
         ];
         let recorder = Recorder::new(
-            client,
+            client.clone(),
             Reporter {
                 controller: EVENT_CONTROLLER.into(),
                 instance: Some(format!("lb-agent-{node_name}")),
@@ -153,6 +271,9 @@ impl KubeSource {
             snapshots,
             services: svc_reader,
             recorder,
+            client,
+            field_manager: format!("lb-agent-{node_name}"),
+            status_writes: Arc::default(),
             runtime: tokio::runtime::Handle::current(),
             tasks,
         }
@@ -214,6 +335,155 @@ impl KubeSource {
             }
         });
     }
+
+    /// Makes the Service's `status.loadBalancer.ingress` list `ips` (each with `ipMode:
+    /// VIP`): a JSON merge patch of the `status` subresource, `fieldManager`
+    /// `lb-agent-<node>`, in the background, retrying while the API server is unreachable.
+    ///
+    /// The caller calls it only for the addresses its node announces, so that exactly one
+    /// agent writes each Service's status; asking again is cheap. Nothing is written when
+    /// the Service's status (as the reflector store has it) already says so, when this
+    /// agent's own write of the same addresses has not reached the store yet, or when the
+    /// Service is not known. A later call for the same Service supersedes a write still
+    /// retrying.
+    ///
+    /// Not done: clearing the status of a Service that lost its address (its pool removed,
+    /// or refused): no agent announces the address any more, so none is the one to write.
+    /// Such a Service keeps the old address in its status until it gets a new one.
+    pub fn write_lb_status(&self, namespace: &str, name: &str, ips: &[Ipv4Addr]) {
+        let key = (namespace.to_string(), name.to_string());
+        let want = ingress(ips);
+        let svc_ref = ObjectRef::<Service>::new(name).within(namespace);
+        let Some(svc) = self.services.get(&svc_ref) else {
+            return;
+        };
+        if lb_ingress(&svc) == want {
+            return;
+        }
+        let id = {
+            let mut w = self.status_writes.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(prev) = w.by_service.get(&key)
+                && prev.ips == ips
+            {
+                match &prev.written_rv {
+                    None => return,
+                    // Written by us, and the store has not seen that write yet.
+                    Some(rv) if !newer(svc.meta().resource_version.as_deref(), rv) => return,
+                    Some(_) => {}
+                }
+            }
+            w.next += 1;
+            let id = w.next;
+            w.by_service.insert(
+                key.clone(),
+                StatusWrite {
+                    id,
+                    ips: ips.to_vec(),
+                    written_rv: None,
+                },
+            );
+            id
+        };
+        let api: Api<Service> = Api::namespaced(self.client.clone(), namespace);
+        let params = PatchParams {
+            field_manager: Some(self.field_manager.clone()),
+            ..Default::default()
+        };
+        let patch = serde_json::json!({"status": {"loadBalancer": {"ingress": want}}});
+        let services = self.services.clone();
+        let writes = self.status_writes.clone();
+        let list: Vec<String> = ips.iter().map(ToString::to_string).collect();
+        let what = format!(
+            "status.loadBalancer of Service {namespace}/{name} ({})",
+            list.join(", ")
+        );
+        self.runtime.spawn(async move {
+            let current = || {
+                let w = writes.lock().unwrap_or_else(|e| e.into_inner());
+                w.by_service.get(&key).is_some_and(|x| x.id == id)
+            };
+            let forget = || {
+                let mut w = writes.lock().unwrap_or_else(|e| e.into_inner());
+                if w.by_service.get(&key).is_some_and(|x| x.id == id) {
+                    w.by_service.remove(&key);
+                }
+            };
+            let mut delay = Duration::from_secs(1);
+            for attempt in 1..=STATUS_ATTEMPTS {
+                if !current() {
+                    return;
+                }
+                match services.get(&svc_ref) {
+                    None => return forget(),
+                    Some(s) if lb_ingress(&s) == want => return forget(),
+                    Some(_) => {}
+                }
+                match api
+                    .patch_status(&key.1, &params, &Patch::Merge(&patch))
+                    .await
+                {
+                    Ok(svc) => {
+                        log::info!("wrote {what}");
+                        let mut w = writes.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(x) = w.by_service.get_mut(&key).filter(|x| x.id == id) {
+                            x.written_rv =
+                                Some(svc.meta().resource_version.clone().unwrap_or_default());
+                        }
+                        return;
+                    }
+                    Err(kube::Error::Api(s)) if s.code == 404 => return forget(),
+                    // RBAC (no `patch` on `services/status`) or a rejected value: retrying
+                    // does not help.
+                    Err(kube::Error::Api(s)) if matches!(s.code, 403 | 422) => {
+                        log::warn!("could not write {what}: {}", s.message);
+                        return forget();
+                    }
+                    Err(e) if attempt == STATUS_ATTEMPTS => {
+                        log::warn!("could not write {what}: {e}; giving up until the next change");
+                        forget();
+                    }
+                    Err(e) => {
+                        log::debug!("writing {what}: {e}; retrying in {delay:?}");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// The ingress entries written for `ips`.
+fn ingress(ips: &[Ipv4Addr]) -> Vec<LoadBalancerIngress> {
+    ips.iter()
+        .map(|ip| LoadBalancerIngress {
+            ip: Some(ip.to_string()),
+            ip_mode: Some(LB_IP_MODE.into()),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// A Service's `status.loadBalancer.ingress` (empty when unset).
+fn lb_ingress(svc: &Service) -> Vec<LoadBalancerIngress> {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.clone())
+        .unwrap_or_default()
+}
+
+/// Whether the store's resourceVersion `have` is after `written`. resourceVersions are
+/// opaque to clients, but every API server in use (etcd's revision) makes them increasing
+/// integers; anything else counts as not newer (nothing is written twice).
+fn newer(have: Option<&str>, written: &str) -> bool {
+    match (
+        have.and_then(|h| h.parse::<u64>().ok()),
+        written.parse::<u64>(),
+    ) {
+        (Some(h), Ok(w)) => h > w,
+        _ => false,
+    }
 }
 
 impl Drop for KubeSource {
@@ -257,25 +527,34 @@ fn refused(e: &watcher::Error) -> Option<u16> {
     }
 }
 
+/// What [`MetalLB`](METALLB_GROUP)'s kinds answer with 404.
+const METALLB_NOT_SERVED: &str =
+    "not served by this API server (MetalLB's CRDs are not installed; they are optional)";
+
+/// An optional kind: a [`refused`] list sets `refused` (the gate in [`publish`] then takes
+/// the store as listed and empty), logged once at `level`.
+struct Optional {
+    refused: watch::Sender<bool>,
+    /// Why a 404 (the 403 reason is the same for all).
+    not_served: &'static str,
+    /// What the agent does without them.
+    without: &'static str,
+    level: log::Level,
+}
+
 /// Runs one watcher into its store for ever; bumps `changes` after each change the store
 /// saw, logs trouble once per distinct error and the recovery. With `refused_ok`, a
-/// [`refused`] list is logged once at warn and sets the flag (the gate in [`publish`] then
-/// takes the store as listed and empty); the watcher keeps retrying.
+/// [`refused`] list is logged once and sets its flag; the watcher keeps retrying.
 async fn follow<K>(
     api: Api<K>,
     config: watcher::Config,
     writer: reflector::store::Writer<K>,
     what: &'static str,
     changes: watch::Sender<u64>,
-    refused_ok: Option<watch::Sender<bool>>,
+    refused_ok: Option<Optional>,
 ) where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let stream = watcher(api, config)
         .default_backoff()
@@ -317,20 +596,21 @@ async fn follow<K>(
                     }
                     e => format!("{e}"),
                 };
-                if let (Some(flag), Some(code)) = (&refused_ok, refused(&e)) {
+                if let (Some(opt), Some(code)) = (&refused_ok, refused(&e)) {
                     if !refusal_logged {
                         let why = if code == 404 {
-                            "not served by this API server (Kubernetes before 1.33)"
+                            opt.not_served
                         } else {
                             "forbidden (the ClusterRole does not grant list/watch)"
                         };
-                        log::warn!(
-                            "{what}: {why}: {msg}; taken as none (--service-cidr only); \
-                             retrying with backoff"
+                        log::log!(
+                            opt.level,
+                            "{what}: {why}: {msg}; {}; retrying with backoff",
+                            opt.without
                         );
                         refusal_logged = true;
                     }
-                    if !flag.send_replace(true) {
+                    if !opt.refused.send_replace(true) {
                         changes.send_modify(|g| *g += 1);
                     }
                     failing = Some(msg);
@@ -355,39 +635,67 @@ pub struct Stores {
     /// The agent's own Node (none or one).
     pub nodes: Store<Node>,
     pub service_cidrs: Store<ServiceCIDR>,
+    /// MetalLB `IPAddressPool`s ([`ip_pool_resource`]).
+    pub ip_pools: Store<DynamicObject>,
+    /// MetalLB `L2Advertisement`s ([`l2_advert_resource`]).
+    pub l2_adverts: Store<DynamicObject>,
 }
 
-/// Publishes snapshots: the first when every store is listed (the ServiceCIDRs' also when
+/// The refusal flags of the optional kinds (see [`Optional`]).
+struct Refusals {
+    service_cidrs: watch::Receiver<bool>,
+    ip_pools: watch::Receiver<bool>,
+    l2_adverts: watch::Receiver<bool>,
+}
+
+/// The store listed, or its list refused (see [`refused`]); false if the watcher is gone.
+async fn listed_or_refused<K>(store: &Store<K>, refused: &mut watch::Receiver<bool>) -> bool
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    tokio::select! {
+        r = store.wait_until_ready() => r.is_ok(),
+        r = refused.wait_for(|refused| *refused) => r.is_ok(),
+    }
+}
+
+/// Publishes snapshots: the first when every store is listed (the optional kinds' also when
 /// their list was refused, see [`refused`]), then one per quiet period after changes.
 async fn publish(
     stores: Stores,
-    mut cidrs_refused: watch::Receiver<bool>,
+    mut refusals: Refusals,
     mut changes: watch::Receiver<u64>,
     out: watch::Sender<Option<Arc<Objects>>>,
     debounce: Duration,
 ) {
-    let cidrs_listed = async {
-        tokio::select! {
-            r = stores.service_cidrs.wait_until_ready() => r.is_ok(),
-            r = cidrs_refused.wait_for(|refused| *refused) => r.is_ok(),
-        }
-    };
     if stores.services.wait_until_ready().await.is_err()
         || stores.slices.wait_until_ready().await.is_err()
         || stores.nodes.wait_until_ready().await.is_err()
-        || !cidrs_listed.await
+        || !listed_or_refused(&stores.service_cidrs, &mut refusals.service_cidrs).await
+        || !listed_or_refused(&stores.ip_pools, &mut refusals.ip_pools).await
+        || !listed_or_refused(&stores.l2_adverts, &mut refusals.l2_adverts).await
     {
         return;
     }
+    // Pool/advertisement problems logged, while they last.
+    let mut warned: BTreeSet<String> = BTreeSet::new();
     loop {
         changes.borrow_and_update();
-        let objs = snapshot(&stores);
+        let (objs, problems) = snapshot_checked(&stores);
+        for p in problems.iter().filter(|p| !warned.contains(*p)) {
+            log::warn!("{p}");
+        }
+        warned = problems.into_iter().collect();
         log::debug!(
-            "snapshot: {} services, {} IPv4 endpoint slices, {} node, {} service CIDRs",
+            "snapshot: {} services, {} IPv4 endpoint slices, {} node, {} service CIDRs, \
+             {} address pools, {} L2 advertisements",
             objs.services.len(),
             objs.slices.len(),
             objs.nodes.len(),
-            objs.service_cidrs.len()
+            objs.service_cidrs.len(),
+            objs.ip_pools.len(),
+            objs.l2_adverts.len()
         );
         if out.send(Some(Arc::new(objs))).is_err() {
             return;
@@ -402,6 +710,30 @@ async fn publish(
 /// The stores' content in the shape `translate` takes, sorted by namespace and name (the
 /// translation does not depend on order; logs and diffs read better).
 pub fn snapshot(stores: &Stores) -> Objects {
+    snapshot_checked(stores).0
+}
+
+/// [`snapshot`], and why pools or advertisements were left out (see the module docs).
+pub fn snapshot_checked(stores: &Stores) -> (Objects, Vec<String>) {
+    let mut problems = Vec::new();
+    let ip_pools = checked_pools(
+        converted(&stores.ip_pools, "IPAddressPool", &mut problems),
+        &mut problems,
+    );
+    let l2_adverts =
+        converted::<L2Advertisement>(&stores.l2_adverts, "L2Advertisement", &mut problems)
+            .into_iter()
+            .filter(|l2| match metallb::validate_l2(l2) {
+                Ok(()) => true,
+                Err((field, msg)) => {
+                    problems.push(format!(
+                        "L2Advertisement {}: {field}: {msg}; ignored",
+                        name_of(&l2.metadata)
+                    ));
+                    false
+                }
+            })
+            .collect();
     let mut sl: Vec<EndpointSlice> = stores
         .slices
         .state()
@@ -410,15 +742,100 @@ pub fn snapshot(stores: &Stores) -> Objects {
         .map(|s| (**s).clone())
         .collect();
     sl.sort_by_key(key);
-    Objects {
+    let objs = Objects {
         services: sorted(&stores.services),
         slices: sl,
         nodes: sorted(&stores.nodes),
         service_cidrs: sorted(&stores.service_cidrs),
-        // MetalLB pools/advertisements are not watched yet (file source only for now).
-        ip_pools: Vec::new(),
-        l2_adverts: Vec::new(),
+        ip_pools,
+        l2_adverts,
+    };
+    (objs, problems)
+}
+
+fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or(""),
+        meta.name.as_deref().unwrap_or("")
+    )
+}
+
+/// The store's objects read as `T` (MetalLB's types), sorted by namespace and name; those
+/// that do not read are reported and left out.
+fn converted<T: serde::de::DeserializeOwned>(
+    store: &Store<DynamicObject>,
+    kind: &str,
+    problems: &mut Vec<String>,
+) -> Vec<T> {
+    let mut objs: Vec<Arc<DynamicObject>> = store.state();
+    objs.sort_by_key(|o| key(&**o));
+    objs.iter()
+        .filter_map(|o| {
+            let read = serde_json::to_value(&**o).and_then(serde_json::from_value::<T>);
+            match read {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    problems.push(format!("{kind} {}: {e}; ignored", name_of(&o.metadata)));
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// Pools that validate, as the file source takes them (MetalLB's webhook is gone): each
+/// valid on its own, and, oldest first (then by namespace and name), none overlapping a pool
+/// kept before it nor named as one in another namespace. Sorted by namespace and name.
+fn checked_pools(mut pools: Vec<IpAddressPool>, problems: &mut Vec<String>) -> Vec<IpAddressPool> {
+    pools.sort_by_cached_key(|p| {
+        let t = p.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        (t.is_none(), t, key_of_meta(&p.metadata))
+    });
+    let mut kept: Vec<(IpAddressPool, Vec<metallb::AddrRange>)> = Vec::new();
+    let mut names: BTreeMap<String, String> = BTreeMap::new();
+    'pools: for p in pools {
+        let who = format!("IPAddressPool {}", name_of(&p.metadata));
+        let ranges = match metallb::validate_pool(&p) {
+            Ok(r) => r,
+            Err((field, msg)) => {
+                problems.push(format!("{who}: {field}: {msg}; ignored"));
+                continue;
+            }
+        };
+        let (ns, name) = key_of_meta(&p.metadata);
+        if let Some(other) = names.get(&name) {
+            problems.push(format!(
+                "{who}: an IPAddressPool of this name is in namespace {other:?}: pool names \
+                 must be unique (Services name pools without a namespace); ignored"
+            ));
+            continue;
+        }
+        for (i, r) in ranges.iter().enumerate() {
+            for (other, theirs) in &kept {
+                if theirs.iter().any(|o| o.overlaps(r)) {
+                    problems.push(format!(
+                        "{who}: spec.addresses[{i}] {:?} overlaps IPAddressPool {}; ignored",
+                        p.spec.addresses[i],
+                        name_of(&other.metadata)
+                    ));
+                    continue 'pools;
+                }
+            }
+        }
+        names.insert(name, ns);
+        kept.push((p, ranges));
     }
+    let mut out: Vec<IpAddressPool> = kept.into_iter().map(|(p, _)| p).collect();
+    out.sort_by_key(|p| key_of_meta(&p.metadata));
+    out
+}
+
+fn key_of_meta(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+    (
+        m.namespace.clone().unwrap_or_default(),
+        m.name.clone().unwrap_or_default(),
+    )
 }
 
 fn sorted<K: Resource + Clone>(store: &Store<K>) -> Vec<K>
@@ -449,6 +866,7 @@ pub fn usable_slice(s: &EndpointSlice) -> bool {
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use serde_json::json;
 
     fn slice(addr_type: &str, label: Option<&str>) -> EndpointSlice {
         EndpointSlice {
@@ -533,11 +951,26 @@ mod tests {
                 ..Default::default()
             }));
         }
+        let mut w = reflector::store::Writer::new(ip_pool_resource());
+        for (ns, name, addr) in [("b", "p", "10.0.0.2/32"), ("a", "q", "10.0.0.1/32")] {
+            w.apply_watcher_event(&Event::Apply(pool(ns, name, &[addr], None)));
+        }
+        let ip_pools = w.as_reader();
+        let mut w = reflector::store::Writer::new(l2_advert_resource());
+        w.apply_watcher_event(&Event::Apply(dynamic(
+            &l2_advert_resource(),
+            "metallb-system",
+            "l2",
+            json!({"spec": {"ipAddressPools": ["p"]}}),
+        )));
+        let l2_adverts = w.as_reader();
         let objs = snapshot(&Stores {
             services,
             slices,
             nodes,
             service_cidrs,
+            ip_pools,
+            l2_adverts,
         });
         let names = |v: Vec<&ObjectMeta>| {
             v.into_iter()
@@ -557,6 +990,120 @@ mod tests {
             names(objs.service_cidrs.iter().map(|s| &s.metadata).collect()),
             ["kubernetes", "z"]
         );
+        assert_eq!(
+            names(objs.ip_pools.iter().map(|s| &s.metadata).collect()),
+            ["q", "p"],
+            "by namespace, then name"
+        );
+        assert_eq!(objs.ip_pools[0].spec.addresses, ["10.0.0.1/32"]);
+        assert_eq!(objs.l2_adverts.len(), 1);
+        assert_eq!(objs.l2_adverts[0].spec.ip_address_pools, ["p"]);
+    }
+
+    fn dynamic(ar: &ApiResource, ns: &str, name: &str, body: serde_json::Value) -> DynamicObject {
+        let mut o = DynamicObject::new(name, ar).within(ns);
+        o.data = body;
+        o
+    }
+
+    /// A pool `ns/name` with `addrs`, created at second `created`.
+    fn pool(ns: &str, name: &str, addrs: &[&str], created: Option<i64>) -> DynamicObject {
+        let mut o = dynamic(
+            &ip_pool_resource(),
+            ns,
+            name,
+            json!({"spec": {"addresses": addrs}, "status": {"assignedIPv4": 1}}),
+        );
+        o.metadata.creation_timestamp = created.map(|s| {
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::from_second(s).unwrap(),
+            )
+        });
+        o
+    }
+
+    #[test]
+    fn pools_that_do_not_read_or_validate_are_left_out_with_a_reason() {
+        use kube::runtime::watcher::Event;
+        let mut w = reflector::store::Writer::new(ip_pool_resource());
+        for o in [
+            pool("a", "old", &["10.0.0.0/30"], Some(100)),
+            // Overlaps the older one: out, whatever its name.
+            pool("a", "aaa-newer", &["10.0.0.2-10.0.0.9"], Some(200)),
+            // The same name in another namespace: out.
+            pool("b", "old", &["10.1.0.0/30"], Some(300)),
+            pool("a", "bad", &["10.2.0.0/33"], Some(50)),
+            pool("a", "fine", &["10.3.0.0/30"], None),
+            dynamic(
+                &ip_pool_resource(),
+                "a",
+                "unreadable",
+                json!({"spec": {"addresses": "10.4.0.0/30"}}),
+            ),
+        ] {
+            w.apply_watcher_event(&Event::Apply(o));
+        }
+        let mut l2 = reflector::store::Writer::new(l2_advert_resource());
+        l2.apply_watcher_event(&Event::Apply(dynamic(
+            &l2_advert_resource(),
+            "a",
+            "empty-pool-name",
+            json!({"spec": {"ipAddressPools": [""]}}),
+        )));
+        let stores = Stores {
+            services: reflector::store::<Service>().0,
+            slices: reflector::store::<EndpointSlice>().0,
+            nodes: reflector::store::<Node>().0,
+            service_cidrs: reflector::store::<ServiceCIDR>().0,
+            ip_pools: w.as_reader(),
+            l2_adverts: l2.as_reader(),
+        };
+        let (objs, problems) = snapshot_checked(&stores);
+        let kept: Vec<_> = objs.ip_pools.iter().map(|p| name_of(&p.metadata)).collect();
+        assert_eq!(kept, ["a/fine", "a/old"]);
+        assert!(objs.l2_adverts.is_empty());
+        let text = problems.join("\n");
+        for want in [
+            "IPAddressPool a/aaa-newer: spec.addresses[0]",
+            "overlaps IPAddressPool a/old",
+            "IPAddressPool b/old: an IPAddressPool of this name is in namespace \"a\"",
+            "IPAddressPool a/bad: spec.addresses[0]",
+            "IPAddressPool a/unreadable:",
+            "L2Advertisement a/empty-pool-name: spec.ipAddressPools[0]",
+        ] {
+            assert!(text.contains(want), "{want:?} not in:\n{text}");
+        }
+        assert_eq!(problems.len(), 5, "{text}");
+    }
+
+    #[test]
+    fn status_comparison_and_resource_versions() {
+        let ips = [Ipv4Addr::new(172, 18, 255, 200)];
+        let mut svc = Service::default();
+        assert!(lb_ingress(&svc).is_empty());
+        svc.status = Some(
+            serde_json::from_value(json!({"loadBalancer": {"ingress": [
+                {"ip": "172.18.255.200", "ipMode": "VIP"}
+            ]}}))
+            .unwrap(),
+        );
+        assert_eq!(lb_ingress(&svc), ingress(&ips));
+        svc.status = Some(
+            serde_json::from_value(json!({"loadBalancer": {"ingress": [
+                {"ip": "172.18.255.200"}
+            ]}}))
+            .unwrap(),
+        );
+        assert_ne!(lb_ingress(&svc), ingress(&ips), "ipMode differs");
+        assert_eq!(
+            serde_json::to_value(ingress(&ips)).unwrap(),
+            json!([{"ip": "172.18.255.200", "ipMode": "VIP"}])
+        );
+        assert!(newer(Some("12"), "9"));
+        assert!(!newer(Some("9"), "9"));
+        assert!(!newer(Some("8"), "9"));
+        assert!(!newer(None, "9"));
+        assert!(!newer(Some("abc"), "9"));
     }
 
     #[test]

@@ -1,7 +1,15 @@
 //! `cargo xtask demo`: the seed article's walk-through on the built-in network, with xlb in
 //! place of kube-proxy. Brings up the kind-shaped network, runs one agent per node on the
 //! seed's manifests, prints the `kubectl get svc` view and runs the seed's checks.
-use std::{net::SocketAddrV4, time::Duration};
+//!
+//! The LoadBalancer address comes from the seed's MetalLB configuration (IPAddressPool
+//! `example`, L2Advertisement `empty`, addresses of the kind network): the agents assign
+//! it, one of them announces it, and the client, which has no route for it, finds it by ARP
+//! on the kind bridge, as it would with MetalLB in L2 mode.
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
@@ -23,14 +31,63 @@ struct Args {
 
 const T: Duration = Duration::from_secs(3);
 
+/// The seed's MetalLB configuration, byte for byte. Its range (172.18.255.200-250) lies in
+/// the built-in network's kind subnet (172.18.0.0/16), as in a kind cluster.
+const METALLB_CONFIG: &str = include_str!("../../../deploy/examples/metallb/metallb-config.yaml");
+
+/// The nginx-service's address from the pools, once every agent has it and one of them
+/// announces it; `(address, announcing node)`.
+fn lb_address(c: &mut Cluster) -> Result<(Ipv4Addr, String)> {
+    let assigned = |s: &lb_agent::status::Status| {
+        s.agent.as_ref().and_then(|a| {
+            a.lb_addresses
+                .iter()
+                .find(|l| l.namespace == "dev" && l.name == "nginx-service")
+                .cloned()
+        })
+    };
+    c.wait_for(
+        "the agents to assign nginx-service an address from the pool",
+        Duration::from_secs(30),
+        |s| assigned(s).is_some(),
+    )?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut addr = None;
+        let mut owners = vec![];
+        for a in &c.agents {
+            if let Some(l) = assigned(&a.status()?) {
+                addr = Some(l.addr);
+                if l.announced_here {
+                    owners.push(a.node.clone());
+                }
+            }
+        }
+        if let (Some(addr), [owner]) = (addr, owners.as_slice()) {
+            return Ok((addr, owner.clone()));
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no single node announces the nginx-service address (announcing: {owners:?})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     if args.down {
         return down();
     }
     println!("▶ bringing up the kind-shaped network (3 nodes, 3 nginx pods, a client)…");
-    let spec = TopologySpec::seed();
-    let mut c = Cluster::up(&spec, |net| seed_manifests(net, &ManifestOpts::default()))?;
+    // No LB routes: the client reaches the pool's addresses by ARP only.
+    let spec = TopologySpec::seed_l2();
+    let mut c = Cluster::up(&spec, |net| {
+        let mut y = seed_manifests(net, &ManifestOpts::default());
+        y.push_str("---\n");
+        y.push_str(METALLB_CONFIG);
+        y
+    })?;
     c.wait_for(
         "the agents to program nginx-service",
         Duration::from_secs(30),
@@ -50,6 +107,16 @@ fn main() -> Result<()> {
         "  client (docker run --network kind)  {}",
         c.net.client_addr()
     );
+    let (lb_ip, announcer) = lb_address(&mut c)?;
+    let pool = METALLB_CONFIG
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("- "))
+        .find(|l| l.contains('-'))
+        .unwrap_or("?")
+        .trim();
+    println!(
+        "  MetalLB config (IPAddressPool example, L2Advertisement empty): {pool}, no route for it on the client"
+    );
     println!("  manifests: {}", c.manifest.display());
 
     println!("\n$ kubectl get svc -n dev");
@@ -68,11 +135,22 @@ fn main() -> Result<()> {
     t.load_preset(comfy_table::presets::NOTHING);
     t.set_header(["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)"]);
     for r in &desired.rows {
+        // The manifest has no status (MetalLB would write the assigned address there):
+        // show the address the agents assign from the pool, as `kubectl get svc` would.
+        let assigned = desired
+            .lb_addresses
+            .iter()
+            .find(|l| l.namespace == "dev" && l.name == r.name)
+            .map(|l| l.addr.to_string());
+        let external_ip = match assigned {
+            Some(a) if r.external_ip == "<pending>" => a,
+            _ => r.external_ip.clone(),
+        };
         t.add_row([
             &r.name,
             &r.svc_type.to_string(),
             &r.cluster_ip,
-            &r.external_ip,
+            &external_ip,
             &r.ports,
         ]);
     }
@@ -86,7 +164,6 @@ fn main() -> Result<()> {
 
     let worker = c.net.node("service-demo-worker").clone();
     let worker2 = c.net.node("service-demo-worker2").clone();
-    let lb_ip = c.net.lb_ips()[0].0;
     let mut failed = 0usize;
     let check = |failed: &mut usize, title: &str, cmd: String, netns: &str, addr: SocketAddrV4| {
         println!("\n▶ {title}\n$ {cmd}");
@@ -161,11 +238,33 @@ fn main() -> Result<()> {
     }
     check(
         &mut failed,
-        "3. EXTERNAL-IP from outside the cluster",
+        "3. EXTERNAL-IP from outside the cluster (found by ARP on the kind network)",
         format!("docker run --rm --network kind curlimages/curl curl -s http://{lb_ip}"),
         c.net.client_netns(),
         SocketAddrV4::new(lb_ip, 80),
     );
+    let announcer_node = c.net.node(&announcer).clone();
+    let mac = exec_ok(
+        &announcer_node.netns,
+        &[
+            "cat",
+            &format!("/sys/class/net/{}/address", announcer_node.uplink),
+        ],
+    )?;
+    let mac = mac.trim();
+    let neigh = exec_ok(
+        c.net.client_netns(),
+        &["ip", "neigh", "show", &lb_ip.to_string()],
+    )?;
+    let neigh = neigh.trim();
+    println!("$ docker run --rm --network kind --cap-add NET_ADMIN alpine ip neigh show {lb_ip}");
+    println!("{neigh}");
+    if neigh.contains(mac) {
+        println!("  ({lb_ip} is at {mac}: {announcer}, which announces it)");
+    } else {
+        println!("FAILED: {lb_ip} is not at {mac} ({announcer}, which announces it)");
+        failed += 1;
+    }
 
     println!("\n$ lb-agent status --node-name {}", worker.name);
     println!(
