@@ -688,7 +688,6 @@ fn returning_node_does_not_break_established_connection() {
 /// gratuitous ARP, and the flow reaches a node that has no conntrack entry and another
 /// SNAT address for it: reset). Run with `--ignored`.
 #[test]
-#[ignore = "fails: a returning node takes its address back and the re-ARPed flow is reset"]
 fn established_connection_survives_client_rearp_after_return() {
     established_across_return(true);
 }
