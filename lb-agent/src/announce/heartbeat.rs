@@ -54,6 +54,8 @@ pub struct Link {
     sock: UdpSocket,
     port: u16,
     iface: String,
+    /// Receive buffer, the largest UDP datagram.
+    buf: Vec<u8>,
 }
 
 impl Link {
@@ -71,6 +73,7 @@ impl Link {
             sock,
             port,
             iface: iface.to_string(),
+            buf: vec![0u8; 65_536],
         })
     }
 
@@ -87,12 +90,11 @@ impl Link {
     }
 
     /// Waits up to `timeout` for the next heartbeat (ours included: the caller skips them).
-    pub fn recv(&self, timeout: Duration) -> Result<Option<Heartbeat>> {
+    pub fn recv(&mut self, timeout: Duration) -> Result<Option<Heartbeat>> {
         self.sock
             .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
-        let mut buf = vec![0u8; 65_536];
-        match self.sock.recv_from(&mut buf) {
-            Ok((n, _)) => Ok(Heartbeat::decode(&buf[..n])),
+        match self.sock.recv_from(&mut self.buf) {
+            Ok((n, _)) => Ok(Heartbeat::decode(&self.buf[..n])),
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Ok(None),
             Err(e) => Err(e.into()),
         }
