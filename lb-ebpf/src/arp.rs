@@ -3,11 +3,11 @@
 //! sent back out of the interface it came in on. Pure functions over the frame's bytes, so
 //! the host tests check them; the XDP glue is in `xdp.rs`, the layout and the gratuitous
 //! ARP the agent sends in `lb_common::arp`.
-use lb_common::arp::{
-    ARP, ETH_DST, ETH_SRC, HTYPE, IPV4_OVER_ETHERNET, OP_REPLY, OP_REQUEST, OPER, SHA, SPA, THA,
-    TPA,
-};
 pub use lb_common::arp::{ARP_FRAME_LEN, ETH_P_ARP};
+use lb_common::arp::{
+    ETH_DST, ETH_SRC, ETH_TYPE, HTYPE, IPV4_OVER_ETHERNET, OP_REPLY, OP_REQUEST, OPER, SHA, SPA,
+    THA, TPA,
+};
 
 #[inline(always)]
 fn copy<const N: usize>(b: &mut [u8], to: usize, from: usize) {
@@ -32,7 +32,7 @@ fn put<const N: usize>(b: &mut [u8], to: usize, v: &[u8; N]) {
 /// a gratuitous request for the sender's own address).
 #[inline(always)]
 pub fn request_target(b: &[u8; ARP_FRAME_LEN]) -> Option<u32> {
-    if u16::from_be_bytes([b[12], b[13]]) != ETH_P_ARP {
+    if u16::from_be_bytes([b[ETH_TYPE], b[ETH_TYPE + 1]]) != ETH_P_ARP {
         return None;
     }
     let mut i = 0;
@@ -71,6 +71,8 @@ pub fn make_reply(b: &mut [u8; ARP_FRAME_LEN], mac: &[u8; 6]) {
 #[cfg(test)]
 mod tests {
     use etherparse_arp::{ArpHardwareId, ArpOperation, ArpPacket, EtherType, Ethernet2Header};
+
+    use lb_common::arp::ARP;
 
     use super::*;
 
