@@ -20,6 +20,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("tc", "iproute2"),
     ("ethtool", "ethtool"),
     ("iperf3", "iperf3"),
+    ("trafgen", "netsniff-ng"),
     ("ping", "iputils-ping"),
     ("python3", "python3"),
     ("iptables", "iptables"),
@@ -51,7 +52,7 @@ pub fn run() -> Result<()> {
             fix: install_bpf_linker,
         },
         Step {
-            name: "network tools (iproute2, ethtool, iperf3, ping, python3, iptables, nftables)",
+            name: "network tools (iproute2, ethtool, iperf3, trafgen, ping, python3, iptables, nftables)",
             ok: || missing_tools().is_empty(),
             fix: || apt_install(&missing_tools()),
         },

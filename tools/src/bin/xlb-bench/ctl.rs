@@ -91,6 +91,7 @@ fn svcs(n: u32, e: u32) -> Vec<SvcDef> {
                 .collect(),
             node_port: None,
             lb_ip: None,
+            udp: false,
         })
         .collect()
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: xlb against kube-proxy (iptables and nftables modes) and against no
 //! load balancer at all, on the built-in network; plus the XDP datapath's per-packet cost
-//! (BPF_PROG_TEST_RUN), Maglev table builds and disruption, and control-plane latency.
+//! (BPF_PROG_TEST_RUN), Maglev table builds and disruption, control-plane latency, and the
+//! packet rate through a NodePort to a remote pod (small UDP packets, trafgen).
 //!
 //! Every run writes `<out-dir>/results/<timestamp>.json` (machine facts and every sample),
 //! `<out-dir>/RESULTS.md` (medians, ratios, targets) and SVG charts under
@@ -12,6 +13,7 @@ mod ctl;
 mod http;
 mod kube_proxy;
 mod ns;
+mod pps;
 mod report;
 mod rules;
 mod util;
@@ -90,6 +92,20 @@ pub struct Args {
     #[arg(long)]
     pub ceiling_xdp: bool,
 
+    // ---- packet rate
+    /// pps: seconds of each measured window.
+    #[arg(long, default_value_t = 5.0)]
+    pub pps_seconds: f64,
+    /// pps: windows per configuration (alternating order); medians over them.
+    #[arg(long, default_value_t = 3)]
+    pub pps_repeats: usize,
+    /// pps: flows (client source ports) the generator cycles over.
+    #[arg(long, default_value_t = 1024)]
+    pub pps_flows: u32,
+    /// pps: configurations to measure (comma separated). Default: all six.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub pps_configs: Vec<pps::PpsConfig>,
+
     // ---- control plane
     /// Services for the control-plane measurement.
     #[arg(long, default_value_t = 10_000)]
@@ -118,6 +134,8 @@ pub enum Part {
     NorthSouth,
     /// Source change -> maps updated; kube-proxy's restore times.
     ControlPlane,
+    /// Packets/s of 64-byte UDP to a NodePort with a remote endpoint, CPU per packet.
+    Pps,
 }
 
 #[derive(ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -154,6 +172,8 @@ impl Args {
         set("ctl_services", &mut || self.ctl_services = 1_000);
         set("ctl_repeats", &mut || self.ctl_repeats = 6);
         set("ctl_bulk_repeats", &mut || self.ctl_bulk_repeats = 1);
+        set("pps_seconds", &mut || self.pps_seconds = 1.0);
+        set("pps_repeats", &mut || self.pps_repeats = 1);
     }
 }
 
@@ -194,6 +214,7 @@ pub struct Results {
     pub maglev: Option<MaglevPart>,
     pub north_south: Option<ns::NorthSouth>,
     pub control_plane: Option<ctl::ControlPlane>,
+    pub pps: Option<pps::Pps>,
     /// Functional failures of this run's parts.
     pub failures: Vec<String>,
     pub seconds: f64,
@@ -219,6 +240,10 @@ fn main() -> Result<()> {
     ensure!(args.backends > 0, "--backends must be at least 1");
     ensure!((1..=8).contains(&args.threads), "--threads must be 1..=8");
     ensure!(args.iperf_seconds > 0.0, "--iperf-seconds must be positive");
+    ensure!(
+        args.pps_seconds > 0.0 && args.pps_repeats > 0 && (1..=60_000).contains(&args.pps_flows),
+        "--pps-seconds must be positive, --pps-repeats >= 1, --pps-flows 1..=60000"
+    );
     let out_dir = args.out_dir.clone().unwrap_or_else(|| {
         if args.quick {
             "target/xlb-bench-quick".into()
@@ -256,6 +281,7 @@ fn main() -> Result<()> {
     results
         .versions
         .insert("rustc".into(), sh("rustc", &["--version"]));
+    results.versions.insert("trafgen".into(), pps::version());
     eprintln!("load average at start: {}", results.loadavg_start);
 
     if args.runs(Part::Xdp) {
@@ -317,6 +343,21 @@ fn main() -> Result<()> {
             }
         }
         results.parts.insert("control-plane".into(), stamp.clone());
+    }
+    if args.runs(Part::Pps) {
+        match pps::run(&args, &results.command) {
+            Ok(p) => {
+                results
+                    .failures
+                    .extend(p.failures.iter().map(|f| format!("pps: {f}")));
+                results.pps = Some(p);
+            }
+            Err(e) => {
+                results.pps = None;
+                results.failures.push(format!("pps: {e:#}"));
+            }
+        }
+        results.parts.insert("pps".into(), stamp.clone());
     }
     results.loadavg_end = loadavg();
     results.seconds = started.elapsed().as_secs_f64();

@@ -216,6 +216,7 @@ pub fn services(n: u32, pods: &[Pod], lb_ip: Ipv4Addr) -> Vec<SvcDef> {
             endpoints: eps(80),
             node_port: None,
             lb_ip: None,
+            udp: false,
         })
         .collect();
     let iperf = pods
@@ -229,6 +230,7 @@ pub fn services(n: u32, pods: &[Pod], lb_ip: Ipv4Addr) -> Vec<SvcDef> {
         endpoints: vec![(iperf.addr, IPERF_PORT, iperf.node.clone())],
         node_port: Some(IPERF_NODE_PORT),
         lb_ip: Some(lb_ip),
+        udp: false,
     });
     v.push(SvcDef {
         name: "measured".into(),
@@ -237,6 +239,7 @@ pub fn services(n: u32, pods: &[Pod], lb_ip: Ipv4Addr) -> Vec<SvcDef> {
         endpoints: eps(SVC_PORT),
         node_port: Some(SVC_NODE_PORT),
         lb_ip: Some(lb_ip),
+        udp: false,
     });
     v
 }
@@ -294,7 +297,7 @@ impl NetnsProcess {
     }
 
     /// `ping -i 1` from a namespace to a peer.
-    fn pinger(netns: &str, peer: Ipv4Addr) -> Result<Self> {
+    pub fn pinger(netns: &str, peer: Ipv4Addr) -> Result<Self> {
         let peer = peer.to_string();
         Self::start(
             netns,
@@ -741,7 +744,7 @@ fn lb_and_entry(net: &Network) -> (Ipv4Addr, Ipv4Addr) {
     (lb, net.node(ENTRY_NODE).addr)
 }
 
-fn tmp_file(what: &str, text: &str) -> Result<String> {
+pub fn tmp_file(what: &str, text: &str) -> Result<String> {
     let path = std::env::temp_dir().join(format!(
         "xlb-bench-{}-{what}-{}.rules",
         std::process::id(),
@@ -751,7 +754,7 @@ fn tmp_file(what: &str, text: &str) -> Result<String> {
     Ok(path.to_string_lossy().into_owned())
 }
 
-fn clear_lru<V: aya::Pod>(pin_dir: &Path, name: &str) -> Result<()> {
+pub fn clear_lru<V: aya::Pod>(pin_dir: &Path, name: &str) -> Result<()> {
     let data = MapData::from_pin(pin_dir.join(name))
         .with_context(|| format!("opening {name} in {}", pin_dir.display()))?;
     let mut map: BpfHashMap<MapData, FlowKey, V> = BpfHashMap::try_from(Map::LruHashMap(data))?;

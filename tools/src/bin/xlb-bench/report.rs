@@ -9,6 +9,7 @@ use crate::{
     Results,
     ctl::summary,
     ns::{CONFIGS, Config, NorthSouth, med},
+    pps::{PPS_CONFIGS, Pps, PpsConfig},
     xdp_rows::{ApplyRow, MaglevRow, PacketRow},
 };
 
@@ -366,6 +367,96 @@ fn ns_section(n: &NorthSouth, s: &mut String, charts: &[String]) {
     }
 }
 
+fn pps_section(p: &Pps, s: &mut String) {
+    *s += &format!(
+        "\n## Packet rate: {}-byte UDP frames to a NodePort whose endpoint is on another node\n\n\
+         - command: `{}`\n- {} flows (source ports), {} s windows, {} repeat(s) (medians), configurations alternating; generator: {}\n\n",
+        p.frame_bytes, p.command, p.flows, p.seconds, p.repeats, p.generator
+    );
+    let mpps = |c| crate::pps::med(p, c, |x| x.mpps);
+    let cpu = |c| crate::pps::med(p, c, |x| x.cpu_ns_per_packet);
+    let mut rows = Vec::new();
+    for c in PPS_CONFIGS {
+        if mpps(c).is_none() {
+            continue;
+        }
+        rows.push(vec![
+            c.label().to_owned(),
+            p.xdp_modes
+                .get(c.key())
+                .cloned()
+                .unwrap_or_else(|| "-".into()),
+            f(mpps(c), 3),
+            f(crate::pps::med(p, c, |x| x.sent_mpps), 3),
+            f(
+                crate::pps::med(p, c, |x| 100.0 * x.delivered as f64 / x.sent.max(1) as f64),
+                1,
+            ),
+            f(cpu(c), 0),
+            f(crate::pps::med(p, c, |x| x.softirq_ns_per_packet), 0),
+            f(crate::pps::med(p, c, |x| 100.0 * x.gen_cpu_share), 0),
+        ]);
+    }
+    *s += &table(
+        vec![
+            "configuration",
+            "XDP mode",
+            "Mpps delivered",
+            "Mpps sent",
+            "delivered %",
+            "CPU ns/packet (sys+irq+softirq)",
+            "softirq ns/packet",
+            "% of it on the generator's CPU",
+        ],
+        rows,
+    );
+    *s += &format!(
+        "\n\nThe generator and the whole path share CPU {}; where the last column is well below \
+         100, a veth's NAPI poll (native XDP) ran on the other CPU part of the time and Mpps is \
+         not a one-CPU figure: compare CPU ns/packet there.",
+        p.gen_cpu
+    );
+    let mut rows = Vec::new();
+    for ours in [PpsConfig::Ours, PpsConfig::OursNative] {
+        if mpps(ours).is_none() {
+            continue;
+        }
+        let mut row = vec![ours.label().to_owned()];
+        let others = [
+            PpsConfig::Nftables,
+            PpsConfig::Iptables,
+            PpsConfig::Routing,
+            PpsConfig::RoutingXdp,
+        ];
+        for other in others {
+            row.push(x(ratio(mpps(ours), mpps(other))));
+        }
+        for other in others {
+            row.push(x(ratio(cpu(ours), cpu(other))));
+        }
+        rows.push(row);
+    }
+    *s += "\n\nRatios (Mpps above 1 and CPU per packet below 1 favour ours):\n\n";
+    *s += &table(
+        vec![
+            "",
+            "Mpps /nftables",
+            "Mpps /iptables",
+            "Mpps /routing",
+            "Mpps /routing+XDP",
+            "CPU/pkt /nftables",
+            "CPU/pkt /iptables",
+            "CPU/pkt /routing",
+            "CPU/pkt /routing+XDP",
+        ],
+        rows,
+    );
+    *s += "\n\nMethod:\n\n";
+    for m in &p.method {
+        *s += &format!("- {m}\n");
+    }
+}
+
 fn markdown(r: &Results, json: &Path, charts: &[String]) -> String {
     let mut s = String::from(
         "# xlb benchmark results\n\nWritten by `xlb-bench` (`cargo xtask bench`); every sample is in the run's JSON file. \
@@ -406,6 +497,9 @@ fn markdown(r: &Results, json: &Path, charts: &[String]) -> String {
     }
     if let Some(n) = &r.north_south {
         ns_section(n, &mut s, charts);
+    }
+    if let Some(p) = &r.pps {
+        pps_section(p, &mut s);
     }
     if let Some(c) = &r.control_plane {
         let line = |what: &str, v: &[f64]| {

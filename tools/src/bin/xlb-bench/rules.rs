@@ -25,11 +25,18 @@ pub struct SvcDef {
     pub endpoints: Vec<(Ipv4Addr, u16, String)>,
     pub node_port: Option<u16>,
     pub lb_ip: Option<Ipv4Addr>,
+    /// UDP instead of TCP (the packet-rate part's service).
+    pub udp: bool,
 }
 
 impl SvcDef {
     fn port_name(&self) -> String {
         format!("{NAMESPACE}/{}:p", self.name)
+    }
+
+    /// The protocol as iptables and nft spell it.
+    fn proto(&self) -> &'static str {
+        if self.udp { "udp" } else { "tcp" }
     }
 }
 
@@ -51,9 +58,10 @@ pub fn manifest(svcs: &[SvcDef]) -> String {
             .map(|p| format!(", nodePort: {p}"))
             .unwrap_or_default();
         let tp = s.endpoints.first().map_or(s.port, |e| e.1);
+        let proto = s.proto().to_ascii_uppercase();
         let _ = write!(
             y,
-            "- apiVersion: v1\n  kind: Service\n  metadata: {{name: {n}, namespace: {NAMESPACE}}}\n  spec:\n    type: {ty}\n    clusterIP: {ip}\n    ports:\n    - {{name: p, port: {port}, protocol: TCP, targetPort: {tp}{np}}}\n",
+            "- apiVersion: v1\n  kind: Service\n  metadata: {{name: {n}, namespace: {NAMESPACE}}}\n  spec:\n    type: {ty}\n    clusterIP: {ip}\n    ports:\n    - {{name: p, port: {port}, protocol: {proto}, targetPort: {tp}{np}}}\n",
             n = s.name,
             ip = s.cluster_ip,
             port = s.port,
@@ -66,7 +74,7 @@ pub fn manifest(svcs: &[SvcDef]) -> String {
         }
         let _ = write!(
             y,
-            "- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata:\n    name: {n}-x1\n    namespace: {NAMESPACE}\n    labels: {{kubernetes.io/service-name: {n}}}\n  addressType: IPv4\n  ports:\n  - {{name: p, port: {tp}, protocol: TCP}}\n  endpoints:\n",
+            "- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata:\n    name: {n}-x1\n    namespace: {NAMESPACE}\n    labels: {{kubernetes.io/service-name: {n}}}\n  addressType: IPv4\n  ports:\n  - {{name: p, port: {tp}, protocol: {proto}}}\n  endpoints:\n",
             n = s.name,
         );
         if s.endpoints.is_empty() {
@@ -91,7 +99,7 @@ fn ipt_service(s: &SvcDef) -> IptRules {
     kube_proxy::ipt_service(
         &IptService {
             port_name: &s.port_name(),
-            proto: "tcp",
+            proto: s.proto(),
             cluster_ip: s.cluster_ip,
             port: s.port,
             node_port: s.node_port,
@@ -131,7 +139,12 @@ pub fn iptables_partial(s: &SvcDef, gone: &[(Ipv4Addr, u16)]) -> String {
     let pn = s.port_name();
     let gone: Vec<String> = gone
         .iter()
-        .map(|(ip, tp)| format!("KUBE-SEP-{}", chain_suffix(&format!("{pn}/tcp/{ip}:{tp}"))))
+        .map(|(ip, tp)| {
+            format!(
+                "KUBE-SEP-{}",
+                chain_suffix(&format!("{pn}/{}/{ip}:{tp}", s.proto()))
+            )
+        })
         .collect();
     for g in &gone {
         let _ = writeln!(t, ":{g} - [0:0]");
@@ -150,25 +163,28 @@ pub fn iptables_partial(s: &SvcDef, gone: &[(Ipv4Addr, u16)]) -> String {
 // ---------------------------------------------------------------- nftables mode
 
 fn nft_svc_chain(s: &SvcDef) -> String {
+    let p = s.proto();
     format!(
-        "service-{}-{NAMESPACE}/{}/tcp/p",
-        &chain_suffix(&format!("{}/tcp", s.port_name()))[..8],
+        "service-{}-{NAMESPACE}/{}/{p}/p",
+        &chain_suffix(&format!("{}/{p}", s.port_name()))[..8],
         s.name
     )
 }
 
 fn nft_ext_chain(s: &SvcDef) -> String {
+    let p = s.proto();
     format!(
-        "external-{}-{NAMESPACE}/{}/tcp/p",
-        &chain_suffix(&format!("{}/tcp", s.port_name()))[..8],
+        "external-{}-{NAMESPACE}/{}/{p}/p",
+        &chain_suffix(&format!("{}/{p}", s.port_name()))[..8],
         s.name
     )
 }
 
 fn nft_ep_chain(s: &SvcDef, ip: Ipv4Addr, tp: u16) -> String {
+    let p = s.proto();
     format!(
-        "endpoint-{}-{NAMESPACE}/{}/tcp/p__{ip}/{tp}",
-        &chain_suffix(&format!("{}/tcp/{ip}:{tp}", s.port_name()))[..8],
+        "endpoint-{}-{NAMESPACE}/{}/{p}/p__{ip}/{tp}",
+        &chain_suffix(&format!("{}/{p}/{ip}:{tp}", s.port_name()))[..8],
         s.name
     )
 }
@@ -185,7 +201,8 @@ fn nft_endpoint(out: &mut String, s: &SvcDef, ip: Ipv4Addr, tp: u16) -> String {
     );
     let _ = writeln!(
         out,
-        "add rule ip {t} {ep} meta l4proto tcp dnat to {ip}:{tp}"
+        "add rule ip {t} {ep} meta l4proto {} dnat to {ip}:{tp}",
+        s.proto()
     );
     ep
 }
@@ -198,8 +215,10 @@ fn nft_service(s: &SvcDef, out: &mut String, ips: &mut Vec<String>, nodeports: &
     let _ = writeln!(out, "add chain ip {t} {svc}");
     let _ = writeln!(
         out,
-        "add rule ip {t} {svc} ip daddr {} tcp dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
-        s.cluster_ip, s.port
+        "add rule ip {t} {svc} ip daddr {} {} dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
+        s.cluster_ip,
+        s.proto(),
+        s.port
     );
     let mut vmap = Vec::new();
     for (k, (ip, tp, _)) in s.endpoints.iter().enumerate() {
@@ -214,17 +233,18 @@ fn nft_service(s: &SvcDef, out: &mut String, ips: &mut Vec<String>, nodeports: &
             vmap.join(", ")
         );
     }
-    ips.push(format!("{} . tcp . {} : goto {svc}", s.cluster_ip, s.port));
+    let p = s.proto();
+    ips.push(format!("{} . {p} . {} : goto {svc}", s.cluster_ip, s.port));
     if s.node_port.is_some() || s.lb_ip.is_some() {
         let ext = nft_ext_chain(s);
         let _ = writeln!(out, "add chain ip {t} {ext}");
         let _ = writeln!(out, "add rule ip {t} {ext} jump mark-for-masquerade");
         let _ = writeln!(out, "add rule ip {t} {ext} goto {svc}");
         if let Some(ip) = s.lb_ip {
-            ips.push(format!("{ip} . tcp . {} : goto {ext}", s.port));
+            ips.push(format!("{ip} . {p} . {} : goto {ext}", s.port));
         }
         if let Some(np) = s.node_port {
-            nodeports.push(format!("tcp . {np} : goto {ext}"));
+            nodeports.push(format!("{p} . {np} : goto {ext}"));
         }
     }
 }
@@ -327,8 +347,10 @@ pub fn nft_partial(s: &SvcDef, added: &[(Ipv4Addr, u16)], gone: &[(Ipv4Addr, u16
     let _ = writeln!(out, "flush chain ip {t} {svc}");
     let _ = writeln!(
         out,
-        "add rule ip {t} {svc} ip daddr {} tcp dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
-        s.cluster_ip, s.port
+        "add rule ip {t} {svc} ip daddr {} {} dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
+        s.cluster_ip,
+        s.proto(),
+        s.port
     );
     let vmap: Vec<String> = s
         .endpoints
