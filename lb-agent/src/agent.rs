@@ -158,6 +158,9 @@ pub struct AgentInfo {
     pub node_name: String,
     pub iface: String,
     pub xdp_mode: String,
+    /// Why that mode (the flag, or what `auto` saw).
+    #[serde(default)]
+    pub xdp_mode_reason: String,
     pub node_addrs: Vec<Ipv4Addr>,
     pub pod_ifaces: Vec<String>,
     /// The cgroup the socket programs are attached to (None: socket LB off).
@@ -417,7 +420,8 @@ impl Agent {
             log::info!("adopted the previous run's state from the pins: {adopted:?}");
         }
         let uplink_is_veth = links.iter().any(|l| l.name == args.iface && l.is_veth());
-        let mode = dp.attach_xdp(&args.iface, args.xdp_mode, uplink_is_veth)?;
+        let (mode, xdp_mode_reason) = dp.attach_xdp(&args.iface, args.xdp_mode, uplink_is_veth)?;
+        log::info!("XDP mode on {}: {xdp_mode_reason}", args.iface);
         log::info!(
             "XDP attached to {} in {} mode; node addresses {:?}; maps pinned in {}",
             args.iface,
@@ -445,6 +449,7 @@ impl Agent {
             node_name: args.node_name.clone(),
             iface: args.iface.clone(),
             xdp_mode: format!("{mode:?}").to_lowercase(),
+            xdp_mode_reason,
             node_addrs: node_addrs.clone(),
             pod_ifaces: vec![],
             cgroup: cgroup.map(|p| p.display().to_string()),

@@ -229,6 +229,9 @@ pub fn render(st: &Status) -> String {
             if a.tc_uplink { ", tc ingress" } else { "" },
             a.node_addrs,
         ));
+        if !a.xdp_mode_reason.is_empty() {
+            out.push_str(&format!("  (XDP mode: {})\n", a.xdp_mode_reason));
+        }
         out.push_str(&format!(
             "pod interfaces {:?}: tc  socket LB {}  metrics {}\n",
             a.pod_ifaces,

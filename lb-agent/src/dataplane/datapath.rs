@@ -186,12 +186,14 @@ impl Datapath {
     /// a veth delivers native XDP_TX frames only when its peer runs XDP too, and on a kind
     /// node the peer lives in the host, out of our reach, so generic mode is the one that works.
     /// `iface_is_veth` comes from the link kind (netinfo::list_links).
+    /// Attaches the XDP program to `iface`; returns the mode and why it is that one (for
+    /// `lb-agent status`).
     pub fn attach_xdp(
         &mut self,
         iface: &str,
         choice: XdpModeChoice,
         iface_is_veth: bool,
-    ) -> Result<XdpAttachMode> {
+    ) -> Result<(XdpAttachMode, String)> {
         // A link left by the previous agent: swap the new program in, keeping its mode.
         for (mode, tag) in [
             (XdpAttachMode::Native, "native"),
@@ -214,7 +216,10 @@ impl Datapath {
                 Ok(()) => {
                     log::info!("XDP on {iface}: replaced the program in the pinned {tag} link");
                     self.attached.xdp.push((iface.to_owned(), path));
-                    return Ok(mode);
+                    return Ok((
+                        mode,
+                        format!("kept from the previous agent's pinned {tag} link"),
+                    ));
                 }
                 Err(e) => log::warn!("pinned XDP link on {iface} unusable ({e:#}); attaching anew"),
             }
@@ -224,6 +229,15 @@ impl Datapath {
             XdpModeChoice::Generic => false,
             XdpModeChoice::Auto => !iface_is_veth,
         };
+        let mut why = match choice {
+            XdpModeChoice::Native => "--xdp-mode native".to_string(),
+            XdpModeChoice::Generic => "--xdp-mode generic".to_string(),
+            XdpModeChoice::Auto if iface_is_veth => "auto: a veth uplink, whose native XDP_TX \
+                frames only arrive when its peer runs XDP too (not so on kind, where the peer \
+                is in the host)"
+                .to_string(),
+            XdpModeChoice::Auto => "auto: not a veth, native first".to_string(),
+        };
         let prog = self.xdp(PROG_XDP)?;
         let mut attached = None;
         if prefer_native {
@@ -232,7 +246,10 @@ impl Datapath {
                 Err(e) if choice == XdpModeChoice::Native => {
                     return Err(e).with_context(|| format!("attaching XDP (native) to {iface}"));
                 }
-                Err(e) => log::warn!("native XDP on {iface} failed ({e}); falling back to generic"),
+                Err(e) => {
+                    log::warn!("native XDP on {iface} failed ({e}); falling back to generic");
+                    why = format!("auto: native XDP failed on this driver ({e})");
+                }
             }
         }
         let (id, mode, tag) = match attached {
@@ -251,7 +268,7 @@ impl Datapath {
             &path,
         )?;
         self.attached.xdp.push((iface.to_owned(), path));
-        Ok(mode)
+        Ok((mode, why))
     }
 
     fn replace_xdp(&mut self, fd: FdLink, path: &Path) -> Result<()> {
