@@ -784,6 +784,9 @@ counters! {
     ArpLeaseExpired => "arp_lease_expired",
     /// IPv4 for another host's MAC address (flooded by a switch): left to the kernel.
     PassOtherHost => "pass_other_host",
+    /// A reject not sent (the packet dropped instead): its source cannot be answered
+    /// (0.0.0.0, loopback, multicast, broadcast or reserved), as RFC 1122 asks.
+    RejectSuppressed => "reject_suppressed",
 }
 
 /// Hash of a flow used to index a Maglev table. Deterministic and seedless on purpose:
@@ -886,7 +889,7 @@ mod tests {
             "neigh_resolve"
         );
         assert_eq!(COUNTER_NAMES[Counter::RstNoState as usize], "rst_no_state");
-        assert_eq!(Counter::PassOtherHost as u32 + 1, COUNTER_COUNT);
+        assert_eq!(Counter::RejectSuppressed as u32 + 1, COUNTER_COUNT);
     }
 
     #[test]

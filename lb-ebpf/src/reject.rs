@@ -56,6 +56,16 @@ pub const QUOTE_END: usize = L4_OFF + size_of::<UdpHdr>();
 pub const ICMP_GROW: usize = IP_LEN + ICMP_HDR_LEN;
 pub const ICMP_LEN: usize = QUOTE_END + ICMP_GROW;
 
+/// A source address a RST or ICMP error may be sent to (network order): not 0.0.0.0/8,
+/// loopback, multicast, or 240.0.0.0/4 (reserved, and the limited broadcast). RFC 1122
+/// forbids ICMP errors about such datagrams; answering them would let a spoofed packet turn
+/// this node into a reflector towards a whole segment.
+#[inline(always)]
+pub fn answerable(src_be: u32) -> bool {
+    let first = u32::from_be(src_be) >> 24;
+    first != 0 && first != 127 && first < 224
+}
+
 #[inline(always)]
 fn swap<const N: usize>(b: &mut [u8], a: usize, c: usize) {
     let mut i = 0;
@@ -223,6 +233,24 @@ mod tests {
         let (_, t) = tcp_of(&rst_of(tcp(false, &[])).unwrap());
         assert!(t.rst && !t.ack);
         assert_eq!(t.sequence_number, 5000);
+    }
+
+    #[test]
+    fn only_unicast_sources_are_answered() {
+        let be = |a: [u8; 4]| u32::from_ne_bytes(a);
+        assert!(answerable(be([192, 0, 2, 1])));
+        assert!(answerable(be([10, 244, 1, 5])));
+        for bad in [
+            [0, 0, 0, 0],
+            [0, 1, 2, 3],
+            [127, 0, 0, 1],
+            [224, 0, 0, 1],
+            [239, 255, 255, 250],
+            [240, 0, 0, 1],
+            [255, 255, 255, 255],
+        ] {
+            assert!(!answerable(be(bad)), "{bad:?}");
+        }
     }
 
     #[test]

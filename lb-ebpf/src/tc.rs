@@ -54,10 +54,19 @@ const _: () = assert!(
         && offset_of!(TcpHdr, dest) == offset_of!(UdpHdr, dst)
 );
 
+/// Headers may sit in paged data: pull what the parser reads into the linear area — up to
+/// the end of a TCP header, the longest one read — or the whole packet if it is shorter (a
+/// pull past the end would fail and pull nothing).
+#[inline(always)]
+fn pull_headers(ctx: &TcContext) {
+    let want = (L4_OFF + size_of::<TcpHdr>()) as u32;
+    let len = ctx.len();
+    let _ = ctx.pull_data(if len < want { len } else { want });
+}
+
 #[inline(always)]
 pub fn run(ctx: &TcContext) -> i32 {
-    // Headers may sit in paged data; pull the part we read into the linear area.
-    let _ = ctx.pull_data(L4_OFF as u32 + 8);
+    pull_headers(ctx);
     let t = match parse::parse(ctx.data(), ctx.data_end(), false) {
         Ok(t) => t,
         Err(_) => {
@@ -138,7 +147,7 @@ fn checked_reply(ctx: &TcContext, t: &Tuple, rk: &FlowKey, rev: &RevNat, cfg: &C
 /// mode, and the kernel would drop it as a martian once its source is a node address.
 #[inline(always)]
 pub fn run_uplink(ctx: &TcContext) -> i32 {
-    let _ = ctx.pull_data(L4_OFF as u32 + 8);
+    pull_headers(ctx);
     let Ok(t) = parse::parse(ctx.data(), ctx.data_end(), false) else {
         return TC_ACT_OK as i32;
     };
@@ -344,6 +353,10 @@ fn forward(ctx: &TcContext, t: &Tuple) -> i32 {
 /// the pod through the interface it came from.
 #[inline(always)]
 fn reject(ctx: &TcContext, t: &Tuple) -> i32 {
+    if !reject::answerable(t.src) {
+        count(Counter::RejectSuppressed);
+        return TC_ACT_SHOT as i32;
+    }
     // SAFETY: reading the skb's ifindex, a plain field of the context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     if t.proto == PROTO_TCP {

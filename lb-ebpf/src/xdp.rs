@@ -252,6 +252,10 @@ fn answer_arp(ctx: &XdpContext) -> Option<u32> {
 /// "Connection refused" back to the client: a RST for TCP, ICMP port unreachable for UDP.
 #[inline(always)]
 fn refuse(ctx: &XdpContext, t: &Tuple) -> u32 {
+    if !crate::reject::answerable(t.src) {
+        count(Counter::RejectSuppressed);
+        return XDP_DROP;
+    }
     if t.proto == PROTO_TCP {
         count(Counter::RejectRst);
         xdp_reject::tcp_rst(ctx)

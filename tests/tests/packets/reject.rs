@@ -47,3 +47,29 @@ packet_test!(
         action: XDP_DROP,
     }
 );
+
+packet_test!(
+    no_reject_towards_an_unanswerable_source,
+    Step::Case {
+        desc: "no endpoints, UDP from 0.0.0.0 -> dropped, no ICMP (RFC 1122)",
+        prog: Prog::Xdp,
+        input: udp(40024, NODE, 30091)
+            .with(|p| p.src = [0, 0, 0, 0])
+            .bytes(),
+        output: None,
+        action: XDP_DROP,
+    }
+);
+
+packet_test!(
+    no_reject_towards_a_multicast_source,
+    Step::Case {
+        desc: "no endpoints, TCP SYN from a multicast source -> dropped, no RST",
+        prog: Prog::Xdp,
+        input: syn(40025, NODE, 30090)
+            .with(|p| p.src = [224, 0, 0, 5])
+            .bytes(),
+        output: None,
+        action: XDP_DROP,
+    }
+);
