@@ -120,11 +120,14 @@ struct Loop {
 }
 
 impl Loop {
+    /// One pass per [`INTERVAL`]: send the heartbeat, take in every peer's until the next
+    /// one is due, then decide and renew the lease — once per interval, not per datagram
+    /// received (a large cluster sends many).
     fn run(mut self) {
         let mut started = Instant::now();
-        let mut next = started;
         let mut mine: BTreeSet<Ipv4Addr> = BTreeSet::new();
         while !self.stop.load(Ordering::Relaxed) {
+            let next = Instant::now() + INTERVAL;
             // Uplink down: this node hears no peer and would believe itself alone, claim
             // every address, and win some back by score when the link returns — moving
             // them away from the node that served them meanwhile (and its tracked flows).
@@ -139,8 +142,7 @@ impl Loop {
                     );
                     mine.clear();
                     let _ = self.announcer.set(&mine);
-                    self.metrics.announce().owned.set(0);
-                    *self.announced.lock().unwrap_or_else(|e| e.into_inner()) = mine.clone();
+                    self.publish(&mine);
                 }
                 self.peers.clear();
                 started = Instant::now();
@@ -154,7 +156,7 @@ impl Loop {
                 .clone();
             // A node with nothing to announce stays quiet: a cluster without L2 pools sees
             // no heartbeats at all.
-            if Instant::now() >= next && (!eligible.is_empty() || !mine.is_empty()) {
+            if !eligible.is_empty() || !mine.is_empty() {
                 let hb = heartbeat::Heartbeat {
                     v: heartbeat::VERSION,
                     node: self.node.clone(),
@@ -165,44 +167,9 @@ impl Loop {
                     log::debug!("heartbeat send: {e:#}");
                 }
             }
-            if Instant::now() >= next {
-                next += INTERVAL;
-                if next < Instant::now() {
-                    next = Instant::now() + INTERVAL;
-                }
-            }
-            match self
-                .link
-                .recv(next.saturating_duration_since(Instant::now()))
-            {
-                Ok(Some(hb)) if hb.node != self.node => {
-                    let fresh = !self.peers.contains_key(&hb.node);
-                    if fresh {
-                        log::info!("announce: peer {} heard", hb.node);
-                    }
-                    self.peers
-                        .insert(hb.node.clone(), (Instant::now(), hb.view()));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    log::warn!("heartbeat receive: {e:#}");
-                    std::thread::sleep(INTERVAL);
-                }
-            }
-            let now = Instant::now();
-            let before = self.peers.len();
-            self.peers.retain(|node, (seen, _)| {
-                let live = now.duration_since(*seen) < DEAD_AFTER;
-                if !live {
-                    log::warn!("announce: peer {node} silent for {DEAD_AFTER:?}: gone");
-                }
-                live
-            });
-            let lost = before - self.peers.len();
-            let m = self.metrics.announce();
-            m.peers_lost.inc_by(lost as u64);
-            m.peers.set(self.peers.len() as i64);
-            if now.duration_since(started) < SETTLE {
+            self.receive_until(next);
+            self.forget_silent_peers();
+            if started.elapsed() < SETTLE {
                 continue;
             }
             let peers: Vec<owner::PeerView> = self.peers.values().map(|(_, v)| v.clone()).collect();
@@ -212,14 +179,13 @@ impl Loop {
                     Ok(new) => {
                         for a in new {
                             log::warn!("announce: taking over {a}");
-                            m.takeovers.inc();
+                            self.metrics.announce().takeovers.inc();
                             if let Err(e) = self.announcer.gratuitous(a) {
                                 log::warn!("{e:#}");
                             }
                         }
                         mine = want;
-                        m.owned.set(mine.len() as i64);
-                        *self.announced.lock().unwrap_or_else(|e| e.into_inner()) = mine.clone();
+                        self.publish(&mine);
                     }
                     Err(e) => log::warn!("announce: writing XLB_ARP: {e:#}"),
                 }
@@ -228,8 +194,54 @@ impl Loop {
                 log::warn!("announce: renewing the ARP lease: {e:#}");
             }
         }
-        self.announcer.expire();
         let _ = self.announcer.set(&BTreeSet::new());
+        self.announcer.expire();
+    }
+
+    /// Every peer's heartbeat that arrives before `deadline`.
+    fn receive_until(&mut self, deadline: Instant) {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            match self.link.recv(left) {
+                Ok(Some(hb)) if hb.node != self.node => {
+                    if !self.peers.contains_key(&hb.node) {
+                        log::info!("announce: peer {} heard", hb.node);
+                    }
+                    self.peers
+                        .insert(hb.node.clone(), (Instant::now(), hb.view()));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    log::warn!("heartbeat receive: {e:#}");
+                    std::thread::sleep(left);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn forget_silent_peers(&mut self) {
+        let now = Instant::now();
+        let before = self.peers.len();
+        self.peers.retain(|node, (seen, _)| {
+            let live = now.duration_since(*seen) < DEAD_AFTER;
+            if !live {
+                log::warn!("announce: peer {node} silent for {DEAD_AFTER:?}: gone");
+            }
+            live
+        });
+        let m = self.metrics.announce();
+        m.peers_lost.inc_by((before - self.peers.len()) as u64);
+        m.peers.set(self.peers.len() as i64);
+    }
+
+    /// `mine` is what `XLB_ARP` holds now: metrics and `Announce::announced` follow.
+    fn publish(&self, mine: &BTreeSet<Ipv4Addr>) {
+        self.metrics.announce().owned.set(mine.len() as i64);
+        *self.announced.lock().unwrap_or_else(|e| e.into_inner()) = mine.clone();
     }
 }
 

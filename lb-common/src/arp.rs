@@ -22,8 +22,9 @@ pub const IPV4_OVER_ETHERNET: [u8; 6] = [0, 1, 0x08, 0x00, 6, 4];
 pub const OP_REQUEST: u16 = 1;
 pub const OP_REPLY: u16 = 2;
 
+/// Writes `v` at `b[to..]` (an indexed loop: what the eBPF verifier follows).
 #[inline(always)]
-fn put<const N: usize>(b: &mut [u8], to: usize, v: &[u8; N]) {
+pub fn put<const N: usize>(b: &mut [u8], to: usize, v: &[u8; N]) {
     let mut i = 0;
     while i < N {
         b[to + i] = v[i];

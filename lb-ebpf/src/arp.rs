@@ -6,7 +6,7 @@
 pub use lb_common::arp::{ARP_FRAME_LEN, ETH_P_ARP};
 use lb_common::arp::{
     ETH_DST, ETH_SRC, ETH_TYPE, HTYPE, IPV4_OVER_ETHERNET, OP_REPLY, OP_REQUEST, OPER, SHA, SPA,
-    THA, TPA,
+    THA, TPA, put,
 };
 
 #[inline(always)]
@@ -14,15 +14,6 @@ fn copy<const N: usize>(b: &mut [u8], to: usize, from: usize) {
     let mut i = 0;
     while i < N {
         b[to + i] = b[from + i];
-        i += 1;
-    }
-}
-
-#[inline(always)]
-fn put<const N: usize>(b: &mut [u8], to: usize, v: &[u8; N]) {
-    let mut i = 0;
-    while i < N {
-        b[to + i] = v[i];
         i += 1;
     }
 }

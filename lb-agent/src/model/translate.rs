@@ -506,18 +506,17 @@ pub fn translate(objs: &Objects, node: &NodeContext) -> Desired {
 /// externalTrafficPolicy Local only with a ready local endpoint (a local-scope port of the
 /// Service with backends), as MetalLB announces such Services.
 fn announce_eligible(d: &Desired) -> BTreeSet<Ipv4Addr> {
+    // Services with a ready local endpoint, once (not a scan of every port per address).
+    let local_ready: std::collections::HashSet<(&str, &str)> = d
+        .ports
+        .iter()
+        .filter(|p| p.id.scope == Scope::Local && !p.backends.is_empty())
+        .map(|p| (p.id.namespace.as_str(), p.id.name.as_str()))
+        .collect();
     d.lb_addresses
         .iter()
         .filter(|a| a.l2_here)
-        .filter(|a| {
-            !a.local_only
-                || d.ports.iter().any(|p| {
-                    p.id.namespace == a.namespace
-                        && p.id.name == a.name
-                        && p.id.scope == Scope::Local
-                        && !p.backends.is_empty()
-                })
-        })
+        .filter(|a| !a.local_only || local_ready.contains(&(a.namespace.as_str(), a.name.as_str())))
         .map(|a| a.addr)
         .collect()
 }

@@ -543,19 +543,7 @@ impl Setup {
         let (conn_targets, iperf_targets) = if config == Config::Ceiling {
             // Through the entry node, like the load-balanced paths (which forward to the
             // remote pod's node from there).
-            for n in nw.nodes() {
-                exec_ok(
-                    &client_ns,
-                    &[
-                        "ip",
-                        "route",
-                        "add",
-                        &n.pod_cidr.to_string(),
-                        "via",
-                        &entry.addr.to_string(),
-                    ],
-                )?;
-            }
+            route_pods_via(nw, &client_ns, entry.addr)?;
             (
                 vec![(
                     "direct",
@@ -595,7 +583,7 @@ impl Setup {
             }
         }
         let pass = if config == Config::Ceiling && ceiling_xdp {
-            Some(attach_pass(nw, &entry)?)
+            Some(attach_pass(nw, [&entry], "ceilxdp")?)
         } else {
             None
         };
@@ -705,17 +693,18 @@ impl Setup {
     }
 }
 
-/// Diagnostic (`--ceiling-xdp`): `xlb_xdp_pass` in native mode on both ends of the entry
-/// node's uplink, as ours has (its load balancer on the node side, the pass program on the
-/// bridge side): the ceiling path plus the cost of native XDP on a veth pair, no load
-/// balancing.
-fn attach_pass(
+/// `xlb_xdp_pass` in native mode on both ends of the uplink of each of `nodes`, as ours has
+/// (its load balancer on the node side, the pass program on the bridge side): the cost of
+/// native XDP on a veth pair with no load balancing. Used by `--ceiling-xdp` (the entry
+/// node) and the packet-rate part's routing-xdp diagnostic (every node).
+pub fn attach_pass<'a>(
     net: &Network,
-    entry: &lb_tests::Node,
+    nodes: impl IntoIterator<Item = &'a lb_tests::Node>,
+    tag: &str,
 ) -> Result<(lb_agent::dataplane::datapath::Datapath, lb_tests::PinDir)> {
     use aya::programs::XdpMode;
     use lb_agent::dataplane::datapath::{Datapath, Limits};
-    let pins = lb_tests::PinDir::new("ceilxdp")?;
+    let pins = lb_tests::PinDir::new(tag)?;
     let mut dp = Datapath::load(
         pins.path(),
         &Limits {
@@ -725,14 +714,36 @@ fn attach_pass(
         },
     )?;
     let prog = dp.xdp(lb_common::PROG_XDP_PASS)?;
-    for (ns, iface) in [
-        (net.kind_netns(), entry.kind_side_iface.as_str()),
-        (entry.netns.as_str(), entry.uplink.as_str()),
-    ] {
-        lb_tests::try_in_netns(ns, || prog.attach(iface, XdpMode::Driver))?
-            .with_context(|| format!("attaching the pass program to {iface} in {ns}"))?;
+    for n in nodes {
+        for (ns, iface) in [
+            (net.kind_netns(), n.kind_side_iface.as_str()),
+            (n.netns.as_str(), n.uplink.as_str()),
+        ] {
+            lb_tests::try_in_netns(ns, || prog.attach(iface, XdpMode::Driver))?
+                .with_context(|| format!("attaching the pass program to {iface} in {ns}"))?;
+        }
     }
     Ok((dp, pins))
+}
+
+/// Routes from the client namespace to every node's pod CIDR through `entry` (the
+/// no-load-balancer paths reach the pods through the entry node, as the load-balanced ones
+/// do).
+pub fn route_pods_via(net: &Network, client_ns: &str, entry: Ipv4Addr) -> Result<()> {
+    for n in net.nodes() {
+        exec_ok(
+            client_ns,
+            &[
+                "ip",
+                "route",
+                "add",
+                &n.pod_cidr.to_string(),
+                "via",
+                &entry.to_string(),
+            ],
+        )?;
+    }
+    Ok(())
 }
 
 fn lb_and_entry(net: &Network) -> (Ipv4Addr, Ipv4Addr) {

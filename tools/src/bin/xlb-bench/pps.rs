@@ -511,19 +511,7 @@ impl Setup {
         let svc = service(&pod);
         let target = match config {
             PpsConfig::Routing | PpsConfig::RoutingXdp => {
-                for n in nw.nodes() {
-                    exec_ok(
-                        &client_ns,
-                        &[
-                            "ip",
-                            "route",
-                            "add",
-                            &n.pod_cidr.to_string(),
-                            "via",
-                            &entry.addr.to_string(),
-                        ],
-                    )?;
-                }
+                crate::ns::route_pods_via(nw, &client_ns, entry.addr)?;
                 SocketAddrV4::new(pod.addr, PORT)
             }
             _ => SocketAddrV4::new(entry.addr, NODE_PORT),
@@ -581,7 +569,7 @@ impl Setup {
         let conf = tmp_file(&format!("pps-{}-trafgen", config.key()), &conf_text)?;
         let pass = if config == PpsConfig::RoutingXdp {
             xdp_mode = Some("native (pass program)".to_owned());
-            Some(attach_pass(nw)?)
+            Some(crate::ns::attach_pass(nw, nw.nodes(), "ppsxdp")?)
         } else {
             None
         };
@@ -716,37 +704,6 @@ impl Drop for Setup {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.conf);
     }
-}
-
-/// routing-xdp: `xlb_xdp_pass` in native mode on both ends of every node's uplink (the
-/// layout of ours-native: its load balancer on the node side, the harness's pass program on
-/// the bridge side). Native XDP on a veth makes it receive through NAPI and may copy skbs
-/// that lack XDP headroom; this isolates that cost from the load balancing.
-fn attach_pass(
-    net: &Network,
-) -> Result<(lb_agent::dataplane::datapath::Datapath, lb_tests::PinDir)> {
-    use aya::programs::XdpMode;
-    use lb_agent::dataplane::datapath::{Datapath, Limits};
-    let pins = lb_tests::PinDir::new("ppsxdp")?;
-    let mut dp = Datapath::load(
-        pins.path(),
-        &Limits {
-            maglev_arena: 1,
-            ct_entries: 1,
-            ..Limits::default()
-        },
-    )?;
-    let prog = dp.xdp(lb_common::PROG_XDP_PASS)?;
-    for n in net.nodes() {
-        for (ns, iface) in [
-            (net.kind_netns(), n.kind_side_iface.as_str()),
-            (n.netns.as_str(), n.uplink.as_str()),
-        ] {
-            try_in_netns(ns, || prog.attach(iface, XdpMode::Driver))?
-                .with_context(|| format!("attaching the pass program to {iface} in {ns}"))?;
-        }
-    }
-    Ok((dp, pins))
 }
 
 /// The whole packet-rate comparison.
