@@ -39,7 +39,7 @@ pub struct RunArgs {
     /// Pin directory for the maps [default: /sys/fs/bpf/xlb/<node-name>].
     #[arg(long)]
     pub pin_dir: Option<PathBuf>,
-    /// XDP mode on the uplink.
+    /// XDP on the uplink (tc ingress runs behind it in every mode, and alone with `off`).
     #[arg(long, value_enum, default_value = "auto")]
     pub xdp_mode: XdpModeChoice,
     /// Smallest Maglev table size; larger services get the next prime of the ladder >= 100 x
@@ -120,8 +120,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
     /// cgroup v2 directory whose processes get socket-level load balancing (connect,
-    /// sendmsg, recvmsg, getpeername hooks), or `none` [default: the cgroup2 mount point,
-    /// when the agent shares pid 1's network namespace].
+    /// sendmsg, recvmsg, getpeername hooks), or `none` [default: see
+    /// `dataplane::cgroup`; never the machine's cgroup root unless allowed].
     #[arg(long, value_name = "PATH|none")]
     pub cgroup: Option<String>,
     /// Address of the HTTP server for `/metrics` (Prometheus), `/healthz`, `/readyz` and
@@ -142,6 +142,36 @@ pub struct RunArgs {
     /// announcing off (another component, e.g. MetalLB, answers ARP).
     #[arg(long, value_name = "PORT|none", default_value = "7947")]
     pub announce_port: String,
+    /// Full resync period, as kube-proxy's `--sync-period`: every Service re-translated and
+    /// compared with the maps (which are written only where they differ), a safety net
+    /// under the incremental updates; `0` turns it off.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    pub sync_period: Duration,
+    /// Shortest time between two updates from the file source, as kube-proxy's
+    /// `--min-sync-period`: a change after a quiet period is applied at once, a burst of
+    /// changes is applied in batches at most this often. (The kube source batches the same
+    /// way, every 100 ms.)
+    #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = parse_duration)]
+    pub min_sync_period: Duration,
+}
+
+/// `250ms`, `10s`, `10m`, `1h` or `0`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?}: expected a duration such as 100ms, 30s, 10m, 1h or 0");
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let ms = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(ms).map(Duration::from_millis).ok_or_else(bad)
 }
 
 pub fn default_pin_dir(node: &str) -> PathBuf {
@@ -208,47 +238,24 @@ pub fn parse_source(s: &str) -> Result<SourceSpec> {
 }
 
 enum Source {
-    File(PathBuf),
-    /// Snapshots are pushed in ([`Agent::apply_objects`]); the last one is kept for
-    /// re-programming when drained backends expire.
-    Kube(Option<Arc<yaml::Objects>>),
+    /// The file, and its documents as last read (only changed ones are parsed again).
+    File(PathBuf, Box<crate::source::docs::FileCache>),
+    /// Snapshots are pushed in ([`Agent::apply_objects`]); `seen` names the last one
+    /// (source, number) so that the next one's [`crate::source::kube::ChangeLog`] says
+    /// what changed since.
+    Kube { seen: (u64, u64) },
 }
 
-/// Where the socket programs go: `--cgroup`, or by default the cgroup2 mount point.
-///
-/// The default applies only when the agent shares pid 1's network namespace. A cgroup's
-/// socket hooks act on every process below it whatever its network namespace, so an agent
-/// started inside another one (a test network, `ip netns exec`) is not the host's load
-/// balancer, and hooking the cgroup root would send the whole machine's connections to its
-/// services; there only an explicit `--cgroup` attaches. (In a DaemonSet pod with
-/// hostNetwork and on a kind node, pid 1 is in the agent's namespace.)
-fn resolve_cgroup(arg: Option<&str>) -> Option<PathBuf> {
+/// Where the socket programs go. `lb-agent run` decides it before the agent starts
+/// (`dataplane::cgroup::resolve`, which knows `--allow-cgroup-root`) and passes a path or
+/// `none`; a caller that passes nothing gets the same safe default, never the machine's
+/// cgroup root.
+fn resolve_cgroup(arg: Option<&str>) -> Result<Option<PathBuf>> {
     match arg {
-        Some("none") => return None,
-        Some(path) => return Some(PathBuf::from(path)),
-        None => {}
+        Some("none") => Ok(None),
+        Some(path) => Ok(Some(PathBuf::from(path))),
+        None => crate::dataplane::cgroup::resolve(None, false),
     }
-    let same_netns = |a: &str, b: &str| -> Option<bool> {
-        use std::os::unix::fs::MetadataExt as _;
-        let (a, b) = (std::fs::metadata(a).ok()?, std::fs::metadata(b).ok()?);
-        Some(a.dev() == b.dev() && a.ino() == b.ino())
-    };
-    // Unreadable (no access to pid 1, as in some sandboxes) counts as "not the host": the
-    // cost of a wrong guess is socket LB off and a log line, the other way the machine's
-    // connections.
-    if same_netns("/proc/self/ns/net", "/proc/1/ns/net") != Some(true) {
-        log::info!(
-            "socket load balancing off: the agent is not (or cannot tell that it is) in pid \
-             1's network namespace; pass --cgroup <PATH> to enable it"
-        );
-        return None;
-    }
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let found = crate::dataplane::datapath::cgroup2_mount(&mounts);
-    if found.is_none() {
-        log::warn!("socket load balancing off: no cgroup2 file system is mounted");
-    }
-    found
 }
 
 pub struct Agent {
@@ -264,6 +271,15 @@ pub struct Agent {
     /// re-scan (ifindex -> name).
     tc_failed: BTreeMap<u32, String>,
     last_seen: Option<(SystemTime, u64)>,
+    /// Every object, and each Service's part of the translation (see
+    /// [`crate::model::incremental`]).
+    translator: crate::model::incremental::Translator,
+    /// When the last full translation and apply ran (for `--sync-period`).
+    last_full: Option<Instant>,
+    /// When the file source's last change was applied (for `--min-sync-period`).
+    last_file_sync: Option<Instant>,
+    /// An incremental apply failed part-way: the next pass must be a full one.
+    need_full: bool,
     /// Events of the last translation (each is logged/posted when it first appears).
     events: Vec<translate::ServiceEvent>,
     /// New events not yet taken by the source (kube: posted as Kubernetes Events).
@@ -323,8 +339,8 @@ impl Agent {
     /// the uplink's kind and the pod-facing interfaces.
     pub fn start(args: RunArgs, links: &[netinfo::LinkFacts]) -> Result<Self> {
         let source = match parse_source(&args.source)? {
-            SourceSpec::File(path) => Source::File(path),
-            SourceSpec::Kube => Source::Kube(None),
+            SourceSpec::File(path) => Source::File(path, Box::default()),
+            SourceSpec::Kube => Source::Kube { seen: (0, 0) },
         };
         // Before anything is attached: the SNAT range, chosen outside the node's own ports
         // or, given, checked against them (a collision fails the start).
@@ -402,7 +418,11 @@ impl Agent {
                 ct_udp_s: args.ct_udp_timeout,
                 flags: crate::serve::debug::with_debug(0, args.datapath_debug),
                 mac,
-                _pad: 0,
+                host_netns_cookie: netinfo::netns_cookie().unwrap_or_else(|e| {
+                    log::warn!("{e:#}; the socket hooks will take every socket for the node's own");
+                    0
+                }),
+                ..Config::DEFAULT
             },
             0,
         )?;
@@ -419,22 +439,34 @@ impl Agent {
         if adopted != Default::default() {
             log::info!("adopted the previous run's state from the pins: {adopted:?}");
         }
+        // tc first: it serves the uplink on its own while XDP is being (re)placed or when
+        // no XDP program runs.
+        dp.attach_tc_uplink(&args.iface)?;
+        log::info!("{PROG_TC_UPLINK} attached to the ingress of {}", args.iface);
         let uplink_is_veth = links.iter().any(|l| l.name == args.iface && l.is_veth());
         let (mode, xdp_mode_reason) = dp.attach_xdp(&args.iface, args.xdp_mode, uplink_is_veth)?;
-        log::info!("XDP mode on {}: {xdp_mode_reason}", args.iface);
+        // tc learns whether XDP runs in front of it (see CFG_XDP_IN_FRONT); a pinned config
+        // from a previous agent may say otherwise.
+        let mut cfg = maps.config.get(&0, 0)?;
+        cfg.flags = if mode == XdpAttachMode::Off {
+            cfg.flags & !CFG_XDP_IN_FRONT
+        } else {
+            cfg.flags | CFG_XDP_IN_FRONT
+        };
+        maps.config.set(0, cfg, 0)?;
         log::info!(
-            "XDP attached to {} in {} mode; node addresses {:?}; maps pinned in {}",
+            "north-south hook on {}: {} ({xdp_mode_reason}); node addresses {:?}; maps pinned \
+             in {}",
             args.iface,
             match mode {
-                XdpAttachMode::Native => "native",
-                XdpAttachMode::Generic => "generic",
+                XdpAttachMode::Native => "native XDP, tc behind it",
+                XdpAttachMode::Generic => "generic XDP, tc behind it",
+                XdpAttachMode::Off => "tc ingress alone",
             },
             node_addrs,
             pin_dir.display()
         );
-        dp.attach_tc_uplink(&args.iface)?;
-        log::info!("{PROG_TC_UPLINK} attached to the ingress of {}", args.iface);
-        let cgroup = resolve_cgroup(args.cgroup.as_deref());
+        let cgroup = resolve_cgroup(args.cgroup.as_deref())?;
         if let Some(path) = &cgroup {
             dp.attach_cgroup(path)?;
             log::info!(
@@ -496,6 +528,10 @@ impl Agent {
             run_dir,
             tc_failed: BTreeMap::new(),
             last_seen: None,
+            translator: Default::default(),
+            last_full: None,
+            last_file_sync: None,
+            need_full: false,
             events: vec![],
             new_events: vec![],
             health: crate::serve::health::HealthServer::new(Ipv4Addr::UNSPECIFIED),
@@ -514,35 +550,61 @@ impl Agent {
     }
 
     /// One pass: re-read the source if it changed, program the maps, expire drained
-    /// backends. (Pod interfaces follow link notifications: `sync_pod_ifaces`.)
+    /// backends, resync in full when `--sync-period` says so. (Pod interfaces follow link
+    /// notifications: `sync_pod_ifaces`.)
     pub fn tick(&mut self, now: Instant) -> Result<()> {
         self.note_takeovers();
         let due = self.programmer.next_deadline().is_some_and(|d| d <= now);
-        let path = match &self.source {
-            Source::File(path) => path.clone(),
-            Source::Kube(Some(objs)) if due => {
-                let objs = objs.clone();
-                self.program_and_record(&objs, now, None);
-                return Ok(());
+        let resync = self.need_full
+            || (!self.args.sync_period.is_zero()
+                && self
+                    .last_full
+                    .is_some_and(|t| now.duration_since(t) >= self.args.sync_period));
+        let Source::File(path, _) = &self.source else {
+            if self.last_full.is_some() && (resync || due) {
+                self.record(|a| a.program_pass(None, now, None, resync));
             }
-            Source::Kube(_) => return Ok(()),
+            return Ok(());
         };
+        let path = path.clone();
         let read_error = |source| Error::SourceRead {
             path: path.clone(),
             source,
         };
         let meta = std::fs::metadata(&path).map_err(read_error)?;
         let stamp = (meta.modified()?, meta.len());
-        if self.last_seen == Some(stamp) && !due {
+        // A change within --min-sync-period of the last one waits (it is seen again at
+        // a later tick): bursts are applied in batches.
+        let held = self
+            .last_file_sync
+            .is_some_and(|t| now.duration_since(t) < self.args.min_sync_period);
+        let changed = self.last_seen != Some(stamp) && !held;
+        if !changed {
+            if self.last_full.is_some() && (resync || due) {
+                self.record(|a| a.program_pass(None, now, None, resync));
+            }
             return Ok(());
         }
-        // A changed file is a source event (timed to the end of the map update); a re-read
-        // only because drained backends expire is not.
-        let sync = (self.last_seen != Some(stamp)).then_some(SyncSource::File);
+        // A changed file is a source event, timed from its modification (the write) to
+        // the end of the map update.
+        let age = SystemTime::now()
+            .duration_since(stamp.0)
+            .unwrap_or_default();
+        let since = now.checked_sub(age).unwrap_or(now);
         let text = std::fs::read_to_string(&path).map_err(read_error)?;
         self.last_seen = Some(stamp);
-        let result = match yaml::parse_objects(&text) {
-            Ok(objs) => self.program(&objs, now, sync),
+        self.last_file_sync = Some(now);
+        let Source::File(_, cache) = &mut self.source else {
+            unreachable!("checked above")
+        };
+        let result = match cache.read(text) {
+            Ok(update) => {
+                let update = match update {
+                    crate::source::docs::FileUpdate::Full(objs) => Err(objs),
+                    crate::source::docs::FileUpdate::Change(c) => Ok(c),
+                };
+                self.program_update(update, now, Some((SyncSource::File, since)), resync)
+            }
             Err(e) => {
                 let e = Error::from(e);
                 self.metrics.apply_error(e.kind());
@@ -561,13 +623,31 @@ impl Agent {
         Ok(())
     }
 
-    /// Programs a snapshot of the kube source (complete: both initial lists are done).
-    /// An error is logged and kept in the status; the datapath keeps its last good state.
+    /// Programs a snapshot of the kube source (complete: both initial lists are done);
+    /// when the snapshot says which objects changed since the last one handled here, only
+    /// those are re-translated. An error is logged and kept in the status; the datapath
+    /// keeps its last good state.
     pub fn apply_objects(&mut self, objs: Arc<yaml::Objects>, now: Instant) {
-        if let Source::Kube(last) = &mut self.source {
-            *last = Some(objs.clone());
-        }
-        self.program_and_record(&objs, now, Some(SyncSource::Kube));
+        let Source::Kube { seen } = &mut self.source else {
+            return;
+        };
+        let log = objs.changes.clone();
+        let change = log
+            .as_ref()
+            .and_then(|l| l.since(seen.0, seen.1))
+            .filter(|_| self.last_full.is_some());
+        *seen = log.map_or((0, 0), |l| (l.source, l.seq));
+        let update = match change {
+            Some((svcs, slices, first_event)) => {
+                let c = crate::source::kube::change_of(&objs, &svcs, &slices);
+                (Ok(c), first_event.unwrap_or(now).min(now))
+            }
+            None => (Err((*objs).clone()), now),
+        };
+        // Let go of the snapshot before programming: the source patches its next one in
+        // place when nobody else holds it.
+        drop(objs);
+        self.record(|a| a.program_update(update.0, now, Some((SyncSource::Kube, update.1)), false));
         // Asked again after each snapshot: a write that gave up (API server away), or a
         // status someone else changed, is made good (the source skips what is already so).
         self.lb_status_asked.clear();
@@ -580,7 +660,7 @@ impl Agent {
     /// after a snapshot). The caller hands them to `KubeSource::write_lb_status`. Only the
     /// announcing agent writes a Service's status; none clears it (see there).
     pub fn take_lb_status(&mut self, now: Instant) -> Vec<((String, String), Vec<Ipv4Addr>)> {
-        let (Source::Kube(_), Some(a)) = (&self.source, &self.announce) else {
+        let (Source::Kube { .. }, Some(a)) = (&self.source, &self.announce) else {
             return Vec::new();
         };
         let announced = a.announced();
@@ -610,8 +690,9 @@ impl Agent {
         out
     }
 
-    fn program_and_record(&mut self, objs: &yaml::Objects, now: Instant, sync: Option<SyncSource>) {
-        match self.program(objs, now, sync).map_err(anyhow::Error::from) {
+    /// Runs `pass`, logging its error and keeping it in the status.
+    fn record(&mut self, pass: impl FnOnce(&mut Self) -> Result<(), Error>) {
+        match pass(self).map_err(anyhow::Error::from) {
             Ok(()) => self.info.last_error = None,
             Err(e) => {
                 log::error!("{e:#}; keeping the last good state");
@@ -635,7 +716,7 @@ impl Agent {
             let Some(l) = self.info.lb_addresses.iter().find(|l| l.addr == *addr) else {
                 continue;
             };
-            if matches!(self.source, Source::Kube(_)) {
+            if matches!(self.source, Source::Kube { .. }) {
                 self.new_events.push(ServiceEvent {
                     namespace: l.namespace.clone(),
                     name: l.name.clone(),
@@ -694,22 +775,144 @@ impl Agent {
         self.node_health.clone()
     }
 
-    /// `now` is when the snapshot was seen; `sync` names the source event being handled
-    /// (None: a re-apply because drained backends expire), whose time to a complete map
-    /// update is recorded. An error is counted here and logged by the caller.
-    fn program(
+    /// Programs what a source handed over: every object (`Err`: replaces them all, then a
+    /// full translation and apply) or the Services and EndpointSlices that changed (`Ok`:
+    /// only their Services are re-translated, only their entries written, unless the
+    /// change reaches further). `full` forces the full path. `sync` names the source
+    /// event and when it happened: its time to a complete map update is recorded.
+    fn program_update(
         &mut self,
-        objs: &yaml::Objects,
+        update: Result<crate::model::incremental::Change, yaml::Objects>,
         now: Instant,
-        sync: Option<SyncSource>,
+        sync: Option<(SyncSource, Instant)>,
+        full: bool,
     ) -> Result<(), Error> {
+        let change = match update {
+            Err(objs) => {
+                self.translator.replace(objs);
+                return self.program_full(now, sync);
+            }
+            Ok(change) => change,
+        };
+        self.program_pass(Some(change), now, sync, full)
+    }
+
+    /// One incremental pass (`change`: None only expires drained backends), or the full
+    /// one when `full`, when the translation or the programmer cannot do it
+    /// incrementally, or before the first full one.
+    fn program_pass(
+        &mut self,
+        change: Option<crate::model::incremental::Change>,
+        now: Instant,
+        sync: Option<(SyncSource, Instant)>,
+        full: bool,
+    ) -> Result<(), Error> {
+        use crate::model::incremental::Update;
+        let update = match change {
+            Some(c) => self.translator.apply(c, &self.node),
+            None => Update::Delta(vec![]),
+        };
+        let deltas = match update {
+            Update::Delta(d) if !full && !self.need_full && self.last_full.is_some() => d,
+            _ => return self.program_full(now, sync),
+        };
+        let changes = crate::model::incremental::port_changes(&deltas);
+        let st = match self.programmer.apply_delta(&changes, &mut self.maps, now) {
+            Ok(Some(st)) => st,
+            Ok(None) => return self.program_full(now, sync),
+            Err(e) => {
+                let e = Error::from(e);
+                self.metrics.apply_error(e.kind());
+                self.need_full = true;
+                return Err(e);
+            }
+        };
+        // Warnings and Events change only with the Services that carry them.
+        let warnings_moved = deltas
+            .iter()
+            .any(|d| !d.old.warnings.is_empty() || !d.new.warnings.is_empty())
+            || !self.programmer.refusals().is_empty()
+            || self.info.warnings.len() != self.translator.totals().warnings;
+        if warnings_moved {
+            let warnings: Vec<&translate::Warning> = self.translator.warnings();
+            let texts: Vec<String> = warnings
+                .iter()
+                .map(ToString::to_string)
+                .chain(self.programmer.refusals().iter().map(|r| r.message.clone()))
+                .collect();
+            {
+                let before: std::collections::HashSet<&String> =
+                    self.info.warnings.iter().collect();
+                for w in texts.iter().filter(|w| !before.contains(w)) {
+                    log::warn!("{w}");
+                }
+            }
+            let mut events: Vec<ServiceEvent> = warnings.iter().filter_map(|w| w.event()).collect();
+            events.extend(capacity_events(self.programmer.refusals()));
+            self.post_fresh(events);
+            self.info.warnings = texts;
+        }
+        if deltas
+            .iter()
+            .any(|d| !d.old.health_checks.is_empty() || !d.new.health_checks.is_empty())
+        {
+            self.health.update(&self.translator.health_checks());
+        }
+        let t = self.translator.totals();
+        let gauges = Programmed {
+            services: t.services,
+            service_ports: t.service_ports,
+            frontends: t.frontends,
+            backends: self.programmer.backends_in_use(),
+        };
+        if !changes.is_empty() || st != Default::default() {
+            log::info!("programmed {} changed service ports: {st:?}", changes.len());
+        }
+        self.metrics.synced(sync, gauges);
+        self.node_health.synced(SystemTime::now());
+        Ok(())
+    }
+
+    /// Events not posted before (each once per agent lifetime), queued for the kube
+    /// source.
+    fn post_fresh(&mut self, events: Vec<ServiceEvent>) {
+        let fresh: Vec<ServiceEvent> = {
+            let seen: std::collections::HashSet<&ServiceEvent> = self.events.iter().collect();
+            merge_events(events)
+                .into_iter()
+                .filter(|ev| !seen.contains(ev))
+                .collect()
+        };
+        if matches!(self.source, Source::Kube { .. }) {
+            for ev in &fresh {
+                if !self.new_events.contains(ev) {
+                    self.new_events.push(ev.clone());
+                }
+            }
+        }
+        self.events.extend(fresh);
+    }
+
+    /// The full pass: every object translated, every port applied (the maps are written
+    /// only where they differ). `sync` as for [`Agent::program_update`]. An error is
+    /// counted here and logged by the caller.
+    fn program_full(
+        &mut self,
+        now: Instant,
+        sync: Option<(SyncSource, Instant)>,
+    ) -> Result<(), Error> {
+        let started = Instant::now();
         let node_name = Some(self.node.node_name.as_str());
-        let node = objs
+        let node = self
+            .translator
+            .objects()
             .nodes
             .iter()
             .find(|n| n.metadata.name.as_deref() == node_name);
         self.node_health.set_node_eligible(node_eligible(node));
-        let desired = translate::translate(objs, &self.node);
+        let desired = self.translator.full(&self.node);
+        self.last_full = Some(now);
+        self.need_full = false;
         let result = self
             .programmer
             .apply(&desired, &mut self.maps, now)
@@ -745,7 +948,7 @@ impl Agent {
                 .filter(|ev| !seen.contains(ev))
                 .collect()
         };
-        if matches!(self.source, Source::Kube(_)) {
+        if matches!(self.source, Source::Kube { .. }) {
             for ev in &fresh {
                 if !self.new_events.contains(ev) {
                     self.new_events.push(ev.clone());
@@ -792,7 +995,15 @@ impl Agent {
         if let Some(a) = &self.announce {
             a.set_eligible(desired.announce_eligible.clone());
         }
-        self.metrics.synced(sync.map(|s| (s, now)), gauges);
+        self.metrics.synced(sync, gauges);
+        // A full pass (a large file parsed on two threads, every Service translated)
+        // leaves most of its transient memory free in the allocator's arenas: given back
+        // to the system, so the resident size is what the agent keeps.
+        // SAFETY: malloc_trim only releases free memory; glibc is the allocator here.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        log::debug!("full pass took {:?}", started.elapsed());
         self.node_health.synced(SystemTime::now());
         if !self.info.ready {
             log::info!("ready: the first full sync is in the maps");

@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use lb_agent::{
     agent,
-    dataplane::{conntrack, netinfo},
+    dataplane::{cgroup, conntrack, netinfo},
     serve::{metrics, node_health},
     source::kube::KubeSource,
     status,
@@ -29,6 +29,16 @@ struct Cli {
     log_format: LogFormat,
 }
 
+/// `lb-agent run`: the agent's flags, then the one that goes with `--cgroup` (which also
+/// sets `--cgroup`'s help: see dataplane::cgroup).
+#[derive(clap::Args)]
+struct RunCmd {
+    #[command(flatten)]
+    args: agent::RunArgs,
+    #[command(flatten)]
+    cgroup: cgroup::CgroupFlags,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
     Text,
@@ -38,7 +48,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Cmd {
     /// Load and attach the datapath, then follow the source.
-    Run(Box<agent::RunArgs>),
+    Run(Box<RunCmd>),
     /// Show what is programmed, read from the pinned maps.
     Status {
         /// Node whose pins to read [default: the only node pinned under /sys/fs/bpf/xlb].
@@ -172,7 +182,18 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.cmd {
-        Cmd::Run(args) => run(*args),
+        Cmd::Run(cmd) => {
+            let RunCmd { mut args, cgroup } = *cmd;
+            // Decided before anything is loaded: an explicit machine root without
+            // --allow-cgroup-root refuses the start; the agent gets an explicit choice.
+            args.cgroup = Some(
+                match cgroup::resolve(args.cgroup.as_deref(), cgroup.allow_cgroup_root)? {
+                    Some(path) => path.display().to_string(),
+                    None => "none".to_string(),
+                },
+            );
+            run(args)
+        }
         Cmd::Cleanup {
             node_name,
             pin_dir,

@@ -4,6 +4,7 @@
 //! uses by policy and topology ([`topology`]); operator-given address ranges ([`addresses`]);
 //! LoadBalancer addresses from MetalLB's pools ([`lbipam`]).
 pub mod addresses;
+pub mod incremental;
 pub mod lb_addresses;
 pub mod lbipam;
 pub mod ports;

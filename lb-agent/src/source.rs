@@ -2,6 +2,7 @@
 //! `--source file:<PATH>`) or the Kubernetes API ([`kube`], `--source kube`). Both produce
 //! the same [`yaml::Objects`] snapshot. MetalLB's `IPAddressPool`/`L2Advertisement` types are
 //! in [`metallb`].
+pub mod docs;
 pub mod kube;
 pub mod metallb;
 pub mod yaml;

@@ -222,15 +222,17 @@ pub fn render(st: &Status) -> String {
                 "no (the first full sync is not programmed yet)"
             }
         ));
+        let hook = match (a.xdp_mode.as_str(), a.tc_uplink) {
+            ("off", _) => "tc ingress alone".to_string(),
+            (m, true) => format!("XDP in {m} mode, tc ingress behind it"),
+            (m, false) => format!("XDP in {m} mode"),
+        };
         out.push_str(&format!(
-            "interface {}: XDP in {} mode{}  addresses {:?}\n",
-            a.iface,
-            a.xdp_mode,
-            if a.tc_uplink { ", tc ingress" } else { "" },
-            a.node_addrs,
+            "interface {}: north-south by {hook}  addresses {:?}\n",
+            a.iface, a.node_addrs,
         ));
         if !a.xdp_mode_reason.is_empty() {
-            out.push_str(&format!("  (XDP mode: {})\n", a.xdp_mode_reason));
+            out.push_str(&format!("  (why: {})\n", a.xdp_mode_reason));
         }
         out.push_str(&format!(
             "pod interfaces {:?}: tc  socket LB {}  metrics {}\n",

@@ -31,7 +31,10 @@ pub const MAX_ANNOUNCED: u32 = 16_384;
 pub const MAX_SERVICE_CIDRS: u32 = 256;
 
 /// Program names in the eBPF object.
+/// The XDP program for generic mode and BPF_PROG_TEST_RUN (single-buffer frames).
 pub const PROG_XDP: &str = "xlb_xdp";
+/// The same program taking multi-buffer frames, for native mode (see lb-ebpf's main.rs).
+pub const PROG_XDP_MB: &str = "xlb_xdp_mb";
 pub const PROG_TC_POD: &str = "xlb_tc_pod";
 pub const PROG_TC_UPLINK: &str = "xlb_tc_uplink";
 pub const PROG_XDP_PASS: &str = "xlb_xdp_pass";
@@ -418,6 +421,13 @@ pub struct Config {
     /// The uplink's MAC address: the source of ARP replies for announced addresses.
     pub mac: [u8; 6],
     pub _pad: u16,
+    pub _pad2: u32,
+    /// The node's own network namespace (its cookie, `SO_NETNS_COOKIE`, as the agent sees
+    /// it): the socket hooks translate NodePorts, `localhost:<NodePort>` and external
+    /// addresses only for sockets in it. A pod in a hooked cgroup keeps its own
+    /// `127.0.0.1:<port>` (and its NodePort traffic goes the packet path, tc on its
+    /// interface). 0: unknown, every socket is taken for the node's.
+    pub host_netns_cookie: u64,
 }
 
 /// `XLB_ANNOUNCE_LEASE[0]`: ARP for `XLB_ARP`'s addresses is answered only while the
@@ -437,6 +447,11 @@ pub fn lease_running(until_ms: u32, now_ms: u32) -> bool {
 /// rejected or dropped, and each new flow. Off by default; off, an event costs one test of
 /// this word, which the programs have loaded anyway.
 pub const CFG_DEBUG_EVENTS: u32 = 1 << 0;
+/// `Config::flags`: an XDP program runs in front of the uplink's tc hook. Only then can a
+/// packet arrive at tc already translated (XDP found no neighbour entry to send it with),
+/// recognisable by a node or frontend source address, and tc sends it on; without XDP such
+/// a packet can only be spoofed, and is left to the kernel (which drops it as a martian).
+pub const CFG_XDP_IN_FRONT: u32 = 1 << 1;
 
 impl Config {
     /// `addr_be:port_be` is one of the node's SNAT address and ports: a reply there belongs
@@ -462,6 +477,8 @@ impl Config {
         flags: 0,
         mac: [0; 6],
         _pad: 0,
+        _pad2: 0,
+        host_netns_cookie: 0,
     };
 }
 
@@ -787,6 +804,21 @@ counters! {
     /// A reject not sent (the packet dropped instead): its source cannot be answered
     /// (0.0.0.0, loopback, multicast, broadcast or reserved), as RFC 1122 asks.
     RejectSuppressed => "reject_suppressed",
+    /// Packets seen by the uplink's tc hook (all of them when the uplink runs tc alone, else
+    /// what XDP handed on).
+    TcUplinkPackets => "tc_uplink_packets",
+    /// A TCP/UDP packet whose checksum field holds only the pseudo-header seed (the sender
+    /// left the rest to offload, CHECKSUM_PARTIAL): XDP cannot tell, so it hands such
+    /// packets to the uplink's tc hook, whose checksum helpers know the skb's state.
+    PassCsumPartial => "pass_csum_partial",
+    /// A new flow whose backend-side tuple belongs to a live flow through another frontend
+    /// (same client address and port, same backend): dropped, the live flow keeps it.
+    DropTupleInUse => "drop_tuple_in_use",
+    /// A packet to forward whose TTL ran out: answered with ICMP time exceeded.
+    TtlExceeded => "ttl_exceeded",
+    /// A packet too large for its next hop with DF set: answered with "fragmentation
+    /// needed" and the hop's MTU.
+    FragNeeded => "frag_needed",
 }
 
 /// Hash of a flow used to index a Maglev table. Deterministic and seedless on purpose:
@@ -878,7 +910,7 @@ mod tests {
         assert_eq!(size_of::<SvcMeta>(), 148);
         assert_eq!(core::mem::offset_of!(SvcMeta, port), 4);
         assert_eq!(core::mem::offset_of!(SvcMeta, _pad), 147);
-        assert_eq!(size_of::<Config>(), 36);
+        assert_eq!(size_of::<Config>(), 48);
         assert_eq!(size_of::<SvcStats>(), 32);
     }
 
@@ -889,7 +921,8 @@ mod tests {
             "neigh_resolve"
         );
         assert_eq!(COUNTER_NAMES[Counter::RstNoState as usize], "rst_no_state");
-        assert_eq!(Counter::RejectSuppressed as u32 + 1, COUNTER_COUNT);
+        assert_eq!(Counter::FragNeeded as u32 + 1, COUNTER_COUNT);
+        assert_eq!(COUNTER_NAMES[Counter::TtlExceeded as usize], "ttl_exceeded");
     }
 
     #[test]

@@ -27,8 +27,21 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 
+/// The north-south program for generic mode: single-buffer frames. (In generic mode a
+/// multi-buffer program makes the kernel re-lay the skb in pages for it, and the uplink's
+/// tc program then no longer found the packets XDP handed on.)
 #[xdp]
 pub fn xlb_xdp(ctx: XdpContext) -> u32 {
+    xdp::run(&ctx)
+}
+
+/// The same for native mode, taking multi-buffer frames: a veth in native mode hands over
+/// GSO packets from its peer (TSO on, as docker leaves it) as multi-buffer frames and drops
+/// them before a program that cannot take them. The program reads only the first buffer:
+/// a packet longer than that fails the parser's length check and goes to the kernel (and
+/// the uplink's tc hook).
+#[xdp(frags)]
+pub fn xlb_xdp_mb(ctx: XdpContext) -> u32 {
     xdp::run(&ctx)
 }
 
@@ -65,7 +78,7 @@ pub fn xlb_getpeername4(ctx: SockAddrContext) -> i32 {
 /// Does nothing but let frames in. Two uses: the floor in benchmarks, and the peer end of a
 /// veth in the test network, because native XDP_TX/redirect frames are only received by a
 /// veth whose peer has an XDP program.
-#[xdp]
+#[xdp(frags)]
 pub fn xlb_xdp_pass(_ctx: XdpContext) -> u32 {
     XDP_PASS
 }

@@ -3,7 +3,7 @@
 use lb_common::{PROTO_TCP, PROTO_UDP, csum};
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
-use crate::parse::{IP_OFF, L4_OFF, ptr_at};
+use crate::parse::{IP_LEN, IP_OFF, L4_OFF, ptr_at};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -83,6 +83,43 @@ pub fn dec_ttl(data: usize, data_end: usize) -> Option<bool> {
     Some(true)
 }
 
+/// Whether the TCP/UDP checksum field holds just the pseudo-header seed, which is what a
+/// local sender leaves for checksum offload to complete (the skb is CHECKSUM_PARTIAL). XDP
+/// cannot see the skb's checksum state, and the incremental update of `rewrite` is only
+/// right for a complete checksum: on a seed it would leave a wrong checksum once a device
+/// completes it. Such packets go to tc, whose helpers know the state. A complete checksum
+/// equals the seed only by chance (1 in 65,536): such a packet also goes to tc, which
+/// translates it correctly too, so the test errs only towards the slower path.
+#[inline(always)]
+pub fn checksum_is_seed(data: usize, data_end: usize, proto: u8) -> bool {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(data, data_end, IP_OFF) else {
+        return false;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    let check_off = match proto {
+        PROTO_TCP => L4_OFF + core::mem::offset_of!(TcpHdr, check),
+        PROTO_UDP => L4_OFF + core::mem::offset_of!(UdpHdr, check),
+        _ => return false,
+    };
+    let Some(check) = ptr_at::<[u8; 2]>(data, data_end, check_off) else {
+        return false;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let check = u16::from_ne_bytes(unsafe { *check });
+    if proto == PROTO_UDP && check == 0 {
+        return false; // no checksum at all: nothing to complete
+    }
+    let l4_len = u16::from_be_bytes(ip.tot_len).wrapping_sub(IP_LEN as u16);
+    let seed = csum::fold(csum::pseudo_header(
+        u32::from_ne_bytes(ip.src_addr),
+        u32::from_ne_bytes(ip.dst_addr),
+        proto,
+        l4_len,
+    ));
+    check == seed
+}
+
 #[cfg(test)]
 mod tests {
     use etherparse::{SlicedPacket, TransportSlice};
@@ -156,6 +193,40 @@ mod tests {
         let d = f.as_mut_ptr() as usize;
         assert!(rewrite(d, d + f.len(), 1, Side::Dst, 0, 0).is_none());
         assert!(rewrite(d, d + L4_OFF + 4, PROTO_TCP, Side::Dst, 0, 0).is_none());
+    }
+
+    /// The seed as a local sender leaves it for offload (the kernel's
+    /// `~csum_tcpudp_magic(saddr, daddr, len, proto, 0)`), written into the frame.
+    fn with_seed(mut f: Vec<u8>) -> Vec<u8> {
+        let proto = f[IP_OFF + 9];
+        let src = u32::from_ne_bytes(f[IP_OFF + 12..IP_OFF + 16].try_into().unwrap());
+        let dst = u32::from_ne_bytes(f[IP_OFF + 16..IP_OFF + 20].try_into().unwrap());
+        let len = (f.len() - L4_OFF) as u16;
+        let seed = !csum::checksum(&[], csum::pseudo_header(src, dst, proto, len));
+        let off = L4_OFF + if proto == PROTO_TCP { 16 } else { 6 };
+        f[off..off + 2].copy_from_slice(&seed.to_ne_bytes());
+        f
+    }
+
+    #[test]
+    fn a_seed_is_told_from_a_complete_checksum() {
+        for f in [tcp(true, b"hello"), tcp(false, &[]), udp(b"query")] {
+            let proto = f[IP_OFF + 9];
+            let d = f.as_ptr() as usize;
+            assert!(
+                !checksum_is_seed(d, d + f.len(), proto),
+                "complete checksum"
+            );
+            let s = with_seed(f);
+            let d = s.as_ptr() as usize;
+            assert!(checksum_is_seed(d, d + s.len(), proto), "seed");
+            // Truncated before the checksum field: not judged.
+            assert!(!checksum_is_seed(d, d + L4_OFF + 4, proto));
+        }
+        let mut none = udp(b"query");
+        none[L4_OFF + 6..L4_OFF + 8].copy_from_slice(&[0, 0]);
+        let d = none.as_ptr() as usize;
+        assert!(!checksum_is_seed(d, d + none.len(), PROTO_UDP));
     }
 
     #[test]

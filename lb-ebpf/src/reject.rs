@@ -169,10 +169,28 @@ pub fn origin(b: &[u8; QUOTE_END]) -> Origin {
     }
 }
 
+/// ICMP errors the datapath sends, as (type, code).
+#[derive(Clone, Copy)]
+pub enum IcmpError {
+    /// Destination unreachable, port unreachable: a UDP service without endpoints.
+    PortUnreachable,
+    /// Time exceeded in transit: a packet to forward whose TTL ran out (RFC 1812 5.3.1).
+    TtlExceeded,
+    /// Fragmentation needed and DF set, with the next hop's MTU (RFC 1191): a packet too
+    /// large for the path it is forwarded on.
+    FragNeeded(u16),
+}
+
+/// Port unreachable (see `build_icmp_error`).
+#[inline(always)]
+pub fn build_icmp_unreachable(b: &mut [u8; ICMP_LEN], o: &Origin) {
+    build_icmp_error(b, o, IcmpError::PortUnreachable)
+}
+
 /// Fills in Ethernet, IPv4 and ICMP headers in front of the quote already at
 /// `b[QUOTE_END..ICMP_LEN]` (the original IPv4 header and 8 bytes, moved by `ICMP_GROW`).
 #[inline(always)]
-pub fn build_icmp_unreachable(b: &mut [u8; ICMP_LEN], o: &Origin) {
+pub fn build_icmp_error(b: &mut [u8; ICMP_LEN], o: &Origin, what: IcmpError) {
     b[ETH_DST..ETH_DST + 6].copy_from_slice(&o.client_mac);
     b[ETH_SRC..ETH_SRC + 6].copy_from_slice(&o.our_mac);
     b[ETH_TYPE..ETH_TYPE + 2].copy_from_slice(&ETH_P_IP.to_be_bytes());
@@ -183,9 +201,16 @@ pub fn build_icmp_unreachable(b: &mut [u8; ICMP_LEN], o: &Origin) {
         o.frontend,
         o.client,
     );
-    b[ICMP_TYPE] = 3; // destination unreachable
-    b[ICMP_CODE] = 3; // port unreachable
+    let (typ, code, mtu) = match what {
+        IcmpError::PortUnreachable => (3, 3, 0),
+        IcmpError::TtlExceeded => (11, 0, 0),
+        IcmpError::FragNeeded(mtu) => (3, 4, mtu),
+    };
+    b[ICMP_TYPE] = typ;
+    b[ICMP_CODE] = code;
     b[ICMP_CHECK..L4_OFF + ICMP_HDR_LEN].copy_from_slice(&[0; 6]);
+    // The next-hop MTU sits in the header's last two bytes (zero for the other errors).
+    b[L4_OFF + ICMP_HDR_LEN - 2..L4_OFF + ICMP_HDR_LEN].copy_from_slice(&mtu.to_be_bytes());
     let c = csum::checksum(&b[L4_OFF..ICMP_LEN], 0);
     b[ICMP_CHECK..ICMP_CHECK + 2].copy_from_slice(&c.to_ne_bytes());
 }

@@ -49,6 +49,40 @@ pub fn keep_direct(be: &Backend, ct_key: &FlowKey, rev: &RevNat) -> bool {
     REVNAT.insert(&rk, rev, BPF_ANY as u64).is_ok()
 }
 
+/// Writes the reverse entry of a new flow that is not source-NATed. The entry's key
+/// (backend -> client address and port) may already belong to another flow through another
+/// frontend of the same backend: while that flow is live and not closing it keeps its entry
+/// and the new flow is refused (dropped, counted) — a packet with a guessed or spoofed client
+/// tuple must not redirect a live flow's replies; a leftover of a flow that is over (or
+/// closing: its client may reuse the port towards another address at once) is replaced.
+#[inline(always)]
+pub fn claim_direct(cfg: &Config, be: &Backend, ct_key: &FlowKey, rev: &RevNat, now: u32) -> bool {
+    let rk = direct_key(be, ct_key);
+    // SAFETY: plain-data map value.
+    if let Some(r) = unsafe { REVNAT.get(&rk) }
+        && (r.src_addr_be != rev.src_addr_be || r.src_port_be != rev.src_port_be)
+    {
+        // The other flow's client -> frontend key.
+        let other = FlowKey::new(
+            r.dst_addr_be,
+            r.src_addr_be,
+            r.dst_port_be,
+            r.src_port_be,
+            ct_key.proto,
+        );
+        // Live and not closing: a closed flow (FIN both ways, or RST) is over for this
+        // purpose — its client may reuse the port towards another address at once.
+        if let Some(live) = ct::lookup(&other, cfg, now)
+            // SAFETY: map value pointer, valid while the program runs (RCU).
+            && !ct_closed(unsafe { &*live.entry })
+        {
+            count(Counter::DropTupleInUse);
+            return false;
+        }
+    }
+    REVNAT.insert(&rk, rev, BPF_ANY as u64).is_ok()
+}
+
 /// The SNAT port a live source-NATed flow keeps using: its own while its reverse entry
 /// still names this client, else (vanished and taken) a fresh one.
 #[inline(always)]

@@ -8,7 +8,7 @@
 //! put the service address back where the application looks.
 use aya_ebpf::bindings::BPF_ANY;
 use aya_ebpf::{
-    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use lb_common::*;
@@ -42,6 +42,9 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     }
     let fk = FrontendKey::new(addr, port, proto);
+    let host = CONFIG.get(0).map_or(0, |c| c.host_netns_cookie);
+    // SAFETY: the helper only reads the socket's namespace.
+    let in_host = host == 0 || unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut _) } == host;
     let Some(fe) = (unsafe { FRONTENDS.get(&fk) }) else {
         if unsafe { CLUSTER_IPS.get(&addr) }.is_some() {
             return refuse(Counter::RejectUnknownPort);
@@ -55,6 +58,12 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
         }
         return ALLOW;
     };
+    if !in_host && fe.flags & FE_CLUSTER_IP == 0 {
+        // A socket of another network namespace (a pod's, in a hooked cgroup): its
+        // 127.0.0.1 is its own, and its NodePort and external-address traffic goes the
+        // packet path (tc on its interface), where kube-proxy would see it too.
+        return ALLOW;
+    }
     // The node's processes are inside the cluster: externalTrafficPolicy Local does not
     // restrict them (`inside_svc_id`), loadBalancerSourceRanges does, with the node's
     // address as the source the connection will have.

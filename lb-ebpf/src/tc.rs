@@ -13,9 +13,9 @@
 //! checksum state) do the updates instead of the software arithmetic of the XDP path.
 use aya_ebpf::{
     bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode,
-        bpf_fib_lookup as FibParams,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_adj_room_mode, bpf_fib_lookup as FibParams,
     },
     helpers::{
         bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_adjust_room, bpf_skb_change_tail,
@@ -24,31 +24,30 @@ use aya_ebpf::{
 };
 use core::mem::offset_of;
 
+/// `skb->pkt_type` of a frame for another host's MAC (linux/if_packet.h).
+const PACKET_OTHERHOST: u32 = 3;
+
 use lb_common::*;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
-    ct,
+    arp, ct,
     event::event,
     lb::{self, Choice, Path},
-    maps::{CLUSTER_IPS, CONFIG, FRONTENDS, Outcome, REVNAT, SERVICES, count, record},
+    maps::{
+        ANNOUNCE_LEASE, ARP, CLUSTER_IPS, CONFIG, FRONTENDS, Outcome, REVNAT, SERVICES, count,
+        record,
+    },
     parse::{self, ETH_LEN, IP_OFF, L4_OFF, Tuple, ptr_at},
     policy::{in_service_cidr, source_allowed},
     reject,
 };
 
 /// Offsets in the frame of the fields rewritten here, from the header types.
-const ETH_DST: usize = offset_of!(EthHdr, dst_addr);
-const ETH_SRC: usize = offset_of!(EthHdr, src_addr);
-const IP_CHECK: usize = IP_OFF + offset_of!(Ipv4Hdr, check);
-const IP_TTL: usize = IP_OFF + offset_of!(Ipv4Hdr, ttl);
-const IP_SRC: usize = IP_OFF + offset_of!(Ipv4Hdr, src_addr);
-const IP_DST: usize = IP_OFF + offset_of!(Ipv4Hdr, dst_addr);
 const TCP_CHECK: usize = L4_OFF + offset_of!(TcpHdr, check);
 const UDP_CHECK: usize = L4_OFF + offset_of!(UdpHdr, check);
 /// TCP and UDP keep their ports at the same place.
 const L4_SPORT: usize = L4_OFF + offset_of!(TcpHdr, source);
-const L4_DPORT: usize = L4_OFF + offset_of!(TcpHdr, dest);
 const _: () = assert!(
     offset_of!(TcpHdr, source) == offset_of!(UdpHdr, src)
         && offset_of!(TcpHdr, dest) == offset_of!(UdpHdr, dst)
@@ -64,12 +63,26 @@ fn pull_headers(ctx: &TcContext) {
     let _ = ctx.pull_data(if len < want { len } else { want });
 }
 
+/// The IPv4 total length fits the packet (the parser sees only the linear part, so it
+/// cannot tell): a packet claiming more is malformed, and is left to the kernel, which drops
+/// it, rather than translated and sent on.
+#[inline(always)]
+fn ip_len_fits(ctx: &TcContext) -> bool {
+    match ptr_at::<Ipv4Hdr>(ctx.data(), ctx.data_end(), IP_OFF) {
+        // SAFETY: bounds checked by ptr_at.
+        Some(ip) => {
+            ETH_LEN as u32 + u16::from_be_bytes(unsafe { (*ip).tot_len }) as u32 <= ctx.len()
+        }
+        None => false,
+    }
+}
+
 #[inline(always)]
 pub fn run(ctx: &TcContext) -> i32 {
     pull_headers(ctx);
     let t = match parse::parse(ctx.data(), ctx.data_end(), false) {
-        Ok(t) => t,
-        Err(_) => {
+        Ok(t) if ip_len_fits(ctx) => t,
+        _ => {
             count(Counter::TcPass);
             return TC_ACT_OK as i32;
         }
@@ -141,38 +154,136 @@ fn checked_reply(ctx: &TcContext, t: &Tuple, rk: &FlowKey, rev: &RevNat, cfg: &C
     reply(ctx, t, rev)
 }
 
-/// tc ingress on the uplink: replies to flows started by a pod on this node (ClusterIP with
-/// a backend elsewhere, or a NodePort through SNAT). XDP passes them on untouched
-/// (`REV_TO_LOCAL_POD`) because only tc can put a packet into a pod's veth whatever the XDP
-/// mode, and the kernel would drop it as a martian once its source is a node address.
+/// tc ingress on the uplink: the north-south path for what XDP did not take. That is every
+/// packet when the uplink runs without XDP (`--xdp-mode off`, and `auto` on a veth, where tc
+/// measured faster than generic XDP), and otherwise what XDP hands on:
+/// - replies to flows started by a pod on this node (`REV_TO_LOCAL_POD`): only tc can put a
+///   packet into a pod's veth whatever the XDP mode, and the kernel would drop it as a
+///   martian once its source is a node address;
+/// - packets whose checksum is a seed for offload (CHECKSUM_PARTIAL), which XDP cannot
+///   translate correctly and the checksum helpers here can;
+/// - packets XDP translated but could not send (no neighbour entry).
+///
+/// The decisions are the XDP path's, in the same order (see xdp.rs).
 #[inline(always)]
 pub fn run_uplink(ctx: &TcContext) -> i32 {
+    count(Counter::TcUplinkPackets);
     pull_headers(ctx);
-    let Ok(t) = parse::parse(ctx.data(), ctx.data_end(), false) else {
+    let t = match parse::parse(ctx.data(), ctx.data_end(), false) {
+        Ok(_) if !ip_len_fits(ctx) => {
+            count(Counter::Truncated);
+            return TC_ACT_OK as i32;
+        }
+        Ok(t) => t,
+        Err(reason) => {
+            if reason == Counter::PassNotIpv4 {
+                return answer_arp(ctx);
+            }
+            count(reason);
+            return TC_ACT_OK as i32;
+        }
+    };
+    // SAFETY: reading a plain field of the context.
+    if unsafe { (*ctx.skb.skb).pkt_type } == PACKET_OTHERHOST {
+        // For another host's MAC (a switch flooding): the kernel drops it; serving it here
+        // could serve one connection from several nodes.
+        count(Counter::PassOtherHost);
+        return TC_ACT_OK as i32;
+    }
+    let Some(cfg) = CONFIG.get(0) else {
         return TC_ACT_OK as i32;
     };
     let rk = t.flow_key();
-    // SAFETY: plain-data map value.
-    if let Some(rev) = unsafe { REVNAT.get(&rk) }
-        && rev.flags & REV_TO_LOCAL_POD != 0
-        && let Some(cfg) = CONFIG.get(0)
-    {
+    let to_snat = cfg.is_snat_endpoint(t.dst, t.dport);
+    if to_snat && let Some(rev) = unsafe { REVNAT.get(&rk) } {
         let rev = *rev;
         return checked_reply(ctx, &t, &rk, &rev, cfg);
     }
-    // A packet XDP already translated but could not send because the next hop has no
-    // neighbour entry (XDP_TX traffic never refreshes the kernel's entry, so it ages out
+    // SAFETY: plain-data map values, see lb::choose.
+    if let Some(fe) = unsafe { FRONTENDS.get(&t.frontend_key()) } {
+        if fe.flags & FE_SOURCE_RANGES != 0 && !source_allowed(fe.svc_id, t.src) {
+            count(Counter::DropSourceRange);
+            event(
+                ctx,
+                cfg,
+                &t,
+                "dropped: client not in loadBalancerSourceRanges",
+            );
+            return TC_ACT_SHOT as i32;
+        }
+        return to_backend(ctx, &t, fe.svc_id, Path::NORTH_SOUTH, cfg);
+    }
+    if !to_snat && let Some(rev) = unsafe { REVNAT.get(&rk) } {
+        let rev = *rev;
+        return checked_reply(ctx, &t, &rk, &rev, cfg);
+    }
+    // SAFETY: plain-data map value.
+    if unsafe { CLUSTER_IPS.get(&t.dst) }.is_some() {
+        count(Counter::RejectUnknownPort);
+        event(ctx, cfg, &t, "rejected: ClusterIP port no service uses");
+        return reject(ctx, &t);
+    }
+    if in_service_cidr(t.dst) {
+        count(Counter::DropServiceCidr);
+        event(
+            ctx,
+            cfg,
+            &t,
+            "dropped: service CIDR address no Service holds",
+        );
+        return TC_ACT_SHOT as i32;
+    }
+    // With XDP in front (CFG_XDP_IN_FRONT): a packet XDP already translated but could not
+    // send because the next hop has no neighbour entry (XDP_TX traffic never refreshes the kernel's entry, so it ages out
     // on quiet paths). Its source is now a node address, which the kernel would drop as a
     // martian; here it is sent on with neighbour resolution. Recognised by that source:
     // the SNAT address, or a frontend (a reply to a client). Nothing from the wire
     // legitimately carries either.
-    let snat = CONFIG.get(0).is_some_and(|c| c.snat_addr_be == t.src);
+    if cfg.flags & CFG_XDP_IN_FRONT == 0 {
+        count(Counter::TcPass);
+        return TC_ACT_OK as i32;
+    }
+    let snat = cfg.snat_addr_be == t.src;
     let from_frontend = !snat && unsafe { FRONTENDS.get(&reverse_frontend(&t)) }.is_some();
     if snat || from_frontend {
         count(Counter::NeighResolve);
-        return forward(ctx, &t);
+        return forward(ctx, &t, &t);
     }
+    count(Counter::TcPass);
     TC_ACT_OK as i32
+}
+
+/// An ARP request for an address this node announces, while the agent's lease holds:
+/// answered through the interface it came in on (the XDP responder's job when XDP runs).
+#[inline(always)]
+fn answer_arp(ctx: &TcContext) -> i32 {
+    if ctx.pull_data(arp::ARP_FRAME_LEN as u32).is_err() {
+        return TC_ACT_OK as i32;
+    }
+    let Some(frame) = ptr_at::<[u8; arp::ARP_FRAME_LEN]>(ctx.data(), ctx.data_end(), 0) else {
+        return TC_ACT_OK as i32;
+    };
+    // SAFETY: bounds checked by ptr_at; the data is writable after pull_data.
+    let frame = unsafe { &mut *frame };
+    let Some(target) = arp::request_target(frame) else {
+        return TC_ACT_OK as i32;
+    };
+    // SAFETY: plain-data map value.
+    if unsafe { ARP.get(&target) }.is_none() {
+        return TC_ACT_OK as i32;
+    }
+    let (Some(cfg), Some(lease)) = (CONFIG.get(0), ANNOUNCE_LEASE.get(0)) else {
+        return TC_ACT_OK as i32;
+    };
+    if !lease_running(*lease, ct::now_ms()) {
+        count(Counter::ArpLeaseExpired);
+        return TC_ACT_OK as i32;
+    }
+    arp::make_reply(frame, &cfg.mac);
+    count(Counter::ArpReply);
+    // SAFETY: reading a plain field of the context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    unsafe { bpf_redirect(ifindex, 0) as i32 }
 }
 
 /// The frontend a translated reply comes from (its source address and port).
@@ -183,21 +294,15 @@ fn reverse_frontend(t: &Tuple) -> FrontendKey {
 
 #[inline(always)]
 fn reply(ctx: &TcContext, t: &Tuple, rev: &RevNat) -> i32 {
-    if rewrite(ctx, t, rev.src_addr_be, rev.src_port_be, true).is_err()
-        || rewrite(ctx, t, rev.dst_addr_be, rev.dst_port_be, false).is_err()
-    {
-        return TC_ACT_SHOT as i32;
-    }
     count(Counter::TcReply);
     let out = Tuple {
         src: rev.src_addr_be,
         dst: rev.dst_addr_be,
         sport: rev.src_port_be,
         dport: rev.dst_port_be,
-        proto: t.proto,
-        tcp_flags: 0,
+        ..*t
     };
-    forward(ctx, &out)
+    forward(ctx, t, &out)
 }
 
 #[inline(always)]
@@ -235,11 +340,12 @@ fn to_backend(ctx: &TcContext, t: &Tuple, svc_id: u32, path: Path, cfg: &Config)
             new_flow: target.new_flow,
         },
     );
-    count(Counter::TcClusterIp);
+    count(match (path.from_pod, target.snat_port) {
+        (true, _) => Counter::TcClusterIp,
+        (false, 0) => Counter::FwdLocal,
+        (false, _) => Counter::FwdRemote,
+    });
     let be = target.backend;
-    if rewrite(ctx, t, be.addr_be, be.port_be, false).is_err() {
-        return TC_ACT_SHOT as i32;
-    }
     let mut out = Tuple {
         dst: be.addr_be,
         dport: be.port_be,
@@ -247,26 +353,78 @@ fn to_backend(ctx: &TcContext, t: &Tuple, svc_id: u32, path: Path, cfg: &Config)
     };
     if target.snat_port != 0 {
         // Hairpin, or a NodePort/external IP whose backend is on another node.
-        if rewrite(ctx, t, target.snat_addr, target.snat_port, true).is_err() {
-            return TC_ACT_SHOT as i32;
-        }
         out.src = target.snat_addr;
         out.sport = target.snat_port;
     }
-    forward(ctx, &out)
+    forward(ctx, t, &out)
 }
 
-/// Rewrites source (`src`) or destination address and port with the kernel's checksum
-/// helpers. No-op when nothing changes (the common case for the destination of replies).
+/// Rewrites the packet from `t`'s addresses and ports to `out`'s and sends it on towards
+/// `out.dst`: FIB lookup, checksums, TTL, MACs, redirect. Handing it back to the kernel
+/// would not always do: a reply's source may now be a node address (the NodePort's, or
+/// the hairpin SNAT address) and the kernel drops packets arriving with a local source as
+/// martians.
+///
+/// Only the L4 checksum goes through the kernel's helpers, which know the skb's checksum
+/// state (CHECKSUM_PARTIAL: only the pseudo-header part of the seed changes); two calls
+/// with precomputed differences instead of one per field. The IPv4 header checksum is never
+/// offloaded, so it, the addresses, ports, TTL and MACs are written directly: helper calls
+/// per field were most of this program's own cost (`xlb-bench --only pps`).
 #[inline(always)]
-fn rewrite(ctx: &TcContext, t: &Tuple, addr: u32, port: u16, src: bool) -> Result<(), i64> {
-    let (old_addr, old_port, addr_off, port_off) = if src {
-        (t.src, t.sport, IP_SRC, L4_SPORT)
+fn forward(ctx: &TcContext, t: &Tuple, out: &Tuple) -> i32 {
+    // SAFETY: zeroed bpf_fib_lookup is valid input; the fields used are set below.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = 2; // AF_INET
+    p.l4_protocol = out.proto;
+    p.sport = out.sport;
+    p.dport = out.dport;
+    // The length the next hop's MTU is checked against; 0 for a GSO packet, whose segments
+    // the kernel cuts to size later (the FIB then checks it as the kernel would).
+    // SAFETY: reading a plain field of the context.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    p.__bindgen_anon_1.tot_len = if gso {
+        0
     } else {
-        (t.dst, t.dport, IP_DST, L4_DPORT)
+        (ctx.len() as u16).saturating_sub(ETH_LEN as u16)
     };
-    if old_addr == addr && old_port == port {
-        return Ok(());
+    // SAFETY: reading the skb's ifindex, a plain field of the context.
+    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    p.__bindgen_anon_3.ipv4_src = out.src;
+    p.__bindgen_anon_4.ipv4_dst = out.dst;
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut p,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    let resolved = match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => true,
+        // No neighbour entry yet: the kernel resolves it and sends (redirect_neigh).
+        BPF_FIB_LKUP_RET_NO_NEIGH => false,
+        // Too large for the next hop: the sender learns the path's MTU (RFC 1191), as from
+        // any router; a packet that may be fragmented cannot be here, so it is dropped.
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            // SAFETY: the lookup wrote the next hop's MTU into this member.
+            let mtu = unsafe { p.__bindgen_anon_1.mtu_result };
+            return frag_needed(ctx, t, mtu);
+        }
+        _ => {
+            count(Counter::FibFail);
+            return TC_ACT_SHOT as i32;
+        }
+    };
+    // A router's duty: one hop less; an expiring packet is answered, untranslated, with
+    // ICMP time exceeded (RFC 1812) instead of being forwarded.
+    match ptr_at::<Ipv4Hdr>(ctx.data(), ctx.data_end(), IP_OFF) {
+        // SAFETY: bounds checked by ptr_at.
+        Some(ip) if unsafe { (*ip).ttl } > 1 => {}
+        Some(_) if reject::answerable(t.src) => {
+            count(Counter::TtlExceeded);
+            return icmp_error(ctx, reject::IcmpError::TtlExceeded);
+        }
+        _ => return TC_ACT_SHOT as i32,
     }
     let l4_check = if t.proto == PROTO_TCP {
         TCP_CHECK
@@ -279,74 +437,81 @@ fn rewrite(ctx: &TcContext, t: &Tuple, addr: u32, port: u16, src: bool) -> Resul
     } else {
         0
     };
-    ctx.l4_csum_replace(
-        l4_check,
-        old_addr as u64,
-        addr as u64,
-        BPF_F_PSEUDO_HDR as u64 | 4 | mangled0,
-    )?;
-    ctx.l4_csum_replace(l4_check, old_port as u64, port as u64, 2 | mangled0)?;
-    ctx.l3_csum_replace(IP_CHECK, old_addr as u64, addr as u64, 4)?;
-    ctx.store(addr_off, &addr, 0)?;
-    ctx.store(port_off, &port, 0)?;
-    Ok(())
+    if out.src != t.src || out.dst != t.dst {
+        let d = diff(&[t.src, t.dst], &[out.src, out.dst]);
+        // Size 0: `to` is a checksum difference.
+        if ctx
+            .l4_csum_replace(l4_check, 0, d as u64, BPF_F_PSEUDO_HDR as u64 | mangled0)
+            .is_err()
+        {
+            return TC_ACT_SHOT as i32;
+        }
+    }
+    let ports_in = u16_pair(t.sport, t.dport);
+    let ports_out = u16_pair(out.sport, out.dport);
+    if ports_in != ports_out {
+        let d = diff(&[ports_in], &[ports_out]);
+        if ctx
+            .l4_csum_replace(l4_check, 0, d as u64, mangled0)
+            .is_err()
+        {
+            return TC_ACT_SHOT as i32;
+        }
+    }
+    // The helpers above may move the packet: fresh pointers from here on.
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let (Some(ip), Some(ports), Some(eth)) = (
+        ptr_at::<Ipv4Hdr>(data, end, IP_OFF),
+        ptr_at::<[u8; 4]>(data, end, L4_SPORT),
+        ptr_at::<EthHdr>(data, end, 0),
+    ) else {
+        return TC_ACT_SHOT as i32;
+    };
+    // SAFETY: bounds checked by ptr_at; the linear data is writable (pulled, and tc's
+    // prologue uncloned the head).
+    unsafe {
+        let ip = &mut *ip;
+        let old_ttl = u16::from_ne_bytes([ip.ttl, ip.proto]);
+        ip.ttl -= 1;
+        let mut check = u16::from_ne_bytes(ip.check);
+        check = csum::replace16(check, old_ttl, u16::from_ne_bytes([ip.ttl, ip.proto]));
+        check = csum::replace32(check, t.src, out.src);
+        check = csum::replace32(check, t.dst, out.dst);
+        ip.check = check.to_ne_bytes();
+        ip.src_addr = out.src.to_ne_bytes();
+        ip.dst_addr = out.dst.to_ne_bytes();
+        *ports = ports_out.to_ne_bytes();
+        if resolved {
+            (*eth).dst_addr = p.dmac;
+            (*eth).src_addr = p.smac;
+        }
+    }
+    if resolved {
+        unsafe { bpf_redirect(p.ifindex, 0) as i32 }
+    } else {
+        unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+    }
 }
 
-/// Sends a translated packet on from here: FIB lookup, MACs, TTL, redirect. Handing it back
-/// to the kernel would not always do: a reply's source may now be a node address (the
-/// NodePort's, or the hairpin SNAT address) and the kernel drops packets arriving with a
-/// local source as martians.
+/// Source and destination port (network order) as the 32-bit word they form in the header.
 #[inline(always)]
-fn forward(ctx: &TcContext, t: &Tuple) -> i32 {
-    // SAFETY: zeroed bpf_fib_lookup is valid input; the fields used are set below.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
-    p.family = 2; // AF_INET
-    p.l4_protocol = t.proto;
-    p.sport = t.sport;
-    p.dport = t.dport;
-    p.__bindgen_anon_1.tot_len = (ctx.len() as u16).saturating_sub(ETH_LEN as u16);
-    // SAFETY: reading the skb's ifindex, a plain field of the context.
-    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    p.__bindgen_anon_3.ipv4_src = t.src;
-    p.__bindgen_anon_4.ipv4_dst = t.dst;
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb as *mut _,
-            &mut p,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
-    };
-    // A router's duty: one hop less (the kernel would have done it on its forwarding path).
-    let Ok(ttl) = ctx.load::<u8>(IP_TTL) else {
-        return TC_ACT_SHOT as i32;
-    };
-    if ttl <= 1 {
-        return TC_ACT_SHOT as i32;
+fn u16_pair(a: u16, b: u16) -> u32 {
+    let (a, b) = (a.to_ne_bytes(), b.to_ne_bytes());
+    u32::from_ne_bytes([a[0], a[1], b[0], b[1]])
+}
+
+/// One's-complement difference between two runs of 32-bit words (what bpf_csum_diff
+/// computes), for a checksum helper's size-0 form.
+#[inline(always)]
+fn diff<const N: usize>(from: &[u32; N], to: &[u32; N]) -> u32 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < N {
+        sum = csum::add32(sum, !from[i]);
+        sum = csum::add32(sum, to[i]);
+        i += 1;
     }
-    let old = u16::from_ne_bytes([ttl, t.proto]) as u64;
-    let new = u16::from_ne_bytes([ttl - 1, t.proto]) as u64;
-    if ctx.l3_csum_replace(IP_CHECK, old, new, 2).is_err()
-        || ctx.store(IP_TTL, &(ttl - 1), 0).is_err()
-    {
-        return TC_ACT_SHOT as i32;
-    }
-    match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => {
-            if ctx.store(ETH_DST, &p.dmac, 0).is_err() || ctx.store(ETH_SRC, &p.smac, 0).is_err() {
-                return TC_ACT_SHOT as i32;
-            }
-            unsafe { bpf_redirect(p.ifindex, 0) as i32 }
-        }
-        // No neighbour entry yet: let the kernel resolve it and send.
-        BPF_FIB_LKUP_RET_NO_NEIGH => unsafe {
-            bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) as i32
-        },
-        _ => {
-            count(Counter::FibFail);
-            TC_ACT_SHOT as i32
-        }
-    }
+    csum::fold(sum) as u32
 }
 
 /// Refuses the pod's packet: RST or ICMP port unreachable built over it and sent back into
@@ -375,32 +540,60 @@ fn reject(ctx: &TcContext, t: &Tuple) -> i32 {
         }
     } else {
         count(Counter::RejectIcmp);
-        if ctx.pull_data(reject::QUOTE_END as u32).is_err() {
-            return TC_ACT_SHOT as i32;
-        }
-        let Some(p) = ptr_at::<[u8; reject::QUOTE_END]>(ctx.data(), ctx.data_end(), 0) else {
-            return TC_ACT_SHOT as i32;
-        };
-        let o = reject::origin(unsafe { &*p });
-        unsafe {
-            if bpf_skb_change_tail(ctx.skb.skb, reject::QUOTE_END as u32, 0) != 0
-                || bpf_skb_adjust_room(
-                    ctx.skb.skb,
-                    reject::ICMP_GROW as i32,
-                    bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-                    0,
-                ) != 0
-            {
-                return TC_ACT_SHOT as i32;
-            }
-        }
-        if ctx.pull_data(reject::ICMP_LEN as u32).is_err() {
-            return TC_ACT_SHOT as i32;
-        }
-        let Some(p) = ptr_at::<[u8; reject::ICMP_LEN]>(ctx.data(), ctx.data_end(), 0) else {
-            return TC_ACT_SHOT as i32;
-        };
-        reject::build_icmp_unreachable(unsafe { &mut *p }, &o);
+        return icmp_error(ctx, reject::IcmpError::PortUnreachable);
     }
+    unsafe { bpf_redirect(ifindex, 0) as i32 }
+}
+
+/// A packet too large for its next hop (the FIB said so, before anything was rewritten):
+/// with DF set, "fragmentation needed" with the hop's MTU back to its sender, quoting it as
+/// received; without DF (it could be fragmented, which a BPF program cannot do), dropped.
+#[inline(always)]
+fn frag_needed(ctx: &TcContext, t: &Tuple, mtu: u16) -> i32 {
+    let df = match ptr_at::<Ipv4Hdr>(ctx.data(), ctx.data_end(), IP_OFF) {
+        // SAFETY: bounds checked by ptr_at.
+        Some(ip) => (unsafe { (*ip).frags[0] } & 0x40) != 0,
+        None => false,
+    };
+    if !df || !reject::answerable(t.src) {
+        count(Counter::FibFail);
+        return TC_ACT_SHOT as i32;
+    }
+    count(Counter::FragNeeded);
+    icmp_error(ctx, reject::IcmpError::FragNeeded(mtu))
+}
+
+/// An ICMP error about the packet, quoting its IPv4 header and 8 bytes, sent back out of
+/// the interface it came in on.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, what: reject::IcmpError) -> i32 {
+    // SAFETY: reading the skb's ifindex, a plain field of the context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if ctx.pull_data(reject::QUOTE_END as u32).is_err() {
+        return TC_ACT_SHOT as i32;
+    }
+    let Some(p) = ptr_at::<[u8; reject::QUOTE_END]>(ctx.data(), ctx.data_end(), 0) else {
+        return TC_ACT_SHOT as i32;
+    };
+    let o = reject::origin(unsafe { &*p });
+    unsafe {
+        if bpf_skb_change_tail(ctx.skb.skb, reject::QUOTE_END as u32, 0) != 0
+            || bpf_skb_adjust_room(
+                ctx.skb.skb,
+                reject::ICMP_GROW as i32,
+                bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+                0,
+            ) != 0
+        {
+            return TC_ACT_SHOT as i32;
+        }
+    }
+    if ctx.pull_data(reject::ICMP_LEN as u32).is_err() {
+        return TC_ACT_SHOT as i32;
+    }
+    let Some(p) = ptr_at::<[u8; reject::ICMP_LEN]>(ctx.data(), ctx.data_end(), 0) else {
+        return TC_ACT_SHOT as i32;
+    };
+    reject::build_icmp_error(unsafe { &mut *p }, &o, what);
     unsafe { bpf_redirect(ifindex, 0) as i32 }
 }

@@ -72,6 +72,9 @@ pub fn run(ctx: &XdpContext) -> u32 {
             );
             return XDP_DROP;
         }
+        if seed_checksum(ctx, &t) {
+            return XDP_PASS;
+        }
         return to_backend(ctx, &t, fe.svc_id, cfg);
     }
     // Replies of flows that are not source-NATed (backend -> client).
@@ -109,12 +112,29 @@ fn translate_reply(ctx: &XdpContext, t: &Tuple, rk: &FlowKey, rev: &RevNat, cfg:
         count(Counter::PassToTc);
         return XDP_PASS;
     }
+    if seed_checksum(ctx, t) {
+        return XDP_PASS;
+    }
     if !ct::seen_reply(rk, rev, t.tcp_flags, cfg) {
         // Its flow is gone: nothing to translate it to.
         event(ctx, cfg, t, "dropped: reply of a flow that is over");
         return XDP_DROP;
     }
     reply(ctx, t, rev)
+}
+
+/// A packet whose checksum is left for offload to complete (see `nat::checksum_is_seed`):
+/// handed untranslated to the uplink's tc hook, which translates it with the kernel's
+/// checksum helpers. Happens only to packets sent by a process on the host at the other end
+/// of a veth uplink (a kind node reached from its host); frames from a NIC carry complete
+/// checksums.
+#[inline(always)]
+fn seed_checksum(ctx: &XdpContext, t: &Tuple) -> bool {
+    if crate::nat::checksum_is_seed(ctx.data(), ctx.data_end(), t.proto) {
+        count(Counter::PassCsumPartial);
+        return true;
+    }
+    false
 }
 
 #[inline(always)]
@@ -199,6 +219,9 @@ fn reply(ctx: &XdpContext, t: &Tuple, rev: &RevNat) -> u32 {
 /// sends the frame out towards `to` (see fib.rs), counting it as `what`.
 #[inline(always)]
 fn forward(ctx: &XdpContext, proto: u8, from: (u32, u16), to: (u32, u16), what: Counter) -> u32 {
+    if let Some(action) = ttl_expired(ctx) {
+        return action;
+    }
     let (data, end) = (ctx.data(), ctx.data_end());
     if rewrite(data, end, proto, Side::Src, from.0, from.1).is_none()
         || rewrite(data, end, proto, Side::Dst, to.0, to.1).is_none()
@@ -215,6 +238,29 @@ fn forward(ctx: &XdpContext, proto: u8, from: (u32, u16), to: (u32, u16), what: 
         tcp_flags: 0,
     };
     fib::forward(ctx, &out, ip_tot_len(ctx))
+}
+
+/// A packet to forward whose TTL runs out here: answered, untranslated, with ICMP time
+/// exceeded from the address it was sent to (RFC 1812), or dropped when its source cannot
+/// be answered. `None`: the TTL allows forwarding.
+#[inline(always)]
+fn ttl_expired(ctx: &XdpContext) -> Option<u32> {
+    let ip =
+        parse::ptr_at::<network_types::ip::Ipv4Hdr>(ctx.data(), ctx.data_end(), parse::IP_OFF)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (ttl, src) = unsafe { ((*ip).ttl, u32::from_ne_bytes((*ip).src_addr)) };
+    if ttl > 1 {
+        return None;
+    }
+    if !crate::reject::answerable(src) {
+        count(Counter::RejectSuppressed);
+        return Some(XDP_DROP);
+    }
+    count(Counter::TtlExceeded);
+    Some(xdp_reject::icmp_error(
+        ctx,
+        crate::reject::IcmpError::TtlExceeded,
+    ))
 }
 
 /// The frame's destination is this node's MAC (or a group address); always true while
@@ -261,7 +307,7 @@ fn refuse(ctx: &XdpContext, t: &Tuple) -> u32 {
         xdp_reject::tcp_rst(ctx)
     } else {
         count(Counter::RejectIcmp);
-        xdp_reject::icmp_port_unreachable(ctx)
+        xdp_reject::icmp_error(ctx, crate::reject::IcmpError::PortUnreachable)
     }
 }
 

@@ -8,7 +8,9 @@ use aya_ebpf::{
 
 use crate::{
     parse::ptr_at,
-    reject::{ICMP_GROW, ICMP_LEN, QUOTE_END, RST_LEN, build_icmp_unreachable, build_rst, origin},
+    reject::{
+        ICMP_GROW, ICMP_LEN, IcmpError, QUOTE_END, RST_LEN, build_icmp_error, build_rst, origin,
+    },
 };
 
 /// XDP: answer a TCP segment with a RST out of the interface it came in on.
@@ -29,10 +31,10 @@ pub fn tcp_rst(ctx: &XdpContext) -> u32 {
     XDP_TX
 }
 
-/// XDP: answer a UDP datagram with an ICMP port unreachable quoting its IP header and 8
-/// bytes: cut the frame to the quote, then grow room for the new headers in front of it.
+/// XDP: answer a packet with an ICMP error quoting its IP header and 8 bytes: cut the
+/// frame to the quote, then grow room for the new headers in front of it.
 #[inline(always)]
-pub fn icmp_port_unreachable(ctx: &XdpContext) -> u32 {
+pub fn icmp_error(ctx: &XdpContext, what: IcmpError) -> u32 {
     let len = ctx.data_end() - ctx.data();
     let Some(p) = ptr_at::<[u8; QUOTE_END]>(ctx.data(), ctx.data_end(), 0) else {
         return XDP_DROP;
@@ -49,6 +51,6 @@ pub fn icmp_port_unreachable(ctx: &XdpContext) -> u32 {
     let Some(p) = ptr_at::<[u8; ICMP_LEN]>(ctx.data(), ctx.data_end(), 0) else {
         return XDP_DROP;
     };
-    build_icmp_unreachable(unsafe { &mut *p }, &o);
+    build_icmp_error(unsafe { &mut *p }, &o, what);
     XDP_TX
 }

@@ -383,9 +383,9 @@ impl Cluster {
                 // Socket-level load balancing for the node's own processes.
                 .arg("--cgroup")
                 .arg(&node.cgroup)
-                // The harness owns both ends of each veth and runs the pass program on the
-                // far end, so native mode can deliver XDP_TX frames here.
-                .args(["--xdp-mode", "native"])
+                // The agent's own default XDP mode (auto: tc alone on these veth uplinks),
+                // what a kind node gets; a test of another mode names it here. The pass
+                // program on the far end of each uplink is what native mode needs.
                 .args(extra);
             let args = cmd.get_args().map(|a| a.to_owned()).collect();
             let envs = cmd
@@ -510,6 +510,25 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Makes the nodes' uplinks what a kind node has: no XDP program on the host-side peer
+    /// (the harness's pass program is detached) and TX checksum offload and TSO on at both
+    /// ends, as docker leaves them. Native XDP_TX frames no longer arrive after this: for
+    /// agents running `--xdp-mode auto`/`off`/`generic`.
+    pub fn kind_shaped(&mut self) -> Result<()> {
+        // Dropping the links and the datapath detaches the pass programs.
+        self._pass = None;
+        for node in self.net.nodes() {
+            for (netns, iface) in [
+                (node.netns.as_str(), node.uplink.as_str()),
+                (self.net.kind_netns(), node.kind_side_iface.as_str()),
+            ] {
+                crate::exec_ok(netns, &["ethtool", "-K", iface, "tx", "on", "tso", "on"])
+                    .with_context(|| format!("turning offloads on for {iface} in {netns}"))?;
+            }
+        }
+        Ok(())
     }
 
     /// Leaves everything running after this process exits (demo `--keep`): the agents keep

@@ -17,9 +17,17 @@ fn get(c: &Cluster, addr: SocketAddrV4, path: &str) -> HttpResponse {
         .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e:#}"))
 }
 
-/// One request with a body (`PUT`/`POST`) from the client namespace; (status, body).
+/// One request with a body (`PUT`/`POST`) from the node whose address `addr` is (the agent
+/// accepts state changes only from the node itself; see e2e_hardening); (status, body).
 fn send(c: &Cluster, addr: SocketAddrV4, method: &str, path: &str, body: &str) -> (u16, String) {
-    try_in_netns(c.net.client_netns(), || -> anyhow::Result<(u16, String)> {
+    let netns = &c
+        .net
+        .nodes()
+        .iter()
+        .find(|n| n.addr == *addr.ip())
+        .expect("a node's address")
+        .netns;
+    try_in_netns(netns, || -> anyhow::Result<(u16, String)> {
         let mut s = TcpStream::connect_timeout(&addr.into(), T)?;
         s.set_read_timeout(Some(T))?;
         write!(
@@ -171,7 +179,8 @@ fn metrics_health_and_log_level() {
         assert!(st.agent.as_ref().unwrap().ready, "{}", a.node);
         let shown = lb_agent::status::render(&st);
         assert!(shown.contains("ready: yes"), "{shown}");
-        assert!(shown.contains("XDP in native mode"), "{shown}");
+        // The default on a veth uplink (see README "Which hook on which uplink").
+        assert!(shown.contains("north-south by tc ingress alone"), "{shown}");
     }
     assert_eq!(get(&c, m, "/nope").status, 404);
 

@@ -146,9 +146,14 @@ fn agent_restart_loses_no_connection_and_cleanup_removes_everything() {
         log.contains("adopted the previous run's state"),
         "the restarted agent did not adopt the pins:\n{log}"
     );
+    // The uplink's hook (tc alone on these veths by default) kept its link: the new
+    // program was swapped in, nothing was detached.
     assert!(
-        log.contains("replaced the program in the pinned"),
-        "the XDP link was not reused:\n{log}"
+        log.contains(&format!(
+            "{} on {UPLINK}: replaced the program in the pinned link",
+            lb_common::PROG_TC_UPLINK
+        )),
+        "the uplink's link was not reused:\n{log}"
     );
 
     // cleanup: no pin, no program left for this node; its NodePort stops answering.

@@ -1,6 +1,6 @@
 //! Toolchain check and install, in the order that works (see shared TOOLCHAIN notes):
 //! nightly rust-src -> LLVM 22 dev packages -> bpf-linker built against them -> tools ->
-//! bpffs. Each step checks first, so running it again costs a few milliseconds.
+//! the PyPI manifest checkers (in a venv) -> bpffs. Each step checks first, so running it again costs a few milliseconds.
 use std::{
     io::{BufRead, BufReader},
     process::{Command, Stdio},
@@ -27,6 +27,13 @@ const TOOLS: &[(&str, &str)] = &[
     ("nft", "nftables"),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// PyPI tools that tests/tests/manifests.rs runs over the rendered manifests, pinned.
+const PY_TOOLS: &[&str] = &["kubernetes-validate==1.37.0", "checkov==3.3.30"];
+/// Their venv, under the (git-ignored) target directory of the workspace; the tests look
+/// for it there too.
+const PY_VENV: &str = "target/xlb-pytools";
+/// Written into the venv once PY_TOOLS are installed: another list installs again.
+const PY_STAMP: &str = "xlb-tools.txt";
 
 struct Step {
     name: &'static str,
@@ -55,6 +62,11 @@ pub fn run() -> Result<()> {
             name: "network tools (iproute2, ethtool, iperf3, trafgen, ping, python3, iptables, nftables)",
             ok: || missing_tools().is_empty(),
             fix: || apt_install(&missing_tools()),
+        },
+        Step {
+            name: "manifest checkers kubernetes-validate and checkov (PyPI, in target/xlb-pytools)",
+            ok: has_py_tools,
+            fix: install_py_tools,
         },
         Step {
             name: "bpffs mounted at /sys/fs/bpf",
@@ -169,6 +181,55 @@ fn install_bpf_linker() -> Result<()> {
             .env("PATH", path),
         "cargo install bpf-linker",
     )
+}
+
+fn py_venv() -> std::path::PathBuf {
+    crate::root().join(PY_VENV)
+}
+
+fn has_py_tools() -> bool {
+    let venv = py_venv();
+    std::fs::read_to_string(venv.join(PY_STAMP)).is_ok_and(|s| s.trim() == PY_TOOLS.join(" "))
+        && ["kubernetes-validate", "checkov"]
+            .iter()
+            .all(|t| venv.join("bin").join(t).is_file())
+}
+
+fn install_py_tools() -> Result<()> {
+    let venv = py_venv();
+    let python = venv.join("bin/python");
+    if !python.is_file() {
+        // Debian's python3 has venv in a package of its own.
+        let has_venv = Command::new("python3")
+            .args(["-m", "venv", "--help"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !has_venv {
+            apt_install(&["python3-venv"])?;
+        }
+        stream(
+            Command::new("python3").arg("-m").arg("venv").arg(&venv),
+            "python3 -m venv target/xlb-pytools",
+        )?;
+    }
+    // pip's own lines (Collecting, Downloading, Installing) are the progress shown.
+    stream(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--progress-bar",
+                "off",
+                "--disable-pip-version-check",
+            ])
+            .args(PY_TOOLS),
+        &format!("pip install {}", PY_TOOLS.join(" ")),
+    )?;
+    std::fs::write(venv.join(PY_STAMP), PY_TOOLS.join(" "))?;
+    Ok(())
 }
 
 fn bpffs_mounted() -> bool {

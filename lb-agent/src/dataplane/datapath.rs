@@ -50,20 +50,37 @@ impl Default for Limits {
     }
 }
 
-/// How an XDP program was attached, as reported in logs and status.
+/// How the north-south path runs on the uplink, as reported in logs and status. tc ingress
+/// is always attached behind it (see `attach_tc_uplink`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum XdpAttachMode {
     Native,
     Generic,
+    /// No XDP program: tc ingress carries the whole north-south path.
+    Off,
 }
 
 /// What the user asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpModeChoice {
-    /// Native where it can deliver XDP_TX frames, generic otherwise (see `attach_xdp`).
+    /// Per interface, the hook that measured fastest for its kind (`cargo xtask bench
+    /// --only pps`): native XDP where the driver has it; on a veth, tc alone (see
+    /// `attach_xdp`).
     Auto,
+    /// Native (driver) XDP; fails if the driver has none.
     Native,
+    /// Generic (skb) XDP in front of tc.
     Generic,
+    /// No XDP: the uplink's tc ingress program does the north-south path.
+    Off,
+}
+
+/// The XDP program for a mode: native mode takes multi-buffer frames.
+fn xdp_program(mode: XdpAttachMode) -> &'static str {
+    match mode {
+        XdpAttachMode::Native => PROG_XDP_MB,
+        _ => PROG_XDP,
+    }
 }
 
 /// The socket-level programs, attached together to one cgroup.
@@ -125,29 +142,17 @@ impl Datapath {
         ensure_bpffs()?;
         std::fs::create_dir_all(pin_dir)
             .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
-        if limits.ct_entries == 0 || limits.ct_new_entries == 0 {
-            bail!("--ct-entries and --ct-new-entries must be at least 1");
-        }
-        let revnat_entries = limits
-            .ct_entries
-            .checked_add(limits.ct_new_entries)
-            .context("--ct-entries + --ct-new-entries exceed 2^32 - 1")?;
+        // Every map's size, for the maps created now and to check the pinned ones against
+        // (aya would reuse a pinned map of any size: see pins.rs).
+        let capacities = super::pins::capacities(limits)?;
         check_pinned_layout(pin_dir)?;
-        let ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
-            .map_max_entries(MAP_SERVICES, limits.max_services)
-            .map_max_entries(MAP_SVC_STATS, limits.max_services)
-            .map_max_entries(MAP_SVC_META, limits.max_services)
-            .map_max_entries(MAP_FRONTENDS, limits.max_frontends)
-            .map_max_entries(MAP_BACKENDS, limits.max_backends)
-            .map_max_entries(MAP_MAGLEV, maglev_entries(limits.maglev_arena))
-            .map_max_entries(MAP_CT, limits.ct_entries)
-            .map_max_entries(MAP_CT_NEW, limits.ct_new_entries)
-            .map_max_entries(MAP_REVNAT, revnat_entries)
-            .map_max_entries(MAP_CLUSTER_IPS, limits.max_services)
-            .map_max_entries(MAP_SOCK_REVNAT, limits.ct_entries)
-            .map_max_entries(MAP_AFFINITY, limits.ct_entries)
-            .map_max_entries(MAP_SRC_RANGES, limits.max_frontends)
+        super::pins::check_capacities(pin_dir, &capacities)?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pin_dir);
+        for c in &capacities {
+            loader.map_max_entries(c.map, c.max_entries);
+        }
+        let ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         let mut dp = Self {
@@ -157,7 +162,7 @@ impl Datapath {
         };
         // Everything is verified up front, whatever gets attached later: a program the
         // kernel rejects is a build problem and must fail the start, not a later attach.
-        for name in [PROG_XDP, PROG_XDP_PASS] {
+        for name in [PROG_XDP, PROG_XDP_MB, PROG_XDP_PASS] {
             let prog: &mut Xdp = dp.program_mut(name)?.try_into()?;
             prog.load().with_context(|| format!("verifying {name}"))?;
         }
@@ -182,12 +187,15 @@ impl Datapath {
         Ok(self.program_mut(name)?.try_into()?)
     }
 
-    /// Attaches the load balancer to a node uplink. `Auto` picks native mode except on veth:
-    /// a veth delivers native XDP_TX frames only when its peer runs XDP too, and on a kind
-    /// node the peer lives in the host, out of our reach, so generic mode is the one that works.
-    /// `iface_is_veth` comes from the link kind (netinfo::list_links).
-    /// Attaches the XDP program to `iface`; returns the mode and why it is that one (for
-    /// `lb-agent status`).
+    /// Attaches the XDP program to a node uplink, or none; returns the mode and why it is
+    /// that one (for `lb-agent status`). `Auto` picks native mode except on veth: a veth
+    /// delivers native XDP_TX frames only when its peer runs XDP too, and on a kind node the
+    /// peer lives in the host, out of our reach; of what is left there, generic XDP (an skb
+    /// already built, copied to get XDP's headroom, GSO packets linearized whole) measured
+    /// no faster in packets per second than tc ingress alone (`xlb-bench --only pps`), so a
+    /// veth gets no XDP. `iface_is_veth` comes from the link kind
+    /// (netinfo::list_links). The uplink's tc program must be attached first: it is what
+    /// serves the traffic while no XDP program is attached.
     pub fn attach_xdp(
         &mut self,
         iface: &str,
@@ -201,7 +209,9 @@ impl Datapath {
         ] {
             let path = self.link_path(&format!("xdp-{tag}-{iface}"));
             let wanted = match choice {
-                XdpModeChoice::Auto => true,
+                // A previous agent's link is kept when it is what auto picks now.
+                XdpModeChoice::Auto => !iface_is_veth,
+                XdpModeChoice::Off => false,
                 XdpModeChoice::Native => mode == XdpAttachMode::Native,
                 XdpModeChoice::Generic => mode == XdpAttachMode::Generic,
             };
@@ -212,7 +222,7 @@ impl Datapath {
                 drop(fd); // the user asked for the other mode: detach and attach anew
                 continue;
             }
-            match self.replace_xdp(fd, &path) {
+            match self.replace_xdp(fd, &path, mode) {
                 Ok(()) => {
                     log::info!("XDP on {iface}: replaced the program in the pinned {tag} link");
                     self.attached.xdp.push((iface.to_owned(), path));
@@ -224,23 +234,33 @@ impl Datapath {
                 Err(e) => log::warn!("pinned XDP link on {iface} unusable ({e:#}); attaching anew"),
             }
         }
-        let prefer_native = match choice {
-            XdpModeChoice::Native => true,
-            XdpModeChoice::Generic => false,
-            XdpModeChoice::Auto => !iface_is_veth,
-        };
+        match choice {
+            XdpModeChoice::Off => {
+                return Ok((
+                    XdpAttachMode::Off,
+                    "--xdp-mode off: tc ingress only".to_string(),
+                ));
+            }
+            XdpModeChoice::Auto if iface_is_veth => {
+                return Ok((
+                    XdpAttachMode::Off,
+                    "auto: a veth uplink gets tc ingress only (native XDP_TX frames arrive \
+                     only when the peer runs XDP, not so on kind; generic XDP measured no \
+                     faster than tc and copies GSO packets whole to linearize them)"
+                        .to_string(),
+                ));
+            }
+            _ => {}
+        }
+        let prefer_native = choice != XdpModeChoice::Generic;
         let mut why = match choice {
             XdpModeChoice::Native => "--xdp-mode native".to_string(),
             XdpModeChoice::Generic => "--xdp-mode generic".to_string(),
-            XdpModeChoice::Auto if iface_is_veth => "auto: a veth uplink, whose native XDP_TX \
-                frames only arrive when its peer runs XDP too (not so on kind, where the peer \
-                is in the host)"
-                .to_string(),
-            XdpModeChoice::Auto => "auto: not a veth, native first".to_string(),
+            _ => "auto: not a veth, native first".to_string(),
         };
-        let prog = self.xdp(PROG_XDP)?;
         let mut attached = None;
         if prefer_native {
+            let prog = self.xdp(PROG_XDP_MB)?;
             match prog.attach(iface, XdpMode::Driver) {
                 Ok(id) => attached = Some((id, XdpAttachMode::Native, "native")),
                 Err(e) if choice == XdpModeChoice::Native => {
@@ -255,13 +275,14 @@ impl Datapath {
         let (id, mode, tag) = match attached {
             Some(a) => a,
             None => (
-                prog.attach(iface, XdpMode::Skb)
+                self.xdp(PROG_XDP)?
+                    .attach(iface, XdpMode::Skb)
                     .with_context(|| format!("attaching XDP (generic) to {iface}"))?,
                 XdpAttachMode::Generic,
                 "generic",
             ),
         };
-        let link = prog.take_link(id)?;
+        let link = self.xdp(xdp_program(mode))?.take_link(id)?;
         let path = self.link_path(&format!("xdp-{tag}-{iface}"));
         self.pin(
             FdLink::try_from(link).context("XDP attached without a bpf_link")?,
@@ -271,9 +292,9 @@ impl Datapath {
         Ok((mode, why))
     }
 
-    fn replace_xdp(&mut self, fd: FdLink, path: &Path) -> Result<()> {
+    fn replace_xdp(&mut self, fd: FdLink, path: &Path, mode: XdpAttachMode) -> Result<()> {
         let link = XdpLink::try_from(fd)?;
-        let prog = self.xdp(PROG_XDP)?;
+        let prog = self.xdp(xdp_program(mode))?;
         let id = prog.attach_to_link(link)?;
         let link = prog.take_link(id)?;
         self.pin(FdLink::try_from(link)?, path)
@@ -306,7 +327,10 @@ impl Datapath {
                 self.pin(FdLink::try_from(link)?, &path)
             })();
             match replaced {
-                Ok(()) => return Ok(path),
+                Ok(()) => {
+                    log::info!("{prog} on {iface}: replaced the program in the pinned link");
+                    return Ok(path);
+                }
                 Err(e) => {
                     log::warn!("pinned {prog} link on {iface} unusable ({e:#}); attaching anew")
                 }
@@ -571,7 +595,11 @@ pub fn ensure_bpffs() -> Result<()> {
         nix::mount::MsFlags::empty(),
         None::<&str>,
     )
-    .context("mounting bpffs at /sys/fs/bpf")?;
+    .context(
+        "mounting bpffs at /sys/fs/bpf (an agent without CAP_SYS_ADMIN, as the DaemonSet's, \
+         needs it mounted on the host first: `mount -t bpf bpf /sys/fs/bpf`, which systemd \
+         does at boot)",
+    )?;
     Ok(())
 }
 

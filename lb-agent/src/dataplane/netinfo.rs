@@ -30,6 +30,31 @@ pub fn iface_addrs(iface: &str) -> Result<Vec<Ipv4Addr>> {
 }
 
 /// The MAC address of `iface` (the source of the datapath's ARP replies).
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, Linux 5.14):
+/// the datapath's socket hooks compare a socket's namespace with it.
+pub fn netns_cookie() -> Result<u64> {
+    /// linux/asm-generic/socket.h
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+        .context("a socket to read the network namespace cookie")?;
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket, and an out buffer of the length given.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_NETNS_COOKIE)");
+    }
+    Ok(cookie)
+}
+
 pub fn iface_mac(iface: &str) -> Result<[u8; 6]> {
     for ifa in nix::ifaddrs::getifaddrs().context("getifaddrs")? {
         if ifa.interface_name != iface {

@@ -13,6 +13,13 @@
 //! (`Desired::service_order`). A port that does not fit is left out whole and reported
 //! ([`Refusal`]); everything else keeps being programmed. A programmed port is never
 //! pushed out: if what it grows into does not fit, it keeps what it has.
+//!
+//! [`Programmer::apply`] takes the whole desired state (first programming, resyncs);
+//! [`Programmer::apply_delta`] takes only the ports that changed and writes only their
+//! entries, in the same order, keeping per-backend and per-ClusterIP reference counts and a
+//! queue of draining backends instead of recomputing them from every port. It declines
+//! (writing nothing) whenever admission by age could matter: something refused, or room
+//! that might not suffice.
 use std::{
     borrow::Cow,
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, HashSet},
@@ -91,6 +98,9 @@ pub trait MapWriter {
     fn set_service(&mut self, svc_id: u32, value: Service) -> Result<()>;
     fn remove_service(&mut self, svc_id: u32);
     fn set_slot(&mut self, idx: u32, backend_id: u32) -> Result<()>;
+    /// A Maglev slot as the map holds it (the arena is memory-mapped: no copy of the
+    /// tables is kept in the agent, 8 KiB per service port at the default size).
+    fn read_slot(&self, idx: u32) -> Option<u32>;
     fn set_frontend(&mut self, key: FrontendKey, value: Frontend) -> Result<()>;
     fn remove_frontend(&mut self, key: &FrontendKey);
     fn add_cluster_ip(&mut self, addr_be: u32) -> Result<()>;
@@ -128,6 +138,9 @@ impl MapWriter for Maps {
     }
     fn set_slot(&mut self, idx: u32, backend_id: u32) -> Result<()> {
         self.maglev.set(idx, backend_id)
+    }
+    fn read_slot(&self, idx: u32) -> Option<u32> {
+        self.maglev.get(idx)
     }
     fn set_frontend(&mut self, key: FrontendKey, value: Frontend) -> Result<()> {
         Ok(self.frontends.insert(key, value, 0)?)
@@ -240,8 +253,15 @@ pub struct Settings {
 struct Table {
     off: u32,
     m: u32,
-    /// Backend ids as currently written in the arena (0 = never written).
-    slots: Vec<u32>,
+}
+
+impl Table {
+    /// Backend ids as the arena holds them now.
+    fn slots(&self, maps: &impl MapWriter) -> Vec<u32> {
+        (self.off..self.off + self.m)
+            .map(|i| maps.read_slot(i).unwrap_or(0))
+            .collect()
+    }
 }
 
 struct SvcState {
@@ -251,6 +271,10 @@ struct SvcState {
     value: Service,
     /// Admitted, but its counters and name are not written yet.
     fresh: bool,
+    /// Fingerprint of what [`Programmer::write_service`] last wrote completely (backend
+    /// ids, flags, table size): an unchanged port skips rebuilding its Maglev table, the
+    /// bulk of a resync's cost. None: unknown, or served by a smaller table than wanted.
+    written: Option<u64>,
 }
 
 struct BackendState {
@@ -409,6 +433,26 @@ pub struct Programmer {
     /// The last apply left something out while it freed room (ids, tables, backends are
     /// freed only after the writes): applying again now may fit it.
     retry_at: Option<Instant>,
+    /// Per backend, how many programmed ports list it as serving, as draining, and as
+    /// local: what [`Programmer::apply_delta`] updates instead of recomputing every
+    /// port's backends.
+    be_refs: StdHashMap<BackendKey, (u32, u32, u32)>,
+    /// Per ClusterIP address, how many programmed frontends use it.
+    cip_refs: StdHashMap<u32, u32>,
+    /// Backends waiting to be deleted, by deadline (mirrors `BackendState::drain_until`),
+    /// so that neither an apply nor [`Programmer::next_deadline`] scans every backend.
+    drain_queue: BTreeSet<(Instant, BackendKey)>,
+    /// The last apply programmed everything it was given and no write failed, so the
+    /// state above matches the maps and [`Programmer::apply_delta`] may build on it.
+    delta_ok: bool,
+}
+
+/// One service port's change for [`Programmer::apply_delta`]: what the last apply
+/// programmed for it (None: a new port) and what it becomes (None: the port is gone).
+#[derive(Debug, Clone, Copy)]
+pub struct PortChange<'a> {
+    pub old: Option<&'a SvcPort>,
+    pub new: Option<&'a SvcPort>,
 }
 
 /// What `adopt` found.
@@ -474,6 +518,10 @@ impl Programmer {
             adopted_tables: BTreeMap::new(),
             refusals: Vec::new(),
             retry_at: None,
+            be_refs: StdHashMap::new(),
+            cip_refs: StdHashMap::new(),
+            drain_queue: BTreeSet::new(),
+            delta_ok: false,
         }
     }
 
@@ -525,16 +573,14 @@ impl Programmer {
                         "pinned Maglev table of {name} overlaps another; remove the pins to start afresh"
                     );
                 }
-                let slots = (svc.table_off..svc.table_off + svc.table_m)
-                    .map(|i| maps.slot(i))
-                    .collect::<Option<Vec<u32>>>()
-                    .context("pinned table out of the arena")?;
+                if u64::from(svc.table_off) + u64::from(svc.table_m) > u64::from(entries) {
+                    bail!("pinned table out of the arena");
+                }
                 self.adopted_tables.insert(
                     svc_id,
                     Table {
                         off: svc.table_off,
                         m: svc.table_m,
-                        slots,
                     },
                 );
             }
@@ -571,7 +617,7 @@ impl Programmer {
     /// Decides which service ports this apply programs, in priority order, and reserves
     /// their room: ids, and Maglev buffers in the arena (allocated here, in that order, so
     /// that the writes cannot run out of arena, fragmented or not). Touches no map.
-    fn admit<'a>(&mut self, desired: &'a Desired) -> Plan<'a> {
+    fn admit<'a>(&mut self, desired: &'a Desired, maps: &impl MapWriter) -> Plan<'a> {
         // Services from before a restart are programmed ports like any other.
         let adopting = !self.adopted.is_empty();
         for p in desired.ports.iter().filter(|_| adopting) {
@@ -589,6 +635,7 @@ impl Programmer {
                         active: 0,
                         value,
                         fresh: false,
+                        written: None,
                     },
                 );
             }
@@ -618,7 +665,7 @@ impl Programmer {
         for i in order {
             let p = &desired.ports[i];
             admitted[i] = if self.services.contains_key(&p.id) {
-                Some(self.admit_programmed(p, &mut budget, &mut refusals))
+                Some(self.admit_programmed(p, &mut budget, &mut refusals, maps))
             } else {
                 match self.admit_new(p, &mut budget) {
                     Ok(p) => Some(p),
@@ -750,11 +797,7 @@ impl Programmer {
             return Err((Limit::MaglevArena, why));
         };
         let svc_id = self.alloc_svc_id().expect("checked above");
-        let table = |off| Table {
-            off,
-            m,
-            slots: vec![0; m as usize],
-        };
+        let table = |off| Table { off, m };
         self.services.insert(
             p.id.clone(),
             SvcState {
@@ -763,6 +806,7 @@ impl Programmer {
                 active: 0,
                 value: Service::default(),
                 fresh: true,
+                written: None,
             },
         );
         budget.frontends.extend(keys);
@@ -783,6 +827,7 @@ impl Programmer {
         p: &'a SvcPort,
         budget: &mut Budget,
         refusals: &mut Vec<Refusal>,
+        maps: &impl MapWriter,
     ) -> Cow<'a, SvcPort> {
         let s = self.settings.clone();
         let svc_id = self.services[&p.id].svc_id;
@@ -885,13 +930,7 @@ impl Programmer {
                 self.arena.free(old.off, old.m);
             }
             match self.arena.alloc(m) {
-                Some(off) => {
-                    svc.tables[inactive] = Some(Table {
-                        off,
-                        m,
-                        slots: vec![0; m as usize],
-                    })
-                }
+                Some(off) => svc.tables[inactive] = Some(Table { off, m }),
                 None => {
                     if let Some(old) = old {
                         // Just freed, so it is still there; its slots are unchanged.
@@ -908,7 +947,7 @@ impl Programmer {
             // backends must stay.
             let active: BTreeSet<u32> = svc.tables[svc.active]
                 .iter()
-                .flat_map(|t| t.slots.iter().copied())
+                .flat_map(|t| t.slots(maps))
                 .filter(|&id| id != 0)
                 .collect();
             let held: Vec<BackendSpec> = self
@@ -973,7 +1012,9 @@ impl Programmer {
     ) -> Result<ApplyStats, ApplyError> {
         self.retry_at = None;
         self.refusals.clear();
-        let plan = self.admit(desired);
+        // Only a complete apply makes the indexes true again (an error leaves them stale).
+        self.delta_ok = false;
+        let plan = self.admit(desired, maps);
         let mut refusals = plan.refusals;
         let ports = plan.ports;
         let mut st = ApplyStats {
@@ -991,14 +1032,18 @@ impl Programmer {
         };
         // Endpoints still listed but not serving new flows stay resolvable (draining); one
         // that serves new flows for any service is not draining.
+        // Local when any listing says so (one address on two nodes is a transient
+        // inconsistency; this way the answer does not depend on the order of the ports).
         for p in &ports {
             for b in &p.draining {
-                wanted.entry(be_key(b)).or_insert(backend(b, true));
+                let e = wanted.entry(be_key(b)).or_insert(backend(b, true));
+                e.flags |= backend(b, true).flags;
             }
         }
         for p in &ports {
             for b in &p.backends {
-                wanted.insert(be_key(b), backend(b, false));
+                let e = wanted.entry(be_key(b)).or_insert(backend(b, false));
+                e.flags = (e.flags & !BE_DRAINING) | backend(b, false).flags;
             }
         }
         for (key, value) in &wanted {
@@ -1183,16 +1228,336 @@ impl Programmer {
         if !refusals.is_empty() && (st.services_removed > 0 || st.backends_removed > 0) {
             self.retry_at = Some(now);
         }
+        self.rebuild_indexes(&ports);
+        self.delta_ok = refusals.is_empty();
         self.refusals = refusals;
         Ok(st)
+    }
+
+    /// The indexes [`Programmer::apply_delta`] maintains, recomputed from what a full
+    /// apply programmed.
+    fn rebuild_indexes(&mut self, ports: &[Cow<'_, SvcPort>]) {
+        self.be_refs.clear();
+        self.cip_refs.clear();
+        for p in ports {
+            count_port(&mut self.be_refs, &mut self.cip_refs, p, 1);
+        }
+        self.drain_queue = self
+            .backends
+            .iter()
+            .filter_map(|(k, b)| b.drain_until.map(|t| (t, *k)))
+            .collect();
+    }
+
+    /// Whether [`Programmer::apply_delta`] can build on the last apply (it programmed
+    /// everything it was given, and no write failed).
+    pub fn delta_ready(&self) -> bool {
+        self.delta_ok
+    }
+
+    /// Backends programmed (serving or draining for some port), by address and port.
+    pub fn backends_in_use(&self) -> usize {
+        self.be_refs.len()
+    }
+
+    /// Applies the changes of some service ports on top of the last apply, touching only
+    /// their entries (and the backends, frontends, addresses they gain or lose), and
+    /// deletes drained backends that are due. `changes[i].old` must be what was last
+    /// applied for that port. Returns `Ok(None)`, having written nothing, when the change
+    /// needs the full [`Programmer::apply`]: the last apply left something out or failed,
+    /// or this change might not fit (admission by Service age needs every port). An
+    /// empty `changes` only expires drained backends.
+    pub fn apply_delta(
+        &mut self,
+        changes: &[PortChange<'_>],
+        maps: &mut impl MapWriter,
+        now: Instant,
+    ) -> Result<Option<ApplyStats>, ApplyError> {
+        if !self.delta_ok || !self.adopted.is_empty() || self.retry_at.is_some() {
+            return Ok(None);
+        }
+        // Room, counted pessimistically (nothing this change frees is counted as free):
+        // within it admission cannot refuse anything.
+        let s = &self.settings;
+        let mut new_ports = 0usize;
+        let mut new_fe: HashSet<FrontendKey> = HashSet::new();
+        let mut new_be: HashSet<BackendKey> = HashSet::new();
+        for c in changes {
+            match (c.old, c.new) {
+                (Some(o), _) if !self.services.contains_key(&o.id) => return Ok(None),
+                (None, Some(n)) if self.services.contains_key(&n.id) => return Ok(None),
+                (Some(o), Some(n)) if o.id != n.id => return Ok(None),
+                _ => {}
+            }
+            let Some(n) = c.new else { continue };
+            if c.old.is_none() {
+                new_ports += 1;
+            }
+            let proto = n.id.proto.number();
+            new_fe.extend(
+                n.frontends
+                    .iter()
+                    .map(|f| fe_key(f.addr, f.port, proto))
+                    .filter(|k| !self.frontends.contains_key(k)),
+            );
+            new_be.extend(
+                n.backends
+                    .iter()
+                    .chain(&n.draining)
+                    .map(be_key)
+                    .filter(|k| !self.backends.contains_key(k)),
+            );
+        }
+        let free_ids = (s.max_services.saturating_sub(self.next_svc_id) as usize)
+            + self
+                .free_svc_ids
+                .range(..s.max_services)
+                .take(new_ports)
+                .count();
+        if new_ports > free_ids
+            || self.frontends.len() + new_fe.len() > s.max_frontends as usize
+            || self.backends.len() + new_be.len() > s.max_backends as usize
+        {
+            return Ok(None);
+        }
+        // Admission: ids and Maglev buffers. Only the arena can still refuse (fragmented);
+        // then everything admitted here is given back and the full apply decides.
+        let mut admitted: Vec<(Option<&SvcPort>, Option<Cow<'_, SvcPort>>)> = Vec::new();
+        let mut refusals = Vec::new();
+        let mut fresh: Vec<SvcPortId> = Vec::new();
+        let mut failed = false;
+        for c in changes {
+            let new = match c.new {
+                None => None,
+                Some(n) if c.old.is_none() => match self.admit_new(n, &mut Budget::default()) {
+                    Ok(p) => {
+                        fresh.push(n.id.clone());
+                        Some(p)
+                    }
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
+                },
+                Some(n) => {
+                    Some(self.admit_programmed(n, &mut Budget::default(), &mut refusals, maps))
+                }
+            };
+            admitted.push((c.old, new));
+        }
+        if failed || !refusals.is_empty() {
+            for id in fresh {
+                if let Some(svc) = self.services.remove(&id) {
+                    for t in svc.tables.into_iter().flatten() {
+                        self.arena.free(t.off, t.m);
+                    }
+                    self.free_svc_ids.insert(svc.svc_id);
+                }
+            }
+            return Ok(None);
+        }
+        // From here on a failed write leaves the indexes behind the maps: the next apply
+        // must be a full one.
+        self.delta_ok = false;
+        let mut st = ApplyStats::default();
+
+        // 1. Backends: counts updated, the ones now used written (draining or not).
+        let mut touched: BTreeSet<BackendKey> = BTreeSet::new();
+        for (old, new) in &admitted {
+            if let Some(o) = old {
+                count_port(&mut self.be_refs, &mut self.cip_refs, o, -1);
+                touched.extend(o.backends.iter().chain(&o.draining).map(be_key));
+            }
+            if let Some(n) = new {
+                count_port(&mut self.be_refs, &mut self.cip_refs, n, 1);
+                touched.extend(n.backends.iter().chain(&n.draining).map(be_key));
+            }
+        }
+        let mut unused = Vec::new();
+        for key in &touched {
+            let Some(&(serving, draining, local)) = self.be_refs.get(key) else {
+                unused.push(*key);
+                continue;
+            };
+            let value = Backend {
+                addr_be: u32::from_ne_bytes(key.0.octets()),
+                port_be: key.1.to_be(),
+                flags: if local > 0 { BE_LOCAL } else { 0 }
+                    | if serving == 0 && draining > 0 {
+                        BE_DRAINING
+                    } else {
+                        0
+                    },
+                _pad: 0,
+            };
+            let state = match self.backends.get_mut(key) {
+                Some(s) => s,
+                None => {
+                    let id = self.next_backend_id;
+                    self.next_backend_id = self.next_backend_id.checked_add(1).unwrap_or(1);
+                    self.backends.entry(*key).or_insert(BackendState {
+                        id,
+                        value: Backend::default(),
+                        drain_until: None,
+                    })
+                }
+            };
+            if let Some(t) = state.drain_until.take() {
+                self.drain_queue.remove(&(t, *key));
+            }
+            if state.value != value {
+                maps.set_backend(state.id, value)?;
+                state.value = value;
+                st.backends_written += 1;
+            }
+        }
+
+        // 2. Services and their tables; the frontends and ranges they now want.
+        let mut fe_wanted: BTreeMap<FrontendKey, Frontend> = BTreeMap::new();
+        let mut ranges_new: BTreeSet<(u32, u32, u8)> = BTreeSet::new();
+        let mut ranges_old: BTreeSet<(u32, u32, u8)> = BTreeSet::new();
+        let mut fe_old: BTreeSet<FrontendKey> = BTreeSet::new();
+        let mut cips: BTreeSet<u32> = BTreeSet::new();
+        for (old, _) in &admitted {
+            if let Some(o) = old {
+                let svc_id = self.services[&o.id].svc_id;
+                for &(addr, len) in &o.source_ranges {
+                    ranges_old.insert((svc_id, u32::from_ne_bytes(addr.octets()), len));
+                }
+                let proto = o.id.proto.number();
+                for f in &o.frontends {
+                    fe_old.insert(fe_key(f.addr, f.port, proto));
+                    if f.kind == FrontendKind::ClusterIp {
+                        cips.insert(u32::from_ne_bytes(f.addr.octets()));
+                    }
+                }
+            }
+        }
+        let mut inside: Vec<(u32, &SvcPort)> = Vec::new();
+        for (_, new) in &admitted {
+            let Some(p) = new else { continue };
+            let svc_id = self
+                .write_service(p, maps, &mut st, &mut refusals)
+                .map_err(|e| ApplyError::new(e, Some(p.id.clone())))?;
+            for &(addr, len) in &p.source_ranges {
+                ranges_new.insert((svc_id, u32::from_ne_bytes(addr.octets()), len));
+            }
+            for f in &p.frontends {
+                let mut flags = f.kind.flag();
+                if f.kind == FrontendKind::LoadBalancer && !p.source_ranges.is_empty() {
+                    flags |= FE_SOURCE_RANGES;
+                }
+                if f.kind == FrontendKind::ClusterIp {
+                    cips.insert(u32::from_ne_bytes(f.addr.octets()));
+                }
+                fe_wanted.insert(
+                    fe_key(f.addr, f.port, p.id.proto.number()),
+                    Frontend {
+                        svc_id,
+                        flags,
+                        inside_svc_id: svc_id,
+                    },
+                );
+            }
+            inside.push((svc_id, p));
+        }
+        for (svc_id, p) in inside {
+            for f in &p.inside_frontends {
+                if let Some(fe) = fe_wanted.get_mut(&fe_key(f.addr, f.port, p.id.proto.number())) {
+                    fe.inside_svc_id = svc_id;
+                    fe.flags |= FE_SHORT_CIRCUIT;
+                }
+            }
+        }
+        // 3. In the full apply's order: ranges in, stale frontends out, ClusterIPs out,
+        // frontends in, ClusterIPs in, ranges out.
+        for &(svc_id, addr, len) in ranges_new.difference(&self.ranges) {
+            maps.add_src_range(svc_id, addr, len)?;
+        }
+        self.ranges.extend(ranges_new.iter().copied());
+        for k in fe_old.iter().filter(|k| !fe_wanted.contains_key(k)) {
+            if self.frontends.remove(k).is_some() {
+                maps.remove_frontend(k);
+                st.frontends_removed += 1;
+            }
+        }
+        for a in &cips {
+            if !self.cip_refs.contains_key(a) && self.cluster_ips.remove(a) {
+                maps.remove_cluster_ip(*a);
+            }
+        }
+        for (k, v) in &fe_wanted {
+            if self.frontends.get(k) != Some(v) {
+                maps.set_frontend(*k, *v)?;
+                self.frontends.insert(*k, *v);
+                st.frontends_written += 1;
+            }
+        }
+        for a in &cips {
+            if self.cip_refs.contains_key(a) && !self.cluster_ips.contains(a) {
+                maps.add_cluster_ip(*a)?;
+                self.cluster_ips.insert(*a);
+            }
+        }
+        for r in ranges_old.difference(&ranges_new) {
+            maps.remove_src_range(r.0, r.1, r.2);
+            self.ranges.remove(r);
+        }
+
+        // 4. Ports that are gone.
+        for (old, new) in &admitted {
+            if let (Some(o), None) = (old, new)
+                && let Some(s) = self.services.remove(&o.id)
+            {
+                maps.remove_service(s.svc_id);
+                for t in s.tables.into_iter().flatten() {
+                    self.arena.free(t.off, t.m);
+                }
+                self.free_svc_ids.insert(s.svc_id);
+                st.services_removed += 1;
+            }
+        }
+
+        // 5. Backends no port uses any more start draining; those due are deleted.
+        let drain = self.settings.drain;
+        for key in unused {
+            let Some(b) = self.backends.get_mut(&key) else {
+                continue;
+            };
+            if b.drain_until.is_none() {
+                b.drain_until = Some(now + drain);
+                self.drain_queue.insert((now + drain, key));
+                let mut v = b.value;
+                v.flags |= BE_DRAINING;
+                if v != b.value {
+                    maps.set_backend(b.id, v)?;
+                    b.value = v;
+                }
+            }
+        }
+        while let Some(&(t, key)) = self.drain_queue.first() {
+            if t > now {
+                break;
+            }
+            self.drain_queue.pop_first();
+            if let Some(b) = self.backends.remove(&key) {
+                maps.remove_backend(b.id);
+                st.backends_removed += 1;
+            }
+        }
+        // Only a refusal of a smaller table than wanted can be left here (write_service).
+        self.refusals = refusals;
+        self.delta_ok = self.refusals.is_empty();
+        Ok(Some(st))
     }
 
     /// The earliest moment the caller should apply again: a draining backend is due for
     /// deletion, or room was freed that something left out may fit in.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.backends
-            .values()
-            .filter_map(|b| b.drain_until)
+        self.drain_queue
+            .first()
+            .map(|(t, _)| *t)
+            .into_iter()
             .chain(self.retry_at)
             .min()
     }
@@ -1206,7 +1571,6 @@ impl Programmer {
     ) -> Result<u32> {
         let backends = &self.backends;
         let ids: Vec<u32> = p.backends.iter().map(|b| backends[&be_key(b)].id).collect();
-        let names: Vec<String> = p.backends.iter().map(BackendSpec::name).collect();
         let svc = self.services.get_mut(&p.id).expect("admitted");
         let svc_id = svc.svc_id;
         if svc.fresh {
@@ -1220,6 +1584,21 @@ impl Programmer {
             0
         };
         let affinity_timeout = p.affinity_timeout.unwrap_or(0);
+        let want_m = maglev::choose_m(ids.len(), self.settings.min_m);
+        // Backend ids stand for the names the table is built from (one id per address and
+        // port), so equal fingerprints mean an equal table, as long as the value written is
+        // still what we wrote.
+        let fingerprint = {
+            use std::hash::{Hash as _, Hasher as _};
+            let mut h = std::hash::DefaultHasher::new();
+            (&ids, flags, affinity_timeout, want_m).hash(&mut h);
+            h.finish()
+        };
+        if svc.written == Some(fingerprint) {
+            return Ok(svc_id);
+        }
+        svc.written = None;
+        let names: Vec<String> = p.backends.iter().map(BackendSpec::name).collect();
         if ids.is_empty() {
             let value = Service {
                 flags,
@@ -1230,10 +1609,10 @@ impl Programmer {
                 svc.value = value;
                 st.services_written += 1;
             }
+            svc.written = Some(fingerprint);
             return Ok(svc_id);
         }
 
-        let want_m = maglev::choose_m(ids.len(), self.settings.min_m);
         let inactive = 1 - svc.active;
         // Admission sized the inactive buffer: `want_m`, or smaller when the arena is full.
         let next_m = svc.tables[inactive].as_ref().map(|t| t.m);
@@ -1249,7 +1628,7 @@ impl Programmer {
             && (a.m == want_m || next_m != Some(want_m))
         {
             let table = build(a.m);
-            if a.slots == table
+            if a.slots(maps) == table
                 && svc.value.table_off == a.off
                 && svc.value.table_m == a.m
                 && svc.value.backend_count == ids.len() as u32
@@ -1258,6 +1637,8 @@ impl Programmer {
             {
                 if a.m < want_m {
                     refusals.push(small_table(&p.id, a.m, want_m));
+                } else {
+                    svc.written = Some(fingerprint);
                 }
                 return Ok(svc_id); // nothing changed
             }
@@ -1272,11 +1653,11 @@ impl Programmer {
             Some((bm, table)) if bm == m => table,
             _ => build(m),
         };
-        for (slot, id) in maglev::changed_slots(&t.slots, &table) {
-            maps.set_slot(t.off + slot, id)?;
+        let (off, current) = (t.off, t.slots(maps));
+        for (slot, id) in maglev::changed_slots(&current, &table) {
+            maps.set_slot(off + slot, id)?;
             st.slots_written += 1;
         }
-        t.slots = table;
         let value = Service {
             table_off: t.off,
             table_m: m,
@@ -1291,8 +1672,45 @@ impl Programmer {
         st.services_written += 1;
         if m < want_m {
             refusals.push(small_table(&p.id, m, want_m));
+        } else {
+            svc.written = Some(fingerprint);
         }
         Ok(svc_id)
+    }
+}
+
+/// Adds (`by` 1) or removes (-1) a programmed port's backends and ClusterIP addresses
+/// to/from the reference counts; a count that reaches zero is removed.
+fn count_port(
+    be: &mut StdHashMap<BackendKey, (u32, u32, u32)>,
+    cip: &mut StdHashMap<u32, u32>,
+    p: &SvcPort,
+    by: i32,
+) {
+    let bump = |n: &mut u32| *n = n.wrapping_add_signed(by);
+    for (list, draining) in [(&p.backends, false), (&p.draining, true)] {
+        for b in list {
+            let e = be.entry(be_key(b)).or_default();
+            bump(if draining { &mut e.1 } else { &mut e.0 });
+            if b.local {
+                bump(&mut e.2);
+            }
+            if (e.0, e.1) == (0, 0) {
+                be.remove(&be_key(b));
+            }
+        }
+    }
+    for f in p
+        .frontends
+        .iter()
+        .filter(|f| f.kind == FrontendKind::ClusterIp)
+    {
+        let a = u32::from_ne_bytes(f.addr.octets());
+        let e = cip.entry(a).or_default();
+        bump(e);
+        if *e == 0 {
+            cip.remove(&a);
+        }
     }
 }
 
@@ -1543,6 +1961,9 @@ pub(crate) mod tests {
         }
         fn remove_service(&mut self, svc_id: u32) {
             self.services.remove(&svc_id);
+        }
+        fn read_slot(&self, idx: u32) -> Option<u32> {
+            self.slots.get(idx as usize).copied()
         }
         fn set_slot(&mut self, idx: u32, backend_id: u32) -> Result<()> {
             *self
@@ -1891,6 +2312,127 @@ pub(crate) mod tests {
         assert_eq!(refused(&p), ["svc-0002"]);
     }
 
+    /// A delta that might not fit goes to the full apply (which decides by age) and writes
+    /// nothing; one that fits writes only its own entries.
+    #[test]
+    fn apply_delta_writes_only_its_ports_and_defers_what_might_not_fit() {
+        let s = Settings {
+            max_services: 2,
+            ..settings(1 << 16)
+        };
+        let mut p = Programmer::new(s.clone());
+        let mut maps = Fake::new(&s);
+        let now = Instant::now();
+        let (a, b) = (port(0, 2), port(1, 2));
+        // Nothing applied in full yet: no delta.
+        assert!(
+            p.apply_delta(
+                &[PortChange {
+                    old: None,
+                    new: Some(&a)
+                }],
+                &mut maps,
+                now
+            )
+            .unwrap()
+            .is_none()
+        );
+        p.apply(&desired(vec![a.clone()], [0]), &mut maps, now)
+            .unwrap();
+        // b fits: only its service, slots, frontend, ClusterIP and backends are written.
+        let st = p
+            .apply_delta(
+                &[PortChange {
+                    old: None,
+                    new: Some(&b),
+                }],
+                &mut maps,
+                now,
+            )
+            .unwrap()
+            .expect("fits");
+        assert_eq!(
+            (
+                st.services_written,
+                st.frontends_written,
+                st.backends_written
+            ),
+            (1, 1, 2)
+        );
+        maps.check();
+        assert_eq!((maps.services.len(), maps.frontends.len()), (2, 2));
+        // A third port: the service map is full, so the full apply must decide.
+        let c = port(2, 1);
+        let before = (
+            maps.services.clone(),
+            maps.frontends.clone(),
+            maps.backends.clone(),
+        );
+        assert!(
+            p.apply_delta(
+                &[PortChange {
+                    old: None,
+                    new: Some(&c)
+                }],
+                &mut maps,
+                now
+            )
+            .unwrap()
+            .is_none()
+        );
+        assert_eq!(
+            before,
+            (
+                maps.services.clone(),
+                maps.frontends.clone(),
+                maps.backends.clone()
+            )
+        );
+        // b loses a backend: it drains, and is deleted once due (an empty delta expires it).
+        let mut b2 = b.clone();
+        b2.backends.pop();
+        p.apply_delta(
+            &[PortChange {
+                old: Some(&b),
+                new: Some(&b2),
+            }],
+            &mut maps,
+            now,
+        )
+        .unwrap()
+        .expect("fits");
+        let gone = b.backends[1].clone();
+        let draining = |m: &Fake| {
+            m.backends.values().any(|v| {
+                v.addr_be == u32::from_ne_bytes(gone.addr.octets()) && v.flags & BE_DRAINING != 0
+            })
+        };
+        assert!(draining(&maps));
+        assert_eq!(p.next_deadline(), Some(now + s.drain));
+        let later = now + s.drain;
+        let st = p
+            .apply_delta(&[], &mut maps, later)
+            .unwrap()
+            .expect("expiry");
+        assert_eq!(st.backends_removed, 1);
+        assert!(!draining(&maps));
+        assert_eq!(p.next_deadline(), None);
+        // b gone: its service, frontend and ClusterIP are removed.
+        p.apply_delta(
+            &[PortChange {
+                old: Some(&b2),
+                new: None,
+            }],
+            &mut maps,
+            later,
+        )
+        .unwrap()
+        .expect("fits");
+        maps.check();
+        assert_eq!((maps.services.len(), maps.frontends.len()), (1, 1));
+        assert_eq!(maps.cluster_ips.len(), 1);
+    }
+
     #[test]
     fn a_single_table_without_room_for_its_second_keeps_its_backends() {
         // As adopted from an agent that kept one buffer, in an arena with no room for the
@@ -1935,14 +2477,7 @@ pub(crate) mod tests {
         maps.services.insert(0, value);
         assert!(p.arena.reserve(0, 1021));
         p.adopted.insert(AdoptKey::Port(old.id.clone()), (0, value));
-        p.adopted_tables.insert(
-            0,
-            Table {
-                off: 0,
-                m: 1021,
-                slots,
-            },
-        );
+        p.adopted_tables.insert(0, Table { off: 0, m: 1021 });
         p.next_svc_id = 1;
 
         let mut new = port(0, 2);

@@ -303,6 +303,9 @@ impl<'a> Counting<'a> {
 }
 
 impl MapWriter for Counting<'_> {
+    fn read_slot(&self, idx: u32) -> Option<u32> {
+        self.maps.read_slot(idx)
+    }
     fn set_backend(&mut self, id: u32, value: Backend) -> Result<()> {
         self.count("set_backend");
         self.maps.set_backend(id, value)

@@ -437,24 +437,11 @@ pub fn translate(objs: &Objects, node: &NodeContext) -> Desired {
     let slices = index_slices(&objs.slices);
     let mut services: Vec<&Service> = objs.services.iter().collect();
     services.sort_by(|a, b| (namespace(a), name(a)).cmp(&(namespace(b), name(b))));
-    let mut node_addrs = node.node_addrs.clone();
-    node_addrs.sort();
-    node_addrs.dedup();
     let this_node = objs
         .nodes
         .iter()
         .find(|n| n.metadata.name.as_deref() == Some(node.node_name.as_str()));
-    let zone = this_node
-        .and_then(|n| n.metadata.labels.as_ref())
-        .and_then(|l| l.get(ZONE_LABEL))
-        .filter(|z| !z.is_empty())
-        .cloned()
-        .or_else(|| node.zone.clone());
-    let node = NodeContext {
-        node_addrs,
-        zone,
-        ..node.clone()
-    };
+    let node = effective_node(&objs.nodes, node);
 
     let assignment = lb_addresses::assign(objs, &node.held_lb_addresses);
     let mut out = Desired {
@@ -500,6 +487,93 @@ pub fn translate(objs: &Objects, node: &NodeContext) -> Desired {
     }
     out.events = out.warnings.iter().filter_map(Warning::event).collect();
     out
+}
+
+/// `node` as the translation uses it: addresses sorted and unique, the zone from this
+/// node's Node object (its `topology.kubernetes.io/zone` label) when there is one.
+pub fn effective_node(
+    nodes: &[k8s_openapi::api::core::v1::Node],
+    node: &NodeContext,
+) -> NodeContext {
+    let mut node_addrs = node.node_addrs.clone();
+    node_addrs.sort();
+    node_addrs.dedup();
+    let zone = nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(node.node_name.as_str()))
+        .and_then(|n| n.metadata.labels.as_ref())
+        .and_then(|l| l.get(ZONE_LABEL))
+        .filter(|z| !z.is_empty())
+        .cloned()
+        .or_else(|| node.zone.clone());
+    NodeContext {
+        node_addrs,
+        zone,
+        ..node.clone()
+    }
+}
+
+/// One Service's part of a translation ([`translate`] restricted to it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceOutput {
+    /// Its `kubectl get svc` line (None: the Service does not exist).
+    pub row: Option<ServiceRow>,
+    /// Its service ports, sorted by id.
+    pub ports: Vec<SvcPort>,
+    pub warnings: Vec<Warning>,
+    pub health_checks: Vec<HealthCheck>,
+}
+
+/// [`translate`] of one Service and its EndpointSlices (`slices` may hold others: only
+/// those it owns are used), `node` as [`effective_node`] makes it. Equal to that Service's
+/// part of the whole translation as long as no other Service claims one of its frontends
+/// and no address pool assigns it a LoadBalancer address ([`crate::model::incremental`]
+/// checks both).
+pub fn translate_service(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    node: &NodeContext,
+) -> ServiceOutput {
+    let key = (namespace(svc), name(svc));
+    let owned: Vec<&EndpointSlice> = slices
+        .iter()
+        .copied()
+        .filter(|s| !is_headless_labelled(&s.metadata))
+        .filter(|s| slice_owner(s).is_some_and(|(ns, owner)| (ns, owner) == key))
+        .collect();
+    let mut out = Desired {
+        service_order: vec![(key.0.to_string(), key.1.to_string())],
+        ..Desired::default()
+    };
+    out.rows.push(row(svc));
+    program_service(svc, &owned, node, &[], &mut out);
+    out.ports.sort_by(|a, b| a.id.cmp(&b.id));
+    out.health_checks.sort_by_key(|h| h.node_port);
+    drop_colliding_frontends(&mut out, node, &[created(svc)]);
+    ServiceOutput {
+        row: out.rows.pop(),
+        ports: out.ports,
+        warnings: out.warnings,
+        health_checks: out.health_checks,
+    }
+}
+
+/// (namespace, name) of the Service an EndpointSlice belongs to (its
+/// `kubernetes.io/service-name` label), None without one.
+pub fn slice_owner(s: &EndpointSlice) -> Option<(&str, &str)> {
+    let owner = s.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    let ns = s
+        .metadata
+        .namespace
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .unwrap_or("default");
+    Some((ns, owner.as_str()))
+}
+
+/// (namespace, name) of a Service, the namespace defaulted as the translation does.
+pub fn service_key(svc: &Service) -> (&str, &str) {
+    (namespace(svc), name(svc))
 }
 
 /// The pool addresses this node may announce: L2-selected here, and under
@@ -578,19 +652,8 @@ fn svc_type(spec: &ServiceSpec) -> SvcType {
 fn index_slices(slices: &[EndpointSlice]) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
     let mut by_svc: BTreeMap<_, Vec<_>> = BTreeMap::new();
     for s in slices.iter().filter(|s| !is_headless_labelled(&s.metadata)) {
-        let owner = s
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL));
-        if let Some(owner) = owner {
-            let ns = s
-                .metadata
-                .namespace
-                .as_deref()
-                .filter(|n| !n.is_empty())
-                .unwrap_or("default");
-            by_svc.entry((ns, owner.as_str())).or_default().push(s);
+        if let Some(owner) = slice_owner(s) {
+            by_svc.entry(owner).or_default().push(s);
         }
     }
     by_svc
@@ -991,7 +1054,28 @@ fn candidates(
             });
         }
     }
-    out.sort_by(|a, b| a.spec.cmp(&b.spec));
+    // An endpoint listed by two slices (the controller moving it) counts once: the ready
+    // listing wins, as in kube-proxy's endpoint-slice cache, then the serving one. The
+    // whole entry is the sort key, so the one kept never depends on the order of the
+    // slices (an incremental translation sees them in another order than a full one).
+    out.sort_by(|a, b| {
+        (
+            &a.spec,
+            !a.ready,
+            !a.serving,
+            a.terminating,
+            &a.zone_hints,
+            &a.node_hints,
+        )
+            .cmp(&(
+                &b.spec,
+                !b.ready,
+                !b.serving,
+                b.terminating,
+                &b.zone_hints,
+                &b.node_hints,
+            ))
+    });
     out.dedup_by(|b, a| (a.spec.addr, a.spec.port) == (b.spec.addr, b.spec.port));
     out
 }

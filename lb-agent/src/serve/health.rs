@@ -21,8 +21,9 @@ use tokio::{
 
 use crate::{model::translate::HealthCheck, serve::http};
 
-/// Connections served at once on one port; more are closed on accept. Probes are short,
-/// and the port is open to anyone who reaches the node.
+/// Connections served at once on one port. The port is open to anyone who reaches the
+/// node: at the cap the connection idle the longest of the address holding the most is
+/// closed for a new one (see `serve::http`), so a load balancer's probe always gets in.
 const MAX_CONNECTIONS: usize = 64;
 
 pub use crate::serve::http::Response;

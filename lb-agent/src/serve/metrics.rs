@@ -21,8 +21,9 @@
 //!     holding a SNAT port towards that backend; a backend without any has no series).
 //!     LRU evictions are NOT exported: the kernel keeps no per-map count of them; a map
 //!     near its capacity is the sign that it evicts;
-//!   - `xlb_sync_duration_seconds{source}`: from a source event (the file source seeing a
-//!     changed file, the kube source's snapshot arriving) to the map update being complete;
+//!   - `xlb_sync_duration_seconds{source}`: from a source event (the file's modification
+//!     time, the first watch event of a kube snapshot's changes) to the map update being
+//!     complete, incremental or full;
 //!   - `xlb_apply_errors_total{kind}`: failed attempts by [`ErrorKind`] (of a typed
 //!     [`crate::error::Error`], [`crate::error::Error::kind`]); `capacity` stays 0 (what
 //!     does not fit is refused per service port, not an error; it is logged and posted as
@@ -36,6 +37,8 @@
 //!   `on` or `off` switches them (see [`crate::serve::debug`]).
 //! - `/loglevel`: GET shows the level; PUT or POST with a body of
 //!   `error|warn|info|debug|trace|off` sets it (`log::set_max_level`).
+//! - PUT and POST are accepted only from the node itself and never from a browser
+//!   ([`http::refuse_unless_from_node`]): 403 otherwise.
 //!
 //! Map reads use their own handles on the pins (opened once, at start), never the agent's,
 //! so no lock is shared with the agent loop; scrapes and GC sweeps run on blocking threads.
@@ -214,8 +217,8 @@ impl Metrics {
             "xlb_ready", ready_gauge,
                 "1 once the first full sync has been programmed";
             "xlb_sync_duration_seconds", sync_seconds,
-                "Time from a source event (file change seen, kube snapshot received) to the map \
-                 update being complete";
+                "Time from a source event (the file written, as its mtime says; the first watch \
+                 event of a kube batch) to the map update being complete, incremental or full";
             "xlb_apply_errors", apply_errors,
                 "Failed attempts to program the datapath, by kind (source, parse, map_write, \
                  other; capacity is always 0: what does not fit is refused per service port); \
@@ -627,6 +630,14 @@ pub fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) -> Result<J
 async fn handle(req: Request<Incoming>, metrics: Arc<Metrics>) -> HttpResponse {
     let (parts, body) = req.into_parts();
     let read = matches!(parts.method, Method::GET | Method::HEAD);
+    // Changing the log level or the datapath's debug events: only from the node itself
+    // (the server listens on every address, pods included), before any body is read.
+    if !read
+        && matches!(parts.uri.path(), "/loglevel" | "/datapath-debug")
+        && let Some(refused) = http::refuse_unless_from_node(&parts)
+    {
+        return refused;
+    }
     match parts.uri.path() {
         "/metrics" if read => {
             let m = metrics.clone();

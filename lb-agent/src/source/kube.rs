@@ -24,8 +24,13 @@
 //! become readable. ServiceCIDRs are served from Kubernetes 1.33 on (a refusal is logged at
 //! warn); MetalLB's CRDs exist only where MetalLB's manifests (or xlb's copy of its CRDs)
 //! were applied (logged at info: without pools xlb assigns no LoadBalancer address).
-//! After that, every change is followed by a short quiet period ([`DEBOUNCE`]) so that a
-//! burst (a rollout rewriting many EndpointSlices) becomes one snapshot. While the API
+//! After that, a change is published at once, and further changes at most once per
+//! [`DEBOUNCE`] (kube-proxy's `minSyncPeriod`): a single change reaches the agent without
+//! delay, a burst (a rollout rewriting many EndpointSlices) becomes a few snapshots. A
+//! snapshot after the first is the previous one patched with the Services and
+//! EndpointSlices that changed (no copy of the others when the agent has let go of the
+//! previous one), and says which changed ([`ChangeLog`]), so the agent re-translates only
+//! those. While the API
 //! server is away no snapshot comes: the datapath keeps its last state, and a relist
 //! replaces a store's content in one step (reflector semantics), so nothing half-listed is
 //! ever published.
@@ -78,8 +83,119 @@ use crate::{
     },
 };
 
-/// Quiet period after a change before a snapshot is published.
-pub const DEBOUNCE: Duration = Duration::from_millis(150);
+/// Shortest time between two snapshots (a change after a quiet period is published at
+/// once; kube-proxy's `minSyncPeriod`).
+pub const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// (namespace, name).
+pub type Key = (String, String);
+
+/// Which Services and EndpointSlices changed between a kube source's recent snapshots
+/// ([`Objects::changes`]).
+#[derive(Debug, Clone, Default)]
+pub struct ChangeLog {
+    /// Tells one source's snapshots from another's.
+    pub source: u64,
+    /// This snapshot's number (1 for the first).
+    pub seq: u64,
+    /// For recent snapshots (number, oldest first, up to this one): what changed since
+    /// the one before, None when anything may have (the first, a relist, other kinds).
+    pub steps: std::collections::VecDeque<(u64, Option<Arc<Step>>)>,
+}
+
+/// The changes one snapshot carries over its predecessor.
+#[derive(Debug, Clone, Default)]
+pub struct Step {
+    pub services: Vec<Key>,
+    pub slices: Vec<Key>,
+    /// When the first of these changes was seen (watch event).
+    pub first_event: Option<std::time::Instant>,
+}
+
+/// Snapshots whose changes a [`ChangeLog`] keeps.
+const CHANGE_LOG_STEPS: usize = 64;
+
+impl ChangeLog {
+    /// The changes since snapshot `seen` of `source`: (Services, EndpointSlices, first
+    /// event); None when the log does not say (another source, too far back, a step
+    /// that may have changed anything).
+    pub fn since(
+        &self,
+        source: u64,
+        seen: u64,
+    ) -> Option<(BTreeSet<Key>, BTreeSet<Key>, Option<std::time::Instant>)> {
+        if source != self.source || seen >= self.seq {
+            return None;
+        }
+        let first = self.steps.front()?.0;
+        if seen + 1 < first {
+            return None;
+        }
+        let (mut svcs, mut slices, mut since) = (BTreeSet::new(), BTreeSet::new(), None);
+        for (n, step) in self.steps.iter().filter(|(n, _)| *n > seen) {
+            let _ = n;
+            let step = step.as_ref()?;
+            svcs.extend(step.services.iter().cloned());
+            slices.extend(step.slices.iter().cloned());
+            since = match (since, step.first_event) {
+                (Some(a), Some(b)) => Some(std::cmp::min(a, b)),
+                (a, b) => a.or(b),
+            };
+        }
+        Some((svcs, slices, since))
+    }
+}
+
+/// The objects `keys` name in a snapshot (sorted, as [`snapshot`] makes it), as a change:
+/// present ones as they are, absent ones deleted.
+pub fn change_of(
+    objs: &Objects,
+    services: &BTreeSet<Key>,
+    slices: &BTreeSet<Key>,
+) -> crate::model::incremental::Change {
+    fn find<'a, K: Resource>(list: &'a [K], k: &Key) -> Option<&'a K> {
+        list.binary_search_by(|o| cmp_key(o, k))
+            .ok()
+            .map(|i| &list[i])
+    }
+    crate::model::incremental::Change {
+        services: services
+            .iter()
+            .map(|k| (k.clone(), find(&objs.services, k).cloned()))
+            .collect(),
+        slices: slices
+            .iter()
+            .map(|k| (k.clone(), find(&objs.slices, k).cloned()))
+            .collect(),
+    }
+}
+
+fn cmp_key<K: Resource>(o: &K, k: &Key) -> std::cmp::Ordering {
+    let m = o.meta();
+    (
+        m.namespace.as_deref().unwrap_or_default(),
+        m.name.as_deref().unwrap_or_default(),
+    )
+        .cmp(&(k.0.as_str(), k.1.as_str()))
+}
+
+/// Changes seen by the watchers since the last snapshot.
+#[derive(Debug, Default)]
+struct Dirty {
+    services: BTreeSet<Key>,
+    slices: BTreeSet<Key>,
+    /// Another kind changed, or a store was relisted: take a whole snapshot.
+    all: bool,
+    first_event: Option<std::time::Instant>,
+}
+
+/// Which [`Dirty`] set a watcher's changes go to.
+#[derive(Debug, Clone, Copy)]
+enum Track {
+    Services,
+    Slices,
+    Other,
+}
 
 /// `reportingController` of the Events the agent posts.
 pub const EVENT_CONTROLLER: &str = "xlb.dev/lb-agent";
@@ -176,6 +292,8 @@ impl KubeSource {
         let (pools_refused, pools_refused_rx) = watch::channel(false);
         let (l2_refused, l2_refused_rx) = watch::channel(false);
         let (snap_tx, snapshots) = watch::channel(None);
+        let dirty = Arc::new(Mutex::new(Dirty::default()));
+        let d = |t| (dirty.clone(), t);
         let all = watcher::Config::default;
         let tasks = vec![
             tokio::spawn(follow(
@@ -185,6 +303,7 @@ impl KubeSource {
                 "Services",
                 changes.clone(),
                 None,
+                d(Track::Services),
             )),
             tokio::spawn(follow(
                 Api::<EndpointSlice>::all(client.clone()),
@@ -193,6 +312,7 @@ impl KubeSource {
                 "EndpointSlices",
                 changes.clone(),
                 None,
+                d(Track::Slices),
             )),
             tokio::spawn(follow(
                 Api::<Node>::all(client.clone()),
@@ -201,6 +321,7 @@ impl KubeSource {
                 "Node",
                 changes.clone(),
                 None,
+                d(Track::Other),
             )),
             tokio::spawn(follow(
                 Api::<ServiceCIDR>::all(client.clone()),
@@ -214,6 +335,7 @@ impl KubeSource {
                     without: "taken as none (--service-cidr only)",
                     level: log::Level::Warn,
                 }),
+                d(Track::Other),
             )),
             tokio::spawn(follow(
                 Api::<DynamicObject>::all_with(client.clone(), &ip_pool_resource()),
@@ -227,6 +349,7 @@ impl KubeSource {
                     without: "taken as none (no LoadBalancer address is assigned from pools)",
                     level: log::Level::Info,
                 }),
+                d(Track::Other),
             )),
             tokio::spawn(follow(
                 Api::<DynamicObject>::all_with(client.clone(), &l2_advert_resource()),
@@ -240,6 +363,7 @@ impl KubeSource {
                     without: "taken as none (pool addresses are not announced)",
                     level: log::Level::Info,
                 }),
+                d(Track::Other),
             )),
             tokio::spawn(publish(
                 Stores {
@@ -258,6 +382,7 @@ impl KubeSource {
                 changes_rx,
                 snap_tx,
                 debounce,
+                dirty,
             )),
         ];
         let recorder = Recorder::new(
@@ -552,6 +677,7 @@ async fn follow<K>(
     what: &'static str,
     changes: watch::Sender<u64>,
     refused_ok: Option<Optional>,
+    (dirty, track): (Arc<Mutex<Dirty>>, Track),
 ) where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
@@ -571,10 +697,24 @@ async fn follow<K>(
                     log::info!("{what}: watch restored (after: {e})");
                 }
                 match ev {
-                    watcher::Event::Apply(_) | watcher::Event::Delete(_) => {
+                    watcher::Event::Apply(o) | watcher::Event::Delete(o) => {
+                        {
+                            let mut d = dirty.lock().unwrap_or_else(|e| e.into_inner());
+                            d.first_event.get_or_insert_with(std::time::Instant::now);
+                            match track {
+                                Track::Services => {
+                                    d.services.insert(key(&o));
+                                }
+                                Track::Slices => {
+                                    d.slices.insert(key(&o));
+                                }
+                                Track::Other => d.all = true,
+                            }
+                        }
                         changes.send_modify(|g| *g += 1)
                     }
                     watcher::Event::InitDone => {
+                        dirty.lock().unwrap_or_else(|e| e.into_inner()).all = true;
                         if !listed {
                             log::info!("{what}: initial list complete");
                         } else {
@@ -611,6 +751,7 @@ async fn follow<K>(
                         refusal_logged = true;
                     }
                     if !opt.refused.send_replace(true) {
+                        dirty.lock().unwrap_or_else(|e| e.into_inner()).all = true;
                         changes.send_modify(|g| *g += 1);
                     }
                     failing = Some(msg);
@@ -661,13 +802,15 @@ where
 }
 
 /// Publishes snapshots: the first when every store is listed (the optional kinds' also when
-/// their list was refused, see [`refused`]), then one per quiet period after changes.
+/// their list was refused, see [`refused`]), then one per change, at most one per
+/// `min_period`.
 async fn publish(
     stores: Stores,
     mut refusals: Refusals,
     mut changes: watch::Receiver<u64>,
     out: watch::Sender<Option<Arc<Objects>>>,
-    debounce: Duration,
+    min_period: Duration,
+    dirty: Arc<Mutex<Dirty>>,
 ) {
     if stores.services.wait_until_ready().await.is_err()
         || stores.slices.wait_until_ready().await.is_err()
@@ -680,30 +823,96 @@ async fn publish(
     }
     // Pool/advertisement problems logged, while they last.
     let mut warned: BTreeSet<String> = BTreeSet::new();
+    let mut log = ChangeLog {
+        source: {
+            use std::hash::{BuildHasher as _, RandomState};
+            RandomState::new().hash_one(std::time::SystemTime::now())
+        },
+        ..ChangeLog::default()
+    };
+    let mut cur: Option<Arc<Objects>> = None;
     loop {
         changes.borrow_and_update();
-        let (objs, problems) = snapshot_checked(&stores);
-        for p in problems.iter().filter(|p| !warned.contains(*p)) {
-            log::warn!("{p}");
+        let d = std::mem::take(&mut *dirty.lock().unwrap_or_else(|e| e.into_inner()));
+        let step = match cur.take() {
+            Some(mut objs) if !d.all => {
+                // The channel's copy is dropped first, so that the patch happens in place
+                // when the agent holds none either (else it copies, as before).
+                let _ = out.send_replace(None);
+                let o = Arc::make_mut(&mut objs);
+                patch(&mut o.services, &d.services, |k| {
+                    stores
+                        .services
+                        .get(&ObjectRef::new(&k.1).within(&k.0))
+                        .map(|s| (*s).clone())
+                });
+                patch(&mut o.slices, &d.slices, |k| {
+                    stores
+                        .slices
+                        .get(&ObjectRef::new(&k.1).within(&k.0))
+                        .filter(|s| usable_slice(s))
+                        .map(|s| (*s).clone())
+                });
+                cur = Some(objs);
+                Some(Arc::new(Step {
+                    services: d.services.into_iter().collect(),
+                    slices: d.slices.into_iter().collect(),
+                    first_event: d.first_event,
+                }))
+            }
+            _ => {
+                let (objs, problems) = snapshot_checked(&stores);
+                for p in problems.iter().filter(|p| !warned.contains(*p)) {
+                    log::warn!("{p}");
+                }
+                warned = problems.into_iter().collect();
+                log::debug!(
+                    "snapshot: {} services, {} IPv4 endpoint slices, {} node, {} service \
+                     CIDRs, {} address pools, {} L2 advertisements",
+                    objs.services.len(),
+                    objs.slices.len(),
+                    objs.nodes.len(),
+                    objs.service_cidrs.len(),
+                    objs.ip_pools.len(),
+                    objs.l2_adverts.len()
+                );
+                cur = Some(Arc::new(objs));
+                None
+            }
+        };
+        log.seq += 1;
+        log.steps.push_back((log.seq, step));
+        while log.steps.len() > CHANGE_LOG_STEPS {
+            log.steps.pop_front();
         }
-        warned = problems.into_iter().collect();
-        log::debug!(
-            "snapshot: {} services, {} IPv4 endpoint slices, {} node, {} service CIDRs, \
-             {} address pools, {} L2 advertisements",
-            objs.services.len(),
-            objs.slices.len(),
-            objs.nodes.len(),
-            objs.service_cidrs.len(),
-            objs.ip_pools.len(),
-            objs.l2_adverts.len()
-        );
-        if out.send(Some(Arc::new(objs))).is_err() {
+        let objs = cur.as_mut().expect("set above");
+        Arc::make_mut(objs).changes = Some(Arc::new(log.clone()));
+        if out.send(Some(objs.clone())).is_err() {
             return;
         }
+        let published = tokio::time::Instant::now();
         if changes.changed().await.is_err() {
             return;
         }
-        tokio::time::sleep(debounce).await;
+        // At most one snapshot per period; a change after a quiet period goes at once
+        // (after a yield, so that events that arrived together are one snapshot).
+        tokio::time::sleep_until(published + min_period).await;
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Brings `list` (sorted by namespace and name) up to date for `keys`: `get` gives an
+/// object's current state (None: gone or not used).
+fn patch<K: Resource>(list: &mut Vec<K>, keys: &BTreeSet<Key>, get: impl Fn(&Key) -> Option<K>) {
+    for k in keys {
+        match (list.binary_search_by(|o| cmp_key(o, k)), get(k)) {
+            (Ok(i), Some(o)) => list[i] = o,
+            (Ok(i), None) => {
+                list.remove(i);
+            }
+            (Err(i), Some(o)) => list.insert(i, o),
+            (Err(_), None) => {}
+        }
     }
 }
 
@@ -749,6 +958,7 @@ pub fn snapshot_checked(stores: &Stores) -> (Objects, Vec<String>) {
         service_cidrs: sorted(&stores.service_cidrs),
         ip_pools,
         l2_adverts,
+        changes: None,
     };
     (objs, problems)
 }
@@ -1104,6 +1314,74 @@ mod tests {
         assert!(!newer(Some("8"), "9"));
         assert!(!newer(None, "9"));
         assert!(!newer(Some("abc"), "9"));
+    }
+
+    fn named(ns: &str, name: &str) -> EndpointSlice {
+        let mut s = slice("IPv4", Some("web"));
+        s.metadata.namespace = Some(ns.into());
+        s.metadata.name = Some(name.into());
+        s
+    }
+
+    fn k(ns: &str, name: &str) -> Key {
+        (ns.into(), name.into())
+    }
+
+    /// Patching keeps the list sorted and equal to the objects as they are; the change log
+    /// names what changed since an earlier snapshot only while it reaches back that far
+    /// and no step may have changed anything.
+    #[test]
+    fn snapshots_are_patched_and_say_what_changed() {
+        let mut list = vec![named("a", "1"), named("b", "1"), named("b", "3")];
+        let now: BTreeMap<Key, EndpointSlice> = [
+            (k("a", "0"), named("a", "0")),
+            (k("b", "1"), named("b", "1")),
+            (k("b", "2"), named("b", "2")),
+        ]
+        .into();
+        let keys: BTreeSet<Key> = [k("a", "0"), k("a", "1"), k("b", "2"), k("b", "3")].into();
+        patch(&mut list, &keys, |key| now.get(key).cloned());
+        let names: Vec<Key> = list.iter().map(key).collect();
+        assert_eq!(names, [k("a", "0"), k("b", "1"), k("b", "2")]);
+
+        let step = |n: u64, slices: &[Key]| {
+            (
+                n,
+                Some(Arc::new(Step {
+                    services: vec![],
+                    slices: slices.to_vec(),
+                    first_event: None,
+                })),
+            )
+        };
+        let log = ChangeLog {
+            source: 7,
+            seq: 4,
+            steps: [(2, None), step(3, &[k("a", "0")]), step(4, &[k("b", "2")])].into(),
+        };
+        let (_, slices, _) = log.since(7, 2).expect("covered");
+        assert_eq!(slices, [k("a", "0"), k("b", "2")].into());
+        assert_eq!(log.since(7, 3).unwrap().1, [k("b", "2")].into());
+        // Step 2 may have changed anything; another source; the same snapshot; too old.
+        assert!(log.since(7, 1).is_none());
+        assert!(log.since(8, 3).is_none());
+        assert!(log.since(7, 4).is_none());
+        let old = ChangeLog {
+            steps: [step(3, &[]), step(4, &[])].into(),
+            ..log
+        };
+        assert!(old.since(7, 1).is_none());
+        assert!(old.since(7, 2).is_some());
+
+        // The change handed to the translation: present objects as they are, the rest gone.
+        let objs = Objects {
+            slices: list,
+            ..Objects::default()
+        };
+        let c = change_of(&objs, &BTreeSet::new(), &[k("a", "0"), k("a", "1")].into());
+        assert_eq!(c.slices.len(), 2);
+        assert_eq!(c.slices[0].0, k("a", "0"));
+        assert!(c.slices[0].1.is_some() && c.slices[1].1.is_none());
     }
 
     #[test]

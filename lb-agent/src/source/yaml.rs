@@ -49,6 +49,11 @@ pub struct Objects {
     pub ip_pools: Vec<IpAddressPool>,
     /// MetalLB `L2Advertisement`s (`metallb.io/v1beta1`), selectors validated.
     pub l2_adverts: Vec<L2Advertisement>,
+    /// Set by the kube source: which Services and EndpointSlices changed between its
+    /// recent snapshots, so that a consumer that saw an earlier one can handle only
+    /// those ([`crate::source::kube::ChangeLog`]). The lists above are complete whatever
+    /// this says.
+    pub changes: Option<std::sync::Arc<crate::source::kube::ChangeLog>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -156,21 +161,23 @@ impl Parser {
             };
         }
 
+        // Deserialised from a reference to the whole value: no copy of the mapping.
+        let map = &Value::Mapping(map);
         let (v, out, seen) = (api_version.as_deref(), &mut self.out, &mut self.seen);
         match kind.as_str() {
-            "Service" => keep(&SERVICE, &map, v, &mut seen.services, &mut out.services),
-            "EndpointSlice" => self.slice(&map, v),
-            "Node" => keep(&NODE, &map, v, &mut seen.nodes, &mut out.nodes),
-            "ServiceCIDR" => keep(&CIDR, &map, v, &mut seen.cidrs, &mut out.service_cidrs),
-            "IPAddressPool" if is_metallb(v) => self.ip_pool(&map, v),
+            "Service" => keep(&SERVICE, map, v, &mut seen.services, &mut out.services),
+            "EndpointSlice" => self.slice(map, v),
+            "Node" => keep(&NODE, map, v, &mut seen.nodes, &mut out.nodes),
+            "ServiceCIDR" => keep(&CIDR, map, v, &mut seen.cidrs, &mut out.service_cidrs),
+            "IPAddressPool" if is_metallb(v) => self.ip_pool(map, v),
             "L2Advertisement" if is_metallb(v) => {
-                keep(&L2_ADVERT, &map, v, &mut seen.l2, &mut out.l2_adverts)
+                keep(&L2_ADVERT, map, v, &mut seen.l2, &mut out.l2_adverts)
             }
             _ => Ok(()),
         }
     }
 
-    fn slice(&mut self, map: &Mapping, api_version: Option<&str>) -> Result<(), ParseError> {
+    fn slice(&mut self, map: &Value, api_version: Option<&str>) -> Result<(), ParseError> {
         let (doc, slice) = read(&ENDPOINT_SLICE, map, api_version)?;
         match slice.address_type.as_str() {
             "IPv4" => {}
@@ -190,7 +197,7 @@ impl Parser {
         Ok(())
     }
 
-    fn ip_pool(&mut self, map: &Mapping, api_version: Option<&str>) -> Result<(), ParseError> {
+    fn ip_pool(&mut self, map: &Value, api_version: Option<&str>) -> Result<(), ParseError> {
         let (doc, pool) = read(&IP_POOL, map, api_version)?;
         let ranges = metallb::validate_pool(&pool).map_err(|e| doc.invalid(e))?;
         // Never empty: `read` requires the name of this kind.
@@ -236,7 +243,7 @@ impl Parser {
 /// `out`, unless its name is in `seen` already (an error).
 fn keep<T: Object>(
     kind: &Kind<T>,
-    map: &Mapping,
+    map: &Value,
     api_version: Option<&str>,
     seen: &mut HashSet<(String, String)>,
     out: &mut Vec<T>,
@@ -406,15 +413,17 @@ impl Doc {
 /// ([`Doc::meta_namespace`]).
 fn read<T: Object>(
     kind: &Kind<T>,
-    map: &Mapping,
+    value: &Value,
     api_version: Option<&str>,
 ) -> Result<(Doc, T), ParseError> {
+    let map = value.as_mapping().expect("objects are mappings (walk)");
     let doc = Doc::new(kind, map);
     check_api_version(api_version, kind.api_version).map_err(|m| doc.err("apiVersion", m))?;
     if kind.name_required && doc.name.is_none() {
         return Err(doc.err("metadata.name", "required".into()));
     }
-    let mut object: T = deserialize(map).map_err(|m| {
+    let mut object: T = T::deserialize(value).map_err(|e| {
+        let m = e.to_string();
         let (f, m) = (kind.blame)(map).unwrap_or(("(object)".into(), m));
         doc.err(&f, m)
     })?;
@@ -464,10 +473,6 @@ fn check_api_version(got: Option<&str>, want: &str) -> Result<(), String> {
         Some(v) => Err(format!("{v:?} is not supported (expected {want:?})")),
         None => Err(format!("required (expected {want:?})")),
     }
-}
-
-fn deserialize<T: serde::de::DeserializeOwned>(map: &Mapping) -> Result<T, String> {
-    serde_yaml::from_value(Value::Mapping(map.clone())).map_err(|e| e.to_string())
 }
 
 /// serde's errors carry no path, so after a failed deserialisation the parts people write by

@@ -12,7 +12,7 @@ const UNUSED_POOL_IP: [u8; 4] = [172, 30, 255, 210];
 const FOREIGN_IP: [u8; 4] = [172, 30, 0, 3];
 
 /// Ethernet + ARP (RFC 826, IPv4 over Ethernet): a fixture written out byte by byte.
-fn arp_frame(
+pub(super) fn arp_frame(
     eth_dst: [u8; 6],
     eth_src: [u8; 6],
     op: u16,
@@ -34,12 +34,12 @@ fn arp_frame(
 }
 
 /// The client asks who has `ip`.
-fn who_has(ip: [u8; 4]) -> Vec<u8> {
+pub(super) fn who_has(ip: [u8; 4]) -> Vec<u8> {
     arp_frame([0xff; 6], MAC_CLIENT, 1, MAC_CLIENT, CLIENT, [0; 6], ip)
 }
 
 /// `XLB_ARP` holds LB_IP; the lease runs `lease_ms` from now (negative: ran out).
-fn announce(lease_ms: i64) -> Step {
+pub(super) fn announce(lease_ms: i64) -> Step {
     Step::Maps(
         "announce LB_IP",
         Box::new(move |v| {

@@ -456,3 +456,42 @@ fn snat_frontend() -> FrontendKey {
         _pad: 0,
     }
 }
+
+/// A client tuple already in a live flow to a backend cannot be taken by a new flow through
+/// another frontend of the same backend (a guessed or spoofed tuple would otherwise redirect
+/// the live flow's replies); once that flow is over, the tuple is free again.
+#[test]
+fn a_live_flows_backend_tuple_is_not_taken_over() {
+    let Some(_guard) = privileged() else {
+        return;
+    };
+    let to_pod = |p: Pkt| p.set_dst(POD_LOCAL, 8080);
+    run_table(
+        vec![
+            case(
+                "client:41100 -> NodePort 30080 -> local pod",
+                syn(41100, NODE, 30080).bytes(),
+                to_pod(syn(41100, NODE, 30080)).bytes(),
+                XDP_PASS,
+            ),
+            xdp(
+                "the same client:41100 -> LB IP of the same service: tuple in use, dropped",
+                syn(41100, LB_IP, 80).bytes(),
+                None,
+                XDP_DROP,
+            ),
+            check("the first flow is over", |v| {
+                let k = tcp_key(41100, NODE, 30080);
+                let _ = v.ct.remove(&k);
+                let _ = v.ct_new.remove(&k);
+            }),
+            case(
+                "now the LB IP flow takes the tuple",
+                syn(41100, LB_IP, 80).bytes(),
+                to_pod(syn(41100, LB_IP, 80)).bytes(),
+                XDP_PASS,
+            ),
+        ],
+        SNAT_PORT,
+    );
+}

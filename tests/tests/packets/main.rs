@@ -45,11 +45,13 @@ mod arp;
 mod clusterip;
 mod conntrack;
 mod debug_events;
+mod fuzz;
 mod nodeport;
 mod not_ours;
 mod parity;
 mod reject;
 mod remote;
+mod tc_uplink;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -554,7 +556,13 @@ enum Step {
     Maps(&'static str, Box<dyn FnOnce(&mut MapsView) + Send>),
     /// The debug events (aya-log) the programs sent since the last such step.
     Events(&'static str, EventCheck),
+    /// Free use of the loaded programs (`test_run`) and maps, with the uplink's ifindex: the
+    /// fuzzer.
+    Run(RunFn),
 }
+
+/// What a `Step::Run` does with the loaded programs and the uplink's ifindex.
+type RunFn = Box<dyn FnOnce(&mut Datapath, u32) + Send>;
 
 /// What a `Step::Events` asserts about the events it collected.
 type EventCheck = Box<dyn FnOnce(&[String]) + Send>;
@@ -658,6 +666,9 @@ fn run_table(steps: Vec<Step>, snat_port_max: u16) {
                 snat_addr_be: u32::from_ne_bytes(NODE),
                 snat_port_min: SNAT_PORT,
                 snat_port_max,
+                // The tables run XDP in front of the uplink's tc hook; tc_uplink.rs clears
+                // this for the uplink without XDP.
+                flags: CFG_XDP_IN_FRONT,
                 ..Config::DEFAULT
             },
             0,
@@ -676,7 +687,6 @@ fn run_table(steps: Vec<Step>, snat_port_max: u16) {
 
     in_netns(ns.name(), || {
         let ifindex = nix::net::if_::if_nametoindex("up0").expect("up0");
-        // xdp_md as BPF_PROG_TEST_RUN wants it: data 0, data_end = len, ingress = up0.
         for step in steps {
             match step {
                 Step::Exec(cmd) => {
@@ -706,6 +716,7 @@ fn run_table(steps: Vec<Step>, snat_port_max: u16) {
                     };
                     f(&mut view);
                 }
+                Step::Run(f) => f(&mut dp, ifindex),
                 Step::Events(what, f) => {
                     events.flush();
                     let got = std::mem::take(&mut *captured.0.lock().unwrap());
@@ -719,47 +730,9 @@ fn run_table(steps: Vec<Step>, snat_port_max: u16) {
                     output,
                     action,
                 } => {
-                    let mut out = vec![0u8; input.len() + 256];
-                    let (rc, size) = match prog {
-                        Prog::Xdp => {
-                            let mut ctx = [0u32; 6];
-                            ctx[1] = input.len() as u32;
-                            ctx[3] = ifindex;
-                            let ctx_bytes: Vec<u8> =
-                                ctx.iter().flat_map(|w| w.to_ne_bytes()).collect();
-                            let p: &mut Xdp =
-                                dp.ebpf.program_mut(PROG_XDP).unwrap().try_into().unwrap();
-                            let opts = TestRunOptions {
-                                data_in: Some(&input),
-                                data_out: Some(&mut out),
-                                ctx_in: Some(&ctx_bytes),
-                                ..Default::default()
-                            };
-                            let r = p
-                                .test_run(opts)
-                                .unwrap_or_else(|e| panic!("{desc}: test_run: {e}"));
-                            (r.return_value, r.data_size_out as usize)
-                        }
-                        Prog::TcPod | Prog::TcUplink => {
-                            let name = if matches!(prog, Prog::TcPod) {
-                                PROG_TC_POD
-                            } else {
-                                PROG_TC_UPLINK
-                            };
-                            let p: &mut SchedClassifier =
-                                dp.ebpf.program_mut(name).unwrap().try_into().unwrap();
-                            let opts = TestRunOptions {
-                                data_in: Some(&input),
-                                data_out: Some(&mut out),
-                                ..Default::default()
-                            };
-                            let r = p
-                                .test_run(opts)
-                                .unwrap_or_else(|e| panic!("{desc}: test_run: {e}"));
-                            (r.return_value, r.data_size_out as usize)
-                        }
-                    };
-                    let got = &out[..size];
+                    let (rc, out) = test_run(&mut dp, &prog, &input, ifindex)
+                        .unwrap_or_else(|e| panic!("{desc}: test_run: {e}"));
+                    let got = &out[..];
                     assert_eq!(rc, action, "{desc}: action");
                     let want = output.as_deref().unwrap_or(&input);
                     if action != XDP_DROP {
@@ -774,6 +747,58 @@ fn run_table(steps: Vec<Step>, snat_port_max: u16) {
             }
         }
     });
+}
+
+/// Runs `prog` once over `input` through BPF_PROG_TEST_RUN, as it would run on the uplink
+/// (ifindex `ifindex`) or a pod's interface; returns the action and the packet after it.
+fn test_run(
+    dp: &mut Datapath,
+    prog: &Prog,
+    input: &[u8],
+    ifindex: u32,
+) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
+    let mut out = vec![0u8; input.len() + 256];
+    let (rc, size) = match prog {
+        Prog::Xdp => {
+            // xdp_md as BPF_PROG_TEST_RUN wants it: data 0, data_end = len, ingress = up0.
+            let mut ctx = [0u32; 6];
+            ctx[1] = input.len() as u32;
+            ctx[3] = ifindex;
+            let ctx_bytes: Vec<u8> = ctx.iter().flat_map(|w| w.to_ne_bytes()).collect();
+            let p: &mut Xdp = dp.ebpf.program_mut(PROG_XDP).unwrap().try_into().unwrap();
+            let opts = TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx_bytes),
+                ..Default::default()
+            };
+            let r = p.test_run(opts)?;
+            (r.return_value, r.data_size_out as usize)
+        }
+        Prog::TcPod | Prog::TcUplink => {
+            let name = if matches!(prog, Prog::TcPod) {
+                PROG_TC_POD
+            } else {
+                PROG_TC_UPLINK
+            };
+            // The uplink's program sees frames arriving on up0 (its MAC decides the frame's
+            // pkt_type); the pod's, from loopback.
+            let mut skb = [0u32; 11];
+            skb[10] = ifindex; // __sk_buff::ifindex
+            let skb: Vec<u8> = skb.iter().flat_map(|w| w.to_ne_bytes()).collect();
+            let p: &mut SchedClassifier = dp.ebpf.program_mut(name).unwrap().try_into().unwrap();
+            let opts = TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut out),
+                ctx_in: matches!(prog, Prog::TcUplink).then_some(&skb[..]),
+                ..Default::default()
+            };
+            let r = p.test_run(opts)?;
+            (r.return_value, r.data_size_out as usize)
+        }
+    };
+    out.truncate(size);
+    Ok((rc, out))
 }
 
 fn hex(b: &[u8]) -> String {

@@ -40,14 +40,20 @@ fn tcp_flow_holds_the_only_snat_port() {
             output: None,
             action: XDP_DROP,
         },
-        // The uplink's tc leaves such a reply to XDP: its reverse entry exists but is not
-        // for a pod on this node.
+        // The uplink's tc translates such a reply the same way when XDP hands it on (or
+        // runs without XDP): its reverse entry is live.
         Step::Case {
-            desc: "tc uplink: anything else is untouched",
+            desc: "tc uplink: a reply XDP handed on is translated the same way",
             prog: Prog::TcUplink,
             input: remote_reply.bytes(),
-            output: None,
-            action: TC_ACT_OK,
+            output: Some(
+                remote_reply
+                    .set_src(NODE, 30081)
+                    .set_dst(CLIENT, 40010)
+                    .routed(MAC_NODE, MAC_CLIENT)
+                    .bytes(),
+            ),
+            action: TC_ACT_REDIRECT,
         },
     ];
     run_table(steps, SNAT_PORT);

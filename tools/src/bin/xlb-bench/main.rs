@@ -10,6 +10,7 @@
 //! full run it exits non-zero when a configuration fails functionally. Times are never
 //! asserted.
 mod ctl;
+mod ctl_scale;
 mod http;
 mod kube_proxy;
 mod ns;
@@ -122,6 +123,16 @@ pub struct Args {
     /// Full iptables-restore / nft -f loads (slow at 10,000 services).
     #[arg(long, default_value_t = 1)]
     pub ctl_full_repeats: usize,
+    /// Control plane at scale: numbers of Services (x --ctl-scale-endpoints), each through
+    /// the file source and the API server stand-in; empty: skipped.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![10_000, 100_000])]
+    pub ctl_scales: Vec<u32>,
+    /// Endpoints per Service at scale.
+    #[arg(long, default_value_t = 10)]
+    pub ctl_scale_endpoints: u32,
+    /// Single-endpoint changes per scale run.
+    #[arg(long, default_value_t = 60)]
+    pub ctl_scale_repeats: usize,
 }
 
 #[derive(ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -141,6 +152,7 @@ pub enum Part {
 #[derive(ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum ConfigArg {
     Ours,
+    OursNative,
     Iptables,
     Nftables,
     Ceiling,
@@ -172,6 +184,8 @@ impl Args {
         set("ctl_services", &mut || self.ctl_services = 1_000);
         set("ctl_repeats", &mut || self.ctl_repeats = 6);
         set("ctl_bulk_repeats", &mut || self.ctl_bulk_repeats = 1);
+        set("ctl_scales", &mut || self.ctl_scales = vec![1_000]);
+        set("ctl_scale_repeats", &mut || self.ctl_scale_repeats = 6);
         set("pps_seconds", &mut || self.pps_seconds = 1.0);
         set("pps_repeats", &mut || self.pps_repeats = 1);
     }
@@ -321,6 +335,7 @@ fn main() -> Result<()> {
                 .iter()
                 .map(|c| match c {
                     ConfigArg::Ours => ns::Config::Ours,
+                    ConfigArg::OursNative => ns::Config::OursNative,
                     ConfigArg::Iptables => ns::Config::Iptables,
                     ConfigArg::Nftables => ns::Config::Nftables,
                     ConfigArg::Ceiling => ns::Config::Ceiling,

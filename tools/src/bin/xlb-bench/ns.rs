@@ -2,7 +2,10 @@
 //! a Service through a NodePort and through its LoadBalancer IP, on four configurations of
 //! the same built-in network, each its own fresh network side by side:
 //!
-//! * `ours`: lb-agent on every node (XDP on the uplinks);
+//! * `ours`: lb-agent on every node with its default flags, on kind-shaped nodes (no XDP
+//!   program on the uplinks' host-side peers, offloads on): `--xdp-mode auto` picks tc
+//!   ingress alone on these veth uplinks;
+//! * `ours-native` (extra): `--xdp-mode native`, the harness's pass program on the peers;
 //! * `iptables`: no agent; kube-proxy's iptables-mode rules (`iptables-restore`);
 //! * `nftables`: no agent; kube-proxy's nftables-mode rules (`nft -f`);
 //! * `ceiling`: no load balancer at all: the client connects to the pods directly (routes
@@ -60,11 +63,14 @@ const CHATTER_INTERVAL: &str = "1";
 #[serde(rename_all = "lowercase")]
 pub enum Config {
     Ours,
+    #[serde(rename = "ours-native")]
+    OursNative,
     Iptables,
     Nftables,
     Ceiling,
 }
 
+/// The default set; `ours-native` is measured when asked for (`--configs`).
 pub const CONFIGS: [Config; 4] = [
     Config::Ours,
     Config::Iptables,
@@ -73,9 +79,13 @@ pub const CONFIGS: [Config; 4] = [
 ];
 
 impl Config {
+    pub fn is_ours(self) -> bool {
+        matches!(self, Config::Ours | Config::OursNative)
+    }
     pub fn key(self) -> &'static str {
         match self {
             Config::Ours => "ours",
+            Config::OursNative => "ours-native",
             Config::Iptables => "iptables",
             Config::Nftables => "nftables",
             Config::Ceiling => "ceiling",
@@ -83,7 +93,8 @@ impl Config {
     }
     pub fn label(self) -> &'static str {
         match self {
-            Config::Ours => "xlb (XDP)",
+            Config::Ours => "xlb (default flags: auto)",
+            Config::OursNative => "xlb (--xdp-mode native)",
             Config::Iptables => "kube-proxy iptables",
             Config::Nftables => "kube-proxy nftables",
             Config::Ceiling => "no LB (client -> pod)",
@@ -191,6 +202,11 @@ pub const METHOD: &[&str] = &[
      iptables-restore of nat + filter, nftables is nft -f of table ip kube-proxy.",
     "Before every run the configuration's connection tracking is emptied too: ctnetlink flush \
      on every node for iptables/nftables, XLB_CT + XLB_CT_NEW + XLB_REVNAT emptied for ours.",
+    "ours runs on kind-shaped nodes: no XDP program on the host-side peer of any node's \
+     uplink and TX checksum offload and TSO on at both ends, as docker leaves a kind node; \
+     there --xdp-mode auto (the default) runs the north-south path in tc ingress alone. \
+     ours-native (measured when --configs names it) is --xdp-mode native with the harness's \
+     XDP pass program on the peers, which native XDP_TX on a veth needs.",
     "ours runs lb-agent with its default flags: SNAT ports chosen by the agent, 1024-29999 \
      on these nodes (28,976 per remote backend; a port no flow holds first, else one whose \
      flow closed at least 1 s ago: lb_common::SNAT_REUSE_CLOSED_MS), Maglev \
@@ -513,19 +529,22 @@ impl Setup {
         agent_args: &[String],
         ceiling_xdp: bool,
     ) -> Result<Self> {
-        let (cluster, net) = if config == Config::Ours {
-            let c = Cluster::up_with_args(
-                spec,
-                |net| {
-                    let (lb, _) = lb_and_entry(net);
-                    rules::manifest(&services(first, net.pods(), lb))
-                },
-                SourceMode::File,
-                agent_args,
-            )?;
-            (Some(c), None)
-        } else {
-            (None, Some(Network::up(spec)?))
+        let manifest = |net: &Network| {
+            let (lb, _) = lb_and_entry(net);
+            rules::manifest(&services(first, net.pods(), lb))
+        };
+        let (cluster, net) = match config {
+            Config::Ours => {
+                let c = crate::util::default_cluster(spec, manifest, agent_args)?;
+                (Some(c), None)
+            }
+            Config::OursNative => {
+                let mut args = agent_args.to_vec();
+                args.extend(["--xdp-mode".to_owned(), "native".to_owned()]);
+                let c = Cluster::up_with_args(spec, manifest, SourceMode::File, &args)?;
+                (Some(c), None)
+            }
+            _ => (None, Some(Network::up(spec)?)),
         };
         let nw = cluster
             .as_ref()
@@ -613,7 +632,7 @@ impl Setup {
     fn program(&mut self, n: u32, svcs: &[SvcDef]) -> Result<(f64, usize)> {
         let t0 = Instant::now();
         match self.config {
-            Config::Ours => {
+            Config::Ours | Config::OursNative => {
                 let c = self.cluster.as_mut().expect("cluster");
                 c.write_manifest(&rules::manifest(svcs))?;
                 let want = svcs.len();
@@ -680,7 +699,7 @@ impl Setup {
                     flush_conntrack(ns)?;
                 }
             }
-            Config::Ours => {
+            Config::Ours | Config::OursNative => {
                 for a in &self.cluster.as_ref().expect("cluster").agents {
                     clear_lru::<CtEntry>(&a.pin_dir, MAP_CT)?;
                     clear_lru::<CtEntry>(&a.pin_dir, MAP_CT_NEW)?;
@@ -826,7 +845,7 @@ pub fn run(args: &Args, configs: &[Config]) -> Result<NorthSouth> {
             let net = s.net();
             let (lb, _) = lb_and_entry(net);
             let svcs = services(n, net.pods(), lb);
-            if s.config == Config::Ours && svcs.len() > lb_common::DEFAULT_MAX_SERVICES as usize {
+            if s.config.is_ours() && svcs.len() > lb_common::DEFAULT_MAX_SERVICES as usize {
                 let why = format!(
                     "ours at {n} services: lb-agent caps service ports at {} (lb_common::DEFAULT_MAX_SERVICES; no flag raises it)",
                     lb_common::DEFAULT_MAX_SERVICES
@@ -882,7 +901,7 @@ pub fn run(args: &Args, configs: &[Config]) -> Result<NorthSouth> {
                 measure(s, n, round, args, &pod_names, &mut out)?;
             }
         }
-        for s in setups.iter().filter(|s| s.config == Config::Ours) {
+        for s in setups.iter().filter(|s| s.config.is_ours()) {
             let d = format!("after {n} services:{}", diagnostics(s));
             eprintln!("  ours {d}");
             out.ours_counters.push(d);

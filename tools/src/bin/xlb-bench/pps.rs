@@ -6,10 +6,12 @@
 //! Configurations, each its own fresh copy of the built-in network, all up side by side and
 //! measured in alternating order:
 //!
-//! * `ours`: lb-agent with its default flags, so `--xdp-mode auto` (what it picks on these
-//!   veth uplinks is recorded);
-//! * `ours-native`: the same with `--xdp-mode native`, as the test harness and the
-//!   north-south part run it;
+//! * `ours`: lb-agent with its default flags, so `--xdp-mode auto`, on kind-shaped nodes
+//!   (no XDP program on the uplink's host-side peer, offloads on): what it picks there
+//!   (tc ingress alone on a veth) is recorded;
+//! * `ours-generic`: the same nodes with `--xdp-mode generic` (generic XDP, tc behind it);
+//! * `ours-native`: `--xdp-mode native` with the harness's pass program on the peers, as
+//!   the test harness and the north-south part run it;
 //! * `iptables` / `nftables`: no agent; kube-proxy-shaped rules (rules.rs) on the entry node;
 //! * `routing`: no load balancer: the client sends to the pod's address, routed through
 //!   the entry node (the same hops without NAT);
@@ -24,7 +26,6 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
-    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -39,7 +40,7 @@ use crate::{
     Args,
     ns::{ENTRY_NODE, NetnsProcess, clear_lru, tmp_file},
     rules::{self, SvcDef},
-    util::{enter_netns, flush_conntrack, median, sh},
+    util::{default_cluster, enter_netns, flush_conntrack, median, sh},
 };
 
 /// The UDP service: NodePort on the entry node, service and target port.
@@ -63,6 +64,7 @@ const CHATTER: bool = true;
 #[serde(rename_all = "kebab-case")]
 pub enum PpsConfig {
     Ours,
+    OursGeneric,
     OursNative,
     Iptables,
     Nftables,
@@ -70,8 +72,9 @@ pub enum PpsConfig {
     RoutingXdp,
 }
 
-pub const PPS_CONFIGS: [PpsConfig; 6] = [
+pub const PPS_CONFIGS: [PpsConfig; 7] = [
     PpsConfig::Ours,
+    PpsConfig::OursGeneric,
     PpsConfig::OursNative,
     PpsConfig::Iptables,
     PpsConfig::Nftables,
@@ -83,6 +86,7 @@ impl PpsConfig {
     pub fn key(self) -> &'static str {
         match self {
             PpsConfig::Ours => "ours",
+            PpsConfig::OursGeneric => "ours-generic",
             PpsConfig::OursNative => "ours-native",
             PpsConfig::Iptables => "iptables",
             PpsConfig::Nftables => "nftables",
@@ -92,8 +96,9 @@ impl PpsConfig {
     }
     pub fn label(self) -> &'static str {
         match self {
-            PpsConfig::Ours => "xlb (default flags)",
-            PpsConfig::OursNative => "xlb (--xdp-mode native)",
+            PpsConfig::Ours => "xlb (default flags: auto)",
+            PpsConfig::OursGeneric => "xlb (--xdp-mode generic)",
+            PpsConfig::OursNative => "xlb (--xdp-mode native, peer with XDP)",
             PpsConfig::Iptables => "kube-proxy iptables",
             PpsConfig::Nftables => "kube-proxy nftables",
             PpsConfig::Routing => "plain routing (no LB)",
@@ -177,10 +182,11 @@ pub const METHOD: &[&str] = &[
      on every node for iptables/nftables; XLB_CT, XLB_CT_NEW and XLB_REVNAT for ours), so \
      every window starts with the same flows to create. A functional check first: one \
      datagram from a client socket must reach the pod's socket (translation and checksum).",
-    "ours runs lb-agent with its default flags, which means --xdp-mode auto; the harness \
-     passes --xdp-mode native (its own default for the other parts), so for `ours` the agent \
-     is started through a wrapper that drops that flag. The mode each agent reports is \
-     recorded (xdp_modes). ours-native is the harness's native mode, as in north-south.",
+    "ours runs lb-agent with its default flags, which means --xdp-mode auto. ours and \
+     ours-generic run on kind-shaped nodes: the harness's XDP pass program on each uplink's host-side peer is \
+     detached and TX checksum offload and TSO are on at both ends, as on a kind node. The \
+     mode each agent reports is recorded (xdp_modes). ours-native is --xdp-mode native \
+     with the harness's pass program on the peers (which native XDP_TX on a veth needs).",
     "Node chatter (pings between nodes and to the client once a second) as in north-south.",
     "routing-xdp (diagnostic): routing with xlb_xdp_pass attached in native mode on both ends \
      of every node's uplink, the XDP layout of ours-native without the load balancing. \
@@ -376,52 +382,15 @@ pub fn version() -> String {
 
 // ---------------------------------------------------------------- the configurations
 
-/// A shell script that starts the real agent without the harness's `--xdp-mode` flag (and
-/// its value), so the agent runs with its own default; removed on drop.
-struct AgentWrapper(PathBuf);
-
-impl AgentWrapper {
-    fn new() -> Result<Self> {
-        let real = lb_tests::agent_bin()?;
-        let path = std::env::temp_dir().join(format!(
-            "xlb-bench-{}-agent-default-xdp-mode.sh",
-            std::process::id()
-        ));
-        let script = format!(
-            "#!/bin/sh\n\
-             # xlb-bench pps: lb-agent with its default --xdp-mode (the harness passes native)\n\
-             skip=\n\
-             for a do\n  shift\n  \
-             if [ -n \"$skip\" ]; then skip=; continue; fi\n  \
-             if [ \"$a\" = --xdp-mode ]; then skip=1; continue; fi\n  \
-             set -- \"$@\" \"$a\"\n\
-             done\n\
-             exec '{}' \"$@\"\n",
-            real.display()
-        );
-        std::fs::write(&path, script)?;
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for AgentWrapper {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 struct Setup {
     config: PpsConfig,
-    // Drop order: sink and pings, then the agents, then the network, then the wrapper.
+    // Drop order: sink and pings, then the agents, then the network.
     sink: UdpSocket,
     _chatter: Vec<NetnsProcess>,
     /// routing-xdp: the pass program on both ends of every node's uplink.
     _pass: Option<(lb_agent::dataplane::datapath::Datapath, lb_tests::PinDir)>,
     cluster: Option<Cluster>,
     _net: Option<Network>,
-    _wrapper: Option<AgentWrapper>,
     client_ns: String,
     client_if: String,
     client_addr: Ipv4Addr,
@@ -459,36 +428,30 @@ impl Setup {
             remote_pod(net.pods())
                 .map_or_else(|_| String::new(), |p| rules::manifest(&[service(&p)]))
         };
-        let (mut cluster, net, wrapper) = match config {
-            PpsConfig::Ours => {
-                let w = AgentWrapper::new()?;
-                // The harness takes the agent binary from XLB_AGENT_BIN: set for the start
-                // only, restored right after (no other thread of this process runs now).
-                let prev = std::env::var_os("XLB_AGENT_BIN");
-                // SAFETY: single-threaded at this point (see above).
-                unsafe { std::env::set_var("XLB_AGENT_BIN", &w.0) };
-                let c = Cluster::up_with_args(spec, manifest, SourceMode::File, &[]);
-                // SAFETY: as above.
-                unsafe {
-                    match prev {
-                        Some(p) => std::env::set_var("XLB_AGENT_BIN", p),
-                        None => std::env::remove_var("XLB_AGENT_BIN"),
-                    }
-                }
-                (Some(c?), None, Some(w))
+        let (mut cluster, net) = match config {
+            PpsConfig::Ours => (Some(default_cluster(spec, manifest, &[])?), None),
+            PpsConfig::OursGeneric | PpsConfig::OursNative => {
+                let mode = if config == PpsConfig::OursGeneric {
+                    "generic"
+                } else {
+                    "native"
+                };
+                let args = ["--xdp-mode".to_owned(), mode.to_owned()];
+                (
+                    Some(Cluster::up_with_args(
+                        spec,
+                        manifest,
+                        SourceMode::File,
+                        &args,
+                    )?),
+                    None,
+                )
             }
-            PpsConfig::OursNative => (
-                Some(Cluster::up_with_args(
-                    spec,
-                    manifest,
-                    SourceMode::File,
-                    &[],
-                )?),
-                None,
-                None,
-            ),
-            _ => (None, Some(Network::up(spec)?), None),
+            _ => (None, Some(Network::up(spec)?)),
         };
+        if config == PpsConfig::OursGeneric {
+            cluster.as_mut().expect("cluster").kind_shaped()?;
+        }
         let mut xdp_mode = None;
         if let Some(c) = cluster.as_mut() {
             c.wait_for("the UDP service", Duration::from_secs(60), |s| {
@@ -580,7 +543,6 @@ impl Setup {
             _pass: pass,
             cluster,
             _net: net,
-            _wrapper: wrapper,
             client_ns,
             client_if,
             client_addr,
@@ -633,7 +595,7 @@ impl Setup {
                     flush_conntrack(ns)?;
                 }
             }
-            PpsConfig::Ours | PpsConfig::OursNative => {
+            PpsConfig::Ours | PpsConfig::OursGeneric | PpsConfig::OursNative => {
                 for a in &self.cluster.as_ref().expect("cluster").agents {
                     clear_lru::<CtEntry>(&a.pin_dir, MAP_CT)?;
                     clear_lru::<CtEntry>(&a.pin_dir, MAP_CT_NEW)?;

@@ -127,23 +127,41 @@ fn targets(r: &Results) -> Vec<Target> {
     let mut t = Vec::new();
     if let Some(n) = &r.north_south {
         let largest = n.sizes.iter().copied().max().unwrap_or(1);
-        for size in [1, largest] {
-            let v = ratio(
-                conn(n, Config::Ours, size, "nodeport"),
-                conn(n, Config::Ceiling, size, "nodeport"),
-            );
-            t.push(Target {
-                what: if size == 1 {
-                    "NodePort conn/s vs ceiling, 1 service"
-                } else {
-                    "NodePort conn/s vs ceiling, largest size"
-                },
-                goal: ">= 0.9x",
-                got: format!("{} ({size} services)", x(v)),
-                met: v.map(|v| v >= 0.9),
-            });
-            if size == largest && largest == 1 {
-                break;
+        let sizes: &[u32] = if largest == 1 { &[1] } else { &[1, largest] };
+        // Issue 13's targets: default flags (ours), one run side by side with the ceiling.
+        for &size in sizes {
+            for (path, what_rate, what_p99) in [
+                (
+                    "nodeport",
+                    "NodePort conn/s vs ceiling",
+                    "NodePort p99 latency vs ceiling",
+                ),
+                (
+                    "lbip",
+                    "LB IP conn/s vs ceiling",
+                    "LB IP p99 latency vs ceiling",
+                ),
+            ] {
+                let v = ratio(
+                    conn(n, Config::Ours, size, path),
+                    conn(n, Config::Ceiling, size, "nodeport"),
+                );
+                t.push(Target {
+                    what: what_rate,
+                    goal: ">= 0.95x",
+                    got: format!("{} ({size} services)", x(v)),
+                    met: v.map(|v| v >= 0.95),
+                });
+                let v = ratio(
+                    p99(n, Config::Ours, size, path),
+                    p99(n, Config::Ceiling, size, "nodeport"),
+                );
+                t.push(Target {
+                    what: what_p99,
+                    goal: "<= 1.1x",
+                    got: format!("{} ({size} services)", x(v)),
+                    met: v.map(|v| v <= 1.1),
+                });
             }
         }
         for w in ["iperf1", "iperf4"] {
@@ -160,6 +178,31 @@ fn targets(r: &Results) -> Vec<Target> {
                 goal: ">= 0.95x",
                 got: x(v),
                 met: v.map(|v| v >= 0.95),
+            });
+        }
+    }
+    if let Some(p) = &r.pps {
+        let mpps = |c| crate::pps::med(p, c, |x| x.mpps);
+        for (other, goal, min, what) in [
+            (
+                PpsConfig::Nftables,
+                ">= 2x",
+                2.0,
+                "packets/s per core through a NodePort vs nftables",
+            ),
+            (
+                PpsConfig::Routing,
+                ">= 0.9x",
+                0.9,
+                "packets/s per core through a NodePort vs plain routing",
+            ),
+        ] {
+            let v = ratio(mpps(PpsConfig::Ours), mpps(other));
+            t.push(Target {
+                what,
+                goal,
+                got: x(v),
+                met: v.map(|v| v >= min),
             });
         }
     }
@@ -417,7 +460,11 @@ fn pps_section(p: &Pps, s: &mut String) {
         p.gen_cpu
     );
     let mut rows = Vec::new();
-    for ours in [PpsConfig::Ours, PpsConfig::OursNative] {
+    for ours in [
+        PpsConfig::Ours,
+        PpsConfig::OursGeneric,
+        PpsConfig::OursNative,
+    ] {
         if mpps(ours).is_none() {
             continue;
         }
@@ -567,6 +614,7 @@ fn markdown(r: &Results, json: &Path, charts: &[String]) -> String {
         for m in &c.method {
             s += &format!("- {m}\n");
         }
+        s += &crate::ctl::scales_section(c);
     }
     if let Some(xd) = &r.xdp {
         s += &format!(

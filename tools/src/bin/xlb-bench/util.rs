@@ -132,3 +132,15 @@ pub fn cpu_model() -> String {
         .map(|(_, m)| m.trim().to_owned())
         .unwrap_or_else(|| "unknown".into())
 }
+
+/// A cluster whose agents run with their default flags (plus `extra`) on kind-shaped nodes
+/// (`Cluster::kind_shaped`): what a user of the seed's set-up gets.
+pub fn default_cluster(
+    spec: &lb_tests::TopologySpec,
+    manifest: impl FnOnce(&lb_tests::Network) -> String,
+    extra: &[String],
+) -> Result<lb_tests::Cluster> {
+    let mut c = lb_tests::Cluster::up_with_args(spec, manifest, lb_tests::SourceMode::File, extra)?;
+    c.kind_shaped()?;
+    Ok(c)
+}

@@ -1,0 +1,818 @@
+//! The file source, one YAML document at a time: a changed file is split into its
+//! documents, and a `kind: List` document (as `kubectl get -o yaml` writes, items as a
+//! block sequence at the left margin) into its items; each is compared with the previous
+//! read (by position, then by content hash, bytes confirmed), and only those that differ
+//! are parsed (an item with the list's other lines around it, so it reads as a list of
+//! one). A one-line change of a
+//! 100,000-Service manifest parses one document instead of all of them, and hands the
+//! translation the Services and EndpointSlices that document added, changed or lost.
+//!
+//! The result is what [`yaml::parse_objects`] of the whole text gives, checks included:
+//! whenever a document fails to parse, two documents hold the same object, or a changed
+//! document holds kinds checked across documents (Nodes, ServiceCIDRs, address pools and
+//! advertisements) or a nameless object, the whole text is parsed as before
+//! ([`FileUpdate::Full`], or its error, which names the right document).
+use std::{
+    collections::HashMap,
+    hash::{DefaultHasher, Hash as _, Hasher as _},
+    ops::Range,
+};
+
+use crate::{
+    model::incremental::{Change, Key},
+    source::yaml::{self, Objects, ParseError},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Service,
+    Slice,
+}
+
+/// A unit of parsing: the text around (a list's lines before and after its items; empty
+/// for a plain document), and the document or item itself. Parsed as the three
+/// concatenated.
+type Unit = [Range<usize>; 3];
+
+fn unit_text<'a>(text: &'a str, u: &Unit) -> std::borrow::Cow<'a, str> {
+    if u[0].is_empty() && u[2].is_empty() {
+        std::borrow::Cow::Borrowed(&text[u[1].clone()])
+    } else {
+        std::borrow::Cow::Owned(u.iter().map(|r| &text[r.clone()]).collect())
+    }
+}
+
+fn unit_eq(a: &str, ua: &Unit, b: &str, ub: &Unit) -> bool {
+    ua.iter()
+        .zip(ub)
+        .all(|(ra, rb)| a[ra.clone()] == b[rb.clone()])
+}
+
+fn unit_hash(text: &str, u: &Unit) -> u64 {
+    let mut h = DefaultHasher::new();
+    for r in u {
+        text[r.clone()].hash(&mut h);
+    }
+    h.finish()
+}
+
+#[derive(Debug, Clone)]
+struct Doc {
+    range: Unit,
+    hash: u64,
+    keys: Vec<(Kind, Key)>,
+}
+
+/// What a read found.
+#[derive(Debug)]
+pub enum FileUpdate {
+    /// Everything, parsed whole (first read, or a change the documents cannot tell).
+    Full(Objects),
+    /// Only these objects changed (possibly none: the documents are the same).
+    Change(Change),
+}
+
+/// See the module docs.
+#[derive(Default)]
+pub struct FileCache {
+    text: String,
+    docs: Vec<Doc>,
+    /// Documents holding each object: more than one is an error of the whole text.
+    holders: HashMap<(Kind, Key), u32>,
+    /// Some document holds kinds checked across documents, or a nameless object.
+    has_global: Vec<bool>,
+}
+
+/// The units of `text`: its documents (each starts at a `---` line, the first one at the
+/// start of the text), a list document's items instead of the document. None when the text
+/// has directives or end markers (`%`, `...`): such text is parsed whole.
+fn split(text: &str) -> Option<Vec<Unit>> {
+    let mut starts = vec![0];
+    for (at, bare) in lines(text) {
+        // Most lines of a manifest are indented: one byte decides.
+        match bare.as_bytes().first() {
+            Some(b'%') => return None,
+            Some(b'.') if bare == "..." || bare.starts_with("... ") => return None,
+            Some(b'-') if at > 0 && is_doc_marker(bare) => starts.push(at),
+            _ => {}
+        }
+    }
+    let mut docs: Vec<Range<usize>> = starts.windows(2).map(|w| w[0]..w[1]).collect();
+    docs.push(*starts.last().expect("one start")..text.len());
+    let mut out = Vec::with_capacity(docs.len());
+    for d in docs {
+        list_items(text, d.clone(), &mut out)
+            .unwrap_or_else(|| out.push([d.start..d.start, d, 0..0]));
+    }
+    Some(out)
+}
+
+/// Length of the common prefix of `a` and `b` (compared a block at a time).
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    const BLOCK: usize = 4096;
+    let n = a.len().min(b.len());
+    let mut i = 0;
+    while i + BLOCK <= n && a[i..i + BLOCK] == b[i..i + BLOCK] {
+        i += BLOCK;
+    }
+    while i < n && a[i] == b[i] {
+        i += 1;
+    }
+    i
+}
+
+/// Length of the common suffix of `a` and `b`.
+fn common_suffix(a: &[u8], b: &[u8]) -> usize {
+    const BLOCK: usize = 4096;
+    let n = a.len().min(b.len());
+    let (la, lb) = (a.len(), b.len());
+    let mut i = 0;
+    while i + BLOCK <= n && a[la - i - BLOCK..la - i] == b[lb - i - BLOCK..lb - i] {
+        i += BLOCK;
+    }
+    while i < n && a[la - i - 1] == b[lb - i - 1] {
+        i += 1;
+    }
+    i
+}
+
+/// A line that starts a YAML document.
+fn is_doc_marker(bare: &str) -> bool {
+    bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t")
+}
+
+/// (offset, line without its line break) of every line of `text`.
+fn lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    let mut at = 0;
+    text.split_inclusive('\n').map(move |line| {
+        let start = at;
+        at += line.len();
+        (start, line.trim_end_matches(['\n', '\r']))
+    })
+}
+
+/// The items of a document whose `items:` key (at the left margin) holds a block sequence
+/// at the left margin, each as a unit with the document's other lines around it; None
+/// (nothing pushed) for any other document.
+fn list_items(text: &str, doc: Range<usize>, out: &mut Vec<Unit>) -> Option<()> {
+    let body = &text[doc.clone()];
+    let mut items_key = None;
+    let mut item_starts = Vec::new();
+    let mut list_end = None;
+    for (off, bare) in lines(body) {
+        let at = doc.start + off;
+        let first = bare.as_bytes().first().copied();
+        if matches!(first, None | Some(b' ' | b'\t' | b'#')) {
+            continue;
+        }
+        match (items_key, list_end) {
+            (None, _) if bare == "items:" => items_key = Some(at + bare.len()),
+            (Some(_), None) if bare == "-" || bare.starts_with("- ") => item_starts.push(at),
+            // The first other line at the margin ends the sequence.
+            (Some(_), None) => {
+                if item_starts.is_empty() {
+                    return None;
+                }
+                list_end = Some(at);
+            }
+            _ => {}
+        }
+    }
+    let key_end = items_key?;
+    // Lines between `items:` and the first item other than blanks/comments would belong
+    // to no item: not split.
+    let first = *item_starts.first()?;
+    if text[key_end..first]
+        .lines()
+        .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+    {
+        return None;
+    }
+    let end = list_end.unwrap_or(doc.end);
+    let (prefix, suffix) = (doc.start..first, end..doc.end);
+    for (i, &s) in item_starts.iter().enumerate() {
+        let e = item_starts.get(i + 1).copied().unwrap_or(end);
+        out.push([prefix.clone(), s..e, suffix.clone()]);
+    }
+    Some(())
+}
+
+fn svc_key(s: &k8s_openapi::api::core::v1::Service) -> Key {
+    let (ns, n) = crate::model::translate::service_key(s);
+    (ns.to_string(), n.to_string())
+}
+
+/// Keys of what one document parsed into; None if it holds kinds checked across
+/// documents or a nameless slice.
+fn keys_of(objs: &Objects) -> Option<Vec<(Kind, Key)>> {
+    if !objs.nodes.is_empty()
+        || !objs.service_cidrs.is_empty()
+        || !objs.ip_pools.is_empty()
+        || !objs.l2_adverts.is_empty()
+    {
+        return None;
+    }
+    let mut keys: Vec<(Kind, Key)> = objs
+        .services
+        .iter()
+        .map(|s| (Kind::Service, svc_key(s)))
+        .collect();
+    for s in &objs.slices {
+        let name = s.metadata.name.clone().filter(|n| !n.is_empty())?;
+        let ns = s.metadata.namespace.clone().unwrap_or_default();
+        keys.push((Kind::Slice, (ns, name)));
+    }
+    Some(keys)
+}
+
+/// Parses documents, on both cores when there are many (the first read of a large file).
+fn parse_all(text: &str, ranges: &[Unit]) -> Vec<Result<Objects, ParseError>> {
+    let parse = |rs: &[Unit]| -> Vec<Result<Objects, ParseError>> {
+        rs.iter()
+            .map(|r| yaml::parse_objects(&unit_text(text, r)))
+            .collect()
+    };
+    if ranges.len() < 64 {
+        return parse(ranges);
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let chunk = ranges.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = ranges
+            .chunks(chunk)
+            .map(|rs| s.spawn(move || parse(rs)))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("parser thread"))
+            .collect()
+    })
+}
+
+impl FileCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Forgets the previous read: the next one parses everything.
+    pub fn clear(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Reads `text` (the file's whole content). On error nothing is remembered of it: the
+    /// next read compares with the last good one (after a duplicate object, it parses
+    /// everything).
+    pub fn read(&mut self, text: String) -> Result<FileUpdate, ParseError> {
+        let (ranges, hints) = match self.resplit(&text) {
+            Some(r) => {
+                // The shortcut must split as the whole scan does (checked in tests).
+                debug_assert_eq!(Some(&r.0), split(&text).as_ref());
+                r
+            }
+            None => {
+                let Some(ranges) = split(&text) else {
+                    let objs = yaml::parse_objects(&text)?;
+                    self.clear();
+                    return Ok(FileUpdate::Full(objs));
+                };
+                let n = ranges.len();
+                (ranges, vec![None; n])
+            }
+        };
+        if self.docs.is_empty() && self.text.is_empty() {
+            return self.read_whole(text, ranges);
+        }
+        // Match new documents with old ones: known equal (outside the changed bytes)
+        // first, then same position, then same content.
+        let mut matched_old = vec![false; self.docs.len()];
+        let mut reuse: Vec<Option<usize>> = vec![None; ranges.len()];
+        let mut by_hash: Option<HashMap<u64, Vec<usize>>> = None;
+        let mut hashes: Vec<u64> = vec![0; ranges.len()];
+        for (i, hint) in hints.iter().enumerate() {
+            if let Some(j) = *hint {
+                matched_old[j] = true;
+                reuse[i] = Some(j);
+                hashes[i] = self.docs[j].hash;
+            }
+        }
+        for (i, r) in ranges.iter().enumerate() {
+            if reuse[i].is_some() {
+                continue;
+            }
+            if let Some(d) = self.docs.get(i)
+                && !matched_old[i]
+                && unit_eq(&self.text, &d.range, &text, r)
+            {
+                matched_old[i] = true;
+                reuse[i] = Some(i);
+                hashes[i] = d.hash;
+                continue;
+            }
+            let h = unit_hash(&text, r);
+            hashes[i] = h;
+            let index = by_hash.get_or_insert_with(|| {
+                let mut m: HashMap<u64, Vec<usize>> = HashMap::new();
+                for (j, d) in self.docs.iter().enumerate() {
+                    if !matched_old[j] {
+                        m.entry(d.hash).or_default().push(j);
+                    }
+                }
+                m
+            });
+            if let Some(j) =
+                index.get(&h).into_iter().flatten().copied().find(|&j| {
+                    !matched_old[j] && unit_eq(&self.text, &self.docs[j].range, &text, r)
+                })
+            {
+                matched_old[j] = true;
+                reuse[i] = Some(j);
+            }
+        }
+        let gone: Vec<usize> = (0..self.docs.len()).filter(|&j| !matched_old[j]).collect();
+        let fresh: Vec<usize> = (0..ranges.len()).filter(|&i| reuse[i].is_none()).collect();
+        if gone.iter().any(|&j| self.has_global[j]) {
+            return self.read_whole(text, ranges);
+        }
+        let fresh_ranges: Vec<Unit> = fresh.iter().map(|&i| ranges[i].clone()).collect();
+        let mut parsed = Vec::with_capacity(fresh.len());
+        for r in parse_all(&text, &fresh_ranges) {
+            match r {
+                Ok(objs) => parsed.push(objs),
+                // The whole text names the document (its number) as a full read would.
+                Err(_) => return self.read_whole(text, ranges),
+            }
+        }
+        let mut fresh_keys = Vec::with_capacity(parsed.len());
+        for objs in &parsed {
+            match keys_of(objs) {
+                Some(k) => fresh_keys.push(k),
+                None => return self.read_whole(text, ranges),
+            }
+        }
+        // Holders after the change; a key in two documents is the whole text's error.
+        // Updated in place: on a duplicate the whole text is read again, which rebuilds
+        // them (and on its error the cache starts afresh).
+        for &j in &gone {
+            for k in &self.docs[j].keys {
+                if let Some(n) = self.holders.get_mut(k) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.holders.remove(k);
+                    }
+                }
+            }
+        }
+        for keys in &fresh_keys {
+            for k in keys {
+                let n = self.holders.entry(k.clone()).or_default();
+                *n += 1;
+                if *n > 1 {
+                    self.clear();
+                    return self.read_whole(text, ranges);
+                }
+            }
+        }
+        let mut change = Change::default();
+        let mut upserted: std::collections::HashSet<(Kind, Key)> = Default::default();
+        for objs in parsed {
+            for s in objs.services {
+                let key = svc_key(&s);
+                upserted.insert((Kind::Service, key.clone()));
+                change.services.push((key, Some(s)));
+            }
+            for s in objs.slices {
+                let key = (
+                    s.metadata.namespace.clone().unwrap_or_default(),
+                    s.metadata.name.clone().unwrap_or_default(),
+                );
+                upserted.insert((Kind::Slice, key.clone()));
+                change.slices.push((key, Some(s)));
+            }
+        }
+        for &j in &gone {
+            for k in &self.docs[j].keys {
+                if !upserted.contains(k) {
+                    match k.0 {
+                        Kind::Service => change.services.push((k.1.clone(), None)),
+                        Kind::Slice => change.slices.push((k.1.clone(), None)),
+                    }
+                }
+            }
+        }
+        // Commit.
+        let mut fresh_keys = fresh_keys.into_iter();
+        let mut docs = Vec::with_capacity(ranges.len());
+        let mut has_global = Vec::with_capacity(ranges.len());
+        for (i, r) in ranges.into_iter().enumerate() {
+            let (keys, global) = match reuse[i] {
+                Some(j) => (std::mem::take(&mut self.docs[j].keys), self.has_global[j]),
+                None => (fresh_keys.next().expect("one per fresh document"), false),
+            };
+            docs.push(Doc {
+                range: r,
+                hash: hashes[i],
+                keys,
+            });
+            has_global.push(global);
+        }
+        self.docs = docs;
+        self.has_global = has_global;
+        self.text = text;
+        Ok(FileUpdate::Change(change))
+    }
+
+    /// The units of `new` from the last read's, re-splitting only the bytes that differ
+    /// (after the common prefix, before the common suffix: two memory comparisons instead
+    /// of a scan of every line), with the last read's unit each unchanged one is. None when
+    /// the change is not within whole plain documents or whole items of one list (then
+    /// `split` does it all).
+    #[allow(clippy::type_complexity)]
+    fn resplit(&self, new: &str) -> Option<(Vec<Unit>, Vec<Option<usize>>)> {
+        let (a, b) = (self.text.as_bytes(), new.as_bytes());
+        let units: Vec<&Unit> = self.docs.iter().map(|d| &d.range).collect();
+        if units.is_empty() {
+            return None;
+        }
+        let p = common_prefix(a, b);
+        let s = common_suffix(&a[p..], &b[p..]);
+        let (old_end, new_end) = (a.len() - s, b.len() - s);
+        let delta = new_end as isize - old_end as isize;
+        // Changed: old[p..old_end] became new[p..new_end]. The units whose bodies it
+        // reaches (a boundary included: an insertion between two units joins the earlier).
+        let first = units
+            .iter()
+            .position(|u| u[1].end >= p && !u[1].is_empty())?;
+        let last = units
+            .iter()
+            .rposition(|u| u[1].start <= old_end && !u[1].is_empty())?
+            .max(first);
+        let (fu, lu) = (units[first], units[last]);
+        let frame_of = |u: &Unit| (u[0].clone(), u[2].clone());
+        if frame_of(fu) != frame_of(lu) || fu[1].start > p || lu[1].end < old_end {
+            return None;
+        }
+        // The frame (a list's lines around its items) must be outside the change.
+        let (prefix, suffix) = frame_of(fu);
+        let in_list = !prefix.is_empty() || !suffix.is_empty();
+        if in_list && (prefix.end > p || (suffix.start < old_end && !suffix.is_empty())) {
+            return None;
+        }
+        let shift = |r: &Range<usize>| -> Range<usize> {
+            let m = |x: usize| (x as isize + delta) as usize;
+            m(r.start)..m(r.end)
+        };
+        let (m0, m1) = (fu[1].start, (lu[1].end as isize + delta) as usize);
+        if m1 < m0 || m1 > new.len() {
+            return None;
+        }
+        // The new middle, split as the old one was: items at "- " lines, or documents at
+        // "---" lines; anything else at the margin (a new key, a list starting) gives up.
+        let mut starts = vec![m0];
+        for (off, bare) in lines(&new[m0..m1]) {
+            let at = m0 + off;
+            match bare.as_bytes().first() {
+                None | Some(b' ' | b'\t' | b'#') => {}
+                Some(_) if in_list && off > 0 && (bare == "-" || bare.starts_with("- ")) => {
+                    starts.push(at)
+                }
+                Some(_) if in_list && off == 0 => {}
+                Some(b'%') | Some(b'.') if bare.starts_with('%') || bare.starts_with("...") => {
+                    return None;
+                }
+                Some(b'-') if !in_list && off > 0 && is_doc_marker(bare) => starts.push(at),
+                _ if in_list => return None,
+                _ if bare == "items:" => return None,
+                _ => {}
+            }
+        }
+        let mut out: Vec<Unit> = Vec::with_capacity(units.len() + starts.len());
+        let mut hints: Vec<Option<usize>> = Vec::with_capacity(units.len() + starts.len());
+        // Ranges after the change move with it (a list's closing lines, for the items
+        // before it too); ranges before it stay.
+        let keep = |r: &Range<usize>| {
+            if r.start >= old_end && !(r.is_empty() && r.start == 0) {
+                shift(r)
+            } else {
+                r.clone()
+            }
+        };
+        for (j, u) in units[..first].iter().enumerate() {
+            out.push([u[0].clone(), u[1].clone(), keep(&u[2])]);
+            hints.push(Some(j));
+        }
+        // As `split` writes it: a list's (possibly empty) closing lines where they now are.
+        let new_suffix = if in_list { shift(&suffix) } else { 0..0 };
+        for (k, &st) in starts.iter().enumerate() {
+            let en = starts.get(k + 1).copied().unwrap_or(m1);
+            if st == en {
+                continue;
+            }
+            if in_list {
+                out.push([prefix.clone(), st..en, new_suffix.clone()]);
+            } else {
+                out.push([st..st, st..en, 0..0]);
+            }
+            hints.push(None);
+        }
+        for (j, u) in units.iter().enumerate().skip(last + 1) {
+            // A unit after the change lies in the common suffix, except its frame's
+            // prefix (before the change, unmoved).
+            if u[1].start < old_end {
+                return None;
+            }
+            out.push([keep(&u[0]), shift(&u[1]), keep(&u[2])]);
+            hints.push(Some(j));
+        }
+        Some((out, hints))
+    }
+
+    /// Parses every document (in parallel); the result is `parse_objects(text)`'s.
+    fn read_whole(&mut self, text: String, ranges: Vec<Unit>) -> Result<FileUpdate, ParseError> {
+        let results = parse_all(&text, &ranges);
+        let mut per_doc = Vec::with_capacity(results.len());
+        let mut cross_checked = false;
+        for r in results {
+            match r {
+                Ok(o) => per_doc.push(o),
+                Err(_) => {
+                    // The error as the whole text reports it (document number included);
+                    // should the whole parse where a document alone did not, it is
+                    // taken as it is and the next read starts afresh.
+                    let objs = yaml::parse_objects(&text)?;
+                    self.clear();
+                    return Ok(FileUpdate::Full(objs));
+                }
+            }
+        }
+        let mut docs = Vec::with_capacity(ranges.len());
+        let mut has_global = Vec::with_capacity(ranges.len());
+        let mut holders: HashMap<(Kind, Key), u32> = HashMap::new();
+        let mut dup = false;
+        {
+            for (r, objs) in ranges.iter().zip(&per_doc) {
+                let (keys, global) = match keys_of(objs) {
+                    Some(k) => (k, false),
+                    None => {
+                        // Kept as holders all the same (duplicates across documents).
+                        let mut k: Vec<(Kind, Key)> = objs
+                            .services
+                            .iter()
+                            .map(|s| (Kind::Service, svc_key(s)))
+                            .collect();
+                        k.extend(objs.slices.iter().filter_map(|s| {
+                            let name = s.metadata.name.clone().filter(|n| !n.is_empty())?;
+                            Some((
+                                Kind::Slice,
+                                (s.metadata.namespace.clone().unwrap_or_default(), name),
+                            ))
+                        }));
+                        (k, true)
+                    }
+                };
+                for k in &keys {
+                    let n = holders.entry(k.clone()).or_default();
+                    *n += 1;
+                    dup |= *n > 1;
+                }
+                cross_checked |= global;
+                docs.push(Doc {
+                    range: r.clone(),
+                    hash: unit_hash(&text, r),
+                    keys,
+                });
+                has_global.push(global);
+            }
+        }
+        let objs = match () {
+            // Checks across documents (duplicates, pool overlaps) are the whole parse's.
+            () if dup || cross_checked => yaml::parse_objects(&text)?,
+            () => {
+                let mut out = Objects::default();
+                for o in per_doc {
+                    out.services.extend(o.services);
+                    out.slices.extend(o.slices);
+                }
+                out
+            }
+        };
+        self.docs = docs;
+        self.has_global = has_global;
+        self.holders = holders;
+        self.text = text;
+        Ok(FileUpdate::Full(objs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn doc(i: usize, addr: u32, list: bool) -> String {
+        let d = doc_text(i, addr);
+        if !list {
+            return d;
+        }
+        // As list items: each document's lines indented under a `- `.
+        d.split("---\n")
+            .filter(|o| !o.is_empty())
+            .map(|o| {
+                let mut item = String::new();
+                for (k, line) in o.lines().enumerate() {
+                    item += if k == 0 { "- " } else { "  " };
+                    item += line;
+                    item += "\n";
+                }
+                item
+            })
+            .collect()
+    }
+
+    fn doc_text(i: usize, addr: u32) -> String {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: dev}}\nspec:\n  \
+             clusterIP: 10.96.0.{}\n  ports: [{{name: http, port: 80}}]\n---\napiVersion: \
+             discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-a\n  namespace: \
+             dev\n  labels: {{kubernetes.io/service-name: s{i}}}\naddressType: IPv4\nports: \
+             [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [10.244.0.{addr}]}}]\n",
+            i + 1
+        )
+    }
+
+    type State = BTreeMap<String, String>;
+
+    /// Objects as "kind ns/name" -> their serialization.
+    fn state_of(objs: &Objects) -> State {
+        let mut m = State::new();
+        for s in &objs.services {
+            let k = svc_key(s);
+            m.insert(
+                format!("svc {}/{}", k.0, k.1),
+                serde_json::to_string(s).unwrap(),
+            );
+        }
+        for s in &objs.slices {
+            m.insert(
+                format!(
+                    "slice {}/{}",
+                    s.metadata.namespace.clone().unwrap_or_default(),
+                    s.metadata.name.clone().unwrap_or_default()
+                ),
+                serde_json::to_string(s).unwrap(),
+            );
+        }
+        m
+    }
+
+    fn apply(state: &mut State, u: FileUpdate) -> usize {
+        match u {
+            FileUpdate::Full(objs) => {
+                *state = state_of(&objs);
+                usize::MAX
+            }
+            FileUpdate::Change(c) => {
+                let n = c.len();
+                for ((ns, name), s) in c.services {
+                    let k = format!("svc {ns}/{name}");
+                    match s {
+                        Some(s) => state.insert(k, serde_json::to_string(&s).unwrap()),
+                        None => state.remove(&k),
+                    };
+                }
+                for ((ns, name), s) in c.slices {
+                    let k = format!("slice {ns}/{name}");
+                    match s {
+                        Some(s) => state.insert(k, serde_json::to_string(&s).unwrap()),
+                        None => state.remove(&k),
+                    };
+                }
+                n
+            }
+        }
+    }
+
+    /// Edits of a multi-document file (one document changed, documents added, removed,
+    /// moved, a duplicate, broken YAML): reading them one after another through the cache
+    /// gives what parsing each text whole gives, errors included, and a one-document edit
+    /// hands over only that document's objects.
+    #[test]
+    fn documents_read_as_the_whole_text() {
+        for (list, closing) in [(false, false), (true, true), (true, false)] {
+            read_as_whole(list, closing);
+        }
+    }
+
+    /// `list`: the objects as items of one `kind: List` (`closing`: kubectl's shape, with
+    /// lines after the items; else the items end the file).
+    fn read_as_whole(list: bool, closing: bool) {
+        // (Service number, endpoint address); None: broken YAML.
+        let mut docs: Vec<Option<(usize, u32)>> = (0..40).map(|i| Some((i, 1))).collect();
+        let render = |d: &[Option<(usize, u32)>]| -> String {
+            let body: String = d
+                .iter()
+                .map(|d| match d {
+                    Some((i, a)) => doc(*i, *a, list),
+                    None if list => "- kind: [\n".into(),
+                    None => "---\nkind: [\n".into(),
+                })
+                .collect();
+            match (list, closing) {
+                // kubectl's shape: items first, the list's kind after them.
+                (true, true) => format!(
+                    "apiVersion: v1\nitems:\n{body}kind: List\nmetadata:\n  resourceVersion: \"\"\n"
+                ),
+                (true, false) => format!("apiVersion: v1\nkind: List\nitems:\n{body}"),
+                _ => body,
+            }
+        };
+        let mut cache = FileCache::new();
+        let mut state = State::new();
+        let mut seed = 0x1234_5678u32;
+        let mut rnd = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed as usize % n
+        };
+        let text = render(&docs);
+        assert_eq!(
+            apply(&mut state, cache.read(text.clone()).unwrap()),
+            usize::MAX
+        );
+        assert_eq!(state, state_of(&yaml::parse_objects(&text).unwrap()));
+        // After an error, the next read may parse everything.
+        let mut after_error = false;
+        for step in 0..200 {
+            let mut next = docs.clone();
+            let kind = rnd(6);
+            match kind {
+                0 | 1 => {
+                    let i = rnd(next.len());
+                    if let Some(d) = &mut next[i] {
+                        d.1 = 2 + rnd(200) as u32;
+                    }
+                }
+                2 => {
+                    let i = rnd(next.len());
+                    next.remove(i);
+                }
+                3 => {
+                    let i = rnd(next.len() + 1);
+                    next.insert(i, Some((100 + rnd(20), 7)));
+                }
+                4 => {
+                    let (i, j) = (rnd(next.len()), rnd(next.len()));
+                    next.swap(i, j);
+                }
+                _ if rnd(2) == 0 => {
+                    let i = rnd(next.len());
+                    next.push(next[i]);
+                }
+                _ => next.push(None),
+            }
+            let text = render(&next);
+            let whole = yaml::parse_objects(&text);
+            match (cache.read(text), whole) {
+                (Ok(u), Ok(objs)) => {
+                    let n = apply(&mut state, u);
+                    assert_eq!(state, state_of(&objs), "list {list}/{closing} step {step}");
+                    if kind < 2 && !std::mem::take(&mut after_error) {
+                        // One document: a Service and its slice at most.
+                        assert!(n <= 2, "list {list} step {step}: {n} objects handed over");
+                    }
+                    docs = next;
+                }
+                (Err(e), Err(w)) => {
+                    assert_eq!(e, w, "step {step}");
+                    after_error = true;
+                }
+                (got, want) => panic!("step {step}: {got:?} vs {:?}", want.map(|_| ())),
+            }
+        }
+    }
+
+    #[test]
+    fn splits_at_document_markers_only() {
+        let t = "a: 1\n---\nb: 2\n--- !x\nc: 3\n---x: 4\n";
+        let r = split(t).unwrap();
+        let parts: Vec<String> = r.iter().map(|r| unit_text(t, r).into_owned()).collect();
+        assert_eq!(parts, ["a: 1\n", "---\nb: 2\n", "--- !x\nc: 3\n---x: 4\n"]);
+        // A list's items, each framed by the list's other lines.
+        let t = "---\napiVersion: v1\nitems:\n- a: 1\n  b: [\n   2]\n# c\n- d: 3\nkind: List\n";
+        let parts: Vec<String> = split(t)
+            .unwrap()
+            .iter()
+            .map(|r| unit_text(t, r).into_owned())
+            .collect();
+        assert_eq!(
+            parts,
+            [
+                "---\napiVersion: v1\nitems:\n- a: 1\n  b: [\n   2]\n# c\nkind: List\n",
+                "---\napiVersion: v1\nitems:\n- d: 3\nkind: List\n",
+            ]
+        );
+        assert!(split("%YAML 1.2\n---\na: 1\n").is_none());
+        assert!(split("a: 1\n...\n").is_none());
+    }
+}

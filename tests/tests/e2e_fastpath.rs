@@ -1,0 +1,268 @@
+//! The north-south hook in every mode with checksum offload on, as kind leaves it: a
+//! client's and pods' packets cross the veths as CHECKSUM_PARTIAL (the TCP/UDP checksum
+//! field holds only the pseudo-header seed, completed by "hardware" later). The hops
+//! where a packet enters its receiver's namespace (the bridge port towards the client, the
+//! node side of each pod's veth) complete checksums in software, so a wrong seed turns
+//! into a wrong checksum and the receiver drops the packet: a translation that mishandles
+//! CHECKSUM_PARTIAL breaks the transfers below.
+//!
+//! Modes: `auto` (on these veth uplinks: tc ingress alone), `generic` and `native` XDP
+//! (which hand seed-checksum packets to tc: XDP cannot see the skb's checksum state).
+use std::{
+    io::{Read, Write},
+    net::{SocketAddrV4, TcpStream},
+    time::Duration,
+};
+
+use lb_tests::*;
+
+const T: Duration = Duration::from_secs(5);
+const BULK_T: Duration = Duration::from_secs(20);
+
+fn ethtool_tx(netns: &str, iface: &str, on: bool) {
+    let v = if on { "on" } else { "off" };
+    exec_ok(
+        netns,
+        &["ethtool", "-K", iface, "tx", v, "tso", v, "gso", v],
+    )
+    .unwrap_or_else(|e| panic!("ethtool tx {v} on {iface} in {netns}: {e:#}"));
+}
+
+/// Offloads as on a kind node (on), except at the hops that hand a packet to its final
+/// receiver, which complete (and so expose) the checksum.
+fn offloads_like_kind(net: &Network) {
+    ethtool_tx(net.client_netns(), UPLINK, true);
+    ethtool_tx(net.kind_netns(), CLIENT_KIND_IFACE, false);
+    for node in net.nodes() {
+        ethtool_tx(&node.netns, &node.uplink, true);
+        ethtool_tx(net.kind_netns(), &node.kind_side_iface, true);
+    }
+    for pod in net.pods() {
+        ethtool_tx(&pod.netns, UPLINK, true);
+        ethtool_tx(&net.node(&pod.node).netns, &pod.host_iface, false);
+    }
+}
+
+/// 256 KiB of lines through the echo service (each answered as `<pod> <line>`), compared
+/// byte for byte: many full-size segments each way (GSO on), so every one of them must
+/// carry a right checksum.
+fn echo_bulk(netns: &str, addr: SocketAddrV4) {
+    let lines: Vec<Vec<u8>> = (0..2048u32)
+        .map(|n| {
+            let mut l: Vec<u8> = (0..127u32)
+                .map(|i| b'!' + ((n * 31 + i * 7) % 90) as u8)
+                .collect();
+            l.push(b'\n');
+            l
+        })
+        .collect();
+    let sent = lines.concat();
+    let got = try_in_netns(netns, || -> anyhow::Result<Vec<u8>> {
+        let mut s = TcpStream::connect_timeout(&addr.into(), T)?;
+        // Generous: the echo server is a Python loop answering line by line on a machine
+        // shared with builds; a wrong checksum stalls the transfer for good, not seconds.
+        s.set_read_timeout(Some(BULK_T))?;
+        let mut w = s.try_clone()?;
+        let data = sent.clone();
+        let writer = std::thread::spawn(move || -> std::io::Result<()> {
+            w.write_all(&data)?;
+            w.shutdown(std::net::Shutdown::Write)
+        });
+        let mut got = Vec::new();
+        s.read_to_end(&mut got)?;
+        writer.join().expect("writer")?;
+        Ok(got)
+    })
+    .and_then(|r| r)
+    .unwrap_or_else(|e| panic!("echo through {addr}: {e:#}"));
+    let answered: Vec<&[u8]> = got.split_inclusive(|b| *b == b'\n').collect();
+    assert_eq!(answered.len(), lines.len(), "echo through {addr}: lines");
+    for (i, (a, l)) in answered.iter().zip(&lines).enumerate() {
+        assert!(
+            a.len() > l.len() && a.ends_with(l) && a[a.len() - l.len() - 1] == b' ',
+            "echo through {addr}: line {i} differs"
+        );
+    }
+}
+
+/// Every agent's non-zero counters, for a failure's message.
+fn counters(c: &Cluster) -> String {
+    c.net
+        .nodes()
+        .iter()
+        .map(|n| match c.agent(&n.name).status() {
+            Ok(st) => format!("{}: {:?}", n.name, st.counters),
+            Err(e) => format!("{}: {e:#}", n.name),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn run(mode: &str) {
+    let spec = TopologySpec::seed();
+    let opts = ManifestOpts {
+        echo: true,
+        udp: true,
+        ..Default::default()
+    };
+    let args = ["--xdp-mode".to_string(), mode.to_string()];
+    let mut c = Cluster::up_with_args(
+        &spec,
+        |net| seed_manifests(net, &opts),
+        SourceMode::File,
+        &args,
+    )
+    .expect("cluster up");
+    let pods = c.net.pods().len();
+    c.wait_for("nginx-service programmed", Duration::from_secs(20), |s| {
+        s.services
+            .iter()
+            .any(|x| x.name.starts_with("dev/nginx-service") && x.endpoints.len() == pods)
+    })
+    .unwrap();
+    offloads_like_kind(&c.net);
+
+    let client = c.net.client_netns().to_owned();
+    let pod_names: Vec<String> = c.net.pods().iter().map(|p| p.name.clone()).collect();
+    for node in c.net.nodes().to_vec() {
+        // Enough requests to reach the local pod (if any) and the remote ones.
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..30 {
+            let body = http_get(&client, SocketAddrV4::new(node.addr, NGINX_NODE_PORT), T)
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "{mode}: HTTP {i} via {}: {e:#}\n{}",
+                        node.name,
+                        counters(&c)
+                    )
+                });
+            seen.insert(body.trim().to_string());
+        }
+        assert_eq!(
+            seen.len(),
+            pod_names.len(),
+            "{mode}: NodePort on {} reached {seen:?}",
+            node.name
+        );
+        let r = udp_request(
+            &client,
+            SocketAddrV4::new(node.addr, DNS_NODE_PORT),
+            b"q",
+            T,
+        )
+        .unwrap_or_else(|e| panic!("{mode}: UDP via {}: {e:#}", node.name));
+        assert!(!r.is_empty(), "{mode}: empty UDP reply");
+        echo_bulk(&client, SocketAddrV4::new(node.addr, ECHO_NODE_PORT));
+    }
+    let lb = SocketAddrV4::new(c.net.lb_ips()[0].0, 80);
+    for i in 0..10 {
+        http_get(&client, lb, T).unwrap_or_else(|e| panic!("{mode}: LB IP request {i}: {e:#}"));
+    }
+
+    // The path under test really carried seed checksums, and the mode is what was asked.
+    let node = &c.net.nodes()[1].name;
+    let st = c.agent(node).status().expect("status");
+    let agent = st.agent.expect("agent info");
+    let counter = |n: &str| st.counters.get(n).copied().unwrap_or(0);
+    match mode {
+        "auto" => {
+            assert_eq!(agent.xdp_mode, "off", "{}", agent.xdp_mode_reason);
+            assert!(counter("tc_uplink_packets") > 0, "{:?}", st.counters);
+        }
+        m => {
+            assert_eq!(agent.xdp_mode, m, "{}", agent.xdp_mode_reason);
+            assert!(counter("pass_csum_partial") > 0, "{:?}", st.counters);
+        }
+    }
+}
+
+#[test]
+fn checksum_offload_on_auto_mode_tc() {
+    let Some(_guard) = privileged() else {
+        return;
+    };
+    run("auto");
+}
+
+#[test]
+fn checksum_offload_on_generic_xdp() {
+    let Some(_guard) = privileged() else {
+        return;
+    };
+    run("generic");
+}
+
+#[test]
+fn checksum_offload_on_native_xdp() {
+    let Some(_guard) = privileged() else {
+        return;
+    };
+    run("native");
+}
+
+/// Path MTU discovery through a NodePort: the only endpoint sits behind a 1,200-byte hop
+/// (its route on the node), the client's full-size segments get "fragmentation needed" from the
+/// node (the uplink's tc, from the FIB's MTU check) and the transfer completes with smaller
+/// ones instead of stalling.
+#[test]
+fn path_mtu_behind_the_node() {
+    let Some(_guard) = privileged() else {
+        return;
+    };
+    const MTU_NODE_PORT: u16 = 30710;
+    let spec = TopologySpec::seed();
+    let mut c = Cluster::up(&spec, |net| {
+        let pod = net.pods()[0].clone();
+        format!(
+            "{}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: mtu-echo, namespace: dev}}\n\
+             spec:\n  type: NodePort\n  clusterIP: 10.96.100.31\n  ports:\n  - {{name: echo, port: 7000, \
+             protocol: TCP, targetPort: {POD_ECHO_PORT}, nodePort: {MTU_NODE_PORT}}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: mtu-echo-1\n  \
+             namespace: dev\n  labels: {{kubernetes.io/service-name: mtu-echo}}\naddressType: IPv4\n\
+             ports: [{{name: echo, port: {POD_ECHO_PORT}, protocol: TCP}}]\nendpoints:\n- addresses: \
+             [\"{}\"]\n  nodeName: {}\n  conditions: {{ready: true}}\n",
+            seed_manifests(net, &ManifestOpts::default()),
+            pod.addr,
+            pod.node
+        )
+    })
+    .expect("cluster up");
+    c.wait_for("mtu-echo programmed", Duration::from_secs(20), |s| {
+        s.services
+            .iter()
+            .any(|x| x.name.starts_with("dev/mtu-echo") && x.endpoints.len() == 1)
+    })
+    .unwrap();
+    let pod = c.net.pods()[0].clone();
+    let node = c.net.node(&pod.node).clone();
+    // The hop towards the pod carries 1,200 bytes (a route MTU: the pod itself still
+    // advertises a full-size MSS, so only path MTU discovery can find the limit).
+    let dst = format!("{}/32", pod.addr);
+    exec_ok(
+        &node.netns,
+        &[
+            "ip",
+            "route",
+            "replace",
+            &dst,
+            "dev",
+            &pod.host_iface,
+            "scope",
+            "link",
+            "mtu",
+            "lock",
+            "1200",
+        ],
+    )
+    .unwrap();
+    echo_bulk(
+        c.net.client_netns(),
+        SocketAddrV4::new(node.addr, MTU_NODE_PORT),
+    );
+    let st = c.agent(&node.name).status().expect("status");
+    assert!(
+        st.counters.get("frag_needed").copied().unwrap_or(0) > 0,
+        "no fragmentation-needed sent: {:?}",
+        st.counters
+    );
+}

@@ -1,0 +1,502 @@
+//! Control plane at cluster scale (issue 15): for each size (10,000 and 100,000 Services x
+//! 10 endpoints by default) and each source (the file, the API server stand-in with
+//! `--source kube`), one node's lb-agent is started empty, then:
+//!
+//! - bulk: every Service at once (one manifest write / the objects created in the API
+//!   server), timed until the last Service's backends are in the maps;
+//! - change: one endpoint removed from the last Service, then given back, alternately
+//!   (100-400 ms apart, more than the agent's batching period, so each is a single change),
+//!   timed until the maps show it;
+//! - burst: 1,000 Services each lose an endpoint (file: one write; kube: 1,000 updates
+//!   sent as fast as the stand-in takes them), timed until the maps show all of them;
+//! - the agent's memory (VmRSS, and RssAnon: its heap, without the mmapped Maglev arena)
+//!   and CPU time (utime + stime from /proc) before and after.
+//!
+//! The agent gets map capacities that fit the size (`--max-services`, `--max-frontends`,
+//! `--max-backends`, `--maglev-arena`); everything else is its defaults.
+use std::{
+    net::Ipv4Addr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use lb_tests::{Cluster, NodeSpec, SourceMode, TopologySpec};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::rules::{self, NAMESPACE, SvcDef};
+
+const EP_BASE: u32 = u32::from_be_bytes([10, 128, 0, 0]);
+const SVC_BASE: u32 = u32::from_be_bytes([10, 100, 0, 1]);
+const NODE: &str = "ctl-node";
+const OTHER_NODE: &str = "ctl-other";
+const BURST: u32 = 1_000;
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+#[serde(default)]
+pub struct Scale {
+    pub services: u32,
+    pub endpoints: u32,
+    /// "file" or "kube".
+    pub source: String,
+    pub agent_args: Vec<String>,
+    /// Bytes of the manifest (file source).
+    pub manifest_bytes: usize,
+    /// ms from the write (file) / the first create (kube) to the last Service in the maps.
+    pub bulk_ms: f64,
+    /// kube: ms the stand-in took to take all objects (included in bulk_ms).
+    pub bulk_load_ms: f64,
+    /// ms from one endpoint change to the maps showing it.
+    pub change_ms: Vec<f64>,
+    /// ms from the start of a burst of [`BURST`] endpoint changes to the maps showing all.
+    pub burst_ms: f64,
+    /// kube: ms to send the burst's updates (included in burst_ms).
+    pub burst_send_ms: f64,
+    pub burst_changes: u32,
+    /// KiB, agent started with no Service / after the bulk.
+    pub rss_empty_kib: u64,
+    pub rss_loaded_kib: u64,
+    pub anon_empty_kib: u64,
+    pub anon_loaded_kib: u64,
+    /// Agent CPU seconds (user + system) for the bulk, and per single change (mean).
+    pub cpu_bulk_s: f64,
+    pub cpu_per_change_ms: f64,
+    pub cpu_burst_s: f64,
+}
+
+impl Scale {
+    /// Heap bytes per service port beyond the BPF maps (RssAnon growth / ports).
+    pub fn anon_bytes_per_port(&self) -> f64 {
+        (self.anon_loaded_kib.saturating_sub(self.anon_empty_kib) as f64 * 1024.0)
+            / f64::from(self.services.max(1))
+    }
+}
+
+pub const METHOD: &[&str] = &[
+    "Scale runs: one node, one lb-agent (release build) started with an empty source and \
+     map capacities for the size (--max-services, --max-frontends, --max-backends = size + \
+     headroom, --maglev-arena = 2 x 1021 x (services + 64)); other flags default (so \
+     --min-sync-period 100ms, --sync-period 10m). Endpoints are on another node.",
+    "bulk: all Services x 10 endpoints at once: file = one manifest write (kubectl's List \
+     shape), kube = every object created in the API server stand-in (tests/src/apiserver.rs, \
+     in the bench process, watched by the agent over HTTP); timed from the start of the \
+     write until the last Service's XLB_SERVICES entry has 10 backends.",
+    "change: the last Service's EndpointSlice loses its 10th endpoint, then gets it back, \
+     alternately, 100-400 ms apart (pseudo-random); timed from the write (file: write + \
+     rename; kube: the update handed to the stand-in) until XLB_SERVICES shows the new \
+     count, polled every 0.5 ms. The file source polls the file's mtime every 20 ms, so a \
+     file change waits 10 ms on average (up to 20 ms) before the agent sees it.",
+    "burst: the first 1,000 Services lose their 10th endpoint: file = one write changing \
+     1,000 EndpointSlices; kube = 1,000 EndpointSlice updates sent one after another; timed \
+     until all 1,000 show 9 backends.",
+    "memory: /proc/<agent>/status VmRSS and RssAnon after start (no Service) and after the \
+     bulk; RssAnon is the agent's heap (objects, translation, programmer state), VmRSS adds \
+     the touched pages of the mmapped Maglev arena and the binary. CPU: utime + stime of \
+     the agent from /proc/<agent>/stat around each phase.",
+];
+
+fn svcs(n: u32, e: u32) -> Vec<SvcDef> {
+    (0..n)
+        .map(|i| SvcDef {
+            name: format!("svc-{i:06}"),
+            cluster_ip: Ipv4Addr::from(SVC_BASE + i),
+            port: 80,
+            endpoints: (0..e)
+                .map(|j| {
+                    (
+                        Ipv4Addr::from(EP_BASE + i * 16 + j),
+                        8080,
+                        OTHER_NODE.into(),
+                    )
+                })
+                .collect(),
+            node_port: None,
+            lb_ip: None,
+            udp: false,
+        })
+        .collect()
+}
+
+/// The EndpointSlice `rules::manifest` writes for `s`, as an API object.
+fn slice_json(s: &SvcDef) -> serde_json::Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("{}-x1", s.name),
+            "namespace": NAMESPACE,
+            "labels": {"kubernetes.io/service-name": s.name},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+        "endpoints": s.endpoints.iter().map(|(ip, _, node)| json!({
+            "addresses": [ip.to_string()],
+            "nodeName": node,
+            "conditions": {"ready": true, "serving": true, "terminating": false},
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The agent process whose command line names `pin_dir`.
+fn agent_pid(pin_dir: &Path) -> Option<u32> {
+    let want = pin_dir.to_string_lossy().into_owned();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.first().is_some_and(|a| a.ends_with("lb-agent")) && args.contains(&want) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// (VmRSS, RssAnon) in KiB.
+fn mem_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("RssAnon:"))
+}
+
+/// utime + stime in seconds.
+fn cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces) start after the last ')': state
+    // (field 3) first, so utime (field 14) and stime (15) are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let (ut, st) = (num(11), num(12));
+    (ut + st) as f64 / 100.0
+}
+
+pub fn run(n: u32, e: u32, kube: bool, repeats: usize) -> Result<Scale> {
+    let source = if kube { "kube" } else { "file" };
+    let m = lb_agent::dataplane::maglev::choose_m(
+        e as usize,
+        lb_agent::dataplane::maglev::DEFAULT_MIN_M,
+    );
+    let head = 64u64;
+    let agent_args: Vec<String> = [
+        ("--max-services", u64::from(n) + head),
+        ("--max-frontends", u64::from(n) + head),
+        ("--max-backends", u64::from(n) * u64::from(e) + head),
+        ("--maglev-arena", 2 * u64::from(m) * (u64::from(n) + head)),
+    ]
+    .iter()
+    .flat_map(|(k, v)| [(*k).to_owned(), v.to_string()])
+    .collect();
+    let mut out = Scale {
+        services: n,
+        endpoints: e,
+        source: source.into(),
+        agent_args: agent_args.clone(),
+        burst_changes: BURST.min(n),
+        ..Default::default()
+    };
+    let all = svcs(n, e);
+    let empty = rules::manifest(&[]);
+    eprintln!("▶ control plane at scale: {n} services x {e} endpoints, {source} source");
+
+    let base = TopologySpec::seed();
+    let spec = TopologySpec {
+        nodes: vec![NodeSpec {
+            name: NODE.into(),
+            pods: vec![],
+            ..base.nodes[0].clone()
+        }],
+        lb_ips: vec![],
+        ..base
+    };
+    let mode = if kube {
+        SourceMode::Kube
+    } else {
+        SourceMode::File
+    };
+    let mut cluster = Cluster::up_with_args(&spec, |_| empty.clone(), mode, &agent_args)?;
+    cluster.wait_for("the agent", Duration::from_secs(60), |s| s.agent.is_some())?;
+    let pin_dir = cluster.agents[0].pin_dir.clone();
+    let maps = crate::ctl::Maps::open(&pin_dir)?;
+    let pid = agent_pid(&pin_dir).context("finding the agent's pid")?;
+    std::thread::sleep(Duration::from_millis(500));
+    (out.rss_empty_kib, out.anon_empty_kib) = mem_kib(pid);
+    let log = cluster.agents[0].log.clone();
+    let log_at = || {
+        (
+            log.as_path(),
+            std::fs::metadata(&log).map_or(0, |m| m.len() as usize),
+        )
+    };
+    let timeout = Duration::from_secs(600);
+    let last = all.last().expect("n >= 1").clone();
+
+    // ---- bulk
+    let cpu0 = cpu_s(pid);
+    let from = log_at();
+    let t0 = Instant::now();
+    if kube {
+        let api = cluster.api();
+        for s in &all {
+            api.apply(&json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": s.name, "namespace": NAMESPACE},
+                "spec": {"type": "ClusterIP", "clusterIP": s.cluster_ip.to_string(),
+                         "ports": [{"name": "p", "port": s.port, "protocol": "TCP",
+                                    "targetPort": 8080}]},
+            }))?;
+            api.apply(&slice_json(s))?;
+        }
+        out.bulk_load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    } else {
+        let text = rules::manifest(&all);
+        out.manifest_bytes = text.len();
+        // Timed from the write: producing the text is the bench's work.
+        let t = Instant::now();
+        cluster.write_manifest(&text)?;
+        out.bulk_load_ms = t.elapsed().as_secs_f64() * 1e3;
+    }
+    let first = all.first().expect("n >= 1");
+    maps.wait(t0, first.cluster_ip, first.port, timeout, from, |b| {
+        b == Some(e)
+    })?;
+    out.bulk_ms = maps.wait(t0, last.cluster_ip, last.port, timeout, from, |b| {
+        b == Some(e)
+    })?;
+    // Let the agent settle (logs, status file) before reading its CPU and memory.
+    std::thread::sleep(Duration::from_millis(1000));
+    out.cpu_bulk_s = cpu_s(pid) - cpu0;
+    (out.rss_loaded_kib, out.anon_loaded_kib) = mem_kib(pid);
+    eprintln!(
+        "  bulk: {:.0} ms (agent CPU {:.2} s); RssAnon {} -> {} KiB ({:.0} B per service port)",
+        out.bulk_ms,
+        out.cpu_bulk_s,
+        out.anon_empty_kib,
+        out.anon_loaded_kib,
+        out.anon_bytes_per_port()
+    );
+    if !cluster.agents[0].alive() {
+        bail!("lb-agent exited: {}", cluster.agents[0].log_text());
+    }
+
+    // ---- single changes: the last Service loses / regains its last endpoint.
+    let mut minus = last.clone();
+    minus.endpoints.pop();
+    let mut state = all.clone();
+    let write = |cluster: &Cluster, state: &[SvcDef], changed: &[&SvcDef]| -> Result<()> {
+        if kube {
+            for s in changed {
+                cluster.api().update(&slice_json(s))?;
+            }
+            Ok(())
+        } else {
+            cluster.write_manifest(&rules::manifest(state))
+        }
+    };
+    // The file source's text is rendered before the clock starts.
+    let texts = (!kube).then(|| {
+        let mut a = all.clone();
+        *a.last_mut().expect("n >= 1") = minus.clone();
+        (rules::manifest(&a), rules::manifest(&all))
+    });
+    let mut seed = 0x2545_f491u32;
+    let cpu0 = cpu_s(pid);
+    for k in 0..repeats {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        std::thread::sleep(Duration::from_millis(100 + u64::from(seed % 300)));
+        let (s, want) = if k % 2 == 0 {
+            (&minus, e - 1)
+        } else {
+            (&last, e)
+        };
+        let from = log_at();
+        let t0 = Instant::now();
+        match &texts {
+            Some((m, f)) => cluster.write_manifest(if k % 2 == 0 { m } else { f })?,
+            None => {
+                cluster.api().update(&slice_json(s))?;
+            }
+        }
+        let ms = maps.wait(
+            t0,
+            last.cluster_ip,
+            last.port,
+            Duration::from_secs(60),
+            from,
+            |b| b == Some(want),
+        )?;
+        out.change_ms.push(ms);
+    }
+    out.cpu_per_change_ms = (cpu_s(pid) - cpu0) * 1e3 / repeats.max(1) as f64;
+    if repeats % 2 == 1 {
+        write(&cluster, &state, &[&last])?;
+        maps.wait(
+            Instant::now(),
+            last.cluster_ip,
+            last.port,
+            timeout,
+            log_at(),
+            |b| b == Some(e),
+        )?;
+    }
+    let (p50, p99) = (
+        crate::ctl::p(&out.change_ms, 50.0),
+        crate::ctl::p(&out.change_ms, 99.0),
+    );
+    eprintln!(
+        "  one endpoint change: p50 {p50:.1} ms, p99 {p99:.1} ms over {} (agent CPU {:.2} ms each)",
+        out.change_ms.len(),
+        out.cpu_per_change_ms
+    );
+
+    // ---- burst: the first BURST Services lose their last endpoint.
+    std::thread::sleep(Duration::from_millis(300));
+    let k = out.burst_changes as usize;
+    for s in state.iter_mut().take(k) {
+        s.endpoints.pop();
+    }
+    let text = (!kube).then(|| rules::manifest(&state));
+    let cpu0 = cpu_s(pid);
+    let from = log_at();
+    let t0 = Instant::now();
+    match &text {
+        Some(t) => cluster.write_manifest(t)?,
+        None => {
+            let changed: Vec<&SvcDef> = state.iter().take(k).collect();
+            write(&cluster, &state, &changed)?;
+        }
+    }
+    out.burst_send_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut pending: Vec<&SvcDef> = state.iter().take(k).collect();
+    while !pending.is_empty() {
+        pending.retain(|s| maps.backends(s.cluster_ip, s.port) != Some(e - 1));
+        if t0.elapsed() > timeout {
+            bail!(
+                "burst: {} services not updated after {timeout:?}",
+                pending.len()
+            );
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    out.burst_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let _ = from;
+    std::thread::sleep(Duration::from_millis(300));
+    out.cpu_burst_s = cpu_s(pid) - cpu0;
+    eprintln!(
+        "  burst of {k} endpoint changes: {:.0} ms (sent in {:.0} ms; agent CPU {:.2} s)",
+        out.burst_ms, out.burst_send_ms, out.cpu_burst_s
+    );
+    if !cluster.agents[0].alive() {
+        bail!("lb-agent exited: {}", cluster.agents[0].log_text());
+    }
+    drop(maps);
+    drop(cluster);
+    Ok(out)
+}
+
+/// kube-proxy's iptables mode at a size beyond the main control-plane test: the full
+/// ruleset restored once, then one service's chains (`--noflush`, its partial sync) with
+/// an endpoint removed and given back, alternately. nftables is left out at this size: one
+/// full `nft -f` of 100,000 Services takes many minutes (33 s at 10,000).
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+#[serde(default)]
+pub struct KubeProxyScale {
+    pub services: u32,
+    pub endpoints: u32,
+    pub iptables_rules: usize,
+    pub iptables_full_ms: f64,
+    /// The full restore did not finish within [`KUBE_PROXY_TIMEOUT_S`] (killed; no partial
+    /// syncs measured).
+    pub iptables_full_timed_out: bool,
+    pub iptables_partial_ms: Vec<f64>,
+}
+
+/// Bound on one full iptables-restore at scale (3.2 million rules at 100,000 x 10 did not
+/// finish in 15 minutes on the 2-core machine).
+pub const KUBE_PROXY_TIMEOUT_S: u32 = 600;
+
+pub fn kube_proxy(n: u32, e: u32, repeats: usize) -> Result<KubeProxyScale> {
+    eprintln!("▶ kube-proxy iptables at {n} services x {e} endpoints");
+    let all = svcs(n, e);
+    let last = all.last().expect("n >= 1").clone();
+    let mut minus = last.clone();
+    let gone = minus.endpoints.pop().map(|(ip, port, _)| (ip, port));
+    let (ipt, rules_n) = rules::iptables_full(&all);
+    drop(all);
+    let dir = std::env::temp_dir();
+    let write = |what: &str, text: &str| -> Result<String> {
+        let p = dir.join(format!("xlb-bench-{}-{what}.rules", std::process::id()));
+        std::fs::write(&p, text)?;
+        Ok(p.to_string_lossy().into_owned())
+    };
+    let full = write("scale-ipt-full", &ipt)?;
+    drop(ipt);
+    let del = write(
+        "scale-ipt-del",
+        &rules::iptables_partial(&minus, gone.as_slice()),
+    )?;
+    let add = write("scale-ipt-add", &rules::iptables_partial(&last, &[]))?;
+    let ns = lb_tests::Netns::new("ctlscale")?;
+    let timed = |argv: &[&str]| -> Result<f64> {
+        let t0 = Instant::now();
+        lb_tests::exec_ok(ns.name(), argv)?;
+        Ok(t0.elapsed().as_secs_f64() * 1e3)
+    };
+    let mut out = KubeProxyScale {
+        services: n,
+        endpoints: e,
+        iptables_rules: rules_n,
+        ..Default::default()
+    };
+    // Bounded: a restore this size may take many minutes.
+    let limit = KUBE_PROXY_TIMEOUT_S.to_string();
+    match timed(&["timeout", &limit, "iptables-restore", &full]) {
+        Ok(ms) => out.iptables_full_ms = ms,
+        Err(e) if format!("{e:#}").contains("exit status: 124") => {
+            eprintln!("  iptables-restore full ({rules_n} nat rules): not done after {limit} s");
+            out.iptables_full_ms = f64::from(KUBE_PROXY_TIMEOUT_S) * 1e3;
+            out.iptables_full_timed_out = true;
+            drop(ns);
+            for f in [full, del, add] {
+                let _ = std::fs::remove_file(f);
+            }
+            return Ok(out);
+        }
+        Err(e) => return Err(e.context("iptables-restore (full)")),
+    }
+    eprintln!(
+        "  iptables-restore full ({rules_n} nat rules): {:.0} ms",
+        out.iptables_full_ms
+    );
+    for k in 0..repeats {
+        let f = if k % 2 == 0 { &del } else { &add };
+        out.iptables_partial_ms
+            .push(timed(&["iptables-restore", "--noflush", f]).context("iptables partial")?);
+    }
+    eprintln!(
+        "  iptables-restore --noflush, one service: p50 {:.0} ms over {}",
+        crate::ctl::p(&out.iptables_partial_ms, 50.0),
+        repeats
+    );
+    drop(ns);
+    for f in [full, del, add] {
+        let _ = std::fs::remove_file(f);
+    }
+    Ok(out)
+}
