@@ -819,6 +819,8 @@ counters! {
     /// A packet too large for its next hop with DF set: answered with "fragmentation
     /// needed" and the hop's MTU.
     FragNeeded => "frag_needed",
+    /// An ICMP error about a source-NATed flow, translated back for its client.
+    IcmpErrorTranslated => "icmp_error_translated",
 }
 
 /// Hash of a flow used to index a Maglev table. Deterministic and seedless on purpose:
@@ -921,7 +923,7 @@ mod tests {
             "neigh_resolve"
         );
         assert_eq!(COUNTER_NAMES[Counter::RstNoState as usize], "rst_no_state");
-        assert_eq!(Counter::FragNeeded as u32 + 1, COUNTER_COUNT);
+        assert_eq!(Counter::IcmpErrorTranslated as u32 + 1, COUNTER_COUNT);
         assert_eq!(COUNTER_NAMES[Counter::TtlExceeded as usize], "ttl_exceeded");
     }
 

@@ -5,6 +5,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod arp;
+pub mod icmp;
 pub mod nat;
 pub mod parse;
 pub mod reject;

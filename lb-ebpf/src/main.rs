@@ -19,7 +19,7 @@ mod xdp_reject;
 
 // The pure packet functions live in the library part (lib.rs), tested on the host; the
 // programs' modules reach them as `crate::parse` and so on.
-use lb_ebpf::{arp, nat, parse, reject};
+use lb_ebpf::{arp, icmp, nat, parse, reject};
 
 use aya_ebpf::{
     bindings::xdp_action::XDP_PASS,

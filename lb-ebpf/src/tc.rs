@@ -33,6 +33,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use crate::{
     arp, ct,
     event::event,
+    icmp,
     lb::{self, Choice, Path},
     maps::{
         ANNOUNCE_LEASE, ARP, CLUSTER_IPS, CONFIG, FRONTENDS, Outcome, REVNAT, SERVICES, count,
@@ -179,6 +180,11 @@ pub fn run_uplink(ctx: &TcContext) -> i32 {
             if reason == Counter::PassNotIpv4 {
                 return answer_arp(ctx);
             }
+            if reason == Counter::PassNotTcpUdp
+                && let Some(action) = icmp_error_for_client(ctx)
+            {
+                return action;
+            }
             count(reason);
             return TC_ACT_OK as i32;
         }
@@ -251,6 +257,88 @@ pub fn run_uplink(ctx: &TcContext) -> i32 {
     }
     count(Counter::TcPass);
     TC_ACT_OK as i32
+}
+
+/// An ICMP error about a source-NATed flow (RFC 5508), from the path to its backend (the
+/// backend's node or a router: "fragmentation needed", "time exceeded", unreachables),
+/// addressed to the SNAT address and quoting the packet the node sent (SNAT port ->
+/// backend). The client gets it as if the frontend had sent it: outer source the frontend,
+/// destination the client, the quote its own packet (client -> frontend). `None`: not such
+/// an error (left to the kernel, as before).
+#[inline(always)]
+fn icmp_error_for_client(ctx: &TcContext) -> Option<i32> {
+    if (ctx.len() as usize) < icmp::ICMP_ERR_LEN
+        || ctx.pull_data(icmp::ICMP_ERR_LEN as u32).is_err()
+    {
+        return None;
+    }
+    let cfg = CONFIG.get(0)?;
+    let b = ptr_at::<[u8; icmp::ICMP_ERR_LEN]>(ctx.data(), ctx.data_end(), 0)?;
+    // SAFETY: bounds checked by ptr_at; the data is writable after pull_data.
+    let b = unsafe { &mut *b };
+    let (outer_dst, q) = icmp::quoted(b)?;
+    if outer_dst != cfg.snat_addr_be || !cfg.is_snat_endpoint(q.src, q.sport) {
+        return None;
+    }
+    // The flow's reply key: backend -> SNAT address and port.
+    let rk = FlowKey::new(q.dst, q.src, q.dport, q.sport, q.proto);
+    // SAFETY: plain-data map value.
+    let rev = *unsafe { REVNAT.get(&rk) }?;
+    let to = icmp::Quoted {
+        src: rev.dst_addr_be,
+        sport: rev.dst_port_be,
+        dst: rev.src_addr_be,
+        dport: rev.src_port_be,
+        ..q
+    };
+    icmp::rewrite(b, &q, &to, rev.src_addr_be, rev.dst_addr_be);
+    count(Counter::IcmpErrorTranslated);
+    Some(send_icmp(ctx, rev.src_addr_be, rev.dst_addr_be))
+}
+
+/// Sends an ICMP packet already addressed `src -> dst` on: FIB, TTL, MACs, redirect.
+#[inline(always)]
+fn send_icmp(ctx: &TcContext, src: u32, dst: u32) -> i32 {
+    let out = Tuple {
+        src,
+        dst,
+        sport: 0,
+        dport: 0,
+        proto: PROTO_ICMP,
+        tcp_flags: 0,
+    };
+    let (rc, p) = fib_lookup(ctx, &out, 0);
+    let resolved = match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => true,
+        BPF_FIB_LKUP_RET_NO_NEIGH => false,
+        _ => {
+            count(Counter::FibFail);
+            return TC_ACT_SHOT as i32;
+        }
+    };
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let (Some(ip), Some(eth)) = (
+        ptr_at::<Ipv4Hdr>(data, end, IP_OFF),
+        ptr_at::<EthHdr>(data, end, 0),
+    ) else {
+        return TC_ACT_SHOT as i32;
+    };
+    // SAFETY: bounds checked by ptr_at; the linear data is writable (pulled).
+    unsafe {
+        let ip = &mut *ip;
+        if ip.ttl <= 1 {
+            return TC_ACT_SHOT as i32; // no error about an error
+        }
+        let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
+        ip.ttl -= 1;
+        let new = u16::from_ne_bytes([ip.ttl, ip.proto]);
+        ip.check = csum::replace16(u16::from_ne_bytes(ip.check), old, new).to_ne_bytes();
+        if resolved {
+            (*eth).dst_addr = p.dmac;
+            (*eth).src_addr = p.smac;
+        }
+    }
+    redirect(&p, resolved)
 }
 
 /// An ARP request for an address this node announces, while the agent's lease holds:
@@ -372,33 +460,16 @@ fn to_backend(ctx: &TcContext, t: &Tuple, svc_id: u32, path: Path, cfg: &Config)
 /// per field were most of this program's own cost (`xlb-bench --only pps`).
 #[inline(always)]
 fn forward(ctx: &TcContext, t: &Tuple, out: &Tuple) -> i32 {
-    // SAFETY: zeroed bpf_fib_lookup is valid input; the fields used are set below.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
-    p.family = 2; // AF_INET
-    p.l4_protocol = out.proto;
-    p.sport = out.sport;
-    p.dport = out.dport;
     // The length the next hop's MTU is checked against; 0 for a GSO packet, whose segments
     // the kernel cuts to size later (the FIB then checks it as the kernel would).
     // SAFETY: reading a plain field of the context.
     let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
-    p.__bindgen_anon_1.tot_len = if gso {
+    let tot_len = if gso {
         0
     } else {
         (ctx.len() as u16).saturating_sub(ETH_LEN as u16)
     };
-    // SAFETY: reading the skb's ifindex, a plain field of the context.
-    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    p.__bindgen_anon_3.ipv4_src = out.src;
-    p.__bindgen_anon_4.ipv4_dst = out.dst;
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb as *mut _,
-            &mut p,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
-    };
+    let (rc, p) = fib_lookup(ctx, out, tot_len);
     let resolved = match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => true,
         // No neighbour entry yet: the kernel resolves it and sends (redirect_neigh).
@@ -486,6 +557,40 @@ fn forward(ctx: &TcContext, t: &Tuple, out: &Tuple) -> i32 {
             (*eth).src_addr = p.smac;
         }
     }
+    redirect(&p, resolved)
+}
+
+/// The kernel's FIB and neighbour tables asked for the next hop of `out` (its addresses,
+/// protocol and ports; `tot_len` for the MTU check, 0 for none) from the packet's interface:
+/// the helper's answer and the filled-in parameters.
+#[inline(always)]
+fn fib_lookup(ctx: &TcContext, out: &Tuple, tot_len: u16) -> (i64, FibParams) {
+    // SAFETY: zeroed bpf_fib_lookup is valid input; the fields used are set below.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = 2; // AF_INET
+    p.l4_protocol = out.proto;
+    p.sport = out.sport;
+    p.dport = out.dport;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    // SAFETY: reading the skb's ifindex, a plain field of the context.
+    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    p.__bindgen_anon_3.ipv4_src = out.src;
+    p.__bindgen_anon_4.ipv4_dst = out.dst;
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut p,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    (rc, p)
+}
+
+/// Out through the next hop's interface: MACs already written when the neighbour was
+/// `resolved`, else the kernel resolves it first (redirect_neigh).
+#[inline(always)]
+fn redirect(p: &FibParams, resolved: bool) -> i32 {
     if resolved {
         unsafe { bpf_redirect(p.ifindex, 0) as i32 }
     } else {

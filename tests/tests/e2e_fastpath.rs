@@ -201,14 +201,13 @@ fn checksum_offload_on_native_xdp() {
 }
 
 /// Path MTU discovery through a NodePort: the only endpoint sits behind a 1,200-byte hop
-/// (its route on the node), the client's full-size segments get "fragmentation needed" from the
-/// node (the uplink's tc, from the FIB's MTU check) and the transfer completes with smaller
-/// ones instead of stalling.
-#[test]
-fn path_mtu_behind_the_node() {
-    let Some(_guard) = privileged() else {
-        return;
-    };
+/// (its route on its node: the pod itself still advertises a full-size MSS, so only path
+/// MTU discovery can find the limit). The client's full-size segments get "fragmentation
+/// needed" and the transfer completes with smaller ones instead of stalling. Endpoint on
+/// the entry node: the uplink's tc sends the error (the FIB's MTU check). Endpoint on
+/// another node: that node's kernel sends it to the entry node's SNAT address, and the
+/// entry node translates it back for the client (RFC 5508).
+fn path_mtu(remote: bool) {
     const MTU_NODE_PORT: u16 = 30710;
     let spec = TopologySpec::seed();
     let mut c = Cluster::up(&spec, |net| {
@@ -234,12 +233,20 @@ fn path_mtu_behind_the_node() {
     })
     .unwrap();
     let pod = c.net.pods()[0].clone();
-    let node = c.net.node(&pod.node).clone();
-    // The hop towards the pod carries 1,200 bytes (a route MTU: the pod itself still
-    // advertises a full-size MSS, so only path MTU discovery can find the limit).
+    let pod_node = c.net.node(&pod.node).clone();
+    let entry = if remote {
+        c.net
+            .nodes()
+            .iter()
+            .find(|n| n.name != pod.node)
+            .expect("another node")
+            .clone()
+    } else {
+        pod_node.clone()
+    };
     let dst = format!("{}/32", pod.addr);
     exec_ok(
-        &node.netns,
+        &pod_node.netns,
         &[
             "ip",
             "route",
@@ -257,12 +264,33 @@ fn path_mtu_behind_the_node() {
     .unwrap();
     echo_bulk(
         c.net.client_netns(),
-        SocketAddrV4::new(node.addr, MTU_NODE_PORT),
+        SocketAddrV4::new(entry.addr, MTU_NODE_PORT),
     );
-    let st = c.agent(&node.name).status().expect("status");
+    let st = c.agent(&entry.name).status().expect("status");
+    let counter = if remote {
+        "icmp_error_translated"
+    } else {
+        "frag_needed"
+    };
     assert!(
-        st.counters.get("frag_needed").copied().unwrap_or(0) > 0,
-        "no fragmentation-needed sent: {:?}",
+        st.counters.get(counter).copied().unwrap_or(0) > 0,
+        "no {counter}: {:?}",
         st.counters
     );
+}
+
+#[test]
+fn path_mtu_behind_the_node() {
+    let Some(_guard) = privileged() else {
+        return;
+    };
+    path_mtu(false);
+}
+
+#[test]
+fn path_mtu_behind_another_node() {
+    let Some(_guard) = privileged() else {
+        return;
+    };
+    path_mtu(true);
 }

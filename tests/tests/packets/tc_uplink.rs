@@ -324,3 +324,75 @@ fn too_large_for_the_next_hop_gets_frag_needed() {
         SNAT_PORT,
     );
 }
+
+/// An ICMP "fragmentation needed" (MTU 1000) from `src` (MACs `smac -> dmac`) to `dst`,
+/// quoting `quoted`'s IPv4 header and 8 bytes.
+fn frag_needed_about(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    ttl: u8,
+    quoted: &Pkt,
+) -> Vec<u8> {
+    let q = quoted.bytes();
+    let mut ip = etherparse::Ipv4Header::new(0, ttl, etherparse::IpNumber::ICMP, src, dst).unwrap();
+    ip.identification = 0x4321;
+    let mut out = Vec::new();
+    etherparse::PacketBuilder::ethernet2(smac, dmac)
+        .ip(etherparse::IpHeaders::Ipv4(ip, Default::default()))
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1000 },
+        ))
+        .write(&mut out, &q[14..42])
+        .unwrap();
+    out
+}
+
+/// Path MTU to a remote backend: the backend's node answers our SNATed segment with
+/// "fragmentation needed"; the client gets it from the NodePort, quoting its own segment.
+#[test]
+fn an_icmp_error_about_a_snat_flow_reaches_its_client() {
+    let Some(_guard) = privileged() else {
+        return;
+    };
+    let first = syn(40280, NODE, 30081);
+    let node_b = [172, 30, 0, 3];
+    run_table(
+        vec![
+            tc(
+                "tc uplink: NodePort SYN -> remote pod via SNAT",
+                first.bytes(),
+                Some(to_remote(first).bytes()),
+                TC_ACT_REDIRECT,
+            ),
+            tc(
+                "tc uplink: frag needed from node B about it -> to the client, from the NodePort",
+                frag_needed_about(MAC_NODE_B, MAC_NODE, node_b, NODE, 64, &to_remote(first)),
+                Some(frag_needed_about(
+                    MAC_NODE,
+                    MAC_CLIENT,
+                    NODE,
+                    CLIENT,
+                    63,
+                    &first.with(|p| p.ttl = 63),
+                )),
+                TC_ACT_REDIRECT,
+            ),
+            tc(
+                "tc uplink: an error quoting a flow that is not ours -> left to the kernel",
+                frag_needed_about(
+                    MAC_NODE_B,
+                    MAC_NODE,
+                    node_b,
+                    NODE,
+                    64,
+                    &to_remote(syn(40281, NODE, 30081)).set_src(NODE, SNAT_PORT - 1),
+                ),
+                None,
+                TC_ACT_OK,
+            ),
+        ],
+        SNAT_PORT,
+    );
+}
