@@ -119,22 +119,8 @@ pub fn run(ctx: &TcContext) -> i32 {
             return to_backend(ctx, &t, fe.inside_svc_id, path, cfg);
         }
     }
-    // SAFETY: plain-data map value.
-    if unsafe { CLUSTER_IPS.get(&t.dst) }.is_some() {
-        // A ClusterIP on a port no service uses: refused, as kube-proxy does.
-        count(Counter::RejectUnknownPort);
-        event(ctx, cfg, &t, "rejected: ClusterIP port no service uses");
-        return reject(ctx, &t);
-    }
-    if in_service_cidr(t.dst) {
-        count(Counter::DropServiceCidr);
-        event(
-            ctx,
-            cfg,
-            &t,
-            "dropped: service CIDR address no Service holds",
-        );
-        return TC_ACT_SHOT as i32;
+    if let Some(action) = unused_service_address(ctx, &t, cfg) {
+        return action;
     }
     let Some(rev) = (unsafe { REVNAT.get(&rk) }) else {
         count(Counter::TcPass);
@@ -142,6 +128,30 @@ pub fn run(ctx: &TcContext) -> i32 {
     };
     let rev = *rev;
     checked_reply(ctx, &t, &rk, &rev, cfg)
+}
+
+/// A service address nothing matched: a ClusterIP on a port no service uses is refused, as
+/// kube-proxy does; another address of the service CIDRs that no Service holds is dropped.
+/// `None`: not a service address.
+#[inline(always)]
+fn unused_service_address(ctx: &TcContext, t: &Tuple, cfg: &Config) -> Option<i32> {
+    // SAFETY: plain-data map value.
+    if unsafe { CLUSTER_IPS.get(&t.dst) }.is_some() {
+        count(Counter::RejectUnknownPort);
+        event(ctx, cfg, t, "rejected: ClusterIP port no service uses");
+        return Some(reject(ctx, t));
+    }
+    if in_service_cidr(t.dst) {
+        count(Counter::DropServiceCidr);
+        event(
+            ctx,
+            cfg,
+            t,
+            "dropped: service CIDR address no Service holds",
+        );
+        return Some(TC_ACT_SHOT as i32);
+    }
+    None
 }
 
 /// A reply matched a reverse entry: translated if its flow is live, else dropped (a
@@ -223,25 +233,12 @@ pub fn run_uplink(ctx: &TcContext) -> i32 {
         let rev = *rev;
         return checked_reply(ctx, &t, &rk, &rev, cfg);
     }
-    // SAFETY: plain-data map value.
-    if unsafe { CLUSTER_IPS.get(&t.dst) }.is_some() {
-        count(Counter::RejectUnknownPort);
-        event(ctx, cfg, &t, "rejected: ClusterIP port no service uses");
-        return reject(ctx, &t);
-    }
-    if in_service_cidr(t.dst) {
-        count(Counter::DropServiceCidr);
-        event(
-            ctx,
-            cfg,
-            &t,
-            "dropped: service CIDR address no Service holds",
-        );
-        return TC_ACT_SHOT as i32;
+    if let Some(action) = unused_service_address(ctx, &t, cfg) {
+        return action;
     }
     // With XDP in front (CFG_XDP_IN_FRONT): a packet XDP already translated but could not
-    // send because the next hop has no neighbour entry (XDP_TX traffic never refreshes the kernel's entry, so it ages out
-    // on quiet paths). Its source is now a node address, which the kernel would drop as a
+    // send because the next hop has no neighbour entry (XDP_TX traffic never refreshes the
+    // kernel's entry, so it ages out on quiet paths). Its source is now a node address, which the kernel would drop as a
     // martian; here it is sent on with neighbour resolution. Recognised by that source:
     // the SNAT address, or a frontend (a reply to a client). Nothing from the wire
     // legitimately carries either.
