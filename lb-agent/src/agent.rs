@@ -445,15 +445,6 @@ impl Agent {
         log::info!("{PROG_TC_UPLINK} attached to the ingress of {}", args.iface);
         let uplink_is_veth = links.iter().any(|l| l.name == args.iface && l.is_veth());
         let (mode, xdp_mode_reason) = dp.attach_xdp(&args.iface, args.xdp_mode, uplink_is_veth)?;
-        // tc learns whether XDP runs in front of it (see CFG_XDP_IN_FRONT); a pinned config
-        // from a previous agent may say otherwise.
-        let mut cfg = maps.config.get(&0, 0)?;
-        cfg.flags = if mode == XdpAttachMode::Off {
-            cfg.flags & !CFG_XDP_IN_FRONT
-        } else {
-            cfg.flags | CFG_XDP_IN_FRONT
-        };
-        maps.config.set(0, cfg, 0)?;
         log::info!(
             "north-south hook on {}: {} ({xdp_mode_reason}); node addresses {:?}; maps pinned \
              in {}",

@@ -22,9 +22,16 @@ pub const MAP_SRC_RANGES: &str = "XLB_SRC_RANGES";
 pub const MAP_SERVICE_CIDRS: &str = "XLB_SERVICE_CIDRS";
 pub const MAP_ARP: &str = "XLB_ARP";
 pub const MAP_ANNOUNCE_LEASE: &str = "XLB_ANNOUNCE_LEASE";
+pub const MAP_FRAGS: &str = "XLB_FRAGS";
 
 /// Capacity of `XLB_ARP`: LoadBalancer addresses this node announces.
 pub const MAX_ANNOUNCED: u32 = 16_384;
+
+/// Capacity of `XLB_FRAGS`: datagrams of translated flows whose later fragments are still
+/// to come. Fragments of one datagram follow each other within microseconds, so this is
+/// how many such datagrams may be in flight at once on a node; the least recently used
+/// entry makes room (its datagram's later fragments then go to the kernel untranslated).
+pub const MAX_FRAGS: u32 = 16_384;
 
 /// Capacity of `XLB_SERVICE_CIDRS` (a cluster has one or two service ranges; the
 /// ServiceCIDR API lets it add a few).
@@ -195,6 +202,27 @@ pub struct Backend {
     pub port_be: u16,
     pub flags: u8,
     pub _pad: u8,
+}
+
+/// A fragmented IPv4 datagram: what all its fragments share (RFC 791), as read from the
+/// header: addresses in network order, the identification field in network order.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src_addr_be: u32,
+    pub dst_addr_be: u32,
+    pub id_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// The ports of a datagram's first fragment (network order): later fragments carry none,
+/// and get the first fragment's translation through them.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Debug, Default, PartialEq, Eq)]
+pub struct FragPorts {
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
 }
 
 /// A unidirectional 5-tuple, as read from a packet.
@@ -447,11 +475,6 @@ pub fn lease_running(until_ms: u32, now_ms: u32) -> bool {
 /// rejected or dropped, and each new flow. Off by default; off, an event costs one test of
 /// this word, which the programs have loaded anyway.
 pub const CFG_DEBUG_EVENTS: u32 = 1 << 0;
-/// `Config::flags`: an XDP program runs in front of the uplink's tc hook. Only then can a
-/// packet arrive at tc already translated (XDP found no neighbour entry to send it with),
-/// recognisable by a node or frontend source address, and tc sends it on; without XDP such
-/// a packet can only be spoofed, and is left to the kernel (which drops it as a martian).
-pub const CFG_XDP_IN_FRONT: u32 = 1 << 1;
 
 impl Config {
     /// `addr_be:port_be` is one of the node's SNAT address and ports: a reply there belongs
@@ -747,6 +770,8 @@ macro_rules! counters {
 counters! {
     Packets => "packets",
     PassNotIpv4 => "pass_not_ipv4",
+    /// A later fragment left to the kernel untranslated: tc did not translate its datagram's
+    /// first fragment (not ours, or it has not come yet). XDP hands every fragment to tc.
     PassFragment => "pass_fragment",
     PassIpOptions => "pass_ip_options",
     PassNotTcpUdp => "pass_not_tcp_udp",
@@ -770,9 +795,13 @@ counters! {
     SockLb => "sock_lb",
     SockReject => "sock_reject",
     Hairpin => "hairpin",
+    /// Handed by XDP to the uplink's tc hook, which translates it there: a reply for a pod
+    /// on this node, a fragment, or a packet whose next hop needs neighbour resolution.
     PassToTc => "pass_to_tc",
     DropSourceRange => "drop_source_range",
     AffinityHit => "affinity_hit",
+    /// XDP found no neighbour entry for the next hop: the packet went to the uplink's tc
+    /// untranslated, which sends it with the kernel's neighbour resolution.
     NeighResolve => "neigh_resolve",
     /// A flow confirmed by both directions moved from `XLB_CT_NEW` to `XLB_CT`.
     CtConfirm => "ct_confirm",
@@ -821,6 +850,9 @@ counters! {
     FragNeeded => "frag_needed",
     /// An ICMP error about a source-NATed flow, translated back for its client.
     IcmpErrorTranslated => "icmp_error_translated",
+    /// A later fragment (no ports) of a datagram whose first fragment was translated:
+    /// translated the same way, with the first fragment's ports (`XLB_FRAGS`).
+    FragTranslated => "frag_translated",
 }
 
 /// Hash of a flow used to index a Maglev table. Deterministic and seedless on purpose:
@@ -905,6 +937,8 @@ mod tests {
         assert_eq!(size_of::<SrcRangeKey>(), 8);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<FlowKey>(), 16);
+        assert_eq!(size_of::<FragKey>(), 12);
+        assert_eq!(size_of::<FragPorts>(), 4);
         assert_eq!(size_of::<CtEntry>(), 16);
         assert_eq!(size_of::<RevNat>(), 16);
         assert_eq!(size_of::<SockRevKey>(), 16);
@@ -923,7 +957,7 @@ mod tests {
             "neigh_resolve"
         );
         assert_eq!(COUNTER_NAMES[Counter::RstNoState as usize], "rst_no_state");
-        assert_eq!(Counter::IcmpErrorTranslated as u32 + 1, COUNTER_COUNT);
+        assert_eq!(Counter::FragTranslated as u32 + 1, COUNTER_COUNT);
         assert_eq!(COUNTER_NAMES[Counter::TtlExceeded as usize], "ttl_exceeded");
     }
 

@@ -3,7 +3,7 @@
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
-        xdp_action::{XDP_PASS, XDP_REDIRECT, XDP_TX},
+        xdp_action::{XDP_DROP, XDP_REDIRECT, XDP_TX},
     },
     helpers::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
@@ -19,11 +19,13 @@ use crate::{
 
 const AF_INET: u8 = 2;
 
-/// Sends an already translated packet towards its new destination: XDP_TX when the next hop
-/// is behind the interface it came in on, a redirect otherwise. When the FIB cannot answer
-/// (no neighbour entry yet, TTL expiring) the kernel gets the packet and does the slow path.
+/// The next hop of `t` (its addresses, protocol and ports; `tot_len` for the MTU check)
+/// from the packet's interface. `Err(rc)`: the FIB cannot answer for XDP (no neighbour
+/// entry yet, no route, too large for the next hop: `BPF_FIB_LKUP_RET_*`); the caller hands
+/// the packet on untranslated and the uplink's tc, which can ask the kernel to resolve a
+/// neighbour or answer with an ICMP error, takes it from there.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, t: &Tuple, tot_len: u16) -> u32 {
+pub fn lookup(ctx: &XdpContext, t: &Tuple, tot_len: u16) -> Result<FibParams, i64> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid input; the fields we need are set below.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
@@ -42,16 +44,23 @@ pub fn forward(ctx: &XdpContext, t: &Tuple, tot_len: u16) -> u32 {
             0,
         )
     };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        count(Counter::FibFail);
-        return XDP_PASS;
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        Ok(p)
+    } else {
+        Err(rc)
     }
-    match dec_ttl(ctx.data(), ctx.data_end()) {
-        Some(true) => {}
-        _ => return XDP_PASS,
+}
+
+/// Sends a translated packet to the next hop `p` found: one hop less, the next hop's MACs,
+/// XDP_TX when it is behind the interface the packet came in on, a redirect otherwise.
+/// (The caller checked the TTL.)
+#[inline(always)]
+pub fn send(ctx: &XdpContext, p: &FibParams) -> u32 {
+    if dec_ttl(ctx.data(), ctx.data_end()) != Some(true) {
+        return XDP_DROP;
     }
     let Some(eth) = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0) else {
-        return XDP_PASS;
+        return XDP_DROP;
     };
     // SAFETY: bounds checked by ptr_at.
     unsafe {
@@ -65,7 +74,8 @@ pub fn forward(ctx: &XdpContext, t: &Tuple, tot_len: u16) -> u32 {
         if rc == XDP_REDIRECT as i64 {
             XDP_REDIRECT
         } else {
-            XDP_PASS
+            count(Counter::FibFail);
+            XDP_DROP
         }
     }
 }

@@ -8,6 +8,7 @@
 mod ct;
 mod event;
 mod fib;
+mod frag;
 mod lb;
 mod maps;
 mod policy;

@@ -120,3 +120,7 @@ pub static ANNOUNCE_LEASE: Array<u32> = Array::pinned(1, 0);
 
 #[map(name = "XLB_SERVICE_CIDRS")]
 pub static SERVICE_CIDRS: LpmTrie<u32, u8> = LpmTrie::pinned(MAX_SERVICE_CIDRS, 0);
+
+/// The ports of translated datagrams' first fragments, for their later fragments (frag.rs).
+#[map(name = "XLB_FRAGS")]
+pub static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(MAX_FRAGS, 0);

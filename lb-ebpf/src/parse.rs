@@ -32,13 +32,38 @@ pub struct Tuple {
     pub proto: u8,
     /// TCP flags (header byte 13; see `ct::TCP_*`), 0 for UDP.
     pub tcp_flags: u8,
+    /// Whether the packet is a fragment, and which (`FRAG_*`).
+    pub frag: u8,
+    /// The IPv4 identification field as in the header (network order): what ties the
+    /// fragments of a datagram together.
+    pub ip_id_be: u16,
 }
+
+/// Not a fragment.
+pub const FRAG_NONE: u8 = 0;
+/// The first fragment of a datagram (offset 0, more fragments): it has the ports.
+pub const FRAG_FIRST: u8 = 1;
+/// A later fragment (offset > 0): no L4 header; `sport`/`dport` are 0 until the first
+/// fragment's ports are filled in (frag.rs).
+pub const FRAG_LATER: u8 = 2;
 
 impl Tuple {
     /// The frontend this packet is addressed to.
     #[inline(always)]
     pub fn frontend_key(&self) -> FrontendKey {
         FrontendKey::new(self.dst, self.dport, self.proto)
+    }
+
+    /// What all fragments of this packet's datagram share.
+    #[inline(always)]
+    pub fn frag_key(&self) -> lb_common::FragKey {
+        lb_common::FragKey {
+            src_addr_be: self.src,
+            dst_addr_be: self.dst,
+            id_be: self.ip_id_be,
+            proto: self.proto,
+            _pad: 0,
+        }
     }
 
     /// The packet's 5-tuple as a conntrack / reverse-NAT key.
@@ -52,6 +77,8 @@ impl Tuple {
 pub type NotOurs = Counter;
 
 /// Parses Ethernet/IPv4/TCP|UDP from the start of `data`. Anything else is `Err(reason)`.
+/// Fragments are parsed too (`Tuple::frag`): a first fragment with its ports, a later one
+/// without; the caller decides what to do with them.
 /// `whole_frame`: the IPv4 total length must fit in `data..data_end` (XDP sees the whole
 /// frame; a tc skb may keep its payload in pages beyond the linear part).
 #[inline(always)]
@@ -73,16 +100,31 @@ pub fn parse(data: usize, data_end: usize, whole_frame: bool) -> Result<Tuple, N
     if ihl != 5 {
         return Err(Counter::PassIpOptions);
     }
-    // More-fragments flag or a non-zero offset: ports are only in the first fragment, and we
-    // do not reassemble, so the kernel gets every fragment.
-    if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
-        return Err(Counter::PassFragment);
-    }
     let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
     if tot_len < IP_LEN || (whole_frame && data + IP_OFF + tot_len > data_end) {
         return Err(Counter::Truncated);
     }
+    // Ports are only in a datagram's first fragment (offset 0, more fragments set).
+    let frags = u16::from_be_bytes(ip.frags);
+    let frag = if frags & 0x1fff != 0 {
+        FRAG_LATER
+    } else if frags & 0x2000 != 0 {
+        FRAG_FIRST
+    } else {
+        FRAG_NONE
+    };
+    // The L4 header must lie within the packet: a first fragment too short to hold it is
+    // the tiny-fragment attack (RFC 1858), whose ports a later fragment would supply.
+    let l4_len = match ip.proto {
+        PROTO_TCP => size_of::<TcpHdr>(),
+        PROTO_UDP => size_of::<UdpHdr>(),
+        _ => 0,
+    };
+    if frag != FRAG_LATER && tot_len < IP_LEN + l4_len {
+        return Err(Counter::Truncated);
+    }
     let (sport, dport, tcp_flags) = match ip.proto {
+        PROTO_TCP | PROTO_UDP if frag == FRAG_LATER => (0, 0, 0),
         PROTO_TCP => {
             let tcp: *const TcpHdr = ptr_at(data, data_end, L4_OFF).ok_or(Counter::Truncated)?;
             let tcp = unsafe { &*tcp };
@@ -107,6 +149,8 @@ pub fn parse(data: usize, data_end: usize, whole_frame: bool) -> Result<Tuple, N
         dport,
         proto: ip.proto,
         tcp_flags,
+        frag,
+        ip_id_be: u16::from_ne_bytes(ip.id),
     })
 }
 
@@ -157,17 +201,33 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn fragments_say_which_they_are() {
+        let mut first = udp(b"x");
+        first[IP_OFF + 4..IP_OFF + 6].copy_from_slice(&0x1234u16.to_be_bytes());
+        first[IP_OFF + 6] = 0x20; // more fragments, offset 0
+        let t = run(&first).unwrap();
+        assert_eq!((t.frag, u16::from_be(t.ip_id_be)), (FRAG_FIRST, 0x1234));
+        assert_eq!((u16::from_be(t.sport), u16::from_be(t.dport)), (40001, 53));
+        let mut later = first.clone();
+        later[IP_OFF + 6..IP_OFF + 8].copy_from_slice(&[0x00, 0x01]); // last, offset 8
+        let t = run(&later).unwrap();
+        assert_eq!(
+            (t.frag, t.sport, t.dport, t.tcp_flags),
+            (FRAG_LATER, 0, 0, 0)
+        );
+        assert_eq!(t.frag_key(), run(&first).unwrap().frag_key());
+        assert_eq!(run(&udp(b"x")).unwrap().frag, FRAG_NONE);
+        // Don't-fragment alone is not a fragment.
+        let mut df = udp(b"x");
+        df[IP_OFF + 6] = 0x40;
+        assert_eq!(run(&df).unwrap().frag, FRAG_NONE);
+    }
+
+    #[test]
     fn what_is_not_ours_says_why() {
         let mut arp = tcp(true, &[]);
         arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
         assert_eq!(run(&arp).err(), Some(Counter::PassNotIpv4));
-
-        let mut frag = udp(b"x");
-        frag[IP_OFF + 6] = 0x20; // more fragments
-        assert_eq!(run(&frag).err(), Some(Counter::PassFragment));
-        let mut later = udp(b"x");
-        later[IP_OFF + 7] = 0x01; // offset 8
-        assert_eq!(run(&later).err(), Some(Counter::PassFragment));
 
         let mut opts = tcp(true, &[]);
         opts[IP_OFF] = 0x46;

@@ -33,13 +33,13 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use crate::{
     arp, ct,
     event::event,
-    icmp,
+    frag, icmp,
     lb::{self, Choice, Path},
     maps::{
         ANNOUNCE_LEASE, ARP, CLUSTER_IPS, CONFIG, FRONTENDS, Outcome, REVNAT, SERVICES, count,
         record,
     },
-    parse::{self, ETH_LEN, IP_OFF, L4_OFF, Tuple, ptr_at},
+    parse::{self, ETH_LEN, FRAG_LATER, FRAG_NONE, IP_OFF, L4_OFF, Tuple, ptr_at},
     policy::{in_service_cidr, source_allowed},
     reject,
 };
@@ -81,13 +81,17 @@ fn ip_len_fits(ctx: &TcContext) -> bool {
 #[inline(always)]
 pub fn run(ctx: &TcContext) -> i32 {
     pull_headers(ctx);
-    let t = match parse::parse(ctx.data(), ctx.data_end(), false) {
+    let mut t = match parse::parse(ctx.data(), ctx.data_end(), false) {
         Ok(t) if ip_len_fits(ctx) => t,
         _ => {
             count(Counter::TcPass);
             return TC_ACT_OK as i32;
         }
     };
+    if !frag::fill_ports(&mut t) {
+        count(Counter::PassFragment);
+        return TC_ACT_OK as i32;
+    }
     let rk = t.flow_key();
     let Some(cfg) = CONFIG.get(0) else {
         return TC_ACT_OK as i32;
@@ -173,14 +177,18 @@ fn checked_reply(ctx: &TcContext, t: &Tuple, rk: &FlowKey, rev: &RevNat, cfg: &C
 ///   martian once its source is a node address;
 /// - packets whose checksum is a seed for offload (CHECKSUM_PARTIAL), which XDP cannot
 ///   translate correctly and the checksum helpers here can;
-/// - packets XDP translated but could not send (no neighbour entry).
+/// - fragments (frag.rs);
+/// - packets XDP could not send (no neighbour entry for the next hop, too large for it),
+///   handed on untranslated.
 ///
-/// The decisions are the XDP path's, in the same order (see xdp.rs).
+/// The decisions are the XDP path's, in the same order (see xdp.rs). Nothing arrives here
+/// translated, so a packet from the wire with a node or frontend source is never sent on
+/// (the kernel drops it as a martian): spoofing the node cannot reach a pod.
 #[inline(always)]
 pub fn run_uplink(ctx: &TcContext) -> i32 {
     count(Counter::TcUplinkPackets);
     pull_headers(ctx);
-    let t = match parse::parse(ctx.data(), ctx.data_end(), false) {
+    let mut t = match parse::parse(ctx.data(), ctx.data_end(), false) {
         Ok(_) if !ip_len_fits(ctx) => {
             count(Counter::Truncated);
             return TC_ACT_OK as i32;
@@ -199,6 +207,10 @@ pub fn run_uplink(ctx: &TcContext) -> i32 {
             return TC_ACT_OK as i32;
         }
     };
+    if !frag::fill_ports(&mut t) {
+        count(Counter::PassFragment);
+        return TC_ACT_OK as i32;
+    }
     // SAFETY: reading a plain field of the context.
     if unsafe { (*ctx.skb.skb).pkt_type } == PACKET_OTHERHOST {
         // For another host's MAC (a switch flooding): the kernel drops it; serving it here
@@ -235,22 +247,6 @@ pub fn run_uplink(ctx: &TcContext) -> i32 {
     }
     if let Some(action) = unused_service_address(ctx, &t, cfg) {
         return action;
-    }
-    // With XDP in front (CFG_XDP_IN_FRONT): a packet XDP already translated but could not
-    // send because the next hop has no neighbour entry (XDP_TX traffic never refreshes the
-    // kernel's entry, so it ages out on quiet paths). Its source is now a node address, which the kernel would drop as a
-    // martian; here it is sent on with neighbour resolution. Recognised by that source:
-    // the SNAT address, or a frontend (a reply to a client). Nothing from the wire
-    // legitimately carries either.
-    if cfg.flags & CFG_XDP_IN_FRONT == 0 {
-        count(Counter::TcPass);
-        return TC_ACT_OK as i32;
-    }
-    let snat = cfg.snat_addr_be == t.src;
-    let from_frontend = !snat && unsafe { FRONTENDS.get(&reverse_frontend(&t)) }.is_some();
-    if snat || from_frontend {
-        count(Counter::NeighResolve);
-        return forward(ctx, &t, &t);
     }
     count(Counter::TcPass);
     TC_ACT_OK as i32
@@ -303,6 +299,8 @@ fn send_icmp(ctx: &TcContext, src: u32, dst: u32) -> i32 {
         dport: 0,
         proto: PROTO_ICMP,
         tcp_flags: 0,
+        frag: FRAG_NONE,
+        ip_id_be: 0,
     };
     let (rc, p) = fib_lookup(ctx, &out, 0);
     let resolved = match rc as u32 {
@@ -369,12 +367,6 @@ fn answer_arp(ctx: &TcContext) -> i32 {
     // SAFETY: reading a plain field of the context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     unsafe { bpf_redirect(ifindex, 0) as i32 }
-}
-
-/// The frontend a translated reply comes from (its source address and port).
-#[inline(always)]
-fn reverse_frontend(t: &Tuple) -> FrontendKey {
-    FrontendKey::new(t.src, t.sport, t.proto)
 }
 
 #[inline(always)]
@@ -484,16 +476,24 @@ fn forward(ctx: &TcContext, t: &Tuple, out: &Tuple) -> i32 {
         }
     };
     // A router's duty: one hop less; an expiring packet is answered, untranslated, with
-    // ICMP time exceeded (RFC 1812) instead of being forwarded.
+    // ICMP time exceeded (RFC 1812) instead of being forwarded — not a later fragment,
+    // which no ICMP error is about (RFC 1122 3.2.2).
     match ptr_at::<Ipv4Hdr>(ctx.data(), ctx.data_end(), IP_OFF) {
         // SAFETY: bounds checked by ptr_at.
         Some(ip) if unsafe { (*ip).ttl } > 1 => {}
-        Some(_) if reject::answerable(t.src) => {
+        Some(_) if reject::answerable(t.src) && t.frag != FRAG_LATER => {
             count(Counter::TtlExceeded);
             return icmp_error(ctx, reject::IcmpError::TtlExceeded);
         }
         _ => return TC_ACT_SHOT as i32,
     }
+    if t.frag == FRAG_LATER {
+        // No L4 header (its checksum, in the first fragment, covers the whole datagram
+        // and was updated there): addresses only.
+        count(Counter::FragTranslated);
+        return forward_ip_only(ctx, t, out, &p, resolved);
+    }
+    frag::remember(t);
     let l4_check = if t.proto == PROTO_TCP {
         TCP_CHECK
     } else {
@@ -538,16 +538,7 @@ fn forward(ctx: &TcContext, t: &Tuple, out: &Tuple) -> i32 {
     // SAFETY: bounds checked by ptr_at; the linear data is writable (pulled, and tc's
     // prologue uncloned the head).
     unsafe {
-        let ip = &mut *ip;
-        let old_ttl = u16::from_ne_bytes([ip.ttl, ip.proto]);
-        ip.ttl -= 1;
-        let mut check = u16::from_ne_bytes(ip.check);
-        check = csum::replace16(check, old_ttl, u16::from_ne_bytes([ip.ttl, ip.proto]));
-        check = csum::replace32(check, t.src, out.src);
-        check = csum::replace32(check, t.dst, out.dst);
-        ip.check = check.to_ne_bytes();
-        ip.src_addr = out.src.to_ne_bytes();
-        ip.dst_addr = out.dst.to_ne_bytes();
+        rewrite_ip(&mut *ip, t, out);
         *ports = ports_out.to_ne_bytes();
         if resolved {
             (*eth).dst_addr = p.dmac;
@@ -555,6 +546,42 @@ fn forward(ctx: &TcContext, t: &Tuple, out: &Tuple) -> i32 {
         }
     }
     redirect(&p, resolved)
+}
+
+/// `forward` for a packet without an L4 header of its own (a later fragment).
+#[inline(always)]
+fn forward_ip_only(ctx: &TcContext, t: &Tuple, out: &Tuple, p: &FibParams, resolved: bool) -> i32 {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let (Some(ip), Some(eth)) = (
+        ptr_at::<Ipv4Hdr>(data, end, IP_OFF),
+        ptr_at::<EthHdr>(data, end, 0),
+    ) else {
+        return TC_ACT_SHOT as i32;
+    };
+    // SAFETY: bounds checked by ptr_at; the linear data is writable (pulled).
+    unsafe {
+        rewrite_ip(&mut *ip, t, out);
+        if resolved {
+            (*eth).dst_addr = p.dmac;
+            (*eth).src_addr = p.smac;
+        }
+    }
+    redirect(p, resolved)
+}
+
+/// The IPv4 header from `t`'s addresses to `out`'s, one hop less (the caller checked the
+/// TTL), its checksum updated.
+#[inline(always)]
+fn rewrite_ip(ip: &mut Ipv4Hdr, t: &Tuple, out: &Tuple) {
+    let old_ttl = u16::from_ne_bytes([ip.ttl, ip.proto]);
+    ip.ttl -= 1;
+    let mut check = u16::from_ne_bytes(ip.check);
+    check = csum::replace16(check, old_ttl, u16::from_ne_bytes([ip.ttl, ip.proto]));
+    check = csum::replace32(check, t.src, out.src);
+    check = csum::replace32(check, t.dst, out.dst);
+    ip.check = check.to_ne_bytes();
+    ip.src_addr = out.src.to_ne_bytes();
+    ip.dst_addr = out.dst.to_ne_bytes();
 }
 
 /// The kernel's FIB and neighbour tables asked for the next hop of `out` (its addresses,
@@ -620,7 +647,8 @@ fn diff<const N: usize>(from: &[u32; N], to: &[u32; N]) -> u32 {
 /// the pod through the interface it came from.
 #[inline(always)]
 fn reject(ctx: &TcContext, t: &Tuple) -> i32 {
-    if !reject::answerable(t.src) {
+    // A later fragment has no header to answer (and no ICMP error is about one).
+    if !reject::answerable(t.src) || t.frag == FRAG_LATER {
         count(Counter::RejectSuppressed);
         return TC_ACT_SHOT as i32;
     }

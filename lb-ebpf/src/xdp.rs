@@ -1,7 +1,10 @@
 //! The north-south path on a node's uplink: NodePort and external/LoadBalancer IPs are
 //! DNATed to a Maglev-chosen backend; replies of SNATed flows are translated back.
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH,
+        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    },
     programs::XdpContext,
 };
 use lb_common::*;
@@ -16,7 +19,7 @@ use crate::{
         record,
     },
     nat::{Side, rewrite},
-    parse::{self, Tuple},
+    parse::{self, FRAG_NONE, Tuple},
     policy::{in_service_cidr, source_allowed},
     xdp_reject,
 };
@@ -36,6 +39,11 @@ pub fn run(ctx: &XdpContext) -> u32 {
             return XDP_PASS;
         }
     };
+    if t.frag != FRAG_NONE {
+        // Fragments are translated by the uplink's tc hook (frag.rs).
+        count(Counter::PassToTc);
+        return XDP_PASS;
+    }
     let Some(cfg) = CONFIG.get(0) else {
         return XDP_PASS;
     };
@@ -222,13 +230,6 @@ fn forward(ctx: &XdpContext, proto: u8, from: (u32, u16), to: (u32, u16), what: 
     if let Some(action) = ttl_expired(ctx) {
         return action;
     }
-    let (data, end) = (ctx.data(), ctx.data_end());
-    if rewrite(data, end, proto, Side::Src, from.0, from.1).is_none()
-        || rewrite(data, end, proto, Side::Dst, to.0, to.1).is_none()
-    {
-        return XDP_DROP;
-    }
-    count(what);
     let out = Tuple {
         src: from.0,
         dst: to.0,
@@ -236,8 +237,33 @@ fn forward(ctx: &XdpContext, proto: u8, from: (u32, u16), to: (u32, u16), what: 
         dport: to.1,
         proto,
         tcp_flags: 0,
+        frag: FRAG_NONE,
+        ip_id_be: 0,
     };
-    fib::forward(ctx, &out, ip_tot_len(ctx))
+    // The next hop first, the rewrite after: a packet XDP cannot send goes to the uplink's
+    // tc untranslated, and tc takes the same decision (the flow's conntrack entry is there
+    // now) and sends it with the kernel's neighbour resolution, or answers "fragmentation
+    // needed". So nothing ever reaches tc already translated, and tc never has to trust a
+    // node or frontend source address on a packet from the wire.
+    let p = match fib::lookup(ctx, &out, ip_tot_len(ctx)) {
+        Ok(p) => p,
+        Err(rc) => {
+            count(if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+                Counter::NeighResolve
+            } else {
+                Counter::PassToTc
+            });
+            return XDP_PASS;
+        }
+    };
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if rewrite(data, end, proto, Side::Src, from.0, from.1).is_none()
+        || rewrite(data, end, proto, Side::Dst, to.0, to.1).is_none()
+    {
+        return XDP_DROP;
+    }
+    count(what);
+    fib::send(ctx, &p)
 }
 
 /// A packet to forward whose TTL runs out here: answered, untranslated, with ICMP time

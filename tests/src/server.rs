@@ -16,7 +16,8 @@ pub const POD_ECHO_PORT: u16 = 7000;
 /// - HTTP `GET` (any path): 200, body `<pod name>\n`, with Content-Length,
 ///   then close. Headers `X-Pod-Name` and `X-Client` (the peer address as
 ///   the pod sees it) let tests check source-address preservation.
-/// - UDP: every datagram is answered with `<pod name>\n` to its sender.
+/// - UDP: every datagram is answered with `<pod name>\n` to its sender; `big:<n>` with `n`
+///   bytes starting with the name (a large reply to a small request), `echo:...` with itself.
 /// - Echo (TCP): every line is answered with `<pod name> <line>`, on one long-lived
 ///   connection.
 ///
@@ -31,8 +32,15 @@ body = (name + "\n").encode()
 
 def udp_echo(sock):
     while True:
-        _, peer = sock.recvfrom(65535)
-        sock.sendto(body, peer)
+        data, peer = sock.recvfrom(65535)
+        if data.startswith(b"big:"):
+            # A large reply to a small request (DNS with EDNS): fragmented on its way back.
+            n = int(data[4:])
+            sock.sendto(body + b"x" * (n - len(body)), peer)
+        elif data.startswith(b"echo:"):
+            sock.sendto(data, peer)
+        else:
+            sock.sendto(body, peer)
 
 def echo_conn(conn):
     with conn, conn.makefile("rb") as lines:

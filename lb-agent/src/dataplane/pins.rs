@@ -75,6 +75,7 @@ pub fn capacities(limits: &Limits) -> Result<Vec<Capacity>> {
         c(MAP_ARP, MAX_ANNOUNCED, FIXED),
         c(MAP_ANNOUNCE_LEASE, 1, FIXED),
         c(MAP_SERVICE_CIDRS, MAX_SERVICE_CIDRS, FIXED),
+        c(MAP_FRAGS, MAX_FRAGS, FIXED),
     ])
 }
 

@@ -45,6 +45,7 @@ mod arp;
 mod clusterip;
 mod conntrack;
 mod debug_events;
+mod fragments;
 mod fuzz;
 mod nodeport;
 mod not_ours;
@@ -666,9 +667,6 @@ fn run_table(steps: Vec<Step>, snat_port_max: u16) {
                 snat_addr_be: u32::from_ne_bytes(NODE),
                 snat_port_min: SNAT_PORT,
                 snat_port_max,
-                // The tables run XDP in front of the uplink's tc hook; tc_uplink.rs clears
-                // this for the uplink without XDP.
-                flags: CFG_XDP_IN_FRONT,
                 ..Config::DEFAULT
             },
             0,

@@ -1,6 +1,6 @@
 //! Not ours: passed on untouched. Traffic for no frontend of the XDP path, other protocols
-//! (ARP, IPv6, ICMP), and IPv4 the parser does not take (fragments, options, truncated or
-//! inconsistent headers).
+//! (ARP, IPv6, ICMP), and IPv4 the parser does not take (options, truncated or
+//! inconsistent headers), and fragments, which XDP hands to the uplink's tc (fragments.rs).
 use super::*;
 
 packet_test!(
@@ -62,7 +62,7 @@ packet_test!(
 
 packet_test!(
     ipv4_fragment,
-    untouched("IPv4 fragment", {
+    untouched("IPv4 fragment: XDP hands it to tc", {
         let mut frag = udp(40100, NODE, 30053).bytes();
         frag[20] |= 0x20; // more fragments
         frag[24..26].copy_from_slice(&[0, 0]);

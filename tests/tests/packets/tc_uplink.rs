@@ -195,40 +195,20 @@ packet_test!(
     }
 );
 
-/// Without XDP in front nothing arrives translated, so a packet from the wire with the
-/// node's (SNAT) address as source is spoofed: left to the kernel, never forwarded.
-#[test]
-fn tc_alone_does_not_forward_spoofed_node_sources() {
-    let Some(_guard) = privileged() else {
-        return;
-    };
-    let spoofed = udp(40250, POD_REMOTE_DNS, 5353).with(|p| p.src = NODE);
-    run_table(
-        vec![
-            tc(
-                "tc uplink, XDP in front: a translated packet (node source) is sent on",
-                spoofed.bytes(),
-                Some(spoofed.routed(MAC_NODE, MAC_NODE_B).bytes()),
-                TC_ACT_REDIRECT,
-            ),
-            Step::Maps(
-                "no XDP in front",
-                Box::new(|v| {
-                    let mut c = v.agent.config.get(&0, 0).unwrap();
-                    c.flags &= !CFG_XDP_IN_FRONT;
-                    v.agent.config.set(0, c, 0).unwrap();
-                }),
-            ),
-            tc(
-                "tc uplink alone: the same packet from the wire is left to the kernel",
-                spoofed.bytes(),
-                None,
-                TC_ACT_OK,
-            ),
-        ],
-        SNAT_PORT,
-    );
-}
+// Nothing arrives at the uplink's tc translated (XDP hands on what it cannot send
+// untranslated), so a packet from the wire with the node's (SNAT) address as source is
+// spoofed: left to the kernel, never forwarded — with or without XDP in front.
+packet_test!(
+    tc_does_not_forward_spoofed_node_sources,
+    tc(
+        "tc uplink: a packet from the wire with the node's source -> to the kernel",
+        udp(40250, POD_REMOTE_DNS, 5353)
+            .with(|p| p.src = NODE)
+            .bytes(),
+        None,
+        TC_ACT_OK,
+    )
+);
 
 /// The ICMP time exceeded a router sends for `p` (RFC 1812): from the address `p` was sent
 /// to, quoting `p`'s IPv4 header and 8 bytes as received.
