@@ -23,6 +23,7 @@ pub const MAP_SERVICE_CIDRS: &str = "XLB_SERVICE_CIDRS";
 pub const MAP_ARP: &str = "XLB_ARP";
 pub const MAP_ANNOUNCE_LEASE: &str = "XLB_ANNOUNCE_LEASE";
 pub const MAP_FRAGS: &str = "XLB_FRAGS";
+pub const MAP_REJECT_BUDGET: &str = "XLB_REJECT_BUDGET";
 
 /// Capacity of `XLB_ARP`: LoadBalancer addresses this node announces.
 pub const MAX_ANNOUNCED: u32 = 16_384;
@@ -32,6 +33,42 @@ pub const MAX_ANNOUNCED: u32 = 16_384;
 /// how many such datagrams may be in flight at once on a node; the least recently used
 /// entry makes room (its datagram's later fragments then go to the kernel untranslated).
 pub const MAX_FRAGS: u32 = 16_384;
+
+/// Rejects (TCP RST, ICMP errors) the datapath sends per CPU and second, and how many it
+/// may send at once after a quiet spell: the kernel's own ICMP limit is 1,000 per second
+/// (`net.ipv4.icmp_msgs_per_sec`). A flood of SYNs to a service without endpoints, or with
+/// spoofed sources, cannot turn the node into a reflector; a client refused now and then
+/// never notices.
+pub const REJECTS_PER_SEC: u32 = 1_000;
+pub const REJECT_BURST: u32 = 1_000;
+
+/// A CPU's reject budget (`XLB_REJECT_BUDGET`): a token bucket refilled as time passes.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Debug, Default, PartialEq, Eq)]
+pub struct RejectBudget {
+    pub tokens: u32,
+    /// When it was last refilled (the datapath's millisecond clock).
+    pub refilled_ms: u32,
+}
+
+impl RejectBudget {
+    /// Takes one token at `now_ms` if there is one, refilling first.
+    #[inline(always)]
+    pub fn take(&mut self, now_ms: u32) -> bool {
+        let elapsed = now_ms.wrapping_sub(self.refilled_ms);
+        // Whole tokens only: the clock moves on by what was turned into tokens.
+        let new = (elapsed as u64 * REJECTS_PER_SEC as u64 / 1_000) as u32;
+        if new > 0 {
+            self.tokens = self.tokens.saturating_add(new).min(REJECT_BURST);
+            self.refilled_ms = now_ms;
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}
 
 /// Capacity of `XLB_SERVICE_CIDRS` (a cluster has one or two service ranges; the
 /// ServiceCIDR API lets it add a few).
@@ -853,6 +890,9 @@ counters! {
     /// A later fragment (no ports) of a datagram whose first fragment was translated:
     /// translated the same way, with the first fragment's ports (`XLB_FRAGS`).
     FragTranslated => "frag_translated",
+    /// A reject (RST or ICMP error) not sent, the packet dropped: this CPU's budget
+    /// (`REJECTS_PER_SEC`) was spent.
+    RejectRateLimited => "reject_rate_limited",
 }
 
 /// Hash of a flow used to index a Maglev table. Deterministic and seedless on purpose:
@@ -939,6 +979,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<FragKey>(), 12);
         assert_eq!(size_of::<FragPorts>(), 4);
+        assert_eq!(size_of::<RejectBudget>(), 8);
         assert_eq!(size_of::<CtEntry>(), 16);
         assert_eq!(size_of::<RevNat>(), 16);
         assert_eq!(size_of::<SockRevKey>(), 16);
@@ -957,7 +998,7 @@ mod tests {
             "neigh_resolve"
         );
         assert_eq!(COUNTER_NAMES[Counter::RstNoState as usize], "rst_no_state");
-        assert_eq!(Counter::FragTranslated as u32 + 1, COUNTER_COUNT);
+        assert_eq!(Counter::RejectRateLimited as u32 + 1, COUNTER_COUNT);
         assert_eq!(COUNTER_NAMES[Counter::TtlExceeded as usize], "ttl_exceeded");
     }
 
@@ -1173,5 +1214,22 @@ mod tests {
         assert_eq!(ServiceType::ClusterIP.as_str(), "ClusterIP");
         assert_eq!(ServiceType::NodePort.as_str(), "NodePort");
         assert_eq!(ServiceType::LoadBalancer.as_str(), "LoadBalancer");
+    }
+
+    #[test]
+    fn the_reject_budget_refills_with_time_up_to_the_burst() {
+        let mut b = RejectBudget::default();
+        // Long quiet: a full burst, then nothing until time passes.
+        let t0 = 1_000_000;
+        assert!((0..REJECT_BURST).all(|_| b.take(t0)));
+        assert!(!b.take(t0));
+        // 5 ms at 1,000 per second: 5 more.
+        assert_eq!((0..20).filter(|_| b.take(t0 + 5)).count(), 5);
+        // The clock wraps (32-bit milliseconds): still a refill.
+        let mut w = RejectBudget {
+            tokens: 0,
+            refilled_ms: u32::MAX - 1,
+        };
+        assert!(w.take(2));
     }
 }

@@ -124,3 +124,26 @@ pub static SERVICE_CIDRS: LpmTrie<u32, u8> = LpmTrie::pinned(MAX_SERVICE_CIDRS, 
 /// The ports of translated datagrams' first fragments, for their later fragments (frag.rs).
 #[map(name = "XLB_FRAGS")]
 pub static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(MAX_FRAGS, 0);
+
+/// Each CPU's budget for rejects (see `lb_common::REJECTS_PER_SEC`).
+#[map(name = "XLB_REJECT_BUDGET")]
+pub static REJECT_BUDGET: PerCpuArray<RejectBudget> = PerCpuArray::pinned(1, 0);
+
+/// Whether a reject (RST, ICMP error) may be sent to `src_be`: an address that can be
+/// answered (RFC 1122, `reject::answerable`), within this CPU's budget. Counts why not.
+#[inline(always)]
+pub fn may_answer(src_be: u32) -> bool {
+    if !crate::reject::answerable(src_be) {
+        count(Counter::RejectSuppressed);
+        return false;
+    }
+    let Some(b) = REJECT_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU slot, only this CPU touches it while the program runs.
+    if unsafe { (*b).take(crate::ct::now_ms()) } {
+        return true;
+    }
+    count(Counter::RejectRateLimited);
+    false
+}

@@ -37,7 +37,7 @@ use crate::{
     lb::{self, Choice, Path},
     maps::{
         ANNOUNCE_LEASE, ARP, CLUSTER_IPS, CONFIG, FRONTENDS, Outcome, REVNAT, SERVICES, count,
-        record,
+        may_answer, record,
     },
     parse::{self, ETH_LEN, FRAG_LATER, FRAG_NONE, IP_OFF, L4_OFF, Tuple, ptr_at},
     policy::{in_service_cidr, source_allowed},
@@ -481,7 +481,7 @@ fn forward(ctx: &TcContext, t: &Tuple, out: &Tuple) -> i32 {
     match ptr_at::<Ipv4Hdr>(ctx.data(), ctx.data_end(), IP_OFF) {
         // SAFETY: bounds checked by ptr_at.
         Some(ip) if unsafe { (*ip).ttl } > 1 => {}
-        Some(_) if reject::answerable(t.src) && t.frag != FRAG_LATER => {
+        Some(_) if t.frag != FRAG_LATER && may_answer(t.src) => {
             count(Counter::TtlExceeded);
             return icmp_error(ctx, reject::IcmpError::TtlExceeded);
         }
@@ -648,8 +648,7 @@ fn diff<const N: usize>(from: &[u32; N], to: &[u32; N]) -> u32 {
 #[inline(always)]
 fn reject(ctx: &TcContext, t: &Tuple) -> i32 {
     // A later fragment has no header to answer (and no ICMP error is about one).
-    if !reject::answerable(t.src) || t.frag == FRAG_LATER {
-        count(Counter::RejectSuppressed);
+    if t.frag == FRAG_LATER || !may_answer(t.src) {
         return TC_ACT_SHOT as i32;
     }
     // SAFETY: reading the skb's ifindex, a plain field of the context.
@@ -685,8 +684,11 @@ fn frag_needed(ctx: &TcContext, t: &Tuple, mtu: u16) -> i32 {
         Some(ip) => (unsafe { (*ip).frags[0] } & 0x40) != 0,
         None => false,
     };
-    if !df || !reject::answerable(t.src) {
+    if !df {
         count(Counter::FibFail);
+        return TC_ACT_SHOT as i32;
+    }
+    if !may_answer(t.src) {
         return TC_ACT_SHOT as i32;
     }
     count(Counter::FragNeeded);

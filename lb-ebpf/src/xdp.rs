@@ -16,7 +16,7 @@ use crate::{
     lb::{self, Choice},
     maps::{
         ANNOUNCE_LEASE, ARP, CLUSTER_IPS, CONFIG, FRONTENDS, Outcome, REVNAT, SERVICES, count,
-        record,
+        may_answer, record,
     },
     nat::{Side, rewrite},
     parse::{self, FRAG_NONE, Tuple},
@@ -278,8 +278,7 @@ fn ttl_expired(ctx: &XdpContext) -> Option<u32> {
     if ttl > 1 {
         return None;
     }
-    if !crate::reject::answerable(src) {
-        count(Counter::RejectSuppressed);
+    if !may_answer(src) {
         return Some(XDP_DROP);
     }
     count(Counter::TtlExceeded);
@@ -324,8 +323,7 @@ fn answer_arp(ctx: &XdpContext) -> Option<u32> {
 /// "Connection refused" back to the client: a RST for TCP, ICMP port unreachable for UDP.
 #[inline(always)]
 fn refuse(ctx: &XdpContext, t: &Tuple) -> u32 {
-    if !crate::reject::answerable(t.src) {
-        count(Counter::RejectSuppressed);
+    if !may_answer(t.src) {
         return XDP_DROP;
     }
     if t.proto == PROTO_TCP {

@@ -76,6 +76,7 @@ pub fn capacities(limits: &Limits) -> Result<Vec<Capacity>> {
         c(MAP_ANNOUNCE_LEASE, 1, FIXED),
         c(MAP_SERVICE_CIDRS, MAX_SERVICE_CIDRS, FIXED),
         c(MAP_FRAGS, MAX_FRAGS, FIXED),
+        c(MAP_REJECT_BUDGET, 1, FIXED),
     ])
 }
 
@@ -223,7 +224,7 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), all.len());
-        assert_eq!(all.len(), 18);
+        assert_eq!(all.len(), 20);
         let revnat = all.iter().find(|c| c.map == MAP_REVNAT).unwrap();
         assert_eq!(
             revnat.max_entries,

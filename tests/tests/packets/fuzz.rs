@@ -257,7 +257,7 @@ fn check(prog: &Prog, input: &[u8], rc: u32, out: &[u8]) -> Result<(), String> {
     }
 }
 
-fn counter(dp: &mut Datapath, c: Counter) -> u64 {
+pub(crate) fn counter(dp: &mut Datapath, c: Counter) -> u64 {
     let map = dp.ebpf.map(MAP_COUNTERS).expect("counters map");
     let a: PerCpuArray<_, u64> = PerCpuArray::try_from(map).expect("per-CPU array");
     a.get(&(c as u32), 0).expect("counter").iter().sum()

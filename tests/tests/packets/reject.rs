@@ -73,3 +73,51 @@ packet_test!(
         action: XDP_DROP,
     }
 );
+
+/// Rejects are rate-limited per CPU (`REJECTS_PER_SEC`, burst `REJECT_BURST`): a flood of
+/// SYNs to a service without endpoints gets RSTs up to the budget, then drops — XDP and
+/// tc alike (they share the budget). The run takes far less than the seconds it would take
+/// to refill the burst, so the budget must run out.
+#[test]
+fn rejects_are_rate_limited() {
+    let Some(_guard) = privileged() else {
+        return;
+    };
+    let flood = 3 * REJECT_BURST as usize;
+    run_table(
+        vec![Step::Run(Box::new(move |dp, ifindex| {
+            let started = Instant::now();
+            let (mut sent, mut dropped) = (0usize, 0usize);
+            for i in 0..flood {
+                let (prog, answered, refused) = if i % 2 == 0 {
+                    (Prog::Xdp, XDP_TX, XDP_DROP)
+                } else {
+                    (Prog::TcUplink, TC_ACT_REDIRECT, TC_ACT_SHOT)
+                };
+                let input = syn(10_000 + i as u16, NODE, 30090).bytes();
+                let (rc, _) = test_run(dp, &prog, &input, ifindex).expect("test_run");
+                if rc == answered {
+                    sent += 1;
+                } else {
+                    assert_eq!(rc, refused, "packet {i}: neither answered nor dropped");
+                    dropped += 1;
+                }
+            }
+            let ms = started.elapsed().as_millis() as usize;
+            // BPF_PROG_TEST_RUN runs on the calling CPU, but the thread may move between
+            // CPUs: at most one burst per CPU, plus what the elapsed time refilled.
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let most = cpus * REJECT_BURST as usize + ms * REJECTS_PER_SEC as usize / 1000 * cpus;
+            assert!(sent >= REJECT_BURST as usize, "only {sent} rejects sent");
+            assert!(
+                sent <= most && dropped > 0,
+                "{sent} rejects sent, {dropped} dropped in {ms} ms (at most {most})"
+            );
+            assert_eq!(
+                super::fuzz::counter(dp, Counter::RejectRateLimited),
+                dropped as u64
+            );
+        }))],
+        SNAT_PORT,
+    );
+}
