@@ -66,6 +66,12 @@ pub fn quoted(b: &[u8; ICMP_ERR_LEN]) -> Option<(u32, Quoted)> {
     ))
 }
 
+/// The outer source address (network order, as stored).
+#[inline(always)]
+pub fn outer_src(b: &[u8; ICMP_ERR_LEN]) -> u32 {
+    u32_at(b, IP + 12)
+}
+
 /// Rewrites the quoted packet from `q` to `to` (addresses and ports) and the outer addresses
 /// to `outer_src -> outer_dst`, keeping every checksum right: the quoted IPv4 header's, the
 /// quoted UDP checksum (the first 8 bytes of a UDP header hold it; TCP's lies beyond them),

@@ -36,8 +36,8 @@ use crate::{
     frag, icmp,
     lb::{self, Choice, Path},
     maps::{
-        ANNOUNCE_LEASE, ARP, CLUSTER_IPS, CONFIG, FRONTENDS, Outcome, REVNAT, SERVICES, count,
-        may_answer, record,
+        ANNOUNCE_LEASE, ARP, BACKENDS, CLUSTER_IPS, CONFIG, FRONTENDS, Outcome, REVNAT, SERVICES,
+        count, may_answer, record,
     },
     parse::{self, ETH_LEN, FRAG_LATER, FRAG_NONE, IP_OFF, L4_OFF, Tuple, ptr_at},
     policy::{in_service_cidr, source_allowed},
@@ -199,7 +199,8 @@ pub fn run_uplink(ctx: &TcContext) -> i32 {
                 return answer_arp(ctx);
             }
             if reason == Counter::PassNotTcpUdp
-                && let Some(action) = icmp_error_for_client(ctx)
+                && let Some(action) =
+                    icmp_error_for_client(ctx).or_else(|| icmp_error_for_backend(ctx))
             {
                 return action;
             }
@@ -287,6 +288,53 @@ fn icmp_error_for_client(ctx: &TcContext) -> Option<i32> {
     icmp::rewrite(b, &q, &to, rev.src_addr_be, rev.dst_addr_be);
     count(Counter::IcmpErrorTranslated);
     Some(send_icmp(ctx, rev.src_addr_be, rev.dst_addr_be))
+}
+
+/// An ICMP error about a reply we sent to a client (from a frontend: NodePort, external
+/// or LoadBalancer IP), from the client or a router on the way to it — "fragmentation
+/// needed" from a smaller link there (the common path MTU case: large downloads), or
+/// unreachables once the client is gone. It is addressed to the frontend and quotes the
+/// reply as we sent it (frontend -> client); the backend gets it as if about its own packet
+/// (RFC 5508): outer destination the backend (source the SNAT address when the flow is
+/// source-NATed), the quote backend -> its peer (the SNAT address and port, or the client).
+/// `None`: not such an error.
+#[inline(always)]
+fn icmp_error_for_backend(ctx: &TcContext) -> Option<i32> {
+    let cfg = CONFIG.get(0)?;
+    let b = ptr_at::<[u8; icmp::ICMP_ERR_LEN]>(ctx.data(), ctx.data_end(), 0)?;
+    // SAFETY: bounds checked by ptr_at; the data is writable (icmp_error_for_client pulled
+    // this much before returning None).
+    let b = unsafe { &mut *b };
+    let (outer_dst, q) = icmp::quoted(b)?;
+    // SAFETY: plain-data map value.
+    if outer_dst != q.src
+        || unsafe { FRONTENDS.get(&FrontendKey::new(q.src, q.sport, q.proto)) }.is_none()
+    {
+        return None;
+    }
+    // The flow, client -> frontend.
+    let ct_key = FlowKey::new(q.dst, q.src, q.dport, q.sport, q.proto);
+    let live = ct::lookup(&ct_key, cfg, ct::now_ms())?;
+    // SAFETY: map value pointer, valid while the program runs (RCU).
+    let e = unsafe { *live.entry };
+    // SAFETY: plain-data map value.
+    let be = *unsafe { BACKENDS.get(e.backend_id) }?;
+    let outer_src = icmp::outer_src(b);
+    let (peer, outer_src) = if e.flags & CT_SNAT != 0 {
+        ((cfg.snat_addr_be, e.snat_port_be), cfg.snat_addr_be)
+    } else {
+        ((q.dst, q.dport), outer_src)
+    };
+    let to = icmp::Quoted {
+        src: be.addr_be,
+        sport: be.port_be,
+        dst: peer.0,
+        dport: peer.1,
+        ..q
+    };
+    icmp::rewrite(b, &q, &to, outer_src, be.addr_be);
+    count(Counter::IcmpErrorTranslated);
+    Some(send_icmp(ctx, outer_src, be.addr_be))
 }
 
 /// Sends an ICMP packet already addressed `src -> dst` on: FIB, TTL, MACs, redirect.

@@ -376,3 +376,92 @@ fn an_icmp_error_about_a_snat_flow_reaches_its_client() {
         SNAT_PORT,
     );
 }
+
+/// Path MTU towards the client (large downloads through a smaller link near it): the
+/// client, or a router before it, answers our reply with "fragmentation needed", addressed
+/// to the frontend and quoting the reply as we sent it. The backend gets it about its own
+/// packet: through the SNAT address for a remote backend, with the sender's address kept
+/// for a local one.
+#[test]
+fn an_icmp_error_about_a_reply_reaches_its_backend() {
+    let Some(_guard) = privileged() else {
+        return;
+    };
+    let remote = syn(40290, NODE, 30081);
+    let remote_reply = from_remote(true).with(|p| p.ttl = 62);
+    let local = syn(40291, NODE, 30080);
+    let local_reply = syn(8080, CLIENT, 40291).with(|p| {
+        p.src = POD_LOCAL;
+        p.ttl = 62;
+    });
+    run_table(
+        vec![
+            tc(
+                "tc uplink: NodePort SYN -> remote pod via SNAT",
+                remote.bytes(),
+                Some(to_remote(remote).bytes()),
+                TC_ACT_REDIRECT,
+            ),
+            tc(
+                "tc uplink: frag needed from the client about the reply -> the remote pod",
+                frag_needed_about(
+                    MAC_CLIENT,
+                    MAC_NODE,
+                    CLIENT,
+                    NODE,
+                    64,
+                    &to_client(from_remote(true), 40290).with(|p| p.ttl = 62),
+                ),
+                Some(frag_needed_about(
+                    MAC_NODE,
+                    MAC_NODE_B,
+                    NODE,
+                    POD_REMOTE,
+                    63,
+                    &remote_reply,
+                )),
+                TC_ACT_REDIRECT,
+            ),
+            tc(
+                "tc uplink: NodePort SYN -> local pod",
+                local.bytes(),
+                Some(to_local_routed(local).bytes()),
+                TC_ACT_REDIRECT,
+            ),
+            tc(
+                "tc uplink: frag needed from the client about the local pod's reply -> the pod",
+                frag_needed_about(
+                    MAC_CLIENT,
+                    MAC_NODE,
+                    CLIENT,
+                    NODE,
+                    64,
+                    &local_reply.set_src(NODE, 30080),
+                ),
+                Some(frag_needed_about(
+                    MAC_POD_IF,
+                    MAC_POD_LOCAL,
+                    CLIENT,
+                    POD_LOCAL,
+                    63,
+                    &local_reply,
+                )),
+                TC_ACT_REDIRECT,
+            ),
+            tc(
+                "tc uplink: an error about a reply of no flow -> left to the kernel",
+                frag_needed_about(
+                    MAC_CLIENT,
+                    MAC_NODE,
+                    CLIENT,
+                    NODE,
+                    64,
+                    &local_reply.set_src(NODE, 30080).set_dst(CLIENT, 40299),
+                ),
+                None,
+                TC_ACT_OK,
+            ),
+        ],
+        SNAT_PORT,
+    );
+}
