@@ -810,6 +810,7 @@ counters! {
     /// A later fragment left to the kernel untranslated: tc did not translate its datagram's
     /// first fragment (not ours, or it has not come yet). XDP hands every fragment to tc.
     PassFragment => "pass_fragment",
+    /// IPv4 with options seen by XDP, handed to tc (which removes them if it translates).
     PassIpOptions => "pass_ip_options",
     PassNotTcpUdp => "pass_not_tcp_udp",
     PassNoMatch => "pass_no_match",
@@ -893,6 +894,8 @@ counters! {
     /// A reject (RST or ICMP error) not sent, the packet dropped: this CPU's budget
     /// (`REJECTS_PER_SEC`) was spent.
     RejectRateLimited => "reject_rate_limited",
+    /// A packet with IPv4 options to translate or answer: tc removed the options first.
+    IpOptionsRemoved => "ip_options_removed",
 }
 
 /// Hash of a flow used to index a Maglev table. Deterministic and seedless on purpose:
@@ -998,7 +1001,7 @@ mod tests {
             "neigh_resolve"
         );
         assert_eq!(COUNTER_NAMES[Counter::RstNoState as usize], "rst_no_state");
-        assert_eq!(Counter::RejectRateLimited as u32 + 1, COUNTER_COUNT);
+        assert_eq!(Counter::IpOptionsRemoved as u32 + 1, COUNTER_COUNT);
         assert_eq!(COUNTER_NAMES[Counter::TtlExceeded as usize], "ttl_exceeded");
     }
 

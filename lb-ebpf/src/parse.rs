@@ -8,7 +8,8 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 pub const ETH_LEN: usize = size_of::<EthHdr>();
 pub const IP_OFF: usize = ETH_LEN;
 pub const IP_LEN: usize = size_of::<Ipv4Hdr>();
-/// Packets with IP options are passed on, so L4 always starts here.
+/// Where L4 starts without IPv4 options (the translating code sees no others: XDP hands
+/// packets with options to tc, which removes the options first).
 pub const L4_OFF: usize = IP_OFF + IP_LEN;
 pub const ETH_P_IP: u16 = 0x0800;
 /// The TCP flags byte: the one after the data offset.
@@ -37,6 +38,9 @@ pub struct Tuple {
     /// The IPv4 identification field as in the header (network order): what ties the
     /// fragments of a datagram together.
     pub ip_id_be: u16,
+    /// Bytes of IPv4 options after the fixed header (0-40): L4 starts that much after
+    /// `L4_OFF`. The programs translate only packets without (tc removes them first).
+    pub ip_opts: u8,
 }
 
 /// Not a fragment.
@@ -97,11 +101,11 @@ pub fn parse(data: usize, data_end: usize, whole_frame: bool) -> Result<Tuple, N
     if ihl < 5 {
         return Err(Counter::Truncated);
     }
-    if ihl != 5 {
-        return Err(Counter::PassIpOptions);
-    }
+    // Options (up to 40 bytes) sit between the fixed header and L4.
+    let opts = (ihl as usize - 5) * 4;
+    let l4_off = L4_OFF + opts;
     let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
-    if tot_len < IP_LEN || (whole_frame && data + IP_OFF + tot_len > data_end) {
+    if tot_len < IP_LEN + opts || (whole_frame && data + IP_OFF + tot_len > data_end) {
         return Err(Counter::Truncated);
     }
     // Ports are only in a datagram's first fragment (offset 0, more fragments set).
@@ -120,13 +124,13 @@ pub fn parse(data: usize, data_end: usize, whole_frame: bool) -> Result<Tuple, N
         PROTO_UDP => size_of::<UdpHdr>(),
         _ => 0,
     };
-    if frag != FRAG_LATER && tot_len < IP_LEN + l4_len {
+    if frag != FRAG_LATER && tot_len < IP_LEN + opts + l4_len {
         return Err(Counter::Truncated);
     }
     let (sport, dport, tcp_flags) = match ip.proto {
         PROTO_TCP | PROTO_UDP if frag == FRAG_LATER => (0, 0, 0),
         PROTO_TCP => {
-            let tcp: *const TcpHdr = ptr_at(data, data_end, L4_OFF).ok_or(Counter::Truncated)?;
+            let tcp: *const TcpHdr = ptr_at(data, data_end, l4_off).ok_or(Counter::Truncated)?;
             let tcp = unsafe { &*tcp };
             let flags = unsafe { *(tcp as *const TcpHdr as *const u8).add(TCP_FLAGS_OFF) };
             (
@@ -136,7 +140,7 @@ pub fn parse(data: usize, data_end: usize, whole_frame: bool) -> Result<Tuple, N
             )
         }
         PROTO_UDP => {
-            let udp: *const UdpHdr = ptr_at(data, data_end, L4_OFF).ok_or(Counter::Truncated)?;
+            let udp: *const UdpHdr = ptr_at(data, data_end, l4_off).ok_or(Counter::Truncated)?;
             let udp = unsafe { &*udp };
             (u16::from_ne_bytes(udp.src), u16::from_ne_bytes(udp.dst), 0)
         }
@@ -151,6 +155,7 @@ pub fn parse(data: usize, data_end: usize, whole_frame: bool) -> Result<Tuple, N
         tcp_flags,
         frag,
         ip_id_be: u16::from_ne_bytes(ip.id),
+        ip_opts: opts as u8,
     })
 }
 
@@ -229,9 +234,20 @@ pub(crate) mod tests {
         arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
         assert_eq!(run(&arp).err(), Some(Counter::PassNotIpv4));
 
+        // Options: L4 after them; a header longer than the packet is truncated.
         let mut opts = tcp(true, &[]);
+        opts.splice(L4_OFF..L4_OFF, [1, 1, 1, 1]); // four NOP options
         opts[IP_OFF] = 0x46;
-        assert_eq!(run(&opts).err(), Some(Counter::PassIpOptions));
+        let len = (opts.len() - IP_OFF) as u16;
+        opts[IP_OFF + 2..IP_OFF + 4].copy_from_slice(&len.to_be_bytes());
+        let t = run(&opts).unwrap();
+        assert_eq!(
+            (u16::from_be(t.sport), u16::from_be(t.dport), t.ip_opts),
+            (40000, 80, 4)
+        );
+        let mut long_ihl = tcp(true, &[]);
+        long_ihl[IP_OFF] = 0x4f;
+        assert_eq!(run(&long_ihl).err(), Some(Counter::Truncated));
 
         let mut icmp = udp(b"x");
         icmp[IP_OFF + 9] = u8::from(IpNumber::ICMP);

@@ -39,7 +39,7 @@ use crate::{
         ANNOUNCE_LEASE, ARP, BACKENDS, CLUSTER_IPS, CONFIG, FRONTENDS, Outcome, REVNAT, SERVICES,
         count, may_answer, record,
     },
-    parse::{self, ETH_LEN, FRAG_LATER, FRAG_NONE, IP_OFF, L4_OFF, Tuple, ptr_at},
+    parse::{self, ETH_LEN, FRAG_LATER, FRAG_NONE, IP_LEN, IP_OFF, L4_OFF, Tuple, ptr_at},
     policy::{in_service_cidr, source_allowed},
     reject,
 };
@@ -54,12 +54,58 @@ const _: () = assert!(
         && offset_of!(TcpHdr, dest) == offset_of!(UdpHdr, dst)
 );
 
+/// The longest IPv4 options (a 60-byte header).
+const MAX_IP_OPTS: usize = 40;
+
+/// IPv4 options removed from a packet about to be translated or answered, so that its L4
+/// header is where the rest of this file writes it (`L4_OFF`). A NAT may drop options
+/// (most routers ignore or drop them, RFC 7126); kube-proxy's NAT keeps them, but passing
+/// such packets on untranslated, as before, broke their connections outright. `false`: the
+/// packet could not be changed (dropped by the caller).
+#[inline(always)]
+fn strip_ip_options(ctx: &TcContext, opts: u8) -> bool {
+    if opts == 0 {
+        return true;
+    }
+    // BPF_ADJ_ROOM_NET removes bytes right after the fixed IPv4 header: the options.
+    if unsafe {
+        bpf_skb_adjust_room(
+            ctx.skb.skb,
+            -(opts as i32),
+            bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
+            0,
+        )
+    } != 0
+    {
+        return false;
+    }
+    pull_headers(ctx);
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx.data(), ctx.data_end(), IP_OFF) else {
+        return false;
+    };
+    // SAFETY: bounds checked by ptr_at; the linear data is writable (pulled).
+    let ip = unsafe { &mut *ip };
+    ip.vihl = 0x45;
+    ip.tot_len = (u16::from_be_bytes(ip.tot_len).wrapping_sub(opts as u16)).to_be_bytes();
+    // The old checksum covered the options too: computed afresh over the 20 bytes.
+    ip.check = [0, 0];
+    let words = ip as *const Ipv4Hdr as *const [u8; 2];
+    let mut sum = 0u32;
+    for i in 0..IP_LEN / 2 {
+        // SAFETY: within the header checked above.
+        sum += u16::from_ne_bytes(unsafe { *words.add(i) }) as u32;
+    }
+    ip.check = (!csum::fold(sum)).to_ne_bytes();
+    count(Counter::IpOptionsRemoved);
+    true
+}
+
 /// Headers may sit in paged data: pull what the parser reads into the linear area — up to
 /// the end of a TCP header, the longest one read — or the whole packet if it is shorter (a
 /// pull past the end would fail and pull nothing).
 #[inline(always)]
 fn pull_headers(ctx: &TcContext) {
-    let want = (L4_OFF + size_of::<TcpHdr>()) as u32;
+    let want = (L4_OFF + MAX_IP_OPTS + size_of::<TcpHdr>()) as u32;
     let len = ctx.len();
     let _ = ctx.pull_data(if len < want { len } else { want });
 }
@@ -349,6 +395,7 @@ fn send_icmp(ctx: &TcContext, src: u32, dst: u32) -> i32 {
         tcp_flags: 0,
         frag: FRAG_NONE,
         ip_id_be: 0,
+        ip_opts: 0,
     };
     let (rc, p) = fib_lookup(ctx, &out, 0);
     let resolved = match rc as u32 {
@@ -497,6 +544,9 @@ fn to_backend(ctx: &TcContext, t: &Tuple, svc_id: u32, path: Path, cfg: &Config)
 /// per field were most of this program's own cost (`xlb-bench --only pps`).
 #[inline(always)]
 fn forward(ctx: &TcContext, t: &Tuple, out: &Tuple) -> i32 {
+    if !strip_ip_options(ctx, t.ip_opts) {
+        return TC_ACT_SHOT as i32;
+    }
     // The length the next hop's MTU is checked against; 0 for a GSO packet, whose segments
     // the kernel cuts to size later (the FIB then checks it as the kernel would).
     // SAFETY: reading a plain field of the context.
@@ -696,7 +746,7 @@ fn diff<const N: usize>(from: &[u32; N], to: &[u32; N]) -> u32 {
 #[inline(always)]
 fn reject(ctx: &TcContext, t: &Tuple) -> i32 {
     // A later fragment has no header to answer (and no ICMP error is about one).
-    if t.frag == FRAG_LATER || !may_answer(t.src) {
+    if t.frag == FRAG_LATER || !may_answer(t.src) || !strip_ip_options(ctx, t.ip_opts) {
         return TC_ACT_SHOT as i32;
     }
     // SAFETY: reading the skb's ifindex, a plain field of the context.

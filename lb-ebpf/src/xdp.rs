@@ -39,9 +39,14 @@ pub fn run(ctx: &XdpContext) -> u32 {
             return XDP_PASS;
         }
     };
-    if t.frag != FRAG_NONE {
-        // Fragments are translated by the uplink's tc hook (frag.rs).
-        count(Counter::PassToTc);
+    if t.frag != FRAG_NONE || t.ip_opts != 0 {
+        // Fragments and packets with IPv4 options are translated by the uplink's tc hook
+        // (frag.rs; tc removes the options first).
+        count(if t.ip_opts != 0 {
+            Counter::PassIpOptions
+        } else {
+            Counter::PassToTc
+        });
         return XDP_PASS;
     }
     let Some(cfg) = CONFIG.get(0) else {
@@ -239,6 +244,7 @@ fn forward(ctx: &XdpContext, proto: u8, from: (u32, u16), to: (u32, u16), what: 
         tcp_flags: 0,
         frag: FRAG_NONE,
         ip_id_be: 0,
+        ip_opts: 0,
     };
     // The next hop first, the rewrite after: a packet XDP cannot send goes to the uplink's
     // tc untranslated, and tc takes the same decision (the flow's conntrack entry is there

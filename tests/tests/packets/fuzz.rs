@@ -165,17 +165,22 @@ fn is_ipv4(f: &[u8]) -> bool {
     f.len() >= 34 && f[12..14] == [0x08, 0x00] && f[14] >> 4 == 4
 }
 
-/// The L4 checksum of an IPv4 frame with a 20-byte header: Some(valid) for TCP, UDP (with a
+/// Where L4 starts in an IPv4 frame (after the header and its options).
+fn l4_off(f: &[u8]) -> usize {
+    14 + ((f[14] & 0x0f) as usize) * 4
+}
+
+/// The L4 checksum of an unfragmented IPv4 frame: Some(valid) for TCP, UDP (with a
 /// checksum) and ICMP whose whole segment is in the frame; None otherwise.
 fn l4_valid(f: &[u8]) -> Option<bool> {
-    if !is_ipv4(f) || f[14] & 0x0f != 5 || f[20] & 0x3f != 0 || f[21] != 0 {
+    if !is_ipv4(f) || f[14] & 0x0f < 5 || f[20] & 0x3f != 0 || f[21] != 0 {
         return None;
     }
     let tot = u16::from_be_bytes([f[16], f[17]]) as usize;
-    if tot < 20 || f.len() < 14 + tot {
+    if tot < l4_off(f) - 14 || f.len() < 14 + tot {
         return None;
     }
-    let l4 = &f[34..14 + tot];
+    let l4 = &f[l4_off(f)..14 + tot];
     let src = u32::from_ne_bytes(f[26..30].try_into().unwrap());
     let dst = u32::from_ne_bytes(f[30..34].try_into().unwrap());
     let pseudo = |p| csum::pseudo_header(src, dst, p, l4.len() as u16);
@@ -237,7 +242,10 @@ fn check(prog: &Prog, input: &[u8], rc: u32, out: &[u8]) -> Result<(), String> {
         return Err("changed into something that is not IPv4".into());
     }
     // Built by the program (a reject): always valid. Translated: as valid as the input.
-    let rst = |f: &[u8]| f.len() > 47 && f[23] == PROTO_TCP && f[47] & 0x04 != 0;
+    let rst = |f: &[u8]| {
+        let flags = l4_off(f) + 13;
+        f.len() > flags && f[23] == PROTO_TCP && f[flags] & 0x04 != 0
+    };
     let built = !is_ipv4(input) || out[23] != input[23] || (rst(out) && !rst(input));
     let header_ok = |f: &[u8]| {
         let ihl = ((f[14] & 0x0f) as usize) * 4;

@@ -465,3 +465,60 @@ fn an_icmp_error_about_a_reply_reaches_its_backend() {
         SNAT_PORT,
     );
 }
+
+/// `frame` with four NOP IPv4 options inserted (length and header checksum fixed).
+fn with_ip_options(mut frame: Vec<u8>) -> Vec<u8> {
+    frame.splice(34..34, [1, 1, 1, 1]);
+    frame[14] = 0x46;
+    let len = (frame.len() - 14) as u16;
+    frame[16..18].copy_from_slice(&len.to_be_bytes());
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let c = csum::checksum(&frame[14..38], 0);
+    frame[24..26].copy_from_slice(&c.to_ne_bytes());
+    frame
+}
+
+/// Packets with IPv4 options: XDP hands them to tc, which removes the options and then
+/// translates (or answers) them like any other.
+#[test]
+fn ip_options_are_removed_and_the_packet_translated() {
+    let Some(_guard) = privileged() else {
+        return;
+    };
+    run_table(
+        vec![
+            Step::Case {
+                desc: "XDP: NodePort SYN with IPv4 options -> handed to tc untouched",
+                prog: Prog::Xdp,
+                input: with_ip_options(syn(40295, NODE, 30080).bytes()),
+                output: None,
+                action: XDP_PASS,
+            },
+            tc(
+                "tc uplink: NodePort SYN with IPv4 options -> local pod, options removed",
+                with_ip_options(syn(40295, NODE, 30080).bytes()),
+                Some(to_local_routed(syn(40295, NODE, 30080)).bytes()),
+                TC_ACT_REDIRECT,
+            ),
+            tc(
+                "tc uplink: the flow's next packet with options -> the same pod",
+                with_ip_options(ack(40295, NODE, 30080).bytes()),
+                Some(to_local_routed(ack(40295, NODE, 30080)).bytes()),
+                TC_ACT_REDIRECT,
+            ),
+            tc(
+                "tc uplink: SYN with options to a service without endpoints -> RST",
+                with_ip_options(syn(40296, NODE, 30090).bytes()),
+                Some(rst_for(&syn(40296, NODE, 30090))),
+                TC_ACT_REDIRECT,
+            ),
+            tc(
+                "tc uplink: options to the node's own port -> left to the kernel as they are",
+                with_ip_options(syn(40297, NODE, 22).bytes()),
+                None,
+                TC_ACT_OK,
+            ),
+        ],
+        SNAT_PORT,
+    );
+}
