@@ -294,3 +294,119 @@ fn path_mtu_behind_another_node() {
     };
     path_mtu(true);
 }
+
+/// Sends, from the namespace's own address, ICMP "fragmentation needed" (next-hop MTU
+/// `mtu`) to `frontend`, quoting a UDP datagram `frontend:fport -> client:cport` — what a
+/// router before the client sends about a reply too large for its next link.
+const FRAG_NEEDED_PY: &str = r#"
+import socket, struct, sys
+frontend, fport, client, cport, mtu = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+def csum(b):
+    if len(b) % 2:
+        b += b"\0"
+    t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    t = (t >> 16) + (t & 0xffff)
+    t += t >> 16
+    return ~t & 0xffff
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 1400, 7, 0x4000, 62, 17, 0,
+                 socket.inet_aton(frontend), socket.inet_aton(client))
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+quote = ip + struct.pack("!HHHH", fport, cport, 1380, 0)
+icmp = struct.pack("!BBHHH", 3, 4, 0, 0, mtu) + quote
+icmp = icmp[:2] + struct.pack("!H", csum(icmp)) + icmp[4:]
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+s.sendto(icmp, (frontend, 0))
+"#;
+
+/// Path MTU towards the client: a router before the client (played by the client itself)
+/// answers a reply with "fragmentation needed", addressed to the NodePort's address and
+/// quoting the reply as the client received it. The endpoint's kernel must learn the MTU
+/// for its peer — the entry node's SNAT address when the endpoint is on another node, the
+/// client when it is on the entry node — or it keeps sending what cannot pass.
+#[test]
+fn path_mtu_towards_the_client() {
+    let Some(_guard) = privileged() else {
+        return;
+    };
+    let spec = TopologySpec::seed();
+    let mut c = Cluster::up(&spec, |net| {
+        seed_manifests(
+            net,
+            &ManifestOpts {
+                endpoints: Some(vec![net.pods()[0].name.clone()]),
+                udp: true,
+                ..Default::default()
+            },
+        )
+    })
+    .expect("cluster up");
+    c.wait_for("dns programmed", Duration::from_secs(20), |s| {
+        s.services
+            .iter()
+            .any(|x| x.name.starts_with("dev/dns") && x.endpoints.len() == 1)
+    })
+    .unwrap();
+    let pod = c.net.pods()[0].clone();
+    let client = c.net.client_netns().to_owned();
+    let client_addr = c.net.client_addr();
+    let remote = c
+        .net
+        .nodes()
+        .iter()
+        .find(|n| n.name != pod.node)
+        .expect("a node without the endpoint")
+        .clone();
+    let local = c.net.node(&pod.node).clone();
+    for (i, (entry, peer, mtu)) in [
+        (&remote, remote.addr, 1100u16),
+        (&local, client_addr, 1200u16),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let cport = 41_000 + i as u16;
+        let at = SocketAddrV4::new(entry.addr, DNS_NODE_PORT);
+        in_netns(&client, || {
+            let s = std::net::UdpSocket::bind(SocketAddrV4::new(client_addr, cport)).unwrap();
+            s.connect(at).unwrap();
+            s.set_read_timeout(Some(T)).unwrap();
+            s.send(b"q").unwrap();
+            let mut buf = [0u8; 2048];
+            s.recv(&mut buf).expect("the flow's reply");
+        });
+        let route = |what: &str| {
+            exec_ok(&pod.netns, &["ip", "route", "get", &peer.to_string()])
+                .unwrap_or_else(|e| panic!("{what}: ip route get: {e:#}"))
+        };
+        let before = route("before");
+        assert!(!before.contains(&format!("mtu {mtu}")), "{before}");
+        exec_ok(
+            &client,
+            &[
+                "python3",
+                "-c",
+                FRAG_NEEDED_PY,
+                &entry.addr.to_string(),
+                &DNS_NODE_PORT.to_string(),
+                &client_addr.to_string(),
+                &cport.to_string(),
+                &mtu.to_string(),
+            ],
+        )
+        .expect("send frag needed");
+        let deadline = std::time::Instant::now() + T;
+        loop {
+            let now = route("after");
+            if now.contains(&format!("mtu {mtu}")) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "endpoint behind {} never learned MTU {mtu} towards {peer}: {now}\n{}",
+                entry.name,
+                counters(&c)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
