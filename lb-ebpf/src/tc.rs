@@ -589,7 +589,7 @@ fn forward(ctx: &TcContext, t: &Tuple, out: &Tuple) -> i32 {
         // No L4 header (its checksum, in the first fragment, covers the whole datagram
         // and was updated there): addresses only.
         count(Counter::FragTranslated);
-        return forward_ip_only(ctx, t, out, &p, resolved);
+        return send_rewritten(ctx, t, out, &p, resolved);
     }
     frag::remember(t);
     let l4_check = if t.proto == PROTO_TCP {
@@ -625,30 +625,20 @@ fn forward(ctx: &TcContext, t: &Tuple, out: &Tuple) -> i32 {
         }
     }
     // The helpers above may move the packet: fresh pointers from here on.
-    let (data, end) = (ctx.data(), ctx.data_end());
-    let (Some(ip), Some(ports), Some(eth)) = (
-        ptr_at::<Ipv4Hdr>(data, end, IP_OFF),
-        ptr_at::<[u8; 4]>(data, end, L4_SPORT),
-        ptr_at::<EthHdr>(data, end, 0),
-    ) else {
+    let Some(ports) = ptr_at::<[u8; 4]>(ctx.data(), ctx.data_end(), L4_SPORT) else {
         return TC_ACT_SHOT as i32;
     };
     // SAFETY: bounds checked by ptr_at; the linear data is writable (pulled, and tc's
     // prologue uncloned the head).
-    unsafe {
-        rewrite_ip(&mut *ip, t, out);
-        *ports = ports_out.to_ne_bytes();
-        if resolved {
-            (*eth).dst_addr = p.dmac;
-            (*eth).src_addr = p.smac;
-        }
-    }
-    redirect(&p, resolved)
+    unsafe { *ports = ports_out.to_ne_bytes() };
+    send_rewritten(ctx, t, out, &p, resolved)
 }
 
-/// `forward` for a packet without an L4 header of its own (a later fragment).
+/// The last step of `forward`, and all of it for a packet without an L4 header of its own
+/// (a later fragment): the IPv4 header to `out`'s addresses, MACs when the neighbour was
+/// resolved, out to the next hop.
 #[inline(always)]
-fn forward_ip_only(ctx: &TcContext, t: &Tuple, out: &Tuple, p: &FibParams, resolved: bool) -> i32 {
+fn send_rewritten(ctx: &TcContext, t: &Tuple, out: &Tuple, p: &FibParams, resolved: bool) -> i32 {
     let (data, end) = (ctx.data(), ctx.data_end());
     let (Some(ip), Some(eth)) = (
         ptr_at::<Ipv4Hdr>(data, end, IP_OFF),

@@ -30,6 +30,7 @@ mod ipnet;
 mod netns;
 mod network;
 mod privileged;
+mod scenarios;
 mod server;
 mod topology;
 
@@ -57,5 +58,6 @@ pub use network::{BRIDGE_NAME, CLIENT_KIND_IFACE, Network, Node, Pod, UPLINK};
 pub use privileged::{
     PrivilegedGuard, REQUIRE_PRIVILEGED_ENV, privileged, privileged_unavailable_reason,
 };
+pub use scenarios::{OneUdpEndpoint, PY_CSUM};
 pub use server::{POD_ECHO_PORT, POD_HTTP_PORT, POD_SERVER_PY, POD_UDP_PORT};
 pub use topology::{NodeSpec, TopologySpec};

@@ -298,16 +298,10 @@ fn path_mtu_behind_another_node() {
 /// Sends, from the namespace's own address, ICMP "fragmentation needed" (next-hop MTU
 /// `mtu`) to `frontend`, quoting a UDP datagram `frontend:fport -> client:cport` — what a
 /// router before the client sends about a reply too large for its next link.
+/// (Run after `PY_CSUM`.)
 const FRAG_NEEDED_PY: &str = r#"
 import socket, struct, sys
 frontend, fport, client, cport, mtu = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-def csum(b):
-    if len(b) % 2:
-        b += b"\0"
-    t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
-    t = (t >> 16) + (t & 0xffff)
-    t += t >> 16
-    return ~t & 0xffff
 ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 1400, 7, 0x4000, 62, 17, 0,
                  socket.inet_aton(frontend), socket.inet_aton(client))
 ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
@@ -328,35 +322,14 @@ fn path_mtu_towards_the_client() {
     let Some(_guard) = privileged() else {
         return;
     };
-    let spec = TopologySpec::seed();
-    let mut c = Cluster::up(&spec, |net| {
-        seed_manifests(
-            net,
-            &ManifestOpts {
-                endpoints: Some(vec![net.pods()[0].name.clone()]),
-                udp: true,
-                ..Default::default()
-            },
-        )
-    })
-    .expect("cluster up");
-    c.wait_for("dns programmed", Duration::from_secs(20), |s| {
-        s.services
-            .iter()
-            .any(|x| x.name.starts_with("dev/dns") && x.endpoints.len() == 1)
-    })
-    .unwrap();
-    let pod = c.net.pods()[0].clone();
+    let OneUdpEndpoint {
+        c,
+        pod,
+        remote,
+        local,
+    } = OneUdpEndpoint::up(&[]).expect("cluster up");
     let client = c.net.client_netns().to_owned();
     let client_addr = c.net.client_addr();
-    let remote = c
-        .net
-        .nodes()
-        .iter()
-        .find(|n| n.name != pod.node)
-        .expect("a node without the endpoint")
-        .clone();
-    let local = c.net.node(&pod.node).clone();
     for (i, (entry, peer, mtu)) in [
         (&remote, remote.addr, 1100u16),
         (&local, client_addr, 1200u16),
@@ -385,7 +358,7 @@ fn path_mtu_towards_the_client() {
             &[
                 "python3",
                 "-c",
-                FRAG_NEEDED_PY,
+                &format!("{PY_CSUM}{FRAG_NEEDED_PY}"),
                 &entry.addr.to_string(),
                 &DNS_NODE_PORT.to_string(),
                 &client_addr.to_string(),

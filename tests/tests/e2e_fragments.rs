@@ -17,41 +17,14 @@ const T: Duration = Duration::from_secs(5);
 const BIG: usize = 3_000;
 
 fn run(extra: &[&str]) {
-    let spec = TopologySpec::seed();
-    let mut c = Cluster::up_with_args(
-        &spec,
-        |net| {
-            seed_manifests(
-                net,
-                &ManifestOpts {
-                    // One endpoint, so each entry node is either its node or another.
-                    endpoints: Some(vec![net.pods()[0].name.clone()]),
-                    udp: true,
-                    ..Default::default()
-                },
-            )
-        },
-        SourceMode::File,
-        &extra.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-    )
-    .expect("cluster up");
-    c.wait_for("dns programmed", Duration::from_secs(20), |s| {
-        s.services
-            .iter()
-            .any(|x| x.name.starts_with("dev/dns") && x.endpoints.len() == 1)
-    })
-    .unwrap();
-    let pod = c.net.pods()[0].clone();
+    let OneUdpEndpoint {
+        c,
+        pod,
+        remote,
+        local,
+    } = OneUdpEndpoint::up(extra).expect("cluster up");
     let client = c.net.client_netns().to_owned();
-    let remote_entry = c
-        .net
-        .nodes()
-        .iter()
-        .find(|n| n.name != pod.node)
-        .expect("a node without the endpoint")
-        .clone();
-    let local_entry = c.net.node(&pod.node).clone();
-    for (what, entry) in [("remote", &remote_entry), ("local", &local_entry)] {
+    for (what, entry) in [("remote", &remote), ("local", &local)] {
         let at = SocketAddrV4::new(entry.addr, DNS_NODE_PORT);
         let before = frag_translated(&c, &entry.name);
         let reply = udp_request(&client, at, format!("big:{BIG}").as_bytes(), T)

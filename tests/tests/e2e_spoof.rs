@@ -13,6 +13,7 @@ use lb_tests::*;
 
 /// Sends one UDP datagram as a raw Ethernet frame: `src_ip -> dst_ip:port`, to `dst_mac`,
 /// out of the namespace's eth0 (Python, AF_PACKET: the kernel does not check the source).
+/// (Run after `PY_CSUM`.)
 const SPOOF_PY: &str = r#"
 import socket, struct, sys
 dst_mac, src_ip, dst_ip, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -21,13 +22,6 @@ s.bind(("eth0", 0))
 src_mac = s.getsockname()[4]
 payload = b"spoofed"
 udp = struct.pack("!HHHH", 40999, port, 8 + len(payload), 0) + payload
-def csum(b):
-    if len(b) % 2:
-        b += b"\0"
-    t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
-    t = (t >> 16) + (t & 0xffff)
-    t += t >> 16
-    return ~t & 0xffff
 ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0x4000, 64, 17, 0,
                  socket.inet_aton(src_ip), socket.inet_aton(dst_ip))
 ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
@@ -36,15 +30,13 @@ for _ in range(20):
     s.send(frame)
 "#;
 
-/// UDP datagrams the namespace's stack received (`Udp: InDatagrams` of /proc/net/snmp).
-fn udp_in(netns: &str) -> u64 {
+/// A UDP counter of the namespace's stack (`Udp: <name>` of /proc/net/snmp): `InDatagrams`
+/// received, `NoPorts` to a port nothing listens on.
+fn udp_counter(netns: &str, name: &str) -> u64 {
     let snmp = exec_ok(netns, &["cat", "/proc/net/snmp"]).expect("snmp");
     let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
     let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
-    let i = names
-        .split_whitespace()
-        .position(|n| n == "InDatagrams")
-        .unwrap();
+    let i = names.split_whitespace().position(|n| n == name).unwrap();
     values.split_whitespace().nth(i).unwrap().parse().unwrap()
 }
 
@@ -89,7 +81,7 @@ fn spoofed_node_source(extra: &[&str]) {
             &[
                 "python3",
                 "-c",
-                SPOOF_PY,
+                &format!("{PY_CSUM}{SPOOF_PY}"),
                 mac.trim(),
                 &src.to_string(),
                 &pod.addr.to_string(),
@@ -101,16 +93,16 @@ fn spoofed_node_source(extra: &[&str]) {
     };
     // The client's route to pods goes through the node here too, so the same frames with
     // the client's own source must arrive: the check can see a delivery.
-    let before = udp_in(&pod.netns);
+    let before = udp_counter(&pod.netns, "InDatagrams");
     send(c.net.client_addr());
-    let honest = udp_in(&pod.netns) - before;
+    let honest = udp_counter(&pod.netns, "InDatagrams") - before;
     assert!(
         honest > 0,
         "control: the client's own datagrams never reached the pod"
     );
-    let before = udp_in(&pod.netns);
+    let before = udp_counter(&pod.netns, "InDatagrams");
     send(node.addr);
-    let spoofed = udp_in(&pod.netns) - before;
+    let spoofed = udp_counter(&pod.netns, "InDatagrams") - before;
     assert_eq!(
         spoofed, 0,
         "{spoofed} datagrams with the node's source reached the pod"
@@ -129,7 +121,8 @@ fn with_xdp_in_front_a_frame_with_the_nodes_source_does_not_reach_a_pod() {
 
 /// Sends `payload` as raw frames `src_ip:<sport> -> dst_ip:<dport>` for every destination
 /// port of `dport_first..=dport_last` (source ports counting up from `sport_first`), to
-/// `dst_mac`, out of eth0: an attacker on the LAN guessing a NAT mapping.
+/// `dst_mac`, out of eth0: an attacker on the LAN guessing a NAT mapping. (Run after
+/// `PY_CSUM`.)
 const INJECT_PY: &str = r#"
 import socket, struct, sys
 dst_mac, src_ip, sport, dst_ip, first, last = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
@@ -137,13 +130,6 @@ s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.bind(("eth0", 0))
 head = bytes.fromhex(dst_mac.replace(":", "")) + s.getsockname()[4] + b"\x08\x00"
 payload = b"injected"
-def csum(b):
-    if len(b) % 2:
-        b += b"\0"
-    t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
-    t = (t >> 16) + (t & 0xffff)
-    t += t >> 16
-    return ~t & 0xffff
 ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28 + len(payload), 7, 0, 64, 17, 0,
                  socket.inet_aton(src_ip), socket.inet_aton(dst_ip))
 ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
@@ -152,19 +138,6 @@ for i, port in enumerate(range(first, last + 1)):
     udp = struct.pack("!HHHH", (sport + i) % 65536 or 1, port, 8 + len(payload), 0)
     s.send(head + ip + udp + payload)
 "#;
-
-/// UDP datagrams to a port nothing listens on (`Udp: NoPorts`): injected datagrams the
-/// datapath left to the node's kernel.
-fn udp_no_ports(netns: &str) -> u64 {
-    let snmp = exec_ok(netns, &["cat", "/proc/net/snmp"]).expect("snmp");
-    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
-    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
-    let i = names
-        .split_whitespace()
-        .position(|n| n == "NoPorts")
-        .unwrap();
-    values.split_whitespace().nth(i).unwrap().parse().unwrap()
-}
 
 /// A UDP flow through a NodePort to a backend on another node holds one of the entry
 /// node's SNAT ports. An attacker on the LAN sends a datagram to every port of the SNAT
@@ -178,32 +151,12 @@ fn a_guessed_port_injection_into_a_nated_udp_flow_does_not_reach_the_client() {
     let Some(_guard) = privileged() else {
         return;
     };
-    let spec = TopologySpec::seed();
-    let mut c = Cluster::up(&spec, |net| {
-        seed_manifests(
-            net,
-            &ManifestOpts {
-                endpoints: Some(vec![net.pods()[0].name.clone()]),
-                udp: true,
-                ..Default::default()
-            },
-        )
-    })
-    .expect("cluster up");
-    c.wait_for("dns programmed", Duration::from_secs(20), |s| {
-        s.services
-            .iter()
-            .any(|x| x.name.starts_with("dev/dns") && x.endpoints.len() == 1)
-    })
-    .unwrap();
-    let pod = c.net.pods()[0].clone();
-    let entry = c
-        .net
-        .nodes()
-        .iter()
-        .find(|n| n.name != pod.node)
-        .expect("a node without the endpoint")
-        .clone();
+    let OneUdpEndpoint {
+        c,
+        pod,
+        remote: entry,
+        ..
+    } = OneUdpEndpoint::up(&[]).expect("cluster up");
     let cfg = read_config(&c.agent(&entry.name).pin_dir).expect("config");
     let (first, last) = (cfg.snat_port_min, cfg.snat_port_max);
     let mac = exec_ok(
@@ -213,7 +166,7 @@ fn a_guessed_port_injection_into_a_nated_udp_flow_does_not_reach_the_client() {
     .expect("entry node MAC");
     let client = c.net.client_netns().to_owned();
     let client_addr = c.net.client_addr();
-    let no_ports_before = udp_no_ports(&entry.netns);
+    let no_ports_before = udp_counter(&entry.netns, "NoPorts");
     let at = SocketAddrV4::new(entry.addr, DNS_NODE_PORT);
     let (injected, replies) = in_netns(&client, || {
         let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
@@ -236,7 +189,7 @@ fn a_guessed_port_injection_into_a_nated_udp_flow_does_not_reach_the_client() {
                 &[
                     "python3",
                     "-c",
-                    INJECT_PY,
+                    &format!("{PY_CSUM}{INJECT_PY}"),
                     mac.trim(),
                     &src.to_string(),
                     &sport.to_string(),
@@ -267,7 +220,7 @@ fn a_guessed_port_injection_into_a_nated_udp_flow_does_not_reach_the_client() {
     assert_eq!(replies, 3, "the flow stopped working");
     // Control: the injected datagrams did reach the entry node (and were left to its
     // kernel, where no socket has those ports).
-    let arrived = udp_no_ports(&entry.netns) - no_ports_before;
+    let arrived = udp_counter(&entry.netns, "NoPorts") - no_ports_before;
     let sent = 2 * (u64::from(last) - u64::from(first) + 1);
     assert!(
         arrived >= sent * 9 / 10,

@@ -1,17 +1,8 @@
 //! Fragments of translated datagrams (frag.rs): the first fragment is translated with its
 //! ports and remembered by (addresses, IP id, protocol); later fragments, which have no
 //! ports, get the same translation through it. XDP hands every fragment to the uplink's tc.
+use super::tc_uplink::tc;
 use super::*;
-
-fn tc(desc: &'static str, input: Vec<u8>, output: Option<Vec<u8>>, action: u32) -> Step {
-    Step::Case {
-        desc,
-        prog: Prog::TcUplink,
-        input,
-        output,
-        action,
-    }
-}
 
 /// L4 bytes in the first fragment (a multiple of 8, as fragment offsets count in 8 bytes).
 const FIRST_L4: usize = 16;

@@ -6,7 +6,7 @@
 use super::arp::{announce, arp_frame, who_has};
 use super::*;
 
-fn tc(desc: &'static str, input: Vec<u8>, output: Option<Vec<u8>>, action: u32) -> Step {
+pub(super) fn tc(desc: &'static str, input: Vec<u8>, output: Option<Vec<u8>>, action: u32) -> Step {
     Step::Case {
         desc,
         prog: Prog::TcUplink,
