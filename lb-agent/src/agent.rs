@@ -238,8 +238,9 @@ pub fn parse_source(s: &str) -> Result<SourceSpec> {
 }
 
 enum Source {
-    /// The file, and its documents as last read (only changed ones are parsed again).
-    File(PathBuf, Box<crate::source::docs::FileCache>),
+    /// The file or directory, and its documents as last read (only changed ones are
+    /// parsed again).
+    File(Box<crate::source::files::FileSource>),
     /// Snapshots are pushed in ([`Agent::apply_objects`]); `seen` names the last one
     /// (source, number) so that the next one's [`crate::source::kube::ChangeLog`] says
     /// what changed since.
@@ -270,7 +271,12 @@ pub struct Agent {
     /// Pod interfaces whose attach failed, so that a failure is logged once, not on every
     /// re-scan (ifindex -> name).
     tc_failed: BTreeMap<u32, String>,
-    last_seen: Option<(SystemTime, u64)>,
+    /// When the file source was last looked at.
+    last_file_poll: Option<Instant>,
+    /// A watch said the file source changed since.
+    file_woken: bool,
+    /// A watch reports the file source's changes.
+    file_watched: bool,
     /// Every object, and each Service's part of the translation (see
     /// [`crate::model::incremental`]).
     translator: crate::model::incremental::Translator,
@@ -304,6 +310,15 @@ pub struct Agent {
     /// The LoadBalancer status last handed out by [`Agent::take_lb_status`], by Service.
     lb_status_asked: BTreeMap<(String, String), Vec<Ipv4Addr>>,
 }
+
+/// How often the file source is looked at without a watch: a poll is one stat() per file,
+/// and every 20 ms keeps an endpoint change within tens of milliseconds of the maps.
+pub const FILE_POLL: Duration = Duration::from_millis(20);
+
+/// How often it is looked at while an inotify watch reports changes as they happen: only
+/// a backstop for changes a watch cannot see (a file changed on another host of a network
+/// file system).
+pub const FILE_POLL_WATCHED: Duration = Duration::from_secs(1);
 
 /// How long an address must have been announced here before this agent writes it into
 /// its Service's status: two agents that took it at once (each before hearing the other)
@@ -339,7 +354,9 @@ impl Agent {
     /// the uplink's kind and the pod-facing interfaces.
     pub fn start(args: RunArgs, links: &[netinfo::LinkFacts]) -> Result<Self> {
         let source = match parse_source(&args.source)? {
-            SourceSpec::File(path) => Source::File(path, Box::default()),
+            SourceSpec::File(path) => {
+                Source::File(Box::new(crate::source::files::FileSource::new(path)))
+            }
             SourceSpec::Kube => Source::Kube { seen: (0, 0) },
         };
         // Before anything is attached: the SNAT range, chosen outside the node's own ports
@@ -518,7 +535,9 @@ impl Agent {
             info,
             run_dir,
             tc_failed: BTreeMap::new(),
-            last_seen: None,
+            last_file_poll: None,
+            file_woken: false,
+            file_watched: false,
             translator: Default::default(),
             last_full: None,
             last_file_sync: None,
@@ -542,7 +561,9 @@ impl Agent {
 
     /// One pass: re-read the source if it changed, program the maps, expire drained
     /// backends, resync in full when `--sync-period` says so. (Pod interfaces follow link
-    /// notifications: `sync_pod_ifaces`.)
+    /// notifications: `sync_pod_ifaces`.) The file source is looked at when
+    /// [`Agent::file_event`] said it changed, or every [`FILE_POLL`]
+    /// ([`FILE_POLL_WATCHED`] while a watch reports its changes).
     pub fn tick(&mut self, now: Instant) -> Result<()> {
         self.note_takeovers();
         let due = self.programmer.next_deadline().is_some_and(|d| d <= now);
@@ -551,60 +572,77 @@ impl Agent {
                 && self
                     .last_full
                     .is_some_and(|t| now.duration_since(t) >= self.args.sync_period));
-        let Source::File(path, _) = &self.source else {
-            if self.last_full.is_some() && (resync || due) {
-                self.record(|a| a.program_pass(None, now, None, resync));
+        let idle = |a: &mut Self| {
+            if a.last_full.is_some() && (resync || due) {
+                a.record(|a| a.program_pass(None, now, None, resync));
             }
-            return Ok(());
+            Ok(())
         };
-        let path = path.clone();
-        let read_error = |source| Error::SourceRead {
-            path: path.clone(),
-            source,
+        let Source::File(files) = &mut self.source else {
+            return idle(self);
         };
-        let meta = std::fs::metadata(&path).map_err(read_error)?;
-        let stamp = (meta.modified()?, meta.len());
-        // A change within --min-sync-period of the last one waits (it is seen again at
-        // a later tick): bursts are applied in batches.
+        let every = if self.file_watched {
+            FILE_POLL_WATCHED
+        } else {
+            FILE_POLL
+        };
+        let look = self.file_woken
+            || self
+                .last_file_poll
+                .is_none_or(|t| now.duration_since(t) >= every);
+        // A change within --min-sync-period of the last one waits (it is looked at again
+        // at a later tick): bursts are applied in batches.
         let held = self
             .last_file_sync
             .is_some_and(|t| now.duration_since(t) < self.args.min_sync_period);
-        let changed = self.last_seen != Some(stamp) && !held;
-        if !changed {
-            if self.last_full.is_some() && (resync || due) {
-                self.record(|a| a.program_pass(None, now, None, resync));
-            }
-            return Ok(());
+        if !look || held {
+            return idle(self);
         }
-        // A changed file is a source event, timed from its modification (the write) to
-        // the end of the map update.
-        let age = SystemTime::now()
-            .duration_since(stamp.0)
-            .unwrap_or_default();
-        let since = now.checked_sub(age).unwrap_or(now);
-        let text = std::fs::read_to_string(&path).map_err(read_error)?;
-        self.last_seen = Some(stamp);
+        self.file_woken = false;
+        self.last_file_poll = Some(now);
+        let polled = match files.poll() {
+            Ok(None) => return idle(self),
+            Ok(Some(p)) => Ok(p),
+            // The caller reports a source that cannot be read (once while it lasts).
+            Err(e @ Error::SourceRead { .. }) => return Err(e.into()),
+            Err(e) => Err(e),
+        };
+        let path = files.path().to_path_buf();
         self.last_file_sync = Some(now);
-        let Source::File(_, cache) = &mut self.source else {
+        let result = polled.and_then(|p| {
+            // A changed file is a source event, timed from its modification (the write)
+            // to the end of the map update.
+            let age = SystemTime::now()
+                .duration_since(p.modified)
+                .unwrap_or_default();
+            let since = now.checked_sub(age).unwrap_or(now);
+            for e in &p.errors {
+                self.metrics.apply_error(e.kind());
+                log::error!("{e:#}; that file keeps its last good content");
+            }
+            match p.update {
+                Some(update) => {
+                    let update = match update {
+                        crate::source::docs::FileUpdate::Full(objs) => Err(objs),
+                        crate::source::docs::FileUpdate::Change(c) => Ok(c),
+                    };
+                    self.program_update(update, now, Some((SyncSource::File, since)), resync)
+                }
+                None => Ok(()),
+            }
+        });
+        let result = result.inspect_err(|e| {
+            if matches!(e, Error::Parse(_) | Error::SourceFile { .. }) {
+                self.metrics.apply_error(e.kind());
+            }
+        });
+        let Source::File(files) = &self.source else {
             unreachable!("checked above")
         };
-        let result = match cache.read(text) {
-            Ok(update) => {
-                let update = match update {
-                    crate::source::docs::FileUpdate::Full(objs) => Err(objs),
-                    crate::source::docs::FileUpdate::Change(c) => Ok(c),
-                };
-                self.program_update(update, now, Some((SyncSource::File, since)), resync)
-            }
-            Err(e) => {
-                let e = Error::from(e);
-                self.metrics.apply_error(e.kind());
-                Err(e)
-            }
-        }
-        .map_err(anyhow::Error::from);
+        let broken: Vec<&str> = files.broken().collect();
         match &result {
-            Ok(()) => self.info.last_error = None,
+            Ok(()) if broken.is_empty() => self.info.last_error = None,
+            Ok(()) => self.info.last_error = Some(broken.join("; ")),
             Err(e) => {
                 log::error!("{}: {e:#}; keeping the last good state", path.display());
                 self.info.last_error = Some(format!("{e:#}"));
@@ -612,6 +650,25 @@ impl Agent {
         }
         self.save_info();
         Ok(())
+    }
+
+    /// The file source's watch saw a change: the next tick looks at the file(s).
+    pub fn file_event(&mut self) {
+        self.file_woken = true;
+    }
+
+    /// Whether a watch reports the file source's changes (the poll then only backs it up).
+    pub fn set_file_watched(&mut self, watched: bool) {
+        self.file_watched = watched;
+    }
+
+    /// What to watch for the file source's changes (see
+    /// [`crate::source::files::FileSource::watch_target`]); None with the kube source.
+    pub fn file_watch_target(&self) -> Option<(PathBuf, Option<std::ffi::OsString>)> {
+        match &self.source {
+            Source::File(f) => Some(f.watch_target()),
+            Source::Kube { .. } => None,
+        }
     }
 
     /// Programs a snapshot of the kube source (complete: both initial lists are done);

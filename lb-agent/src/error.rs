@@ -21,6 +21,14 @@ pub enum Error {
     /// The source's content is not valid (YAML, objects, fields).
     #[error(transparent)]
     Parse(#[from] ParseError),
+    /// A file of a directory source (or, for checks across files, the directory) is not
+    /// valid.
+    #[error("{}: {source}", path.display())]
+    SourceFile {
+        path: PathBuf,
+        #[source]
+        source: ParseError,
+    },
     /// Writing the maps failed
     /// ([`Programmer::apply`](crate::dataplane::programmer::Programmer::apply)).
     #[error(transparent)]
@@ -32,7 +40,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::SourceRead { .. } => ErrorKind::Source,
-            Error::Parse(_) => ErrorKind::Parse,
+            Error::Parse(_) | Error::SourceFile { .. } => ErrorKind::Parse,
             Error::Apply(ApplyError::MapWrite { .. }) => ErrorKind::MapWrite,
             Error::Apply(ApplyError::Other { .. }) => ErrorKind::Other,
         }
@@ -46,7 +54,7 @@ impl Error {
     pub fn port(&self) -> Option<&SvcPortId> {
         match self {
             Error::Apply(e) => e.port(),
-            Error::SourceRead { .. } | Error::Parse(_) => None,
+            Error::SourceRead { .. } | Error::Parse(_) | Error::SourceFile { .. } => None,
         }
     }
 }

@@ -280,13 +280,27 @@ async fn run(args: agent::RunArgs) -> Result<()> {
     // Connection-tracking GC, on its own handles on the pins (see conntrack.rs).
     let _conntrack_gc = AbortOnDrop(conntrack::spawn(&pin_dir, metrics.clone())?);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    // The file source is polled (with the kube source the tick only expires drained
-    // backends): it works the same for editors that replace the file, for
-    // ConfigMap symlink swaps and for bind mounts, where inotify watches go stale. A poll
-    // is one stat(); every 20 ms keeps an endpoint change within tens of milliseconds
-    // of reaching the maps at a negligible cost.
+    // The tick looks at the file source when the watch said it changed, or as a backstop
+    // every so often (see Agent::tick); with the kube source it only expires drained
+    // backends and resyncs. 20 ms keeps held changes (--min-sync-period) and unwatched
+    // files within tens of milliseconds of the maps.
     let mut every = tokio::time::interval(Duration::from_millis(20));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watch =
+        agent.file_watch_target().and_then(
+            |(dir, name)| match lb_agent::source::watch::Watch::new(&dir, name) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    log::warn!(
+                        "cannot watch {} ({e}); the file source is polled every {:?}",
+                        dir.display(),
+                        agent::FILE_POLL
+                    );
+                    None
+                }
+            },
+        );
+    agent.set_file_watched(watch.is_some());
     // Link notifications can be lost (the socket's buffer overflows under a burst), so a
     // full listing also runs now and then.
     let mut rescan = tokio::time::interval(Duration::from_secs(10));
@@ -311,21 +325,21 @@ async fn run(args: agent::RunArgs) -> Result<()> {
                 };
                 agent.apply_objects(objs, Instant::now());
             }
-            _ = every.tick() => {
-                // A persistent problem (file missing) is logged once, not every tick.
-                match agent.tick(Instant::now()) {
-                    Ok(()) => last_err.clear(),
+            woke = next_file_change(&watch) => {
+                match woke {
+                    Ok(()) => agent.file_event(),
                     Err(e) => {
-                        let msg = format!("{e:#}");
-                        if msg != last_err {
-                            // The source could not be read; counted once per distinct error.
-                            metrics.apply_error(metrics::ErrorKind::Source);
-                            log::error!("{msg}");
-                            last_err = msg;
-                        }
+                        log::warn!(
+                            "the file source's watch ended ({e}); it is polled every {:?}",
+                            agent::FILE_POLL
+                        );
+                        watch = None;
+                        agent.set_file_watched(false);
                     }
                 }
+                tick_and_report(&mut agent, &metrics, &mut last_err);
             }
+            _ = every.tick() => tick_and_report(&mut agent, &metrics, &mut last_err),
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
         }
@@ -347,6 +361,30 @@ async fn run(args: agent::RunArgs) -> Result<()> {
     );
     drop(agent);
     Ok(())
+}
+
+/// One agent tick; a source that cannot be read is logged and counted once while the
+/// same problem lasts.
+fn tick_and_report(agent: &mut agent::Agent, metrics: &metrics::Metrics, last_err: &mut String) {
+    match agent.tick(Instant::now()) {
+        Ok(()) => last_err.clear(),
+        Err(e) => {
+            let msg = format!("{e:#}");
+            if msg != *last_err {
+                metrics.apply_error(metrics::ErrorKind::Source);
+                log::error!("{msg}");
+                *last_err = msg;
+            }
+        }
+    }
+}
+
+/// The file source's next change (never, without a watch).
+async fn next_file_change(watch: &Option<lb_agent::source::watch::Watch>) -> std::io::Result<()> {
+    match watch {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The kube source's next snapshot; never ready with the file source.

@@ -24,7 +24,7 @@ use crate::{
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Kind {
+pub(crate) enum Kind {
     Service,
     Slice,
 }
@@ -252,6 +252,21 @@ fn parse_all(text: &str, ranges: &[Unit]) -> Vec<Result<Objects, ParseError>> {
 impl FileCache {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The text of the last good read.
+    pub(crate) fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The Services and EndpointSlices of the last good read.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &(Kind, Key)> {
+        self.docs.iter().flat_map(|d| &d.keys)
+    }
+
+    /// The last good read holds kinds checked across documents (or a nameless object).
+    pub(crate) fn has_global(&self) -> bool {
+        self.has_global.iter().any(|g| *g)
     }
 
     /// Forgets the previous read: the next one parses everything.
@@ -604,7 +619,7 @@ impl FileCache {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
@@ -629,7 +644,7 @@ mod tests {
             .collect()
     }
 
-    fn doc_text(i: usize, addr: u32) -> String {
+    pub(crate) fn doc_text(i: usize, addr: u32) -> String {
         format!(
             "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: dev}}\nspec:\n  \
              clusterIP: 10.96.0.{}\n  ports: [{{name: http, port: 80}}]\n---\napiVersion: \
@@ -640,10 +655,10 @@ mod tests {
         )
     }
 
-    type State = BTreeMap<String, String>;
+    pub(crate) type State = BTreeMap<String, String>;
 
     /// Objects as "kind ns/name" -> their serialization.
-    fn state_of(objs: &Objects) -> State {
+    pub(crate) fn state_of(objs: &Objects) -> State {
         let mut m = State::new();
         for s in &objs.services {
             let k = svc_key(s);
@@ -665,7 +680,7 @@ mod tests {
         m
     }
 
-    fn apply(state: &mut State, u: FileUpdate) -> usize {
+    pub(crate) fn apply(state: &mut State, u: FileUpdate) -> usize {
         match u {
             FileUpdate::Full(objs) => {
                 *state = state_of(&objs);
