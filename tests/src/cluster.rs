@@ -259,6 +259,9 @@ impl Drop for AgentProc {
 pub enum SourceMode {
     /// `--source file:<manifest>`.
     File,
+    /// `--source file:<directory>`: [`Cluster::write_manifest`] writes the directory's
+    /// `all.yaml`, [`Cluster::write_manifest_file`] any file of it.
+    Dir,
     /// `--source kube`, KUBECONFIG pointing at the [`ApiServer`] stand-in.
     Kube,
 }
@@ -332,7 +335,15 @@ impl Cluster {
                     .with_context(|| format!("attaching the pass program to {iface}"))?,
             );
         }
-        let manifest_path = std::env::temp_dir().join(format!("xlb-{}-manifest.yaml", net.tag()));
+        let manifest_path = match mode {
+            SourceMode::Dir => {
+                let d = std::env::temp_dir().join(format!("xlb-{}-manifests", net.tag()));
+                let _ = std::fs::remove_dir_all(&d);
+                std::fs::create_dir_all(&d)?;
+                d
+            }
+            _ => std::env::temp_dir().join(format!("xlb-{}-manifest.yaml", net.tag())),
+        };
         let mut cluster = Cluster {
             agents: vec![],
             _pass: Some((dp, pins, links)),
@@ -426,9 +437,29 @@ impl Cluster {
             let objs = lb_agent::source::yaml::parse_objects(yaml)?;
             return api.sync_objects(&objs);
         }
+        if self.manifest.is_dir() {
+            return self.write_manifest_file("all.yaml", yaml);
+        }
         let tmp = self.manifest.with_extension("tmp");
         std::fs::write(&tmp, yaml)?;
         std::fs::rename(&tmp, &self.manifest)?;
+        Ok(())
+    }
+
+    /// [`SourceMode::Dir`]: replaces (or creates) one file of the manifest directory
+    /// atomically, through a hidden temporary file (which the agent skips).
+    pub fn write_manifest_file(&self, name: &str, yaml: &str) -> Result<()> {
+        anyhow::ensure!(self.manifest.is_dir(), "the cluster does not run in Dir mode");
+        let tmp = self.manifest.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.manifest.join(name))?;
+        Ok(())
+    }
+
+    /// [`SourceMode::Dir`]: removes one file of the manifest directory.
+    pub fn remove_manifest_file(&self, name: &str) -> Result<()> {
+        anyhow::ensure!(self.manifest.is_dir(), "the cluster does not run in Dir mode");
+        std::fs::remove_file(self.manifest.join(name))?;
         Ok(())
     }
 
@@ -557,6 +588,9 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if self.manifest.is_dir() {
+            let _ = std::fs::remove_dir_all(&self.manifest);
+        }
         let _ = std::fs::remove_file(&self.manifest);
         if let Some(kc) = &self.kubeconfig {
             let _ = std::fs::remove_file(kc);

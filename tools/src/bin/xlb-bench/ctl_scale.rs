@@ -1,6 +1,7 @@
 //! Control plane at cluster scale (issue 15): for each size (10,000 and 100,000 Services x
-//! 10 endpoints by default) and each source (the file, the API server stand-in with
-//! `--source kube`), one node's lb-agent is started empty, then:
+//! 10 endpoints by default) and each source (one file, a directory of files of
+//! [`DIR_FILE_SERVICES`] Services each, the API server stand-in with `--source kube`), one
+//! node's lb-agent is started empty, then:
 //!
 //! - bulk: every Service at once (one manifest write / the objects created in the API
 //!   server), timed until the last Service's backends are in the maps;
@@ -32,13 +33,20 @@ const SVC_BASE: u32 = u32::from_be_bytes([10, 100, 0, 1]);
 const NODE: &str = "ctl-node";
 const OTHER_NODE: &str = "ctl-other";
 const BURST: u32 = 1_000;
+/// Services per file of the directory source (as a manifest per namespace or application).
+pub const DIR_FILE_SERVICES: usize = 100;
+
+/// The directory source's file holding Service `i`.
+fn dir_file(i: usize) -> String {
+    format!("svc-{:05}.yaml", i / DIR_FILE_SERVICES)
+}
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default)]
 #[serde(default)]
 pub struct Scale {
     pub services: u32,
     pub endpoints: u32,
-    /// "file" or "kube".
+    /// "file" (one file), "dir" (a directory of files) or "kube".
     pub source: String,
     pub agent_args: Vec<String>,
     /// Bytes of the manifest (file source).
@@ -79,16 +87,17 @@ pub const METHOD: &[&str] = &[
      headroom, --maglev-arena = 2 x 1021 x (services + 64)); other flags default (so \
      --min-sync-period 100ms, --sync-period 10m). Endpoints are on another node.",
     "bulk: all Services x 10 endpoints at once: file = one manifest write (kubectl's List \
-     shape), kube = every object created in the API server stand-in (tests/src/apiserver.rs, \
+     shape), dir = one file per 100 Services (the same shape) written one after another \
+     (the agent starts on the first and takes the rest in batches), kube = every object created in the API server stand-in (tests/src/apiserver.rs, \
      in the bench process, watched by the agent over HTTP); timed from the start of the \
      write until the last Service's XLB_SERVICES entry has 10 backends.",
     "change: the last Service's EndpointSlice loses its 10th endpoint, then gets it back, \
      alternately, 100-400 ms apart (pseudo-random); timed from the write (file: write + \
      rename; kube: the update handed to the stand-in) until XLB_SERVICES shows the new \
-     count, polled every 0.5 ms. The file source polls the file's mtime every 20 ms, so a \
-     file change waits 10 ms on average (up to 20 ms) before the agent sees it.",
+     count, polled every 0.5 ms. file: the whole file is rewritten; dir: the last file (100 \
+     Services). The agent learns of a file change from inotify (its directory is watched).",
     "burst: the first 1,000 Services lose their 10th endpoint: file = one write changing \
-     1,000 EndpointSlices; kube = 1,000 EndpointSlice updates sent one after another; timed \
+     1,000 EndpointSlices; dir = the 10 files holding them rewritten; kube = 1,000 EndpointSlice updates sent one after another; timed \
      until all 1,000 show 9 backends.",
     "memory: /proc/<agent>/status VmRSS and RssAnon after start (no Service) and after the \
      bulk; RssAnon is the agent's heap (objects, translation, programmer state), VmRSS adds \
@@ -185,8 +194,9 @@ fn cpu_s(pid: u32) -> f64 {
     (ut + st) as f64 / 100.0
 }
 
-pub fn run(n: u32, e: u32, kube: bool, repeats: usize) -> Result<Scale> {
-    let source = if kube { "kube" } else { "file" };
+pub fn run(n: u32, e: u32, source: &str, repeats: usize) -> Result<Scale> {
+    let kube = source == "kube";
+    let dir = source == "dir";
     let m = lb_agent::dataplane::maglev::choose_m(
         e as usize,
         lb_agent::dataplane::maglev::DEFAULT_MIN_M,
@@ -223,10 +233,28 @@ pub fn run(n: u32, e: u32, kube: bool, repeats: usize) -> Result<Scale> {
         lb_ips: vec![],
         ..base
     };
-    let mode = if kube {
-        SourceMode::Kube
-    } else {
-        SourceMode::File
+    let mode = match source {
+        "kube" => SourceMode::Kube,
+        "dir" => SourceMode::Dir,
+        "file" => SourceMode::File,
+        other => bail!("unknown source {other:?}: file, dir or kube"),
+    };
+    // The directory's files for the given Services (index of each file's first Service).
+    let files_of = |state: &[SvcDef], first: usize, last: usize| -> Vec<(String, String)> {
+        let (a, b) = (first / DIR_FILE_SERVICES, last / DIR_FILE_SERVICES);
+        (a..=b)
+            .map(|f| {
+                let lo = f * DIR_FILE_SERVICES;
+                let hi = (lo + DIR_FILE_SERVICES).min(state.len());
+                (dir_file(lo), rules::manifest(&state[lo..hi]))
+            })
+            .collect()
+    };
+    let put = |cluster: &Cluster, files: &[(String, String)]| -> Result<()> {
+        for (name, text) in files {
+            cluster.write_manifest_file(name, text)?;
+        }
+        Ok(())
     };
     let mut cluster = Cluster::up_with_args(&spec, |_| empty.clone(), mode, &agent_args)?;
     cluster.wait_for("the agent", Duration::from_secs(60), |s| s.agent.is_some())?;
@@ -262,6 +290,12 @@ pub fn run(n: u32, e: u32, kube: bool, repeats: usize) -> Result<Scale> {
             api.apply(&slice_json(s))?;
         }
         out.bulk_load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    } else if dir {
+        let files = files_of(&all, 0, all.len() - 1);
+        out.manifest_bytes = files.iter().map(|f| f.1.len()).sum();
+        let t = Instant::now();
+        put(&cluster, &files)?;
+        out.bulk_load_ms = t.elapsed().as_secs_f64() * 1e3;
     } else {
         let text = rules::manifest(&all);
         out.manifest_bytes = text.len();
@@ -298,7 +332,9 @@ pub fn run(n: u32, e: u32, kube: bool, repeats: usize) -> Result<Scale> {
     minus.endpoints.pop();
     let mut state = all.clone();
     let write = |cluster: &Cluster, state: &[SvcDef], changed: &[&SvcDef]| -> Result<()> {
-        if kube {
+        if dir {
+            put(cluster, &files_of(state, 0, state.len() - 1))
+        } else if kube {
             for s in changed {
                 cluster.api().update(&slice_json(s))?;
             }
@@ -307,11 +343,20 @@ pub fn run(n: u32, e: u32, kube: bool, repeats: usize) -> Result<Scale> {
             cluster.write_manifest(&rules::manifest(state))
         }
     };
-    // The file source's text is rendered before the clock starts.
+    // The file source's text is rendered before the clock starts (the directory source:
+    // the last file's).
     let texts = (!kube).then(|| {
         let mut a = all.clone();
         *a.last_mut().expect("n >= 1") = minus.clone();
-        (rules::manifest(&a), rules::manifest(&all))
+        if dir {
+            let k = all.len() - 1;
+            (files_of(&a, k, k), files_of(&all, k, k))
+        } else {
+            (
+                vec![(String::new(), rules::manifest(&a))],
+                vec![(String::new(), rules::manifest(&all))],
+            )
+        }
     });
     let mut seed = 0x2545_f491u32;
     let cpu0 = cpu_s(pid);
@@ -328,7 +373,14 @@ pub fn run(n: u32, e: u32, kube: bool, repeats: usize) -> Result<Scale> {
         let from = log_at();
         let t0 = Instant::now();
         match &texts {
-            Some((m, f)) => cluster.write_manifest(if k % 2 == 0 { m } else { f })?,
+            Some((m, f)) => {
+                let files = if k % 2 == 0 { m } else { f };
+                if dir {
+                    put(&cluster, files)?
+                } else {
+                    cluster.write_manifest(&files[0].1)?
+                }
+            }
             None => {
                 cluster.api().update(&slice_json(s))?;
             }
@@ -371,13 +423,15 @@ pub fn run(n: u32, e: u32, kube: bool, repeats: usize) -> Result<Scale> {
     for s in state.iter_mut().take(k) {
         s.endpoints.pop();
     }
-    let text = (!kube).then(|| rules::manifest(&state));
+    let text = (!kube && !dir).then(|| rules::manifest(&state));
+    let dir_files = dir.then(|| files_of(&state, 0, k - 1));
     let cpu0 = cpu_s(pid);
     let from = log_at();
     let t0 = Instant::now();
-    match &text {
-        Some(t) => cluster.write_manifest(t)?,
-        None => {
+    match (&text, &dir_files) {
+        (_, Some(files)) => put(&cluster, files)?,
+        (Some(t), None) => cluster.write_manifest(t)?,
+        (None, None) => {
             let changed: Vec<&SvcDef> = state.iter().take(k).collect();
             write(&cluster, &state, &changed)?;
         }

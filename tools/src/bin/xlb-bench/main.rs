@@ -130,6 +130,17 @@ pub struct Args {
     /// Endpoints per Service at scale.
     #[arg(long, default_value_t = 10)]
     pub ctl_scale_endpoints: u32,
+    /// Sources measured at scale: `file` (one manifest), `dir` (a directory of manifests of
+    /// 100 Services each), `kube` (the API server stand-in).
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["file".to_owned(), "dir".to_owned(), "kube".to_owned()])]
+    pub ctl_scale_sources: Vec<String>,
+    /// kube-proxy's restore times at each scale larger than --ctl-services (iptables at
+    /// 100,000 Services runs into its 600 s bound).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub ctl_scale_kube_proxy: bool,
+    /// Only the runs at scale (not the 10,000 x 6 comparison before them).
+    #[arg(long)]
+    pub ctl_scale_only: bool,
     /// Single-endpoint changes per scale run.
     #[arg(long, default_value_t = 60)]
     pub ctl_scale_repeats: usize,
