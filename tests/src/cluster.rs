@@ -449,7 +449,10 @@ impl Cluster {
     /// [`SourceMode::Dir`]: replaces (or creates) one file of the manifest directory
     /// atomically, through a hidden temporary file (which the agent skips).
     pub fn write_manifest_file(&self, name: &str, yaml: &str) -> Result<()> {
-        anyhow::ensure!(self.manifest.is_dir(), "the cluster does not run in Dir mode");
+        anyhow::ensure!(
+            self.manifest.is_dir(),
+            "the cluster does not run in Dir mode"
+        );
         let tmp = self.manifest.join(format!(".{name}.tmp"));
         std::fs::write(&tmp, yaml)?;
         std::fs::rename(&tmp, self.manifest.join(name))?;
@@ -458,7 +461,10 @@ impl Cluster {
 
     /// [`SourceMode::Dir`]: removes one file of the manifest directory.
     pub fn remove_manifest_file(&self, name: &str) -> Result<()> {
-        anyhow::ensure!(self.manifest.is_dir(), "the cluster does not run in Dir mode");
+        anyhow::ensure!(
+            self.manifest.is_dir(),
+            "the cluster does not run in Dir mode"
+        );
         std::fs::remove_file(self.manifest.join(name))?;
         Ok(())
     }

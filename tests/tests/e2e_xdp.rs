@@ -239,3 +239,67 @@ fn invalid_manifest_is_reported_and_the_last_good_state_keeps_serving() {
     })
     .unwrap();
 }
+
+/// `--source file:<DIR>`: the agents read a directory of manifests and follow it file by
+/// file (inotify): a broken file is reported while the others keep serving, a removed
+/// file takes its Services away, a new one brings them back.
+#[test]
+fn a_directory_of_manifests_is_followed_file_by_file() {
+    let Some(_guard) = privileged() else {
+        return;
+    };
+    let spec = TopologySpec::seed();
+    let mut c = Cluster::up_with(
+        &spec,
+        |net| seed_manifests(net, &ManifestOpts::default()),
+        SourceMode::Dir,
+    )
+    .expect("cluster up");
+    let pods = c.net.pods().len();
+    c.wait_for(
+        "nginx-service programmed",
+        Duration::from_secs(20),
+        programmed(pods),
+    )
+    .unwrap();
+    let lb = SocketAddrV4::new(c.net.lb_ips()[0].0, 80);
+    http_get(c.net.client_netns(), lb, T).expect("served from the directory");
+
+    c.write_manifest_file("broken.yaml", "items: [unclosed\n")
+        .unwrap();
+    c.wait_for("the broken file reported", Duration::from_secs(20), |s| {
+        s.agent
+            .as_ref()
+            .and_then(|a| a.last_error.as_deref())
+            .is_some_and(|e| e.contains("broken.yaml") && e.contains("YAML"))
+    })
+    .unwrap();
+    http_get(c.net.client_netns(), lb, T).expect("the other file still serves");
+    c.remove_manifest_file("broken.yaml").unwrap();
+
+    // The seed's objects move to another file: all.yaml goes, seed.yaml comes.
+    let seed = seed_manifests(&c.net, &ManifestOpts::default());
+    c.remove_manifest_file("all.yaml").unwrap();
+    c.wait_for("nginx-service gone", Duration::from_secs(20), |s| {
+        !s.services
+            .iter()
+            .any(|x| x.name.starts_with("dev/nginx-service"))
+    })
+    .unwrap();
+    assert!(
+        http_get(c.net.client_netns(), lb, Duration::from_millis(500)).is_err(),
+        "a removed file's Service still answers"
+    );
+    c.write_manifest_file("seed.yaml", &seed).unwrap();
+    c.wait_for(
+        "nginx-service back",
+        Duration::from_secs(20),
+        programmed(pods),
+    )
+    .unwrap();
+    c.wait_for("no error left", Duration::from_secs(20), |s| {
+        s.agent.as_ref().is_some_and(|a| a.last_error.is_none())
+    })
+    .unwrap();
+    http_get(c.net.client_netns(), lb, T).expect("served from the new file");
+}
