@@ -202,6 +202,28 @@ fn svc_key(s: &k8s_openapi::api::core::v1::Service) -> Key {
     (ns.to_string(), n.to_string())
 }
 
+/// The Services and EndpointSlices of `objs` as upserts of `change`, their keys added to
+/// `upserted`.
+pub(crate) fn push_upserts(
+    objs: Objects,
+    change: &mut Change,
+    upserted: &mut std::collections::HashSet<(Kind, Key)>,
+) {
+    for s in objs.services {
+        let key = svc_key(&s);
+        upserted.insert((Kind::Service, key.clone()));
+        change.services.push((key, Some(s)));
+    }
+    for s in objs.slices {
+        let key = (
+            s.metadata.namespace.clone().unwrap_or_default(),
+            s.metadata.name.clone().unwrap_or_default(),
+        );
+        upserted.insert((Kind::Slice, key.clone()));
+        change.slices.push((key, Some(s)));
+    }
+}
+
 /// Keys of what one document parsed into; None if it holds kinds checked across
 /// documents or a nameless slice.
 fn keys_of(objs: &Objects) -> Option<Vec<(Kind, Key)>> {
@@ -390,19 +412,7 @@ impl FileCache {
         let mut change = Change::default();
         let mut upserted: std::collections::HashSet<(Kind, Key)> = Default::default();
         for objs in parsed {
-            for s in objs.services {
-                let key = svc_key(&s);
-                upserted.insert((Kind::Service, key.clone()));
-                change.services.push((key, Some(s)));
-            }
-            for s in objs.slices {
-                let key = (
-                    s.metadata.namespace.clone().unwrap_or_default(),
-                    s.metadata.name.clone().unwrap_or_default(),
-                );
-                upserted.insert((Kind::Slice, key.clone()));
-                change.slices.push((key, Some(s)));
-            }
+            push_upserts(objs, &mut change, &mut upserted);
         }
         for &j in &gone {
             for k in &self.docs[j].keys {

@@ -229,11 +229,7 @@ impl FileSource {
             if *failed == listing {
                 return Ok(None);
             }
-            let modified = listing
-                .iter()
-                .map(|(_, st)| st.modified)
-                .max()
-                .unwrap_or_else(SystemTime::now);
+            let modified = newest(&listing);
             return self.read_all(listing, modified);
         }
         let removed: Vec<OsString> = {
@@ -253,11 +249,7 @@ impl FileSource {
         if changed.is_empty() && removed.is_empty() && !self.files.is_empty() {
             return Ok(None);
         }
-        let modified = changed
-            .iter()
-            .map(|(_, st)| st.modified)
-            .max()
-            .unwrap_or_else(SystemTime::now);
+        let modified = newest(&changed);
         if self.files.is_empty() {
             return self.read_all(listing, modified);
         }
@@ -464,6 +456,15 @@ impl FileSource {
     }
 }
 
+/// The newest modification time of `files` (now, for none: a removal).
+fn newest(files: &[(OsString, Stamp)]) -> SystemTime {
+    files
+        .iter()
+        .map(|(_, st)| st.modified)
+        .max()
+        .unwrap_or_else(SystemTime::now)
+}
+
 fn has_global(o: &Objects) -> bool {
     !o.nodes.is_empty()
         || !o.service_cidrs.is_empty()
@@ -486,22 +487,8 @@ fn push_delete(change: &mut Change, k: &(Kind, crate::model::incremental::Key)) 
 /// longer holds deleted.
 fn whole_file_change(objs: Objects, old: Vec<(Kind, crate::model::incremental::Key)>) -> Change {
     let mut change = Change::default();
-    let mut now: std::collections::HashSet<(Kind, crate::model::incremental::Key)> =
-        Default::default();
-    for s in objs.services {
-        let (ns, n) = crate::model::translate::service_key(&s);
-        let key = (ns.to_string(), n.to_string());
-        now.insert((Kind::Service, key.clone()));
-        change.services.push((key, Some(s)));
-    }
-    for s in objs.slices {
-        let key = (
-            s.metadata.namespace.clone().unwrap_or_default(),
-            s.metadata.name.clone().unwrap_or_default(),
-        );
-        now.insert((Kind::Slice, key.clone()));
-        change.slices.push((key, Some(s)));
-    }
+    let mut now = std::collections::HashSet::new();
+    crate::source::docs::push_upserts(objs, &mut change, &mut now);
     for k in old.iter().filter(|k| !now.contains(k)) {
         push_delete(&mut change, k);
     }

@@ -77,6 +77,12 @@ pub enum ParseError {
 /// `IPAddressPool`/`L2Advertisement` kinds of API groups other than `metallb.io`).
 pub fn parse_objects(text: &str) -> Result<Objects, ParseError> {
     let mut p = Parser::default();
+    if let Some(values) = json_values(text) {
+        for (i, value) in values.into_iter().enumerate() {
+            p.walk(value, i + 1, None)?;
+        }
+        return Ok(p.out);
+    }
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let doc = i + 1;
         let value: Value = serde::Deserialize::deserialize(de).map_err(|e| ParseError::Yaml {
@@ -86,6 +92,20 @@ pub fn parse_objects(text: &str) -> Result<Objects, ParseError> {
         p.walk(value, doc, None)?;
     }
     Ok(p.out)
+}
+
+/// `text` as JSON values (one or more, as `kubectl get -o json` writes them), or None when
+/// it is not JSON. JSON is YAML, but a JSON reader is several times faster than the YAML
+/// one (a 10,000-Service list: ~0.2 s instead of ~1 s), so JSON input takes it; anything
+/// that is not valid JSON goes through the YAML reader, whose errors name the document.
+fn json_values(text: &str) -> Option<Vec<Value>> {
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    serde_json::Deserializer::from_str(text)
+        .into_iter::<Value>()
+        .collect::<Result<Vec<_>, _>>()
+        .ok()
 }
 
 #[derive(Default)]
@@ -918,6 +938,38 @@ endpoints:
         assert_eq!(names, ["kubernetes", "nginx-service"]);
         // The IPv6 slice is dropped, the IPv4 one kept.
         assert_eq!(objs.slices.len(), 1);
+    }
+
+    /// `kubectl get -o json` output (a List, or several objects one after another) reads
+    /// as its YAML form does; broken JSON is reported by the YAML reader.
+    #[test]
+    fn json_reads_as_its_yaml() {
+        let text = include_str!("../../tests/fixtures/kubectl-list.yaml");
+        let list: Value = serde_yaml::from_str(text).unwrap();
+        let json = serde_json::to_string_pretty(&list).unwrap();
+        assert!(json_values(&json).is_some(), "not taken as JSON");
+        let (a, b) = (parse_objects(text).unwrap(), parse_objects(&json).unwrap());
+        let ser = |o: &Objects| serde_json::to_string(&(&o.services, &o.slices, &o.nodes)).unwrap();
+        assert_eq!(ser(&a), ser(&b));
+        // Items one after another, not in a list.
+        let items = list["items"].as_sequence().unwrap();
+        let stream: String = items
+            .iter()
+            .map(|v| serde_json::to_string(v).unwrap() + "\n")
+            .collect();
+        assert_eq!(ser(&parse_objects(&stream).unwrap()), ser(&a));
+        // Errors: an invalid field names the object as in YAML; broken JSON is YAML's error.
+        let bad = json.replacen("\"port\": 443", "\"port\": 70000", 1);
+        assert_ne!(bad, json, "the fixture has no port 443");
+        assert!(matches!(
+            parse_objects(&bad),
+            Err(ParseError::Invalid { .. })
+        ));
+        let broken = &json[..json.len() / 2];
+        assert!(matches!(
+            parse_objects(broken),
+            Err(ParseError::Yaml { .. })
+        ));
     }
 
     #[test]

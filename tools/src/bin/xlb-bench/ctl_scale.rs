@@ -197,6 +197,15 @@ fn cpu_s(pid: u32) -> f64 {
 pub fn run(n: u32, e: u32, source: &str, repeats: usize) -> Result<Scale> {
     let kube = source == "kube";
     let dir = source == "dir";
+    // "json": one file, as `kubectl get -o json` writes it.
+    let file_text = |state: &[SvcDef]| -> String {
+        let y = rules::manifest(state);
+        if source != "json" {
+            return y;
+        }
+        let v: serde_yaml::Value = serde_yaml::from_str(&y).expect("the bench's own YAML");
+        serde_json::to_string_pretty(&v).expect("serialisable")
+    };
     let m = lb_agent::dataplane::maglev::choose_m(
         e as usize,
         lb_agent::dataplane::maglev::DEFAULT_MIN_M,
@@ -236,8 +245,8 @@ pub fn run(n: u32, e: u32, source: &str, repeats: usize) -> Result<Scale> {
     let mode = match source {
         "kube" => SourceMode::Kube,
         "dir" => SourceMode::Dir,
-        "file" => SourceMode::File,
-        other => bail!("unknown source {other:?}: file, dir or kube"),
+        "file" | "json" => SourceMode::File,
+        other => bail!("unknown source {other:?}: file, json, dir or kube"),
     };
     // The directory's files for the given Services (index of each file's first Service).
     let files_of = |state: &[SvcDef], first: usize, last: usize| -> Vec<(String, String)> {
@@ -297,7 +306,7 @@ pub fn run(n: u32, e: u32, source: &str, repeats: usize) -> Result<Scale> {
         put(&cluster, &files)?;
         out.bulk_load_ms = t.elapsed().as_secs_f64() * 1e3;
     } else {
-        let text = rules::manifest(&all);
+        let text = file_text(&all);
         out.manifest_bytes = text.len();
         // Timed from the write: producing the text is the bench's work.
         let t = Instant::now();
@@ -334,13 +343,13 @@ pub fn run(n: u32, e: u32, source: &str, repeats: usize) -> Result<Scale> {
     let write = |cluster: &Cluster, state: &[SvcDef], changed: &[&SvcDef]| -> Result<()> {
         if dir {
             put(cluster, &files_of(state, 0, state.len() - 1))
-        } else if kube {
+        } else if !kube {
+            cluster.write_manifest(&file_text(state))
+        } else {
             for s in changed {
                 cluster.api().update(&slice_json(s))?;
             }
             Ok(())
-        } else {
-            cluster.write_manifest(&rules::manifest(state))
         }
     };
     // The file source's text is rendered before the clock starts (the directory source:
@@ -353,8 +362,8 @@ pub fn run(n: u32, e: u32, source: &str, repeats: usize) -> Result<Scale> {
             (files_of(&a, k, k), files_of(&all, k, k))
         } else {
             (
-                vec![(String::new(), rules::manifest(&a))],
-                vec![(String::new(), rules::manifest(&all))],
+                vec![(String::new(), file_text(&a))],
+                vec![(String::new(), file_text(&all))],
             )
         }
     });
@@ -423,7 +432,7 @@ pub fn run(n: u32, e: u32, source: &str, repeats: usize) -> Result<Scale> {
     for s in state.iter_mut().take(k) {
         s.endpoints.pop();
     }
-    let text = (!kube && !dir).then(|| rules::manifest(&state));
+    let text = (!kube && !dir).then(|| file_text(&state));
     let dir_files = dir.then(|| files_of(&state, 0, k - 1));
     let cpu0 = cpu_s(pid);
     let from = log_at();

@@ -130,7 +130,8 @@ pub struct Args {
     /// Endpoints per Service at scale.
     #[arg(long, default_value_t = 10)]
     pub ctl_scale_endpoints: u32,
-    /// Sources measured at scale: `file` (one manifest), `dir` (a directory of manifests of
+    /// Sources measured at scale: `file` (one manifest), `json` (the same as one JSON file),
+    /// `dir` (a directory of manifests of
     /// 100 Services each), `kube` (the API server stand-in).
     #[arg(long, value_delimiter = ',', default_values_t = vec!["file".to_owned(), "dir".to_owned(), "kube".to_owned()])]
     pub ctl_scale_sources: Vec<String>,
