@@ -20,6 +20,21 @@ fn programmed(endpoints: usize) -> impl Fn(&lb_agent::status::Status) -> bool {
     }
 }
 
+/// The agent's status reports an error naming all of `words`.
+fn reported(words: &'static [&'static str]) -> impl Fn(&lb_agent::status::Status) -> bool {
+    move |s| {
+        s.agent
+            .as_ref()
+            .and_then(|a| a.last_error.as_deref())
+            .is_some_and(|e| words.iter().all(|w| e.contains(w)))
+    }
+}
+
+/// The agent's status reports no error.
+fn no_error(s: &lb_agent::status::Status) -> bool {
+    s.agent.as_ref().is_some_and(|a| a.last_error.is_none())
+}
+
 /// `n` HTTP requests from the client netns; returns how many each pod answered.
 fn spread(c: &Cluster, addr: SocketAddrV4, n: usize) -> BTreeMap<String, usize> {
     let mut seen = BTreeMap::new();
@@ -208,12 +223,11 @@ fn invalid_manifest_is_reported_and_the_last_good_state_keeps_serving() {
         "the manifest shape changed; this test must break it another way"
     );
     c.write_manifest(&bad).unwrap();
-    c.wait_for("the error to be reported", Duration::from_secs(20), |s| {
-        s.agent
-            .as_ref()
-            .and_then(|a| a.last_error.as_deref())
-            .is_some_and(|e| e.contains("Service dev/nginx-service") && e.contains("spec.ports[0]"))
-    })
+    c.wait_for(
+        "the error to be reported",
+        Duration::from_secs(20),
+        reported(&["Service dev/nginx-service", "spec.ports[0]"]),
+    )
     .unwrap();
     for _ in 0..10 {
         http_get(c.net.client_netns(), lb, T).expect("last good state still serves");
@@ -224,20 +238,13 @@ fn invalid_manifest_is_reported_and_the_last_good_state_keeps_serving() {
     c.wait_for(
         "the YAML error to be reported",
         Duration::from_secs(20),
-        |s| {
-            s.agent
-                .as_ref()
-                .and_then(|a| a.last_error.as_deref())
-                .is_some_and(|e| e.contains("YAML"))
-        },
+        reported(&["YAML"]),
     )
     .unwrap();
     http_get(c.net.client_netns(), lb, T).expect("still serving");
     c.write_manifest(&good).unwrap();
-    c.wait_for("the error to clear", Duration::from_secs(20), |s| {
-        s.agent.as_ref().is_some_and(|a| a.last_error.is_none())
-    })
-    .unwrap();
+    c.wait_for("the error to clear", Duration::from_secs(20), no_error)
+        .unwrap();
 }
 
 /// `--source file:<DIR>`: the agents read a directory of manifests and follow it file by
@@ -267,12 +274,11 @@ fn a_directory_of_manifests_is_followed_file_by_file() {
 
     c.write_manifest_file("broken.yaml", "items: [unclosed\n")
         .unwrap();
-    c.wait_for("the broken file reported", Duration::from_secs(20), |s| {
-        s.agent
-            .as_ref()
-            .and_then(|a| a.last_error.as_deref())
-            .is_some_and(|e| e.contains("broken.yaml") && e.contains("YAML"))
-    })
+    c.wait_for(
+        "the broken file reported",
+        Duration::from_secs(20),
+        reported(&["broken.yaml", "YAML"]),
+    )
     .unwrap();
     http_get(c.net.client_netns(), lb, T).expect("the other file still serves");
     c.remove_manifest_file("broken.yaml").unwrap();
@@ -297,9 +303,7 @@ fn a_directory_of_manifests_is_followed_file_by_file() {
         programmed(pods),
     )
     .unwrap();
-    c.wait_for("no error left", Duration::from_secs(20), |s| {
-        s.agent.as_ref().is_some_and(|a| a.last_error.is_none())
-    })
-    .unwrap();
+    c.wait_for("no error left", Duration::from_secs(20), no_error)
+        .unwrap();
     http_get(c.net.client_netns(), lb, T).expect("served from the new file");
 }

@@ -224,14 +224,19 @@ pub(crate) fn push_upserts(
     }
 }
 
-/// Keys of what one document parsed into; None if it holds kinds checked across
-/// documents or a nameless slice.
-fn keys_of(objs: &Objects) -> Option<Vec<(Kind, Key)>> {
-    if !objs.nodes.is_empty()
+/// `objs` holds kinds checked across documents (Nodes, ServiceCIDRs, MetalLB pools and
+/// advertisements).
+pub(crate) fn has_global(objs: &Objects) -> bool {
+    !objs.nodes.is_empty()
         || !objs.service_cidrs.is_empty()
         || !objs.ip_pools.is_empty()
         || !objs.l2_adverts.is_empty()
-    {
+}
+
+/// Keys of what one document parsed into; None if it holds kinds checked across
+/// documents or a nameless slice.
+fn keys_of(objs: &Objects) -> Option<Vec<(Kind, Key)>> {
+    if has_global(objs) {
         return None;
     }
     let mut keys: Vec<(Kind, Key)> = objs

@@ -27,7 +27,7 @@ use crate::{
     error::Error,
     model::incremental::Change,
     source::{
-        docs::{FileCache, FileUpdate, Kind},
+        docs::{FileCache, FileUpdate, Kind, has_global},
         yaml::{self, Objects},
     },
 };
@@ -272,17 +272,8 @@ impl FileSource {
         }
         for (name, stamp) in changed {
             let path = self.path.join(&name);
-            let text = match std::fs::read_to_string(&path) {
-                Ok(t) => t,
-                Err(source) => {
-                    let e = Error::SourceRead { path, source };
-                    self.broken
-                        .insert(name.clone(), crate::error::chain_text(&e));
-                    self.mark_seen(&name, stamp);
-                    errors.push(e);
-                    continue;
-                }
-            };
+            // The stamp is taken as seen before reading: a file that cannot be read waits
+            // for its next change instead of failing (and being logged) at every poll.
             let next_id = self.next_id;
             let entry = self.files.entry(name.clone()).or_insert_with(|| Entry {
                 id: next_id,
@@ -294,6 +285,16 @@ impl FileSource {
                 self.next_id += 1;
             }
             entry.stamp = stamp;
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(source) => {
+                    let e = Error::SourceRead { path, source };
+                    self.broken
+                        .insert(name.clone(), crate::error::chain_text(&e));
+                    errors.push(e);
+                    continue;
+                }
+            };
             if !entry.exact || entry.cache.has_global() {
                 return self.read_all(listing, modified);
             }
@@ -339,12 +340,6 @@ impl FileSource {
             modified,
             errors,
         }))
-    }
-
-    fn mark_seen(&mut self, name: &OsString, stamp: Stamp) {
-        if let Some(e) = self.files.get_mut(name) {
-            e.stamp = stamp;
-        }
     }
 
     /// Every file, read afresh (on both cores) and checked together. On an error nothing
@@ -463,13 +458,6 @@ fn newest(files: &[(OsString, Stamp)]) -> SystemTime {
         .map(|(_, st)| st.modified)
         .max()
         .unwrap_or_else(SystemTime::now)
-}
-
-fn has_global(o: &Objects) -> bool {
-    !o.nodes.is_empty()
-        || !o.service_cidrs.is_empty()
-        || !o.ip_pools.is_empty()
-        || !o.l2_adverts.is_empty()
 }
 
 fn is_empty(o: &Objects) -> bool {
@@ -662,6 +650,19 @@ mod tests {
             poll(&mut src, &mut state).0,
             1,
             "pools elsewhere do not stop a change"
+        );
+        assert_eq!(state, whole(&[&b3, &c5, &e3, pool]));
+
+        // A new file that cannot be read (not UTF-8) is reported once, not at every poll.
+        std::fs::write(d.0.join("latin1.yaml"), b"kind: \xe9\n").unwrap();
+        let (_, errors) = poll(&mut src, &mut state);
+        assert!(
+            errors.len() == 1 && errors[0].contains("latin1.yaml"),
+            "{errors:?}"
+        );
+        assert!(
+            src.poll().unwrap().is_none(),
+            "an unreadable file was read again"
         );
         assert_eq!(state, whole(&[&b3, &c5, &e3, pool]));
     }
