@@ -600,7 +600,12 @@ impl Agent {
         }
         self.file_woken = false;
         self.last_file_poll = Some(now);
-        let polled = match files.poll() {
+        let read_started = Instant::now();
+        let polled = files.poll();
+        if let Ok(Some(_)) = &polled {
+            log::debug!("source read in {:?}", read_started.elapsed());
+        }
+        let polled = match polled {
             Ok(None) => return idle(self),
             Ok(Some(p)) => Ok(p),
             // The caller reports a source that cannot be read (once while it lasts).
@@ -856,10 +861,12 @@ impl Agent {
         full: bool,
     ) -> Result<(), Error> {
         use crate::model::incremental::Update;
+        let started = Instant::now();
         let update = match change {
             Some(c) => self.translator.apply(c, &self.node),
             None => Update::Delta(vec![]),
         };
+        log::debug!("incremental translation in {:?}", started.elapsed());
         let deltas = match update {
             Update::Delta(d) if !full && !self.need_full && self.last_full.is_some() => d,
             _ => return self.program_full(now, sync),
@@ -959,12 +966,17 @@ impl Agent {
             .find(|n| n.metadata.name.as_deref() == node_name);
         self.node_health.set_node_eligible(node_eligible(node));
         let desired = self.translator.full(&self.node);
+        let translated = started.elapsed();
         self.last_full = Some(now);
         self.need_full = false;
         let result = self
             .programmer
             .apply(&desired, &mut self.maps, now)
             .map_err(Error::from);
+        log::debug!(
+            "full pass: translated in {translated:?}, applied in {:?}",
+            started.elapsed() - translated
+        );
         let refusals = self.programmer.refusals();
         // Warnings: the translation's and what did not fit; each is logged once while it
         // lasts.

@@ -825,7 +825,7 @@ fn real_cluster_source_follows_services_and_slices() {
             slices: o
                 .slices
                 .iter()
-                .filter(|s| s.metadata.namespace.as_deref() == Some(ns_name.as_str()))
+                .filter(|s| s.namespace.as_deref() == Some(ns_name.as_str()))
                 .cloned()
                 .collect(),
             ..Default::default()

@@ -22,10 +22,11 @@ use std::{
     net::Ipv4Addr,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
 
 use crate::{
     dataplane::programmer::PortChange,
+    model::slice::Slice,
     model::translate::{
         self, Desired, HealthCheck, NodeContext, Proto, ServiceOutput, SvcPort, Warning,
         WarningKind,
@@ -41,7 +42,7 @@ pub type Key = (String, String);
 #[derive(Debug, Clone, Default)]
 pub struct Change {
     pub services: Vec<(Key, Option<Service>)>,
-    pub slices: Vec<(Key, Option<EndpointSlice>)>,
+    pub slices: Vec<(Key, Option<Slice>)>,
 }
 
 impl Change {
@@ -155,23 +156,18 @@ impl Totals {
     }
 }
 
-fn slice_key(s: &EndpointSlice, i: usize) -> Key {
-    let ns = s
-        .metadata
-        .namespace
-        .as_deref()
-        .filter(|n| !n.is_empty())
-        .unwrap_or("default");
+fn slice_key(s: &Slice, i: usize) -> Key {
+    let ns = s.namespace_or_default();
     // A slice from a manifest may have only generateName: such slices cannot collide, so
     // each gets a key of its own (no change ever names it: its document changing goes
     // full).
-    match s.metadata.name.as_deref() {
+    match s.name.as_deref() {
         Some(n) if !n.is_empty() => (ns.to_string(), n.to_string()),
         _ => (ns.to_string(), format!("\0{i}")),
     }
 }
 
-fn owner_key(s: &EndpointSlice) -> Option<Key> {
+fn owner_key(s: &Slice) -> Option<Key> {
     translate::slice_owner(s).map(|(ns, n)| (ns.to_string(), n.to_string()))
 }
 
@@ -288,7 +284,7 @@ impl Translator {
             let new = match self.svc_idx.get(&key) {
                 None => ServiceOutput::default(),
                 Some(&i) => {
-                    let slices: Vec<&EndpointSlice> = self
+                    let slices: Vec<&Slice> = self
                         .owned
                         .get(&key)
                         .into_iter()
@@ -366,7 +362,7 @@ impl Translator {
         }
     }
 
-    fn put_slice(&mut self, key: Key, slice: Option<EndpointSlice>) {
+    fn put_slice(&mut self, key: Key, slice: Option<Slice>) {
         if let Some(&i) = self.slice_idx.get(&key)
             && let Some(owner) = owner_key(&self.objs.slices[i])
             && let Some(set) = self.owned.get_mut(&owner)
@@ -390,7 +386,7 @@ impl Translator {
                 self.objs.slices.swap_remove(i);
                 if let Some(moved) = self.objs.slices.get(i) {
                     let last = self.objs.slices.len();
-                    let filed = match moved.metadata.name.as_deref() {
+                    let filed = match moved.name.as_deref() {
                         Some(n) if !n.is_empty() => slice_key(moved, last),
                         // A nameless one is filed under its first position: looked up
                         // (rare: only manifests have them).
@@ -523,7 +519,7 @@ mod tests {
         .unwrap()
     }
 
-    fn slice(rng: &mut Rng, ns: &str, name: &str, owner: &str) -> EndpointSlice {
+    fn slice(rng: &mut Rng, ns: &str, name: &str, owner: &str) -> Slice {
         let endpoints: Vec<_> = (0..rng.below(5))
             .map(|_| {
                 let ready = rng.below(4) != 0;
@@ -537,7 +533,7 @@ mod tests {
                 })
             })
             .collect();
-        serde_json::from_value(json!({
+        let api: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(json!({
             "metadata": {"name": name, "namespace": ns,
                          "labels": {"kubernetes.io/service-name": owner}},
             "addressType": "IPv4",
@@ -545,14 +541,15 @@ mod tests {
                       {"name": "dns", "port": 5353, "protocol": "UDP"}],
             "endpoints": endpoints,
         }))
-        .unwrap()
+        .unwrap();
+        Slice::from_api(&api)
     }
 
     /// A random change of one to three objects, applied to `svcs`/`slices` too.
     fn change(
         rng: &mut Rng,
         svcs: &mut BTreeMap<Key, Service>,
-        slices: &mut BTreeMap<Key, EndpointSlice>,
+        slices: &mut BTreeMap<Key, Slice>,
     ) -> Change {
         let mut c = Change::default();
         for _ in 0..1 + rng.below(3) {
@@ -741,7 +738,7 @@ mod tests {
     fn a_change_touches_only_its_service() {
         let mut rng = Rng(7);
         let mut svcs: BTreeMap<Key, Service> = BTreeMap::new();
-        let mut slices: BTreeMap<Key, EndpointSlice> = BTreeMap::new();
+        let mut slices: BTreeMap<Key, Slice> = BTreeMap::new();
         let mut tr = Translator::new();
         let mut objs = Objects::default();
         for i in 0..50 {
@@ -765,9 +762,15 @@ mod tests {
         let before = tr.totals();
         let key: Key = ("dev".into(), "a7-0".into());
         let mut sl = slices[&key].clone();
-        sl.endpoints = Some(vec![
-            serde_json::from_value(json!({"addresses": ["10.244.9.9"], "nodeName": "n2"})).unwrap(),
-        ]);
+        sl.endpoints = [crate::model::slice::Endpoint {
+            addr: Some(Ipv4Addr::new(10, 244, 9, 9)),
+            ready: None,
+            serving: None,
+            terminating: None,
+            node_name: Some("n2".into()),
+            hints: None,
+        }]
+        .into();
         let Update::Delta(ds) = tr.apply(
             Change {
                 services: vec![],

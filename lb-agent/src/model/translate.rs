@@ -14,15 +14,15 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::ops::RangeInclusive;
 
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
 pub use lb_common::ServiceType;
 
 use crate::model::addresses::Cidr4;
 use crate::model::lb_addresses::{self, LbAddress};
 use crate::model::lbipam;
+use crate::model::slice::Slice;
 use crate::model::topology::{self, Candidate, Place};
-use crate::source::yaml::{Objects, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
+use crate::source::yaml::{Objects, SERVICE_PROXY_NAME_LABEL};
 
 /// The node the agent runs on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,7 +68,7 @@ impl Default for NodeContext {
 /// The label kube-proxy reads a node's zone from.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub enum Proto {
     Tcp,
     Udp,
@@ -93,7 +93,7 @@ impl Proto {
 
     /// `protocol` as it appears in a Service or EndpointSlice port (unset means TCP); the
     /// error is the unsupported name.
-    fn from_k8s(p: Option<&str>) -> Result<Proto, &str> {
+    pub(crate) fn from_k8s(p: Option<&str>) -> Result<Proto, &str> {
         match p.unwrap_or("TCP") {
             "TCP" => Ok(Proto::Tcp),
             "UDP" => Ok(Proto::Udp),
@@ -529,17 +529,13 @@ pub struct ServiceOutput {
 /// part of the whole translation as long as no other Service claims one of its frontends
 /// and no address pool assigns it a LoadBalancer address ([`crate::model::incremental`]
 /// checks both).
-pub fn translate_service(
-    svc: &Service,
-    slices: &[&EndpointSlice],
-    node: &NodeContext,
-) -> ServiceOutput {
+pub fn translate_service(svc: &Service, slices: &[&Slice], node: &NodeContext) -> ServiceOutput {
     let key = (namespace(svc), name(svc));
-    let owned: Vec<&EndpointSlice> = slices
+    let owned: Vec<&Slice> = slices
         .iter()
         .copied()
-        .filter(|s| !is_headless_labelled(&s.metadata))
-        .filter(|s| slice_owner(s).is_some_and(|(ns, owner)| (ns, owner) == key))
+        .filter(|s| !s.headless)
+        .filter(|s| s.owner().is_some_and(|(ns, owner)| (ns, owner) == key))
         .collect();
     let mut out = Desired {
         service_order: vec![(key.0.to_string(), key.1.to_string())],
@@ -560,15 +556,8 @@ pub fn translate_service(
 
 /// (namespace, name) of the Service an EndpointSlice belongs to (its
 /// `kubernetes.io/service-name` label), None without one.
-pub fn slice_owner(s: &EndpointSlice) -> Option<(&str, &str)> {
-    let owner = s.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-    let ns = s
-        .metadata
-        .namespace
-        .as_deref()
-        .filter(|n| !n.is_empty())
-        .unwrap_or("default");
-    Some((ns, owner.as_str()))
+pub fn slice_owner(s: &Slice) -> Option<(&str, &str)> {
+    s.owner()
 }
 
 /// (namespace, name) of a Service, the namespace defaulted as the translation does.
@@ -649,9 +638,9 @@ fn svc_type(spec: &ServiceSpec) -> SvcType {
 }
 
 /// Slices by (namespace, owning service name).
-fn index_slices(slices: &[EndpointSlice]) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
+fn index_slices(slices: &[Slice]) -> BTreeMap<(&str, &str), Vec<&Slice>> {
     let mut by_svc: BTreeMap<_, Vec<_>> = BTreeMap::new();
-    for s in slices.iter().filter(|s| !is_headless_labelled(&s.metadata)) {
+    for s in slices.iter().filter(|s| !s.headless) {
         if let Some(owner) = slice_owner(s) {
             by_svc.entry(owner).or_default().push(s);
         }
@@ -676,7 +665,7 @@ fn valid_port(p: i32) -> Option<u16> {
 
 fn program_service(
     svc: &Service,
-    slices: &[&EndpointSlice],
+    slices: &[&Slice],
     node: &NodeContext,
     granted: &[Ipv4Addr],
     out: &mut Desired,
@@ -994,41 +983,40 @@ fn wants_node_ports_or_external(ty: ServiceType, external: &[(Ipv4Addr, Frontend
 }
 
 fn candidates(
-    slices: &[&EndpointSlice],
+    slices: &[&Slice],
     port_name: &str,
     proto: Proto,
     node: &NodeContext,
 ) -> Vec<Candidate> {
     let mut out: Vec<Candidate> = Vec::new();
     for slice in slices {
-        if slice.address_type != "IPv4" {
+        if !slice.ipv4 {
             continue;
         }
         // The slice's port carries the resolved targetPort for its endpoints, which is how a
         // named targetPort can map to different numbers in different pods.
-        let target = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or("") == port_name
-                && Proto::from_k8s(p.protocol.as_deref()) == Ok(proto)
-        });
+        let target = slice
+            .ports
+            .iter()
+            .find(|p| &*p.name == port_name && p.proto == Some(proto));
         // A slice port without a number means "all ports", which a port-translating proxy
         // cannot use.
         let Some(port) = target.and_then(|p| p.port).and_then(valid_port) else {
             continue;
         };
-        for ep in slice.endpoints.iter().flatten() {
+        for ep in slice.endpoints.iter() {
             // Addresses of one endpoint are fungible; kube-proxy uses the first too.
-            let Some(addr) = ep.addresses.first().and_then(|a| a.parse().ok()) else {
+            let Some(addr) = ep.addr else {
                 continue;
             };
             // API defaults: ready unset means ready; serving unset means "as ready";
             // terminating unset means not terminating.
-            let c = ep.conditions.as_ref();
-            let ready = c.and_then(|c| c.ready).unwrap_or(true);
-            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-            let node_name = ep.node_name.clone();
+            let ready = ep.ready.unwrap_or(true);
+            let serving = ep.serving.unwrap_or(ready);
+            let terminating = ep.terminating.unwrap_or(false);
+            let node_name = ep.node_name.as_deref().map(str::to_string);
             let local = !node.node_name.is_empty() && node_name.as_deref() == Some(&node.node_name);
-            let hints = ep.hints.as_ref();
+            let hints = ep.hints.as_deref();
             out.push(Candidate {
                 spec: BackendSpec {
                     addr,
@@ -1039,18 +1027,8 @@ fn candidates(
                 ready,
                 serving,
                 terminating,
-                zone_hints: hints
-                    .and_then(|h| h.for_zones.as_ref())
-                    .into_iter()
-                    .flatten()
-                    .map(|z| z.name.clone())
-                    .collect(),
-                node_hints: hints
-                    .and_then(|h| h.for_nodes.as_ref())
-                    .into_iter()
-                    .flatten()
-                    .map(|n| n.name.clone())
-                    .collect(),
+                zone_hints: hints.map(|h| h.zones.clone()).unwrap_or_default(),
+                node_hints: hints.map(|h| h.nodes.clone()).unwrap_or_default(),
             });
         }
     }
@@ -1915,9 +1893,7 @@ mod tests {
             o.slices.rotate_left(rot % objs.slices.len());
             o.slices.reverse();
             for s in o.slices.iter_mut() {
-                if let Some(eps) = s.endpoints.as_mut() {
-                    eps.reverse();
-                }
+                s.endpoints.reverse();
             }
             let mut n = node();
             n.node_addrs.reverse();

@@ -216,8 +216,8 @@ pub(crate) fn push_upserts(
     }
     for s in objs.slices {
         let key = (
-            s.metadata.namespace.clone().unwrap_or_default(),
-            s.metadata.name.clone().unwrap_or_default(),
+            s.namespace.clone().unwrap_or_default(),
+            s.name.clone().unwrap_or_default(),
         );
         upserted.insert((Kind::Slice, key.clone()));
         change.slices.push((key, Some(s)));
@@ -245,8 +245,8 @@ fn keys_of(objs: &Objects) -> Option<Vec<(Kind, Key)>> {
         .map(|s| (Kind::Service, svc_key(s)))
         .collect();
     for s in &objs.slices {
-        let name = s.metadata.name.clone().filter(|n| !n.is_empty())?;
-        let ns = s.metadata.namespace.clone().unwrap_or_default();
+        let name = s.name.clone().filter(|n| !n.is_empty())?;
+        let ns = s.namespace.clone().unwrap_or_default();
         keys.push((Kind::Slice, (ns, name)));
     }
     Some(keys)
@@ -590,11 +590,8 @@ impl FileCache {
                             .map(|s| (Kind::Service, svc_key(s)))
                             .collect();
                         k.extend(objs.slices.iter().filter_map(|s| {
-                            let name = s.metadata.name.clone().filter(|n| !n.is_empty())?;
-                            Some((
-                                Kind::Slice,
-                                (s.metadata.namespace.clone().unwrap_or_default(), name),
-                            ))
+                            let name = s.name.clone().filter(|n| !n.is_empty())?;
+                            Some((Kind::Slice, (s.namespace.clone().unwrap_or_default(), name)))
                         }));
                         (k, true)
                     }
@@ -686,8 +683,8 @@ pub(crate) mod tests {
             m.insert(
                 format!(
                     "slice {}/{}",
-                    s.metadata.namespace.clone().unwrap_or_default(),
-                    s.metadata.name.clone().unwrap_or_default()
+                    s.namespace.clone().unwrap_or_default(),
+                    s.name.clone().unwrap_or_default()
                 ),
                 serde_json::to_string(s).unwrap(),
             );

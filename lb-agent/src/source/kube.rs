@@ -76,7 +76,7 @@ use kube::{
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
-    model::translate::ServiceEvent,
+    model::{slice::Slice, translate::ServiceEvent},
     source::{
         metallb::{self, IpAddressPool, L2Advertisement},
         yaml::{Objects, SERVICE_NAME_LABEL},
@@ -153,7 +153,7 @@ pub fn change_of(
     services: &BTreeSet<Key>,
     slices: &BTreeSet<Key>,
 ) -> crate::model::incremental::Change {
-    fn find<'a, K: Resource>(list: &'a [K], k: &Key) -> Option<&'a K> {
+    fn find<'a, K: Keyed>(list: &'a [K], k: &Key) -> Option<&'a K> {
         list.binary_search_by(|o| cmp_key(o, k))
             .ok()
             .map(|i| &list[i])
@@ -170,13 +170,32 @@ pub fn change_of(
     }
 }
 
-fn cmp_key<K: Resource>(o: &K, k: &Key) -> std::cmp::Ordering {
-    let m = o.meta();
-    (
-        m.namespace.as_deref().unwrap_or_default(),
-        m.name.as_deref().unwrap_or_default(),
-    )
-        .cmp(&(k.0.as_str(), k.1.as_str()))
+/// What a snapshot's lists are sorted by: (namespace, name) as the object has them.
+trait Keyed {
+    fn ns_name(&self) -> (&str, &str);
+}
+
+impl Keyed for Service {
+    fn ns_name(&self) -> (&str, &str) {
+        let m = &self.metadata;
+        (
+            m.namespace.as_deref().unwrap_or_default(),
+            m.name.as_deref().unwrap_or_default(),
+        )
+    }
+}
+
+impl Keyed for Slice {
+    fn ns_name(&self) -> (&str, &str) {
+        (
+            self.namespace.as_deref().unwrap_or_default(),
+            self.name.as_deref().unwrap_or_default(),
+        )
+    }
+}
+
+fn cmp_key<K: Keyed>(o: &K, k: &Key) -> std::cmp::Ordering {
+    o.ns_name().cmp(&(k.0.as_str(), k.1.as_str()))
 }
 
 /// Changes seen by the watchers since the last snapshot.
@@ -851,7 +870,7 @@ async fn publish(
                         .slices
                         .get(&ObjectRef::new(&k.1).within(&k.0))
                         .filter(|s| usable_slice(s))
-                        .map(|s| (*s).clone())
+                        .map(|s| Slice::from_api(&s))
                 });
                 cur = Some(objs);
                 Some(Arc::new(Step {
@@ -903,7 +922,7 @@ async fn publish(
 
 /// Brings `list` (sorted by namespace and name) up to date for `keys`: `get` gives an
 /// object's current state (None: gone or not used).
-fn patch<K: Resource>(list: &mut Vec<K>, keys: &BTreeSet<Key>, get: impl Fn(&Key) -> Option<K>) {
+fn patch<K: Keyed>(list: &mut Vec<K>, keys: &BTreeSet<Key>, get: impl Fn(&Key) -> Option<K>) {
     for k in keys {
         match (list.binary_search_by(|o| cmp_key(o, k)), get(k)) {
             (Ok(i), Some(o)) => list[i] = o,
@@ -943,14 +962,14 @@ pub fn snapshot_checked(stores: &Stores) -> (Objects, Vec<String>) {
                 }
             })
             .collect();
-    let mut sl: Vec<EndpointSlice> = stores
+    let mut sl: Vec<Slice> = stores
         .slices
         .state()
         .iter()
         .filter(|s| usable_slice(s))
-        .map(|s| (**s).clone())
+        .map(|s| Slice::from_api(s))
         .collect();
-    sl.sort_by_key(key);
+    sl.sort_by(|a, b| a.ns_name().cmp(&b.ns_name()));
     let objs = Objects {
         services: sorted(&stores.services),
         slices: sl,
@@ -1316,11 +1335,11 @@ mod tests {
         assert!(!newer(Some("abc"), "9"));
     }
 
-    fn named(ns: &str, name: &str) -> EndpointSlice {
+    fn named(ns: &str, name: &str) -> Slice {
         let mut s = slice("IPv4", Some("web"));
         s.metadata.namespace = Some(ns.into());
         s.metadata.name = Some(name.into());
-        s
+        Slice::from_api(&s)
     }
 
     fn k(ns: &str, name: &str) -> Key {
@@ -1333,7 +1352,7 @@ mod tests {
     #[test]
     fn snapshots_are_patched_and_say_what_changed() {
         let mut list = vec![named("a", "1"), named("b", "1"), named("b", "3")];
-        let now: BTreeMap<Key, EndpointSlice> = [
+        let now: BTreeMap<Key, Slice> = [
             (k("a", "0"), named("a", "0")),
             (k("b", "1"), named("b", "1")),
             (k("b", "2"), named("b", "2")),
@@ -1341,7 +1360,10 @@ mod tests {
         .into();
         let keys: BTreeSet<Key> = [k("a", "0"), k("a", "1"), k("b", "2"), k("b", "3")].into();
         patch(&mut list, &keys, |key| now.get(key).cloned());
-        let names: Vec<Key> = list.iter().map(key).collect();
+        let names: Vec<Key> = list
+            .iter()
+            .map(|s| (s.ns_name().0.to_string(), s.ns_name().1.to_string()))
+            .collect();
         assert_eq!(names, [k("a", "0"), k("b", "1"), k("b", "2")]);
 
         let step = |n: u64, slices: &[Key]| {

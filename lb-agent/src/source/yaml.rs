@@ -20,6 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_yaml::{Mapping, Value};
 
 use super::metallb::{self, AddrRange, IpAddressPool, L2Advertisement, METALLB_API_VERSION};
+use crate::model::slice::Slice;
 
 /// Label tying an EndpointSlice to its Service (same namespace).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -37,7 +38,8 @@ pub const SERVICE_CIDR_API_VERSION: &str = "networking.k8s.io/v1";
 #[derive(Debug, Clone, Default)]
 pub struct Objects {
     pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
+    /// As the translation reads them ([`Slice`]), validated as API objects first.
+    pub slices: Vec<Slice>,
     /// Node objects (the agent uses its own: zone label for topology, deletion for
     /// `/healthz` on the node health port).
     pub nodes: Vec<Node>,
@@ -213,7 +215,7 @@ impl Parser {
         (ENDPOINT_SLICE.validate)(&slice).map_err(|e| doc.invalid(e))?;
         // Slices created from a manifest may have only generateName; those cannot collide.
         doc.once(&mut self.seen.slices)?;
-        self.out.slices.push(slice);
+        self.out.slices.push(Slice::from_api(&slice));
         Ok(())
     }
 
@@ -883,8 +885,8 @@ endpoints:
             Some("nginx-service")
         );
         assert_eq!(
-            objs.slices[0].endpoints.as_ref().unwrap()[0].addresses[0],
-            "10.0.0.1"
+            objs.slices[0].endpoints[0].addr,
+            Some(Ipv4Addr::new(10, 0, 0, 1))
         );
     }
 
