@@ -958,7 +958,6 @@ impl Programmer {
                     addr,
                     port,
                     local: b.value.flags & BE_LOCAL != 0,
-                    node_name: None,
                 })
                 .collect();
             let port = port.to_mut();
@@ -2069,7 +2068,6 @@ pub(crate) mod tests {
                     addr: addr(0x10_0000 + i * 64 + j),
                     port: 8080,
                     local: false,
-                    node_name: None,
                 })
                 .collect(),
             draining: vec![],

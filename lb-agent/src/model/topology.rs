@@ -20,6 +20,8 @@ use super::translate::BackendSpec;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
     pub spec: BackendSpec,
+    /// `nodeName`: part of the order in which duplicates are settled, as it was.
+    pub node_name: Option<String>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -135,8 +137,8 @@ mod tests {
                 addr: Ipv4Addr::new(10, 244, 0, last),
                 port: 8080,
                 local: here,
-                node_name: Some(node.into()),
             },
+            node_name: Some(node.into()),
             ready: true,
             serving: true,
             terminating: false,

@@ -154,9 +154,9 @@ impl fmt::Display for SvcPortId {
 pub struct BackendSpec {
     pub addr: Ipv4Addr,
     pub port: u16,
-    /// The endpoint runs on this node.
+    /// The endpoint runs on this node (its `nodeName` is this node's; the name itself is
+    /// not kept: every programmed backend of every port would carry a copy).
     pub local: bool,
-    pub node_name: Option<String>,
 }
 
 impl BackendSpec {
@@ -1018,12 +1018,8 @@ fn candidates(
             let local = !node.node_name.is_empty() && node_name.as_deref() == Some(&node.node_name);
             let hints = ep.hints.as_deref();
             out.push(Candidate {
-                spec: BackendSpec {
-                    addr,
-                    port,
-                    local,
-                    node_name,
-                },
+                spec: BackendSpec { addr, port, local },
+                node_name,
                 ready,
                 serving,
                 terminating,
@@ -1039,6 +1035,7 @@ fn candidates(
     out.sort_by(|a, b| {
         (
             &a.spec,
+            &a.node_name,
             !a.ready,
             !a.serving,
             a.terminating,
@@ -1047,6 +1044,7 @@ fn candidates(
         )
             .cmp(&(
                 &b.spec,
+                &b.node_name,
                 !b.ready,
                 !b.serving,
                 b.terminating,
@@ -1269,7 +1267,6 @@ mod tests {
             addr: ip(addr),
             port,
             local: node_name == "node-a",
-            node_name: Some(node_name.to_string()),
         }
     }
 
@@ -1519,7 +1516,7 @@ mod tests {
             port(&d, "dev/web:http/TCP")
                 .backends
                 .iter()
-                .all(|b| !b.local && b.node_name.is_none())
+                .all(|b| !b.local)
         );
     }
 

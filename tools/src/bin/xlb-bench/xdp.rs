@@ -342,7 +342,6 @@ fn desired(services: u32, backends: u32, local: bool) -> Desired {
                     addr: addr(BACKEND_BASE + i * backends + j),
                     port: BACKEND_PORT,
                     local,
-                    node_name: None,
                 })
                 .collect();
             port(format!("svc-{i:06}"), frontend_of(i), bes)
@@ -356,7 +355,6 @@ fn desired(services: u32, backends: u32, local: bool) -> Desired {
             addr: self_fe.0,
             port: self_fe.1,
             local: true,
-            node_name: None,
         }],
     ));
     ports.sort_by(|a, b| a.id.cmp(&b.id));
