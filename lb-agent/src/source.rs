@@ -5,6 +5,7 @@
 pub mod docs;
 pub mod files;
 pub mod kube;
+pub mod kube_slice;
 pub mod metallb;
 pub mod watch;
 pub mod yaml;

@@ -411,9 +411,15 @@ impl ApiServer {
     }
 
     /// Makes the stored Services, EndpointSlices, Nodes, ServiceCIDRs and MetalLB
-    /// IPAddressPools and L2Advertisements equal to `objs` (creates, updates only what
-    /// differs, deletes the rest), one change at a time as controllers would.
-    pub fn sync_objects(&self, objs: &lb_agent::source::yaml::Objects) -> Result<()> {
+    /// IPAddressPools and L2Advertisements equal to `objs` and `slices` (creates, updates
+    /// only what differs, deletes the rest), one change at a time as controllers would.
+    /// `slices` are the API objects of `objs.slices` (which keeps only what the agent reads:
+    /// `yaml::parse_api_slices` gives them).
+    pub fn sync_objects(
+        &self,
+        objs: &lb_agent::source::yaml::Objects,
+        slices: &[k8s_openapi::api::discovery::v1::EndpointSlice],
+    ) -> Result<()> {
         use lb_agent::source::metallb::METALLB_API_VERSION;
         // MetalLB's types carry no apiVersion/kind of their own.
         let typed = |v: serde_json::Result<Value>, kind: &str| {
@@ -428,7 +434,7 @@ impl ApiServer {
             .services
             .iter()
             .map(serde_json::to_value)
-            .chain(objs.slices.iter().map(serde_json::to_value))
+            .chain(slices.iter().map(serde_json::to_value))
             .chain(objs.nodes.iter().map(serde_json::to_value))
             .chain(objs.service_cidrs.iter().map(serde_json::to_value))
             .chain(

@@ -435,7 +435,8 @@ impl Cluster {
     pub fn write_manifest(&self, yaml: &str) -> Result<()> {
         if let Some(api) = &self.api {
             let objs = lb_agent::source::yaml::parse_objects(yaml)?;
-            return api.sync_objects(&objs);
+            let slices = lb_agent::source::yaml::parse_api_slices(yaml)?;
+            return api.sync_objects(&objs, &slices);
         }
         if self.manifest.is_dir() {
             return self.write_manifest_file("all.yaml", yaml);

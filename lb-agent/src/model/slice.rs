@@ -9,7 +9,10 @@
 //! it as the API type ([`Slice::from_api`]), so errors still name the API's fields.
 use std::net::Ipv4Addr;
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::{
+    api::discovery::v1::{EndpointConditions, EndpointHints, EndpointPort, EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use serde::Serialize;
 
 use crate::{
@@ -60,6 +63,49 @@ pub struct Endpoint {
     pub hints: Option<Box<Hints>>,
 }
 
+impl SlicePort {
+    pub fn from_api(p: &EndpointPort) -> Self {
+        Self {
+            name: p.name.as_deref().unwrap_or("").into(),
+            proto: Proto::from_k8s(p.protocol.as_deref()).ok(),
+            port: p.port,
+        }
+    }
+}
+
+impl Endpoint {
+    /// The endpoint of these API fields (`addresses`, `conditions`, `nodeName`, `hints`).
+    pub fn from_api(
+        addresses: &[String],
+        conditions: Option<&EndpointConditions>,
+        node_name: Option<&str>,
+        hints: Option<&EndpointHints>,
+    ) -> Self {
+        let hints = hints.map(|h| Hints {
+            zones: h
+                .for_zones
+                .iter()
+                .flatten()
+                .map(|z| z.name.clone())
+                .collect(),
+            nodes: h
+                .for_nodes
+                .iter()
+                .flatten()
+                .map(|n| n.name.clone())
+                .collect(),
+        });
+        Endpoint {
+            addr: addresses.first().and_then(|a| a.parse().ok()),
+            ready: conditions.and_then(|c| c.ready),
+            serving: conditions.and_then(|c| c.serving),
+            terminating: conditions.and_then(|c| c.terminating),
+            node_name: node_name.map(Into::into),
+            hints: hints.map(Box::new),
+        }
+    }
+}
+
 /// `hints.forZones[].name` and `hints.forNodes[].name`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct Hints {
@@ -71,53 +117,42 @@ impl Slice {
     /// The slice of an API object (validated or not: what the translation cannot use
     /// reads as above).
     pub fn from_api(s: &EndpointSlice) -> Self {
-        let labels = s.metadata.labels.as_ref();
-        Self {
-            namespace: s.metadata.namespace.clone(),
-            name: s.metadata.name.clone(),
-            service: labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).cloned(),
-            headless: labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)),
-            ipv4: s.address_type == "IPv4",
-            ports: s
-                .ports
-                .iter()
-                .flatten()
-                .map(|p| SlicePort {
-                    name: p.name.as_deref().unwrap_or("").into(),
-                    proto: Proto::from_k8s(p.protocol.as_deref()).ok(),
-                    port: p.port,
-                })
-                .collect(),
-            endpoints: s
-                .endpoints
+        Self::from_parts(
+            &s.metadata,
+            &s.address_type,
+            s.ports.iter().flatten().map(SlicePort::from_api).collect(),
+            s.endpoints
                 .iter()
                 .flatten()
                 .map(|ep| {
-                    let c = ep.conditions.as_ref();
-                    let hints = ep.hints.as_ref().map(|h| Hints {
-                        zones: h
-                            .for_zones
-                            .iter()
-                            .flatten()
-                            .map(|z| z.name.clone())
-                            .collect(),
-                        nodes: h
-                            .for_nodes
-                            .iter()
-                            .flatten()
-                            .map(|n| n.name.clone())
-                            .collect(),
-                    });
-                    Endpoint {
-                        addr: ep.addresses.first().and_then(|a| a.parse().ok()),
-                        ready: c.and_then(|c| c.ready),
-                        serving: c.and_then(|c| c.serving),
-                        terminating: c.and_then(|c| c.terminating),
-                        node_name: ep.node_name.as_deref().map(Into::into),
-                        hints: hints.map(Box::new),
-                    }
+                    Endpoint::from_api(
+                        &ep.addresses,
+                        ep.conditions.as_ref(),
+                        ep.node_name.as_deref(),
+                        ep.hints.as_ref(),
+                    )
                 })
                 .collect(),
+        )
+    }
+
+    /// The slice with these metadata and `addressType`, ports and endpoints (the kube
+    /// source builds them from the API's JSON without the API type: `source::kube_slice`).
+    pub fn from_parts(
+        meta: &ObjectMeta,
+        address_type: &str,
+        ports: Box<[SlicePort]>,
+        endpoints: Box<[Endpoint]>,
+    ) -> Self {
+        let labels = meta.labels.as_ref();
+        Self {
+            namespace: meta.namespace.clone(),
+            name: meta.name.clone(),
+            service: labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).cloned(),
+            headless: labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)),
+            ipv4: address_type == "IPv4",
+            ports,
+            endpoints,
         }
     }
 

@@ -59,11 +59,10 @@ use anyhow::{Context as _, Result};
 use futures_util::StreamExt as _;
 use k8s_openapi::api::{
     core::v1::{LoadBalancerIngress, Node, ObjectReference, Service},
-    discovery::v1::EndpointSlice,
     networking::v1::ServiceCIDR,
 };
 use kube::{
-    Api, Client, Resource, ResourceExt as _,
+    Api, Client, Resource,
     api::{Patch, PatchParams},
     core::{ApiResource, DynamicObject, GroupVersionKind},
     runtime::{
@@ -78,8 +77,9 @@ use tokio::{sync::watch, task::JoinHandle};
 use crate::{
     model::{slice::Slice, translate::ServiceEvent},
     source::{
+        kube_slice::KubeSlice,
         metallb::{self, IpAddressPool, L2Advertisement},
-        yaml::{Objects, SERVICE_NAME_LABEL},
+        yaml::Objects,
     },
 };
 
@@ -297,7 +297,7 @@ impl KubeSource {
 
     pub fn start_with(client: Client, node_name: &str, debounce: Duration) -> Self {
         let (svc_reader, svc_writer) = reflector::store::<Service>();
-        let (slice_reader, slice_writer) = reflector::store::<EndpointSlice>();
+        let (slice_reader, slice_writer) = reflector::store::<KubeSlice>();
         let (node_reader, node_writer) = reflector::store::<Node>();
         let (cidr_reader, cidr_writer) = reflector::store::<ServiceCIDR>();
         let pool_writer = reflector::store::Writer::new(ip_pool_resource());
@@ -325,7 +325,7 @@ impl KubeSource {
                 d(Track::Services),
             )),
             tokio::spawn(follow(
-                Api::<EndpointSlice>::all(client.clone()),
+                Api::<KubeSlice>::all(client.clone()),
                 all(),
                 slice_writer,
                 "EndpointSlices",
@@ -791,7 +791,7 @@ async fn follow<K>(
 #[derive(Clone)]
 pub struct Stores {
     pub services: Store<Service>,
-    pub slices: Store<EndpointSlice>,
+    pub slices: Store<KubeSlice>,
     /// The agent's own Node (none or one).
     pub nodes: Store<Node>,
     pub service_cidrs: Store<ServiceCIDR>,
@@ -870,7 +870,7 @@ async fn publish(
                         .slices
                         .get(&ObjectRef::new(&k.1).within(&k.0))
                         .filter(|s| usable_slice(s))
-                        .map(|s| Slice::from_api(&s))
+                        .map(|s| s.slice.clone())
                 });
                 cur = Some(objs);
                 Some(Arc::new(Step {
@@ -967,7 +967,7 @@ pub fn snapshot_checked(stores: &Stores) -> (Objects, Vec<String>) {
         .state()
         .iter()
         .filter(|s| usable_slice(s))
-        .map(|s| Slice::from_api(s))
+        .map(|s| s.slice.clone())
         .collect();
     sl.sort_by(|a, b| a.ns_name().cmp(&b.ns_name()));
     let objs = Objects {
@@ -1084,16 +1084,15 @@ fn key<K: Resource>(o: &K) -> (String, String) {
 }
 
 /// As the file source and kube-proxy: IPv4 slices that name their Service.
-pub fn usable_slice(s: &EndpointSlice) -> bool {
-    s.address_type == "IPv4"
-        && s.labels()
-            .get(SERVICE_NAME_LABEL)
-            .is_some_and(|n| !n.is_empty())
+pub fn usable_slice(s: &KubeSlice) -> bool {
+    s.address_type == "IPv4" && s.slice.service.as_deref().is_some_and(|n| !n.is_empty())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::yaml::SERVICE_NAME_LABEL;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use serde_json::json;
 
@@ -1112,11 +1111,12 @@ mod tests {
 
     #[test]
     fn only_ipv4_slices_owned_by_a_service_are_used() {
-        assert!(usable_slice(&slice("IPv4", Some("web"))));
-        assert!(!usable_slice(&slice("IPv6", Some("web"))));
-        assert!(!usable_slice(&slice("FQDN", Some("web"))));
-        assert!(!usable_slice(&slice("IPv4", None)));
-        assert!(!usable_slice(&slice("IPv4", Some(""))));
+        let usable = |s: EndpointSlice| usable_slice(&KubeSlice::from_api(&s));
+        assert!(usable(slice("IPv4", Some("web"))));
+        assert!(!usable(slice("IPv6", Some("web"))));
+        assert!(!usable(slice("FQDN", Some("web"))));
+        assert!(!usable(slice("IPv4", None)));
+        assert!(!usable(slice("IPv4", Some(""))));
     }
 
     #[test]
@@ -1163,11 +1163,14 @@ mod tests {
             metadata: named("a"),
             ..Default::default()
         }));
-        let (slices, mut w) = reflector::store::<EndpointSlice>();
-        w.apply_watcher_event(&Event::Apply(slice("IPv4", Some("a"))));
+        let (slices, mut w) = reflector::store::<KubeSlice>();
+        w.apply_watcher_event(&Event::Apply(KubeSlice::from_api(&slice(
+            "IPv4",
+            Some("a"),
+        ))));
         let mut v6 = slice("IPv6", Some("a"));
         v6.metadata.name = Some("s-v6".into());
-        w.apply_watcher_event(&Event::Apply(v6));
+        w.apply_watcher_event(&Event::Apply(KubeSlice::from_api(&v6)));
         let (nodes, mut w) = reflector::store::<Node>();
         w.apply_watcher_event(&Event::Apply(Node {
             metadata: named("n1"),
@@ -1281,7 +1284,7 @@ mod tests {
         )));
         let stores = Stores {
             services: reflector::store::<Service>().0,
-            slices: reflector::store::<EndpointSlice>().0,
+            slices: reflector::store::<KubeSlice>().0,
             nodes: reflector::store::<Node>().0,
             service_cidrs: reflector::store::<ServiceCIDR>().0,
             ip_pools: w.as_reader(),

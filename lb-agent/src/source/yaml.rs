@@ -78,12 +78,26 @@ pub enum ParseError {
 /// ServiceCIDRs, IPAddressPools and L2Advertisements in it (other kinds are skipped, as are
 /// `IPAddressPool`/`L2Advertisement` kinds of API groups other than `metallb.io`).
 pub fn parse_objects(text: &str) -> Result<Objects, ParseError> {
-    let mut p = Parser::default();
+    Ok(parse_with(text, Parser::default())?.out)
+}
+
+/// The EndpointSlices of `text` as API objects, read and checked as [`parse_objects`]
+/// reads them (which keeps only what the translation uses): for tools that hand a
+/// manifest's objects on, such as the tests' API server stand-in.
+pub fn parse_api_slices(text: &str) -> Result<Vec<EndpointSlice>, ParseError> {
+    let p = Parser {
+        api_slices: Some(Vec::new()),
+        ..Parser::default()
+    };
+    Ok(parse_with(text, p)?.api_slices.unwrap_or_default())
+}
+
+fn parse_with(text: &str, mut p: Parser) -> Result<Parser, ParseError> {
     if let Some(values) = json_values(text) {
         for (i, value) in values.into_iter().enumerate() {
             p.walk(value, i + 1, None)?;
         }
-        return Ok(p.out);
+        return Ok(p);
     }
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let doc = i + 1;
@@ -93,7 +107,7 @@ pub fn parse_objects(text: &str) -> Result<Objects, ParseError> {
         })?;
         p.walk(value, doc, None)?;
     }
-    Ok(p.out)
+    Ok(p)
 }
 
 /// `text` as JSON values (one or more, as `kubectl get -o json` writes them), or None when
@@ -118,6 +132,8 @@ struct Parser {
     seen_pools: HashMap<String, String>,
     /// Every pool's address entries so far: (pool, index in spec.addresses, range).
     pool_ranges: Vec<(String, usize, AddrRange)>,
+    /// Some: the EndpointSlices are also kept as API objects ([`parse_api_slices`]).
+    api_slices: Option<Vec<EndpointSlice>>,
 }
 
 /// Names seen per kind, as [`Doc::once`] records them.
@@ -216,6 +232,9 @@ impl Parser {
         // Slices created from a manifest may have only generateName; those cannot collide.
         doc.once(&mut self.seen.slices)?;
         self.out.slices.push(Slice::from_api(&slice));
+        if let Some(api) = &mut self.api_slices {
+            api.push(slice);
+        }
         Ok(())
     }
 
