@@ -20,6 +20,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::core::v1::Service;
@@ -41,7 +42,7 @@ pub type Key = (String, String);
 /// Namespaces are filled in as the sources do (`default` when empty).
 #[derive(Debug, Clone, Default)]
 pub struct Change {
-    pub services: Vec<(Key, Option<Service>)>,
+    pub services: Vec<(Key, Option<Arc<Service>>)>,
     pub slices: Vec<(Key, Option<Slice>)>,
 }
 
@@ -343,7 +344,7 @@ impl Translator {
         Update::Delta(deltas)
     }
 
-    fn put_service(&mut self, key: Key, svc: Option<Service>) {
+    fn put_service(&mut self, key: Key, svc: Option<Arc<Service>>) {
         match (self.svc_idx.get(&key).copied(), svc) {
             (Some(i), Some(s)) => self.objs.services[i] = s,
             (None, Some(s)) => {
@@ -574,7 +575,7 @@ mod tests {
                         Some(s) => svcs.insert(key.clone(), s.clone()),
                         None => svcs.remove(&key),
                     };
-                    c.services.push((key, s));
+                    c.services.push((key, s.map(Arc::new)));
                 }
             }
         }
@@ -692,7 +693,7 @@ mod tests {
                 }
                 // Full, from the objects as they are.
                 let objs = Objects {
-                    services: svcs.values().cloned().collect(),
+                    services: svcs.values().cloned().map(Arc::new).collect(),
                     slices: slices.values().cloned().collect(),
                     ..Objects::default()
                 };
@@ -752,7 +753,7 @@ mod tests {
                 p.node_port = None;
             }
             svcs.insert((ns.into(), name.clone()), s.clone());
-            objs.services.push(s);
+            objs.services.push(Arc::new(s));
             let sl = slice(&mut rng, ns, &format!("{name}-0"), &name);
             slices.insert((ns.into(), format!("{name}-0")), sl.clone());
             objs.slices.push(sl);
@@ -791,12 +792,12 @@ mod tests {
         assert_eq!(http.backends.len(), 1);
         assert_eq!(tr.totals().service_ports, before.service_ports);
         // A Service taking another's ClusterIP and port goes full.
-        let mut other = tr.objects().services[0].clone();
+        let mut other = (*tr.objects().services[0]).clone();
         other.metadata.name = Some("intruder".into());
         assert!(matches!(
             tr.apply(
                 Change {
-                    services: vec![(("dev".into(), "intruder".into()), Some(other))],
+                    services: vec![(("dev".into(), "intruder".into()), Some(Arc::new(other)))],
                     slices: vec![],
                 },
                 &node(),

@@ -11,6 +11,7 @@
 //! remaining Services differently from its peers — pin addresses that must never move with
 //! `spec.loadBalancerIP`, the `metallb.io/loadBalancerIPs` annotation or a status in the
 //! file.
+use std::borrow::Borrow;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
@@ -37,12 +38,12 @@ pub struct LbAddress {
 }
 
 /// The addresses Services hold now: their IPv4 `status.loadBalancer.ingress`, then `held`.
-pub fn sticky(
-    services: &[Service],
+pub fn sticky<S: Borrow<Service>>(
+    services: &[S],
     held: &BTreeMap<(String, String), Vec<Ipv4Addr>>,
 ) -> BTreeMap<(String, String), Vec<Ipv4Addr>> {
     let mut out = held.clone();
-    for s in services {
+    for s in services.iter().map(Borrow::borrow) {
         let ips: Vec<Ipv4Addr> = s
             .status
             .as_ref()
@@ -80,15 +81,16 @@ pub fn assign(objs: &Objects, held: &BTreeMap<(String, String), Vec<Ipv4Addr>>) 
 
 /// The granted addresses with what the announcer needs; `labels` are this node's, `uplink`
 /// its uplink's name.
-pub fn addresses(
+pub fn addresses<S: Borrow<Service>>(
     a: &Assignment,
-    services: &[Service],
+    services: &[S],
     labels: &BTreeMap<String, String>,
     uplink: &str,
 ) -> Vec<LbAddress> {
     let local: BTreeSet<(String, String)> = services
         .iter()
-        .filter(|s| {
+        .map(Borrow::borrow)
+        .filter(|s: &&Service| {
             s.spec
                 .as_ref()
                 .and_then(|sp| sp.external_traffic_policy.as_deref())

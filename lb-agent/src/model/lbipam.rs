@@ -478,8 +478,8 @@ fn age_key(svc: &Service, key: &ServiceKey) -> (bool, Option<Timestamp>, Service
 /// `sticky` holds what each Service (namespace, name) has now: its
 /// `status.loadBalancer.ingress` with the API server source, the agent's own record with
 /// the file source. Only the IPv4 addresses the caller passes are considered.
-pub fn assign(
-    services: &[Service],
+pub fn assign<S: std::borrow::Borrow<Service>>(
+    services: &[S],
     pools: &[IpAddressPool],
     l2: &[L2Advertisement],
     sticky: &BTreeMap<(String, String), Vec<Ipv4Addr>>,
@@ -505,6 +505,7 @@ pub fn assign(
 
     let mut svcs: Vec<(ServiceKey, &Service)> = services
         .iter()
+        .map(|s| s.borrow())
         .filter(|s| is_load_balancer(s))
         .filter_map(|s| key_of(s).map(|k| (k, s)))
         .collect();

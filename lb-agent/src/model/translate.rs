@@ -435,7 +435,7 @@ pub struct Desired {
 /// (namespace, name), as [`crate::source::yaml::parse_objects`] guarantees.
 pub fn translate(objs: &Objects, node: &NodeContext) -> Desired {
     let slices = index_slices(&objs.slices);
-    let mut services: Vec<&Service> = objs.services.iter().collect();
+    let mut services: Vec<&Service> = objs.services.iter().map(|s| &**s).collect();
     services.sort_by(|a, b| (namespace(a), name(a)).cmp(&(namespace(b), name(b))));
     let this_node = objs
         .nodes

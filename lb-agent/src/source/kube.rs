@@ -185,6 +185,12 @@ impl Keyed for Service {
     }
 }
 
+impl<T: Keyed> Keyed for Arc<T> {
+    fn ns_name(&self) -> (&str, &str) {
+        (**self).ns_name()
+    }
+}
+
 impl Keyed for Slice {
     fn ns_name(&self) -> (&str, &str) {
         (
@@ -860,10 +866,7 @@ async fn publish(
                 let _ = out.send_replace(None);
                 let o = Arc::make_mut(&mut objs);
                 patch(&mut o.services, &d.services, |k| {
-                    stores
-                        .services
-                        .get(&ObjectRef::new(&k.1).within(&k.0))
-                        .map(|s| (*s).clone())
+                    stores.services.get(&ObjectRef::new(&k.1).within(&k.0))
                 });
                 patch(&mut o.slices, &d.slices, |k| {
                     stores
@@ -971,7 +974,7 @@ pub fn snapshot_checked(stores: &Stores) -> (Objects, Vec<String>) {
         .collect();
     sl.sort_by(|a, b| a.ns_name().cmp(&b.ns_name()));
     let objs = Objects {
-        services: sorted(&stores.services),
+        services: shared(&stores.services),
         slices: sl,
         nodes: sorted(&stores.nodes),
         service_cidrs: sorted(&stores.service_cidrs),
@@ -1065,6 +1068,16 @@ fn key_of_meta(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -
         m.namespace.clone().unwrap_or_default(),
         m.name.clone().unwrap_or_default(),
     )
+}
+
+/// The store's objects themselves (no copy), sorted as [`sorted`].
+fn shared<K: Resource + Clone>(store: &Store<K>) -> Vec<Arc<K>>
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    let mut v = store.state();
+    v.sort_by_key(|o| key(&**o));
+    v
 }
 
 fn sorted<K: Resource + Clone>(store: &Store<K>) -> Vec<K>

@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -37,7 +38,9 @@ pub const SERVICE_CIDR_API_VERSION: &str = "networking.k8s.io/v1";
 /// dropped. Nodes and ServiceCIDRs are cluster-scoped: they carry no namespace.
 #[derive(Debug, Clone, Default)]
 pub struct Objects {
-    pub services: Vec<Service>,
+    /// Shared: the kube source's watcher store, its snapshots and the translation hold
+    /// the same objects (a Service is ~2 KiB as the API type).
+    pub services: Vec<Arc<Service>>,
     /// As the translation reads them ([`Slice`]), validated as API objects first.
     pub slices: Vec<Slice>,
     /// Node objects (the agent uses its own: zone label for topology, deletion for
@@ -282,17 +285,17 @@ impl Parser {
 
 /// Reads `map` as a `kind` object ([`read`]), checks it with its `validate` and adds it to
 /// `out`, unless its name is in `seen` already (an error).
-fn keep<T: Object>(
+fn keep<T: Object, U: From<T>>(
     kind: &Kind<T>,
     map: &Value,
     api_version: Option<&str>,
     seen: &mut HashSet<(String, String)>,
-    out: &mut Vec<T>,
+    out: &mut Vec<U>,
 ) -> Result<(), ParseError> {
     let (doc, object) = read(kind, map, api_version)?;
     (kind.validate)(&object).map_err(|e| doc.invalid(e))?;
     doc.once(seen)?;
-    out.push(object);
+    out.push(object.into());
     Ok(())
 }
 
