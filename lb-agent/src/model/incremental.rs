@@ -43,7 +43,7 @@ pub type Key = (String, String);
 #[derive(Debug, Clone, Default)]
 pub struct Change {
     pub services: Vec<(Key, Option<Arc<Service>>)>,
-    pub slices: Vec<(Key, Option<Slice>)>,
+    pub slices: Vec<(Key, Option<Arc<Slice>>)>,
 }
 
 impl Change {
@@ -269,7 +269,7 @@ impl Translator {
             {
                 affected.insert(owner);
             }
-            if let Some(owner) = slice.as_ref().and_then(owner_key) {
+            if let Some(owner) = slice.as_deref().and_then(owner_key) {
                 affected.insert(owner);
             }
             self.put_slice(key, slice);
@@ -291,7 +291,7 @@ impl Translator {
                         .into_iter()
                         .flatten()
                         .filter_map(|k| self.slice_idx.get(k))
-                        .map(|&i| &self.objs.slices[i])
+                        .map(|&i| &*self.objs.slices[i])
                         .collect();
                     let mut out =
                         translate::translate_service(&self.objs.services[i], &slices, &self.node);
@@ -363,7 +363,7 @@ impl Translator {
         }
     }
 
-    fn put_slice(&mut self, key: Key, slice: Option<Slice>) {
+    fn put_slice(&mut self, key: Key, slice: Option<Arc<Slice>>) {
         if let Some(&i) = self.slice_idx.get(&key)
             && let Some(owner) = owner_key(&self.objs.slices[i])
             && let Some(set) = self.owned.get_mut(&owner)
@@ -373,7 +373,7 @@ impl Translator {
                 self.owned.remove(&owner);
             }
         }
-        if let Some(owner) = slice.as_ref().and_then(owner_key) {
+        if let Some(owner) = slice.as_deref().and_then(owner_key) {
             self.owned.entry(owner).or_default().insert(key.clone());
         }
         match (self.slice_idx.get(&key).copied(), slice) {
@@ -566,7 +566,7 @@ mod tests {
                         Some(s) => slices.insert(key.clone(), s.clone()),
                         None => slices.remove(&key),
                     };
-                    c.slices.push((key, s));
+                    c.slices.push((key, s.map(Arc::new)));
                 }
                 _ => {
                     let key = (ns.clone(), svc.clone());
@@ -694,7 +694,7 @@ mod tests {
                 // Full, from the objects as they are.
                 let objs = Objects {
                     services: svcs.values().cloned().map(Arc::new).collect(),
-                    slices: slices.values().cloned().collect(),
+                    slices: slices.values().cloned().map(Arc::new).collect(),
                     ..Objects::default()
                 };
                 let want = translate::translate(&objs, &node());
@@ -756,7 +756,7 @@ mod tests {
             objs.services.push(Arc::new(s));
             let sl = slice(&mut rng, ns, &format!("{name}-0"), &name);
             slices.insert((ns.into(), format!("{name}-0")), sl.clone());
-            objs.slices.push(sl);
+            objs.slices.push(Arc::new(sl));
         }
         tr.replace(objs);
         tr.full(&node());
@@ -775,7 +775,7 @@ mod tests {
         let Update::Delta(ds) = tr.apply(
             Change {
                 services: vec![],
-                slices: vec![(key, Some(sl))],
+                slices: vec![(key, Some(Arc::new(sl)))],
             },
             &node(),
         ) else {

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::RangeInclusive;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use k8s_openapi::jiff::Timestamp;
@@ -638,9 +639,9 @@ fn svc_type(spec: &ServiceSpec) -> SvcType {
 }
 
 /// Slices by (namespace, owning service name).
-fn index_slices(slices: &[Slice]) -> BTreeMap<(&str, &str), Vec<&Slice>> {
+fn index_slices(slices: &[Arc<Slice>]) -> BTreeMap<(&str, &str), Vec<&Slice>> {
     let mut by_svc: BTreeMap<_, Vec<_>> = BTreeMap::new();
-    for s in slices.iter().filter(|s| !s.headless) {
+    for s in slices.iter().map(|s| &**s).filter(|s| !s.headless) {
         if let Some(owner) = slice_owner(s) {
             by_svc.entry(owner).or_default().push(s);
         }
@@ -1890,7 +1891,7 @@ mod tests {
             o.slices.rotate_left(rot % objs.slices.len());
             o.slices.reverse();
             for s in o.slices.iter_mut() {
-                s.endpoints.reverse();
+                Arc::make_mut(s).endpoints.reverse();
             }
             let mut n = node();
             n.node_addrs.reverse();

@@ -965,7 +965,7 @@ pub fn snapshot_checked(stores: &Stores) -> (Objects, Vec<String>) {
                 }
             })
             .collect();
-    let mut sl: Vec<Slice> = stores
+    let mut sl: Vec<Arc<Slice>> = stores
         .slices
         .state()
         .iter()
@@ -1413,7 +1413,7 @@ mod tests {
 
         // The change handed to the translation: present objects as they are, the rest gone.
         let objs = Objects {
-            slices: list,
+            slices: list.into_iter().map(Arc::new).collect(),
             ..Objects::default()
         };
         let c = change_of(&objs, &BTreeSet::new(), &[k("a", "0"), k("a", "1")].into());

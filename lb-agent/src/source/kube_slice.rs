@@ -6,7 +6,7 @@
 //! real cluster). [`KubeSlice`] is deserialised straight from the API's JSON into the
 //! fields the agent reads ([`Slice`]) and the object's metadata (which the watcher needs:
 //! resourceVersion, and names for its store); the other fields are skipped while parsing.
-use std::borrow::Cow;
+use std::{borrow::Cow, sync::Arc};
 
 use k8s_openapi::{
     NamespaceResourceScope,
@@ -31,7 +31,8 @@ pub struct KubeSlice {
     pub metadata: ObjectMeta,
     /// `addressType` as sent (the source uses IPv4 slices only).
     pub address_type: String,
-    pub slice: Slice,
+    /// Shared with the snapshots and the translation.
+    pub slice: Arc<Slice>,
 }
 
 impl KubeSlice {
@@ -42,7 +43,7 @@ impl KubeSlice {
         Self {
             metadata,
             address_type: s.address_type.clone(),
-            slice: Slice::from_api(s),
+            slice: Arc::new(Slice::from_api(s)),
         }
     }
 }
@@ -99,7 +100,7 @@ impl<'de> Deserialize<'de> for KubeSlice {
         Ok(Self {
             metadata: w.metadata,
             address_type: w.address_type,
-            slice,
+            slice: Arc::new(slice),
         })
     }
 }
@@ -162,7 +163,7 @@ mod tests {
             serde_json::from_value(api_json()).unwrap();
         let ours: KubeSlice = serde_json::from_value(api_json()).unwrap();
         assert_eq!(ours, KubeSlice::from_api(&api));
-        assert_eq!(ours.slice, Slice::from_api(&api));
+        assert_eq!(*ours.slice, Slice::from_api(&api));
         assert_eq!(ours.metadata.resource_version.as_deref(), Some("42"));
         let labels: Vec<&String> = ours.metadata.labels.iter().flatten().map(|l| l.0).collect();
         assert_eq!(labels, [SERVICE_NAME_LABEL]);

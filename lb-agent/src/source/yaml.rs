@@ -41,8 +41,9 @@ pub struct Objects {
     /// Shared: the kube source's watcher store, its snapshots and the translation hold
     /// the same objects (a Service is ~2 KiB as the API type).
     pub services: Vec<Arc<Service>>,
-    /// As the translation reads them ([`Slice`]), validated as API objects first.
-    pub slices: Vec<Slice>,
+    /// As the translation reads them ([`Slice`]), validated as API objects first; shared
+    /// as the Services are.
+    pub slices: Vec<Arc<Slice>>,
     /// Node objects (the agent uses its own: zone label for topology, deletion for
     /// `/healthz` on the node health port).
     pub nodes: Vec<Node>,
@@ -234,7 +235,7 @@ impl Parser {
         (ENDPOINT_SLICE.validate)(&slice).map_err(|e| doc.invalid(e))?;
         // Slices created from a manifest may have only generateName; those cannot collide.
         doc.once(&mut self.seen.slices)?;
-        self.out.slices.push(Slice::from_api(&slice));
+        self.out.slices.push(Arc::new(Slice::from_api(&slice)));
         if let Some(api) = &mut self.api_slices {
             api.push(slice);
         }
