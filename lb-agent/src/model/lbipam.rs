@@ -79,6 +79,15 @@ pub const ADDRESS_POOL_ANNOTATIONS: [&str; 2] = [
     "metallb.universe.tf/address-pool",
 ];
 /// Address sharing annotations: not supported.
+/// Every annotation the agent reads (on Services): sources may drop the others.
+pub fn reads_annotation(key: &str) -> bool {
+    LOAD_BALANCER_IPS_ANNOTATIONS
+        .iter()
+        .chain(&ADDRESS_POOL_ANNOTATIONS)
+        .chain(&ALLOW_SHARED_IP_ANNOTATIONS)
+        .any(|k| *k == key)
+}
+
 pub const ALLOW_SHARED_IP_ANNOTATIONS: [&str; 2] = [
     "metallb.io/allow-shared-ip",
     "metallb.universe.tf/allow-shared-ip",

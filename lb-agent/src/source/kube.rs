@@ -655,11 +655,19 @@ fn truncate(s: &str, max: usize) -> String {
     s[..end].to_string()
 }
 
-/// Drops what is never read, before the object is stored.
+/// Drops what is never read, before the object is stored: managedFields, and the
+/// annotations other than MetalLB's address requests on Services (an address or pool asked
+/// for by annotation must reach the assignment; `kubectl apply` leaves its whole
+/// last-applied configuration in another one).
 fn trim<K: Resource>(obj: &mut K) {
     let meta = obj.meta_mut();
     meta.managed_fields = None;
-    meta.annotations = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.retain(|k, _| crate::model::lbipam::reads_annotation(k));
+        if a.is_empty() {
+            meta.annotations = None;
+        }
+    }
 }
 
 /// `404` (the API server does not serve the resource) or `403` (RBAC does not grant it) on
@@ -1133,7 +1141,7 @@ mod tests {
     }
 
     #[test]
-    fn trim_drops_managed_fields_and_annotations_only() {
+    fn trim_drops_managed_fields_and_unread_annotations_only() {
         let mut s = slice("IPv4", Some("web"));
         s.metadata.annotations = Some([("a".to_string(), "b".to_string())].into());
         s.metadata.managed_fields = Some(vec![Default::default()]);
@@ -1141,6 +1149,28 @@ mod tests {
         assert!(s.metadata.annotations.is_none());
         assert!(s.metadata.managed_fields.is_none());
         assert!(s.metadata.labels.is_some());
+        // MetalLB's requests stay: the address assignment reads them.
+        let mut svc = Service::default();
+        let pool = crate::model::lbipam::ADDRESS_POOL_ANNOTATIONS[0];
+        svc.metadata.annotations = Some(
+            [
+                (pool.to_string(), "p".to_string()),
+                (
+                    "kubectl.kubernetes.io/last-applied-configuration".into(),
+                    "{}".into(),
+                ),
+            ]
+            .into(),
+        );
+        trim(&mut svc);
+        let kept: Vec<&String> = svc
+            .metadata
+            .annotations
+            .iter()
+            .flatten()
+            .map(|a| a.0)
+            .collect();
+        assert_eq!(kept, [pool]);
     }
 
     #[test]
