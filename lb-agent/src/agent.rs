@@ -861,12 +861,15 @@ impl Agent {
         full: bool,
     ) -> Result<(), Error> {
         use crate::model::incremental::Update;
-        let started = Instant::now();
         let update = match change {
-            Some(c) => self.translator.apply(c, &self.node),
+            Some(c) => {
+                let started = Instant::now();
+                let u = self.translator.apply(c, &self.node);
+                log::debug!("incremental translation in {:?}", started.elapsed());
+                u
+            }
             None => Update::Delta(vec![]),
         };
-        log::debug!("incremental translation in {:?}", started.elapsed());
         let deltas = match update {
             Update::Delta(d) if !full && !self.need_full && self.last_full.is_some() => d,
             _ => return self.program_full(now, sync),

@@ -169,7 +169,7 @@ fn slice_key(s: &Slice, i: usize) -> Key {
 }
 
 fn owner_key(s: &Slice) -> Option<Key> {
-    translate::slice_owner(s).map(|(ns, n)| (ns.to_string(), n.to_string()))
+    s.owner().map(|(ns, n)| (ns.to_string(), n.to_string()))
 }
 
 impl Translator {

@@ -172,18 +172,6 @@ impl Slice {
     }
 }
 
-impl From<&EndpointSlice> for Slice {
-    fn from(s: &EndpointSlice) -> Self {
-        Self::from_api(s)
-    }
-}
-
-impl From<EndpointSlice> for Slice {
-    fn from(s: EndpointSlice) -> Self {
-        Self::from_api(&s)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

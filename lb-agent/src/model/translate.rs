@@ -555,12 +555,6 @@ pub fn translate_service(svc: &Service, slices: &[&Slice], node: &NodeContext) -
     }
 }
 
-/// (namespace, name) of the Service an EndpointSlice belongs to (its
-/// `kubernetes.io/service-name` label), None without one.
-pub fn slice_owner(s: &Slice) -> Option<(&str, &str)> {
-    s.owner()
-}
-
 /// (namespace, name) of a Service, the namespace defaulted as the translation does.
 pub fn service_key(svc: &Service) -> (&str, &str) {
     (namespace(svc), name(svc))
@@ -642,7 +636,7 @@ fn svc_type(spec: &ServiceSpec) -> SvcType {
 fn index_slices(slices: &[Arc<Slice>]) -> BTreeMap<(&str, &str), Vec<&Slice>> {
     let mut by_svc: BTreeMap<_, Vec<_>> = BTreeMap::new();
     for s in slices.iter().map(|s| &**s).filter(|s| !s.headless) {
-        if let Some(owner) = slice_owner(s) {
+        if let Some(owner) = s.owner() {
             by_svc.entry(owner).or_default().push(s);
         }
     }

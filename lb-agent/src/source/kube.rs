@@ -1106,7 +1106,7 @@ fn key<K: Resource>(o: &K) -> (String, String) {
 
 /// As the file source and kube-proxy: IPv4 slices that name their Service.
 pub fn usable_slice(s: &KubeSlice) -> bool {
-    s.address_type == "IPv4" && s.slice.service.as_deref().is_some_and(|n| !n.is_empty())
+    s.slice.ipv4 && s.slice.service.as_deref().is_some_and(|n| !n.is_empty())
 }
 
 #[cfg(test)]

@@ -29,8 +29,6 @@ pub struct KubeSlice {
     /// As the API server sent it, labels other than the two the agent reads dropped (the
     /// watcher also drops annotations and managedFields of every kind).
     pub metadata: ObjectMeta,
-    /// `addressType` as sent (the source uses IPv4 slices only).
-    pub address_type: String,
     /// Shared with the snapshots and the translation.
     pub slice: Arc<Slice>,
 }
@@ -42,7 +40,6 @@ impl KubeSlice {
         keep_read_labels(&mut metadata);
         Self {
             metadata,
-            address_type: s.address_type.clone(),
             slice: Arc::new(Slice::from_api(s)),
         }
     }
@@ -99,7 +96,6 @@ impl<'de> Deserialize<'de> for KubeSlice {
         );
         Ok(Self {
             metadata: w.metadata,
-            address_type: w.address_type,
             slice: Arc::new(slice),
         })
     }
