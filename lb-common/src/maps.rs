@@ -896,6 +896,9 @@ counters! {
     RejectRateLimited => "reject_rate_limited",
     /// A packet with IPv4 options to translate or answer: tc removed the options first.
     IpOptionsRemoved => "ip_options_removed",
+    /// A flow found only at the third look (`XLB_CT` again, ebpf ct.rs `lookup`): another
+    /// CPU confirmed it, moving it from `XLB_CT_NEW`, between the first two.
+    CtMoveRace => "ct_move_race",
 }
 
 /// Hash of a flow used to index a Maglev table. Deterministic and seedless on purpose:
@@ -1001,7 +1004,7 @@ mod tests {
             "neigh_resolve"
         );
         assert_eq!(COUNTER_NAMES[Counter::RstNoState as usize], "rst_no_state");
-        assert_eq!(Counter::IpOptionsRemoved as u32 + 1, COUNTER_COUNT);
+        assert_eq!(Counter::CtMoveRace as u32 + 1, COUNTER_COUNT);
         assert_eq!(COUNTER_NAMES[Counter::TtlExceeded as usize], "ttl_exceeded");
     }
 

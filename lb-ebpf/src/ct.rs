@@ -38,6 +38,14 @@ pub struct Live {
 }
 
 /// The flow's entry, if it is live. An expired one is deleted on the way.
+///
+/// Looks in `XLB_CT`, then `XLB_CT_NEW`, then `XLB_CT` again: another CPU may confirm the
+/// flow between the first two looks (`seen_forward` inserts it into `XLB_CT`, then removes
+/// it from `XLB_CT_NEW`; the ACK and the first data segment of a connection are often
+/// handled at once on two CPUs). A flow found in neither map would be taken for a new one:
+/// a mid-stream flow on a fresh SNAT port, which the backend answers with a RST, or a reply
+/// dropped as stale. The third look sees the move's insert, made before the removal that
+/// the second look missed the entry by.
 #[inline(always)]
 pub fn lookup(key: &FlowKey, cfg: &Config, now: u32) -> Option<Live> {
     if let Some(e) = CT.get_ptr_mut(key) {
@@ -58,10 +66,33 @@ pub fn lookup(key: &FlowKey, cfg: &Config, now: u32) -> Option<Live> {
                 confirmed: false,
             });
         }
+        // An expired entry is never confirmed (it counts as absent): no move to look for.
         count(Counter::CtExpired);
         let _ = CT_NEW.remove(key);
+        return None;
     }
-    None
+    let e = CT.get_ptr_mut(key)?;
+    if ct_expired(cfg, unsafe { &*e }, true, now) {
+        return None;
+    }
+    count(Counter::CtMoveRace);
+    Some(Live {
+        entry: e,
+        confirmed: true,
+    })
+}
+
+/// The flow's entry and whether it is confirmed, live or not, in the order of [`lookup`]
+/// (`XLB_CT`, `XLB_CT_NEW`, `XLB_CT` again, for a flow being confirmed meanwhile).
+#[inline(always)]
+fn find(key: &FlowKey) -> Option<(*mut CtEntry, bool)> {
+    if let Some(e) = CT.get_ptr_mut(key) {
+        return Some((e, true));
+    }
+    if let Some(e) = CT_NEW.get_ptr_mut(key) {
+        return Some((e, false));
+    }
+    CT.get_ptr_mut(key).map(|e| (e, true))
 }
 
 #[inline(always)]
@@ -161,11 +192,7 @@ pub fn seen_reply(rk: &FlowKey, rev: &RevNat, tcp_flags: u8, cfg: &Config) -> bo
 /// mapping is never half reused. `false` while the port is in use.
 #[inline(always)]
 pub fn take_over(owner_key: &FlowKey, port_be: u16, cfg: &Config, now: u32) -> bool {
-    let (e, confirmed) = if let Some(e) = CT.get_ptr_mut(owner_key) {
-        (e, true)
-    } else if let Some(e) = CT_NEW.get_ptr_mut(owner_key) {
-        (e, false)
-    } else {
+    let Some((e, confirmed)) = find(owner_key) else {
         // Orphan: its owner was evicted or collected.
         return true;
     };

@@ -291,14 +291,16 @@ fn note(errors: &mut Vec<String>, msg: String) {
     }
 }
 
-/// The flow's first live entry, in `XLB_CT` else `XLB_CT_NEW`, read from the maps.
+/// The flow's first live entry, in `XLB_CT` else `XLB_CT_NEW`, read from the maps; then
+/// `XLB_CT` once more, as the datapath looks (ebpf ct.rs `lookup`): a flow confirmed
+/// between the first two reads moved from `XLB_CT_NEW` to `XLB_CT` and is in neither.
 fn live_owner(
     m: &CtMaps<'_>,
     key: &FlowKey,
     cfg: &Config,
     now: u32,
 ) -> io::Result<Option<(CtEntry, bool)>> {
-    for (table, confirmed) in [(m.ct, true), (m.ct_new, false)] {
+    for (table, confirmed) in [(m.ct, true), (m.ct_new, false), (m.ct, true)] {
         if let Some(e) = table.get(key)?
             && keep_ct(cfg, &e, confirmed, now)
         {
@@ -960,6 +962,64 @@ mod tests {
             (again.ct.deleted, again.ct_new.deleted, again.revnat.deleted),
             (0, 0, 0)
         );
+    }
+
+    /// `XLB_CT_NEW` while the datapath confirms a flow: the first read of `moving` finds it
+    /// already gone from here, and from then on it is in `ct` (inserted there before the
+    /// removal, as ebpf ct.rs `seen_forward` does).
+    struct Confirming<'a> {
+        ct_new: Fake<CtEntry>,
+        ct: &'a Fake<CtEntry>,
+        moving: FlowKey,
+    }
+
+    impl Table<FlowKey, CtEntry> for Confirming<'_> {
+        fn capacity(&self) -> u32 {
+            self.ct_new.capacity()
+        }
+        fn walk(&self, f: &mut dyn FnMut(&FlowKey, &CtEntry)) -> io::Result<()> {
+            self.ct_new.walk(f)
+        }
+        fn get(&self, k: &FlowKey) -> io::Result<Option<CtEntry>> {
+            if *k == self.moving
+                && let Some((_, e)) = self.ct_new.map.borrow_mut().remove(&id(k))
+            {
+                self.ct.map.borrow_mut().insert(id(k), (*k, e));
+                return Ok(None);
+            }
+            self.ct_new.get(k)
+        }
+        fn delete(&self, k: &FlowKey) -> io::Result<bool> {
+            self.ct_new.delete(k)
+        }
+    }
+
+    /// A flow opened during a sweep (its reverse entry condemned: no owner in the walks) and
+    /// confirmed just as the re-check reads its owner is still found, in `XLB_CT` at the
+    /// re-check's last look: its reverse entry stays.
+    #[test]
+    fn sweep_keeps_the_reverse_entry_of_a_flow_confirmed_during_the_recheck() {
+        let c = cfg();
+        let (k, rev, rk) = client(1);
+        let ct = Fake::new(100, &[]);
+        let mut ct_new = Fake::new(10, &[(k, entry(CT_SNAT | CT_SEEN_REPLY, 61_001, 0))]);
+        ct_new.hidden.insert(id(&k));
+        let ct_new = Confirming {
+            ct_new,
+            ct: &ct,
+            moving: k,
+        };
+        let revnat = Fake::new(110, &[(rk, rev)]);
+        let maps = CtMaps {
+            ct: &ct,
+            ct_new: &ct_new,
+            revnat: &revnat,
+        };
+        let r = sweep(&maps, &c, &|| NOW, Duration::ZERO);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert!(ct.has(&k) && !ct_new.ct_new.has(&k), "the flow moved");
+        assert_eq!(r.revnat.deleted, 0);
+        assert!(revnat.has(&rk), "a live flow's reverse entry was deleted");
     }
 
     #[test]
