@@ -39,6 +39,13 @@ use crate::{
     model::translate::{BackendSpec, Desired, FrontendKind, Proto, Scope, SvcPort, SvcPortId},
 };
 
+/// Ports whose Maglev tables [`Programmer::prebuild`] builds at a time (4 KiB a table at
+/// the default size: a few MiB in flight).
+const PREBUILD_CHUNK: usize = 1024;
+/// Tables per thread below which the threads cost more than they save (a table of 1,021
+/// slots takes ~20 µs, a thread ~30 µs to start).
+const PREBUILD_MIN_PER_THREAD: usize = 32;
+
 /// Handles on the pinned maps the agent writes.
 pub struct Maps {
     pub frontends: HashMap<MapData, FrontendKey, Frontend>,
@@ -1072,10 +1079,19 @@ impl Programmer {
         let mut cluster_ips: BTreeSet<u32> = BTreeSet::new();
         let mut ranges: BTreeSet<(u32, u32, u8)> = BTreeSet::new();
         let mut inside: Vec<(u32, &SvcPort)> = Vec::new();
-        for p in &ports {
+        let mut prebuilt = Vec::new().into_iter();
+        for (i, p) in ports.iter().enumerate() {
+            if i % PREBUILD_CHUNK == 0 {
+                let chunk: Vec<&SvcPort> = ports[i..]
+                    .iter()
+                    .take(PREBUILD_CHUNK)
+                    .map(|p| &**p)
+                    .collect();
+                prebuilt = self.prebuild(&chunk).into_iter();
+            }
             live.insert(p.id.clone());
             let svc_id = self
-                .write_service(p, maps, &mut st, &mut refusals)
+                .write_service(p, prebuilt.next().flatten(), maps, &mut st, &mut refusals)
                 .map_err(|e| ApplyError::new(e, Some(p.id.clone())))?;
             for &(addr, len) in &p.source_ranges {
                 ranges.insert((svc_id, u32::from_ne_bytes(addr.octets()), len));
@@ -1433,10 +1449,15 @@ impl Programmer {
             }
         }
         let mut inside: Vec<(u32, &SvcPort)> = Vec::new();
-        for (_, new) in &admitted {
-            let Some(p) = new else { continue };
+        let new_ports: Vec<&SvcPort> = admitted.iter().filter_map(|(_, n)| n.as_deref()).collect();
+        let mut prebuilt = Vec::new().into_iter();
+        for (i, &p) in new_ports.iter().enumerate() {
+            if i % PREBUILD_CHUNK == 0 {
+                let end = (i + PREBUILD_CHUNK).min(new_ports.len());
+                prebuilt = self.prebuild(&new_ports[i..end]).into_iter();
+            }
             let svc_id = self
-                .write_service(p, maps, &mut st, &mut refusals)
+                .write_service(p, prebuilt.next().flatten(), maps, &mut st, &mut refusals)
                 .map_err(|e| ApplyError::new(e, Some(p.id.clone())))?;
             for &(addr, len) in &p.source_ranges {
                 ranges_new.insert((svc_id, u32::from_ne_bytes(addr.octets()), len));
@@ -1561,22 +1582,14 @@ impl Programmer {
             .min()
     }
 
-    fn write_service(
-        &mut self,
-        p: &SvcPort,
-        maps: &mut impl MapWriter,
-        st: &mut ApplyStats,
-        refusals: &mut Vec<Refusal>,
-    ) -> Result<u32> {
-        let backends = &self.backends;
-        let ids: Vec<u32> = p.backends.iter().map(|b| backends[&be_key(b)].id).collect();
-        let svc = self.services.get_mut(&p.id).expect("admitted");
-        let svc_id = svc.svc_id;
-        if svc.fresh {
-            maps.init_service(svc_id, meta(p))?;
-            svc.fresh = false;
-        }
-
+    /// The table fingerprint of `p` as written now (see `write_service`), with its backend
+    /// ids and table size.
+    fn fingerprint(&self, p: &SvcPort) -> (Vec<u32>, u64, u32) {
+        let ids: Vec<u32> = p
+            .backends
+            .iter()
+            .map(|b| self.backends[&be_key(b)].id)
+            .collect();
         let flags = if p.drop_if_empty {
             SVC_DROP_IF_EMPTY
         } else {
@@ -1593,6 +1606,97 @@ impl Programmer {
             (&ids, flags, affinity_timeout, want_m).hash(&mut h);
             h.finish()
         };
+        (ids, fingerprint, want_m)
+    }
+
+    /// The size of the first Maglev table [`Self::write_service`] will build for the
+    /// admitted port `p` (its backends written), None if it builds none.
+    fn first_table_m(&self, p: &SvcPort) -> Option<u32> {
+        if p.backends.is_empty() {
+            return None;
+        }
+        let svc = self.services.get(&p.id)?;
+        let (_, fingerprint, want_m) = self.fingerprint(p);
+        if svc.written == Some(fingerprint) {
+            return None;
+        }
+        let next_m = svc.tables[1 - svc.active].as_ref().map(|t| t.m);
+        match &svc.tables[svc.active] {
+            Some(a) if a.m == want_m || next_m != Some(want_m) => Some(a.m),
+            _ => next_m,
+        }
+    }
+
+    /// The Maglev tables (backend indexes, with their size) that [`Self::write_service`]
+    /// will build first for `ports`, built on several threads when there are enough of
+    /// them: the tables are most of a bulk programming's work (10,000 ports from nothing),
+    /// the map writes stay in order on this thread. None where it builds none, or where
+    /// too few are due to be worth the threads (it then builds them itself).
+    fn prebuild(&self, ports: &[&SvcPort]) -> Vec<Option<(u32, Vec<u32>)>> {
+        let jobs: Vec<(usize, u32)> = ports
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| Some((i, self.first_table_m(p)?)))
+            .collect();
+        let mut out: Vec<Option<(u32, Vec<u32>)>> = ports.iter().map(|_| None).collect();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(jobs.len() / PREBUILD_MIN_PER_THREAD);
+        if threads < 2 {
+            return out;
+        }
+        let per = jobs.len().div_ceil(threads);
+        let build = |part: &[(usize, u32)]| -> Vec<(usize, u32, Vec<u32>)> {
+            part.iter()
+                .map(|&(i, m)| {
+                    let names: Vec<String> =
+                        ports[i].backends.iter().map(BackendSpec::name).collect();
+                    (i, m, maglev::build_table(&names, m))
+                })
+                .collect()
+        };
+        // This thread builds the first part while the others build the rest.
+        let built: Vec<Vec<(usize, u32, Vec<u32>)>> = std::thread::scope(|scope| {
+            let mut parts = jobs.chunks(per);
+            let first = parts.next().unwrap_or_default();
+            let others: Vec<_> = parts.map(|part| scope.spawn(move || build(part))).collect();
+            let mut built = vec![build(first)];
+            built.extend(
+                others
+                    .into_iter()
+                    .map(|h| h.join().expect("a Maglev table build panicked")),
+            );
+            built
+        });
+        for (i, m, table) in built.into_iter().flatten() {
+            out[i] = Some((m, table));
+        }
+        out
+    }
+
+    /// `prebuilt`: the first table this builds, if [`Self::prebuild`] made it.
+    fn write_service(
+        &mut self,
+        p: &SvcPort,
+        prebuilt: Option<(u32, Vec<u32>)>,
+        maps: &mut impl MapWriter,
+        st: &mut ApplyStats,
+        refusals: &mut Vec<Refusal>,
+    ) -> Result<u32> {
+        let (ids, fingerprint, want_m) = self.fingerprint(p);
+        let svc = self.services.get_mut(&p.id).expect("admitted");
+        let svc_id = svc.svc_id;
+        if svc.fresh {
+            maps.init_service(svc_id, meta(p))?;
+            svc.fresh = false;
+        }
+
+        let flags = if p.drop_if_empty {
+            SVC_DROP_IF_EMPTY
+        } else {
+            0
+        };
+        let affinity_timeout = p.affinity_timeout.unwrap_or(0);
         if svc.written == Some(fingerprint) {
             return Ok(svc_id);
         }
@@ -1615,11 +1719,13 @@ impl Programmer {
         let inactive = 1 - svc.active;
         // Admission sized the inactive buffer: `want_m`, or smaller when the arena is full.
         let next_m = svc.tables[inactive].as_ref().map(|t| t.m);
+        let prebuilt = std::cell::Cell::new(prebuilt);
         let build = |m: u32| -> Vec<u32> {
-            maglev::build_table(&names, m)
-                .into_iter()
-                .map(|i| ids[i as usize])
-                .collect()
+            let table = match prebuilt.take() {
+                Some((pm, table)) if pm == m => table,
+                _ => maglev::build_table(&names, m),
+            };
+            table.into_iter().map(|i| ids[i as usize]).collect()
         };
         let mut built = None;
         if let Some(a) = &svc.tables[svc.active]
@@ -2015,6 +2121,105 @@ pub(crate) mod tests {
 
     fn addr(n: u32) -> Ipv4Addr {
         Ipv4Addr::from(0x0a00_0000 + n)
+    }
+
+    /// Every port's table in the maps is the Maglev table of its backends, whether it was
+    /// built ahead on other threads (a bulk of ports: `prebuild`) or in line (one port's
+    /// change), for fresh ports and for changed ones.
+    #[test]
+    fn bulk_and_single_changes_write_the_maglev_tables() {
+        let n = 3 * PREBUILD_MIN_PER_THREAD as u32 * 2 + 5;
+        let s = settings((n + 8) * 2 * 1021);
+        let mut p = Programmer::new(s.clone());
+        let mut maps = Fake::new(&s);
+        let now = Instant::now();
+        let check = |p: &Programmer, maps: &Fake, d: &Desired| {
+            for port in &d.ports {
+                let svc = maps.services[&p.services[&port.id].svc_id];
+                let names: Vec<String> = port.backends.iter().map(BackendSpec::name).collect();
+                let want: Vec<u32> = maglev::build_table(&names, svc.table_m)
+                    .into_iter()
+                    .map(|i| p.backends[&be_key(&port.backends[i as usize])].id)
+                    .collect();
+                let off = svc.table_off as usize;
+                assert_eq!(
+                    maps.slots[off..off + svc.table_m as usize],
+                    want[..],
+                    "{}",
+                    port.id
+                );
+            }
+        };
+        let d = desired((0..n).map(|i| port(i, 3)).collect(), 0..n);
+        p.apply(&d, &mut maps, now).unwrap();
+        maps.check();
+        check(&p, &maps, &d);
+        // Every port loses a backend and gains two: all tables rebuilt in bulk.
+        let grown = |i: u32| {
+            let mut q = port(i, 5);
+            q.backends.remove(0);
+            q
+        };
+        let d2 = desired((0..n).map(grown).collect(), 0..n);
+        p.apply(&d2, &mut maps, now).unwrap();
+        maps.check();
+        check(&p, &maps, &d2);
+        // One port changes through a delta, the others in bulk through a delta.
+        let d3 = desired((0..n).map(|i| port(i, 2)).collect(), 0..n);
+        let changes: Vec<PortChange<'_>> = d2
+            .ports
+            .iter()
+            .zip(&d3.ports)
+            .map(|(o, n)| PortChange {
+                old: Some(o),
+                new: Some(n),
+            })
+            .collect();
+        assert!(
+            p.apply_delta(&changes[..1], &mut maps, now)
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            p.apply_delta(&changes[1..], &mut maps, now)
+                .unwrap()
+                .is_some()
+        );
+        maps.check();
+        check(&p, &maps, &d3);
+    }
+
+    /// What the first programming of `XLB_BENCH_PORTS` (10,000) service ports x 10 backends
+    /// costs in the agent, maps in memory (no syscalls), and how much of it is the Maglev
+    /// tables: `cargo test --release -p lb-agent --lib bench_first_apply -- --ignored
+    /// --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_first_apply() {
+        let n: u32 = std::env::var("XLB_BENCH_PORTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10_000);
+        let s = Settings {
+            max_services: n + 64,
+            max_frontends: n + 64,
+            max_backends: n * 10 + 64,
+            ..settings((n + 64) * 2 * 1021)
+        };
+        let d = desired((0..n).map(|i| port(i, 10)).collect(), 0..n);
+        let t = Instant::now();
+        for p in &d.ports {
+            let names: Vec<String> = p.backends.iter().map(BackendSpec::name).collect();
+            std::hint::black_box(maglev::build_table(&names, 1021));
+        }
+        let tables = t.elapsed();
+        let mut p = Programmer::new(s.clone());
+        let mut maps = Fake::new(&s);
+        let t = Instant::now();
+        p.apply(&d, &mut maps, Instant::now()).unwrap();
+        let apply = t.elapsed();
+        assert_eq!(maps.services.len(), n as usize);
+        eprintln!("{n} ports x 10: apply {apply:?}, of which Maglev tables alone {tables:?}");
     }
 
     #[test]
