@@ -72,6 +72,7 @@ pub fn lookup(key: &FlowKey, cfg: &Config, now: u32) -> Option<Live> {
         return None;
     }
     let e = CT.get_ptr_mut(key)?;
+    // SAFETY: see above.
     if ct_expired(cfg, unsafe { &*e }, true, now) {
         return None;
     }

@@ -1079,19 +1079,13 @@ impl Programmer {
         let mut cluster_ips: BTreeSet<u32> = BTreeSet::new();
         let mut ranges: BTreeSet<(u32, u32, u8)> = BTreeSet::new();
         let mut inside: Vec<(u32, &SvcPort)> = Vec::new();
+        let port_refs: Vec<&SvcPort> = ports.iter().map(|p| &**p).collect();
         let mut prebuilt = Vec::new().into_iter();
-        for (i, p) in ports.iter().enumerate() {
-            if i % PREBUILD_CHUNK == 0 {
-                let chunk: Vec<&SvcPort> = ports[i..]
-                    .iter()
-                    .take(PREBUILD_CHUNK)
-                    .map(|p| &**p)
-                    .collect();
-                prebuilt = self.prebuild(&chunk).into_iter();
-            }
+        for (i, &p) in port_refs.iter().enumerate() {
+            let table = self.next_prebuilt(&port_refs, i, &mut prebuilt);
             live.insert(p.id.clone());
             let svc_id = self
-                .write_service(p, prebuilt.next().flatten(), maps, &mut st, &mut refusals)
+                .write_service(p, table, maps, &mut st, &mut refusals)
                 .map_err(|e| ApplyError::new(e, Some(p.id.clone())))?;
             for &(addr, len) in &p.source_ranges {
                 ranges.insert((svc_id, u32::from_ne_bytes(addr.octets()), len));
@@ -1452,12 +1446,9 @@ impl Programmer {
         let new_ports: Vec<&SvcPort> = admitted.iter().filter_map(|(_, n)| n.as_deref()).collect();
         let mut prebuilt = Vec::new().into_iter();
         for (i, &p) in new_ports.iter().enumerate() {
-            if i % PREBUILD_CHUNK == 0 {
-                let end = (i + PREBUILD_CHUNK).min(new_ports.len());
-                prebuilt = self.prebuild(&new_ports[i..end]).into_iter();
-            }
+            let table = self.next_prebuilt(&new_ports, i, &mut prebuilt);
             let svc_id = self
-                .write_service(p, prebuilt.next().flatten(), maps, &mut st, &mut refusals)
+                .write_service(p, table, maps, &mut st, &mut refusals)
                 .map_err(|e| ApplyError::new(e, Some(p.id.clone())))?;
             for &(addr, len) in &p.source_ranges {
                 ranges_new.insert((svc_id, u32::from_ne_bytes(addr.octets()), len));
@@ -1672,6 +1663,22 @@ impl Programmer {
             out[i] = Some((m, table));
         }
         out
+    }
+
+    /// The prebuilt table (see [`Self::prebuild`]) of `ports[i]`, the ports being written in
+    /// order: at the start of each [`PREBUILD_CHUNK`] the next chunk's tables are built into
+    /// `cur`.
+    fn next_prebuilt(
+        &self,
+        ports: &[&SvcPort],
+        i: usize,
+        cur: &mut std::vec::IntoIter<Option<(u32, Vec<u32>)>>,
+    ) -> Option<(u32, Vec<u32>)> {
+        if i.is_multiple_of(PREBUILD_CHUNK) {
+            let end = (i + PREBUILD_CHUNK).min(ports.len());
+            *cur = self.prebuild(&ports[i..end]).into_iter();
+        }
+        cur.next().flatten()
     }
 
     /// `prebuilt`: the first table this builds, if [`Self::prebuild`] made it.
