@@ -120,7 +120,9 @@ struct State {
     compacted: u64,
     watches: Vec<Watch>,
     /// Paginated lists in progress: token id -> (list resourceVersion, items).
-    pages: HashMap<u64, (u64, Vec<Value>)>,
+    /// Shared: each page copies out only its own items (a 10,000-object list in pages of
+    /// 500 would otherwise copy the rest of the list for every page).
+    pages: HashMap<u64, (u64, std::sync::Arc<Vec<Value>>)>,
     next_page_id: u64,
     /// Requests served, by "METHOD path?query" (for tests that check what the client did).
     requests: Vec<String>,
@@ -1160,8 +1162,7 @@ fn list(shared: &Shared, t: &Target, q: &HashMap<String, String>) -> Response<Bo
                         .into(),
                 ));
             };
-            let offset = offset.min(items.len());
-            (id, *rv, offset, items[offset..].to_vec())
+            (id, *rv, offset.min(items.len()), items.clone())
         }
         None => {
             let items: Vec<Value> = st
@@ -1178,13 +1179,15 @@ fn list(shared: &Shared, t: &Target, q: &HashMap<String, String>) -> Response<Bo
             st.next_page_id += 1;
             let id = st.next_page_id;
             let rv = st.rv;
+            let items = std::sync::Arc::new(items);
             st.pages.insert(id, (rv, items.clone()));
             (id, rv, 0, items)
         }
     };
+    let rest = &items[offset_here..];
     let (page, more) = match limit {
-        Some(l) if items.len() > l => (items[..l].to_vec(), true),
-        _ => (items, false),
+        Some(l) if rest.len() > l => (rest[..l].to_vec(), true),
+        _ => (rest.to_vec(), false),
     };
     let mut meta = json!({"resourceVersion": list_rv.to_string()});
     if more {

@@ -843,3 +843,87 @@ pub(crate) mod tests {
         assert!(split("a: 1\n...\n").is_none());
     }
 }
+
+#[cfg(test)]
+mod bench {
+    use std::fmt::Write;
+    use std::time::Instant;
+
+    use super::*;
+
+    /// `n` Services x `e` endpoints as `kubectl get svc,endpointslices -A -o yaml` prints
+    /// them (the benchmark's manifest shape).
+    fn manifest(n: u32, e: u32) -> String {
+        let mut y = String::from("apiVersion: v1\nkind: List\nitems:\n");
+        for i in 0..n {
+            let ip = std::net::Ipv4Addr::from(0x0a60_0000 + i);
+            let _ = write!(
+                y,
+                "- apiVersion: v1\n  kind: Service\n  metadata: {{name: svc-{i:06}, namespace: \
+                 bench}}\n  spec:\n    type: ClusterIP\n    clusterIP: {ip}\n    ports:\n    - \
+                 {{name: p, port: 80, protocol: TCP, targetPort: 8080}}\n- apiVersion: \
+                 discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata:\n    name: \
+                 svc-{i:06}-x1\n    namespace: bench\n    labels: {{kubernetes.io/service-name: \
+                 svc-{i:06}}}\n  addressType: IPv4\n  ports:\n  - {{name: p, port: 8080, \
+                 protocol: TCP}}\n  endpoints:\n"
+            );
+            for k in 0..e {
+                let ep = std::net::Ipv4Addr::from(0x0af4_0000 + i * e + k);
+                let _ = writeln!(
+                    y,
+                    "  - addresses: [\"{ep}\"]\n    nodeName: node-{k}\n    conditions: \
+                     {{ready: true, serving: true, terminating: false}}"
+                );
+            }
+        }
+        y
+    }
+
+    /// What reading a manifest of `XLB_BENCH_SERVICES` (10,000) Services x 10 endpoints
+    /// from nothing costs: `cargo test --release -p lb-agent --lib bench_first_read --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_first_read() {
+        let n: u32 = std::env::var("XLB_BENCH_SERVICES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10_000);
+        let text = manifest(n, 10);
+        for _ in 0..3 {
+            let t = Instant::now();
+            let mut cache = FileCache::new();
+            let u = cache.read(text.clone()).unwrap();
+            let FileUpdate::Full(objs) = u else {
+                panic!("first read is full")
+            };
+            assert_eq!(objs.services.len(), n as usize);
+            eprintln!(
+                "{n} services x 10 ({} MB): read {:?}",
+                text.len() / 1_000_000,
+                t.elapsed()
+            );
+        }
+        // One endpoint of the last slice gone, and back, alternately.
+        let cut = text.rfind("  - addresses").unwrap();
+        let fewer = text[..cut].to_string();
+        let mut cache = FileCache::new();
+        cache.read(text.clone()).unwrap();
+        let mut ms = Vec::new();
+        for k in 0..20 {
+            let t = Instant::now();
+            let next = if k % 2 == 0 { &fewer } else { &text };
+            let u = cache.read(next.clone()).unwrap();
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+            let FileUpdate::Change(c) = u else {
+                panic!("one change is read as one")
+            };
+            assert_eq!((c.services.len(), c.slices.len()), (0, 1));
+        }
+        ms.sort_by(f64::total_cmp);
+        eprintln!(
+            "one endpoint change: median {:.2} ms, max {:.2} ms",
+            ms[10], ms[19]
+        );
+    }
+}

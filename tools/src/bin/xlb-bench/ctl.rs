@@ -421,8 +421,8 @@ pub fn scales_section(c: &ControlPlane) -> String {
     let mut s = String::from(
         "\n### At scale: programming from nothing, one endpoint change, bursts, memory\n\n",
     );
-    s += "| services x endpoints | source | from nothing ms | one change p50 / p99 ms (n) | burst of 1,000 ms | agent CPU: bulk s / per change ms | VmRSS MiB | RssAnon MiB | heap B per service port |\n";
-    s += "|---|---|---|---|---|---|---|---|---|\n";
+    s += "| services x endpoints | source | from nothing ms | agent start with all ms | one change p50 / p99 ms (n) | burst of 1,000 ms | agent CPU: bulk s / per change ms | VmRSS MiB | RssAnon MiB | heap B per service port (after start) |\n";
+    s += "|---|---|---|---|---|---|---|---|---|---|\n";
     for r in &c.scales {
         // kube: the stand-in takes the objects one by one while the agent follows; how
         // long that took is part of the figure.
@@ -437,11 +437,12 @@ pub fn scales_section(c: &ControlPlane) -> String {
             format!("{:.0}", r.bulk_ms)
         };
         s += &format!(
-            "| {} x {} | {} | {} | {:.1} / {:.1} ({}) | {:.0} | {:.2} / {:.2} | {:.0} | {:.0} | {:.0} |\n",
+            "| {} x {} | {} | {} | {:.0} | {:.1} / {:.1} ({}) | {:.0} | {:.2} / {:.2} | {:.0} | {:.0} | {:.0} ({:.0}) |\n",
             r.services,
             r.endpoints,
             r.source,
             bulk,
+            r.start_ms,
             p(&r.change_ms, 50.0),
             p(&r.change_ms, 99.0),
             r.change_ms.len(),
@@ -451,6 +452,7 @@ pub fn scales_section(c: &ControlPlane) -> String {
             r.rss_loaded_kib as f64 / 1024.0,
             r.anon_loaded_kib as f64 / 1024.0,
             r.anon_bytes_per_port(),
+            r.start_anon_bytes_per_port(),
         );
     }
     for k in &c.kube_proxy_scales {
@@ -501,20 +503,33 @@ pub fn scales_section(c: &ControlPlane) -> String {
             p99 <= 20.0,
         );
     }
-    for r in c.scales.iter().filter(|r| r.source != "kube") {
+    for r in &c.scales {
         let (goal, limit) = match r.services {
             10_000 => ("<= 0.5 s", 500.0),
             100_000 => ("<= 5 s", 5000.0),
             _ => continue,
         };
+        // kube: the bulk is as fast as the stand-in takes the objects; the start is the
+        // agent's own.
+        if r.source != "kube" {
+            row(
+                format!(
+                    "{} x {} programmed from nothing, one write ({})",
+                    r.services, r.endpoints, r.source
+                ),
+                goal,
+                format!("{:.2} s", r.bulk_ms / 1e3),
+                r.bulk_ms <= limit,
+            );
+        }
         row(
             format!(
-                "{} x {} programmed from nothing ({})",
+                "{} x {} programmed from nothing, agent start ({})",
                 r.services, r.endpoints, r.source
             ),
             goal,
-            format!("{:.2} s", r.bulk_ms / 1e3),
-            r.bulk_ms <= limit,
+            format!("{:.2} s", r.start_ms / 1e3),
+            r.start_ms <= limit,
         );
     }
     for r in &c.scales {
@@ -533,8 +548,12 @@ pub fn scales_section(c: &ControlPlane) -> String {
                 r.services, r.source
             ),
             "<= 2 KiB",
-            format!("{:.1} KiB", r.anon_bytes_per_port() / 1024.0),
-            r.anon_bytes_per_port() <= 2048.0,
+            format!(
+                "{:.1} KiB (after a start with all: {:.1} KiB)",
+                r.anon_bytes_per_port() / 1024.0,
+                r.start_anon_bytes_per_port() / 1024.0
+            ),
+            r.anon_bytes_per_port().max(r.start_anon_bytes_per_port()) <= 2048.0,
         );
     }
     s += &t;

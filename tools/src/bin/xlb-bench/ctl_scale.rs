@@ -71,12 +71,27 @@ pub struct Scale {
     pub cpu_bulk_s: f64,
     pub cpu_per_change_ms: f64,
     pub cpu_burst_s: f64,
+    /// ms from starting the agent (stopped, its pins removed: nothing programmed) with
+    /// every Service already in its source to the last Service in the maps: a node's
+    /// restart or the DaemonSet's rollout. Loading the programs is included.
+    pub start_ms: f64,
+    /// Agent CPU seconds of that start, and its memory after it (KiB).
+    pub cpu_start_s: f64,
+    pub rss_start_kib: u64,
+    pub anon_start_kib: u64,
 }
 
 impl Scale {
     /// Heap bytes per service port beyond the BPF maps (RssAnon growth / ports).
     pub fn anon_bytes_per_port(&self) -> f64 {
         (self.anon_loaded_kib.saturating_sub(self.anon_empty_kib) as f64 * 1024.0)
+            / f64::from(self.services.max(1))
+    }
+
+    /// The same after a start with every Service in the source (one full pass, no
+    /// history of changes).
+    pub fn start_anon_bytes_per_port(&self) -> f64 {
+        (self.anon_start_kib.saturating_sub(self.anon_empty_kib) as f64 * 1024.0)
             / f64::from(self.services.max(1))
     }
 }
@@ -92,9 +107,10 @@ pub const METHOD: &[&str] = &[
      in the bench process, watched by the agent over HTTP); timed from the start of the \
      write until the last Service's XLB_SERVICES entry has 10 backends.",
     "change: the last Service's EndpointSlice loses its 10th endpoint, then gets it back, \
-     alternately, 100-400 ms apart (pseudo-random); timed from the write (file: write + \
-     rename; kube: the update handed to the stand-in) until XLB_SERVICES shows the new \
-     count, polled every 0.5 ms. file: the whole file is rewritten; dir: the last file (100 \
+     alternately, 100-400 ms apart (pseudo-random); timed from the change (file: the rename \
+     of the new text, written beforehand under a temporary name, into place — the moment \
+     the change exists for a reader; kube: the update handed to the stand-in) until \
+     XLB_SERVICES shows the new count, polled every 0.5 ms. file: the whole file is rewritten; dir: the last file (100 \
      Services). The agent learns of a file change from inotify (its directory is watched).",
     "burst: the first 1,000 Services lose their 10th endpoint: file = one write changing \
      1,000 EndpointSlices; dir = the 10 files holding them rewritten; kube = 1,000 EndpointSlice updates sent one after another; timed \
@@ -103,7 +119,45 @@ pub const METHOD: &[&str] = &[
      bulk; RssAnon is the agent's heap (objects, translation, programmer state), VmRSS adds \
      the touched pages of the mmapped Maglev arena and the binary. CPU: utime + stime of \
      the agent from /proc/<agent>/stat around each phase.",
+    "start: last, the agent is stopped, its pins (maps, programs) removed, and started \
+     again with every Service in its source (kube: in the stand-in), as on a node's restart \
+     or a DaemonSet rollout; timed from the start of the process (loading and attaching the \
+     programs included) until the last Service's XLB_SERVICES entry has its backends; \
+     memory after it, against the first start's with no Service.",
 ];
+
+/// New texts for files of the manifest, written beside them under hidden temporary names
+/// (which the agent skips) and put in place by [`Staged::commit`]: a change exists for a
+/// reader from the rename on, so that is when its clock starts (writing 168 MB is the
+/// writer's work, not the agent's latency).
+struct Staged(Vec<(std::path::PathBuf, std::path::PathBuf)>);
+
+impl Staged {
+    /// `files`: (name in the directory, text); one file: a single entry, name ignored.
+    fn write(cluster: &Cluster, files: &[(String, String)], dir: bool) -> Result<Self> {
+        let mut out = Vec::with_capacity(files.len());
+        for (name, text) in files {
+            let dest = if dir {
+                cluster.manifest.join(name)
+            } else {
+                cluster.manifest.clone()
+            };
+            let file = dest.file_name().context("manifest path")?.to_string_lossy();
+            let tmp = dest.with_file_name(format!(".{file}.tmp"));
+            std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+            out.push((tmp, dest));
+        }
+        Ok(Self(out))
+    }
+
+    fn commit(self) -> Result<()> {
+        for (tmp, dest) in self.0 {
+            std::fs::rename(&tmp, &dest)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+        }
+        Ok(())
+    }
+}
 
 fn svcs(n: u32, e: u32) -> Vec<SvcDef> {
     (0..n)
@@ -285,7 +339,7 @@ pub fn run(n: u32, e: u32, source: &str, repeats: usize) -> Result<Scale> {
     // ---- bulk
     let cpu0 = cpu_s(pid);
     let from = log_at();
-    let t0 = Instant::now();
+    let mut t0 = Instant::now();
     if kube {
         let api = cluster.api();
         for s in &all {
@@ -302,16 +356,17 @@ pub fn run(n: u32, e: u32, source: &str, repeats: usize) -> Result<Scale> {
     } else if dir {
         let files = files_of(&all, 0, all.len() - 1);
         out.manifest_bytes = files.iter().map(|f| f.1.len()).sum();
-        let t = Instant::now();
-        put(&cluster, &files)?;
-        out.bulk_load_ms = t.elapsed().as_secs_f64() * 1e3;
+        let staged = Staged::write(&cluster, &files, true)?;
+        t0 = Instant::now();
+        staged.commit()?;
+        out.bulk_load_ms = t0.elapsed().as_secs_f64() * 1e3;
     } else {
         let text = file_text(&all);
         out.manifest_bytes = text.len();
-        // Timed from the write: producing the text is the bench's work.
-        let t = Instant::now();
-        cluster.write_manifest(&text)?;
-        out.bulk_load_ms = t.elapsed().as_secs_f64() * 1e3;
+        let staged = Staged::write(&cluster, &[(String::new(), text)], false)?;
+        t0 = Instant::now();
+        staged.commit()?;
+        out.bulk_load_ms = t0.elapsed().as_secs_f64() * 1e3;
     }
     let first = all.first().expect("n >= 1");
     maps.wait(t0, first.cluster_ip, first.port, timeout, from, |b| {
@@ -379,17 +434,18 @@ pub fn run(n: u32, e: u32, source: &str, repeats: usize) -> Result<Scale> {
         } else {
             (&last, e)
         };
+        let staged = match &texts {
+            Some((m, f)) => Some(Staged::write(
+                &cluster,
+                if k % 2 == 0 { m } else { f },
+                dir,
+            )?),
+            None => None,
+        };
         let from = log_at();
         let t0 = Instant::now();
-        match &texts {
-            Some((m, f)) => {
-                let files = if k % 2 == 0 { m } else { f };
-                if dir {
-                    put(&cluster, files)?
-                } else {
-                    cluster.write_manifest(&files[0].1)?
-                }
-            }
+        match staged {
+            Some(staged) => staged.commit()?,
             None => {
                 cluster.api().update(&slice_json(s))?;
             }
@@ -432,15 +488,23 @@ pub fn run(n: u32, e: u32, source: &str, repeats: usize) -> Result<Scale> {
     for s in state.iter_mut().take(k) {
         s.endpoints.pop();
     }
-    let text = (!kube && !dir).then(|| file_text(&state));
-    let dir_files = dir.then(|| files_of(&state, 0, k - 1));
+    let staged = if dir {
+        Some(Staged::write(&cluster, &files_of(&state, 0, k - 1), true)?)
+    } else if !kube {
+        Some(Staged::write(
+            &cluster,
+            &[(String::new(), file_text(&state))],
+            false,
+        )?)
+    } else {
+        None
+    };
     let cpu0 = cpu_s(pid);
     let from = log_at();
     let t0 = Instant::now();
-    match (&text, &dir_files) {
-        (_, Some(files)) => put(&cluster, files)?,
-        (Some(t), None) => cluster.write_manifest(t)?,
-        (None, None) => {
+    match staged {
+        Some(staged) => staged.commit()?,
+        None => {
             let changed: Vec<&SvcDef> = state.iter().take(k).collect();
             write(&cluster, &state, &changed)?;
         }
@@ -464,6 +528,42 @@ pub fn run(n: u32, e: u32, source: &str, repeats: usize) -> Result<Scale> {
     eprintln!(
         "  burst of {k} endpoint changes: {:.0} ms (sent in {:.0} ms; agent CPU {:.2} s)",
         out.burst_ms, out.burst_send_ms, out.cpu_burst_s
+    );
+    if !cluster.agents[0].alive() {
+        bail!("lb-agent exited: {}", cluster.agents[0].log_text());
+    }
+
+    // ---- start: the agent stopped, its pins removed, started with everything in place.
+    let want_last = state.last().map_or(e, |s| s.endpoints.len() as u32);
+    drop(maps);
+    cluster.agents[0].stop_now();
+    std::fs::remove_dir_all(&pin_dir)
+        .with_context(|| format!("removing the agent's pins {}", pin_dir.display()))?;
+    let from = log_at();
+    let t0 = Instant::now();
+    cluster.agents[0].restart()?;
+    let maps = loop {
+        // The maps exist once the agent has pinned them.
+        match crate::ctl::Maps::open(&pin_dir) {
+            Ok(m) => break m,
+            Err(_) if t0.elapsed() < timeout => std::thread::sleep(Duration::from_millis(1)),
+            Err(err) => return Err(err.context("the restarted agent's maps")),
+        }
+    };
+    out.start_ms = maps.wait(t0, last.cluster_ip, last.port, timeout, from, |b| {
+        b == Some(want_last)
+    })?;
+    let pid = agent_pid(&pin_dir).context("finding the restarted agent's pid")?;
+    std::thread::sleep(Duration::from_millis(1000));
+    out.cpu_start_s = cpu_s(pid);
+    (out.rss_start_kib, out.anon_start_kib) = mem_kib(pid);
+    eprintln!(
+        "  start with everything in the source: {:.0} ms (agent CPU {:.2} s); RssAnon {} KiB \
+         ({:.0} B per service port)",
+        out.start_ms,
+        out.cpu_start_s,
+        out.anon_start_kib,
+        out.start_anon_bytes_per_port()
     );
     if !cluster.agents[0].alive() {
         bail!("lb-agent exited: {}", cluster.agents[0].log_text());
