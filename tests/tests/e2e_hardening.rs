@@ -22,7 +22,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use lb_agent::dataplane::datapath::{Datapath, Limits};
+use lb_agent::dataplane::datapath::{Datapath, Limits, Verify};
 use lb_tests::*;
 
 /// kubelet's probe timeout in the DaemonSet (timeoutSeconds: 2).
@@ -519,6 +519,53 @@ fn agent_runs_with_only_the_daemonsets_capabilities() {
     }
     drop(c);
     let _ = std::fs::remove_file(&wrapper);
+}
+
+/// The agent's load verifies what every node attaches and leaves the XDP programs to the
+/// attach that picks one; asked for, an XDP program is verified then (and one the kernel
+/// rejected would fail there, within the agent's start).
+#[test]
+fn xdp_programs_are_verified_when_first_used() {
+    let Some(_guard) = privileged() else {
+        return;
+    };
+    let pins = PinDir::new("verify").unwrap();
+    let limits = Limits {
+        max_services: 64,
+        max_frontends: 256,
+        max_backends: 256,
+        maglev_arena: 4096,
+        ct_entries: 1024,
+        ct_new_entries: 256,
+    };
+    let mut dp = Datapath::load_with(pins.path(), &limits, Verify::NodeAttached).unwrap();
+    let loaded = |dp: &Datapath, name: &str| dp.ebpf.program(name).unwrap().fd().is_ok();
+    for name in [lb_common::PROG_TC_UPLINK, lb_common::PROG_TC_POD]
+        .into_iter()
+        .chain(lb_agent::dataplane::datapath::SOCK_PROGRAMS)
+    {
+        assert!(loaded(&dp, name), "{name} verified up front");
+    }
+    for name in [
+        lb_common::PROG_XDP,
+        lb_common::PROG_XDP_MB,
+        lb_common::PROG_XDP_PASS,
+    ] {
+        assert!(!loaded(&dp, name), "{name} left for its first use");
+    }
+    dp.xdp(lb_common::PROG_XDP_MB).unwrap();
+    assert!(loaded(&dp, lb_common::PROG_XDP_MB));
+    assert!(!loaded(&dp, lb_common::PROG_XDP));
+    drop(dp);
+    // Every program, for the tests and tools that run any of them.
+    let dp = Datapath::load(pins.path(), &limits).unwrap();
+    for name in [
+        lb_common::PROG_XDP,
+        lb_common::PROG_XDP_MB,
+        lb_common::PROG_XDP_PASS,
+    ] {
+        assert!(loaded(&dp, name), "{name} verified by load");
+    }
 }
 
 #[test]

@@ -133,9 +133,92 @@ fn unpin_link(path: &Path) -> Option<FdLink> {
     }
 }
 
+/// Which programs [`Datapath::load_with`] verifies before it returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verify {
+    /// Every program of the object (tests and tools run any of them).
+    All,
+    /// What every node attaches (tc, socket hooks); an XDP program when
+    /// [`Datapath::attach_xdp`] picks it (still during the agent's start, so a program
+    /// the kernel rejects fails the start as before). A veth uplink (kind) runs no XDP,
+    /// and a node runs one of the two XDP programs at most: their verification (~0.2 s
+    /// of CPU each) is skipped where they are not used.
+    NodeAttached,
+}
+
+/// Loads (verifies) the programs of the object `which` names, on all CPUs: the verifier
+/// takes ~1 s of CPU for the large programs, one after another, which was most of an
+/// agent's start (the maps are not programmed before the programs are in). The programs
+/// are independent, so each is verified on a thread of its own.
+fn verify_all(ebpf: &mut Ebpf, which: Verify) -> Result<()> {
+    // Largest first, so that a thread per CPU taking the next program when done ends
+    // them together.
+    let xdp = [PROG_XDP, PROG_XDP_MB, PROG_XDP_PASS];
+    let expected: Vec<&str> = [
+        PROG_XDP,
+        PROG_XDP_MB,
+        PROG_TC_UPLINK,
+        PROG_TC_POD,
+        PROG_XDP_PASS,
+    ]
+    .into_iter()
+    .chain(SOCK_PROGRAMS)
+    .filter(|name| which == Verify::All || !xdp.contains(name))
+    .collect();
+    let mut progs: Vec<(&str, &mut aya::programs::Program)> = ebpf
+        .programs_mut()
+        .filter(|(name, _)| expected.contains(name))
+        .collect();
+    for name in &expected {
+        if !progs.iter().any(|(n, _)| n == name) {
+            bail!("program {name} missing from the eBPF object");
+        }
+    }
+    progs.sort_by_key(|(name, _)| expected.iter().position(|e| e == name));
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(progs.len());
+    let queue = std::sync::Mutex::new(progs.into_iter());
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    loop {
+                        let Some((name, prog)) = queue.lock().expect("queue").next() else {
+                            return Ok(());
+                        };
+                        verify(name, prog)?;
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().expect("verifier thread"))
+    })
+}
+
+/// Loads one program as the type its section gives it.
+fn verify(name: &str, prog: &mut aya::programs::Program) -> Result<()> {
+    use aya::programs::Program;
+    match prog {
+        Program::Xdp(p) => p.load(),
+        Program::SchedClassifier(p) => p.load(),
+        Program::CgroupSockAddr(p) => p.load(),
+        other => bail!("program {name}: unexpected type {:?}", other.prog_type()),
+    }
+    .with_context(|| format!("verifying {name}"))
+}
+
 impl Datapath {
-    /// Loads the object with its maps pinned under `pin_dir` (reused if already pinned).
+    /// [`Datapath::load_with`], every program verified.
     pub fn load(pin_dir: &Path, limits: &Limits) -> Result<Self> {
+        Self::load_with(pin_dir, limits, Verify::All)
+    }
+
+    /// Loads the object with its maps pinned under `pin_dir` (reused if already pinned),
+    /// and verifies the programs `verify` names.
+    pub fn load_with(pin_dir: &Path, limits: &Limits, verify: Verify) -> Result<Self> {
         if EBPF_OBJECT.is_empty() {
             bail!("the eBPF object was not built (AYA_BUILD_SKIP was set at build time)");
         }
@@ -162,18 +245,7 @@ impl Datapath {
         };
         // Everything is verified up front, whatever gets attached later: a program the
         // kernel rejects is a build problem and must fail the start, not a later attach.
-        for name in [PROG_XDP, PROG_XDP_MB, PROG_XDP_PASS] {
-            let prog: &mut Xdp = dp.program_mut(name)?.try_into()?;
-            prog.load().with_context(|| format!("verifying {name}"))?;
-        }
-        for name in [PROG_TC_POD, PROG_TC_UPLINK] {
-            let prog: &mut SchedClassifier = dp.program_mut(name)?.try_into()?;
-            prog.load().with_context(|| format!("verifying {name}"))?;
-        }
-        for name in SOCK_PROGRAMS {
-            let prog: &mut CgroupSockAddr = dp.program_mut(name)?.try_into()?;
-            prog.load().with_context(|| format!("verifying {name}"))?;
-        }
+        verify_all(&mut dp.ebpf, verify)?;
         Ok(dp)
     }
 
@@ -183,8 +255,13 @@ impl Datapath {
             .with_context(|| format!("program {name} missing from the eBPF object"))
     }
 
+    /// The XDP program `name`, loaded (verified) on first use.
     pub fn xdp(&mut self, name: &str) -> Result<&mut Xdp> {
-        Ok(self.program_mut(name)?.try_into()?)
+        let prog: &mut Xdp = self.program_mut(name)?.try_into()?;
+        if prog.fd().is_err() {
+            prog.load().with_context(|| format!("verifying {name}"))?;
+        }
+        Ok(prog)
     }
 
     /// Attaches the XDP program to a node uplink, or none; returns the mode and why it is
