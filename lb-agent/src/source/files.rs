@@ -176,7 +176,12 @@ impl FileSource {
         if self.files.get(&OsString::new()).map(|e| e.stamp) == Some(stamp) {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&self.path).map_err(read_error)?;
+        let bytes = std::fs::read(&self.path).map_err(read_error)?;
+        let text = match self.files.get(&OsString::new()) {
+            Some(e) => e.cache.check(bytes),
+            None => FileCache::new().check(bytes),
+        }
+        .map_err(read_error)?;
         let entry = self.files.entry(OsString::new()).or_insert_with(|| Entry {
             id: 0,
             stamp,
@@ -184,7 +189,7 @@ impl FileSource {
             exact: true,
         });
         entry.stamp = stamp;
-        let update = entry.cache.read(text)?;
+        let update = entry.cache.read_checked(text)?;
         Ok(Some(Polled {
             update: Some(update),
             modified: stamp.modified,
@@ -285,7 +290,7 @@ impl FileSource {
                 self.next_id += 1;
             }
             entry.stamp = stamp;
-            let text = match std::fs::read_to_string(&path) {
+            let text = match std::fs::read(&path).and_then(|b| entry.cache.check(b)) {
                 Ok(t) => t,
                 Err(source) => {
                     let e = Error::SourceRead { path, source };
@@ -300,7 +305,7 @@ impl FileSource {
             }
             let old_keys: Vec<(Kind, crate::model::incremental::Key)> =
                 entry.cache.keys().cloned().collect();
-            let c = match entry.cache.read(text) {
+            let c = match entry.cache.read_checked(text) {
                 Ok(FileUpdate::Change(c)) => c,
                 Ok(FileUpdate::Full(objs)) => {
                     if has_global(&objs) || entry.cache.text().is_empty() && !is_empty(&objs) {
