@@ -243,8 +243,9 @@ impl Datapath {
             pin_dir: pin_dir.to_owned(),
             attached: Attached::default(),
         };
-        // Everything is verified up front, whatever gets attached later: a program the
-        // kernel rejects is a build problem and must fail the start, not a later attach.
+        // Verified up front, whatever gets attached later: a program the kernel rejects is
+        // a build problem and must fail the start, not a later attach (the agent's XDP
+        // program is verified by the attach its start makes: `Verify::NodeAttached`).
         verify_all(&mut dp.ebpf, verify)?;
         Ok(dp)
     }

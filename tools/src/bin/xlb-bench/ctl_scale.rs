@@ -101,11 +101,13 @@ pub const METHOD: &[&str] = &[
      map capacities for the size (--max-services, --max-frontends, --max-backends = size + \
      headroom, --maglev-arena = 2 x 1021 x (services + 64)); other flags default (so \
      --min-sync-period 100ms, --sync-period 10m). Endpoints are on another node.",
-    "bulk: all Services x 10 endpoints at once: file = one manifest write (kubectl's List \
-     shape), dir = one file per 100 Services (the same shape) written one after another \
-     (the agent starts on the first and takes the rest in batches), kube = every object created in the API server stand-in (tests/src/apiserver.rs, \
-     in the bench process, watched by the agent over HTTP); timed from the start of the \
-     write until the last Service's XLB_SERVICES entry has 10 backends.",
+    "bulk: all Services x 10 endpoints at once: file = one manifest (kubectl's List \
+     shape), dir = one file per 100 Services (the same shape), written beforehand under \
+     hidden names and renamed into place (dir: one after another; the agent starts on the \
+     first and takes the rest in batches), kube = every object created in the API server \
+     stand-in (tests/src/apiserver.rs, in the bench process, watched by the agent over \
+     HTTP); timed from the first rename (kube: the first create) until the last Service's \
+     XLB_SERVICES entry has 10 backends.",
     "change: the last Service's EndpointSlice loses its 10th endpoint, then gets it back, \
      alternately, 100-400 ms apart (pseudo-random); timed from the change (file: the rename \
      of the new text, written beforehand under a temporary name, into place — the moment \
