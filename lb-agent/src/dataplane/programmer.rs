@@ -98,6 +98,13 @@ impl Maps {
 /// stand-in in the unit tests so that what apply decides can be checked without BPF.
 pub trait MapWriter {
     fn set_backend(&mut self, id: u32, value: Backend) -> Result<()>;
+    /// Many backends at once (a first programming); on an error some may be written.
+    fn set_backends(&mut self, entries: &[(u32, Backend)]) -> Result<()> {
+        for (id, value) in entries {
+            self.set_backend(*id, *value)?;
+        }
+        Ok(())
+    }
     fn remove_backend(&mut self, id: u32);
     /// A new service id: zeroed counters and its name for metrics and status.
     fn init_service(&mut self, svc_id: u32, meta: SvcMeta) -> Result<()>;
@@ -121,6 +128,11 @@ pub trait MapWriter {
 impl MapWriter for Maps {
     fn set_backend(&mut self, id: u32, value: Backend) -> Result<()> {
         Ok(self.backends.insert(id, value, 0)?)
+    }
+    fn set_backends(&mut self, entries: &[(u32, Backend)]) -> Result<()> {
+        use aya::maps::IterableMap as _;
+        crate::dataplane::bpf_table::update_batch(self.backends.map(), entries)
+            .context("writing backends (XLB_BACKENDS)")
     }
     fn remove_backend(&mut self, id: u32) {
         let _ = self.backends.remove(&id);
@@ -1052,6 +1064,10 @@ impl Programmer {
                 e.flags = (e.flags & !BE_DRAINING) | backend(b, false).flags;
             }
         }
+        // Written together (one batch call per 4,096), and taken as written only once
+        // they all are: after an error the next apply writes them again.
+        let mut writes: Vec<(u32, Backend)> = Vec::new();
+        let mut written: Vec<BackendKey> = Vec::new();
         for (key, value) in &wanted {
             let state = match self.backends.get_mut(key) {
                 Some(s) => s,
@@ -1067,11 +1083,17 @@ impl Programmer {
             };
             state.drain_until = None;
             if state.value != *value {
-                maps.set_backend(state.id, *value)?;
-                state.value = *value;
-                st.backends_written += 1;
+                writes.push((state.id, *value));
+                written.push(*key);
             }
         }
+        maps.set_backends(&writes)?;
+        for (key, (_, value)) in written.iter().zip(&writes) {
+            if let Some(state) = self.backends.get_mut(key) {
+                state.value = *value;
+            }
+        }
+        st.backends_written += writes.len();
 
         // 2. Services and their Maglev tables.
         let mut live: BTreeSet<SvcPortId> = BTreeSet::new();
