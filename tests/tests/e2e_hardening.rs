@@ -521,6 +521,18 @@ fn agent_runs_with_only_the_daemonsets_capabilities() {
     let _ = std::fs::remove_file(&wrapper);
 }
 
+/// Map sizes small enough for any test machine.
+fn small_limits() -> Limits {
+    Limits {
+        max_services: 64,
+        max_frontends: 256,
+        max_backends: 256,
+        maglev_arena: 4096,
+        ct_entries: 1024,
+        ct_new_entries: 256,
+    }
+}
+
 /// The agent's load verifies what every node attaches and leaves the XDP programs to the
 /// attach that picks one; asked for, an XDP program is verified then (and one the kernel
 /// rejected would fail there, within the agent's start).
@@ -530,14 +542,7 @@ fn xdp_programs_are_verified_when_first_used() {
         return;
     };
     let pins = PinDir::new("verify").unwrap();
-    let limits = Limits {
-        max_services: 64,
-        max_frontends: 256,
-        max_backends: 256,
-        maglev_arena: 4096,
-        ct_entries: 1024,
-        ct_new_entries: 256,
-    };
+    let limits = small_limits();
     let mut dp = Datapath::load_with(pins.path(), &limits, Verify::NodeAttached).unwrap();
     let loaded = |dp: &Datapath, name: &str| dp.ebpf.program(name).unwrap().fd().is_ok();
     for name in [lb_common::PROG_TC_UPLINK, lb_common::PROG_TC_POD]
@@ -574,14 +579,7 @@ fn pinned_maps_of_other_sizes_are_refused_and_kept() {
         return;
     };
     let pins = PinDir::new("sizes").unwrap();
-    let small = Limits {
-        max_services: 64,
-        max_frontends: 256,
-        max_backends: 256,
-        maglev_arena: 4096,
-        ct_entries: 1024,
-        ct_new_entries: 256,
-    };
+    let small = small_limits();
     drop(Datapath::load(pins.path(), &small).expect("first load creates the maps"));
     // A larger --ct-entries later: refused, naming every map it sizes.
     let larger = Limits {
