@@ -428,7 +428,10 @@ impl Agent {
         // Its own handles on the pins: scrapes never touch the agent's.
         let metrics = Arc::new(Metrics::new(&pin_dir)?);
         let mut maps = Maps::take(&mut dp.ebpf)?;
-        let datapath_events = match aya_log::EbpfLogger::init(&mut dp.ebpf) {
+        let datapath_events = match aya_log::EbpfLogger::init_with_logger(
+            &mut dp.ebpf,
+            crate::serve::debug::EventText(log::logger()),
+        ) {
             Ok(logger) => Some(AbortOnDrop(crate::serve::debug::spawn_reader(logger)?)),
             Err(e) => {
                 log::warn!("datapath debug events unavailable: {e}");

@@ -8,8 +8,10 @@
 
 pub mod arp;
 pub mod csum;
+pub mod event;
 pub mod maps;
 
+pub use event::*;
 pub use maps::*;
 
 /// IP protocol numbers as they appear in the IPv4 header.

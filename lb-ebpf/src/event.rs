@@ -4,21 +4,23 @@
 //! costs one test of a config word the program has already loaded.
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::info;
-use lb_common::{CFG_DEBUG_EVENTS, Config};
+use lb_common::{CFG_DEBUG_EVENTS, Config, DebugEvent};
 
 use crate::parse::Tuple;
 
-/// Logs `what` with the packet's addresses when debug events are on. `what` is a literal
-/// at every call site (the function is inlined), so its length is known to the verifier.
+/// Logs `what` with the packet's addresses when debug events are on. The event goes as its
+/// code (the agent writes its text, `lb_common::DebugEvent::text`): a string here was a
+/// byte-copy loop the verifier walked at every call site. The message starts with
+/// `lb_common::DEBUG_EVENT_PREFIX`.
 #[inline(always)]
-pub fn event<C: EbpfContext>(ctx: &C, cfg: &Config, t: &Tuple, what: &str) {
+pub fn event<C: EbpfContext>(ctx: &C, cfg: &Config, t: &Tuple, what: DebugEvent) {
     if cfg.flags & CFG_DEBUG_EVENTS == 0 {
         return;
     }
     info!(
         ctx,
-        "{} proto {} {:i}:{} -> {:i}:{}",
-        what,
+        "event {} proto {} {:i}:{} -> {:i}:{}",
+        what as u8,
         t.proto,
         u32::from_be(t.src),
         u16::from_be(t.sport),

@@ -9,13 +9,14 @@
 //! two clients never share one (node, port) towards a backend.
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_get_prandom_u32,
+    cty::c_void,
+    helpers::{bpf_get_prandom_u32, bpf_loop},
 };
 use lb_common::*;
 
 use crate::{
     ct,
-    maps::{REVNAT, count},
+    maps::{CONFIG, REVNAT, count},
 };
 
 /// The reply key of a flow that is not source-NATed: backend -> client.
@@ -141,11 +142,10 @@ pub fn alloc(
     // the same sequence of ports.
     // SAFETY: helper without arguments.
     let start = hash ^ unsafe { bpf_get_prandom_u32() };
-    let port_at = |i: u32| (min + (start.wrapping_add(i.wrapping_mul(0x9e37_79b9)) % range)) as u16;
     // First a port no flow holds.
     let mut i = 0u32;
     while i < SNAT_PROBES {
-        let port_be = port_at(i).to_be();
+        let port_be = port_at(start, min, range, i);
         if REVNAT
             .insert(&snat_key(cfg, be, port_be, proto), rev, BPF_NOEXIST as u64)
             .is_ok()
@@ -159,24 +159,97 @@ pub fn alloc(
         }
         i += 1;
     }
-    // Then, over the same probes, a port whose flow is over. (Two plain passes rather than
-    // one that ranks candidates: the verifier walks each pass once per probe instead of
-    // once per combination of outcomes.)
-    let mut i = 0u32;
-    while i < SNAT_PROBES {
-        let port_be = port_at(i).to_be();
-        let rk = snat_key(cfg, be, port_be, proto);
-        // SAFETY: plain-data map value, copied out.
-        if let Some(old) = unsafe { REVNAT.get(&rk) } {
-            let owner = old.ct_key(proto);
-            if ct::take_over(&owner, port_be, cfg, now)
-                && REVNAT.insert(&rk, rev, BPF_ANY as u64).is_ok()
-            {
-                count(Counter::SnatReuse);
-                return Some(port_be);
-            }
-        }
-        i += 1;
+    // Then, over the same probes, a port whose flow is over: in a `bpf_loop` callback,
+    // which the verifier walks until its states converge (twice or so) instead of once per
+    // probe. Unrolled, this pass (three conntrack lookups and the expiry rules per probe)
+    // was 60% of the instructions the verifier walked for each program, verified anew at
+    // every agent start.
+    let mut probe = TakeOverProbe {
+        rev: *rev,
+        be_addr_be: be.addr_be,
+        be_port_be: be.port_be,
+        proto,
+        found: 0,
+        start,
+        min,
+        range,
+        now,
+        port_be: 0,
+    };
+    // SAFETY: `take_over_probe` is the callback bpf_loop expects, `probe` lives on this
+    // stack frame for the whole call.
+    unsafe {
+        bpf_loop(
+            SNAT_PROBES,
+            take_over_probe as *mut c_void,
+            (&mut probe as *mut TakeOverProbe).cast(),
+            0,
+        )
+    };
+    if probe.found != 0 {
+        count(Counter::SnatReuse);
+        return Some(probe.port_be);
     }
     None
+}
+
+/// The SNAT port `i` of a new flow's probe sequence (`start` random, `range` ports from
+/// `min`).
+#[inline(always)]
+fn port_at(start: u32, min: u32, range: u32, i: u32) -> u16 {
+    // `checked_rem`: the callback cannot know that `range` is not 0, and a panic path is
+    // code the verifier refuses.
+    let off = start
+        .wrapping_add(i.wrapping_mul(0x9e37_79b9))
+        .checked_rem(range)
+        .unwrap_or(0);
+    ((min + off) as u16).to_be()
+}
+
+/// The take-over pass of [`alloc`], as data for its `bpf_loop` callback (on the caller's
+/// stack: scalars only, the callback looks the config up itself).
+#[repr(C)]
+struct TakeOverProbe {
+    rev: RevNat,
+    be_addr_be: u32,
+    be_port_be: u16,
+    proto: u8,
+    /// Out: 1 when `port_be` was taken over.
+    found: u8,
+    start: u32,
+    min: u32,
+    range: u32,
+    now: u32,
+    port_be: u16,
+}
+
+/// One probe of the take-over pass: takes port `i` of the sequence if its flow is over.
+/// 1 stops the loop (taken), 0 goes on.
+extern "C" fn take_over_probe(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop hands over the `TakeOverProbe` `alloc` passed.
+    let p = unsafe { &mut *ctx.cast::<TakeOverProbe>() };
+    let Some(cfg) = CONFIG.get(0) else {
+        return 1;
+    };
+    let port_be = port_at(p.start, p.min, p.range, i as u32);
+    let rk = FlowKey::new(
+        p.be_addr_be,
+        cfg.snat_addr_be,
+        p.be_port_be,
+        port_be,
+        p.proto,
+    );
+    // SAFETY: plain-data map value, copied out.
+    let Some(old) = (unsafe { REVNAT.get(&rk) }) else {
+        return 0;
+    };
+    let owner = old.ct_key(p.proto);
+    if ct::take_over(&owner, port_be, cfg, p.now)
+        && REVNAT.insert(&rk, &p.rev, BPF_ANY as u64).is_ok()
+    {
+        p.port_be = port_be;
+        p.found = 1;
+        return 1;
+    }
+    0
 }

@@ -159,7 +159,7 @@ pub fn run(ctx: &TcContext) -> i32 {
         if fe.flags & (FE_CLUSTER_IP | FE_NODEPORT | FE_EXTERNAL) != 0 {
             if fe.flags & FE_SOURCE_RANGES != 0 && !source_allowed(fe.svc_id, t.src) {
                 count(Counter::DropSourceRangeInside);
-                event(ctx, cfg, &t, "dropped: pod not in loadBalancerSourceRanges");
+                event(ctx, cfg, &t, DebugEvent::DroppedPodNotInSourceRanges);
                 return TC_ACT_SHOT as i32;
             }
             let path = Path {
@@ -188,17 +188,12 @@ fn unused_service_address(ctx: &TcContext, t: &Tuple, cfg: &Config) -> Option<i3
     // SAFETY: plain-data map value.
     if unsafe { CLUSTER_IPS.get(&t.dst) }.is_some() {
         count(Counter::RejectUnknownPort);
-        event(ctx, cfg, t, "rejected: ClusterIP port no service uses");
+        event(ctx, cfg, t, DebugEvent::RejectedUnusedClusterIpPort);
         return Some(reject(ctx, t));
     }
     if in_service_cidr(t.dst) {
         count(Counter::DropServiceCidr);
-        event(
-            ctx,
-            cfg,
-            t,
-            "dropped: service CIDR address no Service holds",
-        );
+        event(ctx, cfg, t, DebugEvent::DroppedUnheldServiceCidrAddress);
         return Some(TC_ACT_SHOT as i32);
     }
     None
@@ -209,7 +204,7 @@ fn unused_service_address(ctx: &TcContext, t: &Tuple, cfg: &Config) -> Option<i3
 #[inline(always)]
 fn checked_reply(ctx: &TcContext, t: &Tuple, rk: &FlowKey, rev: &RevNat, cfg: &Config) -> i32 {
     if !ct::seen_reply(rk, rev, t.tcp_flags, cfg) {
-        event(ctx, cfg, t, "dropped: reply of a flow that is over");
+        event(ctx, cfg, t, DebugEvent::DroppedStaleReply);
         return TC_ACT_SHOT as i32;
     }
     reply(ctx, t, rev)
@@ -278,12 +273,7 @@ pub fn run_uplink(ctx: &TcContext) -> i32 {
     if let Some(fe) = unsafe { FRONTENDS.get(&t.frontend_key()) } {
         if fe.flags & FE_SOURCE_RANGES != 0 && !source_allowed(fe.svc_id, t.src) {
             count(Counter::DropSourceRange);
-            event(
-                ctx,
-                cfg,
-                &t,
-                "dropped: client not in loadBalancerSourceRanges",
-            );
+            event(ctx, cfg, &t, DebugEvent::DroppedClientNotInSourceRanges);
             return TC_ACT_SHOT as i32;
         }
         return to_backend(ctx, &t, fe.svc_id, Path::NORTH_SOUTH, cfg);
@@ -489,21 +479,16 @@ fn to_backend(ctx: &TcContext, t: &Tuple, svc_id: u32, path: Path, cfg: &Config)
         Choice::Go(target) => target,
         Choice::Reject => {
             record(svc_id, len, Outcome::Reject);
-            event(ctx, cfg, t, "rejected: service has no serving endpoint");
+            event(ctx, cfg, t, DebugEvent::RejectedNoEndpoint);
             return reject(ctx, t);
         }
         Choice::Drop => {
-            event(
-                ctx,
-                cfg,
-                t,
-                "dropped: no endpoint for this node or no SNAT port",
-            );
+            event(ctx, cfg, t, DebugEvent::DroppedNoLocalEndpointOrSnatPort);
             return TC_ACT_SHOT as i32;
         }
     };
     if target.new_flow {
-        event(ctx, cfg, t, "new flow");
+        event(ctx, cfg, t, DebugEvent::NewFlow);
     }
     record(
         svc_id,

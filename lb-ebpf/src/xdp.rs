@@ -77,12 +77,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
         // DNATs that too, masquerading it towards backends on other nodes.
         if fe.flags & FE_SOURCE_RANGES != 0 && !source_allowed(fe.svc_id, t.src) {
             count(Counter::DropSourceRange);
-            event(
-                ctx,
-                cfg,
-                &t,
-                "dropped: client not in loadBalancerSourceRanges",
-            );
+            event(ctx, cfg, &t, DebugEvent::DroppedClientNotInSourceRanges);
             return XDP_DROP;
         }
         if seed_checksum(ctx, &t) {
@@ -99,21 +94,16 @@ pub fn run(ctx: &XdpContext) -> u32 {
     if unsafe { CLUSTER_IPS.get(&t.dst) }.is_some() {
         // A ClusterIP on a port no service uses, from outside: refused, as kube-proxy does.
         count(Counter::RejectUnknownPort);
-        event(ctx, cfg, &t, "rejected: ClusterIP port no service uses");
+        event(ctx, cfg, &t, DebugEvent::RejectedUnusedClusterIpPort);
         return refuse(ctx, &t);
     }
     if in_service_cidr(t.dst) {
         count(Counter::DropServiceCidr);
-        event(
-            ctx,
-            cfg,
-            &t,
-            "dropped: service CIDR address no Service holds",
-        );
+        event(ctx, cfg, &t, DebugEvent::DroppedUnheldServiceCidrAddress);
         return XDP_DROP;
     }
     count(Counter::PassNoMatch);
-    event(ctx, cfg, &t, "passed: no service or flow");
+    event(ctx, cfg, &t, DebugEvent::PassedNoService);
     XDP_PASS
 }
 
@@ -130,7 +120,7 @@ fn translate_reply(ctx: &XdpContext, t: &Tuple, rk: &FlowKey, rev: &RevNat, cfg:
     }
     if !ct::seen_reply(rk, rev, t.tcp_flags, cfg) {
         // Its flow is gone: nothing to translate it to.
-        event(ctx, cfg, t, "dropped: reply of a flow that is over");
+        event(ctx, cfg, t, DebugEvent::DroppedStaleReply);
         return XDP_DROP;
     }
     reply(ctx, t, rev)
@@ -163,21 +153,16 @@ fn to_backend(ctx: &XdpContext, t: &Tuple, svc_id: u32, cfg: &Config) -> u32 {
         Choice::Go(target) => target,
         Choice::Reject => {
             record(svc_id, len, Outcome::Reject);
-            event(ctx, cfg, t, "rejected: service has no serving endpoint");
+            event(ctx, cfg, t, DebugEvent::RejectedNoEndpoint);
             return refuse(ctx, t);
         }
         Choice::Drop => {
-            event(
-                ctx,
-                cfg,
-                t,
-                "dropped: no endpoint for this node or no SNAT port",
-            );
+            event(ctx, cfg, t, DebugEvent::DroppedNoLocalEndpointOrSnatPort);
             return XDP_DROP;
         }
     };
     if target.new_flow {
-        event(ctx, cfg, t, "new flow");
+        event(ctx, cfg, t, DebugEvent::NewFlow);
     }
     record(
         svc_id,

@@ -573,6 +573,44 @@ fn xdp_programs_are_verified_when_first_used() {
     }
 }
 
+/// The verifier walks each large program's paths at every agent start; the walk was
+/// ~300,000 instructions (0.6 s of CPU) for the uplink's tc program before the SNAT
+/// take-over pass became a `bpf_loop` and debug events sent codes instead of strings
+/// (~80,000 after). A budget of 150,000 per program catches a change that brings the
+/// explosion back (the kernel's own limit is 1,000,000).
+#[test]
+fn programs_stay_cheap_to_verify() {
+    let Some(_guard) = privileged() else {
+        return;
+    };
+    const BUDGET: u32 = 150_000;
+    let pins = PinDir::new("vcost").unwrap();
+    let dp = Datapath::load(pins.path(), &small_limits()).unwrap();
+    for name in [
+        lb_common::PROG_XDP,
+        lb_common::PROG_XDP_MB,
+        lb_common::PROG_TC_UPLINK,
+        lb_common::PROG_TC_POD,
+    ] {
+        let prog = dp.ebpf.program(name).unwrap();
+        let info = match prog {
+            aya::programs::Program::Xdp(p) => p.info(),
+            aya::programs::Program::SchedClassifier(p) => p.info(),
+            other => panic!("{name}: unexpected type {:?}", other.prog_type()),
+        }
+        .unwrap();
+        // In bpf_prog_info since Linux 5.16 (the programs need 5.17: bpf_loop).
+        let walked = info
+            .verified_instruction_count()
+            .expect("the kernel reports verified instructions");
+        eprintln!("{name}: the verifier walked {walked} instructions");
+        assert!(
+            walked <= BUDGET,
+            "{name}: the verifier walked {walked} instructions (budget {BUDGET})"
+        );
+    }
+}
+
 #[test]
 fn pinned_maps_of_other_sizes_are_refused_and_kept() {
     let Some(_guard) = privileged() else {

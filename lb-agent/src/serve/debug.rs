@@ -61,9 +61,52 @@ pub fn parse_switch(s: &str) -> Option<bool> {
     }
 }
 
-/// Reads the programs' events as they come and hands them to the `log` crate. Aborted on
-/// drop of the returned handle's owner (the agent aborts it when it stops).
-pub fn spawn_reader(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> Result<JoinHandle<()>> {
+/// A logger that writes the datapath's debug events with their text: the programs send an
+/// event's code (`lb_common::DebugEvent`), this puts `DebugEvent::text` in its place.
+/// Other records, and events of a code this build does not know, go to `L` as they are.
+pub struct EventText<L>(pub L);
+
+impl<L: log::Log> log::Log for EventText<L> {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record) {
+        // Formatting the message first costs an allocation per event: debug events only.
+        match event_text(&record.args().to_string()) {
+            Some(text) => self.0.log(
+                &log::Record::builder()
+                    .args(format_args!("{text}"))
+                    .metadata(record.metadata().clone())
+                    .module_path(record.module_path())
+                    .file(record.file())
+                    .line(record.line())
+                    .build(),
+            ),
+            None => self.0.log(record),
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush()
+    }
+}
+
+/// The message of an event record (`event <code> proto …`) with the event's text for its
+/// code; None for anything else.
+pub fn event_text(msg: &str) -> Option<String> {
+    let rest = msg.strip_prefix(lb_common::DEBUG_EVENT_PREFIX)?;
+    let (code, rest) = rest.split_once(' ')?;
+    let event = lb_common::DebugEvent::from_code(code.parse().ok()?)?;
+    Some(format!("{} {rest}", event.text()))
+}
+
+/// Reads the programs' events as they come and hands them to the `log` crate (their text
+/// put in by [`EventText`]). Aborted on drop of the returned handle's owner (the agent
+/// aborts it when it stops).
+pub fn spawn_reader(
+    logger: aya_log::EbpfLogger<EventText<&'static dyn log::Log>>,
+) -> Result<JoinHandle<()>> {
     // SAFETY: the logger owns the ring buffer's descriptor and keeps it open, unchanged,
     // for as long as the AsyncFd that owns the logger.
     let mut fd = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
@@ -94,5 +137,21 @@ mod tests {
         assert_eq!(parse_switch("maybe"), None);
         assert_eq!(with_debug(0b100, true), 0b100 | CFG_DEBUG_EVENTS);
         assert_eq!(with_debug(0b100 | CFG_DEBUG_EVENTS, false), 0b100);
+    }
+
+    #[test]
+    fn events_get_their_text() {
+        assert_eq!(
+            event_text("event 0 proto 6 10.0.0.1:4000 -> 10.96.0.1:80").as_deref(),
+            Some("new flow proto 6 10.0.0.1:4000 -> 10.96.0.1:80")
+        );
+        let code = lb_common::DebugEvent::RejectedNoEndpoint as u8;
+        assert_eq!(
+            event_text(&format!("event {code} proto 17 a -> b")).as_deref(),
+            Some("rejected: service has no serving endpoint proto 17 a -> b")
+        );
+        // Unknown codes and other records are left as they are.
+        assert_eq!(event_text("event 200 proto 6 a -> b"), None);
+        assert_eq!(event_text("something else"), None);
     }
 }

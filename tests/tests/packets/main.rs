@@ -23,6 +23,7 @@ use lb_agent::{
         programmer::{Maps, Programmer, Settings},
     },
     model::translate::{self, NodeContext},
+    serve::debug::EventText,
     source::yaml as k8s,
 };
 use lb_common::*;
@@ -659,7 +660,8 @@ fn run_table(steps: Vec<Step>, snat_port_max: u16) {
     let mut maps = Maps::take(&mut dp.ebpf).expect("maps");
     let captured = Captured::default();
     let mut events =
-        aya_log::EbpfLogger::init_with_logger(&mut dp.ebpf, captured.clone()).expect("aya-log");
+        aya_log::EbpfLogger::init_with_logger(&mut dp.ebpf, EventText(captured.clone()))
+            .expect("aya-log");
     maps.config
         .set(
             0,

@@ -249,7 +249,7 @@ fn targets(r: &Results) -> Vec<Target> {
             met: Some(b.build_ms <= 1.8),
         });
     }
-    if let Some(c) = &r.control_plane {
+    if let Some(c) = r.control_plane.as_ref().filter(|c| c.services > 0) {
         let (_, _, med) = summary(&c.ours_bulk_ms);
         t.push(Target {
             what: "services programmed at once (agent)",
@@ -559,60 +559,63 @@ fn markdown(r: &Results, json: &Path, charts: &[String]) -> String {
                 format!("{:.1}", v.iter().copied().fold(f64::NAN, f64::max)),
             ]
         };
-        s += &format!(
-            "\n## Control plane: {} services x {} endpoints\n\nagent arguments: {}; iptables: {} nat rules; nft: {} lines\n\n",
-            c.services,
-            c.endpoints,
-            if c.agent_args.is_empty() {
-                "none (defaults)".to_owned()
-            } else {
-                format!("`{}`", c.agent_args.join(" "))
-            },
-            c.iptables_rules,
-            c.nft_lines
-        );
-        s += &table(
-            vec!["what", "n", "p50 ms", "p99 ms", "max ms"],
-            vec![
-                line(
-                    "ours: all services at once (manifest -> maps)",
-                    &c.ours_bulk_ms,
-                ),
-                line(
-                    "ours: one endpoint added/removed (manifest -> maps)",
-                    &c.ours_change_ms,
-                ),
-                line(
-                    "kube-proxy iptables: iptables-restore, full ruleset",
-                    &c.iptables_full_ms,
-                ),
-                line(
-                    "kube-proxy iptables: iptables-restore --noflush, one service",
-                    &c.iptables_partial_ms,
-                ),
-                line("kube-proxy nftables: nft -f, full table", &c.nft_full_ms),
-                line(
-                    "kube-proxy nftables: nft -f, one service",
-                    &c.nft_partial_ms,
-                ),
-            ],
-        );
-        if !c.breakdown.is_empty() {
-            s += "\n\nWhere the agent's time goes (the same steps timed in the bench process, medians):\n\n";
-            s += &table(
-                vec!["step", "ms"],
-                c.breakdown
-                    .iter()
-                    .map(|(k, v)| vec![k.clone(), format!("{v:.1}")])
-                    .collect(),
+        // `--ctl-scale-only` runs the scale rows alone: no small-run section then.
+        if c.services > 0 {
+            s += &format!(
+                "\n## Control plane: {} services x {} endpoints\n\nagent arguments: {}; iptables: {} nat rules; nft: {} lines\n\n",
+                c.services,
+                c.endpoints,
+                if c.agent_args.is_empty() {
+                    "none (defaults)".to_owned()
+                } else {
+                    format!("`{}`", c.agent_args.join(" "))
+                },
+                c.iptables_rules,
+                c.nft_lines
             );
-        }
-        if let Some(note) = &c.limit_note {
-            s += &format!("\n\nNote: {note}.\n");
-        }
-        s += "\n\nMethod:\n\n";
-        for m in &c.method {
-            s += &format!("- {m}\n");
+            s += &table(
+                vec!["what", "n", "p50 ms", "p99 ms", "max ms"],
+                vec![
+                    line(
+                        "ours: all services at once (manifest -> maps)",
+                        &c.ours_bulk_ms,
+                    ),
+                    line(
+                        "ours: one endpoint added/removed (manifest -> maps)",
+                        &c.ours_change_ms,
+                    ),
+                    line(
+                        "kube-proxy iptables: iptables-restore, full ruleset",
+                        &c.iptables_full_ms,
+                    ),
+                    line(
+                        "kube-proxy iptables: iptables-restore --noflush, one service",
+                        &c.iptables_partial_ms,
+                    ),
+                    line("kube-proxy nftables: nft -f, full table", &c.nft_full_ms),
+                    line(
+                        "kube-proxy nftables: nft -f, one service",
+                        &c.nft_partial_ms,
+                    ),
+                ],
+            );
+            if !c.breakdown.is_empty() {
+                s += "\n\nWhere the agent's time goes (the same steps timed in the bench process, medians):\n\n";
+                s += &table(
+                    vec!["step", "ms"],
+                    c.breakdown
+                        .iter()
+                        .map(|(k, v)| vec![k.clone(), format!("{v:.1}")])
+                        .collect(),
+                );
+            }
+            if let Some(note) = &c.limit_note {
+                s += &format!("\n\nNote: {note}.\n");
+            }
+            s += "\n\nMethod:\n\n";
+            for m in &c.method {
+                s += &format!("- {m}\n");
+            }
         }
         s += &crate::ctl::scales_section(c);
     }
