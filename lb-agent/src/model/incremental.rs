@@ -110,6 +110,15 @@ pub fn port_changes(deltas: &[ServiceDelta]) -> Vec<PortChange<'_>> {
     changes
 }
 
+/// Adds `key` to the sorted `keys` unless it is there.
+fn insert_sorted(keys: &mut Vec<Key>, key: &Key) {
+    if let Err(at) = keys.binary_search(key) {
+        // Most Services have one slice: room for one, not the four a push makes.
+        keys.reserve_exact(1);
+        keys.insert(at, key.clone());
+    }
+}
+
 /// See the module docs.
 #[derive(Default)]
 pub struct Translator {
@@ -117,7 +126,9 @@ pub struct Translator {
     svc_idx: HashMap<Key, usize>,
     slice_idx: HashMap<Key, usize>,
     /// Slices by owning Service (namespace, service name): slice keys.
-    owned: HashMap<Key, BTreeSet<Key>>,
+    /// Sorted (a Service owns one slice or a few: a `BTreeSet` would take a ~540-byte node
+    /// for each).
+    owned: HashMap<Key, Vec<Key>>,
     /// Every Service's part of the translation without its row (Services with an empty
     /// part are absent).
     out: HashMap<Key, ServiceOutput>,
@@ -201,7 +212,7 @@ impl Translator {
         for (i, s) in self.objs.slices.iter().enumerate() {
             let key = slice_key(s, i);
             if let Some(owner) = owner_key(s) {
-                self.owned.entry(owner).or_default().insert(key.clone());
+                insert_sorted(self.owned.entry(owner).or_default(), &key);
             }
             self.slice_idx.insert(key, i);
         }
@@ -366,15 +377,17 @@ impl Translator {
     fn put_slice(&mut self, key: Key, slice: Option<Arc<Slice>>) {
         if let Some(&i) = self.slice_idx.get(&key)
             && let Some(owner) = owner_key(&self.objs.slices[i])
-            && let Some(set) = self.owned.get_mut(&owner)
+            && let Some(keys) = self.owned.get_mut(&owner)
         {
-            set.remove(&key);
-            if set.is_empty() {
+            if let Ok(at) = keys.binary_search(&key) {
+                keys.remove(at);
+            }
+            if keys.is_empty() {
                 self.owned.remove(&owner);
             }
         }
         if let Some(owner) = slice.as_deref().and_then(owner_key) {
-            self.owned.entry(owner).or_default().insert(key.clone());
+            insert_sorted(self.owned.entry(owner).or_default(), &key);
         }
         match (self.slice_idx.get(&key).copied(), slice) {
             (Some(i), Some(s)) => self.objs.slices[i] = s,

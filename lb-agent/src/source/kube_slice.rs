@@ -15,19 +15,14 @@ use k8s_openapi::{
 };
 use serde::Deserialize;
 
-use crate::{
-    model::{
-        slice::{Endpoint, Slice, SlicePort},
-        translate::HEADLESS_LABEL,
-    },
-    source::yaml::SERVICE_NAME_LABEL,
-};
+use crate::model::slice::{Endpoint, Slice, SlicePort};
 
 /// An EndpointSlice in the kube source's store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KubeSlice {
-    /// As the API server sent it, labels other than the two the agent reads dropped (the
-    /// watcher also drops annotations and managedFields of every kind).
+    /// What the watcher and its store read of the metadata: name, namespace and
+    /// resourceVersion ([`store_meta`]). The labels the translation reads are in `slice`;
+    /// the rest (owner reference, uid, a map of labels: ~600 bytes a slice) is dropped.
     pub metadata: ObjectMeta,
     /// Shared with the snapshots and the translation.
     pub slice: Arc<Slice>,
@@ -36,19 +31,21 @@ pub struct KubeSlice {
 impl KubeSlice {
     /// From the API type (tests, and anything that has one at hand).
     pub fn from_api(s: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Self {
-        let mut metadata = s.metadata.clone();
-        keep_read_labels(&mut metadata);
         Self {
-            metadata,
+            metadata: store_meta(&s.metadata),
             slice: Arc::new(Slice::from_api(s)),
         }
     }
 }
 
-/// Only the labels the agent reads stay.
-fn keep_read_labels(meta: &mut ObjectMeta) {
-    if let Some(l) = meta.labels.as_mut() {
-        l.retain(|k, _| k == SERVICE_NAME_LABEL || k == HEADLESS_LABEL);
+/// The metadata kept with a slice: what the store files it under and the watcher resumes
+/// from. Everything the translation reads was taken into the [`Slice`] before.
+fn store_meta(meta: &ObjectMeta) -> ObjectMeta {
+    ObjectMeta {
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        resource_version: meta.resource_version.clone(),
+        ..Default::default()
     }
 }
 
@@ -75,8 +72,7 @@ impl<'de> Deserialize<'de> for KubeSlice {
             node_name: Option<String>,
             hints: Option<EndpointHints>,
         }
-        let mut w = Wire::deserialize(d)?;
-        keep_read_labels(&mut w.metadata);
+        let w = Wire::deserialize(d)?;
         let slice = Slice::from_parts(
             &w.metadata,
             &w.address_type,
@@ -95,7 +91,7 @@ impl<'de> Deserialize<'de> for KubeSlice {
                 .collect(),
         );
         Ok(Self {
-            metadata: w.metadata,
+            metadata: store_meta(&w.metadata),
             slice: Arc::new(slice),
         })
     }
@@ -161,8 +157,11 @@ mod tests {
         assert_eq!(ours, KubeSlice::from_api(&api));
         assert_eq!(*ours.slice, Slice::from_api(&api));
         assert_eq!(ours.metadata.resource_version.as_deref(), Some("42"));
-        let labels: Vec<&String> = ours.metadata.labels.iter().flatten().map(|l| l.0).collect();
-        assert_eq!(labels, [SERVICE_NAME_LABEL]);
+        // The labels were read into the slice; none stays in the stored metadata.
+        assert_eq!(ours.slice.service.as_deref(), Some("web"));
+        assert_eq!(ours.metadata.labels, None);
+        assert_eq!(ours.metadata.name.as_deref(), Some("web-abc"));
+        assert_eq!(ours.metadata.namespace.as_deref(), Some("dev"));
         use kube::Resource as _;
         assert_eq!(
             KubeSlice::url_path(&(), Some("dev")),
