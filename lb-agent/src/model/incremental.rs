@@ -125,12 +125,10 @@ pub struct Translator {
     objs: Objects,
     svc_idx: HashMap<Key, usize>,
     slice_idx: HashMap<Key, usize>,
-    /// Slices by owning Service (namespace, service name): slice keys.
-    /// Sorted (a Service owns one slice or a few: a `BTreeSet` would take a ~540-byte node
-    /// for each).
+    /// Slices by owning Service (namespace, service name): slice keys, sorted (a Service
+    /// owns one slice or a few: a `BTreeSet` would take a ~540-byte node for each).
     owned: HashMap<Key, Vec<Key>>,
-    /// Every Service's part of the translation without its row (Services with an empty
-    /// part are absent).
+    /// Every Service's part of the translation (Services with an empty part are absent).
     out: HashMap<Key, ServiceOutput>,
     /// Which Service each programmed frontend belongs to.
     owners: HashMap<FeKey, Key>,
@@ -304,10 +302,7 @@ impl Translator {
                         .filter_map(|k| self.slice_idx.get(k))
                         .map(|&i| &*self.objs.slices[i])
                         .collect();
-                    let mut out =
-                        translate::translate_service(&self.objs.services[i], &slices, &self.node);
-                    out.row = None;
-                    out
+                    translate::translate_service(&self.objs.services[i], &slices, &self.node)
                 }
             };
             let old = self.out.get(&key).cloned().unwrap_or_default();

@@ -514,11 +514,11 @@ pub fn effective_node(
     }
 }
 
-/// One Service's part of a translation ([`translate`] restricted to it).
+/// One Service's part of a translation ([`translate`] restricted to it), without its
+/// `kubectl get svc` line (nothing reads a row after a change; the Translator keeps one of
+/// these per Service).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceOutput {
-    /// Its `kubectl get svc` line (None: the Service does not exist).
-    pub row: Option<ServiceRow>,
     /// Its service ports, sorted by id.
     pub ports: Vec<SvcPort>,
     pub warnings: Vec<Warning>,
@@ -542,13 +542,11 @@ pub fn translate_service(svc: &Service, slices: &[&Slice], node: &NodeContext) -
         service_order: vec![(key.0.to_string(), key.1.to_string())],
         ..Desired::default()
     };
-    out.rows.push(row(svc));
     program_service(svc, &owned, node, &[], &mut out);
     out.ports.sort_by(|a, b| a.id.cmp(&b.id));
     out.health_checks.sort_by_key(|h| h.node_port);
     drop_colliding_frontends(&mut out, node, &[created(svc)]);
     ServiceOutput {
-        row: out.rows.pop(),
         ports: out.ports,
         warnings: out.warnings,
         health_checks: out.health_checks,
