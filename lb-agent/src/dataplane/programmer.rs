@@ -434,7 +434,9 @@ pub struct Programmer {
     services: BTreeMap<SvcPortId, SvcState>,
     free_svc_ids: BTreeSet<u32>,
     next_svc_id: u32,
-    backends: BTreeMap<(Ipv4Addr, u16), BackendState>,
+    /// Hashed, not ordered: nothing needs them in order, and a `BTreeMap` filled in
+    /// ascending order leaves its nodes half empty (~80 bytes a backend, against ~45).
+    backends: StdHashMap<BackendKey, BackendState>,
     next_backend_id: u32,
     frontends: BTreeMap<FrontendKey, Frontend>,
     cluster_ips: BTreeSet<u32>,
@@ -526,7 +528,7 @@ impl Programmer {
             services: BTreeMap::new(),
             free_svc_ids: BTreeSet::new(),
             next_svc_id: 0,
-            backends: BTreeMap::new(),
+            backends: StdHashMap::new(),
             // Backend id 0 is reserved: it marks an unwritten Maglev slot.
             next_backend_id: 1,
             frontends: BTreeMap::new(),
@@ -1229,24 +1231,30 @@ impl Programmer {
 
         // 5. Backends no service uses: drain, then delete.
         let drain = self.settings.drain;
-        let mut expired = Vec::new();
-        for (key, b) in self.backends.iter_mut() {
+        let (mut to_drain, mut expired) = (Vec::new(), Vec::new());
+        for (key, b) in &self.backends {
             if wanted.contains_key(key) {
                 continue;
             }
             match b.drain_until {
-                None => {
-                    b.drain_until = Some(now + drain);
-                    // Session affinity must stop choosing it at once.
-                    let mut v = b.value;
-                    v.flags |= BE_DRAINING;
-                    if v != b.value {
-                        maps.set_backend(b.id, v)?;
-                        b.value = v;
-                    }
-                }
+                None => to_drain.push(*key),
                 Some(t) if t <= now => expired.push(*key),
                 Some(_) => {}
+            }
+        }
+        // Written in address order (the map is unordered): the same writes in the same
+        // order for the same state.
+        to_drain.sort_unstable();
+        expired.sort_unstable();
+        for key in to_drain {
+            let b = self.backends.get_mut(&key).expect("listed above");
+            b.drain_until = Some(now + drain);
+            // Session affinity must stop choosing it at once.
+            let mut v = b.value;
+            v.flags |= BE_DRAINING;
+            if v != b.value {
+                maps.set_backend(b.id, v)?;
+                b.value = v;
             }
         }
         for key in expired {
