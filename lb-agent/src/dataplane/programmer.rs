@@ -434,8 +434,8 @@ pub struct Programmer {
     services: BTreeMap<SvcPortId, SvcState>,
     free_svc_ids: BTreeSet<u32>,
     next_svc_id: u32,
-    /// Hashed, not ordered: nothing needs them in order, and a `BTreeMap` filled in
-    /// ascending order leaves its nodes half empty (~80 bytes a backend, against ~45).
+    /// Hashed, not ordered: nothing needs them in order (the drain pass sorts what it
+    /// writes), and a `BTreeMap` filled in ascending order leaves its nodes half empty.
     backends: StdHashMap<BackendKey, BackendState>,
     next_backend_id: u32,
     frontends: BTreeMap<FrontendKey, Frontend>,
