@@ -13,9 +13,11 @@
 //! advertisements) or a nameless object, the whole text is parsed as before
 //! ([`FileUpdate::Full`], or its error, which names the right document).
 use std::{
+    borrow::Cow,
     collections::HashMap,
     hash::{DefaultHasher, Hash as _, Hasher as _},
     ops::Range,
+    path::Path,
 };
 
 use crate::{
@@ -34,18 +36,37 @@ pub(crate) enum Kind {
 /// concatenated.
 type Unit = [Range<usize>; 3];
 
-fn unit_text<'a>(text: &'a str, u: &Unit) -> std::borrow::Cow<'a, str> {
+fn unit_text<'a>(text: &'a str, u: &Unit) -> Cow<'a, str> {
     if u[0].is_empty() && u[2].is_empty() {
-        std::borrow::Cow::Borrowed(&text[u[1].clone()])
+        Cow::Borrowed(&text[u[1].clone()])
     } else {
-        std::borrow::Cow::Owned(u.iter().map(|r| &text[r.clone()]).collect())
+        Cow::Owned(u.iter().map(|r| &text[r.clone()]).collect())
     }
 }
 
-fn unit_eq(a: &str, ua: &Unit, b: &str, ub: &Unit) -> bool {
+/// [`unit_text`] of a unit of a new text (`old`: the kept text it may be spliced into).
+fn new_unit_text<'a>(new: &'a New, old: &'a str, u: &Unit) -> Cow<'a, str> {
+    if u[0].is_empty() && u[2].is_empty() {
+        new.get(old, u[1].clone())
+    } else {
+        Cow::Owned(u.iter().map(|r| new.get(old, r.clone())).collect())
+    }
+}
+
+/// Unit `ua` of the kept text `old` reads as unit `ub` of `new`.
+fn unit_eq(old: &str, ua: &Unit, new: &New, ub: &Unit) -> bool {
     ua.iter()
         .zip(ub)
-        .all(|(ra, rb)| a[ra.clone()] == b[rb.clone()])
+        .all(|(ra, rb)| ra.len() == rb.len() && old[ra.clone()] == *new.get(old, rb.clone()))
+}
+
+/// Hash of a unit of `new`, as [`unit_hash`] of the same unit of a whole text.
+fn new_unit_hash(new: &New, old: &str, u: &Unit) -> u64 {
+    let mut h = DefaultHasher::new();
+    for r in u {
+        new.get(old, r.clone()).hash(&mut h);
+    }
+    h.finish()
 }
 
 fn unit_hash(text: &str, u: &Unit) -> u64 {
@@ -54,6 +75,72 @@ fn unit_hash(text: &str, u: &Unit) -> u64 {
         text[r.clone()].hash(&mut h);
     }
     h.finish()
+}
+
+/// A file's new text: whole, or as the kept text with one stretch replaced
+/// (`old[..at] + mid + old[old_end..]`): what [`FileCache::load`] reads, so that a change
+/// costs no second copy of a large file, only the bytes that differ.
+#[derive(Debug)]
+enum New {
+    Whole(String),
+    Splice {
+        at: usize,
+        old_end: usize,
+        mid: String,
+    },
+}
+
+impl New {
+    fn len(&self, old: &str) -> usize {
+        match self {
+            New::Whole(s) => s.len(),
+            New::Splice { at, old_end, mid } => old.len() - (old_end - at) + mid.len(),
+        }
+    }
+
+    /// `new[r]` (`old`: the kept text a splice is of); borrowed unless `r` spans the
+    /// splice's edges. `r` is cut at character boundaries of the new text.
+    fn get<'a>(&'a self, old: &'a str, r: Range<usize>) -> Cow<'a, str> {
+        let (at, old_end, mid) = match self {
+            New::Whole(s) => return Cow::Borrowed(&s[r]),
+            New::Splice { at, old_end, mid } => (*at, *old_end, mid.as_str()),
+        };
+        let mid_end = at + mid.len();
+        // (start in the new text, end, the text there)
+        let pieces = [
+            (0, at, &old[..at]),
+            (at, mid_end, mid),
+            (mid_end, usize::MAX, &old[old_end..]),
+        ];
+        let mut parts = pieces.iter().filter_map(|&(s, e, t)| {
+            let (a, b) = (r.start.max(s), r.end.min(e));
+            (a < b).then(|| &t[a - s..b - s])
+        });
+        let first = parts.next().unwrap_or("");
+        match parts.next() {
+            None => Cow::Borrowed(first),
+            Some(second) => {
+                let mut out = String::with_capacity(r.len());
+                out.push_str(first);
+                out.push_str(second);
+                parts.for_each(|p| out.push_str(p));
+                Cow::Owned(out)
+            }
+        }
+    }
+
+    fn into_string(self, old: &str) -> String {
+        match self {
+            New::Whole(s) => s,
+            New::Splice { at, old_end, mid } => {
+                let mut s = String::with_capacity(old.len() - (old_end - at) + mid.len());
+                s.push_str(&old[..at]);
+                s.push_str(&mid);
+                s.push_str(&old[old_end..]);
+                s
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -125,9 +212,10 @@ impl Same {
     }
 }
 
-/// A file's text, checked by [`FileCache::check`].
+/// A file's text, checked by [`FileCache::check`] or read by [`FileCache::load`].
+#[derive(Debug)]
 pub struct Checked {
-    text: String,
+    new: New,
     same: Same,
     /// Length of the text it was compared with.
     old_len: usize,
@@ -278,11 +366,15 @@ fn keys_of(objs: &Objects) -> Option<Vec<(Kind, Key)>> {
     Some(keys)
 }
 
-/// Parses documents, on both cores when there are many (the first read of a large file).
-fn parse_all(text: &str, ranges: &[Unit]) -> Vec<Result<Objects, ParseError>> {
+/// Parses units (`text_of` gives a unit's text), on both cores when there are many (the
+/// first read of a large file).
+fn parse_all<'a>(
+    ranges: &[Unit],
+    text_of: impl Fn(&Unit) -> Cow<'a, str> + Sync,
+) -> Vec<Result<Objects, ParseError>> {
     let parse = |rs: &[Unit]| -> Vec<Result<Objects, ParseError>> {
         rs.iter()
-            .map(|r| yaml::parse_objects(&unit_text(text, r)))
+            .map(|r| yaml::parse_objects(&text_of(r)))
             .collect()
     };
     if ranges.len() < 64 {
@@ -331,7 +423,7 @@ impl FileCache {
     /// next read compares with the last good one (after a duplicate object, it parses
     /// everything).
     pub fn read(&mut self, text: String) -> Result<FileUpdate, ParseError> {
-        self.read_with(text, None)
+        self.read_with(New::Whole(text), None)
     }
 
     /// A file's content as text for [`FileCache::read_checked`]: checked as UTF-8 only
@@ -365,7 +457,7 @@ impl FileCache {
         // were checked just now; UTF-8 pieces joined are UTF-8.
         let text = unsafe { String::from_utf8_unchecked(bytes) };
         Ok(Checked {
-            text,
+            new: New::Whole(text),
             same,
             old_len: old.len(),
         })
@@ -374,29 +466,132 @@ impl FileCache {
     /// [`FileCache::read`] of text from [`FileCache::check`] (whose comparison with the
     /// last read it reuses).
     pub fn read_checked(&mut self, checked: Checked) -> Result<FileUpdate, ParseError> {
-        // Checked against another read than the last one: compared again.
+        // Checked against another read than the last one: compared again. (A splice is
+        // only ever read right after the load that made it, by the same cache.)
         let same = (checked.old_len == self.text.len()).then_some(checked.same);
-        self.read_with(checked.text, same)
+        assert!(
+            same.is_some() || matches!(checked.new, New::Whole(_)),
+            "a spliced read taken by another read than the one it was loaded against"
+        );
+        self.read_with(checked.new, same)
     }
 
-    fn read_with(&mut self, text: String, same: Option<Same>) -> Result<FileUpdate, ParseError> {
-        let (ranges, hints) = match self.resplit(&text, same) {
+    /// The file at `path`, read against the last good read's text for
+    /// [`FileCache::read_checked`]: the common prefix and suffix are compared a chunk at a
+    /// time as they are read (into one small buffer), and only the bytes between them are
+    /// kept (and checked as UTF-8), to be spliced into the kept text. A one-line change of
+    /// a 17 MB file copies 17 MB through a cache-sized buffer instead of into a second
+    /// 17 MB text compared afterwards. A file that is not regular, or whose length changes
+    /// while it is read, is read whole.
+    pub fn load(&self, path: &Path) -> std::io::Result<Checked> {
+        use std::{io::Read as _, os::unix::fs::FileExt as _};
+        /// Fills `buf` from `off`; false when the file ends first.
+        fn fill(f: &std::fs::File, buf: &mut [u8], off: usize) -> std::io::Result<bool> {
+            match f.read_exact_at(buf, off as u64) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+        const CHUNK: usize = 256 * 1024;
+        let file = std::fs::File::open(path)?;
+        let whole = |mut f: &std::fs::File| {
+            let mut bytes = Vec::new();
+            f.read_to_end(&mut bytes)?;
+            self.check(bytes)
+        };
+        let meta = file.metadata()?;
+        let old = self.text.as_bytes();
+        if old.is_empty() || !meta.is_file() {
+            return whole(&file);
+        }
+        let len = usize::try_from(meta.len()).map_err(std::io::Error::other)?;
+        let mut buf = vec![0u8; CHUNK.min(len.max(1))];
+        let mut prefix = 0;
+        let lim = old.len().min(len);
+        while prefix < lim {
+            let want = CHUNK.min(lim - prefix);
+            if !fill(&file, &mut buf[..want], prefix)? {
+                return whole(&file);
+            }
+            let c = common_prefix(&old[prefix..prefix + want], &buf[..want]);
+            prefix += c;
+            if c < want {
+                break;
+            }
+        }
+        // After the prefix, as `Same::of` compares.
+        let room = (old.len() - prefix).min(len - prefix);
+        let mut suffix = 0;
+        while suffix < room {
+            let want = CHUNK.min(room - suffix);
+            if !fill(&file, &mut buf[..want], len - suffix - want)? {
+                return whole(&file);
+            }
+            let o = old.len() - suffix;
+            let c = common_suffix(&old[o - want..o], &buf[..want]);
+            suffix += c;
+            if c < want {
+                break;
+            }
+        }
+        drop(buf);
+        // The unchanged bytes cut at character boundaries of the kept text, as `check`
+        // does: the stretch between is read and checked.
+        let mut head = prefix;
+        while !self.text.is_char_boundary(head) {
+            head -= 1;
+        }
+        let mut from = old.len() - suffix;
+        while !self.text.is_char_boundary(from) {
+            from += 1;
+        }
+        let tail = old.len() - from;
+        let mut mid = vec![0u8; len - tail - head];
+        // The file must still end where its length said (a writer appending in place).
+        if !fill(&file, &mut mid, head)? || file.read_at(&mut [0u8; 1], len as u64)? != 0 {
+            return whole(&file);
+        }
+        let mid = String::from_utf8(mid).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "stream did not contain valid UTF-8",
+            )
+        })?;
+        Ok(Checked {
+            new: New::Splice {
+                at: head,
+                old_end: from,
+                mid,
+            },
+            same: Same { prefix, suffix },
+            old_len: old.len(),
+        })
+    }
+
+    fn read_with(&mut self, new: New, same: Option<Same>) -> Result<FileUpdate, ParseError> {
+        let (new, ranges, hints) = match self.resplit(&new, same) {
             Some(r) => {
                 // The shortcut must split as the whole scan does (checked in tests).
-                debug_assert_eq!(Some(&r.0), split(&text).as_ref());
-                r
+                debug_assert_eq!(
+                    Some(&r.0),
+                    split(&new.get(&self.text, 0..new.len(&self.text))).as_ref()
+                );
+                (new, r.0, r.1)
             }
             None => {
+                let text = new.into_string(&self.text);
                 let Some(ranges) = split(&text) else {
                     let objs = yaml::parse_objects(&text)?;
                     self.clear();
                     return Ok(FileUpdate::Full(objs));
                 };
                 let n = ranges.len();
-                (ranges, vec![None; n])
+                (New::Whole(text), ranges, vec![None; n])
             }
         };
         if self.docs.is_empty() && self.text.is_empty() {
+            let text = new.into_string(&self.text);
             return self.read_whole(text, ranges);
         }
         // Match new documents with old ones: known equal (outside the changed bytes)
@@ -418,14 +613,14 @@ impl FileCache {
             }
             if let Some(d) = self.docs.get(i)
                 && !matched_old[i]
-                && unit_eq(&self.text, &d.range, &text, r)
+                && unit_eq(&self.text, &d.range, &new, r)
             {
                 matched_old[i] = true;
                 reuse[i] = Some(i);
                 hashes[i] = d.hash;
                 continue;
             }
-            let h = unit_hash(&text, r);
+            let h = new_unit_hash(&new, &self.text, r);
             hashes[i] = h;
             let index = by_hash.get_or_insert_with(|| {
                 let mut m: HashMap<u64, Vec<usize>> = HashMap::new();
@@ -436,10 +631,12 @@ impl FileCache {
                 }
                 m
             });
-            if let Some(j) =
-                index.get(&h).into_iter().flatten().copied().find(|&j| {
-                    !matched_old[j] && unit_eq(&self.text, &self.docs[j].range, &text, r)
-                })
+            if let Some(j) = index
+                .get(&h)
+                .into_iter()
+                .flatten()
+                .copied()
+                .find(|&j| !matched_old[j] && unit_eq(&self.text, &self.docs[j].range, &new, r))
             {
                 matched_old[j] = true;
                 reuse[i] = Some(j);
@@ -448,22 +645,29 @@ impl FileCache {
         let gone: Vec<usize> = (0..self.docs.len()).filter(|&j| !matched_old[j]).collect();
         let fresh: Vec<usize> = (0..ranges.len()).filter(|&i| reuse[i].is_none()).collect();
         if gone.iter().any(|&j| self.has_global[j]) {
+            let text = new.into_string(&self.text);
             return self.read_whole(text, ranges);
         }
         let fresh_ranges: Vec<Unit> = fresh.iter().map(|&i| ranges[i].clone()).collect();
         let mut parsed = Vec::with_capacity(fresh.len());
-        for r in parse_all(&text, &fresh_ranges) {
+        for r in parse_all(&fresh_ranges, |u| new_unit_text(&new, &self.text, u)) {
             match r {
                 Ok(objs) => parsed.push(objs),
                 // The whole text names the document (its number) as a full read would.
-                Err(_) => return self.read_whole(text, ranges),
+                Err(_) => {
+                    let text = new.into_string(&self.text);
+                    return self.read_whole(text, ranges);
+                }
             }
         }
         let mut fresh_keys = Vec::with_capacity(parsed.len());
         for objs in &parsed {
             match keys_of(objs) {
                 Some(k) => fresh_keys.push(k),
-                None => return self.read_whole(text, ranges),
+                None => {
+                    let text = new.into_string(&self.text);
+                    return self.read_whole(text, ranges);
+                }
             }
         }
         // Holders after the change; a key in two documents is the whole text's error.
@@ -484,6 +688,8 @@ impl FileCache {
                 let n = self.holders.entry(k.clone()).or_default();
                 *n += 1;
                 if *n > 1 {
+                    // Made whole before the kept text goes.
+                    let text = new.into_string(&self.text);
                     self.clear();
                     return self.read_whole(text, ranges);
                 }
@@ -522,7 +728,11 @@ impl FileCache {
         }
         self.docs = docs;
         self.has_global = has_global;
-        self.text = text;
+        match new {
+            New::Whole(text) => self.text = text,
+            // In place: the bytes after the stretch move, nothing else is copied.
+            New::Splice { at, old_end, mid } => self.text.replace_range(at..old_end, &mid),
+        }
         Ok(FileUpdate::Change(change))
     }
 
@@ -532,8 +742,9 @@ impl FileCache {
     /// the change is not within whole plain documents or whole items of one list (then
     /// `split` does it all).
     #[allow(clippy::type_complexity)]
-    fn resplit(&self, new: &str, same: Option<Same>) -> Option<(Vec<Unit>, Vec<Option<usize>>)> {
-        let (a, b) = (self.text.as_bytes(), new.as_bytes());
+    fn resplit(&self, new: &New, same: Option<Same>) -> Option<(Vec<Unit>, Vec<Option<usize>>)> {
+        let a = self.text.as_bytes();
+        let new_len = new.len(&self.text);
         let units: Vec<&Unit> = self.docs.iter().map(|d| &d.range).collect();
         if units.is_empty() {
             return None;
@@ -541,8 +752,16 @@ impl FileCache {
         let Same {
             prefix: p,
             suffix: s,
-        } = same.unwrap_or_else(|| Same::of(a, b));
-        let (old_end, new_end) = (a.len() - s, b.len() - s);
+        } = same.unwrap_or_else(|| match new {
+            New::Whole(b) => Same::of(a, b.as_bytes()),
+            // A splice's edges bound what changed (not always tightly: that only costs
+            // more units re-read).
+            New::Splice { at, old_end, .. } => Same {
+                prefix: *at,
+                suffix: a.len() - old_end,
+            },
+        });
+        let (old_end, new_end) = (a.len() - s, new_len - s);
         let delta = new_end as isize - old_end as isize;
         // Changed: old[p..old_end] became new[p..new_end]. The units whose bodies it
         // reaches (a boundary included: an insertion between two units joins the earlier).
@@ -569,13 +788,14 @@ impl FileCache {
             m(r.start)..m(r.end)
         };
         let (m0, m1) = (fu[1].start, (lu[1].end as isize + delta) as usize);
-        if m1 < m0 || m1 > new.len() {
+        if m1 < m0 || m1 > new_len {
             return None;
         }
         // The new middle, split as the old one was: items at "- " lines, or documents at
         // "---" lines; anything else at the margin (a new key, a list starting) gives up.
         let mut starts = vec![m0];
-        for (off, bare) in lines(&new[m0..m1]) {
+        let middle = new.get(&self.text, m0..m1);
+        for (off, bare) in lines(&middle) {
             let at = m0 + off;
             match bare.as_bytes().first() {
                 None | Some(b' ' | b'\t' | b'#') => {}
@@ -635,7 +855,7 @@ impl FileCache {
 
     /// Parses every document (in parallel); the result is `parse_objects(text)`'s.
     fn read_whole(&mut self, text: String, ranges: Vec<Unit>) -> Result<FileUpdate, ParseError> {
-        let results = parse_all(&text, &ranges);
+        let results = parse_all(&ranges, |u| unit_text(&text, u));
         let mut per_doc = Vec::with_capacity(results.len());
         let mut cross_checked = false;
         for r in results {
@@ -733,8 +953,8 @@ pub(crate) mod tests {
             .collect()
     }
 
-    /// `check` accepts exactly what a whole UTF-8 check accepts, though it checks only
-    /// the changed bytes: random edits (of single bytes, so that characters get cut) of a
+    /// `check` and `load` accept exactly what a whole UTF-8 check accepts, though they
+    /// check only the changed bytes, and `load`'s splice is the file's text: random edits (of single bytes, so that characters get cut) of a
     /// text with multi-byte characters at every place.
     #[test]
     fn check_agrees_with_a_whole_utf8_check() {
@@ -749,6 +969,7 @@ pub(crate) mod tests {
             .collect();
         let mut cache = FileCache::new();
         cache.read(base.clone()).unwrap();
+        let file = std::env::temp_dir().join(format!("xlb-docs-utf8-{}", std::process::id()));
         let mut seed = 0x9e37_79b9u32;
         let mut next = || {
             seed ^= seed << 13;
@@ -770,18 +991,29 @@ pub(crate) mod tests {
                 }
             }
             let whole = String::from_utf8(bytes.clone());
+            // And read from a file against the kept text (checked where it differs).
+            std::fs::write(&file, &bytes).unwrap();
+            let loaded = cache.load(&file);
             match (cache.check(bytes), whole) {
                 (Ok(c), Ok(w)) => {
-                    assert_eq!(c.text, w);
+                    assert_eq!(c.new.into_string(&cache.text), w);
+                    let l = loaded.expect("a valid file loads");
+                    assert!(matches!(l.new, New::Splice { .. }));
+                    assert_eq!(l.new.into_string(&cache.text), w);
                     valid += 1;
                 }
                 (Err(e), Err(_)) => {
                     assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+                    assert_eq!(
+                        loaded.expect_err("invalid UTF-8 loads").kind(),
+                        std::io::ErrorKind::InvalidData
+                    );
                     invalid += 1;
                 }
-                (c, w) => panic!("check {:?}, whole {:?}", c.map(|c| c.text), w),
+                (c, w) => panic!("check {c:?}, whole {w:?}"),
             }
         }
+        std::fs::remove_file(&file).unwrap();
         // Both outcomes were exercised.
         assert!(
             valid > 1000 && invalid > 1000,
@@ -866,13 +1098,16 @@ pub(crate) mod tests {
     #[test]
     fn documents_read_as_the_whole_text() {
         for (list, closing) in [(false, false), (true, true), (true, false)] {
-            read_as_whole(list, closing);
+            for from_file in [false, true] {
+                read_as_whole(list, closing, from_file);
+            }
         }
     }
 
     /// `list`: the objects as items of one `kind: List` (`closing`: kubectl's shape, with
-    /// lines after the items; else the items end the file).
-    fn read_as_whole(list: bool, closing: bool) {
+    /// lines after the items; else the items end the file). `from_file`: each text is
+    /// written to a file and read with `load` (spliced into the kept text).
+    fn read_as_whole(list: bool, closing: bool, from_file: bool) {
         // (Service number, endpoint address); None: broken YAML.
         let mut docs: Vec<Option<(usize, u32)>> = (0..40).map(|i| Some((i, 1))).collect();
         let render = |d: &[Option<(usize, u32)>]| -> String {
@@ -940,7 +1175,17 @@ pub(crate) mod tests {
             }
             let text = render(&next);
             let whole = yaml::parse_objects(&text);
-            match (cache.read(text), whole) {
+            let got = if from_file {
+                let file = std::env::temp_dir()
+                    .join(format!("xlb-docs-{}-{list}-{closing}", std::process::id()));
+                std::fs::write(&file, &text).unwrap();
+                let loaded = cache.load(&file).unwrap();
+                std::fs::remove_file(&file).unwrap();
+                cache.read_checked(loaded)
+            } else {
+                cache.read(text)
+            };
+            match (got, whole) {
                 (Ok(u), Ok(objs)) => {
                     let n = apply(&mut state, u);
                     assert_eq!(state, state_of(&objs), "list {list}/{closing} step {step}");
