@@ -115,7 +115,9 @@ pub const METHOD: &[&str] = &[
     "change: the last Service's EndpointSlice loses its 10th endpoint, then gets it back, \
      alternately, 100-400 ms apart (pseudo-random); timed from the change (file: the rename \
      of the new text, written beforehand under a temporary name, into place — the moment \
-     the change exists for a reader; kube: the update handed to the stand-in) until \
+     the change exists for a reader, the replaced file being kept linked until the change \
+     is seen, as freeing a 17 MB file takes 10-45 ms inside the rename on ext4; kube: the \
+     update handed to the stand-in) until \
      XLB_SERVICES shows the new count, polled every 0.5 ms (the rename's or the update's own \
      time is recorded beside it: change_commit_ms). file: the whole file is rewritten; dir: the last file (100 \
      Services). The agent learns of a file change from inotify (its directory is watched).",
@@ -136,13 +138,21 @@ pub const METHOD: &[&str] = &[
 /// New texts for files of the manifest, written beside them under hidden temporary names
 /// (which the agent skips) and put in place by [`Staged::commit`]: a change exists for a
 /// reader from the rename on, so that is when its clock starts (writing 168 MB is the
-/// writer's work, not the agent's latency).
-struct Staged(Vec<(std::path::PathBuf, std::path::PathBuf)>);
+/// writer's work, not the agent's latency; so is syncing it, done before). The files they replace are kept (hard-linked
+/// under another hidden name) until the [`Replaced`] that `commit` returns is dropped,
+/// after the measurement: a rename over the last link of a 17 MB file frees its pages and
+/// blocks inside the rename, 10-45 ms of the writer's time on ext4 that would otherwise be
+/// counted as the agent's (the agent reads the new file meanwhile, on the other core).
+struct Staged {
+    files: Vec<(std::path::PathBuf, std::path::PathBuf)>,
+    kept: Replaced,
+}
 
 impl Staged {
     /// `files`: (name in the directory, text); one file: a single entry, name ignored.
     fn write(cluster: &Cluster, files: &[(String, String)], dir: bool) -> Result<Self> {
         let mut out = Vec::with_capacity(files.len());
+        let mut kept = Replaced(Vec::new());
         for (name, text) in files {
             let dest = if dir {
                 cluster.manifest.join(name)
@@ -151,18 +161,47 @@ impl Staged {
             };
             let file = dest.file_name().context("manifest path")?.to_string_lossy();
             let tmp = dest.with_file_name(format!(".{file}.tmp"));
-            std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+            // Synced before the rename, as a careful writer does: otherwise the rename
+            // starts the new file's writeback (ext4's replace-by-rename rule) and the
+            // disk's work lands in the timed window.
+            let mut f = std::fs::File::create(&tmp)
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            std::io::Write::write_all(&mut f, text.as_bytes())
+                .and_then(|()| f.sync_all())
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            let old = dest.with_file_name(format!(".{file}.old"));
+            let _ = std::fs::remove_file(&old);
+            if std::fs::hard_link(&dest, &old).is_ok() {
+                kept.0.push(old);
+            }
             out.push((tmp, dest));
         }
-        Ok(Self(out))
+        Ok(Self { files: out, kept })
     }
 
-    fn commit(self) -> Result<()> {
-        for (tmp, dest) in self.0 {
-            std::fs::rename(&tmp, &dest)
+    fn commit(self) -> Result<Replaced> {
+        for (tmp, dest) in &self.files {
+            std::fs::rename(tmp, dest)
                 .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
         }
-        Ok(())
+        Ok(self.kept)
+    }
+}
+
+/// The files a [`Staged::commit`] replaced, removed when dropped, and the removal committed
+/// to the disk at once (the directory synced): the filesystem frees a large file's blocks
+/// at its next journal commit (and discards them, with `-o discard`), which on 2 cores
+/// stole up to 40 ms from whichever change was being timed then.
+struct Replaced(Vec<std::path::PathBuf>);
+
+impl Drop for Replaced {
+    fn drop(&mut self) {
+        for old in &self.0 {
+            let _ = std::fs::remove_file(old);
+        }
+        if let Some(dir) = self.0.first().and_then(|p| p.parent()) {
+            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        }
     }
 }
 
@@ -365,14 +404,14 @@ pub fn run(n: u32, e: u32, source: &str, repeats: usize) -> Result<Scale> {
         out.manifest_bytes = files.iter().map(|f| f.1.len()).sum();
         let staged = Staged::write(&cluster, &files, true)?;
         t0 = Instant::now();
-        staged.commit()?;
+        let _replaced = staged.commit()?;
         out.bulk_load_ms = t0.elapsed().as_secs_f64() * 1e3;
     } else {
         let text = file_text(&all);
         out.manifest_bytes = text.len();
         let staged = Staged::write(&cluster, &[(String::new(), text)], false)?;
         t0 = Instant::now();
-        staged.commit()?;
+        let _replaced = staged.commit()?;
         out.bulk_load_ms = t0.elapsed().as_secs_f64() * 1e3;
     }
     let first = all.first().expect("n >= 1");
@@ -451,12 +490,14 @@ pub fn run(n: u32, e: u32, source: &str, repeats: usize) -> Result<Scale> {
         };
         let from = log_at();
         let t0 = Instant::now();
-        match staged {
-            Some(staged) => staged.commit()?,
+        // The replaced file goes after the measurement (see Staged).
+        let _replaced = match staged {
+            Some(staged) => Some(staged.commit()?),
             None => {
                 cluster.api().update(&slice_json(s))?;
+                None
             }
-        }
+        };
         out.change_commit_ms.push(t0.elapsed().as_secs_f64() * 1e3);
         let ms = maps.wait(
             t0,
@@ -512,13 +553,14 @@ pub fn run(n: u32, e: u32, source: &str, repeats: usize) -> Result<Scale> {
     let cpu0 = cpu_s(pid);
     let from = log_at();
     let t0 = Instant::now();
-    match staged {
-        Some(staged) => staged.commit()?,
+    let _replaced = match staged {
+        Some(staged) => Some(staged.commit()?),
         None => {
             let changed: Vec<&SvcDef> = state.iter().take(k).collect();
             write(&cluster, &state, &changed)?;
+            None
         }
-    }
+    };
     out.burst_send_ms = t0.elapsed().as_secs_f64() * 1e3;
     let mut pending: Vec<&SvcDef> = state.iter().take(k).collect();
     while !pending.is_empty() {
