@@ -5,10 +5,10 @@
 //! A file is read again only when its stamp (modification time, size, inode) changed, and
 //! of a changed file only the documents that differ are parsed ([`docs`]). With one file
 //! every change still reads the whole file through a small buffer, compared with the kept
-//! text as it comes, and splices the bytes that differ into it (`FileCache::load`: ~5 ms
-//! of CPU at 10,000 Services, ~50 ms at 100,000); with a directory a change costs the
-//! files it touched, so a large cluster kept as a file per namespace or per application
-//! gets an endpoint change into the maps in milliseconds at any size.
+//! text as it comes, and splices the bytes that differ into it (`FileCache::load`: a
+//! change costs ~5-8 ms of CPU at 10,000 Services, 40-50 ms at 100,000); with a directory
+//! a change costs the files it touched, so a large cluster kept as a file per namespace or
+//! per application gets an endpoint change into the maps in milliseconds at any size.
 //!
 //! The directory reads as its files concatenated in name order would: an object in two
 //! files is an error, and whenever a changed or removed file holds kinds checked across
