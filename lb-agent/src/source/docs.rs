@@ -36,21 +36,32 @@ pub(crate) enum Kind {
 /// concatenated.
 type Unit = [Range<usize>; 3];
 
-fn unit_text<'a>(text: &'a str, u: &Unit) -> Cow<'a, str> {
+/// A unit's text, `get` giving the text of a range.
+fn joined<'a>(u: &Unit, get: impl Fn(Range<usize>) -> Cow<'a, str>) -> Cow<'a, str> {
     if u[0].is_empty() && u[2].is_empty() {
-        Cow::Borrowed(&text[u[1].clone()])
+        get(u[1].clone())
     } else {
-        Cow::Owned(u.iter().map(|r| &text[r.clone()]).collect())
+        Cow::Owned(u.iter().map(|r| get(r.clone())).collect())
     }
+}
+
+/// A unit's hash, `get` giving the text of a range (equal texts hash equal, however they
+/// are held).
+fn hashed<'a>(u: &Unit, get: impl Fn(Range<usize>) -> Cow<'a, str>) -> u64 {
+    let mut h = DefaultHasher::new();
+    for r in u {
+        get(r.clone()).hash(&mut h);
+    }
+    h.finish()
+}
+
+fn unit_text<'a>(text: &'a str, u: &Unit) -> Cow<'a, str> {
+    joined(u, |r| Cow::Borrowed(&text[r]))
 }
 
 /// [`unit_text`] of a unit of a new text (`old`: the kept text it may be spliced into).
 fn new_unit_text<'a>(new: &'a New, old: &'a str, u: &Unit) -> Cow<'a, str> {
-    if u[0].is_empty() && u[2].is_empty() {
-        new.get(old, u[1].clone())
-    } else {
-        Cow::Owned(u.iter().map(|r| new.get(old, r.clone())).collect())
-    }
+    joined(u, |r| new.get(old, r))
 }
 
 /// Unit `ua` of the kept text `old` reads as unit `ub` of `new`.
@@ -62,19 +73,11 @@ fn unit_eq(old: &str, ua: &Unit, new: &New, ub: &Unit) -> bool {
 
 /// Hash of a unit of `new`, as [`unit_hash`] of the same unit of a whole text.
 fn new_unit_hash(new: &New, old: &str, u: &Unit) -> u64 {
-    let mut h = DefaultHasher::new();
-    for r in u {
-        new.get(old, r.clone()).hash(&mut h);
-    }
-    h.finish()
+    hashed(u, |r| new.get(old, r))
 }
 
 fn unit_hash(text: &str, u: &Unit) -> u64 {
-    let mut h = DefaultHasher::new();
-    for r in u {
-        text[r.clone()].hash(&mut h);
-    }
-    h.finish()
+    hashed(u, |r| Cow::Borrowed(&text[r]))
 }
 
 /// A file's new text: whole, or as the kept text with one stretch replaced
@@ -567,16 +570,7 @@ impl FileCache {
     pub fn check(&self, bytes: Vec<u8>) -> std::io::Result<Checked> {
         let old = self.text.as_bytes();
         let same = Same::of(old, &bytes);
-        // The unchanged bytes, cut at character boundaries of the old text: `head` bytes
-        // at the start, `tail` at the end.
-        let mut head = same.prefix;
-        while !self.text.is_char_boundary(head) {
-            head -= 1;
-        }
-        let mut from = old.len() - same.suffix;
-        while !self.text.is_char_boundary(from) {
-            from += 1;
-        }
+        let (head, from) = self.unchanged(same);
         let tail = old.len() - from;
         // head <= prefix <= len - suffix <= len - tail: the two do not overlap.
         if std::str::from_utf8(&bytes[head..bytes.len() - tail]).is_err() {
@@ -650,16 +644,8 @@ impl FileCache {
             }
         }
         drop(buf);
-        // The unchanged bytes cut at character boundaries of the kept text, as `check`
-        // does: the stretch between is read and checked.
-        let mut head = prefix;
-        while !self.text.is_char_boundary(head) {
-            head -= 1;
-        }
-        let mut from = old.len() - suffix;
-        while !self.text.is_char_boundary(from) {
-            from += 1;
-        }
+        // The stretch between the unchanged bytes is read and checked.
+        let (head, from) = self.unchanged(Same { prefix, suffix });
         let tail = old.len() - from;
         let mut mid = vec![0u8; len - tail - head];
         // The file must still end where its length said (a writer appending in place).
@@ -681,6 +667,20 @@ impl FileCache {
             same: Same { prefix, suffix },
             old_len: old.len(),
         })
+    }
+
+    /// The bytes a new text shares with the kept one (`same`), cut at character
+    /// boundaries of the kept text: `old[..head]` at the start, `old[from..]` at the end.
+    fn unchanged(&self, same: Same) -> (usize, usize) {
+        let mut head = same.prefix;
+        while !self.text.is_char_boundary(head) {
+            head -= 1;
+        }
+        let mut from = self.text.len() - same.suffix;
+        while !self.text.is_char_boundary(from) {
+            from += 1;
+        }
+        (head, from)
     }
 
     fn read_with(&mut self, new: New, same: Option<Same>) -> Result<FileUpdate, ParseError> {
@@ -708,14 +708,6 @@ impl FileCache {
         if self.docs.is_empty() && self.text.is_empty() {
             let text = new.into_string(&self.text);
             return self.read_whole(text, mid);
-        }
-        // The whole text's units, for a read of everything.
-        macro_rules! read_whole {
-            ($self:ident) => {{
-                let ranges = $self.units_with(&mid, first, end, moved);
-                let text = new.into_string(&$self.text);
-                $self.read_whole(text, ranges)
-            }};
         }
         // Match the new units with the old ones they replace: same position first, then
         // same content (a moved document).
@@ -758,7 +750,7 @@ impl FileCache {
             .collect();
         let fresh: Vec<usize> = (0..mid.len()).filter(|&k| reuse[k].is_none()).collect();
         if gone.iter().any(|&j| self.has_global[j]) {
-            return read_whole!(self);
+            return self.reread(new, &mid, first, end, moved, false);
         }
         let fresh_ranges: Vec<Unit> = fresh.iter().map(|&k| mid[k].clone()).collect();
         let mut parsed = Vec::with_capacity(fresh.len());
@@ -766,14 +758,14 @@ impl FileCache {
             match r {
                 Ok(objs) => parsed.push(objs),
                 // The whole text names the document (its number) as a full read would.
-                Err(_) => return read_whole!(self),
+                Err(_) => return self.reread(new, &mid, first, end, moved, false),
             }
         }
         let mut fresh_keys = Vec::with_capacity(parsed.len());
         for objs in &parsed {
             match keys_of(objs) {
                 Some(k) => fresh_keys.push(k),
-                None => return read_whole!(self),
+                None => return self.reread(new, &mid, first, end, moved, false),
             }
         }
         // Holders after the change; a key in two documents is the whole text's error.
@@ -794,11 +786,7 @@ impl FileCache {
                 let n = self.holders.entry(k.clone()).or_default();
                 *n += 1;
                 if *n > 1 {
-                    // Made whole before the kept text goes.
-                    let ranges = self.units_with(&mid, first, end, moved);
-                    let text = new.into_string(&self.text);
-                    self.clear();
-                    return self.read_whole(text, ranges);
+                    return self.reread(new, &mid, first, end, moved, true);
                 }
             }
         }
@@ -853,6 +841,26 @@ impl FileCache {
         Ok(FileUpdate::Change(change))
     }
 
+    /// [`Self::read_whole`] of the new text (units as [`Self::units_with`] gives them),
+    /// after forgetting the last read when `forget` (its holders were left half-updated).
+    fn reread(
+        &mut self,
+        new: New,
+        mid: &[Unit],
+        first: usize,
+        end: usize,
+        moved: Option<Moved>,
+        forget: bool,
+    ) -> Result<FileUpdate, ParseError> {
+        // Made whole before the kept text goes.
+        let ranges = self.units_with(mid, first, end, moved);
+        let text = new.into_string(&self.text);
+        if forget {
+            self.clear();
+        }
+        self.read_whole(text, ranges)
+    }
+
     /// Every unit of the new text: the kept ones before `first` and from `end` on (moved
     /// by `moved`), `mid` between (None: `mid` is all of them).
     fn units_with(
@@ -872,11 +880,10 @@ impl FileCache {
         out
     }
 
-    /// The units of `new` from the last read's (see [`Resplit`]), re-splitting only the bytes that differ
-    /// (after the common prefix, before the common suffix: two memory comparisons instead
-    /// of a scan of every line), with the last read's unit each unchanged one is. None when
-    /// the change is not within whole plain documents or whole items of one list (then
-    /// `split` does it all).
+    /// The units of `new` from the last read's (see [`Resplit`]), re-splitting only the
+    /// bytes that differ (after the common prefix, before the common suffix: two memory
+    /// comparisons instead of a scan of every line). None when the change is not within
+    /// whole plain documents or whole items of one list (then `split` does it all).
     fn resplit(&self, new: &New, same: Option<Same>) -> Option<Resplit> {
         let a = self.text.as_bytes();
         let new_len = new.len(&self.text);
@@ -918,11 +925,8 @@ impl FileCache {
         if in_list && (prefix.end > p || (suffix.start < old_end && !suffix.is_empty())) {
             return None;
         }
-        let shift = |r: &Range<usize>| -> Range<usize> {
-            let m = |x: usize| (x as isize + delta) as usize;
-            m(r.start)..m(r.end)
-        };
-        let (m0, m1) = (fu[1].start, (lu[1].end as isize + delta) as usize);
+        let moved = Moved { old_end, delta };
+        let (m0, m1) = (fu[1].start, moved.shift(&lu[1]).end);
         if m1 < m0 || m1 > new_len {
             return None;
         }
@@ -948,7 +952,7 @@ impl FileCache {
             }
         }
         // As `split` writes it: a list's (possibly empty) closing lines where they now are.
-        let new_suffix = if in_list { shift(&suffix) } else { 0..0 };
+        let new_suffix = if in_list { moved.shift(&suffix) } else { 0..0 };
         let mut mid: Vec<Unit> = Vec::with_capacity(starts.len());
         for (k, &st) in starts.iter().enumerate() {
             let en = starts.get(k + 1).copied().unwrap_or(m1);
@@ -970,7 +974,7 @@ impl FileCache {
             first,
             end: last + 1,
             mid,
-            moved: Moved { old_end, delta },
+            moved,
         })
     }
 

@@ -138,11 +138,12 @@ pub const METHOD: &[&str] = &[
 /// New texts for files of the manifest, written beside them under hidden temporary names
 /// (which the agent skips) and put in place by [`Staged::commit`]: a change exists for a
 /// reader from the rename on, so that is when its clock starts (writing 168 MB is the
-/// writer's work, not the agent's latency; so is syncing it, done before). The files they replace are kept (hard-linked
-/// under another hidden name) until the [`Replaced`] that `commit` returns is dropped,
-/// after the measurement: a rename over the last link of a 17 MB file frees its pages and
-/// blocks inside the rename, 10-45 ms of the writer's time on ext4 that would otherwise be
-/// counted as the agent's (the agent reads the new file meanwhile, on the other core).
+/// writer's work, not the agent's latency; so is syncing it, done before). The files they
+/// replace are kept (hard-linked under another hidden name) until the [`Replaced`] that
+/// `commit` returns is dropped, after the measurement: a rename over the last link of a
+/// 17 MB file frees its pages and blocks inside the rename, 10-45 ms of the writer's time
+/// on ext4 that would otherwise be counted as the agent's (the agent reads the new file
+/// meanwhile, on the other core).
 struct Staged {
     files: Vec<(std::path::PathBuf, std::path::PathBuf)>,
     kept: Replaced,
