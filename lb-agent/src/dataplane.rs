@@ -15,3 +15,4 @@ pub mod pins;
 pub mod programmer;
 #[cfg(test)]
 mod programmer_golden;
+pub mod tables_ahead;
