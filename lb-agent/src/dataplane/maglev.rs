@@ -158,34 +158,60 @@ pub fn build_table<N: AsRef<[u8]>>(backend_names: &[N], m: u32) -> Vec<u32> {
 
     let m64 = u64::from(m);
     // Permutation of backend k: slot(j) = (offset + j * skip) mod M, walked incrementally
-    // (add skip, subtract M once if past the end) instead of stored as N x M entries or
-    // recomputed with a division per step: the walk is the whole cost of the build.
-    let mut walk: Vec<(u32, u32)> = order
+    // (add a multiple of skip, subtract M once if past the end) instead of stored as N x M
+    // entries or recomputed with a division per step: the walk is the whole cost of the
+    // build (10,000 tables of 1,021 slots for 10 backends: ~100 ms on one CPU, ~130 ms
+    // one slot at a time).
+    let mut walk: Vec<(u32, [u32; 4])> = order
         .iter()
         .map(|&i| {
-            let offset = (hash64(SEED_OFFSET, name(i)) % m64) as u32;
-            let skip = (hash64(SEED_SKIP, name(i)) % (m64 - 1) + 1) as u32;
-            (offset, skip)
+            let offset = hash64(SEED_OFFSET, name(i)) % m64;
+            let skip = hash64(SEED_SKIP, name(i)) % (m64 - 1) + 1;
+            let times = |n: u64| (skip * n % m64) as u32;
+            (offset as u32, [times(1), times(2), times(3), times(4)])
         })
         .collect();
 
-    const EMPTY: u32 = u32::MAX;
     let mut table = vec![EMPTY; m as usize];
     let mut filled = 0u32;
     loop {
-        for (k, (pos, skip)) in walk.iter_mut().enumerate() {
+        for (k, (pos, skips)) in walk.iter_mut().enumerate() {
             // Terminates: skip is in 1..M and M is prime, so the walk visits every slot
             // within M steps and at least one slot is still free here.
-            while table[*pos as usize] != EMPTY {
-                *pos = step(*pos, *skip, m);
-            }
+            *pos = next_free(&table, *pos, *skips, m);
             table[*pos as usize] = order[k] as u32;
-            *pos = step(*pos, *skip, m);
+            *pos = step(*pos, skips[0], m);
             filled += 1;
             if filled == m {
                 return table;
             }
         }
+    }
+}
+
+const EMPTY: u32 = u32::MAX;
+
+/// The first free slot of the walk from `pos` (itself included), `skips` being the
+/// backend's skip times 1, 2, 3 and 4 (mod M). Looks at four slots per round, all four
+/// computed from the round's first (the walk's dependency chain is one step per four
+/// slots), and picks the first free one from a bit mask: a branch per slot looked at was
+/// mispredicted about once a claim.
+#[inline(always)]
+fn next_free(table: &[u32], pos: u32, skips: [u32; 4], m: u32) -> u32 {
+    let mut p0 = pos;
+    loop {
+        let p = [
+            p0,
+            step(p0, skips[0], m),
+            step(p0, skips[1], m),
+            step(p0, skips[2], m),
+        ];
+        let free = |i: usize| u32::from(table[p[i] as usize] == EMPTY) << i;
+        let mask = free(0) | free(1) | free(2) | free(3);
+        if mask != 0 {
+            return p[mask.trailing_zeros() as usize];
+        }
+        p0 = step(p0, skips[3], m);
     }
 }
 
@@ -290,6 +316,51 @@ mod tests {
             .map(|i| BackendName::new(std::net::Ipv4Addr::new(10, 0, 0, i as u8), 8080))
             .collect();
         assert_eq!(build_table(&strings, 1021), build_table(&stack, 1021));
+    }
+
+    /// The plain fill as the paper gives it (each claim walks its permutation one slot at
+    /// a time): [`build_table`]'s four-slot rounds must give the same table.
+    fn plain_fill(names: &[String], m: u32) -> Vec<u32> {
+        let mut order: Vec<usize> = (0..names.len()).collect();
+        order.sort_by(|&a, &b| names[a].cmp(&names[b]).then(a.cmp(&b)));
+        let m64 = u64::from(m);
+        let mut walk: Vec<(u64, u64)> = order
+            .iter()
+            .map(|&i| {
+                let name = names[i].as_bytes();
+                (
+                    hash64(SEED_OFFSET, name) % m64,
+                    hash64(SEED_SKIP, name) % (m64 - 1) + 1,
+                )
+            })
+            .collect();
+        let mut table = vec![EMPTY; m as usize];
+        let mut filled = 0;
+        'fill: loop {
+            for (k, (pos, skip)) in walk.iter_mut().enumerate() {
+                while table[*pos as usize] != EMPTY {
+                    *pos = (*pos + *skip) % m64;
+                }
+                table[*pos as usize] = order[k] as u32;
+                *pos = (*pos + *skip) % m64;
+                filled += 1;
+                if filled == m {
+                    break 'fill;
+                }
+            }
+        }
+        table
+    }
+
+    #[test]
+    fn same_table_as_the_plain_fill() {
+        for m in M_LADDER {
+            for n in [1usize, 2, 3, 4, 5, 10, 11, 99, 250, 300, 1000] {
+                let mut all = names(n);
+                shuffle(&mut all, u64::from(m) + n as u64);
+                assert_eq!(build_table(&all, m), plain_fill(&all, m), "m={m} n={n}");
+            }
+        }
     }
 
     #[test]
