@@ -1439,7 +1439,7 @@ mod bench {
     }
 
     /// What reading a manifest of `XLB_BENCH_SERVICES` (10,000) Services x 10 endpoints
-    /// from nothing costs: `cargo test --release -p lb-agent --lib bench_first_read --
+    /// from nothing, and translating it, costs: `cargo test --release -p lb-agent --lib bench_first_read --
     /// --ignored --nocapture`.
     #[test]
     #[ignore]
@@ -1462,6 +1462,19 @@ mod bench {
                 text.len() / 1_000_000,
                 t.elapsed()
             );
+            // And translated from nothing, as the agent's first full pass does.
+            let mut tr = crate::model::incremental::Translator::new();
+            tr.replace(objs);
+            let node = crate::model::translate::NodeContext {
+                node_name: "n1".into(),
+                node_addrs: vec![std::net::Ipv4Addr::new(172, 18, 0, 2)],
+                snat_ports: 61000..=65535,
+                ..Default::default()
+            };
+            let t = Instant::now();
+            let d = tr.full(&node);
+            assert_eq!(d.ports.len(), n as usize);
+            eprintln!("  translated (Translator::full) in {:?}", t.elapsed());
         }
         // One endpoint of the last slice gone, and back, alternately.
         let cut = text.rfind("  - addresses").unwrap();
