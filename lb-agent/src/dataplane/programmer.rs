@@ -479,7 +479,7 @@ pub struct Programmer {
     next_svc_id: u32,
     /// Hashed, not ordered: nothing needs them in order (the drain pass sorts what it
     /// writes), and a `BTreeMap` filled in ascending order leaves its nodes half empty.
-    backends: StdHashMap<BackendKey, BackendState>,
+    backends: FastMap<BackendKey, BackendState>,
     next_backend_id: u32,
     frontends: BTreeMap<FrontendKey, Frontend>,
     cluster_ips: BTreeSet<u32>,
@@ -500,9 +500,9 @@ pub struct Programmer {
     /// Per backend, how many programmed ports list it as serving, as draining, and as
     /// local: what [`Programmer::apply_delta`] updates instead of recomputing every
     /// port's backends.
-    be_refs: StdHashMap<BackendKey, (u32, u32, u32)>,
+    be_refs: FastMap<BackendKey, (u32, u32, u32)>,
     /// Per ClusterIP address, how many programmed frontends use it.
-    cip_refs: StdHashMap<u32, u32>,
+    cip_refs: FastMap<u32, u32>,
     /// Backends waiting to be deleted, by deadline (mirrors `BackendState::drain_until`),
     /// so that neither an apply nor [`Programmer::next_deadline`] scans every backend.
     drain_queue: BTreeSet<(Instant, BackendKey)>,
@@ -542,6 +542,12 @@ fn fe_key(addr: Ipv4Addr, port: u16, proto: u8) -> FrontendKey {
 }
 
 type BackendKey = (Ipv4Addr, u16);
+
+/// The programmer's maps by backend (a million entries at 100,000 ports, each looked up
+/// several times per apply) hash with aHash, randomly keyed like std's SipHash (the keys
+/// come from the cluster's EndpointSlices) but several times faster on these small keys.
+type FastMap<K, V> = StdHashMap<K, V, ahash::RandomState>;
+type FastSet<K> = HashSet<K, ahash::RandomState>;
 
 fn be_key(b: &BackendSpec) -> BackendKey {
     (b.addr, b.port)
@@ -597,9 +603,9 @@ struct Plan<'a> {
 /// Room left while ports are admitted.
 #[derive(Default)]
 struct Budget {
-    frontends: HashSet<FrontendKey>,
+    frontends: FastSet<FrontendKey>,
     /// Backend keys admitted this round that have no id yet.
-    new_backends: HashSet<(Ipv4Addr, u16)>,
+    new_backends: FastSet<BackendKey>,
 }
 
 impl Programmer {
@@ -610,7 +616,7 @@ impl Programmer {
             services: BTreeMap::new(),
             free_svc_ids: BTreeSet::new(),
             next_svc_id: 0,
-            backends: StdHashMap::new(),
+            backends: FastMap::default(),
             // Backend id 0 is reserved: it marks an unwritten Maglev slot.
             next_backend_id: 1,
             frontends: BTreeMap::new(),
@@ -621,8 +627,8 @@ impl Programmer {
             adopted_tables: BTreeMap::new(),
             refusals: Vec::new(),
             retry_at: None,
-            be_refs: StdHashMap::new(),
-            cip_refs: StdHashMap::new(),
+            be_refs: FastMap::default(),
+            cip_refs: FastMap::default(),
             drain_queue: BTreeSet::new(),
             delta_ok: false,
         }
@@ -765,6 +771,16 @@ impl Programmer {
             (0..desired.ports.len()).map(|_| None).collect();
         let mut refusals = Vec::new();
         let mut budget = Budget::default();
+        // Room for the new backends at once (a first programming: all of them; growing a
+        // set of a million step by step rehashes it at every doubling).
+        let listed: usize = desired
+            .ports
+            .iter()
+            .map(|p| p.backends.len() + p.draining.len())
+            .sum();
+        budget
+            .new_backends
+            .reserve(listed.saturating_sub(self.backends.len()));
         for i in order {
             let p = &desired.ports[i];
             admitted[i] = if self.services.contains_key(&p.id) {
@@ -1164,30 +1180,35 @@ impl Programmer {
         // they all are: after an error the next apply writes them again.
         let mut writes: Vec<(u32, Backend)> = Vec::new();
         let mut written: Vec<BackendKey> = Vec::new();
+        // Room for them all at once: growing a map of a million entries step by step
+        // rehashes (and faults in) it again at every doubling.
+        self.backends
+            .reserve(wanted.len().saturating_sub(self.backends.len()));
         for (key, value) in &wanted {
-            let state = match self.backends.get_mut(key) {
-                Some(s) => s,
-                None => {
-                    let id = self.next_backend_id;
-                    self.next_backend_id = self.next_backend_id.checked_add(1).unwrap_or(1);
-                    self.backends.entry(*key).or_insert(BackendState {
-                        id,
-                        value: Backend::default(),
-                        drain_until: None,
-                    })
+            let state = self.backends.entry(*key).or_insert_with(|| {
+                let id = self.next_backend_id;
+                self.next_backend_id = self.next_backend_id.checked_add(1).unwrap_or(1);
+                BackendState {
+                    id,
+                    value: Backend::default(),
+                    drain_until: None,
                 }
-            };
+            });
             state.drain_until = None;
             if state.value != *value {
                 writes.push((state.id, *value));
                 written.push(*key);
-            }
-        }
-        maps.set_backends(&writes)?;
-        for (key, (_, value)) in written.iter().zip(&writes) {
-            if let Some(state) = self.backends.get_mut(key) {
                 state.value = *value;
             }
+        }
+        if let Err(e) = maps.set_backends(&writes) {
+            // Some may be written: none is taken as written, the next apply writes them all.
+            for key in &written {
+                if let Some(state) = self.backends.get_mut(key) {
+                    state.value = Backend::default();
+                }
+            }
+            return Err(e.into());
         }
         st.backends_written += writes.len();
 
@@ -1280,13 +1301,17 @@ impl Programmer {
         }
         self.service_cidrs = cidrs;
 
-        // 4. Services that are gone.
-        let gone: Vec<_> = self
-            .services
-            .keys()
-            .filter(|k| !live.contains(*k))
-            .cloned()
-            .collect();
+        // 4. Services that are gone: none when every programmed one is live (each live one
+        // is programmed), as on a first programming or a resync with nothing removed.
+        let gone: Vec<_> = if self.services.len() == live.len() {
+            Vec::new()
+        } else {
+            self.services
+                .keys()
+                .filter(|k| !live.contains(*k))
+                .cloned()
+                .collect()
+        };
         for id in gone {
             if let Some(s) = self.services.remove(&id) {
                 maps.remove_service(s.svc_id);
@@ -1311,7 +1336,10 @@ impl Programmer {
         // 5. Backends no service uses: drain, then delete.
         let drain = self.settings.drain;
         let (mut to_drain, mut expired) = (Vec::new(), Vec::new());
-        for (key, b) in &self.backends {
+        // Every wanted backend has its state now: when they are all there is, nothing is
+        // unused (and a million lookups are saved).
+        let unused = self.backends.len() > wanted.len();
+        for (key, b) in self.backends.iter().filter(|_| unused) {
             if is_wanted(key) {
                 continue;
             }
@@ -1357,6 +1385,7 @@ impl Programmer {
     fn rebuild_indexes(&mut self, ports: &[Cow<'_, SvcPort>]) {
         self.be_refs.clear();
         self.cip_refs.clear();
+        self.be_refs.reserve(self.backends.len());
         for p in ports {
             count_port(&mut self.be_refs, &mut self.cip_refs, p, 1);
         }
@@ -1825,8 +1854,8 @@ impl Programmer {
 /// Adds (`by` 1) or removes (-1) a programmed port's backends and ClusterIP addresses
 /// to/from the reference counts; a count that reaches zero is removed.
 fn count_port(
-    be: &mut StdHashMap<BackendKey, (u32, u32, u32)>,
-    cip: &mut StdHashMap<u32, u32>,
+    be: &mut FastMap<BackendKey, (u32, u32, u32)>,
+    cip: &mut FastMap<u32, u32>,
     p: &SvcPort,
     by: i32,
 ) {
