@@ -553,34 +553,40 @@ fn be_key(b: &BackendSpec) -> BackendKey {
     (b.addr, b.port)
 }
 
-/// Records what the written port `p` (service id `svc_id`) needs in the maps besides its
-/// table: its source ranges, ClusterIP addresses and frontends.
-fn wanted_entries(
-    p: &SvcPort,
-    svc_id: u32,
-    ranges: &mut BTreeSet<(u32, u32, u8)>,
-    cluster_ips: &mut BTreeSet<u32>,
-    fe_wanted: &mut BTreeMap<FrontendKey, Frontend>,
-) {
-    for &(addr, len) in &p.source_ranges {
-        ranges.insert((svc_id, u32::from_ne_bytes(addr.octets()), len));
-    }
-    for f in &p.frontends {
-        let mut flags = f.kind.flag();
-        if f.kind == FrontendKind::LoadBalancer && !p.source_ranges.is_empty() {
-            flags |= FE_SOURCE_RANGES;
+/// What the written ports need in the maps besides their tables.
+#[derive(Default)]
+struct Wanted {
+    /// loadBalancerSourceRanges, as (svc_id, address, prefix length).
+    ranges: BTreeSet<(u32, u32, u8)>,
+    cluster_ips: BTreeSet<u32>,
+    frontends: BTreeMap<FrontendKey, Frontend>,
+}
+
+impl Wanted {
+    /// Records what the written port `p` (service id `svc_id`) needs: its source ranges,
+    /// ClusterIP addresses and frontends.
+    fn add(&mut self, p: &SvcPort, svc_id: u32) {
+        for &(addr, len) in &p.source_ranges {
+            self.ranges
+                .insert((svc_id, u32::from_ne_bytes(addr.octets()), len));
         }
-        if f.kind == FrontendKind::ClusterIp {
-            cluster_ips.insert(u32::from_ne_bytes(f.addr.octets()));
+        for f in &p.frontends {
+            let mut flags = f.kind.flag();
+            if f.kind == FrontendKind::LoadBalancer && !p.source_ranges.is_empty() {
+                flags |= FE_SOURCE_RANGES;
+            }
+            if f.kind == FrontendKind::ClusterIp {
+                self.cluster_ips.insert(u32::from_ne_bytes(f.addr.octets()));
+            }
+            self.frontends.insert(
+                fe_key(f.addr, f.port, p.id.proto.number()),
+                Frontend {
+                    svc_id,
+                    flags,
+                    inside_svc_id: svc_id,
+                },
+            );
         }
-        fe_wanted.insert(
-            fe_key(f.addr, f.port, p.id.proto.number()),
-            Frontend {
-                svc_id,
-                flags,
-                inside_svc_id: svc_id,
-            },
-        );
     }
 }
 
@@ -1213,36 +1219,15 @@ impl Programmer {
         st.backends_written += writes.len();
 
         // 2. Services and their Maglev tables.
-        let mut live: BTreeSet<SvcPortId> = BTreeSet::new();
-        let mut fe_wanted: BTreeMap<FrontendKey, Frontend> = BTreeMap::new();
-        let mut cluster_ips: BTreeSet<u32> = BTreeSet::new();
-        let mut ranges: BTreeSet<(u32, u32, u8)> = BTreeSet::new();
-        let mut inside: Vec<(u32, &SvcPort)> = Vec::new();
         let port_refs: Vec<&SvcPort> = ports.iter().map(|p| &**p).collect();
-        let sizes: Vec<Option<u32>> = port_refs.iter().map(|p| self.first_table_m(p)).collect();
-        let names = |i: usize| maglev_names(port_refs[i]);
-        tables_ahead::with_tables(&sizes, names, |tables| {
-            for (i, &p) in port_refs.iter().enumerate() {
-                live.insert(p.id.clone());
-                let svc_id = self
-                    .write_service(p, tables.take(i), maps, &mut st, &mut refusals)
-                    .map_err(|e| ApplyError::new(e, Some(p.id.clone())))?;
-                wanted_entries(p, svc_id, &mut ranges, &mut cluster_ips, &mut fe_wanted);
-                inside.push((svc_id, p));
-            }
-            Ok::<_, ApplyError>(())
-        })?;
-        // externalTrafficPolicy Local: the external frontends' traffic from inside the
-        // cluster goes to the port with all endpoints. Only frontends that were admitted
-        // (written for their own port) are touched.
-        for (svc_id, p) in inside {
-            for f in &p.inside_frontends {
-                if let Some(fe) = fe_wanted.get_mut(&fe_key(f.addr, f.port, p.id.proto.number())) {
-                    fe.inside_svc_id = svc_id;
-                    fe.flags |= FE_SHORT_CIRCUIT;
-                }
-            }
-        }
+        let live: BTreeSet<SvcPortId> = port_refs.iter().map(|p| p.id.clone()).collect();
+        let mut w = Wanted::default();
+        self.write_ports(&port_refs, maps, &mut st, &mut refusals, &mut w)?;
+        let Wanted {
+            ranges,
+            cluster_ips,
+            frontends: fe_wanted,
+        } = w;
 
         // Source ranges before the frontends that enforce them, so a new LB IP never opens
         // to everyone for a moment.
@@ -1560,8 +1545,6 @@ impl Programmer {
         }
 
         // 2. Services and their tables; the frontends and ranges they now want.
-        let mut fe_wanted: BTreeMap<FrontendKey, Frontend> = BTreeMap::new();
-        let mut ranges_new: BTreeSet<(u32, u32, u8)> = BTreeSet::new();
         let mut ranges_old: BTreeSet<(u32, u32, u8)> = BTreeSet::new();
         let mut fe_old: BTreeSet<FrontendKey> = BTreeSet::new();
         let mut cips: BTreeSet<u32> = BTreeSet::new();
@@ -1580,28 +1563,18 @@ impl Programmer {
                 }
             }
         }
-        let mut inside: Vec<(u32, &SvcPort)> = Vec::new();
         let new_ports: Vec<&SvcPort> = admitted.iter().filter_map(|(_, n)| n.as_deref()).collect();
-        let sizes: Vec<Option<u32>> = new_ports.iter().map(|p| self.first_table_m(p)).collect();
-        let names = |i: usize| maglev_names(new_ports[i]);
-        tables_ahead::with_tables(&sizes, names, |tables| {
-            for (i, &p) in new_ports.iter().enumerate() {
-                let svc_id = self
-                    .write_service(p, tables.take(i), maps, &mut st, &mut refusals)
-                    .map_err(|e| ApplyError::new(e, Some(p.id.clone())))?;
-                wanted_entries(p, svc_id, &mut ranges_new, &mut cips, &mut fe_wanted);
-                inside.push((svc_id, p));
-            }
-            Ok::<_, ApplyError>(())
-        })?;
-        for (svc_id, p) in inside {
-            for f in &p.inside_frontends {
-                if let Some(fe) = fe_wanted.get_mut(&fe_key(f.addr, f.port, p.id.proto.number())) {
-                    fe.inside_svc_id = svc_id;
-                    fe.flags |= FE_SHORT_CIRCUIT;
-                }
-            }
-        }
+        // The old ports' ClusterIP addresses are looked at too (one may be gone).
+        let mut w = Wanted {
+            cluster_ips: cips,
+            ..Wanted::default()
+        };
+        self.write_ports(&new_ports, maps, &mut st, &mut refusals, &mut w)?;
+        let Wanted {
+            ranges: ranges_new,
+            cluster_ips: cips,
+            frontends: fe_wanted,
+        } = w;
         // 3. In the full apply's order: ranges in, stale frontends out, ClusterIPs out,
         // frontends in, ClusterIPs in, ranges out.
         for &(svc_id, addr, len) in ranges_new.difference(&self.ranges) {
@@ -1738,6 +1711,43 @@ impl Programmer {
             Some(a) if a.m == want_m || next_m != Some(want_m) => Some(a.m),
             _ => next_m,
         }
+    }
+
+    /// Writes the admitted `ports` in order (their tables built ahead: [`tables_ahead`])
+    /// and records in `w` what they need besides. externalTrafficPolicy Local: the external
+    /// frontends' traffic from inside the cluster goes to the port with all endpoints; only
+    /// frontends that were admitted (written for their own port) are touched.
+    fn write_ports(
+        &mut self,
+        ports: &[&SvcPort],
+        maps: &mut impl MapWriter,
+        st: &mut ApplyStats,
+        refusals: &mut Vec<Refusal>,
+        w: &mut Wanted,
+    ) -> Result<(), ApplyError> {
+        let sizes: Vec<Option<u32>> = ports.iter().map(|p| self.first_table_m(p)).collect();
+        let names = |i: usize| maglev_names(ports[i]);
+        let inside = tables_ahead::with_tables(&sizes, names, |tables| {
+            let mut inside = Vec::new();
+            for (i, &p) in ports.iter().enumerate() {
+                let svc_id = self
+                    .write_service(p, tables.take(i), maps, st, refusals)
+                    .map_err(|e| ApplyError::new(e, Some(p.id.clone())))?;
+                w.add(p, svc_id);
+                inside.push((svc_id, p));
+            }
+            Ok::<_, ApplyError>(inside)
+        })?;
+        for (svc_id, p) in inside {
+            for f in &p.inside_frontends {
+                let key = fe_key(f.addr, f.port, p.id.proto.number());
+                if let Some(fe) = w.frontends.get_mut(&key) {
+                    fe.inside_svc_id = svc_id;
+                    fe.flags |= FE_SHORT_CIRCUIT;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `prebuilt`: the first table this builds, if it was built ahead
