@@ -96,36 +96,22 @@ impl BackendName {
             buf: [0; 21],
             len: 0,
         };
+        let mut digits = itoa::Buffer::new();
         for (i, octet) in addr.octets().into_iter().enumerate() {
             if i > 0 {
-                name.push(b'.');
+                name.push(b".");
             }
-            name.decimal(u32::from(octet));
+            name.push(digits.format(octet).as_bytes());
         }
-        name.push(b':');
-        name.decimal(u32::from(port));
+        name.push(b":");
+        name.push(digits.format(port).as_bytes());
         name
     }
 
-    fn push(&mut self, b: u8) {
-        self.buf[usize::from(self.len)] = b;
-        self.len += 1;
-    }
-
-    fn decimal(&mut self, v: u32) {
-        let mut digits = [0u8; 5];
-        let (mut v, mut n) = (v, 0);
-        loop {
-            digits[n] = b'0' + (v % 10) as u8;
-            n += 1;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        for &d in digits[..n].iter().rev() {
-            self.push(d);
-        }
+    fn push(&mut self, bytes: &[u8]) {
+        let at = usize::from(self.len);
+        self.buf[at..at + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len() as u8;
     }
 }
 

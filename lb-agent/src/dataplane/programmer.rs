@@ -1797,12 +1797,11 @@ impl Programmer {
         let next_m = svc.tables[inactive].as_ref().map(|t| t.m);
         let prebuilt = std::cell::Cell::new(prebuilt);
         let build = |m: u32| -> Vec<u32> {
-            let table = match prebuilt.take() {
+            let mut table = match prebuilt.take() {
                 Some((pm, table)) if pm == m => table,
                 // Not prebuilt, or for another size.
                 _ => maglev::build_table(&maglev_names(p), m),
             };
-            let mut table = table;
             for slot in &mut table {
                 *slot = ids[*slot as usize];
             }
@@ -2213,7 +2212,7 @@ pub(crate) mod tests {
         let check = |p: &Programmer, maps: &Fake, d: &Desired| {
             for port in &d.ports {
                 let svc = maps.services[&p.services[&port.id].svc_id];
-                let names: Vec<String> = port.backends.iter().map(BackendSpec::name).collect();
+                let names = maglev_names(port);
                 let want: Vec<u32> = maglev::build_table(&names, svc.table_m)
                     .into_iter()
                     .map(|i| p.backends[&be_key(&port.backends[i as usize])].id)
@@ -2733,7 +2732,7 @@ pub(crate) mod tests {
         let mut p = Programmer::new(s.clone());
         let mut maps = Fake::new(&s);
         let old = port(0, 2);
-        let names: Vec<String> = old.backends.iter().map(BackendSpec::name).collect();
+        let names = maglev_names(&old);
         let slots: Vec<u32> = maglev::build_table(&names, 1021)
             .into_iter()
             .map(|i| i + 1)

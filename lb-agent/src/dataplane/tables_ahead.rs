@@ -76,8 +76,7 @@ pub fn with_tables<F: Fn(usize) -> Names + Sync, R>(
         },
     };
     if helpers == 0 {
-        // Everything is built by the writer as it goes.
-        shared.next.store(usize::MAX, Ordering::Relaxed);
+        // Everything is built by the writer as it goes (`take` finds every port untaken).
         return write(&mut Tables { shared: &shared });
     }
     std::thread::scope(|scope| {
@@ -160,9 +159,6 @@ impl<F: Fn(usize) -> Names> Tables<'_, F> {
                     return build();
                 }
                 continue;
-            }
-            if s.built.is_empty() {
-                return build();
             }
             if let Some(t) = s.built[i].lock().unwrap_or_else(|e| e.into_inner()).take() {
                 return Some((m, t));

@@ -149,8 +149,8 @@ impl fmt::Display for SvcPortId {
     }
 }
 
-/// Ordered by address and port first (field order), which is the order Maglev names and
-/// backend lists are kept in.
+/// Ordered by address and port first (field order), which is the order Maglev names
+/// (`maglev::BackendName`, "addr:port") and backend lists are kept in.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendSpec {
     pub addr: Ipv4Addr,
@@ -158,13 +158,6 @@ pub struct BackendSpec {
     /// The endpoint runs on this node (its `nodeName` is this node's; the name itself is
     /// not kept: every programmed backend of every port would carry a copy).
     pub local: bool,
-}
-
-impl BackendSpec {
-    /// Stable identity for Maglev: "addr:port".
-    pub fn name(&self) -> String {
-        format!("{}:{}", self.addr, self.port)
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -1902,7 +1895,9 @@ mod tests {
         };
         assert_eq!(id.to_string(), "dev/nginx:http/UDP");
         assert_eq!(FrontendKind::NodePort.flag(), lb_common::FE_NODEPORT);
-        assert_eq!(be("10.0.0.1", 80, "x").name(), "10.0.0.1:80");
+        let b = be("10.0.0.1", 80, "x");
+        let name = crate::dataplane::maglev::BackendName::new(b.addr, b.port);
+        assert_eq!(name.as_ref(), b"10.0.0.1:80");
     }
 
     #[test]

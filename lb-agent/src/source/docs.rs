@@ -1439,8 +1439,8 @@ mod bench {
     }
 
     /// What reading a manifest of `XLB_BENCH_SERVICES` (10,000) Services x 10 endpoints
-    /// from nothing, and translating it, costs: `cargo test --release -p lb-agent --lib bench_first_read --
-    /// --ignored --nocapture`.
+    /// from nothing, and translating it, costs: `cargo test --release -p lb-agent --lib
+    /// bench_first_read -- --ignored --nocapture`.
     #[test]
     #[ignore]
     fn bench_first_read() {
