@@ -1186,6 +1186,7 @@ fn programmed(desired: &Desired, refusals: &[crate::dataplane::programmer::Refus
     let ports: Vec<&translate::SvcPort> = desired
         .ports
         .iter()
+        .map(|p| &**p)
         .filter(|p| !refused.contains(&p.id))
         .collect();
     let services: std::collections::BTreeSet<(&str, &str)> = ports

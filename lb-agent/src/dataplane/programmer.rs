@@ -553,6 +553,26 @@ fn be_key(b: &BackendSpec) -> BackendKey {
     (b.addr, b.port)
 }
 
+/// Backend keys, sorted and unique: a port's few new backends (a `BTreeSet` took a node
+/// allocation per port, 100,000 of them in a first programming).
+struct NewKeys(Vec<BackendKey>);
+
+impl NewKeys {
+    fn of(mut keys: Vec<BackendKey>) -> Self {
+        keys.sort_unstable();
+        keys.dedup();
+        Self(keys)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn contains(&self, k: &BackendKey) -> bool {
+        self.0.binary_search(k).is_ok()
+    }
+}
+
 /// What the written ports need in the maps besides their tables.
 #[derive(Default)]
 struct Wanted {
@@ -818,23 +838,20 @@ impl Programmer {
     }
 
     /// Backend keys of `p` that have no id yet and are not admitted yet: (serving,
-    /// draining).
-    fn new_backend_keys(
-        &self,
-        p: &SvcPort,
-        budget: &Budget,
-    ) -> (BTreeSet<BackendKey>, BTreeSet<BackendKey>) {
+    /// draining), each sorted and unique ([`NewKeys`]).
+    fn new_backend_keys(&self, p: &SvcPort, budget: &Budget) -> (NewKeys, NewKeys) {
         let new = |b: &&BackendSpec| {
             !self.backends.contains_key(&be_key(b)) && !budget.new_backends.contains(&be_key(b))
         };
-        let serving: BTreeSet<_> = p.backends.iter().filter(new).map(be_key).collect();
-        let draining = p
-            .draining
-            .iter()
-            .filter(new)
-            .map(be_key)
-            .filter(|k| !serving.contains(k))
-            .collect();
+        let serving = NewKeys::of(p.backends.iter().filter(new).map(be_key).collect());
+        let draining = NewKeys::of(
+            p.draining
+                .iter()
+                .filter(new)
+                .map(be_key)
+                .filter(|k| !serving.contains(k))
+                .collect(),
+        );
         (serving, draining)
     }
 
@@ -935,7 +952,7 @@ impl Programmer {
             },
         );
         budget.frontends.extend(keys);
-        budget.new_backends.extend(serving);
+        budget.new_backends.extend(serving.0);
         budget.new_backends.extend(
             port.draining
                 .iter()
@@ -1015,12 +1032,10 @@ impl Programmer {
         let be_free = self.free_backend_slots(budget);
         let (serving, draining) = self.new_backend_keys(&port, budget);
         if serving.len() + draining.len() > be_free {
-            let take: BTreeSet<_> = serving.iter().take(be_free).copied().collect();
-            let left: Vec<String> = serving
-                .iter()
-                .filter(|k| !take.contains(k))
-                .map(|(a, p)| format!("{a}:{p}"))
-                .collect();
+            // The lowest keys fit (the draining ones may be what does not).
+            let (fit, left) = serving.0.split_at(be_free.min(serving.len()));
+            let take = NewKeys(fit.to_vec());
+            let left: Vec<String> = left.iter().map(|(a, p)| format!("{a}:{p}")).collect();
             let port = port.to_mut();
             port.draining.retain(|b| !draining.contains(&be_key(b)));
             if !left.is_empty() {
@@ -1037,10 +1052,10 @@ impl Programmer {
                 port.backends
                     .retain(|b| !serving.contains(&be_key(b)) || take.contains(&be_key(b)));
             }
-            budget.new_backends.extend(take);
+            budget.new_backends.extend(take.0);
         } else {
-            budget.new_backends.extend(serving);
-            budget.new_backends.extend(draining);
+            budget.new_backends.extend(serving.0);
+            budget.new_backends.extend(draining.0);
         }
 
         // The buffer the next update goes to must have the size the backends ask for; if
@@ -2375,7 +2390,7 @@ pub(crate) mod tests {
         let mut ports = ports;
         ports.sort_by(|a, b| a.id.cmp(&b.id));
         Desired {
-            ports,
+            ports: ports.into_iter().map(std::sync::Arc::new).collect(),
             service_order: age
                 .into_iter()
                 .map(|i| ("dev".to_string(), format!("svc-{i:04}")))

@@ -104,7 +104,10 @@ pub fn port_changes(deltas: &[ServiceDelta]) -> Vec<PortChange<'_>> {
                 (Some(_), None) => (old.next(), None),
                 _ => (None, new.next()),
             };
-            changes.push(PortChange { old: o, new: n });
+            changes.push(PortChange {
+                old: o.map(|p| &**p),
+                new: n.map(|p| &**p),
+            });
         }
     }
     changes
@@ -239,7 +242,7 @@ impl Translator {
                 self.owners
                     .insert((f.addr, f.port, p.id.proto), key.clone());
             }
-            self.out.entry(key).or_default().ports.push(p.clone());
+            self.out.entry(key).or_default().ports.push(Arc::clone(p));
         }
         for w in &desired.warnings {
             collisions |= matches!(
@@ -443,7 +446,11 @@ impl Translator {
 
     /// Every service port, for tests.
     pub fn ports(&self) -> Vec<&SvcPort> {
-        let mut v: Vec<&SvcPort> = self.out.values().flat_map(|o| &o.ports).collect();
+        let mut v: Vec<&SvcPort> = self
+            .out
+            .values()
+            .flat_map(|o| o.ports.iter().map(|p| &**p))
+            .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
     }
@@ -709,7 +716,7 @@ mod tests {
                 pb.apply(&want, &mut mb, now).unwrap();
                 ma.check();
                 let got: Vec<&SvcPort> = tr.ports();
-                let want_ports: Vec<&SvcPort> = want.ports.iter().collect();
+                let want_ports: Vec<&SvcPort> = want.ports.iter().map(|p| &**p).collect();
                 if got != want_ports {
                     let only_got: Vec<_> = got.iter().filter(|p| !want_ports.contains(p)).collect();
                     let only_want: Vec<_> =

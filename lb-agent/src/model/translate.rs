@@ -400,8 +400,9 @@ pub struct ServiceRow {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
-    /// Sorted by id.
-    pub ports: Vec<SvcPort>,
+    /// Sorted by id. Shared with the [`crate::model::incremental::Translator`]'s
+    /// per-Service parts: a full translation hands each port over once, not a copy of it.
+    pub ports: Vec<Arc<SvcPort>>,
     /// Every service, sorted by (namespace, name), including those not programmed.
     pub rows: Vec<ServiceRow>,
     /// What was skipped and why, each naming its service.
@@ -513,7 +514,7 @@ pub fn effective_node(
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceOutput {
     /// Its service ports, sorted by id.
-    pub ports: Vec<SvcPort>,
+    pub ports: Vec<Arc<SvcPort>>,
     pub warnings: Vec<Warning>,
     pub health_checks: Vec<HealthCheck>,
 }
@@ -905,7 +906,7 @@ fn program_service(
             }
             frontends.sort();
             inside_frontends.sort();
-            out.ports.push(SvcPort {
+            out.ports.push(Arc::new(SvcPort {
                 id: SvcPortId {
                     namespace: ns.to_string(),
                     name: name.to_string(),
@@ -931,7 +932,7 @@ fn program_service(
                 source_ranges: source_ranges.clone(),
                 drop_if_empty: scope == Scope::Local && chosen.has_any,
                 inside_frontends,
-            });
+            }));
         }
         if external_local {
             local_endpoints.extend(local.0.iter().map(|b| b.addr));
@@ -1069,7 +1070,8 @@ fn kind_name(kind: FrontendKind) -> &'static str {
 /// serves. External addresses on a node address are also refused ports of the SNAT range.
 fn drop_colliding_frontends(out: &mut Desired, node: &NodeContext, created: &[Option<Timestamp>]) {
     let mut warnings = Vec::new();
-    for p in &mut out.ports {
+    // The ports are fresh here (no other holder): make_mut changes them in place.
+    for p in out.ports.iter_mut().map(Arc::make_mut) {
         p.frontends.retain(|f| {
             let snat = claim_class(f.kind) == 1
                 && node.node_addrs.contains(&f.addr)
@@ -1118,7 +1120,7 @@ fn drop_colliding_frontends(out: &mut Desired, node: &NodeContext, created: &[Op
         }
     }
     for i in 0..out.ports.len() {
-        let frontends = std::mem::take(&mut out.ports[i].frontends);
+        let frontends = std::mem::take(&mut Arc::make_mut(&mut out.ports[i]).frontends);
         let ports = &out.ports;
         let kept = frontends
             .into_iter()
@@ -1157,7 +1159,7 @@ fn drop_colliding_frontends(out: &mut Desired, node: &NodeContext, created: &[Op
                 false
             })
             .collect();
-        out.ports[i].frontends = kept;
+        Arc::make_mut(&mut out.ports[i]).frontends = kept;
     }
     out.warnings.extend(warnings);
 }

@@ -1009,7 +1009,7 @@ fn converted<T: serde::de::DeserializeOwned>(
     problems: &mut Vec<String>,
 ) -> Vec<T> {
     let mut objs: Vec<Arc<DynamicObject>> = store.state();
-    objs.sort_by_key(|o| key(&**o));
+    objs.sort_by(|a, b| key_ref(&**a).cmp(&key_ref(&**b)));
     objs.iter()
         .filter_map(|o| {
             let read = serde_json::to_value(&**o).and_then(serde_json::from_value::<T>);
@@ -1067,7 +1067,7 @@ fn checked_pools(mut pools: Vec<IpAddressPool>, problems: &mut Vec<String>) -> V
         kept.push((p, ranges));
     }
     let mut out: Vec<IpAddressPool> = kept.into_iter().map(|(p, _)| p).collect();
-    out.sort_by_key(|p| key_of_meta(&p.metadata));
+    out.sort_by(|a, b| meta_ref(&a.metadata).cmp(&meta_ref(&b.metadata)));
     out
 }
 
@@ -1084,7 +1084,7 @@ where
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
     let mut v = store.state();
-    v.sort_by_key(|o| key(&**o));
+    v.sort_by(|a, b| key_ref(&**a).cmp(&key_ref(&**b)));
     v
 }
 
@@ -1093,8 +1093,21 @@ where
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
     let mut v: Vec<K> = store.state().iter().map(|o| (**o).clone()).collect();
-    v.sort_by_key(key);
+    v.sort_by(|a, b| key_ref(a).cmp(&key_ref(b)));
     v
+}
+
+/// An object's (namespace, name) borrowed, to sort by: a sort compares n log n times (17
+/// per object at 100,000), and a key with owned strings allocates two at every comparison.
+fn key_ref<K: Resource>(o: &K) -> (&str, &str) {
+    meta_ref(o.meta())
+}
+
+fn meta_ref(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (&str, &str) {
+    (
+        m.namespace.as_deref().unwrap_or_default(),
+        m.name.as_deref().unwrap_or_default(),
+    )
 }
 
 fn key<K: Resource>(o: &K) -> (String, String) {

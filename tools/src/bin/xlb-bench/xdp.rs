@@ -359,7 +359,7 @@ fn desired(services: u32, backends: u32, local: bool) -> Desired {
     ));
     ports.sort_by(|a, b| a.id.cmp(&b.id));
     Desired {
-        ports,
+        ports: ports.into_iter().map(std::sync::Arc::new).collect(),
         ..Default::default()
     }
 }
