@@ -109,43 +109,85 @@ const UPDATE_BATCH: usize = 4096;
 /// 5.6). `K` and `V` must be the map's key and value types. On an error
 /// some of the entries may be written.
 pub fn update_batch<K: Copy, V: Copy>(map: &MapData, entries: &[(K, V)]) -> io::Result<()> {
-    let fd = map.fd().as_fd().as_raw_fd() as u32;
-    let mut batched = true;
     for chunk in entries.chunks(UPDATE_BATCH) {
         let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
         let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
-        if batched {
-            let mut attr = BatchAttr {
-                in_batch: 0,
-                out_batch: 0,
-                keys: keys.as_ptr() as u64,
-                values: values.as_ptr() as u64,
-                count: chunk.len() as u32,
-                map_fd: fd,
-                elem_flags: 0,
-                flags: 0,
-            };
-            match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
-                Ok(_) => continue,
-                Err(e)
-                    if attr.count == 0
-                        && matches!(errno(&e), libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP) =>
-                {
-                    batched = false;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        for (k, v) in keys.iter().zip(&values) {
-            let mut attr = ElemAttr {
-                map_fd: fd,
-                _pad: 0,
-                key: k as *const K as u64,
-                value: v as *const V as u64,
-                flags: 0,
-            };
-            bpf(BPF_MAP_UPDATE_ELEM, &mut attr)?;
-        }
+        // SAFETY: both point at `chunk.len()` initialised values of their types.
+        unsafe {
+            update_raw(
+                map,
+                keys.as_ptr().cast(),
+                size_of::<K>(),
+                values.as_ptr().cast(),
+                size_of::<V>(),
+                chunk.len(),
+            )
+        }?;
+    }
+    Ok(())
+}
+
+/// [`update_batch`] of one value for every key, given as its bytes (`value.len()` must be
+/// the map's value size: for a per-CPU map, one 8-byte-aligned copy per possible CPU).
+pub fn update_batch_same<K: Copy>(map: &MapData, keys: &[K], value: &[u8]) -> io::Result<()> {
+    for chunk in keys.chunks(UPDATE_BATCH) {
+        let values = value.repeat(chunk.len());
+        // SAFETY: `chunk.len()` keys, and as many values of `value.len()` bytes.
+        unsafe {
+            update_raw(
+                map,
+                chunk.as_ptr().cast(),
+                size_of::<K>(),
+                values.as_ptr(),
+                value.len(),
+                chunk.len(),
+            )
+        }?;
+    }
+    Ok(())
+}
+
+/// One `BPF_MAP_UPDATE_BATCH` of `count` keys and values, or an update per entry where
+/// the kernel has no batch updates.
+///
+/// # Safety
+/// `keys` and `values` must point at `count` keys of `key_size` and values of `value_size`
+/// bytes, laid out one after the other.
+unsafe fn update_raw(
+    map: &MapData,
+    keys: *const u8,
+    key_size: usize,
+    values: *const u8,
+    value_size: usize,
+    count: usize,
+) -> io::Result<()> {
+    let fd = map.fd().as_fd().as_raw_fd() as u32;
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys as u64,
+        values: values as u64,
+        count: count as u32,
+        map_fd: fd,
+        elem_flags: 0,
+        flags: 0,
+    };
+    match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
+        Ok(_) => return Ok(()),
+        Err(e)
+            if attr.count == 0
+                && matches!(errno(&e), libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP) => {}
+        Err(e) => return Err(e),
+    }
+    for i in 0..count {
+        let mut attr = ElemAttr {
+            map_fd: fd,
+            _pad: 0,
+            key: keys.wrapping_add(i * key_size) as u64,
+            value: values.wrapping_add(i * value_size) as u64,
+            flags: 0,
+        };
+        bpf(BPF_MAP_UPDATE_ELEM, &mut attr)?;
     }
     Ok(())
 }

@@ -101,8 +101,23 @@ pub trait MapWriter {
     fn remove_backend(&mut self, id: u32);
     /// A new service id: zeroed counters and its name for metrics and status.
     fn init_service(&mut self, svc_id: u32, meta: SvcMeta) -> Result<()>;
+    /// Many new service ids at once (a first programming); on an error some may be
+    /// written.
+    fn init_services(&mut self, entries: &[(u32, SvcMeta)]) -> Result<()> {
+        for (svc_id, meta) in entries {
+            self.init_service(*svc_id, *meta)?;
+        }
+        Ok(())
+    }
     fn has_service(&self, svc_id: u32) -> bool;
     fn set_service(&mut self, svc_id: u32, value: Service) -> Result<()>;
+    /// Many services at once; on an error some may be written.
+    fn set_services(&mut self, entries: &[(u32, Service)]) -> Result<()> {
+        for (svc_id, value) in entries {
+            self.set_service(*svc_id, *value)?;
+        }
+        Ok(())
+    }
     fn remove_service(&mut self, svc_id: u32);
     fn set_slot(&mut self, idx: u32, backend_id: u32) -> Result<()>;
     /// A Maglev slot as the map holds it (the arena is memory-mapped: no copy of the
@@ -153,11 +168,27 @@ impl MapWriter for Maps {
         )?;
         Ok(self.svc_meta.set(svc_id, meta, 0)?)
     }
+    fn init_services(&mut self, entries: &[(u32, SvcMeta)]) -> Result<()> {
+        use crate::dataplane::bpf_table::{update_batch, update_batch_same};
+        use aya::maps::IterableMap as _;
+        // A per-CPU value is one 8-byte-aligned copy per possible CPU.
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let zero = vec![0u8; size_of::<SvcStats>().next_multiple_of(8) * cpus];
+        let ids: Vec<u32> = entries.iter().map(|(id, _)| *id).collect();
+        update_batch_same(self.svc_stats.map(), &ids, &zero)
+            .context("zeroing service counters (XLB_SVC_STATS)")?;
+        update_batch(self.svc_meta.map(), entries).context("writing service names (XLB_SVC_META)")
+    }
     fn has_service(&self, svc_id: u32) -> bool {
         self.services.get(&svc_id, 0).is_ok()
     }
     fn set_service(&mut self, svc_id: u32, value: Service) -> Result<()> {
         Ok(self.services.insert(svc_id, value, 0)?)
+    }
+    fn set_services(&mut self, entries: &[(u32, Service)]) -> Result<()> {
+        use aya::maps::IterableMap as _;
+        crate::dataplane::bpf_table::update_batch(self.services.map(), entries)
+            .context("writing services (XLB_SERVICES)")
     }
     fn remove_service(&mut self, svc_id: u32) {
         let _ = self.services.remove(&svc_id);
@@ -551,6 +582,17 @@ type FastSet<K> = HashSet<K, ahash::RandomState>;
 
 fn be_key(b: &BackendSpec) -> BackendKey {
     (b.addr, b.port)
+}
+
+/// Service map writes of one [`Programmer::write_ports`], held back to be written in
+/// batches ([`Programmer::flush`]): a first programming of 100,000 service ports made
+/// three bpf(2) calls for each (counters, name, value).
+#[derive(Default)]
+struct HeldWrites<'a> {
+    /// New service ids: (id, name, port).
+    inits: Vec<(u32, SvcMeta, &'a SvcPortId)>,
+    /// (id, value, port, the value and active table recorded before).
+    values: Vec<(u32, Service, &'a SvcPortId, Service, usize)>,
 }
 
 /// Backend keys, sorted and unique: a port's few new backends (a `BTreeSet` took a node
@@ -1742,17 +1784,23 @@ impl Programmer {
     ) -> Result<(), ApplyError> {
         let sizes: Vec<Option<u32>> = ports.iter().map(|p| self.first_table_m(p)).collect();
         let names = |i: usize| maglev_names(ports[i]);
+        let mut held = HeldWrites::default();
         let inside = tables_ahead::with_tables(&sizes, names, |tables| {
             let mut inside = Vec::new();
             for (i, &p) in ports.iter().enumerate() {
                 let svc_id = self
-                    .write_service(p, tables.take(i), maps, st, refusals)
+                    .write_service(p, tables.take(i), maps, st, refusals, &mut held)
                     .map_err(|e| ApplyError::new(e, Some(p.id.clone())))?;
                 w.add(p, svc_id);
                 inside.push((svc_id, p));
             }
             Ok::<_, ApplyError>(inside)
-        })?;
+        });
+        // The writes held back go out even when a port failed: what was written before
+        // the failure must stay consistent with what the programmer recorded.
+        self.flush(held, maps)
+            .map_err(|e| ApplyError::new(e, None))?;
+        let inside = inside?;
         for (svc_id, p) in inside {
             for f in &p.inside_frontends {
                 let key = fe_key(f.addr, f.port, p.id.proto.number());
@@ -1765,21 +1813,55 @@ impl Programmer {
         Ok(())
     }
 
+    /// Writes what `write_service` held back, in batches. If a batch fails, its entries
+    /// are written one by one, and a service whose entry still fails is recorded as it
+    /// was before (its value and active table; counters and name unwritten), so that the
+    /// programmer's record never claims what the maps do not hold and the next apply
+    /// writes it again. The first error is returned.
+    fn flush(&mut self, held: HeldWrites<'_>, maps: &mut impl MapWriter) -> Result<()> {
+        let mut first_err = None;
+        let inits: Vec<(u32, SvcMeta)> = held.inits.iter().map(|i| (i.0, i.1)).collect();
+        if let Err(e) = maps.init_services(&inits) {
+            for &(svc_id, meta, id) in &held.inits {
+                if maps.init_service(svc_id, meta).is_err() {
+                    self.services.get_mut(id).expect("admitted").fresh = true;
+                }
+            }
+            first_err.get_or_insert(e);
+        }
+        let values: Vec<(u32, Service)> = held.values.iter().map(|v| (v.0, v.1)).collect();
+        if let Err(e) = maps.set_services(&values) {
+            for &(svc_id, value, id, before, active) in &held.values {
+                if maps.set_service(svc_id, value).is_err() {
+                    let svc = self.services.get_mut(id).expect("admitted");
+                    svc.value = before;
+                    svc.active = active;
+                    svc.written = None;
+                }
+            }
+            first_err.get_or_insert(e);
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
     /// `prebuilt`: the first table this builds, if it was built ahead
-    /// ([`tables_ahead`]; its size as [`Self::first_table_m`] foresaw).
-    fn write_service(
+    /// ([`tables_ahead`]; its size as [`Self::first_table_m`] foresaw). The service's
+    /// counters, name and value are written by [`Self::flush`] (`held`), after every port's
+    /// tables (a table is always written before the value that points at it).
+    fn write_service<'a>(
         &mut self,
-        p: &SvcPort,
+        p: &'a SvcPort,
         prebuilt: Option<(u32, Vec<u32>)>,
         maps: &mut impl MapWriter,
         st: &mut ApplyStats,
         refusals: &mut Vec<Refusal>,
+        held: &mut HeldWrites<'a>,
     ) -> Result<u32> {
         let (ids, fingerprint, want_m) = self.fingerprint(p);
         let svc = self.services.get_mut(&p.id).expect("admitted");
         let svc_id = svc.svc_id;
         if svc.fresh {
-            maps.init_service(svc_id, meta(p))?;
+            held.inits.push((svc_id, meta(p), &p.id));
             svc.fresh = false;
         }
 
@@ -1799,7 +1881,8 @@ impl Programmer {
                 ..Service::default()
             };
             if svc.value != value || !maps.has_service(svc_id) {
-                maps.set_service(svc_id, value)?;
+                held.values
+                    .push((svc_id, value, &p.id, svc.value, svc.active));
                 svc.value = value;
                 st.services_written += 1;
             }
@@ -1861,8 +1944,10 @@ impl Programmer {
             flags,
             affinity_timeout,
         };
-        // The flip: one hash-map update makes the fully written table visible.
-        maps.set_service(svc_id, value)?;
+        // The flip: one hash-map update (held, see above) makes the fully written table
+        // visible.
+        held.values
+            .push((svc_id, value, &p.id, svc.value, svc.active));
         svc.value = value;
         svc.active = inactive;
         st.services_written += 1;
@@ -2010,6 +2095,8 @@ pub(crate) mod tests {
         pub(crate) cluster_ips: BTreeSet<u32>,
         pub(crate) ranges: BTreeSet<(u32, u32, u8)>,
         pub(crate) service_cidrs: BTreeSet<(u32, u8)>,
+        /// A service id whose value writes fail (as a full or failing map would).
+        refuse_service: Option<u32>,
     }
 
     impl Fake {
@@ -2026,6 +2113,7 @@ pub(crate) mod tests {
                 cluster_ips: BTreeSet::new(),
                 ranges: BTreeSet::new(),
                 service_cidrs: BTreeSet::new(),
+                refuse_service: None,
             }
         }
 
@@ -2152,6 +2240,9 @@ pub(crate) mod tests {
         }
         fn set_service(&mut self, svc_id: u32, value: Service) -> Result<()> {
             full(&self.services, &svc_id, self.max_services)?;
+            if self.refuse_service == Some(svc_id) {
+                bail!("service {svc_id} refused");
+            }
             self.services.insert(svc_id, value);
             Ok(())
         }
@@ -2278,6 +2369,48 @@ pub(crate) mod tests {
         );
         maps.check();
         check(&p, &maps, &d3);
+    }
+
+    /// Service values are written in a batch after the tables; one the maps refuse leaves
+    /// the datapath on that port's previous table and the port recorded as unwritten, the
+    /// others written: the next apply writes it, into the buffer the datapath does not read.
+    #[test]
+    fn a_refused_service_value_is_written_by_the_next_apply() {
+        let s = settings(64 * 2 * 1021);
+        let now = Instant::now();
+        let mut p = Programmer::new(s.clone());
+        let mut maps = Fake::new(&s);
+        let d = desired((0..8).map(|i| port(i, 3)).collect(), 0..8);
+        p.apply(&d, &mut maps, now).unwrap();
+        let id = |p: &Programmer, i: usize| p.services[&d.ports[i].id].svc_id;
+        let before = maps.services[&id(&p, 5)];
+        let d2 = desired((0..8).map(|i| port(i, 4)).collect(), 0..8);
+        maps.refuse_service = Some(id(&p, 5));
+        assert!(p.apply(&d2, &mut maps, now).is_err());
+        maps.check();
+        assert_eq!(
+            maps.services[&id(&p, 5)],
+            before,
+            "the refused port serves as before"
+        );
+        let st = &p.services[&d.ports[5].id];
+        let active = st.tables[st.active].as_ref().unwrap().off;
+        assert_eq!(
+            active, before.table_off,
+            "recorded as the table the datapath reads"
+        );
+        assert_eq!(maps.table_backends(id(&p, 5)).len(), 3);
+        assert_eq!(
+            maps.table_backends(id(&p, 6)).len(),
+            4,
+            "the next port is written"
+        );
+        maps.refuse_service = None;
+        p.apply(&d2, &mut maps, now).unwrap();
+        maps.check();
+        for i in 0..8 {
+            assert_eq!(maps.table_backends(id(&p, i)).len(), 4, "port {i}");
+        }
     }
 
     /// What the first programming of `XLB_BENCH_PORTS` (10,000) service ports x 10 backends
