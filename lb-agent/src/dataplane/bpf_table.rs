@@ -130,9 +130,10 @@ pub fn update_batch<K: Copy, V: Copy>(map: &MapData, entries: &[(K, V)]) -> io::
 /// [`update_batch`] of one value for every key, given as its bytes (`value.len()` must be
 /// the map's value size: for a per-CPU map, one 8-byte-aligned copy per possible CPU).
 pub fn update_batch_same<K: Copy>(map: &MapData, keys: &[K], value: &[u8]) -> io::Result<()> {
+    // One buffer of values for every chunk: they are all the same.
+    let values = value.repeat(keys.len().min(UPDATE_BATCH));
     for chunk in keys.chunks(UPDATE_BATCH) {
-        let values = value.repeat(chunk.len());
-        // SAFETY: `chunk.len()` keys, and as many values of `value.len()` bytes.
+        // SAFETY: `chunk.len()` keys, and at least as many values of `value.len()` bytes.
         unsafe {
             update_raw(
                 map,
@@ -174,8 +175,11 @@ unsafe fn update_raw(
     };
     match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
         Ok(_) => return Ok(()),
+        // The kernel writes back how many it wrote only from the batch operation itself:
+        // a kernel without it (before 5.6) or a map type without it leaves `count` as
+        // given.
         Err(e)
-            if attr.count == 0
+            if attr.count as usize == count
                 && matches!(errno(&e), libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP) => {}
         Err(e) => return Err(e),
     }

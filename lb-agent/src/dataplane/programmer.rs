@@ -1797,10 +1797,11 @@ impl Programmer {
             Ok::<_, ApplyError>(inside)
         });
         // The writes held back go out even when a port failed: what was written before
-        // the failure must stay consistent with what the programmer recorded.
-        self.flush(held, maps)
-            .map_err(|e| ApplyError::new(e, None))?;
+        // the failure must stay consistent with what the programmer recorded. The port's
+        // own error comes first.
+        let flushed = self.flush(held, maps);
         let inside = inside?;
+        flushed?;
         for (svc_id, p) in inside {
             for f in &p.inside_frontends {
                 let key = fe_key(f.addr, f.port, p.id.proto.number());
@@ -1814,32 +1815,49 @@ impl Programmer {
     }
 
     /// Writes what `write_service` held back, in batches. If a batch fails, its entries
-    /// are written one by one, and a service whose entry still fails is recorded as it
-    /// was before (its value and active table; counters and name unwritten), so that the
-    /// programmer's record never claims what the maps do not hold and the next apply
-    /// writes it again. The first error is returned.
-    fn flush(&mut self, held: HeldWrites<'_>, maps: &mut impl MapWriter) -> Result<()> {
+    /// are written one by one: a port whose counters and name still fail gets no value
+    /// written either, and a port whose value is not written is recorded as it was before
+    /// (its value and active table), so that the programmer's record does not claim what
+    /// the maps do not hold and the next apply writes it again. The first entry's error
+    /// is returned, naming its port.
+    fn flush(&mut self, held: HeldWrites<'_>, maps: &mut impl MapWriter) -> Result<(), ApplyError> {
         let mut first_err = None;
+        // Ports whose counters and name could not be written (rare: empty).
+        let mut unnamed: BTreeSet<&SvcPortId> = BTreeSet::new();
         let inits: Vec<(u32, SvcMeta)> = held.inits.iter().map(|i| (i.0, i.1)).collect();
-        if let Err(e) = maps.init_services(&inits) {
+        if !inits.is_empty() && maps.init_services(&inits).is_err() {
             for &(svc_id, meta, id) in &held.inits {
-                if maps.init_service(svc_id, meta).is_err() {
+                if let Err(e) = maps.init_service(svc_id, meta) {
                     self.services.get_mut(id).expect("admitted").fresh = true;
+                    unnamed.insert(id);
+                    first_err.get_or_insert_with(|| ApplyError::new(e, Some(id.clone())));
                 }
             }
-            first_err.get_or_insert(e);
         }
-        let values: Vec<(u32, Service)> = held.values.iter().map(|v| (v.0, v.1)).collect();
-        if let Err(e) = maps.set_services(&values) {
+        let mut restore = |id: &SvcPortId, before: Service, active: usize| {
+            let svc = self.services.get_mut(id).expect("admitted");
+            svc.value = before;
+            svc.active = active;
+            svc.written = None;
+        };
+        let mut values = Vec::with_capacity(held.values.len());
+        for &(svc_id, value, id, before, active) in &held.values {
+            if unnamed.contains(id) {
+                restore(id, before, active);
+            } else {
+                values.push((svc_id, value));
+            }
+        }
+        if !values.is_empty() && maps.set_services(&values).is_err() {
             for &(svc_id, value, id, before, active) in &held.values {
-                if maps.set_service(svc_id, value).is_err() {
-                    let svc = self.services.get_mut(id).expect("admitted");
-                    svc.value = before;
-                    svc.active = active;
-                    svc.written = None;
+                if unnamed.contains(id) {
+                    continue;
+                }
+                if let Err(e) = maps.set_service(svc_id, value) {
+                    restore(id, before, active);
+                    first_err.get_or_insert_with(|| ApplyError::new(e, Some(id.clone())));
                 }
             }
-            first_err.get_or_insert(e);
         }
         first_err.map_or(Ok(()), Err)
     }
@@ -2097,6 +2115,8 @@ pub(crate) mod tests {
         pub(crate) service_cidrs: BTreeSet<(u32, u8)>,
         /// A service id whose value writes fail (as a full or failing map would).
         refuse_service: Option<u32>,
+        /// A service id whose counters and name cannot be written.
+        refuse_init: Option<u32>,
     }
 
     impl Fake {
@@ -2114,6 +2134,7 @@ pub(crate) mod tests {
                 ranges: BTreeSet::new(),
                 service_cidrs: BTreeSet::new(),
                 refuse_service: None,
+                refuse_init: None,
             }
         }
 
@@ -2231,6 +2252,9 @@ pub(crate) mod tests {
         fn init_service(&mut self, svc_id: u32, meta: SvcMeta) -> Result<()> {
             if svc_id >= self.max_services {
                 bail!("index {svc_id} out of bounds");
+            }
+            if self.refuse_init == Some(svc_id) {
+                bail!("service {svc_id}'s name refused");
             }
             self.meta.insert(svc_id, meta);
             Ok(())
@@ -2411,6 +2435,34 @@ pub(crate) mod tests {
         for i in 0..8 {
             assert_eq!(maps.table_backends(id(&p, i)).len(), 4, "port {i}");
         }
+    }
+
+    /// A new port whose counters and name cannot be written gets no value either (else a
+    /// restarted agent would adopt it under the name an earlier owner of its id left), the
+    /// error names it, and the next apply writes all three.
+    #[test]
+    fn a_port_whose_name_is_refused_gets_no_value() {
+        let s = settings(64 * 2 * 1021);
+        let now = Instant::now();
+        let mut p = Programmer::new(s.clone());
+        let mut maps = Fake::new(&s);
+        maps.refuse_init = Some(5);
+        let d = desired((0..8).map(|i| port(i, 3)).collect(), 0..8);
+        let err = p.apply(&d, &mut maps, now).unwrap_err();
+        let refused = d
+            .ports
+            .iter()
+            .find(|q| p.services[&q.id].svc_id == 5)
+            .unwrap();
+        assert_eq!(err.port(), Some(&refused.id));
+        assert!(!maps.services.contains_key(&5), "no value without its name");
+        assert_eq!(maps.services.len(), 7);
+        maps.check();
+        maps.refuse_init = None;
+        p.apply(&d, &mut maps, now).unwrap();
+        maps.check();
+        assert!(maps.meta.contains_key(&5));
+        assert_eq!(maps.table_backends(5).len(), 3);
     }
 
     /// What the first programming of `XLB_BENCH_PORTS` (10,000) service ports x 10 backends
