@@ -1038,8 +1038,8 @@ mod tests {
     /// fallback walk and a sweep agree with the fakes.
     #[test]
     fn sweeps_real_maps() {
-        let Ok(ct) = BpfTable::<FlowKey, CtEntry>::create_lru(4096, "xlb_gct_ct") else {
-            eprintln!("SKIP sweeps_real_maps: cannot create BPF maps");
+        let made = BpfTable::<FlowKey, CtEntry>::create_lru(4096, "xlb_gct_ct");
+        let Some(ct) = crate::dataplane::bpf_table::made_or_skip(made, "sweeps_real_maps") else {
             return;
         };
         let ct_new = BpfTable::<FlowKey, CtEntry>::create_lru(1024, "xlb_gct_new").unwrap();
@@ -1081,8 +1081,10 @@ mod tests {
     /// after), when this process may create them: the start-up sweep and its metrics.
     #[tokio::test]
     async fn gc_task_sweeps_pinned_maps() {
-        let Ok(ct) = BpfTable::<FlowKey, CtEntry>::create_lru(64, "xlb_gct_ct") else {
-            eprintln!("SKIP gc_task_sweeps_pinned_maps: cannot create BPF maps");
+        let made = BpfTable::<FlowKey, CtEntry>::create_lru(64, "xlb_gct_ct");
+        let Some(ct) =
+            crate::dataplane::bpf_table::made_or_skip(made, "gc_task_sweeps_pinned_maps")
+        else {
             return;
         };
         let ct_new = BpfTable::<FlowKey, CtEntry>::create_lru(16, "xlb_gct_new").unwrap();
@@ -1107,8 +1109,8 @@ mod tests {
             }
         }
         let dir = Dir(format!("/sys/fs/bpf/xlb-gcbench-{}", std::process::id()).into());
-        if std::fs::create_dir(&dir.0).is_err() {
-            eprintln!("SKIP gc_task_sweeps_pinned_maps: no bpffs at /sys/fs/bpf");
+        let made = std::fs::create_dir(&dir.0).context("no bpffs at /sys/fs/bpf");
+        if crate::dataplane::bpf_table::made_or_skip(made, "gc_task_sweeps_pinned_maps").is_none() {
             return;
         }
         ct.pin(&dir.0.join(MAP_CT)).unwrap();
