@@ -826,7 +826,7 @@ impl Agent {
             self.node.held_lb_addresses = held;
             let list: Vec<_> = self.node.held_lb_addresses.iter().collect();
             if let Ok(text) = serde_json::to_string(&list)
-                && let Err(e) = std::fs::write(self.run_dir.join(LB_ADDRESSES_FILE), text)
+                && let Err(e) = write_whole(&self.run_dir.join(LB_ADDRESSES_FILE), text.as_bytes())
             {
                 log::warn!("saving the LoadBalancer address record: {e}");
             }
@@ -1165,9 +1165,20 @@ impl Agent {
         }
         let path = self.run_dir.join("agent.json");
         if let Ok(s) = serde_json::to_string_pretty(&self.info) {
-            let _ = std::fs::write(path, s);
+            let _ = write_whole(&path, s.as_bytes());
         }
     }
+}
+
+/// Writes `path` so that a reader sees the old content or the new one, never a part
+/// (`lb-agent status` reads `agent.json` while the agent rewrites it; an agent stopped
+/// mid-write must not leave a truncated record): the new content under a temporary name,
+/// renamed over it.
+fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Event reasons: what [`Programmer::apply`](crate::dataplane::programmer::Programmer::apply)
