@@ -591,8 +591,30 @@ fn be_key(b: &BackendSpec) -> BackendKey {
 struct HeldWrites<'a> {
     /// New service ids: (id, name, port).
     inits: Vec<(u32, SvcMeta, &'a SvcPortId)>,
-    /// (id, value, port, the value and active table recorded before).
-    values: Vec<(u32, Service, &'a SvcPortId, Service, usize)>,
+    values: Vec<HeldValue<'a>>,
+}
+
+impl<'a> HeldWrites<'a> {
+    /// Holds `value` for `port`, whose state `svc` is not yet changed to it.
+    fn hold_value(&mut self, port: &'a SvcPortId, svc: &SvcState, value: Service) {
+        self.values.push(HeldValue {
+            svc_id: svc.svc_id,
+            value,
+            port,
+            before: svc.value,
+            active_before: svc.active,
+        });
+    }
+}
+
+/// A service value held back, and what the programmer recorded before it.
+#[derive(Clone, Copy)]
+struct HeldValue<'a> {
+    svc_id: u32,
+    value: Service,
+    port: &'a SvcPortId,
+    before: Service,
+    active_before: usize,
 }
 
 /// Backend keys, sorted and unique: a port's few new backends (a `BTreeSet` took a node
@@ -1834,28 +1856,25 @@ impl Programmer {
                 }
             }
         }
-        let mut restore = |id: &SvcPortId, before: Service, active: usize| {
-            let svc = self.services.get_mut(id).expect("admitted");
-            svc.value = before;
-            svc.active = active;
+        let mut restore = |v: &HeldValue<'_>| {
+            let svc = self.services.get_mut(v.port).expect("admitted");
+            svc.value = v.before;
+            svc.active = v.active_before;
             svc.written = None;
         };
         let mut values = Vec::with_capacity(held.values.len());
-        for &(svc_id, value, id, before, active) in &held.values {
-            if unnamed.contains(id) {
-                restore(id, before, active);
+        for v in &held.values {
+            if unnamed.contains(v.port) {
+                restore(v);
             } else {
-                values.push((svc_id, value));
+                values.push((v.svc_id, v.value));
             }
         }
         if !values.is_empty() && maps.set_services(&values).is_err() {
-            for &(svc_id, value, id, before, active) in &held.values {
-                if unnamed.contains(id) {
-                    continue;
-                }
-                if let Err(e) = maps.set_service(svc_id, value) {
-                    restore(id, before, active);
-                    first_err.get_or_insert_with(|| ApplyError::new(e, Some(id.clone())));
+            for v in held.values.iter().filter(|v| !unnamed.contains(v.port)) {
+                if let Err(e) = maps.set_service(v.svc_id, v.value) {
+                    restore(v);
+                    first_err.get_or_insert_with(|| ApplyError::new(e, Some(v.port.clone())));
                 }
             }
         }
@@ -1899,8 +1918,7 @@ impl Programmer {
                 ..Service::default()
             };
             if svc.value != value || !maps.has_service(svc_id) {
-                held.values
-                    .push((svc_id, value, &p.id, svc.value, svc.active));
+                held.hold_value(&p.id, svc, value);
                 svc.value = value;
                 st.services_written += 1;
             }
@@ -1964,8 +1982,7 @@ impl Programmer {
         };
         // The flip: one hash-map update (held, see above) makes the fully written table
         // visible.
-        held.values
-            .push((svc_id, value, &p.id, svc.value, svc.active));
+        held.hold_value(&p.id, svc, value);
         svc.value = value;
         svc.active = inactive;
         st.services_written += 1;

@@ -1072,10 +1072,8 @@ fn checked_pools(mut pools: Vec<IpAddressPool>, problems: &mut Vec<String>) -> V
 }
 
 fn key_of_meta(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
-    (
-        m.namespace.clone().unwrap_or_default(),
-        m.name.clone().unwrap_or_default(),
-    )
+    let (ns, name) = meta_ref(m);
+    (ns.to_owned(), name.to_owned())
 }
 
 /// The store's objects themselves (no copy), sorted as [`sorted`].
@@ -1111,10 +1109,7 @@ fn meta_ref(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (
 }
 
 fn key<K: Resource>(o: &K) -> (String, String) {
-    (
-        o.meta().namespace.clone().unwrap_or_default(),
-        o.meta().name.clone().unwrap_or_default(),
-    )
+    key_of_meta(o.meta())
 }
 
 /// As the file source and kube-proxy: IPv4 slices that name their Service.
