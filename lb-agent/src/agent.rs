@@ -268,6 +268,9 @@ pub struct Agent {
     programmer: Programmer,
     info: AgentInfo,
     run_dir: PathBuf,
+    /// Writes `agent.json` and `lb-addresses.json` off the loop (see
+    /// [`crate::run_files`]).
+    run_files: crate::run_files::RunFiles,
     /// Pod interfaces whose attach failed, so that a failure is logged once, not on every
     /// re-scan (ifindex -> name).
     tc_failed: BTreeMap<u32, String>,
@@ -560,6 +563,8 @@ impl Agent {
             programmer,
             info,
             run_dir,
+            run_files: crate::run_files::RunFiles::new()
+                .context("starting the thread that writes the run directory's files")?,
             tc_failed: BTreeMap::new(),
             last_file_poll: None,
             first_poll,
@@ -825,10 +830,9 @@ impl Agent {
         if held != self.node.held_lb_addresses {
             self.node.held_lb_addresses = held;
             let list: Vec<_> = self.node.held_lb_addresses.iter().collect();
-            if let Ok(text) = serde_json::to_string(&list)
-                && let Err(e) = write_whole(&self.run_dir.join(LB_ADDRESSES_FILE), text.as_bytes())
-            {
-                log::warn!("saving the LoadBalancer address record: {e}");
+            if let Ok(text) = serde_json::to_string(&list) {
+                self.run_files
+                    .write(self.run_dir.join(LB_ADDRESSES_FILE), text.into_bytes());
             }
         }
         if desired.lb_notes != self.lb_notes {
@@ -955,6 +959,13 @@ impl Agent {
         };
         if !changes.is_empty() || st != Default::default() {
             log::info!("programmed {} changed service ports: {st:?}", changes.len());
+        }
+        if let Some((source, since)) = sync {
+            log::debug!(
+                "{} change in the maps {:?} after the source saw it",
+                source.as_str(),
+                since.elapsed()
+            );
         }
         self.metrics.synced(sync, gauges);
         self.node_health.synced(SystemTime::now());
@@ -1165,20 +1176,9 @@ impl Agent {
         }
         let path = self.run_dir.join("agent.json");
         if let Ok(s) = serde_json::to_string_pretty(&self.info) {
-            let _ = write_whole(&path, s.as_bytes());
+            self.run_files.write(path, s.into_bytes());
         }
     }
-}
-
-/// Writes `path` so that a reader sees the old content or the new one, never a part
-/// (`lb-agent status` reads `agent.json` while the agent rewrites it; an agent stopped
-/// mid-write must not leave a truncated record): the new content under a temporary name,
-/// renamed over it.
-fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
 }
 
 /// Event reasons: what [`Programmer::apply`](crate::dataplane::programmer::Programmer::apply)

@@ -175,8 +175,11 @@ fn metrics_health_and_log_level() {
         assert_eq!((h.status, h.body.trim()), (200, "ok"), "{}", a.node);
         let r = get(&c, a.metrics_addr, "/readyz");
         assert_eq!((r.status, r.body.trim()), (200, "ready"), "{}", a.node);
+        // agent.json follows the maps by the time its write takes (run_files.rs).
+        eventually("agent.json says ready", Duration::from_secs(5), || {
+            a.status().unwrap().agent.is_some_and(|i| i.ready)
+        });
         let st = a.status().unwrap();
-        assert!(st.agent.as_ref().unwrap().ready, "{}", a.node);
         let shown = lb_agent::status::render(&st);
         assert!(shown.contains("ready: yes"), "{shown}");
         // The default on a veth uplink (see README "Which hook on which uplink").
@@ -342,9 +345,10 @@ fn readyz_turns_ready_after_the_first_sync() {
         assert_eq!(value(&scrape(&c, m), "xlb_ready", &[]), Some(0.0));
     }
     for a in &c.agents {
-        let st = a.status().unwrap();
-        assert!(!st.agent.as_ref().unwrap().ready);
-        assert!(lb_agent::status::render(&st).contains("ready: no"));
+        eventually("agent.json says not ready", Duration::from_secs(5), || {
+            a.status().unwrap().agent.is_some_and(|i| !i.ready)
+        });
+        assert!(lb_agent::status::render(&a.status().unwrap()).contains("ready: no"));
     }
 
     // The file goes away: still not ready, counted as a source error.
@@ -375,7 +379,11 @@ fn readyz_turns_ready_after_the_first_sync() {
         assert!(value(&s, "xlb_service_packets_total", &NGINX).is_some());
     }
     for a in &c.agents {
-        assert!(a.status().unwrap().agent.unwrap().ready, "{}", a.node);
+        eventually(
+            "agent.json says ready again",
+            Duration::from_secs(5),
+            || a.status().unwrap().agent.is_some_and(|i| i.ready),
+        );
     }
 }
 

@@ -130,7 +130,7 @@ pub enum SyncSource {
 }
 
 impl SyncSource {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             SyncSource::File => "file",
             SyncSource::Kube => "kube",
