@@ -126,13 +126,12 @@ fn insert_sorted(keys: &mut Vec<Key>, key: &Key) {
 #[derive(Default)]
 pub struct Translator {
     objs: Objects,
-    svc_idx: HashMap<Key, usize>,
+    /// By Service (namespace, name): where it is in `objs`, the slices naming it as their
+    /// owner, its part of the translation. One entry for the three (they were three maps:
+    /// three copies of each Service's key and three table slots); absent when all three
+    /// are empty.
+    svcs: HashMap<Key, PerService>,
     slice_idx: HashMap<Key, usize>,
-    /// Slices by owning Service (namespace, service name): slice keys, sorted (a Service
-    /// owns one slice or a few: a `BTreeSet` would take a ~540-byte node for each).
-    owned: HashMap<Key, Vec<Key>>,
-    /// Every Service's part of the translation (Services with an empty part are absent).
-    out: HashMap<Key, ServiceOutput>,
     /// Which Service each programmed frontend belongs to.
     owners: HashMap<FeKey, Key>,
     /// The last full translation had neither collisions nor address pools, so Services
@@ -142,6 +141,25 @@ pub struct Translator {
     translated: bool,
     node: NodeContext,
     totals: Totals,
+}
+
+/// What the [`Translator`] files under one Service's key.
+#[derive(Default)]
+struct PerService {
+    /// Its position in `objs.services`; None: no such Service (only slices name it, or
+    /// its part is still filed until the change that removed it is translated).
+    at: Option<usize>,
+    /// Keys of the slices naming it as their owner, sorted (a Service owns one slice or a
+    /// few: a `BTreeSet` would take a ~540-byte node for each).
+    slices: Vec<Key>,
+    /// Its part of the last translation (empty: none).
+    out: ServiceOutput,
+}
+
+impl PerService {
+    fn is_empty(&self) -> bool {
+        self.at.is_none() && self.slices.is_empty() && self.out == ServiceOutput::default()
+    }
 }
 
 /// Sums over every Service's part, kept up to date by each change.
@@ -198,22 +216,20 @@ impl Translator {
     /// [`Translator::full`] translates them.
     pub fn replace(&mut self, objs: Objects) {
         self.objs = objs;
-        self.svc_idx = self
-            .objs
-            .services
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let (ns, n) = translate::service_key(s);
-                ((ns.to_string(), n.to_string()), i)
-            })
-            .collect();
+        // The parts are dropped too: nothing reads them before the next full translation.
+        self.svcs.clear();
+        for (i, s) in self.objs.services.iter().enumerate() {
+            let (ns, n) = translate::service_key(s);
+            self.svcs
+                .entry((ns.to_string(), n.to_string()))
+                .or_default()
+                .at = Some(i);
+        }
         self.slice_idx.clear();
-        self.owned.clear();
         for (i, s) in self.objs.slices.iter().enumerate() {
             let key = slice_key(s, i);
             if let Some(owner) = owner_key(s) {
-                insert_sorted(self.owned.entry(owner).or_default(), &key);
+                insert_sorted(&mut self.svcs.entry(owner).or_default().slices, &key);
             }
             self.slice_idx.insert(key, i);
         }
@@ -225,14 +241,20 @@ impl Translator {
     pub fn full(&mut self, node: &NodeContext) -> Desired {
         let desired = translate::translate(&self.objs, node);
         self.node = translate::effective_node(&self.objs.nodes, node);
-        self.out.clear();
+        for e in self.svcs.values_mut() {
+            e.out = ServiceOutput::default();
+        }
+        self.svcs.retain(|_, e| !e.is_empty());
         self.owners.clear();
         fn entry<'a>(
-            out: &'a mut HashMap<Key, ServiceOutput>,
+            svcs: &'a mut HashMap<Key, PerService>,
             ns: &str,
             name: &str,
         ) -> &'a mut ServiceOutput {
-            out.entry((ns.to_string(), name.to_string())).or_default()
+            &mut svcs
+                .entry((ns.to_string(), name.to_string()))
+                .or_default()
+                .out
         }
         // Rows (`kubectl get svc` lines) are not kept: nothing reads them after a change.
         let mut collisions = false;
@@ -242,7 +264,12 @@ impl Translator {
                 self.owners
                     .insert((f.addr, f.port, p.id.proto), key.clone());
             }
-            self.out.entry(key).or_default().ports.push(Arc::clone(p));
+            self.svcs
+                .entry(key)
+                .or_default()
+                .out
+                .ports
+                .push(Arc::clone(p));
         }
         for w in &desired.warnings {
             collisions |= matches!(
@@ -250,17 +277,17 @@ impl Translator {
                 WarningKind::FrontendCollision | WarningKind::LbAddress
             );
             let (ns, name) = (w.subject.namespace(), w.subject.name());
-            entry(&mut self.out, ns, name).warnings.push(w.clone());
+            entry(&mut self.svcs, ns, name).warnings.push(w.clone());
         }
         for h in &desired.health_checks {
-            entry(&mut self.out, &h.namespace, &h.name)
+            entry(&mut self.svcs, &h.namespace, &h.name)
                 .health_checks
                 .push(h.clone());
         }
         self.composable = !collisions && self.objs.ip_pools.is_empty();
         self.totals = Totals::default();
-        for o in self.out.values() {
-            self.totals.add(o, 1);
+        for e in self.svcs.values() {
+            self.totals.add(&e.out, 1);
         }
         self.translated = true;
         desired
@@ -294,21 +321,19 @@ impl Translator {
         }
         let mut deltas = Vec::new();
         for key in affected {
-            let new = match self.svc_idx.get(&key) {
+            let filed = self.svcs.get(&key);
+            let new = match filed.and_then(|e| e.at.map(|i| (i, &e.slices))) {
                 None => ServiceOutput::default(),
-                Some(&i) => {
-                    let slices: Vec<&Slice> = self
-                        .owned
-                        .get(&key)
-                        .into_iter()
-                        .flatten()
+                Some((i, owned)) => {
+                    let slices: Vec<&Slice> = owned
+                        .iter()
                         .filter_map(|k| self.slice_idx.get(k))
                         .map(|&i| &*self.objs.slices[i])
                         .collect();
                     translate::translate_service(&self.objs.services[i], &slices, &self.node)
                 }
             };
-            let old = self.out.get(&key).cloned().unwrap_or_default();
+            let old = filed.map(|e| e.out.clone()).unwrap_or_default();
             if new == old {
                 continue;
             }
@@ -344,28 +369,44 @@ impl Translator {
             self.totals.add(&old, -1);
             self.totals.add(&new, 1);
             if new == ServiceOutput::default() {
-                self.out.remove(&key);
+                if let Some(e) = self.svcs.get_mut(&key) {
+                    e.out = ServiceOutput::default();
+                }
+                self.tidy(&key);
             } else {
-                self.out.insert(key.clone(), new.clone());
+                self.svcs.entry(key.clone()).or_default().out = new.clone();
             }
             deltas.push(ServiceDelta { key, old, new });
         }
         Update::Delta(deltas)
     }
 
+    /// Drops `key`'s entry when nothing is filed under it any more.
+    fn tidy(&mut self, key: &Key) {
+        if self.svcs.get(key).is_some_and(PerService::is_empty) {
+            self.svcs.remove(key);
+        }
+    }
+
     fn put_service(&mut self, key: Key, svc: Option<Arc<Service>>) {
-        match (self.svc_idx.get(&key).copied(), svc) {
+        match (self.svcs.get(&key).and_then(|e| e.at), svc) {
             (Some(i), Some(s)) => self.objs.services[i] = s,
             (None, Some(s)) => {
-                self.svc_idx.insert(key, self.objs.services.len());
+                self.svcs.entry(key).or_default().at = Some(self.objs.services.len());
                 self.objs.services.push(s);
             }
             (Some(i), None) => {
-                self.svc_idx.remove(&key);
+                if let Some(e) = self.svcs.get_mut(&key) {
+                    e.at = None;
+                }
+                self.tidy(&key);
                 self.objs.services.swap_remove(i);
                 if let Some(moved) = self.objs.services.get(i) {
                     let (ns, n) = translate::service_key(moved);
-                    self.svc_idx.insert((ns.to_string(), n.to_string()), i);
+                    self.svcs
+                        .entry((ns.to_string(), n.to_string()))
+                        .or_default()
+                        .at = Some(i);
                 }
             }
             (None, None) => {}
@@ -375,17 +416,18 @@ impl Translator {
     fn put_slice(&mut self, key: Key, slice: Option<Arc<Slice>>) {
         if let Some(&i) = self.slice_idx.get(&key)
             && let Some(owner) = owner_key(&self.objs.slices[i])
-            && let Some(keys) = self.owned.get_mut(&owner)
+            && let Some(e) = self.svcs.get_mut(&owner)
         {
-            if let Ok(at) = keys.binary_search(&key) {
-                keys.remove(at);
+            if let Ok(at) = e.slices.binary_search(&key) {
+                e.slices.remove(at);
             }
-            if keys.is_empty() {
-                self.owned.remove(&owner);
+            if e.slices.is_empty() {
+                e.slices = Vec::new();
             }
+            self.tidy(&owner);
         }
         if let Some(owner) = slice.as_deref().and_then(owner_key) {
-            insert_sorted(self.owned.entry(owner).or_default(), &key);
+            insert_sorted(&mut self.svcs.entry(owner).or_default().slices, &key);
         }
         match (self.slice_idx.get(&key).copied(), slice) {
             (Some(i), Some(s)) => self.objs.slices[i] = s,
@@ -424,21 +466,23 @@ impl Translator {
     /// Every warning of the last translation (a scan: call it when warnings changed).
     pub fn warnings(&self) -> Vec<&Warning> {
         let mut keys: Vec<&Key> = self
-            .out
+            .svcs
             .iter()
-            .filter(|(_, o)| !o.warnings.is_empty())
+            .filter(|(_, e)| !e.out.warnings.is_empty())
             .map(|(k, _)| k)
             .collect();
         keys.sort();
-        keys.iter().flat_map(|k| &self.out[*k].warnings).collect()
+        keys.iter()
+            .flat_map(|k| &self.svcs[*k].out.warnings)
+            .collect()
     }
 
     /// Every health check, sorted by node port (a scan: call it when they changed).
     pub fn health_checks(&self) -> Vec<HealthCheck> {
         let mut out: Vec<HealthCheck> = self
-            .out
+            .svcs
             .values()
-            .flat_map(|o| o.health_checks.iter().cloned())
+            .flat_map(|e| e.out.health_checks.iter().cloned())
             .collect();
         out.sort_by_key(|h| h.node_port);
         out
@@ -447,9 +491,9 @@ impl Translator {
     /// Every service port, for tests.
     pub fn ports(&self) -> Vec<&SvcPort> {
         let mut v: Vec<&SvcPort> = self
-            .out
+            .svcs
             .values()
-            .flat_map(|o| o.ports.iter().map(|p| &**p))
+            .flat_map(|e| e.out.ports.iter().map(|p| &**p))
             .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
@@ -663,6 +707,21 @@ mod tests {
         out
     }
 
+    /// What `tr` files by Service: the key of the Service it points at, the slice keys, the
+    /// part of the translation.
+    fn filed(tr: &Translator) -> BTreeMap<Key, (Option<Key>, Vec<Key>, ServiceOutput)> {
+        tr.svcs
+            .iter()
+            .map(|(k, e)| {
+                let at = e.at.map(|i| {
+                    let (ns, n) = translate::service_key(&tr.objs.services[i]);
+                    (ns.to_string(), n.to_string())
+                });
+                (k.clone(), (at, e.slices.clone(), e.out.clone()))
+            })
+            .collect()
+    }
+
     /// Random sequences of changes, applied incrementally (the agent's way: translate the
     /// touched Services, write the touched ports, fall back to the full path when told) and
     /// by a full translation and apply each time: the maps must read the same after every
@@ -714,6 +773,12 @@ mod tests {
                 };
                 let want = translate::translate(&objs, &node());
                 pb.apply(&want, &mut mb, now).unwrap();
+                // What the incremental translator keeps is what a fresh one keeps (nothing
+                // left behind by deleted Services and slices).
+                let mut fresh = Translator::new();
+                fresh.replace(objs.clone());
+                fresh.full(&node());
+                assert_eq!(filed(&tr), filed(&fresh), "seed {seed} step {step}");
                 ma.check();
                 let got: Vec<&SvcPort> = tr.ports();
                 let want_ports: Vec<&SvcPort> = want.ports.iter().map(|p| &**p).collect();
