@@ -132,8 +132,11 @@ pub struct Translator {
     /// are empty.
     svcs: HashMap<Key, PerService>,
     slice_idx: HashMap<Key, usize>,
-    /// Which Service each programmed frontend belongs to.
-    owners: HashMap<FeKey, Key>,
+    /// Which Service each programmed frontend belongs to (its [`PerService::id`]; a copy
+    /// of its key here took two strings per frontend).
+    owners: HashMap<FeKey, u64>,
+    /// The last [`PerService::id`] given.
+    last_id: u64,
     /// The last full translation had neither collisions nor address pools, so Services
     /// translate independently.
     composable: bool,
@@ -146,6 +149,9 @@ pub struct Translator {
 /// What the [`Translator`] files under one Service's key.
 #[derive(Default)]
 struct PerService {
+    /// Unique among the entries the Translator ever made (not reused when one is dropped
+    /// and its key filed again).
+    id: u64,
     /// Its position in `objs.services`; None: no such Service (only slices name it, or
     /// its part is still filed until the change that removed it is translated).
     at: Option<usize>,
@@ -154,6 +160,21 @@ struct PerService {
     slices: Vec<Key>,
     /// Its part of the last translation (empty: none).
     out: ServiceOutput,
+}
+
+/// The entry of `key`, made if absent.
+fn entry_of<'a>(
+    svcs: &'a mut HashMap<Key, PerService>,
+    last_id: &mut u64,
+    key: Key,
+) -> &'a mut PerService {
+    svcs.entry(key).or_insert_with(|| {
+        *last_id += 1;
+        PerService {
+            id: *last_id,
+            ..PerService::default()
+        }
+    })
 }
 
 impl PerService {
@@ -220,16 +241,21 @@ impl Translator {
         self.svcs.clear();
         for (i, s) in self.objs.services.iter().enumerate() {
             let (ns, n) = translate::service_key(s);
-            self.svcs
-                .entry((ns.to_string(), n.to_string()))
-                .or_default()
-                .at = Some(i);
+            entry_of(
+                &mut self.svcs,
+                &mut self.last_id,
+                (ns.to_string(), n.to_string()),
+            )
+            .at = Some(i);
         }
         self.slice_idx.clear();
         for (i, s) in self.objs.slices.iter().enumerate() {
             let key = slice_key(s, i);
             if let Some(owner) = owner_key(s) {
-                insert_sorted(&mut self.svcs.entry(owner).or_default().slices, &key);
+                insert_sorted(
+                    &mut entry_of(&mut self.svcs, &mut self.last_id, owner).slices,
+                    &key,
+                );
             }
             self.slice_idx.insert(key, i);
         }
@@ -248,28 +274,21 @@ impl Translator {
         self.owners.clear();
         fn entry<'a>(
             svcs: &'a mut HashMap<Key, PerService>,
+            last_id: &mut u64,
             ns: &str,
             name: &str,
         ) -> &'a mut ServiceOutput {
-            &mut svcs
-                .entry((ns.to_string(), name.to_string()))
-                .or_default()
-                .out
+            &mut entry_of(svcs, last_id, (ns.to_string(), name.to_string())).out
         }
         // Rows (`kubectl get svc` lines) are not kept: nothing reads them after a change.
         let mut collisions = false;
         for p in &desired.ports {
             let key = (p.id.namespace.clone(), p.id.name.clone());
+            let e = entry_of(&mut self.svcs, &mut self.last_id, key);
             for f in &p.frontends {
-                self.owners
-                    .insert((f.addr, f.port, p.id.proto), key.clone());
+                self.owners.insert((f.addr, f.port, p.id.proto), e.id);
             }
-            self.svcs
-                .entry(key)
-                .or_default()
-                .out
-                .ports
-                .push(Arc::clone(p));
+            e.out.ports.push(Arc::clone(p));
         }
         for w in &desired.warnings {
             collisions |= matches!(
@@ -277,10 +296,12 @@ impl Translator {
                 WarningKind::FrontendCollision | WarningKind::LbAddress
             );
             let (ns, name) = (w.subject.namespace(), w.subject.name());
-            entry(&mut self.svcs, ns, name).warnings.push(w.clone());
+            entry(&mut self.svcs, &mut self.last_id, ns, name)
+                .warnings
+                .push(w.clone());
         }
         for h in &desired.health_checks {
-            entry(&mut self.svcs, &h.namespace, &h.name)
+            entry(&mut self.svcs, &mut self.last_id, &h.namespace, &h.name)
                 .health_checks
                 .push(h.clone());
         }
@@ -334,6 +355,7 @@ impl Translator {
                 }
             };
             let old = filed.map(|e| e.out.clone()).unwrap_or_default();
+            let id = filed.map(|e| e.id);
             if new == old {
                 continue;
             }
@@ -343,7 +365,7 @@ impl Translator {
                 p.frontends.iter().any(|f| {
                     self.owners
                         .get(&(f.addr, f.port, p.id.proto))
-                        .is_some_and(|o| *o != key)
+                        .is_some_and(|o| Some(*o) != id)
                 })
             });
             if taken
@@ -360,12 +382,6 @@ impl Translator {
                     self.owners.remove(&(f.addr, f.port, p.id.proto));
                 }
             }
-            for p in &new.ports {
-                for f in &p.frontends {
-                    self.owners
-                        .insert((f.addr, f.port, p.id.proto), key.clone());
-                }
-            }
             self.totals.add(&old, -1);
             self.totals.add(&new, 1);
             if new == ServiceOutput::default() {
@@ -374,7 +390,13 @@ impl Translator {
                 }
                 self.tidy(&key);
             } else {
-                self.svcs.entry(key.clone()).or_default().out = new.clone();
+                let e = entry_of(&mut self.svcs, &mut self.last_id, key.clone());
+                for p in &new.ports {
+                    for f in &p.frontends {
+                        self.owners.insert((f.addr, f.port, p.id.proto), e.id);
+                    }
+                }
+                e.out = new.clone();
             }
             deltas.push(ServiceDelta { key, old, new });
         }
@@ -392,7 +414,8 @@ impl Translator {
         match (self.svcs.get(&key).and_then(|e| e.at), svc) {
             (Some(i), Some(s)) => self.objs.services[i] = s,
             (None, Some(s)) => {
-                self.svcs.entry(key).or_default().at = Some(self.objs.services.len());
+                entry_of(&mut self.svcs, &mut self.last_id, key).at =
+                    Some(self.objs.services.len());
                 self.objs.services.push(s);
             }
             (Some(i), None) => {
@@ -403,10 +426,12 @@ impl Translator {
                 self.objs.services.swap_remove(i);
                 if let Some(moved) = self.objs.services.get(i) {
                     let (ns, n) = translate::service_key(moved);
-                    self.svcs
-                        .entry((ns.to_string(), n.to_string()))
-                        .or_default()
-                        .at = Some(i);
+                    entry_of(
+                        &mut self.svcs,
+                        &mut self.last_id,
+                        (ns.to_string(), n.to_string()),
+                    )
+                    .at = Some(i);
                 }
             }
             (None, None) => {}
@@ -427,7 +452,10 @@ impl Translator {
             self.tidy(&owner);
         }
         if let Some(owner) = slice.as_deref().and_then(owner_key) {
-            insert_sorted(&mut self.svcs.entry(owner).or_default().slices, &key);
+            insert_sorted(
+                &mut entry_of(&mut self.svcs, &mut self.last_id, owner).slices,
+                &key,
+            );
         }
         match (self.slice_idx.get(&key).copied(), slice) {
             (Some(i), Some(s)) => self.objs.slices[i] = s,
@@ -722,6 +750,18 @@ mod tests {
             .collect()
     }
 
+    /// Which Service (key) owns each frontend, as `tr` files it.
+    fn frontend_owners(tr: &Translator) -> Vec<(String, Key)> {
+        let by_id: HashMap<u64, &Key> = tr.svcs.iter().map(|(k, e)| (e.id, k)).collect();
+        let mut v: Vec<(String, Key)> = tr
+            .owners
+            .iter()
+            .map(|(fe, id)| (format!("{fe:?}"), by_id[id].clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Random sequences of changes, applied incrementally (the agent's way: translate the
     /// touched Services, write the touched ports, fall back to the full path when told) and
     /// by a full translation and apply each time: the maps must read the same after every
@@ -779,6 +819,11 @@ mod tests {
                 fresh.replace(objs.clone());
                 fresh.full(&node());
                 assert_eq!(filed(&tr), filed(&fresh), "seed {seed} step {step}");
+                assert_eq!(
+                    frontend_owners(&tr),
+                    frontend_owners(&fresh),
+                    "seed {seed} step {step}"
+                );
                 ma.check();
                 let got: Vec<&SvcPort> = tr.ports();
                 let want_ports: Vec<&SvcPort> = want.ports.iter().map(|p| &**p).collect();
