@@ -370,10 +370,11 @@ struct SvcState {
     written: Option<u64>,
 }
 
+/// 12 bytes: a first programming keeps one per backend (a million at 100,000 ports); the
+/// drain deadline of the few that drain is in `Programmer::drain_at`.
 struct BackendState {
     id: u32,
     value: Backend,
-    drain_until: Option<Instant>,
 }
 
 /// What one `apply` changed, for logs and tests.
@@ -534,8 +535,10 @@ pub struct Programmer {
     be_refs: FastMap<BackendKey, (u32, u32, u32)>,
     /// Per ClusterIP address, how many programmed frontends use it.
     cip_refs: FastMap<u32, u32>,
-    /// Backends waiting to be deleted, by deadline (mirrors `BackendState::drain_until`),
-    /// so that neither an apply nor [`Programmer::next_deadline`] scans every backend.
+    /// Backends no port uses, waiting to be deleted: the deadline of each.
+    drain_at: FastMap<BackendKey, Instant>,
+    /// The same by deadline, so that neither an apply nor [`Programmer::next_deadline`]
+    /// scans every backend.
     drain_queue: BTreeSet<(Instant, BackendKey)>,
     /// The last apply programmed everything it was given and no write failed, so the
     /// state above matches the maps and [`Programmer::apply_delta`] may build on it.
@@ -719,6 +722,7 @@ impl Programmer {
             retry_at: None,
             be_refs: FastMap::default(),
             cip_refs: FastMap::default(),
+            drain_at: FastMap::default(),
             drain_queue: BTreeSet::new(),
             delta_ok: false,
         }
@@ -747,14 +751,7 @@ impl Programmer {
                 Ipv4Addr::from(b.addr_be.to_ne_bytes()),
                 u16::from_be(b.port_be),
             );
-            self.backends.insert(
-                key,
-                BackendState {
-                    id,
-                    value: b,
-                    drain_until: None,
-                },
-            );
+            self.backends.insert(key, BackendState { id, value: b });
             self.next_backend_id = self.next_backend_id.max(id.wrapping_add(1).max(1));
             out.backends += 1;
         }
@@ -1276,10 +1273,11 @@ impl Programmer {
                 BackendState {
                     id,
                     value: Backend::default(),
-                    drain_until: None,
                 }
             });
-            state.drain_until = None;
+            if !self.drain_at.is_empty() {
+                self.drain_at.remove(key);
+            }
             if state.value != *value {
                 writes.push((state.id, *value));
                 written.push(*key);
@@ -1403,13 +1401,13 @@ impl Programmer {
         // Every wanted backend has its state now: when they are all there is, nothing is
         // unused (and a million lookups are saved).
         let unused = self.backends.len() > wanted.len();
-        for (key, b) in self.backends.iter().filter(|_| unused) {
+        for key in self.backends.keys().filter(|_| unused) {
             if is_wanted(key) {
                 continue;
             }
-            match b.drain_until {
+            match self.drain_at.get(key) {
                 None => to_drain.push(*key),
-                Some(t) if t <= now => expired.push(*key),
+                Some(&t) if t <= now => expired.push(*key),
                 Some(_) => {}
             }
         }
@@ -1419,7 +1417,7 @@ impl Programmer {
         expired.sort_unstable();
         for key in to_drain {
             let b = self.backends.get_mut(&key).expect("listed above");
-            b.drain_until = Some(now + drain);
+            self.drain_at.insert(key, now + drain);
             // Session affinity must stop choosing it at once.
             let mut v = b.value;
             v.flags |= BE_DRAINING;
@@ -1429,6 +1427,7 @@ impl Programmer {
             }
         }
         for key in expired {
+            self.drain_at.remove(&key);
             if let Some(b) = self.backends.remove(&key) {
                 maps.remove_backend(b.id);
                 st.backends_removed += 1;
@@ -1453,11 +1452,7 @@ impl Programmer {
         for p in ports {
             count_port(&mut self.be_refs, &mut self.cip_refs, p, 1);
         }
-        self.drain_queue = self
-            .backends
-            .iter()
-            .filter_map(|(k, b)| b.drain_until.map(|t| (t, *k)))
-            .collect();
+        self.drain_queue = self.drain_at.iter().map(|(k, t)| (*t, *k)).collect();
     }
 
     /// Whether [`Programmer::apply_delta`] can build on the last apply (it programmed
@@ -1609,11 +1604,10 @@ impl Programmer {
                     self.backends.entry(*key).or_insert(BackendState {
                         id,
                         value: Backend::default(),
-                        drain_until: None,
                     })
                 }
             };
-            if let Some(t) = state.drain_until.take() {
+            if let Some(t) = self.drain_at.remove(key) {
                 self.drain_queue.remove(&(t, *key));
             }
             if state.value != value {
@@ -1709,8 +1703,8 @@ impl Programmer {
             let Some(b) = self.backends.get_mut(&key) else {
                 continue;
             };
-            if b.drain_until.is_none() {
-                b.drain_until = Some(now + drain);
+            if !self.drain_at.contains_key(&key) {
+                self.drain_at.insert(key, now + drain);
                 self.drain_queue.insert((now + drain, key));
                 let mut v = b.value;
                 v.flags |= BE_DRAINING;
@@ -1725,6 +1719,11 @@ impl Programmer {
                 break;
             }
             self.drain_queue.pop_first();
+            // A backend used again since (or draining anew) has another deadline or none.
+            if self.drain_at.get(&key) != Some(&t) {
+                continue;
+            }
+            self.drain_at.remove(&key);
             if let Some(b) = self.backends.remove(&key) {
                 maps.remove_backend(b.id);
                 st.backends_removed += 1;
@@ -2963,14 +2962,7 @@ pub(crate) mod tests {
             };
             let id = i as u32 + 1;
             maps.backends.insert(id, value);
-            p.backends.insert(
-                be_key(b),
-                BackendState {
-                    id,
-                    value,
-                    drain_until: None,
-                },
-            );
+            p.backends.insert(be_key(b), BackendState { id, value });
         }
         p.next_backend_id = 3;
         maps.slots.clone_from(&slots);
