@@ -1703,8 +1703,8 @@ impl Programmer {
             let Some(b) = self.backends.get_mut(&key) else {
                 continue;
             };
-            if !self.drain_at.contains_key(&key) {
-                self.drain_at.insert(key, now + drain);
+            if let std::collections::hash_map::Entry::Vacant(e) = self.drain_at.entry(key) {
+                e.insert(now + drain);
                 self.drain_queue.insert((now + drain, key));
                 let mut v = b.value;
                 v.flags |= BE_DRAINING;
